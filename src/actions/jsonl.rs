@@ -1,0 +1,243 @@
+//! The `[jsonl]` action: project an event onto a whitelist of fields and append it as one line
+//! of a JSONL file in the data directory.
+//!
+//! Only the listed fields are written, under the names the rule gives them, so nothing else from
+//! the event can leak into the file. Files stay open across reloads; each line is written whole
+//! under its file's lock, so concurrent requests never interleave partial lines.
+
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::event::Event;
+use crate::rules::path::FieldPath;
+
+/// A compiled `[jsonl]` table.
+#[derive(Debug, Clone)]
+pub struct JsonlAction {
+    /// The output file, relative to the data directory (checked to stay inside it).
+    pub file: PathBuf,
+    /// The output keys in the order the rule lists them.
+    pub fields: Vec<OutputField>,
+}
+
+/// One output key.
+#[derive(Debug, Clone)]
+pub struct OutputField {
+    pub key: String,
+    pub from: FieldPath,
+    pub trim: bool,
+    pub max_chars: Option<usize>,
+    /// Written when the event does not have the field (JSON null unless the rule says otherwise).
+    pub default: Value,
+}
+
+impl JsonlAction {
+    /// The line this event becomes, newline included.
+    pub fn project(&self, event: &Event) -> String {
+        let mut out = Map::with_capacity(self.fields.len());
+        for field in &self.fields {
+            let value = match field.from.lookup(event) {
+                Some(Value::String(s)) => Value::String(field.shape_text(s)),
+                Some(other) => other.clone(),
+                None => field.default.clone(),
+            };
+            out.insert(field.key.clone(), value);
+        }
+        let mut line = Value::Object(out).to_string();
+        line.push('\n');
+        line
+    }
+}
+
+impl OutputField {
+    /// Trims, then cuts to `max_chars` characters (Unicode scalar values; never half of one).
+    fn shape_text(&self, s: &str) -> String {
+        let s = if self.trim { s.trim() } else { s };
+        match self.max_chars.and_then(|max| s.char_indices().nth(max)) {
+            Some((cut, _)) => s[..cut].to_string(),
+            None => s.to_string(),
+        }
+    }
+}
+
+/// Why an output path is refused when the rule loads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnsafePath(pub String);
+
+/// Checks a rule's output path: relative, no `..`, and no symbolic link along the way that
+/// leads out of `data_dir`. Returns the path with `.` parts removed.
+pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafePath> {
+    let path = Path::new(file);
+    if file.trim().is_empty() {
+        return Err(UnsafePath("the file name is empty".into()));
+    }
+    let mut clean = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(UnsafePath(
+                    "`..` is not allowed: files stay inside the data folder".into(),
+                ));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnsafePath(
+                    "the file must be relative to the data folder, not an absolute path".into(),
+                ));
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(UnsafePath("the file name is empty".into()));
+    }
+    if let Ok(root) = data_dir.canonicalize() {
+        let mut at = root.clone();
+        for part in clean.components() {
+            at.push(part);
+            match at.symlink_metadata() {
+                Ok(meta) if meta.file_type().is_symlink() => match at.canonicalize() {
+                    Ok(target) if target.starts_with(&root) => {}
+                    _ => {
+                        return Err(UnsafePath(format!(
+                            "`{}` is a link that leads outside the data folder",
+                            at.strip_prefix(&root).unwrap_or(&at).display()
+                        )));
+                    }
+                },
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if at.is_dir() {
+            return Err(UnsafePath(format!("`{file}` is a folder, not a file")));
+        }
+    }
+    Ok(clean)
+}
+
+/// Open JSONL files, shared by every rule set so that a reload never reopens or loses a file.
+pub struct JsonlWriters {
+    data_dir: PathBuf,
+    files: Mutex<HashMap<PathBuf, Arc<Mutex<File>>>>,
+}
+
+impl JsonlWriters {
+    /// Writers for files under `data_dir`.
+    pub fn new(data_dir: &Path) -> JsonlWriters {
+        JsonlWriters {
+            data_dir: data_dir.to_path_buf(),
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Appends one whole line to `file` (relative to the data directory).
+    pub fn append(&self, file: &Path, line: &str) -> io::Result<()> {
+        let handle = self.open(file)?;
+        let mut f = handle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f.write_all(line.as_bytes())
+    }
+
+    fn open(&self, file: &Path) -> io::Result<Arc<Mutex<File>>> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(file) {
+            return Ok(f.clone());
+        }
+        // The rule was checked when it loaded; check again in case a link appeared since.
+        let text = file.to_string_lossy();
+        check_output_path(&self.data_dir, &text)
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.0))?;
+        let path = self.data_dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut options = OpenOptions::new();
+        options.append(true).create(true);
+        // Refuse to open the final path component if it is a symbolic link.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.custom_flags(libc::O_NOFOLLOW);
+        }
+        let handle = Arc::new(Mutex::new(options.open(&path)?));
+        files.insert(file.to_path_buf(), handle.clone());
+        Ok(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field(key: &str, from: &str, trim: bool, max_chars: Option<usize>) -> OutputField {
+        OutputField {
+            key: key.into(),
+            from: FieldPath::parse(from).unwrap(),
+            trim,
+            max_chars,
+            default: Value::Null,
+        }
+    }
+
+    #[test]
+    fn projects_only_listed_fields_in_order() {
+        let event = Event {
+            name: json!("x"),
+            uuid: Value::Null,
+            distinct_id: json!("d"),
+            timestamp: json!("2025-01-01T00:00:00Z"),
+            properties: json!({"r": "  héllo wörld  ", "secret": "s"}),
+            person_properties: json!({}),
+        };
+        let mut with_default = field("gone", "properties.nope", false, None);
+        with_default.default = json!("n/a");
+        let action = JsonlAction {
+            file: "x.jsonl".into(),
+            fields: vec![
+                field("who", "distinct_id", false, None),
+                field("reason", "properties.r", true, Some(7)),
+                field("missing", "properties.nope", false, None),
+                with_default,
+            ],
+        };
+        assert_eq!(
+            action.project(&event),
+            "{\"who\":\"d\",\"reason\":\"héllo w\",\"missing\":null,\"gone\":\"n/a\"}\n"
+        );
+    }
+
+    #[test]
+    fn truncation_counts_characters_not_bytes() {
+        let f = field("k", "event", false, Some(3));
+        assert_eq!(f.shape_text("🏠🛏️é"), "🏠🛏\u{fe0f}");
+        assert_eq!(f.shape_text("ab"), "ab");
+    }
+
+    #[test]
+    fn output_paths_stay_inside_the_data_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        assert_eq!(
+            check_output_path(&data, "./a/b.jsonl").unwrap(),
+            PathBuf::from("a/b.jsonl")
+        );
+        assert!(check_output_path(&data, "../x.jsonl").is_err());
+        assert!(check_output_path(&data, "a/../../x.jsonl").is_err());
+        assert!(check_output_path(&data, "/etc/passwd").is_err());
+        assert!(check_output_path(&data, "").is_err());
+        std::os::unix::fs::symlink(dir.path(), data.join("out")).unwrap();
+        let e = check_output_path(&data, "out/x.jsonl").unwrap_err();
+        assert!(e.0.contains("outside the data folder"), "{e:?}");
+        std::fs::create_dir(data.join("inside")).unwrap();
+        std::os::unix::fs::symlink(data.join("inside"), data.join("ok")).unwrap();
+        assert!(check_output_path(&data, "ok/x.jsonl").is_ok());
+    }
+}

@@ -1,0 +1,149 @@
+//! Hot reload: the running rule set, and the watcher that replaces it when files change.
+//!
+//! The watcher only signals. One task waits for a quiet moment (editors write in bursts, often
+//! through a temporary file and a rename), loads the whole set again, and swaps it in on success.
+//! On failure the running set stays and the errors are kept for `GET /rules` and logged. Requests
+//! hold an `Arc` of the set they started with, so a swap never cuts one short.
+
+use arc_swap::ArcSwapOption;
+use chrono::{DateTime, SecondsFormat, Utc};
+use notify::{EventKind, RecursiveMode, Watcher};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::rules::RuleSet;
+
+/// How long the folders must stay quiet before a reload.
+const QUIET: Duration = Duration::from_millis(250);
+
+/// The outcome of the last load, as shown at `GET /rules`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// When it happened (RFC 3339).
+    pub at: String,
+    /// Whether the files on disk are the ones running.
+    pub ok: bool,
+    /// Every problem, as `file:line:col: message`.
+    pub errors: Vec<String>,
+}
+
+/// The running rule set and where it comes from.
+pub struct LiveRules {
+    current: ArcSwapOption<RuleSet>,
+    status: Mutex<ReloadStatus>,
+    rules_dir: PathBuf,
+    templates_dir: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl LiveRules {
+    /// Loads the set once. If it has problems the service still starts, with no rules, and
+    /// reports them.
+    pub fn load(rules_dir: &Path, templates_dir: &Path, data_dir: &Path) -> LiveRules {
+        let live = LiveRules {
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(ReloadStatus {
+                at: now(),
+                ok: false,
+                errors: vec![],
+            }),
+            rules_dir: rules_dir.to_path_buf(),
+            templates_dir: templates_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+        };
+        live.reload();
+        live
+    }
+
+    /// The rule set to use for one request, or `None` if no good set has loaded yet.
+    pub fn snapshot(&self) -> Option<Arc<RuleSet>> {
+        self.current.load_full()
+    }
+
+    /// The last load's outcome.
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads the files again; swaps the new set in if it has no problems. Returns whether it did.
+    pub fn reload(&self) -> bool {
+        let result = RuleSet::load(&self.rules_dir, &self.templates_dir, &self.data_dir);
+        let status = match result {
+            Ok(set) => {
+                info!(rules = set.rules().len(), "rules loaded");
+                self.current.store(Some(Arc::new(set)));
+                ReloadStatus {
+                    at: now(),
+                    ok: true,
+                    errors: vec![],
+                }
+            }
+            Err(problems) => {
+                let keeping = if self.current.load().is_some() {
+                    "the previous rules keep running"
+                } else {
+                    "no rules are running: /webhook answers 503 until this is fixed"
+                };
+                for p in &problems {
+                    error!("{p}");
+                }
+                warn!(problems = problems.len(), "rules not reloaded: {keeping}");
+                ReloadStatus {
+                    at: now(),
+                    ok: false,
+                    errors: problems.iter().map(ToString::to_string).collect(),
+                }
+            }
+        };
+        let ok = status.ok;
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+        ok
+    }
+}
+
+/// Watches the rules and templates folders and reloads `live` after each burst of changes.
+/// The returned watcher must be kept alive for as long as watching should go on.
+pub fn watch(live: Arc<LiveRules>) -> notify::Result<notify::RecommendedWatcher> {
+    let changed = Arc::new(Notify::new());
+    let signal = changed.clone();
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            // Our own reads of the files show up as access events; they must not cause a reload.
+            Ok(e) if matches!(e.kind, EventKind::Access(_)) => {}
+            Ok(_) => signal.notify_one(),
+            Err(e) => warn!("file watcher: {e}"),
+        })?;
+    watcher.watch(&live.rules_dir, RecursiveMode::NonRecursive)?;
+    if live.templates_dir.is_dir() {
+        watcher.watch(&live.templates_dir, RecursiveMode::NonRecursive)?;
+    } else {
+        warn!(dir = %live.templates_dir.display(), "templates folder not found; not watching it");
+    }
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            // Debounce: wait until nothing has changed for QUIET.
+            while tokio::time::timeout(QUIET, changed.notified())
+                .await
+                .is_ok()
+            {}
+            let live = live.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || live.reload()).await {
+                error!("reload task failed: {e}");
+            }
+        }
+    });
+    Ok(watcher)
+}
+
+fn now() -> String {
+    let t: DateTime<Utc> = Utc::now();
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}

@@ -1,0 +1,630 @@
+//! Turning one parsed rule file into a runnable [`Rule`], collecting every problem on the way.
+
+use regex::RegexBuilder;
+use serde_json::{Value, json};
+use std::ops::Range;
+use std::path::Path;
+use toml::Spanned;
+
+use crate::actions::email::EmailAction;
+use crate::actions::jsonl::{JsonlAction, OutputField, check_output_path};
+use crate::event::parse_timestamp;
+use crate::rules::condition::{Condition, Test};
+use crate::rules::diagnostic::{Diagnostic, did_you_mean};
+use crate::rules::file::*;
+use crate::rules::path::FieldPath;
+use crate::rules::{Count, Rule};
+use crate::templates::{Templates, template_diagnostic};
+
+/// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Compiles the rule in `source` (the text of `file`). Inline templates (`to`, `subject`) are
+/// added to `templates`. Returns every problem found, not just the first.
+pub fn compile(
+    file: &Path,
+    source: &str,
+    data_dir: &Path,
+    templates: &mut Templates,
+) -> Result<Rule, Vec<Diagnostic>> {
+    let parsed: RuleFile = match toml::from_str(source) {
+        Ok(parsed) => parsed,
+        Err(e) => return Err(vec![toml_diagnostic(file, source, &e)]),
+    };
+    let mut c = Compiler {
+        file,
+        source,
+        problems: Vec::new(),
+    };
+    let rule = c.rule(parsed, data_dir, templates);
+    match rule {
+        Some(rule) if c.problems.is_empty() => Ok(rule),
+        _ => Err(c.problems),
+    }
+}
+
+struct Compiler<'a> {
+    file: &'a Path,
+    source: &'a str,
+    problems: Vec<Diagnostic>,
+}
+
+impl Compiler<'_> {
+    fn problem(&mut self, span: Range<usize>, message: impl Into<String>, hint: Option<String>) {
+        let mut d = Diagnostic::at(self.file, self.source, span, message);
+        d.hint = hint;
+        self.problems.push(d);
+    }
+
+    fn rule(&mut self, f: RuleFile, data_dir: &Path, templates: &mut Templates) -> Option<Rule> {
+        let name = f.name.get_ref().trim().to_string();
+        if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+            self.problem(
+                f.name.span(),
+                "the rule's `name` must be a short piece of text (1 to 100 characters)",
+                Some("for example name = \"power-user-discount\"".into()),
+            );
+        }
+
+        let when_span = f.when.span();
+        let when = f.when.into_inner();
+        let events = self.event_selector(&when, when_span);
+        let condition = self.when(when);
+
+        let count = f.count.map(|count| {
+            let at_least = *count.at_least.get_ref();
+            if at_least < 1 {
+                self.problem(count.at_least.span(), "`at_least` must be 1 or more", None);
+            }
+            Count {
+                per: self.paths(&count.per),
+                at_least: at_least.max(1) as u64,
+            }
+        });
+        let once_per = f.limits.map(|l| self.paths(&l.once_per));
+
+        let email = f.email.map(|e| self.email(e, &name, templates));
+        let jsonl = f.jsonl.map(|j| self.jsonl(j, data_dir));
+        if email.is_none() && jsonl.is_none() {
+            self.problem(
+                0..0,
+                "this rule does nothing: it has no action",
+                Some("add an [email] or a [jsonl] table".into()),
+            );
+        }
+
+        let summary = json!({
+            "name": name,
+            "description": f.description,
+            "file": self.file.display().to_string(),
+            "when": when_as_written(self.source),
+            "count": count.as_ref().map(|c| json!({
+                "per": c.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "at_least": c.at_least,
+            })),
+            "limits": once_per.as_ref().map(|o| json!({
+                "once_per": o.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            })),
+            "actions": actions_summary(email.as_ref().and_then(|e| e.as_ref()), jsonl.as_ref().and_then(|j| j.as_ref())),
+        });
+        Some(Rule {
+            name,
+            description: f.description,
+            file: self.file.to_path_buf(),
+            events: events?,
+            when: condition?,
+            count,
+            once_per,
+            email: email.flatten(),
+            jsonl: jsonl.flatten(),
+            summary,
+        })
+    }
+
+    /// Which event names the rule is indexed under; `None` in the result means every event.
+    /// The `event` key is required so that a rule always says what it is about.
+    fn event_selector(
+        &mut self,
+        when: &WhenConfig,
+        when_span: Range<usize>,
+    ) -> Option<Option<Vec<String>>> {
+        let Some((_, entry)) = when.entries.iter().find(|(k, _)| k.get_ref() == "event") else {
+            self.problem(
+                when_span,
+                "[when] must say which event the rule is about",
+                Some("add event = \"feature_used\", a list like event = [\"a\", \"b\"], or event = \"*\" for every event".into()),
+            );
+            return None;
+        };
+        let WhenEntry::Field(condition) = entry else {
+            unreachable!("`event` is parsed as a field")
+        };
+        Some(match condition.get_ref() {
+            ConditionConfig::Equals(toml::Value::String(s)) if s == "*" => None,
+            ConditionConfig::Equals(toml::Value::String(s)) => Some(vec![s.clone()]),
+            ConditionConfig::OneOf(list) => {
+                let names: Option<Vec<String>> =
+                    list.iter().map(|v| v.as_str().map(String::from)).collect();
+                if names.is_none() {
+                    self.problem(condition.span(), "event names must be text", None);
+                }
+                names
+            }
+            // Operators (starts_with, ...) are checked per event, for every event name.
+            _ => None,
+        })
+    }
+
+    fn when(&mut self, when: WhenConfig) -> Option<Condition> {
+        let mut all = Vec::new();
+        let mut ok = true;
+        for (key, entry) in when.entries {
+            let compiled = match entry {
+                WhenEntry::Field(condition) => {
+                    if key.get_ref() == "event"
+                        && matches!(condition.get_ref(), ConditionConfig::Equals(toml::Value::String(s)) if s == "*")
+                    {
+                        continue;
+                    }
+                    self.field(&key, condition)
+                }
+                WhenEntry::All(list) => self.when_list(list).map(Condition::All),
+                WhenEntry::Any(list) => {
+                    if list.is_empty() {
+                        self.problem(
+                            key.span(),
+                            "`any` needs at least one table of conditions",
+                            None,
+                        );
+                    }
+                    self.when_list(list).map(Condition::Any)
+                }
+                WhenEntry::Not(inner) => self
+                    .when(inner.into_inner())
+                    .map(|c| Condition::Not(Box::new(c))),
+            };
+            match compiled {
+                Some(c) => all.push(c),
+                None => ok = false,
+            }
+        }
+        ok.then(|| match all.len() {
+            1 => all.pop().expect("one condition"),
+            _ => Condition::All(all),
+        })
+    }
+
+    fn when_list(&mut self, list: Vec<Spanned<WhenConfig>>) -> Option<Vec<Condition>> {
+        let compiled: Vec<Option<Condition>> = list
+            .into_iter()
+            .map(|w| self.when(w.into_inner()))
+            .collect();
+        compiled.into_iter().collect()
+    }
+
+    fn path(&mut self, text: &Spanned<String>) -> Option<FieldPath> {
+        match FieldPath::parse(text.get_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.problem(text.span(), e.message, e.hint);
+                None
+            }
+        }
+    }
+
+    fn paths(&mut self, list: &[Spanned<String>]) -> Vec<FieldPath> {
+        list.iter().filter_map(|p| self.path(p)).collect()
+    }
+
+    fn field(
+        &mut self,
+        key: &Spanned<String>,
+        condition: Spanned<ConditionConfig>,
+    ) -> Option<Condition> {
+        let path = self.path(key)?;
+        let span = condition.span();
+        let problems_before = self.problems.len();
+        let tests = match condition.into_inner() {
+            ConditionConfig::Equals(v) => vec![Test::Equals(toml_to_json_value(&v))],
+            ConditionConfig::OneOf(list) => {
+                vec![Test::In(list.iter().map(toml_to_json_value).collect())]
+            }
+            ConditionConfig::Operators(ops) => self.operators(ops),
+        };
+        if self.problems.len() > problems_before {
+            return None;
+        }
+        if tests.is_empty() {
+            self.problem(
+                span,
+                "this condition has no operator",
+                Some(
+                    "write for example { exists = true }, { gt = 5 } or { in = [\"a\", \"b\"] }"
+                        .into(),
+                ),
+            );
+            return None;
+        }
+        let mut conditions: Vec<Condition> = tests
+            .into_iter()
+            .map(|test| Condition::Field {
+                path: path.clone(),
+                test,
+            })
+            .collect();
+        Some(match conditions.len() {
+            1 => conditions.pop().expect("one condition"),
+            _ => Condition::All(conditions),
+        })
+    }
+
+    fn operators(&mut self, ops: OperatorsConfig) -> Vec<Test> {
+        let mut tests = Vec::new();
+        let json = |v: Spanned<toml::Value>| toml_to_json_value(v.get_ref());
+        let list =
+            |v: Spanned<Vec<toml::Value>>| v.get_ref().iter().map(toml_to_json_value).collect();
+        if let Some(v) = ops.equals {
+            tests.push(Test::Equals(json(v)));
+        }
+        if let Some(v) = ops.not_equals {
+            tests.push(Test::NotEquals(json(v)));
+        }
+        if let Some(v) = ops.in_ {
+            tests.push(Test::In(list(v)));
+        }
+        if let Some(v) = ops.not_in {
+            tests.push(Test::NotIn(list(v)));
+        }
+        if let Some(v) = ops.contains {
+            tests.push(Test::Contains(json(v)));
+        }
+        if let Some(v) = ops.starts_with {
+            tests.push(Test::StartsWith(v.into_inner()));
+        }
+        if let Some(v) = ops.ends_with {
+            tests.push(Test::EndsWith(v.into_inner()));
+        }
+        if let Some(v) = ops.matches {
+            match RegexBuilder::new(v.get_ref()).size_limit(REGEX_SIZE_LIMIT).build() {
+                Ok(re) => tests.push(Test::Matches(re)),
+                Err(e) => self.problem(
+                    v.span(),
+                    format!("this regular expression is not valid: {}", regex_reason(&e)),
+                    Some("in TOML, write patterns in single quotes so backslashes stay as typed: matches = '^v\\d+$'".into()),
+                ),
+            }
+        }
+        for (value, make) in [
+            (ops.gt, Test::Gt as fn(f64) -> Test),
+            (ops.gte, Test::Gte),
+            (ops.lt, Test::Lt),
+            (ops.lte, Test::Lte),
+        ] {
+            if let Some(v) = value {
+                tests.push(make(*v.get_ref()));
+            }
+        }
+        for (value, make) in [
+            (ops.before, Test::Before as fn(_) -> Test),
+            (ops.after, Test::After),
+        ] {
+            if let Some(v) = value {
+                let text = match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Datetime(d) => d.to_string(),
+                    _ => String::new(),
+                };
+                match parse_timestamp(&text) {
+                    Some(t) => tests.push(make(t)),
+                    None => self.problem(
+                        v.span(),
+                        "this is not a date tripline can read",
+                        Some("write a date like \"2025-06-14\" or \"2025-06-14T09:00:00Z\"".into()),
+                    ),
+                }
+            }
+        }
+        if let Some(v) = ops.exists {
+            tests.push(Test::Exists(*v.get_ref()));
+        }
+        tests
+    }
+
+    fn email(
+        &mut self,
+        e: Spanned<EmailConfig>,
+        rule: &str,
+        templates: &mut Templates,
+    ) -> Option<EmailAction> {
+        let e = e.into_inner();
+        let mut ok = true;
+        let template = e.template.get_ref().clone();
+        if !templates.has_body(&template) {
+            let hint = match did_you_mean(&template, templates.body_names()) {
+                Some(close) => format!("did you mean \"{close}\"?"),
+                None => {
+                    let names: Vec<&str> = templates.body_names().collect();
+                    if names.is_empty() {
+                        "the templates folder has no templates yet".into()
+                    } else {
+                        format!("the templates that exist are: {}", names.join(", "))
+                    }
+                }
+            };
+            self.problem(
+                e.template.span(),
+                format!("there is no template \"{template}\": tripline looked for {template}.text.hbs in the templates folder"),
+                Some(hint),
+            );
+            ok = false;
+        }
+        let to_key = format!("rule:{rule}:to");
+        let subject_key = format!("rule:{rule}:subject");
+        for (key, text, what) in [
+            (&to_key, &e.to, "`to`"),
+            (&subject_key, &e.subject, "`subject`"),
+        ] {
+            if let Err(err) = templates.add_inline(key, text.get_ref()) {
+                let d = template_diagnostic(self.file, self.source, &err);
+                self.problem(text.span(), format!("{what}: {}", d.message), d.hint);
+                ok = false;
+            }
+        }
+        let from = match &e.from {
+            Some(from) => {
+                match from.get_ref().parse() {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        self.problem(
+                        from.span(),
+                        "`from` is not an email address",
+                        Some("write from = \"Growth team <growth@example.com>\" or just the address".into()),
+                    );
+                        ok = false;
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        ok.then_some(EmailAction {
+            template,
+            to_key,
+            subject_key,
+            from,
+        })
+    }
+
+    fn jsonl(&mut self, j: Spanned<JsonlConfig>, data_dir: &Path) -> Option<JsonlAction> {
+        let j = j.into_inner();
+        let file = match check_output_path(data_dir, j.file.get_ref()) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                self.problem(j.file.span(), format!("`file`: {}", e.0), Some("write a file name like \"training_data.jsonl\"; it is created in the data folder".into()));
+                None
+            }
+        };
+        if j.fields.get_ref().is_empty() {
+            self.problem(
+                j.fields.span(),
+                "[jsonl.fields] lists no fields, so every line would be empty",
+                Some("add a line like distinctId = \"distinct_id\"".into()),
+            );
+        }
+        let mut fields = Vec::new();
+        let mut ok = true;
+        for (key, spec) in j.fields.into_inner() {
+            let span = spec.span();
+            let field = match spec.into_inner() {
+                FieldConfig::Path(p) => self.path(&Spanned::new(span, p)).map(|from| OutputField {
+                    key,
+                    from,
+                    trim: false,
+                    max_chars: None,
+                    default: Value::Null,
+                }),
+                FieldConfig::Options(o) => {
+                    let max_chars = match &o.max_chars {
+                        Some(m) if *m.get_ref() < 1 => {
+                            self.problem(m.span(), "`max_chars` must be 1 or more", None);
+                            ok = false;
+                            None
+                        }
+                        Some(m) => Some(*m.get_ref() as usize),
+                        None => None,
+                    };
+                    self.path(&o.from).map(|from| OutputField {
+                        key,
+                        from,
+                        trim: o.trim,
+                        max_chars,
+                        default: o.default.as_ref().map_or(Value::Null, toml_to_json_value),
+                    })
+                }
+            };
+            match field {
+                Some(f) => fields.push(f),
+                None => ok = false,
+            }
+        }
+        (ok && file.is_some()).then(|| JsonlAction {
+            file: file.expect("checked above"),
+            fields,
+        })
+    }
+}
+
+fn actions_summary(email: Option<&EmailAction>, jsonl: Option<&JsonlAction>) -> Value {
+    let mut actions = Vec::new();
+    if let Some(e) = email {
+        actions.push(json!({"kind": "email", "template": e.template}));
+    }
+    if let Some(j) = jsonl {
+        actions.push(json!({
+            "kind": "jsonl",
+            "file": j.file.display().to_string(),
+            "fields": j.fields.iter().map(|f| f.key.clone()).collect::<Vec<_>>(),
+        }));
+    }
+    Value::Array(actions)
+}
+
+/// The `[when]` table as the author wrote it, for `GET /rules`.
+fn when_as_written(source: &str) -> Value {
+    toml::from_str::<toml::Table>(source)
+        .ok()
+        .and_then(|t| t.get("when").map(toml_to_json_value))
+        .unwrap_or(Value::Null)
+}
+
+/// A TOML value as JSON (dates become RFC 3339 text).
+pub fn toml_to_json_value(v: &toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => json!(i),
+        toml::Value::Float(f) => json!(f),
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json_value).collect()),
+        toml::Value::Table(t) => Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn regex_reason(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(s) => s
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error:"))
+            .map(|l| l.trim_start_matches("error:").trim().to_string())
+            .unwrap_or_else(|| s.clone()),
+        regex::Error::CompiledTooBig(_) => "it is too large".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A TOML or structure error, in a rule author's words.
+fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic {
+    let span = e.span().unwrap_or(0..0);
+    let raw = e.message().trim().to_string();
+    if let Some((word, expected)) = parse_unknown_field(&raw) {
+        let hint = match did_you_mean(&word, expected.iter().map(String::as_str)) {
+            Some(close) => format!(
+                "did you mean `{close}`? Allowed here: {}",
+                expected.join(", ")
+            ),
+            None => format!("allowed here: {}", expected.join(", ")),
+        };
+        return Diagnostic::at(file, source, span, format!("unknown key `{word}`")).with_hint(hint);
+    }
+    if let Some(rest) = raw.strip_prefix("missing field `") {
+        let key = rest.trim_end_matches('`');
+        return Diagnostic::at(
+            file,
+            source,
+            span,
+            format!("the key `{key}` is missing here"),
+        );
+    }
+    let message = raw
+        .replace("invalid type: ", "wrong kind of value: ")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("expected a boolean", "expected true or false")
+        .replace("expected a string", "expected text in quotes")
+        .replace("expected a sequence", "expected a list like [\"a\", \"b\"]");
+    Diagnostic::at(file, source, span, message)
+}
+
+/// `unknown field `x`, expected one of `a`, `b`` → (x, [a, b]).
+fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    Some((word.to_string(), expected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(source: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.text.hbs"), "Hi").unwrap();
+        let (mut templates, _) = Templates::load(dir.path());
+        match compile(Path::new("r.toml"), source, dir.path(), &mut templates) {
+            Ok(_) => vec![],
+            Err(p) => p.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    const JSONL: &str = "[jsonl]\nfile = \"o.jsonl\"\nfields = { who = \"distinct_id\" }\n";
+
+    #[test]
+    fn a_good_rule_compiles() {
+        let src = format!(
+            "name = \"r\"\n[when]\nevent = \"x\"\n\"properties.a\" = {{ gt = 1, lt = 9 }}\n{JSONL}"
+        );
+        assert_eq!(problems(&src), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_keys_get_did_you_mean() {
+        let src = format!(
+            "name = \"r\"\n[when]\nevent = \"x\"\n[count]\nper = [\"distinct_id\"]\nat_lest = 5\n{JSONL}"
+        );
+        let p = problems(&src);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("r.toml:6:1: unknown key `at_lest` (did you mean `at_least`?"),
+            "{p:?}"
+        );
+        let src = format!(
+            "name = \"r\"\n[when]\nevent = \"x\"\n\"properties.a\" = {{ gtt = 1 }}\n{JSONL}"
+        );
+        let p = problems(&src);
+        assert!(
+            p[0].contains("unknown key `gtt` (did you mean `gt`?"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let src = "name = \"r\"\n[when]\nevent = \"x\"\n\"propreties.a\" = 1\n\"properties.b\" = { matches = \"(\" }\n\
+                   [email]\nto = \"{{person.properties.email}}\"\nsubject = \"s\"\ntemplate = \"helo\"\n\
+                   [jsonl]\nfile = \"../x.jsonl\"\nfields = { a = \"distinct_id\" }\n";
+        let p = problems(src);
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(
+            p[0].starts_with("r.toml:4:1: `propreties.a` is not a field"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("r.toml:5:30: this regular expression is not valid: unclosed group"),
+            "{p:?}"
+        );
+        assert!(
+            p[2].contains("no template \"helo\"") && p[2].contains("did you mean \"hello\"?"),
+            "{p:?}"
+        );
+        assert!(p[3].contains("`..` is not allowed"), "{p:?}");
+    }
+
+    #[test]
+    fn event_is_required_and_an_action_too() {
+        let p = problems("name = \"r\"\n[when]\n\"properties.a\" = 1\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("[when] must say which event"));
+        assert!(p[1].contains("no action"));
+    }
+}

@@ -1,0 +1,182 @@
+//! Problems found in rule and template files, located by file, line and column.
+//!
+//! Everything that reads a rule or template reports byte spans; this module is the one place that
+//! turns a span into `file:line:col`, and the one that decides how a problem is printed.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem in one file, in words a rule author can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file, as the user named it (relative paths stay relative).
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, counted in characters.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, when we can tell.
+    pub hint: Option<String>,
+    /// The offending line of the file, for printing with a caret.
+    pub source_line: String,
+}
+
+impl Diagnostic {
+    /// A problem at byte `span` of `source`, the text of `file`.
+    pub fn at(file: &Path, source: &str, span: Range<usize>, message: impl Into<String>) -> Self {
+        let start = span.start.min(source.len());
+        let before = &source[..floor_char_boundary(source, start)];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        let source_line = source[line_start..]
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Diagnostic {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+            hint: None,
+            source_line,
+        }
+    }
+
+    /// A problem at a known 1-based `line` and `column` of `source` (for parsers that report
+    /// positions rather than byte offsets, like Handlebars).
+    pub fn at_line(
+        file: &Path,
+        source: &str,
+        line: usize,
+        column: usize,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+            hint: None,
+            source_line: source
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    /// A problem with a file as a whole (it cannot be read, or it is missing).
+    pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: message.into(),
+            hint: None,
+            source_line: String::new(),
+        }
+    }
+
+    /// Adds a hint on how to fix the problem.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The problem with the offending line and a caret under the column, for terminals.
+    pub fn render(&self) -> String {
+        let mut out = self.to_string();
+        if !self.source_line.is_empty() {
+            let gutter = self.line.to_string().len();
+            out.push_str(&format!(
+                "\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
+                "",
+                self.line,
+                self.source_line,
+                "",
+                "^",
+                col = self.column
+            ));
+        }
+        out
+    }
+}
+
+/// `file:line:col: message (hint)` — the form used in logs and at `GET /rules`.
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, " ({hint})")?;
+        }
+        Ok(())
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The closest of `candidates` to `word`, if one is close enough to be a likely typo.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_count_characters() {
+        let src = "a = 1\nnäme = \"x\"\n";
+        let at = src.find('=').unwrap();
+        let d = Diagnostic::at(Path::new("r.toml"), src, at..at + 1, "m");
+        assert_eq!((d.line, d.column), (1, 3));
+        let at = src.rfind('=').unwrap();
+        let d = Diagnostic::at(Path::new("r.toml"), src, at..at + 1, "m");
+        assert_eq!((d.line, d.column), (2, 6));
+        assert_eq!(d.source_line, "näme = \"x\"");
+        assert_eq!(d.to_string(), "r.toml:2:6: m");
+    }
+
+    #[test]
+    fn render_puts_caret_under_column() {
+        let d =
+            Diagnostic::at(Path::new("r.toml"), "x = 1\nabc = 2", 8..9, "bad").with_hint("fix it");
+        assert_eq!(
+            d.render(),
+            "r.toml:2:3: bad (fix it)\n  |\n2 | abc = 2\n  |   ^"
+        );
+    }
+
+    #[test]
+    fn did_you_mean_finds_close_words_only() {
+        let keys = ["at_least", "per"];
+        assert_eq!(did_you_mean("at_lest", keys), Some("at_least"));
+        assert_eq!(did_you_mean("pre", keys), Some("per"));
+        assert_eq!(did_you_mean("template", keys), None);
+    }
+}

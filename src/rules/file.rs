@@ -1,0 +1,247 @@
+//! The rule file as written: serde types that mirror the TOML one to one.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), and values that a later check must point at
+//! keep their byte span (`Spanned`). Turning these into runnable rules is `compile.rs`'s job.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+use toml::Spanned;
+
+/// One `rules/*.toml` file: one rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// The rule's identity: counters and once-keys are stored under it.
+    pub name: Spanned<String>,
+    /// Free text for people reading the rule.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Which events the rule looks at.
+    pub when: Spanned<WhenConfig>,
+    /// Act only once a counter reaches a threshold.
+    #[serde(default)]
+    pub count: Option<CountConfig>,
+    /// Limits on how often the rule acts.
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+    /// Send an email.
+    #[serde(default)]
+    pub email: Option<Spanned<EmailConfig>>,
+    /// Append a line to a JSONL file.
+    #[serde(default)]
+    pub jsonl: Option<Spanned<JsonlConfig>>,
+}
+
+/// A `[when]` table: field conditions, all of which must hold, plus `all`, `any` and `not`.
+#[derive(Debug, Default)]
+pub struct WhenConfig {
+    pub entries: Vec<(Spanned<String>, WhenEntry)>,
+}
+
+/// One key of a `[when]` table.
+#[derive(Debug)]
+pub enum WhenEntry {
+    /// `"properties.x" = ...`
+    Field(Spanned<ConditionConfig>),
+    /// `all = [ {...}, {...} ]`: every table holds.
+    All(Vec<Spanned<WhenConfig>>),
+    /// `any = [ {...}, {...} ]`: at least one table holds.
+    Any(Vec<Spanned<WhenConfig>>),
+    /// `not = {...}`: the table does not hold.
+    Not(Box<Spanned<WhenConfig>>),
+}
+
+/// What a field must be: a plain value (equals), a list (one of), or a table of operators.
+#[derive(Debug)]
+pub enum ConditionConfig {
+    Equals(toml::Value),
+    OneOf(Vec<toml::Value>),
+    Operators(OperatorsConfig),
+}
+
+/// `{ gt = 5, lt = 10 }`: every operator given must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorsConfig {
+    /// The field equals this value.
+    pub equals: Option<Spanned<toml::Value>>,
+    /// The field is missing or differs from this value.
+    pub not_equals: Option<Spanned<toml::Value>>,
+    /// The field equals one of these values.
+    #[serde(rename = "in")]
+    pub in_: Option<Spanned<Vec<toml::Value>>>,
+    /// The field is missing or equals none of these values.
+    pub not_in: Option<Spanned<Vec<toml::Value>>>,
+    /// Text contains this text, or a list contains this value.
+    pub contains: Option<Spanned<toml::Value>>,
+    /// Text starts with this text.
+    pub starts_with: Option<Spanned<String>>,
+    /// Text ends with this text.
+    pub ends_with: Option<Spanned<String>>,
+    /// Text matches this regular expression.
+    pub matches: Option<Spanned<String>>,
+    /// Number greater than.
+    pub gt: Option<Spanned<f64>>,
+    /// Number greater than or equal to.
+    pub gte: Option<Spanned<f64>>,
+    /// Number less than.
+    pub lt: Option<Spanned<f64>>,
+    /// Number less than or equal to.
+    pub lte: Option<Spanned<f64>>,
+    /// Date strictly before this date.
+    pub before: Option<Spanned<toml::Value>>,
+    /// Date strictly after this date.
+    pub after: Option<Spanned<toml::Value>>,
+    /// `true`: the field is present; `false`: it is missing.
+    pub exists: Option<Spanned<bool>>,
+}
+
+/// `[count]`: count matching events per key; act from the `at_least`-th on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountConfig {
+    /// The fields whose values make the counter's key.
+    pub per: Vec<Spanned<String>>,
+    /// The count at which the rule starts acting.
+    pub at_least: Spanned<i64>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Act at most once for each combination of these fields' values.
+    pub once_per: Vec<Spanned<String>>,
+}
+
+/// `[email]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Recipient address; may use `{{...}}` fields.
+    pub to: Spanned<String>,
+    /// Subject line; may use `{{...}}` fields.
+    pub subject: Spanned<String>,
+    /// Name of the body template: `templates/<name>.text.hbs` (and optional `.html.hbs`).
+    pub template: Spanned<String>,
+    /// Sender address; the server's `--email-from` when absent.
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
+}
+
+/// `[jsonl]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// Output file, relative to the data directory.
+    pub file: Spanned<String>,
+    /// Output keys, in order, and where each comes from.
+    pub fields: Spanned<IndexMap<String, Spanned<FieldConfig>>>,
+}
+
+/// One output field: a plain path, or a table of options.
+#[derive(Debug)]
+pub enum FieldConfig {
+    Path(String),
+    Options(FieldOptions),
+}
+
+/// `{ from = "properties.x", trim = true, max_chars = 100, default = "" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldOptions {
+    /// Where the value comes from.
+    pub from: Spanned<String>,
+    /// Remove spaces and line breaks at both ends of text.
+    #[serde(default)]
+    pub trim: bool,
+    /// Cut text to at most this many characters.
+    #[serde(default)]
+    pub max_chars: Option<Spanned<i64>>,
+    /// The value written when the event does not have the field.
+    #[serde(default)]
+    pub default: Option<toml::Value>,
+}
+
+impl<'de> Deserialize<'de> for WhenConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct WhenVisitor;
+        impl<'de> Visitor<'de> for WhenVisitor {
+            type Value = WhenConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table of conditions, like { \"properties.plan\" = \"pro\" }")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WhenConfig, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    let entry = match key.get_ref().as_str() {
+                        "all" => WhenEntry::All(map.next_value()?),
+                        "any" => WhenEntry::Any(map.next_value()?),
+                        "not" => WhenEntry::Not(Box::new(map.next_value()?)),
+                        _ => WhenEntry::Field(map.next_value()?),
+                    };
+                    entries.push((key, entry));
+                }
+                Ok(WhenConfig { entries })
+            }
+        }
+        deserializer.deserialize_map(WhenVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConditionConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ConditionVisitor;
+        impl<'de> Visitor<'de> for ConditionVisitor {
+            type Value = ConditionConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value, a list of values, or a table of operators like { gt = 5 }")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(ConditionConfig::Equals(toml::Value::Boolean(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ConditionConfig::Equals(toml::Value::Integer(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(ConditionConfig::Equals(toml::Value::Float(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ConditionConfig::Equals(toml::Value::String(v.to_string())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(ConditionConfig::OneOf)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ConditionConfig::Operators)
+            }
+        }
+        deserializer.deserialize_any(ConditionVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = FieldConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a field such as \"properties.x\", or a table like { from = \"properties.x\", max_chars = 100 }",
+                )
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(FieldConfig::Options)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FieldConfig::Path(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}

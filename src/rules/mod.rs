@@ -1,0 +1,191 @@
+//! Rules: loading `rules/*.toml` (with the templates they use) into an immutable, indexed
+//! [`RuleSet`].
+//!
+//! `file.rs` mirrors the TOML, `compile.rs` turns it into runnable [`Rule`]s, `condition.rs` and
+//! `path.rs` hold what matching needs, and `diagnostic.rs` reports problems as
+//! `file:line:col: message`. A set is loaded whole or not at all: one problem anywhere means the
+//! caller keeps whatever set it had.
+
+pub mod compile;
+pub mod condition;
+pub mod diagnostic;
+pub mod file;
+pub mod path;
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::actions::email::EmailAction;
+use crate::actions::jsonl::JsonlAction;
+use crate::event::Event;
+use crate::templates::Templates;
+use condition::Condition;
+use diagnostic::Diagnostic;
+use path::FieldPath;
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// The rule's identity; state is keyed by it.
+    pub name: String,
+    pub description: Option<String>,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The event names it is indexed under; `None` means every event.
+    pub events: Option<Vec<String>>,
+    /// Every `[when]` condition other than a plain event-name selection.
+    pub when: Condition,
+    pub count: Option<Count>,
+    /// `[limits] once_per`.
+    pub once_per: Option<Vec<FieldPath>>,
+    pub email: Option<EmailAction>,
+    pub jsonl: Option<JsonlAction>,
+    /// What `GET /rules` shows for it.
+    pub summary: Value,
+}
+
+/// `[count]`: act from the `at_least`-th matching event for each key on.
+#[derive(Debug)]
+pub struct Count {
+    pub per: Vec<FieldPath>,
+    pub at_least: u64,
+}
+
+impl Rule {
+    /// Whether the rule's `[when]` holds for `event` (the event name included).
+    pub fn matches(&self, event: &Event) -> bool {
+        let name_ok = match &self.events {
+            None => true,
+            Some(names) => names.iter().any(|n| n == event.name()),
+        };
+        name_ok && self.when.holds(event)
+    }
+}
+
+/// Every rule of a rules folder, compiled, with the templates they use.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    /// For each event name some rule names: the indices of the rules to try, in file order
+    /// (rules for every event included).
+    by_event: HashMap<String, Vec<usize>>,
+    /// The rules for every event: what an event whose name no rule names is tried against.
+    any_event: Vec<usize>,
+    /// The templates, including each rule's `to` and `subject` lines.
+    pub templates: Templates,
+}
+
+impl RuleSet {
+    /// Loads every `*.toml` file of `rules_dir` and every template of `templates_dir`.
+    /// `data_dir` is where output files go (used to check their paths).
+    pub fn load(
+        rules_dir: &Path,
+        templates_dir: &Path,
+        data_dir: &Path,
+    ) -> Result<RuleSet, Vec<Diagnostic>> {
+        let (mut templates, mut problems) = Templates::load(templates_dir);
+        let files = match rule_files(rules_dir) {
+            Ok(files) => files,
+            Err(e) => {
+                problems.push(Diagnostic::whole_file(
+                    rules_dir,
+                    format!("cannot read the rules folder: {e}"),
+                ));
+                return Err(problems);
+            }
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        for file in files {
+            let source = match std::fs::read_to_string(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(Diagnostic::whole_file(
+                        &file,
+                        format!("cannot read this file: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            match compile::compile(&file, &source, data_dir, &mut templates) {
+                Ok(rule) => {
+                    if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                        problems.push(duplicate_name(&file, &source, &rule.name, &first.file));
+                    } else {
+                        rules.push(rule);
+                    }
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(RuleSet::index(rules, templates))
+    }
+
+    fn index(rules: Vec<Rule>, templates: Templates) -> RuleSet {
+        let any_event: Vec<usize> = (0..rules.len())
+            .filter(|&i| rules[i].events.is_none())
+            .collect();
+        let mut by_event: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, rule) in rules.iter().enumerate() {
+            for name in rule.events.iter().flatten() {
+                by_event.entry(name.clone()).or_default().push(i);
+            }
+        }
+        for list in by_event.values_mut() {
+            list.extend(&any_event);
+            list.sort_unstable();
+            list.dedup();
+        }
+        RuleSet {
+            rules,
+            by_event,
+            any_event,
+            templates,
+        }
+    }
+
+    /// Every rule, in file-name order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The rules that may match an event named `name`, in file-name order. Their `[when]` still
+    /// has to be checked.
+    pub fn candidates<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s Rule> + 's {
+        self.by_event
+            .get(name)
+            .unwrap_or(&self.any_event)
+            .iter()
+            .map(|&i| &self.rules[i])
+    }
+}
+
+/// The rule files of a folder, sorted: `*.toml`, skipping hidden files (editors' locks and swaps).
+fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.ends_with(".toml") && !name.starts_with('.') && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagnostic {
+    let at = source.find(&format!("\"{name}\"")).unwrap_or(0);
+    Diagnostic::at(
+        file,
+        source,
+        at..at + 1,
+        format!(
+            "another rule is already named \"{name}\": {}",
+            first.display()
+        ),
+    )
+    .with_hint("every rule needs its own name; its counters are kept under that name")
+}
