@@ -229,7 +229,7 @@ impl Compiler<'_> {
             ConditionConfig::OneOf(list) => {
                 vec![Test::In(list.iter().map(toml_to_json_value).collect())]
             }
-            ConditionConfig::Operators(ops) => self.operators(ops),
+            ConditionConfig::Operators(ops) => self.operators(*ops),
         };
         if self.problems.len() > problems_before {
             return None;
@@ -531,7 +531,17 @@ fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic
         );
     }
     let message = raw
-        .replace("invalid type: ", "wrong kind of value: ")
+        .replace("invalid type: string ", "wrong kind of value: got text ")
+        .replace(
+            "invalid type: integer ",
+            "wrong kind of value: got the number ",
+        )
+        .replace(
+            "invalid type: floating point ",
+            "wrong kind of value: got the number ",
+        )
+        .replace("invalid type: boolean ", "wrong kind of value: got ")
+        .replace("invalid type: ", "wrong kind of value: got ")
         .replace("expected i64", "expected a whole number")
         .replace("expected f64", "expected a number")
         .replace("expected a boolean", "expected true or false")

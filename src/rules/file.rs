@@ -58,7 +58,7 @@ pub enum WhenEntry {
 pub enum ConditionConfig {
     Equals(toml::Value),
     OneOf(Vec<toml::Value>),
-    Operators(OperatorsConfig),
+    Operators(Box<OperatorsConfig>),
 }
 
 /// `{ gt = 5, lt = 10 }`: every operator given must hold.

@@ -1,0 +1,209 @@
+//! Test harness: runs the real `tripline` binary on 127.0.0.1:0 with its own rules, templates
+//! and data folders, and talks to it over HTTP.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The project's root folder.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A PostHog fixture (copied from the shared folder into tests/fixtures/posthog).
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = root().join("tests/fixtures/posthog").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A fixture as JSON, to be changed before sending.
+pub fn fixture_json(name: &str) -> Value {
+    serde_json::from_slice(&fixture(name)).unwrap()
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub rules: PathBuf,
+    pub templates: PathBuf,
+    pub data: PathBuf,
+    log: Arc<Mutex<String>>,
+    http: reqwest::blocking::Client,
+}
+
+impl Server {
+    /// Starts on copies of the shipped rules and templates.
+    pub fn start() -> Server {
+        Server::start_with(&[], |_| {})
+    }
+
+    /// Starts with extra command-line `args`, after `setup` has changed the copied folders
+    /// (it gets the temporary root, holding `rules/`, `templates/` and `data/`).
+    pub fn start_with(args: &[&str], setup: impl FnOnce(&Path)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        let templates = dir.path().join("templates");
+        let data = dir.path().join("data");
+        copy_dir(&root().join("rules"), &rules);
+        copy_dir(&root().join("templates"), &templates);
+        setup(dir.path());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tripline"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--rules")
+            .arg(&rules)
+            .arg("--templates")
+            .arg(&templates)
+            .arg("--data")
+            .arg(&data)
+            .args(args)
+            .env("TRIPLINE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            dir,
+            rules,
+            templates,
+            data,
+            log,
+            http: reqwest::blocking::Client::new(),
+        }
+    }
+
+    /// POSTs raw bytes to /webhook (no Content-Type, as some PostHog setups send).
+    pub fn post(&self, body: impl Into<Vec<u8>>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/webhook", self.base))
+            .body(body.into())
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    pub fn post_json(&self, body: &Value) -> (u16, Value) {
+        self.post(body.to_string())
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.text().unwrap())
+    }
+
+    pub fn rules_status(&self) -> Value {
+        serde_json::from_str(&self.get("/rules").1).unwrap()
+    }
+
+    pub fn rule_names(&self) -> Vec<String> {
+        self.rules_status()["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The emails in the outbox, as raw RFC 5322 text.
+    pub fn emails(&self) -> Vec<String> {
+        let outbox = self.data.join("outbox");
+        let Ok(entries) = std::fs::read_dir(&outbox) else {
+            return vec![];
+        };
+        entries
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
+    }
+
+    /// The lines of a JSONL output file, each parsed.
+    pub fn jsonl(&self, file: &str) -> Vec<Value> {
+        match std::fs::read_to_string(self.data.join(file)) {
+            Ok(text) => text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}"))
+                })
+                .collect(),
+            Err(_) => vec![],
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 10 s) until `done` holds; the watcher needs a moment after a file changes.
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut(&Server) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A header's value in a raw email.
+pub fn header<'a>(email: &'a str, name: &str) -> Option<&'a str> {
+    email
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
