@@ -5,7 +5,7 @@
 //! strict mode: a field the event does not have is an error, so an email is never sent half
 //! filled. Text is not escaped; HTML is.
 
-use handlebars::{Handlebars, TemplateError};
+use handlebars::{Handlebars, TemplateError, TemplateErrorReason};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -133,7 +133,13 @@ impl Templates {
 
 /// A Handlebars parse error as a diagnostic pointing into the template file.
 pub fn template_diagnostic(file: &Path, source: &str, e: &TemplateError) -> Diagnostic {
-    let message = format!("this template cannot be read: {}", e.reason());
+    let message = match e.reason() {
+        TemplateErrorReason::InvalidSyntax(_) => {
+            "this template cannot be read: a `{{` is not closed, or a block opened with `{{#...}}` has no `{{/...}}`"
+                .to_string()
+        }
+        other => format!("this template cannot be read: {other}"),
+    };
     let hint = "fields are written {{properties.name}}; blocks open with {{#if ...}} and close with {{/if}}";
     match e.pos() {
         Some((line, column)) => Diagnostic::at_line(file, source, line, column, message),

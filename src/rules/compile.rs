@@ -150,8 +150,16 @@ impl Compiler<'_> {
                 }
                 names
             }
+            ConditionConfig::Equals(_) => {
+                self.problem(
+                    condition.span(),
+                    "an event name must be text",
+                    Some("write event = \"feature_used\" (in quotes)".into()),
+                );
+                None
+            }
             // Operators (starts_with, ...) are checked per event, for every event name.
-            _ => None,
+            ConditionConfig::Operators(_) => None,
         })
     }
 

@@ -118,6 +118,7 @@ impl RuleSet {
             }
         }
         if !problems.is_empty() {
+            problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             return Err(problems);
         }
         Ok(RuleSet::index(rules, templates))
