@@ -47,6 +47,11 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.rules.is_dir(),
+        "the rules folder {} does not exist (set it with --rules or TRIPLINE_RULES)",
+        config.rules.display()
+    );
     std::fs::create_dir_all(&config.data).map_err(|e| {
         anyhow::anyhow!(
             "cannot create the data folder {}: {e}",

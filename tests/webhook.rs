@@ -359,3 +359,30 @@ fn health_and_rules_endpoints() {
     let sink = rules.iter().find(|r| r["name"] == "training-data").unwrap();
     assert_eq!(sink["actions"][0]["file"], json!("training_data.jsonl"));
 }
+
+#[test]
+fn settings_can_come_from_the_environment() {
+    let server = Server::start_with_env(&[
+        ("TRIPLINE_EMAIL_FROM", "Growth <growth@example.com>"),
+        ("TRIPLINE_MAX_BODY_BYTES", "1000"),
+    ]);
+    assert_eq!(server.post(fixture("generation_failed.json")).0, 413);
+    let small = json!({"event": "feature_used", "distinct_id": "u", "properties": {"feature_name": "f"},
+        "person": {"properties": {"email": "u@example.com"}}});
+    for _ in 0..5 {
+        assert_eq!(server.post_json(&small).0, 200);
+    }
+    assert_eq!(
+        header(&server.emails()[0], "From"),
+        Some("Growth <growth@example.com>")
+    );
+}
+
+#[test]
+fn sigterm_stops_the_service_cleanly() {
+    let mut server = Server::start();
+    assert_eq!(server.post(fixture("generation_failed.json")).0, 200);
+    assert_eq!(server.terminate(), Some(0));
+    assert!(server.log().contains("stopped"), "{}", server.log());
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 1);
+}

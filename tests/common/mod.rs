@@ -47,6 +47,15 @@ impl Server {
     /// Starts with extra command-line `args`, after `setup` has changed the copied folders
     /// (it gets the temporary root, holding `rules/`, `templates/` and `data/`).
     pub fn start_with(args: &[&str], setup: impl FnOnce(&Path)) -> Server {
+        Server::launch(args, &[], setup)
+    }
+
+    /// Starts with settings given as environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Server {
+        Server::launch(&[], env, |_| {})
+    }
+
+    fn launch(args: &[&str], env: &[(&str, &str)], setup: impl FnOnce(&Path)) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules");
         let templates = dir.path().join("templates");
@@ -65,6 +74,7 @@ impl Server {
             .arg(&data)
             .args(args)
             .env("TRIPLINE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -165,6 +175,16 @@ impl Server {
                 .collect(),
             Err(_) => vec![],
         }
+    }
+
+    /// Sends SIGTERM and waits for the process; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap().code()
     }
 
     pub fn log(&self) -> String {
