@@ -123,7 +123,7 @@ impl Engine {
                     file: jsonl.file.clone(),
                     source,
                 })?;
-            info!(file = %jsonl.file.display(), "line written");
+            debug!(file = %jsonl.file.display(), "line written");
         }
         if let Some(email) = &rule.email {
             let mut data = event.template_context();
