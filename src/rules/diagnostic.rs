@@ -32,19 +32,7 @@ impl Diagnostic {
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let column = before[line_start..].chars().count() + 1;
-        let source_line = source[line_start..]
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        Diagnostic {
-            file: file.to_path_buf(),
-            line,
-            column,
-            message: message.into(),
-            hint: None,
-            source_line,
-        }
+        Diagnostic::at_line(file, source, line, column, message)
     }
 
     /// A problem at a known 1-based `line` and `column` of `source` (for parsers that report
@@ -72,14 +60,7 @@ impl Diagnostic {
 
     /// A problem with a file as a whole (it cannot be read, or it is missing).
     pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
-        Diagnostic {
-            file: file.to_path_buf(),
-            line: 1,
-            column: 1,
-            message: message.into(),
-            hint: None,
-            source_line: String::new(),
-        }
+        Diagnostic::at_line(file, "", 1, 1, message)
     }
 
     /// Adds a hint on how to fix the problem.
