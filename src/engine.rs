@@ -20,10 +20,8 @@ use crate::store::{StateKey, Store, StoreError};
 /// What happened to a batch of events.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {
-    /// Rules that ran their actions, as (rule name, event index).
-    pub fired: Vec<(String, usize)>,
-    /// Rules that matched but were held back by `[count]` or `[limits]`.
-    pub held_back: usize,
+    /// The rules that ran their actions, once per event they acted on.
+    pub fired: Vec<String>,
     /// Actions that could not be done for this event's data (a missing field in a template...),
     /// as messages. They are logged; retrying the same event would not help.
     pub failed: Vec<String>,
@@ -62,7 +60,7 @@ impl Engine {
     /// Runs `events` through `rules`.
     pub fn handle(&self, rules: &RuleSet, events: &[Event]) -> Result<Report, EngineError> {
         let mut report = Report::default();
-        for (index, event) in events.iter().enumerate() {
+        for event in events {
             let _event_span = info_span!(
                 "event",
                 event.uuid = event.uuid().unwrap_or("-"),
@@ -73,9 +71,7 @@ impl Engine {
                 if rule.matches(event) {
                     let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
                     if self.apply(rules, rule, event, &mut report)? {
-                        report.fired.push((rule.name.clone(), index));
-                    } else {
-                        report.held_back += 1;
+                        report.fired.push(rule.name.clone());
                     }
                 }
             }

@@ -107,7 +107,7 @@ async fn webhook(
             .map_err(|e| AppError::Internal(format!("event processing stopped: {e}")))??;
     Ok(Json(json!({
         "accepted": count,
-        "fired": report.fired.iter().map(|(rule, _)| rule).collect::<Vec<_>>(),
+        "fired": report.fired,
         "failed": report.failed,
     })))
 }

@@ -7,7 +7,7 @@
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{FileTransport, Message, Transport};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::templates::Templates;
 
@@ -45,7 +45,6 @@ pub struct SentEmail {
 /// Writes emails to the outbox.
 pub struct Mailer {
     transport: FileTransport,
-    outbox: PathBuf,
     default_from: Mailbox,
 }
 
@@ -56,14 +55,8 @@ impl Mailer {
         std::fs::create_dir_all(&outbox)?;
         Ok(Mailer {
             transport: FileTransport::new(&outbox),
-            outbox,
             default_from,
         })
-    }
-
-    /// The folder emails are written to.
-    pub fn outbox(&self) -> &Path {
-        &self.outbox
     }
 
     /// Renders the email for `data` (an event's template context) and writes it.

@@ -109,7 +109,6 @@ impl Compiler<'_> {
         });
         Some(Rule {
             name,
-            description: f.description,
             file: self.file.to_path_buf(),
             events: events?,
             when: condition?,

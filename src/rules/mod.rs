@@ -29,7 +29,6 @@ use path::FieldPath;
 pub struct Rule {
     /// The rule's identity; state is keyed by it.
     pub name: String,
-    pub description: Option<String>,
     /// The file it came from.
     pub file: PathBuf,
     /// The event names it is indexed under; `None` means every event.
