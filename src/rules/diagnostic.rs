@@ -69,19 +69,32 @@ impl Diagnostic {
         self
     }
 
-    /// The problem with the offending line and a caret under the column, for terminals.
+    /// The problem with the offending line and a caret under the column, for terminals. A long
+    /// line is cut to a window around the column.
     pub fn render(&self) -> String {
+        const WINDOW: usize = 60;
         let mut out = self.to_string();
         if !self.source_line.is_empty() {
+            let skip = self.column.saturating_sub(WINDOW + 1);
+            let shown: String = self
+                .source_line
+                .chars()
+                .skip(skip)
+                .take(2 * WINDOW)
+                .collect();
+            let more = self.source_line.chars().count() > skip + 2 * WINDOW;
+            let (lead, tail) = (
+                if skip > 0 { "..." } else { "" },
+                if more { "..." } else { "" },
+            );
             let gutter = self.line.to_string().len();
             out.push_str(&format!(
-                "\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
+                "\n{:gutter$} |\n{} | {lead}{shown}{tail}\n{:gutter$} | {:>col$}",
                 "",
                 self.line,
-                self.source_line,
                 "",
                 "^",
-                col = self.column
+                col = self.column - skip + lead.len()
             ));
         }
         out
@@ -151,6 +164,17 @@ mod tests {
             d.render(),
             "r.toml:2:3: bad (fix it)\n  |\n2 | abc = 2\n  |   ^"
         );
+    }
+
+    #[test]
+    fn render_cuts_long_lines_around_the_column() {
+        let line = format!("{}X{}", "a".repeat(500), "b".repeat(500));
+        let d = Diagnostic::at(Path::new("r.toml"), &line, 500..501, "bad");
+        let rendered = d.render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert!(lines[2].len() < 140, "{}", lines[2]);
+        let caret = lines[3].find('^').unwrap();
+        assert_eq!(&lines[2][caret..caret + 1], "X");
     }
 
     #[test]
