@@ -1,6 +1,6 @@
 //! Server settings, read from flags or `TRIPLINE_*` environment variables.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use lettre::message::Mailbox;
 use std::path::PathBuf;
 
@@ -16,12 +16,15 @@ pub struct ServeConfig {
     /// Folder of email templates (NAME.text.hbs, NAME.html.hbs).
     #[arg(long, env = "TRIPLINE_TEMPLATES", default_value = "templates")]
     pub templates: PathBuf,
-    /// Folder for output files and the email outbox; created if missing.
+    /// Folder for the state database, output files and the email outbox; created if missing.
     #[arg(long, env = "TRIPLINE_DATA", default_value = "data")]
     pub data: PathBuf,
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// How long an event id is remembered, so a retried delivery has no second effect.
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", default_value_t = 7)]
+    pub dedupe_retention_days: u64,
     /// Sender of emails whose rule does not set `from`.
     #[arg(
         long,
@@ -29,4 +32,35 @@ pub struct ServeConfig {
         default_value = "tripline <tripline@localhost>"
     )]
     pub email_from: Mailbox,
+    /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them.
+    #[arg(long, env = "TRIPLINE_EMAIL_TRANSPORT", value_enum, default_value_t = EmailTransport::File)]
+    pub email_transport: EmailTransport,
+    /// SMTP server host (with --email-transport smtp). Credentials, if any, come from the
+    /// environment only: TRIPLINE_SMTP_USERNAME and TRIPLINE_SMTP_PASSWORD.
+    #[arg(long, env = "TRIPLINE_SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    /// SMTP server port [default: 25 with --smtp-tls none, 587 with starttls, 465 with tls].
+    #[arg(long, env = "TRIPLINE_SMTP_PORT")]
+    pub smtp_port: Option<u16>,
+    /// How the SMTP connection is encrypted.
+    #[arg(long, env = "TRIPLINE_SMTP_TLS", value_enum, default_value_t = SmtpTls::Starttls)]
+    pub smtp_tls: SmtpTls,
+}
+
+/// Where emails go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EmailTransport {
+    File,
+    Smtp,
+}
+
+/// SMTP encryption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SmtpTls {
+    /// Plain text (only for a server on the same machine or network).
+    None,
+    /// Upgrade the connection with STARTTLS (required).
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
 }

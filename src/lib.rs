@@ -6,16 +6,22 @@
 //! - [`event`]: decoding every body shape PostHog sends into one normalized [`event::Event`].
 //! - [`rules`]: rule files → compiled, indexed [`rules::RuleSet`]; diagnostics with file:line:col.
 //! - [`templates`]: email templates (Handlebars, strict).
-//! - [`engine`]: runs events through a rule set: match → count → once-limit → actions.
-//! - [`actions`]: one module per action kind (`email`, `jsonl`).
-//! - [`store`]: counters and once-keys behind one trait.
+//! - [`engine`]: decides what events do under a rule set: dedupe → match → count → once-limit →
+//!   effects (lines to append, emails to queue). No I/O.
+//! - [`committer`]: group commit — one thread makes the effects of many requests durable at once.
+//! - [`actions`]: one module per action kind (`email` rendering, `jsonl` projection and files).
+//! - [`outbox`]: the durable email queue and the task that delivers it (file or SMTP).
+//! - [`store`]: counters, once-keys and handled event ids behind one trait; [`db`]: its redb form.
 //! - [`reload`]: the running rule set and the file watcher that replaces it.
 //! - [`config`]: server settings from flags and environment.
 
 pub mod actions;
+pub mod committer;
 pub mod config;
+pub mod db;
 pub mod engine;
 pub mod event;
+pub mod outbox;
 pub mod reload;
 pub mod rules;
 pub mod server;

@@ -14,21 +14,24 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::sync::Arc;
-use tracing::{error, info, info_span};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tracing::{error, info};
 
-use crate::actions::email::Mailer;
-use crate::actions::jsonl::JsonlWriters;
+use crate::actions::jsonl::JsonlFiles;
+use crate::committer::{CommitError, Committer};
 use crate::config::ServeConfig;
-use crate::engine::{Engine, EngineError};
+use crate::db::Db;
 use crate::event::{self, DecodeError};
+use crate::outbox::{self, OutboxRecord, Transport};
 use crate::reload::{self, LiveRules};
-use crate::store::MemoryStore;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub rules: Arc<LiveRules>,
-    pub engine: Arc<Engine>,
+    pub committer: Committer,
+    pub db: Arc<Db>,
 }
 
 /// The routes, with the body limit applied.
@@ -37,12 +40,13 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/webhook", post(webhook))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/rules", get(rules))
+        .route("/outbox", get(outbox))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
-/// Runs the service until `shutdown` completes, then stops accepting, lets requests in flight
-/// finish, and returns.
+/// Runs the service until `shutdown` completes, then stops in order: stop accepting, finish the
+/// requests in flight (their batches commit), stop the committer, stop the email sender.
 pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -58,12 +62,30 @@ pub async fn serve(
             config.data.display()
         )
     })?;
-    let mailer = Mailer::new(&config.data, config.email_from.clone())?;
-    let engine = Engine::new(
-        Arc::new(MemoryStore::default()),
-        JsonlWriters::new(&config.data),
-        mailer,
-    );
+    let db = Arc::new(Db::open(&config.data).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the state database in {}: {e}",
+            config.data.display()
+        )
+    })?);
+    let transport = Arc::new(Transport::from_config(&config)?);
+    let emails_queued = Arc::new(Notify::new());
+    let retention = Duration::from_secs(config.dedupe_retention_days.saturating_mul(86_400));
+    let (committer, committer_thread) = Committer::start(
+        db.clone(),
+        JsonlFiles::new(&config.data),
+        config.email_from.clone(),
+        retention,
+        emails_queued.clone(),
+    )?;
+    let (stop_sender, stopped) = watch::channel(false);
+    let sender = tokio::spawn(outbox::run_sender(
+        db.clone(),
+        transport,
+        emails_queued,
+        stopped,
+    ));
+
     let live = Arc::new(LiveRules::load(
         &config.rules,
         &config.templates,
@@ -73,7 +95,8 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot watch {} for changes: {e}", config.rules.display()))?;
     let state = AppState {
         rules: live,
-        engine: Arc::new(engine),
+        committer,
+        db,
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -82,6 +105,13 @@ pub async fn serve(
     axum::serve(listener, router(state, config.max_body_bytes))
         .with_graceful_shutdown(shutdown)
         .await?;
+    // Every request has been answered and the router (with its committer handles) is gone, so the
+    // committer thread ends once its last batch is committed.
+    tokio::task::spawn_blocking(move || committer_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
+    let _ = stop_sender.send(true);
+    sender.await?;
     info!("stopped");
     Ok(())
 }
@@ -98,17 +128,34 @@ async fn webhook(
     let Some(rules) = state.rules.snapshot() else {
         return Err(AppError::NoRules);
     };
-    let span = info_span!("request", events = events.len());
-    let engine = state.engine.clone();
     let count = events.len();
-    let report =
-        tokio::task::spawn_blocking(move || span.in_scope(|| engine.handle(&rules, &events)))
-            .await
-            .map_err(|e| AppError::Internal(format!("event processing stopped: {e}")))??;
+    let report = state.committer.submit(rules, events).await?;
     Ok(Json(json!({
         "accepted": count,
+        "duplicates": report.duplicates,
         "fired": report.fired,
         "failed": report.failed,
+    })))
+}
+
+/// The email queue: what waits (with the last error), and what was recently sent or gave up.
+async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    let db = state.db.clone();
+    let status = tokio::task::spawn_blocking(move || db.outbox_status(50))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let show = |(id, r): &(u64, OutboxRecord)| {
+        json!({
+            "id": id, "rule": r.rule, "to": r.to_masked, "status": r.status, "attempts": r.attempts,
+            "last_error": r.last_error, "created_unix": r.created_unix, "finished_unix": r.finished_unix,
+        })
+    };
+    Ok(Json(json!({
+        "pending": status.pending.len(),
+        "finished": status.finished,
+        "waiting": status.pending.iter().take(50).map(show).collect::<Vec<_>>(),
+        "recent": status.recent.iter().map(show).collect::<Vec<_>>(),
     })))
 }
 
@@ -137,8 +184,8 @@ pub enum AppError {
         "no rules are loaded because the rule files have errors (see GET /rules); try again once they are fixed"
     )]
     NoRules,
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+    #[error("the event could not be stored, try again: {0}")]
+    Commit(#[from] CommitError),
     #[error("{0}")]
     Internal(String),
 }
@@ -152,7 +199,7 @@ impl IntoResponse for AppError {
             AppError::Decode(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unreadable(_) => StatusCode::BAD_REQUEST,
-            AppError::NoRules | AppError::Engine(_) | AppError::Internal(_) => {
+            AppError::NoRules | AppError::Commit(_) | AppError::Internal(_) => {
                 error!("{self}");
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -1,11 +1,11 @@
-//! Rule state: counters and once-keys.
+//! Rule state: counters, once-keys and the events already handled.
 //!
 //! Everything a rule remembers goes through the [`Store`] trait, keyed by the rule's *name* and
 //! the values of the fields it counts per, so state survives reloads, file renames and edits of
-//! other rules. [`MemoryStore`] keeps it in memory; a disk-backed store implements the same trait.
+//! other rules. The service uses the durable implementation in `db.rs`, one write transaction
+//! per group of requests; [`MemoryStore`] keeps the same state in memory.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 
 /// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -18,6 +18,11 @@ impl StateKey {
         parts.extend(values.iter().map(|v| (*v).clone()));
         StateKey(serde_json::Value::Array(parts).to_string())
     }
+
+    /// The encoded key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// The store could not do what was asked.
@@ -25,44 +30,44 @@ impl StateKey {
 #[error("the state store failed: {0}")]
 pub struct StoreError(pub String);
 
-/// Counters and once-keys. Every method is atomic with respect to the others.
-pub trait Store: Send + Sync {
+/// Counters, once-keys and delivered event ids. Changes made through one value are applied
+/// together or not at all (for the database: when its transaction commits).
+pub trait Store {
+    /// Records that the event `uuid` is being handled now; `false` if it was handled before.
+    fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError>;
     /// Adds one to the counter at `key` and returns its new value.
-    fn increment(&self, key: &StateKey) -> Result<u64, StoreError>;
-    /// Marks `key`; returns `true` if it was not marked before.
-    fn claim_once(&self, key: &StateKey) -> Result<bool, StoreError>;
-    /// Unmarks `key` (when the action it guarded failed and should be tried again).
-    fn release_once(&self, key: &StateKey) -> Result<(), StoreError>;
+    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError>;
+    /// Whether `key` is marked.
+    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError>;
+    /// Marks `key`.
+    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError>;
 }
 
-/// State in memory: lost when the process stops.
-#[derive(Default)]
+/// State in memory, for running rules without side effects (and for tests).
+#[derive(Debug, Default)]
 pub struct MemoryStore {
-    counters: Mutex<HashMap<StateKey, u64>>,
-    once: Mutex<HashSet<StateKey>>,
+    seen: HashSet<String>,
+    counters: HashMap<StateKey, u64>,
+    once: HashSet<StateKey>,
 }
 
 impl Store for MemoryStore {
-    fn increment(&self, key: &StateKey) -> Result<u64, StoreError> {
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counters.entry(key.clone()).or_insert(0);
+    fn first_delivery(&mut self, uuid: &str, _now_unix: u64) -> Result<bool, StoreError> {
+        Ok(self.seen.insert(uuid.to_string()))
+    }
+
+    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
+        let n = self.counters.entry(key.clone()).or_insert(0);
         *n += 1;
         Ok(*n)
     }
 
-    fn claim_once(&self, key: &StateKey) -> Result<bool, StoreError> {
-        Ok(self
-            .once
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone()))
+    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError> {
+        Ok(self.once.contains(key))
     }
 
-    fn release_once(&self, key: &StateKey) -> Result<(), StoreError> {
-        self.once
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError> {
+        self.once.insert(key.clone());
         Ok(())
     }
 }
@@ -84,14 +89,15 @@ mod tests {
     }
 
     #[test]
-    fn memory_store_counts_and_claims() {
-        let s = MemoryStore::default();
+    fn memory_store_counts_marks_and_dedupes() {
+        let mut s = MemoryStore::default();
         let k = StateKey::new("r", "count", &[]);
         assert_eq!(s.increment(&k).unwrap(), 1);
         assert_eq!(s.increment(&k).unwrap(), 2);
-        assert!(s.claim_once(&k).unwrap());
-        assert!(!s.claim_once(&k).unwrap());
-        s.release_once(&k).unwrap();
-        assert!(s.claim_once(&k).unwrap());
+        assert!(!s.once_done(&k).unwrap());
+        s.mark_once(&k).unwrap();
+        assert!(s.once_done(&k).unwrap());
+        assert!(s.first_delivery("u", 0).unwrap());
+        assert!(!s.first_delivery("u", 0).unwrap());
     }
 }

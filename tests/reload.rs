@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Server, fixture};
+use common::{Server, fixture, fixture_json};
 use serde_json::json;
 use std::path::Path;
 
@@ -30,7 +30,8 @@ fn a_rule_added_edited_and_deleted_while_running_takes_effect() {
     let file = server.rules.join("pageviews.toml");
     write(&file, PAGEVIEWS);
     server.wait_for("the new rule", has_rule("newsletter-pageviews"));
-    assert_eq!(server.post(fixture("pageview.json")).0, 200);
+    let pageview = fixture_json("pageview.json");
+    assert_eq!(server.post_fresh(&pageview).0, 200);
     assert_eq!(server.jsonl("pageviews.jsonl").len(), 1);
 
     write(
@@ -40,7 +41,7 @@ fn a_rule_added_edited_and_deleted_while_running_takes_effect() {
     server.wait_for("the edited rule", |s| {
         s.rules_status()["rules"].to_string().contains("\"path\"")
     });
-    server.post(fixture("pageview.json"));
+    server.post_fresh(&pageview);
     let lines = server.jsonl("pageviews.jsonl");
     assert_eq!(
         lines[1],
@@ -108,9 +109,9 @@ fn an_editor_save_by_rename_is_picked_up() {
 #[test]
 fn an_edited_template_is_used_for_the_next_email() {
     let server = Server::start();
-    let body = fixture("feature_used.json");
+    let body = fixture_json("feature_used.json");
     for _ in 0..4 {
-        server.post(body.clone());
+        server.post_fresh(&body);
     }
     let template = server.templates.join("power_user.text.hbs");
     write(&template, "New copy for {{properties.feature_name}}.\n");
@@ -118,7 +119,7 @@ fn an_edited_template_is_used_for_the_next_email() {
     server.wait_for("the new template", |s| {
         s.log().matches("rules loaded").count() >= 2
     });
-    server.post(body);
+    server.post_fresh(&body);
     let emails = server.emails();
     assert_eq!(emails.len(), 1);
     assert!(
@@ -136,15 +137,15 @@ fn an_edited_template_is_used_for_the_next_email() {
 #[test]
 fn counters_survive_a_reload_and_edits_of_other_rules() {
     let server = Server::start();
-    let body = fixture("feature_used.json");
+    let body = fixture_json("feature_used.json");
     for _ in 0..3 {
-        server.post(body.clone());
+        server.post_fresh(&body);
     }
     write(&server.rules.join("pageviews.toml"), PAGEVIEWS);
     server.wait_for("the new rule", has_rule("newsletter-pageviews"));
-    server.post(body.clone());
+    server.post_fresh(&body);
     assert!(server.emails().is_empty());
-    server.post(body);
+    server.post_fresh(&body);
     assert_eq!(
         server.emails().len(),
         1,
@@ -188,7 +189,7 @@ fn starting_with_broken_rules_answers_503_until_they_are_fixed() {
 #[test]
 fn requests_during_a_burst_of_reloads_all_succeed() {
     let server = Server::start();
-    let body = fixture("generation_failed.json");
+    let body = fixture_json("generation_failed.json");
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -201,7 +202,7 @@ fn requests_during_a_burst_of_reloads_all_succeed() {
         });
         let mut sent = 0;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            assert_eq!(server.post(body.clone()).0, 200);
+            assert_eq!(server.post_fresh(&body).0, 200);
             sent += 1;
         }
         server.wait_for("every line", |s| {

@@ -19,11 +19,11 @@ fn fifth_use_of_a_feature_sends_one_email_per_user_and_feature() {
     let server = Server::start();
     let dana = feature_used("user_4471", "dana@example.com", "demo_feature");
     for _ in 0..4 {
-        assert_eq!(server.post_json(&dana).0, 200);
+        assert_eq!(server.post_fresh(&dana).0, 200);
     }
     assert!(server.emails().is_empty(), "no email before the 5th use");
 
-    let (status, reply) = server.post_json(&dana);
+    let (status, reply) = server.post_fresh(&dana);
     assert_eq!(status, 200);
     assert_eq!(reply["fired"], json!(["power-user-discount"]));
     let emails = server.emails();
@@ -44,7 +44,7 @@ fn fifth_use_of_a_feature_sends_one_email_per_user_and_feature() {
     );
 
     for _ in 6..=10 {
-        let (status, reply) = server.post_json(&dana);
+        let (status, reply) = server.post_fresh(&dana);
         assert_eq!(status, 200);
         assert_eq!(reply["fired"], json!([]));
     }
@@ -59,12 +59,12 @@ fn fifth_use_of_a_feature_sends_one_email_per_user_and_feature() {
     sam["person"]["properties"] = json!({"email": "sam@example.com"});
     let dana_export = feature_used("user_4471", "dana@example.com", "export");
     for _ in 0..4 {
-        server.post_json(&sam);
-        server.post_json(&dana_export);
+        server.post_fresh(&sam);
+        server.post_fresh(&dana_export);
     }
     assert_eq!(server.emails().len(), 1);
-    server.post_json(&sam);
-    server.post_json(&dana_export);
+    server.post_fresh(&sam);
+    server.post_fresh(&dana_export);
     let emails = server.emails();
     assert_eq!(emails.len(), 3);
     let to_sam = emails
@@ -105,9 +105,9 @@ fn an_email_that_cannot_be_filled_in_is_not_sent_and_a_later_event_retries() {
     let mut no_address = feature_used("user_1", "x", "demo_feature");
     no_address["person"] = Value::Null;
     for _ in 0..4 {
-        server.post_json(&no_address);
+        server.post_fresh(&no_address);
     }
-    let (status, reply) = server.post_json(&no_address);
+    let (status, reply) = server.post_fresh(&no_address);
     assert_eq!(
         status, 200,
         "the event itself is fine; only the email cannot be made"
@@ -122,7 +122,7 @@ fn an_email_that_cannot_be_filled_in_is_not_sent_and_a_later_event_retries() {
     );
     assert!(server.emails().is_empty());
     // Once the person has an address, the next use sends the email.
-    server.post_json(&feature_used("user_1", "u1@example.com", "demo_feature"));
+    server.post_fresh(&feature_used("user_1", "u1@example.com", "demo_feature"));
     let emails = server.emails();
     assert_eq!(emails.len(), 1);
     assert_eq!(header(&emails[0], "To"), Some("u1@example.com"));
@@ -194,12 +194,12 @@ fn reasons_are_trimmed_and_cut_and_a_missing_timestamp_is_the_processing_time() 
 #[test]
 fn concurrent_posts_write_only_whole_lines() {
     let server = Server::start();
-    let body = fixture("generation_failed_long_unicode.json");
+    let body = fixture_json("generation_failed_long_unicode.json");
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
                 for _ in 0..40 {
-                    assert_eq!(server.post(body.clone()).0, 200);
+                    assert_eq!(server.post_fresh(&body).0, 200);
                 }
             });
         }
@@ -243,9 +243,11 @@ fn every_well_formed_fixture_is_accepted_pretty_and_minified() {
             assert_eq!(reply["accepted"], json!(events), "{name}");
         }
     }
-    // Every generation_failed among them became a line: the two single ones, the batch's one
-    // and the Zapier hook's, each sent twice.
-    assert_eq!(server.jsonl("training_data.jsonl").len(), 8);
+    // The minified copy of each body is a retried delivery of the same events: no second line.
+    // Lines: generation_failed.json, the long-unicode one, and the batch's generation_failed
+    // twice (it has no uuid, so it cannot be recognised as a retry). The Zapier hook carries the
+    // same eventUuid as generation_failed.json, so it is a duplicate too.
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 4);
 }
 
 #[test]
@@ -272,7 +274,7 @@ fn malformed_bodies_get_a_specific_4xx_and_change_nothing() {
     let server = Server::start();
     let dana = feature_used("user_4471", "dana@example.com", "demo_feature");
     for _ in 0..4 {
-        server.post_json(&dana);
+        server.post_fresh(&dana);
     }
     let cases = [
         ("not_json.txt", 400, "not valid JSON"),
@@ -312,7 +314,7 @@ fn malformed_bodies_get_a_specific_4xx_and_change_nothing() {
     );
     assert!(server.emails().is_empty());
     // None of the refused feature_used bodies counted: the next good one is the 5th.
-    server.post_json(&dana);
+    server.post_fresh(&dana);
     assert_eq!(server.emails().len(), 1);
 }
 
@@ -370,7 +372,7 @@ fn settings_can_come_from_the_environment() {
     let small = json!({"event": "feature_used", "distinct_id": "u", "properties": {"feature_name": "f"},
         "person": {"properties": {"email": "u@example.com"}}});
     for _ in 0..5 {
-        assert_eq!(server.post_json(&small).0, 200);
+        assert_eq!(server.post_fresh(&small).0, 200);
     }
     assert_eq!(
         header(&server.emails()[0], "From"),

@@ -2,15 +2,14 @@
 //! of a JSONL file in the data directory.
 //!
 //! Only the listed fields are written, under the names the rule gives them, so nothing else from
-//! the event can leak into the file. Files stay open across reloads; each line is written whole
-//! under its file's lock, so concurrent requests never interleave partial lines.
+//! the event can leak into the file. Only the committer thread writes, a batch of whole lines at
+//! a time, synced before the batch is acknowledged; files stay open across reloads.
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use crate::event::Event;
 use crate::rules::path::FieldPath;
@@ -121,53 +120,73 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
 }
 
 /// Open JSONL files, shared by every rule set so that a reload never reopens or loses a file.
-pub struct JsonlWriters {
+/// Used by the committer thread only.
+pub struct JsonlFiles {
     data_dir: PathBuf,
-    files: Mutex<HashMap<PathBuf, Arc<Mutex<File>>>>,
+    files: HashMap<PathBuf, File>,
 }
 
-impl JsonlWriters {
-    /// Writers for files under `data_dir`.
-    pub fn new(data_dir: &Path) -> JsonlWriters {
-        JsonlWriters {
+impl JsonlFiles {
+    /// Files under `data_dir`.
+    pub fn new(data_dir: &Path) -> JsonlFiles {
+        JsonlFiles {
             data_dir: data_dir.to_path_buf(),
-            files: Mutex::new(HashMap::new()),
+            files: HashMap::new(),
         }
     }
 
-    /// Appends one whole line to `file` (relative to the data directory).
-    pub fn append(&self, file: &Path, line: &str) -> io::Result<()> {
-        let handle = self.open(file)?;
-        let mut f = handle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f.write_all(line.as_bytes())
+    /// The current length of `file` (0 if it does not exist yet).
+    pub fn len(&self, file: &Path) -> io::Result<u64> {
+        match std::fs::metadata(self.data_dir.join(file)) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
-    fn open(&self, file: &Path) -> io::Result<Arc<Mutex<File>>> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = files.get(file) {
-            return Ok(f.clone());
+    /// Appends `text` (whole lines) to `file` and syncs it to disk. Returns the length before and
+    /// after. If anything fails, what was written is cut off again, so no partial line stays.
+    pub fn append_durably(&mut self, file: &Path, text: &str) -> io::Result<(u64, u64)> {
+        let f = self.open(file)?;
+        let before = f.metadata()?.len();
+        let result = f.write_all(text.as_bytes()).and_then(|()| f.sync_data());
+        match result {
+            Ok(()) => Ok((before, f.metadata()?.len())),
+            Err(e) => {
+                let _ = f.set_len(before);
+                Err(e)
+            }
         }
-        // The rule was checked when it loaded; check again in case a link appeared since.
-        let text = file.to_string_lossy();
-        check_output_path(&self.data_dir, &text)
-            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.0))?;
-        let path = self.data_dir.join(file);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+    }
+
+    /// Cuts `file` back to `len` bytes (lines past it were never acknowledged).
+    pub fn truncate(&mut self, file: &Path, len: u64) -> io::Result<()> {
+        let f = self.open(file)?;
+        f.set_len(len)?;
+        f.sync_data()
+    }
+
+    fn open(&mut self, file: &Path) -> io::Result<&mut File> {
+        if !self.files.contains_key(file) {
+            // The rule was checked when it loaded; check again in case a link appeared since.
+            let text = file.to_string_lossy();
+            check_output_path(&self.data_dir, &text)
+                .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.0))?;
+            let path = self.data_dir.join(file);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut options = OpenOptions::new();
+            options.append(true).create(true);
+            // Refuse to open the final path component if it is a symbolic link.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.custom_flags(libc::O_NOFOLLOW);
+            }
+            self.files.insert(file.to_path_buf(), options.open(&path)?);
         }
-        let mut options = OpenOptions::new();
-        options.append(true).create(true);
-        // Refuse to open the final path component if it is a symbolic link.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.custom_flags(libc::O_NOFOLLOW);
-        }
-        let handle = Arc::new(Mutex::new(options.open(&path)?));
-        files.insert(file.to_path_buf(), handle.clone());
-        Ok(handle)
+        Ok(self.files.get_mut(file).expect("inserted above"))
     }
 }
 

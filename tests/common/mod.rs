@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +26,34 @@ pub fn fixture(name: &str) -> Vec<u8> {
 /// A fixture as JSON, to be changed before sending.
 pub fn fixture_json(name: &str) -> Value {
     serde_json::from_slice(&fixture(name)).unwrap()
+}
+
+/// A new event id, unique within this test run.
+pub fn new_uuid() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}-0000-7000-8000-{n:012x}", std::process::id())
+}
+
+/// `body` with a new uuid on each of its events: another event, not a retried delivery.
+pub fn fresh(mut body: Value) -> Value {
+    fn set(event: &mut Value) {
+        if event["event"].is_object() {
+            event["event"]["uuid"] = Value::String(new_uuid());
+        } else {
+            event["uuid"] = Value::String(new_uuid());
+        }
+    }
+    match &mut body {
+        Value::Array(items) => items.iter_mut().for_each(set),
+        Value::Object(map) if map.contains_key("batch") => body["batch"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .for_each(set),
+        _ => set(&mut body),
+    }
+    body
 }
 
 pub struct Server {
@@ -130,6 +159,16 @@ impl Server {
         self.post(body.to_string())
     }
 
+    /// POSTs `body` as a new event (a new uuid), not as a retry of an earlier one.
+    pub fn post_fresh(&self, body: &Value) -> (u16, Value) {
+        self.post_json(&fresh(body.clone()))
+    }
+
+    /// GET /outbox, parsed.
+    pub fn outbox(&self) -> Value {
+        serde_json::from_str(&self.get("/outbox").1).unwrap()
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         let response = self
             .http
@@ -152,14 +191,18 @@ impl Server {
             .collect()
     }
 
-    /// The emails in the outbox, as raw RFC 5322 text.
+    /// The emails delivered to the outbox folder, as raw RFC 5322 text, once every email that
+    /// was acknowledged has been delivered.
     pub fn emails(&self) -> Vec<String> {
+        self.wait_for("the outbox to drain", |s| s.outbox()["pending"] == 0);
         let outbox = self.data.join("outbox");
         let Ok(entries) = std::fs::read_dir(&outbox) else {
             return vec![];
         };
         entries
-            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
             .collect()
     }
 

@@ -1,0 +1,283 @@
+//! The durable state: one redb database file, `<data>/tripline.redb`.
+//!
+//! redb is an embedded, pure-Rust, crash-safe (copy-on-write B-trees, checksummed commits)
+//! key-value store with a single writer, which is exactly the shape of group commit: one
+//! committer thread applies a whole batch of requests in one write transaction and syncs once.
+//!
+//! Tables:
+//! - `counters`: state key → count; `once`: state key → ();
+//! - `seen`: event uuid → unix seconds first handled, and `seen_by_time` to expire them;
+//! - `jsonl_len`: output file → its length as of the last commit (lines past it were never
+//!   acknowledged and are cut off at start-up);
+//! - `outbox` and `outbox_done`: email id → record (JSON); `meta`: the next email id.
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::path::Path;
+
+use crate::outbox::OutboxRecord;
+use crate::store::{StateKey, Store, StoreError};
+
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const ONCE: TableDefinition<&str, ()> = TableDefinition::new("once");
+const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
+const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("seen_by_time");
+const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
+const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
+const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// The database.
+pub struct Db {
+    db: Database,
+}
+
+impl Db {
+    /// Opens (or creates) the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Db, StoreError> {
+        let db = Database::create(data_dir.join("tripline.redb")).map_err(err)?;
+        // Create every table, so that readers never meet a missing one.
+        let txn = db.begin_write().map_err(err)?;
+        {
+            txn.open_table(COUNTERS).map_err(err)?;
+            txn.open_table(ONCE).map_err(err)?;
+            txn.open_table(SEEN).map_err(err)?;
+            txn.open_table(SEEN_BY_TIME).map_err(err)?;
+            txn.open_table(JSONL_LEN).map_err(err)?;
+            txn.open_table(OUTBOX).map_err(err)?;
+            txn.open_table(OUTBOX_DONE).map_err(err)?;
+            txn.open_table(META).map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(Db { db })
+    }
+
+    /// Starts a write transaction. Only one exists at a time; others wait.
+    pub fn write(&self) -> Result<WriteTxn, StoreError> {
+        Ok(WriteTxn {
+            txn: self.db.begin_write().map_err(err)?,
+        })
+    }
+
+    /// Every output file's committed length.
+    pub fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(JSONL_LEN).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Emails waiting for delivery, oldest first.
+    pub fn pending_emails(&self) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(OUTBOX).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            out.push((k.value(), serde_json::from_str(v.value()).map_err(err)?));
+        }
+        Ok(out)
+    }
+
+    /// The outbox at a glance: what waits, how many are finished, the newest finished ones.
+    pub fn outbox_status(&self, recent: usize) -> Result<OutboxStatus, StoreError> {
+        let pending = self.pending_emails()?;
+        let txn = self.db.begin_read().map_err(err)?;
+        let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
+        let mut newest = Vec::new();
+        for row in done.iter().map_err(err)?.rev().take(recent) {
+            let (k, v) = row.map_err(err)?;
+            newest.push((k.value(), serde_json::from_str(v.value()).map_err(err)?));
+        }
+        Ok(OutboxStatus {
+            pending,
+            finished: done.len().map_err(err)?,
+            recent: newest,
+        })
+    }
+
+    /// A counter's value (for tests and status pages).
+    pub fn counter(&self, key: &StateKey) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(COUNTERS).map_err(err)?;
+        Ok(table
+            .get(key.as_str())
+            .map_err(err)?
+            .map_or(0, |v| v.value()))
+    }
+}
+
+/// See [`Db::outbox_status`].
+pub struct OutboxStatus {
+    pub pending: Vec<(u64, OutboxRecord)>,
+    pub finished: u64,
+    pub recent: Vec<(u64, OutboxRecord)>,
+}
+
+/// One write transaction: nothing is visible or durable until [`WriteTxn::commit`].
+pub struct WriteTxn {
+    txn: redb::WriteTransaction,
+}
+
+impl WriteTxn {
+    /// Makes every change durable (redb syncs before returning).
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.txn.commit().map_err(err)
+    }
+
+    /// The committed length of an output file, if it is known.
+    pub fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError> {
+        let table = self.txn.open_table(JSONL_LEN).map_err(err)?;
+        Ok(table.get(file).map_err(err)?.map(|v| v.value()))
+    }
+
+    pub fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(JSONL_LEN).map_err(err)?;
+        table.insert(file, len).map_err(err)?;
+        Ok(())
+    }
+
+    /// Adds an email to the outbox; returns its id.
+    pub fn queue_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let mut meta = self.txn.open_table(META).map_err(err)?;
+        let id = meta
+            .get("next_email_id")
+            .map_err(err)?
+            .map_or(1, |v| v.value());
+        meta.insert("next_email_id", id + 1).map_err(err)?;
+        let json = serde_json::to_string(record).map_err(err)?;
+        self.txn
+            .open_table(OUTBOX)
+            .map_err(err)?
+            .insert(id, json.as_str())
+            .map_err(err)?;
+        Ok(id)
+    }
+
+    /// Rewrites a pending email's record (after a failed attempt).
+    pub fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
+        self.txn
+            .open_table(OUTBOX)
+            .map_err(err)?
+            .insert(id, json.as_str())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Moves an email out of the pending queue (sent, or failed for good).
+    pub fn finish_email(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
+        self.txn
+            .open_table(OUTBOX)
+            .map_err(err)?
+            .remove(id)
+            .map_err(err)?;
+        self.txn
+            .open_table(OUTBOX_DONE)
+            .map_err(err)?
+            .insert(id, json.as_str())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Forgets event ids first handled before `cutoff_unix`; returns how many.
+    pub fn expire_seen(&mut self, cutoff_unix: u64) -> Result<usize, StoreError> {
+        let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
+        let mut seen = self.txn.open_table(SEEN).map_err(err)?;
+        let mut expired = Vec::new();
+        for row in by_time.range((0u64, "")..(cutoff_unix, "")).map_err(err)? {
+            let (k, _) = row.map_err(err)?;
+            let (t, uuid) = k.value();
+            expired.push((t, uuid.to_string()));
+        }
+        for (t, uuid) in &expired {
+            by_time.remove((*t, uuid.as_str())).map_err(err)?;
+            seen.remove(uuid.as_str()).map_err(err)?;
+        }
+        Ok(expired.len())
+    }
+}
+
+impl Store for WriteTxn {
+    fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError> {
+        let mut seen = self.txn.open_table(SEEN).map_err(err)?;
+        if seen.get(uuid).map_err(err)?.is_some() {
+            return Ok(false);
+        }
+        seen.insert(uuid, now_unix).map_err(err)?;
+        self.txn
+            .open_table(SEEN_BY_TIME)
+            .map_err(err)?
+            .insert((now_unix, uuid), ())
+            .map_err(err)?;
+        Ok(true)
+    }
+
+    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
+        let mut table = self.txn.open_table(COUNTERS).map_err(err)?;
+        let n = table
+            .get(key.as_str())
+            .map_err(err)?
+            .map_or(0, |v| v.value())
+            + 1;
+        table.insert(key.as_str(), n).map_err(err)?;
+        Ok(n)
+    }
+
+    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError> {
+        let table = self.txn.open_table(ONCE).map_err(err)?;
+        Ok(table.get(key.as_str()).map_err(err)?.is_some())
+    }
+
+    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError> {
+        self.txn
+            .open_table(ONCE)
+            .map_err(err)?
+            .insert(key.as_str(), ())
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_reopening_and_uncommitted_changes_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = StateKey::new("r", "count", &[]);
+        {
+            let db = Db::open(dir.path()).unwrap();
+            let mut txn = db.write().unwrap();
+            assert_eq!(txn.increment(&key).unwrap(), 1);
+            assert!(txn.first_delivery("u1", 100).unwrap());
+            txn.commit().unwrap();
+            let mut txn = db.write().unwrap();
+            assert_eq!(txn.increment(&key).unwrap(), 2);
+            drop(txn); // not committed
+        }
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.counter(&key).unwrap(), 1);
+        let mut txn = db.write().unwrap();
+        assert!(!txn.first_delivery("u1", 200).unwrap());
+        assert!(txn.first_delivery("u2", 200).unwrap());
+        assert_eq!(txn.expire_seen(150).unwrap(), 1);
+        assert!(
+            txn.first_delivery("u1", 300).unwrap(),
+            "expired ids are forgotten"
+        );
+        assert!(
+            !txn.first_delivery("u2", 300).unwrap(),
+            "recent ones are kept"
+        );
+    }
+}
