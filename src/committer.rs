@@ -298,3 +298,39 @@ fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
         reason: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn start_up_cuts_off_lines_that_were_never_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path()).unwrap());
+        let mut txn = db.write().unwrap();
+        txn.set_jsonl_len("out.jsonl", 6).unwrap();
+        txn.set_jsonl_len("gone.jsonl", 10).unwrap();
+        txn.commit().unwrap();
+        // A crash after the lines were synced but before the commit leaves them behind.
+        std::fs::write(dir.path().join("out.jsonl"), "{\"a\"}\n{\"b\"}\n{\"c").unwrap();
+        let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let started = Committer::start(
+            db.clone(),
+            JsonlFiles::new(dir.path()),
+            from,
+            Duration::from_secs(60),
+            Arc::new(Notify::new()),
+        );
+        let (committer, thread) = started.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
+            "{\"a\"}\n"
+        );
+        // A file that is shorter than recorded (truncated by someone) is taken as it is.
+        let lengths: HashMap<String, u64> = db.jsonl_lengths().unwrap().into_iter().collect();
+        assert_eq!(lengths["gone.jsonl"], 0);
+        drop(committer);
+        thread.join().unwrap();
+    }
+}

@@ -58,6 +58,7 @@ pub fn fresh(mut body: Value) -> Value {
 
 pub struct Server {
     child: Child,
+    command: Command,
     pub base: String,
     pub dir: tempfile::TempDir,
     pub rules: PathBuf,
@@ -92,7 +93,8 @@ impl Server {
         copy_dir(&root().join("rules"), &rules);
         copy_dir(&root().join("templates"), &templates);
         setup(dir.path());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tripline"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tripline"));
+        command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--rules")
@@ -105,33 +107,13 @@ impl Server {
             .env("TRIPLINE_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not start:\n{}", log.lock().unwrap());
-            }
-        };
+        let (child, base) = spawn(&mut command, &log);
         Server {
             child,
-            base: format!("http://{addr}"),
+            command,
+            base,
             dir,
             rules,
             templates,
@@ -139,6 +121,25 @@ impl Server {
             log,
             http: reqwest::blocking::Client::new(),
         }
+    }
+
+    /// Stops the server with SIGTERM (a clean stop) and starts it again on the same folders.
+    pub fn restart(&mut self) {
+        assert_eq!(self.terminate(), Some(0), "clean stop:\n{}", self.log());
+        self.relaunch();
+    }
+
+    /// Kills the server with SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the (stopped) server again on the same folders and settings.
+    pub fn relaunch(&mut self) {
+        let (child, base) = spawn(&mut self.command, &self.log);
+        self.child = child;
+        self.base = base;
     }
 
     /// POSTs raw bytes to /webhook (no Content-Type, as some PostHog setups send).
@@ -252,6 +253,31 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts `command` and waits until it listens; its standard error is appended to `log`.
+fn spawn(command: &mut Command, log: &Arc<Mutex<String>>) -> (Child, String) {
+    let mut child = command.spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => (child, format!("http://{addr}")),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("server did not start:\n{}", log.lock().unwrap());
+        }
     }
 }
 

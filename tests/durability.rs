@@ -1,0 +1,282 @@
+//! Nothing lost, nothing twice: restarts, retried deliveries, crashes and full disks, against the
+//! real binary.
+
+mod common;
+
+use common::{Server, fixture_json, fresh};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+#[test]
+fn a_restart_keeps_counts_and_once_marks() {
+    let mut server = Server::start();
+    let body = fixture_json("feature_used.json");
+    for _ in 0..3 {
+        assert_eq!(server.post_fresh(&body).0, 200);
+    }
+    server.restart();
+    for _ in 0..2 {
+        assert_eq!(server.post_fresh(&body).0, 200);
+    }
+    assert_eq!(
+        server.emails().len(),
+        1,
+        "3 + 2 uses across a restart make the 5th"
+    );
+    server.restart();
+    server.post_fresh(&body);
+    assert_eq!(
+        server.emails().len(),
+        1,
+        "the once mark survived the restart too"
+    );
+}
+
+#[test]
+fn the_same_uuid_ten_times_counts_once_and_writes_one_line() {
+    let server = Server::start();
+    let failed = fresh(fixture_json("generation_failed.json"));
+    let used = fresh(fixture_json("feature_used.json"));
+    for i in 0..10 {
+        let (status, reply) = server.post_json(&failed);
+        assert_eq!(status, 200, "a retried delivery is acknowledged");
+        assert_eq!(reply["duplicates"], json!(if i == 0 { 0 } else { 1 }));
+        server.post_json(&used);
+    }
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 1);
+    // Ten deliveries of one use are one use: four more make five.
+    for _ in 0..3 {
+        server.post_fresh(&used);
+    }
+    assert!(server.emails().is_empty());
+    server.post_fresh(&used);
+    assert_eq!(server.emails().len(), 1);
+}
+
+const CRASH_RULES: &str = r#"
+name = "crash-sink"
+[when]
+event = "generation_failed"
+[jsonl]
+file = "crash.jsonl"
+fields = { uuid = "uuid" }
+"#;
+
+/// Fires on every event from the TOTAL-th on: with exact counting, exactly one email.
+fn milestone_rule(total: usize) -> String {
+    format!(
+        r#"
+name = "crash-milestone"
+[when]
+event = "generation_failed"
+[count]
+per = ["event"]
+at_least = {total}
+[email]
+to = "ops@example.com"
+subject = "{{{{count}}}} failures"
+template = "welcome"
+"#
+    )
+}
+
+/// One round: a concurrent load of distinct events, SIGKILL in the middle, a restart, and every
+/// event the client did not see acknowledged sent again, as PostHog would.
+fn crash_round(total: usize) {
+    let mut server = Server::start_with(&[], |root| {
+        std::fs::write(root.join("rules/crash_sink.toml"), CRASH_RULES).unwrap();
+        std::fs::write(
+            root.join("rules/crash_milestone.toml"),
+            milestone_rule(total),
+        )
+        .unwrap();
+    });
+    let template = fixture_json("generation_failed.json");
+    let events: Vec<Value> = (0..total).map(|_| fresh(template.clone())).collect();
+    let acked: Vec<AtomicBool> = (0..total).map(|_| AtomicBool::new(false)).collect();
+    let next = AtomicUsize::new(0);
+    let acks = AtomicUsize::new(0);
+    let killed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let client = reqwest::blocking::Client::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= total || killed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let sent = client
+                        .post(format!("{}/webhook", server.base))
+                        .body(events[i].to_string())
+                        .send();
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        acked[i].store(true, Ordering::SeqCst);
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        while acks.load(Ordering::SeqCst) < total / 3 {
+            std::thread::yield_now();
+        }
+        killed.store(true, Ordering::SeqCst);
+    });
+    let acked_before_kill = acks.load(Ordering::SeqCst);
+    server.kill();
+    assert!(
+        acked_before_kill < total,
+        "the kill must come in the middle of the load"
+    );
+    server.relaunch();
+    for (i, event) in events.iter().enumerate() {
+        if !acked[i].load(Ordering::SeqCst) {
+            let (status, reply) = server.post_json(event);
+            assert_eq!(status, 200, "{reply}");
+        }
+    }
+    let lines = server.jsonl("crash.jsonl");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for line in &lines {
+        *seen
+            .entry(line["uuid"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for event in &events {
+        let uuid = event["event"]["uuid"].as_str().unwrap();
+        assert_eq!(
+            seen.get(uuid),
+            Some(&1),
+            "event {uuid} must appear exactly once"
+        );
+    }
+    assert_eq!(
+        lines.len(),
+        total,
+        "acked before the kill: {acked_before_kill}"
+    );
+    let emails = server.emails();
+    assert_eq!(
+        emails.len(),
+        1,
+        "the counter equals the number of distinct events"
+    );
+    assert!(
+        emails[0].contains(&format!("Subject: {total} failures")),
+        "{}",
+        emails[0]
+    );
+    if server.log().contains("never acknowledged") {
+        eprintln!("this round cut off lines written by a batch that never committed");
+    }
+}
+
+#[test]
+fn sigkill_during_load_loses_nothing_and_doubles_nothing() {
+    // bench/crash_soak.sh runs many rounds; the test suite runs one.
+    let rounds: usize = std::env::var("TRIPLINE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    for round in 0..rounds {
+        eprintln!("crash round {}/{rounds}", round + 1);
+        crash_round(400);
+    }
+}
+
+/// A small filesystem for the output files, unmounted when dropped.
+struct TinyFs(std::path::PathBuf);
+
+impl TinyFs {
+    fn mount(at: &std::path::Path, size: &str) -> TinyFs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CI runs as root)"
+        );
+        TinyFs(at.to_path_buf())
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_503_and_leaves_no_partial_line() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");
+        return;
+    }
+    let full_rule = CRASH_RULES
+        .replace("crash.jsonl", "small/out.jsonl")
+        .replace(
+            "{ uuid = \"uuid\" }",
+            "{ uuid = \"uuid\", prompt = \"properties.input_prompt\" }",
+        );
+    let server = Server::start_with(&[], |root| {
+        std::fs::write(root.join("rules/crash_sink.toml"), &full_rule).unwrap();
+    });
+    let fs = TinyFs::mount(&server.data.join("small"), "64k");
+    let mut body = fixture_json("generation_failed.json");
+    body["event"]["properties"]["input_prompt"] = json!("x".repeat(3000));
+    assert_eq!(server.post_fresh(&body).0, 200);
+    // Fill every free page: the next 3 KB line fits only in part, in the rest of the file's page.
+    let filler = fs.0.join("filler");
+    let _ = std::fs::write(&filler, vec![b'.'; 60 * 1024]);
+    let retried = fresh(body.clone());
+    let (status, reply) = server.post_json(&retried);
+    assert_eq!(status, 503, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("try again") && error.contains("No space left on device"),
+        "{reply}"
+    );
+    let text = std::fs::read_to_string(fs.0.join("out.jsonl")).unwrap();
+    assert!(
+        text.ends_with('\n') && text.lines().count() == 1,
+        "only the first, whole line: {} bytes",
+        text.len()
+    );
+    // Space again: PostHog's retry of the same event succeeds, once.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(server.post_json(&retried).0, 200);
+    assert_eq!(server.post_json(&retried).1["duplicates"], json!(1));
+    assert_eq!(server.jsonl("small/out.jsonl").len(), 2);
+    drop(server);
+    drop(fs);
+}
+
+#[test]
+fn event_ids_are_kept_for_the_retention_period() {
+    // With a retention of 0 days, an id is forgotten at the next expiry pass (at start-up).
+    let mut server = Server::start_with(&["--dedupe-retention-days", "0"], |_| {});
+    let body = fresh(fixture_json("generation_failed.json"));
+    server.post_json(&body);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    server.restart();
+    server.post_json(&fresh(fixture_json("pageview.json")));
+    assert_eq!(
+        server.post_json(&body).1["duplicates"],
+        json!(0),
+        "forgotten after the period"
+    );
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 2);
+
+    let server = Server::start();
+    let body = fresh(fixture_json("generation_failed.json"));
+    server.post_json(&body);
+    assert_eq!(
+        server.post_json(&body).1["duplicates"],
+        json!(1),
+        "kept within the default 7 days"
+    );
+}
