@@ -235,9 +235,9 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
-    /// Waits (up to 10 s) until `done` holds; the watcher needs a moment after a file changes.
+    /// Waits (up to 30 s) until `done` holds; the watcher needs a moment after a file changes.
     pub fn wait_for(&self, what: &str, mut done: impl FnMut(&Server) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !done(self) {
             assert!(
                 Instant::now() < deadline,
