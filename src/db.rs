@@ -78,12 +78,7 @@ impl Db {
     pub fn pending_emails(&self) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(err)? {
-            let (k, v) = row.map_err(err)?;
-            out.push((k.value(), serde_json::from_str(v.value()).map_err(err)?));
-        }
-        Ok(out)
+        outbox_rows(table.iter().map_err(err)?)
     }
 
     /// The outbox at a glance: what waits, how many are finished, the newest finished ones.
@@ -91,27 +86,31 @@ impl Db {
         let pending = self.pending_emails()?;
         let txn = self.db.begin_read().map_err(err)?;
         let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
-        let mut newest = Vec::new();
-        for row in done.iter().map_err(err)?.rev().take(recent) {
-            let (k, v) = row.map_err(err)?;
-            newest.push((k.value(), serde_json::from_str(v.value()).map_err(err)?));
-        }
         Ok(OutboxStatus {
             pending,
             finished: done.len().map_err(err)?,
-            recent: newest,
+            recent: outbox_rows(done.iter().map_err(err)?.rev().take(recent))?,
         })
     }
+}
 
-    /// A counter's value (for tests and status pages).
-    pub fn counter(&self, key: &StateKey) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(COUNTERS).map_err(err)?;
-        Ok(table
-            .get(key.as_str())
-            .map_err(err)?
-            .map_or(0, |v| v.value()))
-    }
+/// Decodes rows of an outbox table.
+fn outbox_rows<'a>(
+    rows: impl Iterator<
+        Item = Result<
+            (
+                redb::AccessGuard<'a, u64>,
+                redb::AccessGuard<'a, &'static str>,
+            ),
+            redb::StorageError,
+        >,
+    >,
+) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+    rows.map(|row| {
+        let (k, v) = row.map_err(err)?;
+        Ok((k.value(), serde_json::from_str(v.value()).map_err(err)?))
+    })
+    .collect()
 }
 
 /// See [`Db::outbox_status`].
@@ -152,36 +151,35 @@ impl WriteTxn {
             .map_err(err)?
             .map_or(1, |v| v.value());
         meta.insert("next_email_id", id + 1).map_err(err)?;
-        let json = serde_json::to_string(record).map_err(err)?;
-        self.txn
-            .open_table(OUTBOX)
-            .map_err(err)?
-            .insert(id, json.as_str())
-            .map_err(err)?;
+        drop(meta);
+        self.put_email(OUTBOX, id, record)?;
         Ok(id)
     }
 
     /// Rewrites a pending email's record (after a failed attempt).
     pub fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).map_err(err)?;
-        self.txn
-            .open_table(OUTBOX)
-            .map_err(err)?
-            .insert(id, json.as_str())
-            .map_err(err)?;
-        Ok(())
+        self.put_email(OUTBOX, id, record)
     }
 
     /// Moves an email out of the pending queue (sent, or failed for good).
     pub fn finish_email(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).map_err(err)?;
         self.txn
             .open_table(OUTBOX)
             .map_err(err)?
             .remove(id)
             .map_err(err)?;
+        self.put_email(OUTBOX_DONE, id, record)
+    }
+
+    fn put_email(
+        &mut self,
+        table: TableDefinition<u64, &str>,
+        id: u64,
+        record: &OutboxRecord,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
         self.txn
-            .open_table(OUTBOX_DONE)
+            .open_table(table)
             .map_err(err)?
             .insert(id, json.as_str())
             .map_err(err)?;
@@ -266,8 +264,12 @@ mod tests {
             drop(txn); // not committed
         }
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(db.counter(&key).unwrap(), 1);
         let mut txn = db.write().unwrap();
+        assert_eq!(
+            txn.increment(&key).unwrap(),
+            2,
+            "1 committed, the uncommitted one lost"
+        );
         assert!(!txn.first_delivery("u1", 200).unwrap());
         assert!(txn.first_delivery("u2", 200).unwrap());
         assert_eq!(txn.expire_seen(150).unwrap(), 1);
