@@ -63,8 +63,13 @@ pub async fn serve(
         )
     })?;
     let db = Arc::new(Db::open(&config.data).map_err(|e| {
+        let why = if e.0.contains("Cannot acquire lock") {
+            "another tripline is already running with this data folder".to_string()
+        } else {
+            e.to_string()
+        };
         anyhow::anyhow!(
-            "cannot open the state database in {}: {e}",
+            "cannot open the state database in {}: {why}",
             config.data.display()
         )
     })?);
