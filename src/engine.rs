@@ -76,7 +76,7 @@ pub fn run(
             continue;
         }
         for rule in rules.candidates(event.name()) {
-            if rule.matches(event) {
+            if rule.when.holds(event) {
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
                 if apply(
                     rules,

@@ -69,7 +69,7 @@ impl Compiler<'_> {
         let when_span = f.when.span();
         let when = f.when.into_inner();
         let events = self.event_selector(&when, when_span);
-        let condition = self.when(when);
+        let condition = self.when(when, true);
 
         let count = f.count.map(|count| {
             let at_least = *count.at_least.get_ref();
@@ -162,15 +162,20 @@ impl Compiler<'_> {
         })
     }
 
-    fn when(&mut self, when: WhenConfig) -> Option<Condition> {
+    /// Compiles a `[when]` table. At the top level, a plain `event` name or list is left out:
+    /// the rule set's index by event name already settles it (see `event_selector`).
+    fn when(&mut self, when: WhenConfig, top: bool) -> Option<Condition> {
         let mut all = Vec::new();
         let mut ok = true;
         for (key, entry) in when.entries {
             let compiled = match entry {
                 WhenEntry::Field(condition) => {
-                    if key.get_ref() == "event"
-                        && matches!(condition.get_ref(), ConditionConfig::Equals(toml::Value::String(s)) if s == "*")
-                    {
+                    let settled = match condition.get_ref() {
+                        ConditionConfig::Equals(toml::Value::String(s)) => top || s == "*",
+                        ConditionConfig::OneOf(_) => top,
+                        _ => false,
+                    };
+                    if key.get_ref() == "event" && settled {
                         continue;
                     }
                     self.field(&key, condition)
@@ -187,7 +192,7 @@ impl Compiler<'_> {
                     self.when_list(list).map(Condition::Any)
                 }
                 WhenEntry::Not(inner) => self
-                    .when(inner.into_inner())
+                    .when(inner.into_inner(), false)
                     .map(|c| Condition::Not(Box::new(c))),
             };
             match compiled {
@@ -204,7 +209,7 @@ impl Compiler<'_> {
     fn when_list(&mut self, list: Vec<Spanned<WhenConfig>>) -> Option<Vec<Condition>> {
         let compiled: Vec<Option<Condition>> = list
             .into_iter()
-            .map(|w| self.when(w.into_inner()))
+            .map(|w| self.when(w.into_inner(), false))
             .collect();
         compiled.into_iter().collect()
     }

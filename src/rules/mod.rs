@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::JsonlAction;
-use crate::event::Event;
 use crate::templates::Templates;
 use condition::Condition;
 use diagnostic::Diagnostic;
@@ -33,7 +32,8 @@ pub struct Rule {
     pub file: PathBuf,
     /// The event names it is indexed under; `None` means every event.
     pub events: Option<Vec<String>>,
-    /// Every `[when]` condition other than a plain event-name selection.
+    /// Every `[when]` condition other than the plain event-name selection, which the rule set's
+    /// index by event name settles.
     pub when: Condition,
     pub count: Option<Count>,
     /// `[limits] once_per`.
@@ -49,17 +49,6 @@ pub struct Rule {
 pub struct Count {
     pub per: Vec<FieldPath>,
     pub at_least: u64,
-}
-
-impl Rule {
-    /// Whether the rule's `[when]` holds for `event` (the event name included).
-    pub fn matches(&self, event: &Event) -> bool {
-        let name_ok = match &self.events {
-            None => true,
-            Some(names) => names.iter().any(|n| n == event.name()),
-        };
-        name_ok && self.when.holds(event)
-    }
 }
 
 /// Every rule of a rules folder, compiled, with the templates they use.
@@ -151,8 +140,8 @@ impl RuleSet {
         &self.rules
     }
 
-    /// The rules that may match an event named `name`, in file-name order. Their `[when]` still
-    /// has to be checked.
+    /// The rules for an event named `name`, in file-name order. The event name is settled by
+    /// this index; each rule's `when` holds the rest of its conditions.
     pub fn candidates<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s Rule> + 's {
         self.by_event
             .get(name)
@@ -188,4 +177,53 @@ fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagno
         ),
     )
     .with_hint("every rule needs its own name; its counters are kept under that name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+
+    fn set(rules: &[(&str, &str)]) -> (tempfile::TempDir, RuleSet) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        for (name, when) in rules {
+            let rule = format!(
+                "name = \"{name}\"\n[when]\n{when}\n[jsonl]\nfile = \"o.jsonl\"\nfields = {{ e = \"event\" }}\n"
+            );
+            std::fs::write(dir.path().join(format!("rules/{name}.toml")), rule).unwrap();
+        }
+        let set =
+            RuleSet::load(&dir.path().join("rules"), &dir.path().join("t"), dir.path()).unwrap();
+        (dir, set)
+    }
+
+    /// The names of the rules that hold for a flat event `{"event": name, "properties": props}`.
+    fn fired(set: &RuleSet, name: &str, props: &str) -> Vec<String> {
+        let body = format!(r#"{{"event":"{name}","properties":{props}}}"#);
+        let event = &decode(body.as_bytes(), chrono::Utc::now()).unwrap()[0];
+        set.candidates(event.name())
+            .filter(|r| r.when.holds(event))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn event_selection_by_name_list_star_and_operator() {
+        let (_dir, set) = set(&[
+            ("a-list", r#"event = ["a", "b"]"#),
+            ("b-any-x", "event = \"*\"\n\"properties.x\" = 1"),
+            ("c-prefix", r#"event = { starts_with = "s" }"#),
+            (
+                "d-nested",
+                r#"event = "*"
+any = [ { event = "a" }, { event = "z" } ]"#,
+            ),
+        ]);
+        assert_eq!(fired(&set, "a", "{}"), ["a-list", "d-nested"]);
+        assert_eq!(fired(&set, "b", r#"{"x": 1}"#), ["a-list", "b-any-x"]);
+        assert_eq!(fired(&set, "s1", r#"{"x": 2}"#), ["c-prefix"]);
+        assert_eq!(fired(&set, "z", "{}"), ["d-nested"]);
+        assert!(fired(&set, "c", "{}").is_empty());
+    }
 }
