@@ -64,7 +64,7 @@ pub struct Committer {
 }
 
 /// What the committer thread owns.
-pub struct Worker {
+struct Worker {
     db: Arc<Db>,
     files: JsonlFiles,
     registered: HashSet<PathBuf>,
@@ -173,9 +173,12 @@ impl Worker {
 
     fn process(&mut self, batch: Vec<Job>) {
         let mut written = Vec::new();
-        let result = self.commit_batch(&batch, &mut written);
-        let result = match result {
-            Ok(reports) => Ok(reports),
+        match self.commit_batch(&batch, &mut written) {
+            Ok(reports) => {
+                for (job, report) in batch.into_iter().zip(reports) {
+                    let _ = job.reply.send(Ok(report));
+                }
+            }
             Err(e) => {
                 error!("batch of {} requests not committed: {e}", batch.len());
                 for (file, before) in written {
@@ -183,16 +186,6 @@ impl Worker {
                         error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they will be removed at the next start");
                     }
                 }
-                Err(e)
-            }
-        };
-        match result {
-            Ok(reports) => {
-                for (job, report) in batch.into_iter().zip(reports) {
-                    let _ = job.reply.send(Ok(report));
-                }
-            }
-            Err(e) => {
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));
                 }
@@ -210,13 +203,12 @@ impl Worker {
         self.register_new_files(batch)?;
         let now = now_unix();
         let mut txn = self.db.write()?;
-        if self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
-            let expired = txn.expire_seen(now.saturating_sub(self.retention.as_secs()))?;
-            if expired > 0 {
-                info!(expired, "forgot event ids older than the retention period");
-            }
-            self.last_expiry = Some(Instant::now());
-        }
+        let expire = self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY);
+        let expired = if expire {
+            txn.expire_seen(now.saturating_sub(self.retention.as_secs()))?
+        } else {
+            0
+        };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         for job in batch {
@@ -249,6 +241,12 @@ impl Worker {
             txn.set_jsonl_len(&file.to_string_lossy(), after)?;
         }
         txn.commit()?;
+        if expire {
+            self.last_expiry = Some(Instant::now());
+            if expired > 0 {
+                info!(expired, "forgot event ids older than the retention period");
+            }
+        }
         if emails > 0 {
             self.emails_queued.notify_one();
         }
