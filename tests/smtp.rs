@@ -1,5 +1,5 @@
 //! Email delivered for real: tripline's SMTP transport against a real SMTP server (aiosmtpd, from
-//! PyPI; `scripts/test.sh` installs it). The server stores what it receives in a Maildir.
+//! PyPI; `scripts/test.sh` installs it in a virtual environment). The server stores what it receives in a Maildir.
 
 mod common;
 
@@ -24,7 +24,9 @@ impl SmtpServer {
             "Mailbox" => "aiosmtpd.handlers.Mailbox",
             _ => "smtp_reject.RejectAll",
         };
-        let mut command = Command::new("python3");
+        // scripts/test.sh points this at a virtual environment that has aiosmtpd.
+        let python = std::env::var("TRIPLINE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut command = Command::new(python);
         command
             .args([
                 "-m",
