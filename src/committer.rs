@@ -230,6 +230,9 @@ impl Worker {
                     txn.queue_email(&OutboxRecord::new(email, now))?;
                     emails += 1;
                 }
+                Effect::EmailFailed { rule, reason } => {
+                    txn.record_failed_email(&OutboxRecord::not_made(rule, reason, now))?;
+                }
             }
         }
         for (file, text) in &lines {

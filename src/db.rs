@@ -5,7 +5,9 @@
 //! committer thread applies a whole batch of requests in one write transaction and syncs once.
 //!
 //! Tables:
-//! - `counters`: state key → count; `once`: state key → ();
+//! - `counters`: state key → count; `windows`: state key → the event times of a `[count]` with
+//!   `within` (little-endian i64 milliseconds); `acted`: state key → when a rule with `[limits]`
+//!   last acted (i64 milliseconds);
 //! - `seen`: event uuid → unix seconds first handled, and `seen_by_time` to expire them;
 //! - `jsonl_len`: output file → its length as of the last commit (lines past it were never
 //!   acknowledged and are cut off at start-up);
@@ -15,10 +17,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::path::Path;
 
 use crate::outbox::OutboxRecord;
-use crate::store::{StateKey, Store, StoreError};
+use crate::store::{StateKey, Store, StoreError, record_in_window};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-const ONCE: TableDefinition<&str, ()> = TableDefinition::new("once");
+const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
+const ACTED: TableDefinition<&str, i64> = TableDefinition::new("acted");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("seen_by_time");
 const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
@@ -43,7 +46,8 @@ impl Db {
         let txn = db.begin_write().map_err(err)?;
         {
             txn.open_table(COUNTERS).map_err(err)?;
-            txn.open_table(ONCE).map_err(err)?;
+            txn.open_table(WINDOWS).map_err(err)?;
+            txn.open_table(ACTED).map_err(err)?;
             txn.open_table(SEEN).map_err(err)?;
             txn.open_table(SEEN_BY_TIME).map_err(err)?;
             txn.open_table(JSONL_LEN).map_err(err)?;
@@ -145,14 +149,25 @@ impl WriteTxn {
 
     /// Adds an email to the outbox; returns its id.
     pub fn queue_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let id = self.next_email_id()?;
+        self.put_email(OUTBOX, id, record)?;
+        Ok(id)
+    }
+
+    /// Records an email that could not be made, as finished and failed; returns its id.
+    pub fn record_failed_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let id = self.next_email_id()?;
+        self.put_email(OUTBOX_DONE, id, record)?;
+        Ok(id)
+    }
+
+    fn next_email_id(&mut self) -> Result<u64, StoreError> {
         let mut meta = self.txn.open_table(META).map_err(err)?;
         let id = meta
             .get("next_email_id")
             .map_err(err)?
             .map_or(1, |v| v.value());
         meta.insert("next_email_id", id + 1).map_err(err)?;
-        drop(meta);
-        self.put_email(OUTBOX, id, record)?;
         Ok(id)
     }
 
@@ -230,16 +245,38 @@ impl Store for WriteTxn {
         Ok(n)
     }
 
-    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError> {
-        let table = self.txn.open_table(ONCE).map_err(err)?;
-        Ok(table.get(key.as_str()).map_err(err)?.is_some())
+    fn count_within(
+        &mut self,
+        key: &StateKey,
+        t_ms: i64,
+        window_ms: i64,
+        keep: usize,
+    ) -> Result<u64, StoreError> {
+        let mut table = self.txn.open_table(WINDOWS).map_err(err)?;
+        let mut times: Vec<i64> = match table.get(key.as_str()).map_err(err)? {
+            Some(bytes) => bytes
+                .value()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8 bytes")))
+                .collect(),
+            None => Vec::new(),
+        };
+        let n = record_in_window(&mut times, t_ms, window_ms, keep);
+        let bytes: Vec<u8> = times.iter().flat_map(|t| t.to_le_bytes()).collect();
+        table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+        Ok(n)
     }
 
-    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError> {
+    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
+        let table = self.txn.open_table(ACTED).map_err(err)?;
+        Ok(table.get(key.as_str()).map_err(err)?.map(|v| v.value()))
+    }
+
+    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError> {
         self.txn
-            .open_table(ONCE)
+            .open_table(ACTED)
             .map_err(err)?
-            .insert(key.as_str(), ())
+            .insert(key.as_str(), t_ms)
             .map_err(err)?;
         Ok(())
     }
@@ -271,6 +308,11 @@ mod tests {
             "1 committed, the uncommitted one lost"
         );
         assert!(!txn.first_delivery("u1", 200).unwrap());
+        assert_eq!(txn.count_within(&key, 1_000, 500, 5).unwrap(), 1);
+        assert_eq!(txn.count_within(&key, 1_400, 500, 5).unwrap(), 2);
+        assert_eq!(txn.count_within(&key, 1_600, 500, 5).unwrap(), 2, "1000 left the window");
+        txn.mark_acted(&key, 1_600).unwrap();
+        assert_eq!(txn.last_acted(&key).unwrap(), Some(1_600));
         assert!(txn.first_delivery("u2", 200).unwrap());
         assert_eq!(txn.expire_seen(150).unwrap(), 1);
         assert!(

@@ -24,6 +24,8 @@ pub enum Effect {
     Line { file: PathBuf, line: String },
     /// Queue an email for delivery.
     Email(QueuedEmail),
+    /// An email that could not be made from the event: kept as failed, with the reason.
+    EmailFailed { rule: String, reason: String },
 }
 
 /// A rendered email, ready for the outbox.
@@ -35,23 +37,66 @@ pub struct QueuedEmail {
     pub to: Vec<String>,
     /// The recipient, masked for logs and status pages.
     pub to_masked: String,
+    /// The subject and plain-text body as rendered (for `tripline test` and `replay`).
+    pub subject: String,
+    pub text: String,
     /// The whole RFC 5322 message.
     pub message: String,
+}
+
+/// What one rule did with one event whose `[when]` held.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The rule acted.
+    Fired,
+    /// `[count]` counted the event and is still below `at_least`.
+    Counting { count: u64 },
+    /// `[limits]` held the rule back: it already acted for these values.
+    Suppressed,
+    /// The event has no value for a field the rule counts or limits by (`per`, `once_per`).
+    NoKey { field: String },
+    /// The action could not be made from this event (a field its email uses is missing...).
+    /// Retrying the same event would not help, so it is reported, not answered with an error.
+    Failed { reason: String },
 }
 
 /// What happened to a batch of events.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {
-    /// The rules that acted, once per event they acted on.
-    pub fired: Vec<String>,
+    /// For each event and each rule whose `[when]` held, in order: the rule's index in the
+    /// rule set and what it did.
+    pub outcomes: Vec<(usize, Outcome)>,
     /// Events skipped because their `uuid` was handled before (a retried delivery).
     pub duplicates: usize,
-    /// Actions that could not be done for this event's data (a missing field in a template...).
-    /// Retrying the same event would not help, so they are reported, not answered with an error.
-    pub failed: Vec<String>,
+}
+
+impl Report {
+    /// The names of the rules that acted, once per event they acted on.
+    pub fn fired(&self, rules: &RuleSet) -> Vec<String> {
+        self.outcomes
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Fired)
+            .map(|(i, _)| rules.rules()[*i].name.clone())
+            .collect()
+    }
+
+    /// Each failed action as `rule "name": reason`.
+    pub fn failures(&self, rules: &RuleSet) -> Vec<String> {
+        self.outcomes
+            .iter()
+            .filter_map(|(i, o)| match o {
+                Outcome::Failed { reason } => {
+                    Some(format!("rule \"{}\": {reason}", rules.rules()[*i].name))
+                }
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Runs `events` through `rules`, changing state in `store` and pushing effects onto `effects`.
+/// `now_unix` is the time of handling (it dates delivered ids); windows and `again_after` go by
+/// the events' own timestamps, so a replay of old events behaves as they did.
 pub fn run(
     rules: &RuleSet,
     events: &[Event],
@@ -75,27 +120,18 @@ pub fn run(
             report.duplicates += 1;
             continue;
         }
-        for rule in rules.candidates(event.name()) {
+        for (index, rule) in rules.candidates(event.name()) {
             if rule.when.holds(event) {
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                if apply(
-                    rules,
-                    rule,
-                    event,
-                    store,
-                    default_from,
-                    effects,
-                    &mut report,
-                )? {
-                    report.fired.push(rule.name.clone());
-                }
+                let outcome = apply(rules, rule, event, store, default_from, effects)?;
+                report.outcomes.push((index, outcome));
             }
         }
     }
     Ok(report)
 }
 
-/// Applies one matching rule; returns whether it acted.
+/// Applies one matching rule.
 fn apply(
     rules: &RuleSet,
     rule: &Rule,
@@ -103,48 +139,65 @@ fn apply(
     store: &mut dyn Store,
     default_from: &Mailbox,
     effects: &mut Vec<Effect>,
-    report: &mut Report,
-) -> Result<bool, StoreError> {
+) -> Result<Outcome, StoreError> {
+    let t_ms = event.time.timestamp_millis();
     let mut count = None;
     if let Some(c) = &rule.count {
-        let Some(key) = state_key(rule, "count", &c.per, event) else {
-            return Ok(false);
+        let key = match state_key(rule, "count", &c.per, event) {
+            Ok(key) => key,
+            Err(outcome) => return Ok(outcome),
         };
-        let n = store.increment(&key)?;
+        let n = match c.within {
+            Some(window) => {
+                let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+                let keep = usize::try_from(c.at_least).unwrap_or(usize::MAX);
+                store.count_within(&key, t_ms, window_ms, keep)?
+            }
+            None => store.increment(&key)?,
+        };
         if n < c.at_least {
             debug!(count = n, at_least = c.at_least, "counted");
-            return Ok(false);
+            return Ok(Outcome::Counting { count: n });
         }
         count = Some(n);
     }
-    let mut once_key = None;
-    if let Some(paths) = &rule.once_per {
-        let Some(key) = state_key(rule, "once", paths, event) else {
-            return Ok(false);
+    let mut acted_key = None;
+    if let Some(limits) = &rule.limits {
+        let key = match state_key(rule, "once", &limits.once_per, event) {
+            Ok(key) => key,
+            Err(outcome) => return Ok(outcome),
         };
-        if store.once_done(&key)? {
-            debug!("already acted once for this key");
-            return Ok(false);
+        if let Some(last) = store.last_acted(&key)? {
+            let again = limits.again_after.is_some_and(|after| {
+                let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+                t_ms.saturating_sub(last) >= after_ms
+            });
+            if !again {
+                debug!("held back by [limits]: already acted for these values");
+                return Ok(Outcome::Suppressed);
+            }
         }
-        once_key = Some(key);
+        acted_key = Some(key);
     }
 
-    // Render first: an email that cannot be made leaves no trace, so a later event retries.
+    // Render first: an email that cannot be made changes no state, so a later event retries.
     let queued = match &rule.email {
         Some(action) => match render(rules, rule, action, event, count, default_from) {
             Ok(q) => Some(q),
             Err(reason) => {
-                warn!(%reason, "email not sent");
-                report
-                    .failed
-                    .push(format!("rule \"{}\": email not sent: {reason}", rule.name));
-                return Ok(false);
+                let reason = format!("email not sent: {reason}");
+                warn!(%reason, "action failed");
+                effects.push(Effect::EmailFailed {
+                    rule: rule.name.clone(),
+                    reason: reason.clone(),
+                });
+                return Ok(Outcome::Failed { reason });
             }
         },
         None => None,
     };
-    if let Some(key) = &once_key {
-        store.mark_once(key)?;
+    if let Some(key) = &acted_key {
+        store.mark_acted(key, t_ms)?;
     }
     if let Some(jsonl) = &rule.jsonl {
         effects.push(Effect::Line {
@@ -155,7 +208,7 @@ fn apply(
     if let Some(q) = queued {
         effects.push(Effect::Email(q));
     }
-    Ok(true)
+    Ok(Outcome::Fired)
 }
 
 fn render(
@@ -168,33 +221,42 @@ fn render(
 ) -> Result<QueuedEmail, String> {
     let mut data = event.template_context();
     data["count"] = count.map_or(Value::Null, Value::from);
-    let message =
+    let built =
         email::build(action, &rules.templates, &data, default_from).map_err(|e| e.to_string())?;
-    let envelope = message.envelope();
+    let envelope = built.message.envelope();
     let to: Vec<String> = envelope.to().iter().map(|a| a.to_string()).collect();
     Ok(QueuedEmail {
         rule: rule.name.clone(),
         from: envelope.from().map(|a| a.to_string()).unwrap_or_default(),
         to_masked: to.first().map(|a| mask_email(a)).unwrap_or_default(),
         to,
-        message: String::from_utf8_lossy(&message.formatted()).into_owned(),
+        subject: built.subject,
+        text: built.text,
+        message: String::from_utf8_lossy(&built.message.formatted()).into_owned(),
     })
 }
 
-/// The state key for `rule` at the values of `paths` in `event`; `None` (the rule does not count
-/// this event) when the event lacks one of them.
-fn state_key(rule: &Rule, kind: &str, paths: &[FieldPath], event: &Event) -> Option<StateKey> {
+/// The state key for `rule` at the values of `paths` in `event`, or [`Outcome::NoKey`] when the
+/// event lacks one of them (the rule then does not act on it).
+fn state_key(
+    rule: &Rule,
+    kind: &str,
+    paths: &[FieldPath],
+    event: &Event,
+) -> Result<StateKey, Outcome> {
     let mut values = Vec::with_capacity(paths.len());
     for path in paths {
         match path.lookup(event) {
             Some(v) => values.push(v),
             None => {
-                debug!(field = %path, "not counted: the event has no value for this field");
-                return None;
+                debug!(field = %path, "not acting: the event has no value for this field");
+                return Err(Outcome::NoKey {
+                    field: path.to_string(),
+                });
             }
         }
     }
-    Some(StateKey::new(&rule.name, kind, &values))
+    Ok(StateKey::new(&rule.name, kind, &values))
 }
 
 #[cfg(test)]
@@ -264,7 +326,10 @@ fields = { who = "distinct_id" }
             )
             .unwrap()
         };
-        assert_eq!(run_one("1", Some("a@x.io")).fired, Vec::<String>::new());
+        assert_eq!(
+            run_one("1", Some("a@x.io")).outcomes,
+            [(0, Outcome::Counting { count: 1 })]
+        );
         assert_eq!(
             run_one("1", Some("a@x.io")).duplicates,
             1,
@@ -272,22 +337,34 @@ fields = { who = "distinct_id" }
         );
         // The 2nd use has no address: nothing happens, and the once-key stays free.
         let r = run_one("2", None);
-        assert!(r.failed[0].contains("person.properties.email"), "{r:?}");
-        assert_eq!(run_one("3", Some("a@x.io")).fired, ["fifth"]);
-        assert_eq!(run_one("4", Some("a@x.io")).fired, Vec::<String>::new());
-        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(
+            r.failures(&set)[0].starts_with("rule \"fifth\": email not sent")
+                && r.failures(&set)[0].contains("person.properties.email"),
+            "{r:?}"
+        );
+        assert_eq!(run_one("3", Some("a@x.io")).fired(&set), ["fifth"]);
         assert_eq!(
-            effects[0],
+            run_one("4", Some("a@x.io")).outcomes,
+            [(0, Outcome::Suppressed)]
+        );
+        assert_eq!(effects.len(), 3, "{effects:?}");
+        assert!(
+            matches!(&effects[0], Effect::EmailFailed { rule, .. } if rule == "fifth"),
+            "a failed email is kept as failed: {effects:?}"
+        );
+        assert_eq!(
+            effects[1],
             Effect::Line {
                 file: Path::new("out.jsonl").into(),
                 line: "{\"who\":\"d\"}\n".into()
             }
         );
-        let Effect::Email(email) = &effects[1] else {
+        let Effect::Email(email) = &effects[2] else {
             panic!("{effects:?}")
         };
         assert_eq!(email.to, ["a@x.io"]);
         assert_eq!(email.to_masked, "a***@x.io");
         assert!(email.message.contains("count 3"), "{}", email.message);
+        assert_eq!((email.subject.as_str(), email.text.as_str()), ("hi", "count 3"));
     }
 }

@@ -21,6 +21,8 @@ pub struct Event {
     pub distinct_id: Value,
     /// When it happened, as RFC 3339 in UTC; the time tripline received it if the sender gave none.
     pub timestamp: Value,
+    /// The same instant, for time windows and `again_after`.
+    pub time: DateTime<Utc>,
     /// The event's properties: always an object.
     pub properties: Value,
     /// The person's properties as PostHog knew them: always an object (empty without a person).
@@ -243,6 +245,7 @@ fn normalize(
         uuid,
         distinct_id,
         timestamp: Value::String(timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        time: timestamp,
         properties,
         person_properties,
     })

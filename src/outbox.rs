@@ -73,6 +73,24 @@ impl OutboxRecord {
             finished_unix: None,
         }
     }
+
+    /// The record of an email a rule could not make (a field its template uses was missing):
+    /// failed from the start, with the reason, so that it is seen at `GET /outbox`.
+    pub fn not_made(rule: String, reason: String, now_unix: u64) -> OutboxRecord {
+        OutboxRecord {
+            rule,
+            from: String::new(),
+            to: Vec::new(),
+            to_masked: String::new(),
+            message: String::new(),
+            status: Status::Failed,
+            created_unix: now_unix,
+            attempts: 0,
+            next_attempt_unix: now_unix,
+            last_error: Some(reason),
+            finished_unix: Some(now_unix),
+        }
+    }
 }
 
 /// How a delivery attempt ended.

@@ -134,12 +134,12 @@ async fn webhook(
         return Err(AppError::NoRules);
     };
     let count = events.len();
-    let report = state.committer.submit(rules, events).await?;
+    let report = state.committer.submit(rules.clone(), events).await?;
     Ok(Json(json!({
         "accepted": count,
         "duplicates": report.duplicates,
-        "fired": report.fired,
-        "failed": report.failed,
+        "fired": report.fired(&rules),
+        "failed": report.failures(&rules),
     })))
 }
 

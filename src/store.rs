@@ -30,25 +30,56 @@ impl StateKey {
 #[error("the state store failed: {0}")]
 pub struct StoreError(pub String);
 
-/// Counters, once-keys and delivered event ids. Changes made through one value are applied
-/// together or not at all (for the database: when its transaction commits).
+/// Counters, time windows, when rules last acted, and delivered event ids. Changes made through
+/// one value are applied together or not at all (for the database: when its transaction commits).
+/// Times are milliseconds since 1970 of the events' own timestamps.
 pub trait Store {
     /// Records that the event `uuid` is being handled now; `false` if it was handled before.
     fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError>;
     /// Adds one to the counter at `key` and returns its new value.
     fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError>;
-    /// Whether `key` is marked.
-    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError>;
-    /// Marks `key`.
-    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError>;
+    /// Records an event at `t_ms` in the window at `key` and returns how many recorded events
+    /// fall within `window_ms` up to `t_ms` (see [`record_in_window`]).
+    fn count_within(
+        &mut self,
+        key: &StateKey,
+        t_ms: i64,
+        window_ms: i64,
+        keep: usize,
+    ) -> Result<u64, StoreError>;
+    /// When the rule last acted for `key`, if it ever did.
+    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError>;
+    /// Records that the rule acted for `key` at `t_ms`.
+    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError>;
 }
 
-/// State in memory, for running rules without side effects (and for tests).
+/// Adds `t` to the sorted event times of one window and returns how many fall in
+/// `(t - window, t]`, counting up to `keep`. Only what can still matter is kept: at most `keep`
+/// times (the threshold), none older than `window` before the newest, so a window's state stays
+/// small.
+pub fn record_in_window(times: &mut Vec<i64>, t: i64, window: i64, keep: usize) -> u64 {
+    let at = times.partition_point(|&x| x <= t);
+    times.insert(at, t);
+    let count = times[..=at]
+        .iter()
+        .filter(|&&x| x > t.saturating_sub(window))
+        .count()
+        .min(keep) as u64;
+    let newest = *times.last().expect("just inserted");
+    times.retain(|&x| x > newest.saturating_sub(window));
+    if times.len() > keep {
+        times.drain(..times.len() - keep);
+    }
+    count
+}
+
+/// State in memory, for running rules without side effects (`tripline test`, `replay`).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     seen: HashSet<String>,
     counters: HashMap<StateKey, u64>,
-    once: HashSet<StateKey>,
+    windows: HashMap<StateKey, Vec<i64>>,
+    acted: HashMap<StateKey, i64>,
 }
 
 impl Store for MemoryStore {
@@ -62,12 +93,23 @@ impl Store for MemoryStore {
         Ok(*n)
     }
 
-    fn once_done(&mut self, key: &StateKey) -> Result<bool, StoreError> {
-        Ok(self.once.contains(key))
+    fn count_within(
+        &mut self,
+        key: &StateKey,
+        t_ms: i64,
+        window_ms: i64,
+        keep: usize,
+    ) -> Result<u64, StoreError> {
+        let times = self.windows.entry(key.clone()).or_default();
+        Ok(record_in_window(times, t_ms, window_ms, keep))
     }
 
-    fn mark_once(&mut self, key: &StateKey) -> Result<(), StoreError> {
-        self.once.insert(key.clone());
+    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
+        Ok(self.acted.get(key).copied())
+    }
+
+    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError> {
+        self.acted.insert(key.clone(), t_ms);
         Ok(())
     }
 }
@@ -89,14 +131,31 @@ mod tests {
     }
 
     #[test]
+    fn windows_count_recent_events_and_stay_small() {
+        let mut times = Vec::new();
+        // window 10, threshold 3
+        assert_eq!(record_in_window(&mut times, 100, 10, 3), 1);
+        assert_eq!(record_in_window(&mut times, 105, 10, 3), 2);
+        assert_eq!(record_in_window(&mut times, 116, 10, 3), 1, "100 and 105 are too old");
+        assert_eq!(times, [116]);
+        assert_eq!(record_in_window(&mut times, 117, 10, 3), 2);
+        assert_eq!(record_in_window(&mut times, 118, 10, 3), 3);
+        assert_eq!(record_in_window(&mut times, 119, 10, 3), 3);
+        assert_eq!(times, [117, 118, 119], "at most the threshold is kept");
+        // An event that arrives late counts in its own window, as far as it is remembered.
+        assert_eq!(record_in_window(&mut times, 112, 10, 3), 1);
+        assert_eq!(times, [117, 118, 119]);
+    }
+
+    #[test]
     fn memory_store_counts_marks_and_dedupes() {
         let mut s = MemoryStore::default();
         let k = StateKey::new("r", "count", &[]);
         assert_eq!(s.increment(&k).unwrap(), 1);
         assert_eq!(s.increment(&k).unwrap(), 2);
-        assert!(!s.once_done(&k).unwrap());
-        s.mark_once(&k).unwrap();
-        assert!(s.once_done(&k).unwrap());
+        assert_eq!(s.last_acted(&k).unwrap(), None);
+        s.mark_acted(&k, 7).unwrap();
+        assert_eq!(s.last_acted(&k).unwrap(), Some(7));
         assert!(s.first_delivery("u", 0).unwrap());
         assert!(!s.first_delivery("u", 0).unwrap());
     }

@@ -26,13 +26,20 @@ pub struct EmailAction {
 #[error("{0}")]
 pub struct RenderError(String);
 
+/// A rendered email: the message, and its subject and text body as rendered.
+pub struct Built {
+    pub message: Message,
+    pub subject: String,
+    pub text: String,
+}
+
 /// Renders the whole message without sending it.
 pub fn build(
     action: &EmailAction,
     templates: &Templates,
     data: &Value,
     default_from: &Mailbox,
-) -> Result<Message, RenderError> {
+) -> Result<Built, RenderError> {
     let render = |key: &str, what: &str| {
         templates
             .render_text(key, data)
@@ -45,22 +52,27 @@ pub fn build(
             mask_email(to_text.trim())
         ))
     })?;
-    let subject = render(&action.subject_key, "subject")?;
+    let subject = render(&action.subject_key, "subject")?.trim().to_string();
     let text = render(&action.template, "email body")?;
     let builder = Message::builder()
         .from(action.from.clone().unwrap_or_else(|| default_from.clone()))
         .to(to)
-        .subject(subject.trim())
+        .subject(&subject)
         .message_id(None);
     let message = match templates.render_html(&action.template, data) {
         Some(html) => {
             let html =
                 html.map_err(|e| RenderError(format!("cannot fill in the HTML body: {e}")))?;
-            builder.multipart(MultiPart::alternative_plain_html(text, html))
+            builder.multipart(MultiPart::alternative_plain_html(text.clone(), html))
         }
-        None => builder.body(text),
+        None => builder.body(text.clone()),
     };
-    message.map_err(|e| RenderError(format!("cannot build the email: {e}")))
+    let message = message.map_err(|e| RenderError(format!("cannot build the email: {e}")))?;
+    Ok(Built {
+        message,
+        subject,
+        text,
+    })
 }
 
 /// `dana@example.com` → `d***@example.com`, so logs never carry whole addresses.

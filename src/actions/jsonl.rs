@@ -212,6 +212,7 @@ mod tests {
             uuid: Value::Null,
             distinct_id: json!("d"),
             timestamp: json!("2025-01-01T00:00:00Z"),
+            time: "2025-01-01T00:00:00Z".parse().unwrap(),
             properties: json!({"r": "  héllo wörld  ", "secret": "s"}),
             person_properties: json!({}),
         };

@@ -4,6 +4,7 @@ use regex::RegexBuilder;
 use serde_json::{Value, json};
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 use toml::Spanned;
 
 use crate::actions::email::EmailAction;
@@ -13,11 +14,14 @@ use crate::rules::condition::{Condition, Test};
 use crate::rules::diagnostic::{Diagnostic, did_you_mean};
 use crate::rules::file::*;
 use crate::rules::path::FieldPath;
-use crate::rules::{Count, Rule};
+use crate::rules::{Count, Limits, Rule};
 use crate::templates::{Templates, template_diagnostic};
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The largest threshold of a `[count]` with `within`: its state holds one time per counted event.
+const MAX_AT_LEAST_WITHIN: i64 = 1000;
 
 /// Compiles the rule in `source` (the text of `file`). Inline templates (`to`, `subject`) are
 /// added to `templates`. Returns every problem found, not just the first.
@@ -73,15 +77,26 @@ impl Compiler<'_> {
 
         let count = f.count.map(|count| {
             let at_least = *count.at_least.get_ref();
+            let within = count.within.as_ref().and_then(|w| self.duration(w));
             if at_least < 1 {
                 self.problem(count.at_least.span(), "`at_least` must be 1 or more", None);
+            } else if within.is_some() && at_least > MAX_AT_LEAST_WITHIN {
+                self.problem(
+                    count.at_least.span(),
+                    format!("with `within`, `at_least` can be at most {MAX_AT_LEAST_WITHIN}"),
+                    Some("tripline remembers the time of each counted event, up to `at_least` of them per key".into()),
+                );
             }
             Count {
                 per: self.paths(&count.per),
                 at_least: at_least.max(1) as u64,
+                within,
             }
         });
-        let once_per = f.limits.map(|l| self.paths(&l.once_per));
+        let limits = f.limits.map(|l| Limits {
+            once_per: self.paths(&l.once_per),
+            again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
+        });
 
         let email = f.email.map(|e| self.email(e, &name, templates));
         let jsonl = f.jsonl.map(|j| self.jsonl(j, data_dir));
@@ -98,13 +113,25 @@ impl Compiler<'_> {
             "description": f.description,
             "file": self.file.display().to_string(),
             "when": when_as_written(self.source),
-            "count": count.as_ref().map(|c| json!({
-                "per": c.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-                "at_least": c.at_least,
-            })),
-            "limits": once_per.as_ref().map(|o| json!({
-                "once_per": o.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-            })),
+            "count": count.as_ref().map(|c| {
+                let mut summary = json!({
+                    "per": c.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "at_least": c.at_least,
+                });
+                if let Some(d) = c.within {
+                    summary["within"] = humantime::format_duration(d).to_string().into();
+                }
+                summary
+            }),
+            "limits": limits.as_ref().map(|l| {
+                let mut summary = json!({
+                    "once_per": l.once_per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                });
+                if let Some(d) = l.again_after {
+                    summary["again_after"] = humantime::format_duration(d).to_string().into();
+                }
+                summary
+            }),
             "actions": actions_summary(email.as_ref().and_then(|e| e.as_ref()), jsonl.as_ref().and_then(|j| j.as_ref())),
         });
         Some(Rule {
@@ -113,7 +140,7 @@ impl Compiler<'_> {
             events: events?,
             when: condition?,
             count,
-            once_per,
+            limits,
             email: email.flatten(),
             jsonl: jsonl.flatten(),
             summary,
@@ -219,6 +246,25 @@ impl Compiler<'_> {
             Ok(p) => Some(p),
             Err(e) => {
                 self.problem(text.span(), e.message, e.hint);
+                None
+            }
+        }
+    }
+
+    /// A length of time such as "7 days", "24h" or "1h 30m".
+    fn duration(&mut self, text: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(text.get_ref().trim()) {
+            Ok(d) if d.is_zero() => {
+                self.problem(text.span(), "this length of time is zero", None);
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    text.span(),
+                    format!("this is not a length of time tripline can read ({e})"),
+                    Some("write it like \"30 minutes\", \"24 hours\", \"7 days\" or \"1h 30m\"".into()),
+                );
                 None
             }
         }

@@ -106,6 +106,9 @@ pub struct CountConfig {
     pub per: Vec<Spanned<String>>,
     /// The count at which the rule starts acting.
     pub at_least: Spanned<i64>,
+    /// Count only the events within this long before each event ("7 days", "24h").
+    #[serde(default)]
+    pub within: Option<Spanned<String>>,
 }
 
 /// `[limits]`.
@@ -114,6 +117,9 @@ pub struct CountConfig {
 pub struct LimitsConfig {
     /// Act at most once for each combination of these fields' values.
     pub once_per: Vec<Spanned<String>>,
+    /// Allow acting again for the same values this long after the last time ("7 days").
+    #[serde(default)]
+    pub again_after: Option<Spanned<String>>,
 }
 
 /// `[email]`.

@@ -15,6 +15,7 @@ pub mod path;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::JsonlAction;
@@ -36,8 +37,7 @@ pub struct Rule {
     /// index by event name settles.
     pub when: Condition,
     pub count: Option<Count>,
-    /// `[limits] once_per`.
-    pub once_per: Option<Vec<FieldPath>>,
+    pub limits: Option<Limits>,
     pub email: Option<EmailAction>,
     pub jsonl: Option<JsonlAction>,
     /// What `GET /rules` shows for it.
@@ -49,6 +49,15 @@ pub struct Rule {
 pub struct Count {
     pub per: Vec<FieldPath>,
     pub at_least: u64,
+    /// Count only the events this close before each one (by the events' own timestamps).
+    pub within: Option<Duration>,
+}
+
+/// `[limits]`: act once for each key, or again only after a while.
+#[derive(Debug)]
+pub struct Limits {
+    pub once_per: Vec<FieldPath>,
+    pub again_after: Option<Duration>,
 }
 
 /// Every rule of a rules folder, compiled, with the templates they use.
@@ -140,14 +149,15 @@ impl RuleSet {
         &self.rules
     }
 
-    /// The rules for an event named `name`, in file-name order. The event name is settled by
-    /// this index; each rule's `when` holds the rest of its conditions.
-    pub fn candidates<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s Rule> + 's {
+    /// The rules for an event named `name` with their indices in [`rules`](Self::rules), in
+    /// file-name order. The event name is settled by this index; each rule's `when` holds the
+    /// rest of its conditions.
+    pub fn candidates<'s>(&'s self, name: &str) -> impl Iterator<Item = (usize, &'s Rule)> + 's {
         self.by_event
             .get(name)
             .unwrap_or(&self.any_event)
             .iter()
-            .map(|&i| &self.rules[i])
+            .map(|&i| (i, &self.rules[i]))
     }
 }
 
@@ -203,6 +213,7 @@ mod tests {
         let body = format!(r#"{{"event":"{name}","properties":{props}}}"#);
         let event = &decode(body.as_bytes(), chrono::Utc::now()).unwrap()[0];
         set.candidates(event.name())
+            .map(|(_, r)| r)
             .filter(|r| r.when.holds(event))
             .map(|r| r.name.clone())
             .collect()

@@ -181,6 +181,7 @@ mod tests {
             uuid: json!("u-1"),
             distinct_id: json!("user_1"),
             timestamp: json!("2025-06-14T09:21:33.412Z"),
+            time: "2025-06-14T09:21:33.412Z".parse().unwrap(),
             properties: json!({"$lib": "web", "utm.source": "news", "$set": {"email": "a@b.c"}, "tags": ["x", "y"], "gone": null}),
             person_properties: json!({"email": "dana@example.com"}),
         }
