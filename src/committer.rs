@@ -225,7 +225,7 @@ impl Worker {
         let mut emails = 0;
         for effect in effects {
             match effect {
-                Effect::Line { file, line } => lines.entry(file).or_default().push_str(&line),
+                Effect::Line { file, line, .. } => lines.entry(file).or_default().push_str(&line),
                 Effect::Email(email) => {
                     txn.queue_email(&OutboxRecord::new(email, now))?;
                     emails += 1;

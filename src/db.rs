@@ -310,7 +310,11 @@ mod tests {
         assert!(!txn.first_delivery("u1", 200).unwrap());
         assert_eq!(txn.count_within(&key, 1_000, 500, 5).unwrap(), 1);
         assert_eq!(txn.count_within(&key, 1_400, 500, 5).unwrap(), 2);
-        assert_eq!(txn.count_within(&key, 1_600, 500, 5).unwrap(), 2, "1000 left the window");
+        assert_eq!(
+            txn.count_within(&key, 1_600, 500, 5).unwrap(),
+            2,
+            "1000 left the window"
+        );
         txn.mark_acted(&key, 1_600).unwrap();
         assert_eq!(txn.last_acted(&key).unwrap(), Some(1_600));
         assert!(txn.first_delivery("u2", 200).unwrap());

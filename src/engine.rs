@@ -20,8 +20,13 @@ use crate::store::{StateKey, Store, StoreError};
 /// Something a rule does, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Append `line` (newline included) to `file`, relative to the data folder.
-    Line { file: PathBuf, line: String },
+    /// Append `line` (newline included) to `file`, relative to the data folder, for the rule
+    /// at index `rule` of the rule set.
+    Line {
+        rule: usize,
+        file: PathBuf,
+        line: String,
+    },
     /// Queue an email for delivery.
     Email(QueuedEmail),
     /// An email that could not be made from the event: kept as failed, with the reason.
@@ -123,7 +128,7 @@ pub fn run(
         for (index, rule) in rules.candidates(event.name()) {
             if rule.when.holds(event) {
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                let outcome = apply(rules, rule, event, store, default_from, effects)?;
+                let outcome = apply(rules, index, event, store, default_from, effects)?;
                 report.outcomes.push((index, outcome));
             }
         }
@@ -134,12 +139,13 @@ pub fn run(
 /// Applies one matching rule.
 fn apply(
     rules: &RuleSet,
-    rule: &Rule,
+    index: usize,
     event: &Event,
     store: &mut dyn Store,
     default_from: &Mailbox,
     effects: &mut Vec<Effect>,
 ) -> Result<Outcome, StoreError> {
+    let rule = &rules.rules()[index];
     let t_ms = event.time.timestamp_millis();
     let mut count = None;
     if let Some(c) = &rule.count {
@@ -201,6 +207,7 @@ fn apply(
     }
     if let Some(jsonl) = &rule.jsonl {
         effects.push(Effect::Line {
+            rule: index,
             file: jsonl.file.clone(),
             line: jsonl.project(event),
         });
@@ -355,6 +362,7 @@ fields = { who = "distinct_id" }
         assert_eq!(
             effects[1],
             Effect::Line {
+                rule: 0,
                 file: Path::new("out.jsonl").into(),
                 line: "{\"who\":\"d\"}\n".into()
             }
@@ -365,6 +373,9 @@ fields = { who = "distinct_id" }
         assert_eq!(email.to, ["a@x.io"]);
         assert_eq!(email.to_masked, "a***@x.io");
         assert!(email.message.contains("count 3"), "{}", email.message);
-        assert_eq!((email.subject.as_str(), email.text.as_str()), ("hi", "count 3"));
+        assert_eq!(
+            (email.subject.as_str(), email.text.as_str()),
+            ("hi", "count 3")
+        );
     }
 }

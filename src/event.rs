@@ -88,6 +88,11 @@ pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, DecodeError
             DecodeError::NotJson(e.to_string())
         }
     })?;
+    decode_value(root, now)
+}
+
+/// Decodes an already parsed body (as [`decode`] does after parsing).
+pub fn decode_value(root: Value, now: DateTime<Utc>) -> Result<Vec<Event>, DecodeError> {
     let items = match root {
         Value::Array(items) if items.is_empty() => {
             return Err(DecodeError::NoEvent("the list is empty".into()));

@@ -13,9 +13,12 @@
 //! - [`outbox`]: the durable email queue and the task that delivers it (file or SMTP).
 //! - [`store`]: counters, once-keys and handled event ids behind one trait; [`db`]: its redb form.
 //! - [`reload`]: the running rule set and the file watcher that replaces it.
+//! - [`testcase`]: rule test cases (`*.test.toml`) run in memory on a virtual clock.
+//! - [`commands`]: `check`, `test` and `replay`, for rule authors.
 //! - [`config`]: server settings from flags and environment.
 
 pub mod actions;
+pub mod commands;
 pub mod committer;
 pub mod config;
 pub mod db;
@@ -27,3 +30,4 @@ pub mod rules;
 pub mod server;
 pub mod store;
 pub mod templates;
+pub mod testcase;

@@ -1,13 +1,13 @@
-//! The `tripline` command: `serve` runs the service, `check` validates rule files.
+//! The `tripline` command: `serve` runs the service; `check`, `test` and `replay` help rule
+//! authors (see `commands`).
 
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+use tripline::commands::{self, Folders, replay::ReplayArgs, test::TestArgs};
 use tripline::config::ServeConfig;
-use tripline::rules::RuleSet;
 
 #[derive(Parser)]
 #[command(
@@ -24,25 +24,26 @@ struct Cli {
 enum Command {
     /// Run the service: receive events on POST /webhook and apply the rules.
     Serve(ServeConfig),
-    /// Check the rule and template files without starting the service.
-    Check {
-        /// Folder of rule files.
-        #[arg(long, env = "TRIPLINE_RULES", default_value = "rules")]
-        rules: PathBuf,
-        /// Folder of email templates.
-        #[arg(long, env = "TRIPLINE_TEMPLATES", default_value = "templates")]
-        templates: PathBuf,
-        /// Data folder that output paths are checked against.
-        #[arg(long, env = "TRIPLINE_DATA", default_value = "data")]
-        data: PathBuf,
-    },
+    /// Check the rule, template and test files without starting the service.
+    Check(Folders),
+    /// Run the rule tests (*.test.toml beside the rules) with no side effects.
+    Test(TestArgs),
+    /// Replay a file of past events through the rules and show what would have happened.
+    Replay(ReplayArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The service logs what it does; the authoring commands print their own results and only
+    // log errors.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("TRIPLINE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("TRIPLINE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -64,23 +65,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check {
-            rules,
-            templates,
-            data,
-        } => match RuleSet::load(&rules, &templates, &data) {
-            Ok(set) => {
-                println!("ok: {} rules", set.rules().len());
-                ExitCode::SUCCESS
-            }
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("{}\n", p.render());
-                }
-                eprintln!("{} problem(s) found", problems.len());
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check(folders) => commands::check::run(&folders),
+        Command::Test(args) => commands::test::run(&args),
+        Command::Replay(args) => commands::replay::run(&args),
     }
 }
 

@@ -110,14 +110,17 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Writes emails as files in `<data_dir>/outbox`.
+    pub fn files_in(data_dir: &Path) -> std::io::Result<Transport> {
+        let dir = data_dir.join("outbox");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Transport::File(dir))
+    }
+
     /// Builds the transport from the server settings.
     pub fn from_config(config: &ServeConfig) -> anyhow::Result<Transport> {
         match config.email_transport {
-            EmailTransport::File => {
-                let dir = config.data.join("outbox");
-                std::fs::create_dir_all(&dir)?;
-                Ok(Transport::File(dir))
-            }
+            EmailTransport::File => Ok(Transport::files_in(&config.data)?),
             EmailTransport::Smtp => {
                 let host = config.smtp_host.as_deref().ok_or_else(|| {
                     anyhow::anyhow!(
@@ -235,7 +238,10 @@ pub async fn run_sender(
 }
 
 /// Attempts every email that is due; returns when the next one not yet due will be.
-fn deliver_due(db: &Db, transport: &Transport) -> Result<Option<u64>, crate::store::StoreError> {
+pub fn deliver_due(
+    db: &Db,
+    transport: &Transport,
+) -> Result<Option<u64>, crate::store::StoreError> {
     let mut next_due: Option<u64> = None;
     for (id, mut record) in db.pending_emails()? {
         let now = now_unix();

@@ -136,7 +136,11 @@ mod tests {
         // window 10, threshold 3
         assert_eq!(record_in_window(&mut times, 100, 10, 3), 1);
         assert_eq!(record_in_window(&mut times, 105, 10, 3), 2);
-        assert_eq!(record_in_window(&mut times, 116, 10, 3), 1, "100 and 105 are too old");
+        assert_eq!(
+            record_in_window(&mut times, 116, 10, 3),
+            1,
+            "100 and 105 are too old"
+        );
         assert_eq!(times, [116]);
         assert_eq!(record_in_window(&mut times, 117, 10, 3), 2);
         assert_eq!(record_in_window(&mut times, 118, 10, 3), 3);

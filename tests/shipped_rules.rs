@@ -34,7 +34,26 @@ fn shipped_rules_pass_tripline_check() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok: 2 rules\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok: 2 rules, 9 tests\n"
+    );
+}
+
+#[test]
+fn shipped_rules_pass_their_tests() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .current_dir(root())
+        .arg("test")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.ends_with("9 passed, 0 failed\n"), "{stdout}");
 }
 
 #[test]

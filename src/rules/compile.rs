@@ -263,7 +263,10 @@ impl Compiler<'_> {
                 self.problem(
                     text.span(),
                     format!("this is not a length of time tripline can read ({e})"),
-                    Some("write it like \"30 minutes\", \"24 hours\", \"7 days\" or \"1h 30m\"".into()),
+                    Some(
+                        "write it like \"30 minutes\", \"24 hours\", \"7 days\" or \"1h 30m\""
+                            .into(),
+                    ),
                 );
                 None
             }
@@ -566,7 +569,7 @@ fn regex_reason(e: &regex::Error) -> String {
 }
 
 /// A TOML or structure error, in a rule author's words.
-fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic {
+pub fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic {
     let span = e.span().unwrap_or(0..0);
     let raw = e.message().trim().to_string();
     if let Some((word, expected)) = parse_unknown_field(&raw) {
@@ -605,6 +608,13 @@ fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic
         .replace("expected a boolean", "expected true or false")
         .replace("expected a string", "expected text in quotes")
         .replace("expected a sequence", "expected a list like [\"a\", \"b\"]");
+    let message = match message.find("expected struct ") {
+        Some(at) => format!(
+            "{}expected a table like {{ key = \"value\" }}",
+            &message[..at]
+        ),
+        None => message,
+    };
     Diagnostic::at(file, source, span, message)
 }
 

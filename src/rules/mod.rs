@@ -161,14 +161,18 @@ impl RuleSet {
     }
 }
 
-/// The rule files of a folder, sorted: `*.toml`, skipping hidden files (editors' locks and swaps).
+/// The rule files of a folder, sorted: `*.toml`, skipping hidden files (editors' locks and swaps)
+/// and test files (`*.test.toml`).
 fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.ends_with(".toml") && !name.starts_with('.') && p.is_file()
+            name.ends_with(".toml")
+                && !name.ends_with(crate::testcase::SUFFIX)
+                && !name.starts_with('.')
+                && p.is_file()
         })
         .collect();
     files.sort();

@@ -1,0 +1,48 @@
+//! `tripline check`: validates everything the server would load, and the test files beside the
+//! rules, without starting anything. Exit 0 when all is well, 1 when anything is wrong.
+
+use std::process::ExitCode;
+
+use super::{Folders, print_problems, test_files};
+use crate::rules::RuleSet;
+use crate::rules::diagnostic::Diagnostic;
+use crate::testcase;
+
+/// Runs the check.
+pub fn run(folders: &Folders) -> ExitCode {
+    let mut problems = Vec::new();
+    let rules = match RuleSet::load(&folders.rules, &folders.templates, &folders.data) {
+        Ok(set) => Some(set),
+        Err(mut p) => {
+            problems.append(&mut p);
+            None
+        }
+    };
+    let mut tests = 0;
+    match test_files(&folders.rules) {
+        Ok(files) => {
+            for file in files {
+                match testcase::load(&file) {
+                    Ok(cases) => tests += cases.len(),
+                    Err(mut p) => problems.append(&mut p),
+                }
+            }
+        }
+        // The rule set already reported an unreadable folder.
+        Err(_) if rules.is_none() => {}
+        Err(e) => problems.push(Diagnostic::whole_file(
+            &folders.rules,
+            format!("cannot read the rules folder: {e}"),
+        )),
+    }
+    match rules {
+        Some(set) if problems.is_empty() => {
+            println!("ok: {} rules, {tests} tests", set.rules().len());
+            ExitCode::SUCCESS
+        }
+        _ => {
+            print_problems(&problems);
+            ExitCode::FAILURE
+        }
+    }
+}

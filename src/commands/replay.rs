@@ -1,0 +1,587 @@
+//! `tripline replay FILE`: streams past events through the rules and prints, per rule, what would
+//! have happened. By default nothing is written or sent (state lives in memory); with
+//! `--execute-into DIR` the actions really run into a separate data folder.
+//!
+//! The file may be JSON lines (one event or webhook body per line, any shape `/webhook` accepts),
+//! one JSON body, or a JSON list of events (a PostHog export); it is read as a stream, so its size
+//! does not matter. Windows and `again_after` go by the events' own timestamps, as in the service.
+
+use chrono::Utc;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lettre::message::Mailbox;
+use serde::de::{Deserializer as _, SeqAccess, Visitor};
+use serde_json::Value;
+use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Folders;
+use crate::actions::email::mask_email;
+use crate::actions::jsonl::JsonlFiles;
+use crate::committer::Committer;
+use crate::db::Db;
+use crate::engine::{self, Effect, Outcome, Report};
+use crate::event::{self, Event};
+use crate::outbox::{self, Transport};
+use crate::rules::RuleSet;
+use crate::store::MemoryStore;
+
+/// Events handled together (one transaction with `--execute-into`).
+const BATCH: usize = 1024;
+/// Unreadable items reported one by one; the rest are only counted.
+const SHOWN_ERRORS: usize = 5;
+
+/// Arguments of `tripline replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// File of past events: JSON lines, one JSON body, or a JSON list (a PostHog export).
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub folders: Folders,
+    /// Sender of emails whose rule does not set `from` (as for `serve`).
+    #[arg(
+        long,
+        env = "TRIPLINE_EMAIL_FROM",
+        default_value = "tripline <tripline@localhost>"
+    )]
+    pub email_from: Mailbox,
+    /// Really run the actions into this data folder (not the service's): lines are appended to
+    /// its files and emails written as .eml files to its outbox/ folder, never sent.
+    #[arg(long, value_name = "DIR")]
+    pub execute_into: Option<PathBuf>,
+    /// How many example outputs to show for each rule.
+    #[arg(long, default_value_t = 1)]
+    pub examples: usize,
+}
+
+/// What one rule did over the whole file.
+#[derive(Debug, Default, Clone)]
+struct RuleStats {
+    matched: u64,
+    fired: u64,
+    counting: u64,
+    held_back: u64,
+    no_key: u64,
+    failed: u64,
+    examples: Vec<String>,
+}
+
+/// Where the events go: state in memory, or the real store of another data folder.
+enum Sink {
+    DryRun(MemoryStore),
+    Execute {
+        runtime: tokio::runtime::Runtime,
+        committer: Committer,
+        thread: std::thread::JoinHandle<()>,
+        db: Arc<Db>,
+        dir: PathBuf,
+    },
+}
+
+/// Runs the replay.
+pub fn run(args: &ReplayArgs) -> ExitCode {
+    match replay(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    let Some(rules) = args.folders.load_rules() else {
+        anyhow::bail!("the rules have problems, so nothing was replayed (see `tripline check`)");
+    };
+    let rules = Arc::new(rules);
+    let file = std::fs::File::open(&args.file)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = ProgressBar::new(size).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {binary_bytes}/{binary_total_bytes} · {per_sec} · {eta} left",
+        )
+        .expect("a valid template"),
+    );
+    let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
+
+    let mut sink = match &args.execute_into {
+        None => Sink::DryRun(MemoryStore::default()),
+        Some(dir) => open_sink(dir, &args.folders.data, &args.email_from)?,
+    };
+    let mut stats = vec![RuleStats::default(); rules.rules().len()];
+    let mut totals = Totals::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut effects = Vec::new();
+    let started = Instant::now();
+    let mut failure = None;
+    let mut handle = |item: Item, batch: &mut Vec<Event>| -> anyhow::Result<()> {
+        match item {
+            Item::Value(position, value) => match event::decode_value(value, Utc::now()) {
+                Ok(mut events) => {
+                    totals.events += events.len() as u64;
+                    batch.append(&mut events);
+                }
+                Err(e) => totals.unreadable(format!("{position}: {e}")),
+            },
+            Item::Broken(position, e) => totals.unreadable(format!("{position}: {e}")),
+        }
+        if batch.len() >= BATCH {
+            let report = sink.handle(
+                &rules,
+                std::mem::take(batch),
+                &args.email_from,
+                &mut effects,
+            )?;
+            tally(
+                &rules,
+                &report,
+                &mut effects,
+                &mut stats,
+                &mut totals,
+                args.examples,
+            );
+        }
+        Ok(())
+    };
+    let read = read_items(reader, |item| {
+        if failure.is_none()
+            && let Err(e) = handle(item, &mut batch)
+        {
+            failure = Some(e);
+        }
+        failure.is_none()
+    });
+    bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let report = sink.handle(&rules, batch, &args.email_from, &mut effects)?;
+    tally(
+        &rules,
+        &report,
+        &mut effects,
+        &mut stats,
+        &mut totals,
+        args.examples,
+    );
+    let elapsed = started.elapsed();
+    let written = sink.finish()?;
+
+    print_summary(args, &rules, &stats, &totals, elapsed, written.as_deref());
+    Ok(())
+}
+
+fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<Sink> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    if let (Ok(a), Ok(b)) = (dir.canonicalize(), service_data.canonicalize())
+        && a == b
+    {
+        anyhow::bail!(
+            "{} is the service's data folder; replay into a separate folder so that the real state and outputs stay as they are",
+            dir.display()
+        );
+    }
+    let db = Arc::new(Db::open(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the state database in {} (is a tripline using it?): {e}",
+            dir.display()
+        )
+    })?);
+    let (committer, thread) = Committer::start(
+        db.clone(),
+        JsonlFiles::new(dir),
+        from.clone(),
+        Duration::from_secs(7 * 86_400),
+        Arc::new(tokio::sync::Notify::new()),
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    Ok(Sink::Execute {
+        runtime,
+        committer,
+        thread,
+        db,
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl Sink {
+    /// Runs one batch; in a dry run, the effects are left in `effects` for the examples.
+    fn handle(
+        &mut self,
+        rules: &Arc<RuleSet>,
+        events: Vec<Event>,
+        from: &Mailbox,
+        effects: &mut Vec<Effect>,
+    ) -> anyhow::Result<Report> {
+        if events.is_empty() {
+            return Ok(Report::default());
+        }
+        match self {
+            Sink::DryRun(store) => {
+                let now = outbox::now_unix();
+                Ok(engine::run(rules, &events, store, from, now, effects)?)
+            }
+            Sink::Execute {
+                runtime, committer, ..
+            } => Ok(runtime.block_on(committer.submit(rules.clone(), events))?),
+        }
+    }
+
+    /// Ends the run; with `--execute-into`, writes the queued emails and says where things went.
+    fn finish(self) -> anyhow::Result<Option<String>> {
+        let Sink::Execute {
+            committer,
+            thread,
+            db,
+            dir,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        drop(committer);
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
+        let transport = Transport::files_in(&dir)?;
+        outbox::deliver_due(&db, &transport)?;
+        Ok(Some(format!(
+            "Actions were run into {}: lines in its files, emails as .eml files in {}",
+            dir.display(),
+            dir.join("outbox").display()
+        )))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    events: u64,
+    duplicates: u64,
+    unreadable: u64,
+    errors: Vec<String>,
+}
+
+impl Totals {
+    fn unreadable(&mut self, message: String) {
+        self.unreadable += 1;
+        if self.errors.len() < SHOWN_ERRORS {
+            self.errors.push(message);
+        }
+    }
+}
+
+/// Adds one batch's outcomes to the per-rule counts, and keeps the first examples.
+fn tally(
+    rules: &RuleSet,
+    report: &Report,
+    effects: &mut Vec<Effect>,
+    stats: &mut [RuleStats],
+    totals: &mut Totals,
+    examples: usize,
+) {
+    totals.duplicates += report.duplicates as u64;
+    for (index, outcome) in &report.outcomes {
+        let s = &mut stats[*index];
+        s.matched += 1;
+        match outcome {
+            Outcome::Fired => s.fired += 1,
+            Outcome::Counting { .. } => s.counting += 1,
+            Outcome::Suppressed => s.held_back += 1,
+            Outcome::NoKey { .. } => s.no_key += 1,
+            Outcome::Failed { reason } => {
+                s.failed += 1;
+                if s.examples.len() < examples {
+                    s.examples.push(format!("failed: {reason}"));
+                }
+            }
+        }
+    }
+    for effect in effects.drain(..) {
+        let (index, example) = match effect {
+            Effect::Line { rule, file, line } => (
+                rule,
+                format!("{} ← {}", file.display(), clip(line.trim_end(), 200)),
+            ),
+            Effect::Email(q) => {
+                let Some(index) = rules.rules().iter().position(|r| r.name == q.rule) else {
+                    continue;
+                };
+                (
+                    index,
+                    format!(
+                        "email to {}: \"{}\"",
+                        mask_email(&q.to.join(", ")),
+                        q.subject
+                    ),
+                )
+            }
+            Effect::EmailFailed { .. } => continue,
+        };
+        if stats[index].examples.len() < examples {
+            stats[index].examples.push(example);
+        }
+    }
+}
+
+fn print_summary(
+    args: &ReplayArgs,
+    rules: &RuleSet,
+    stats: &[RuleStats],
+    totals: &Totals,
+    elapsed: Duration,
+    written: Option<&str>,
+) {
+    let events: u64 = totals.events;
+    let per_sec = events as f64 / elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "Replayed {} events from {} in {:.2} s ({} events/s){}.",
+        thousands(events),
+        args.file.display(),
+        elapsed.as_secs_f64(),
+        thousands(per_sec as u64),
+        if totals.duplicates > 0 {
+            format!(
+                "; {} repeated event ids skipped",
+                thousands(totals.duplicates)
+            )
+        } else {
+            String::new()
+        }
+    );
+    if totals.unreadable > 0 {
+        println!(
+            "{} items could not be read and were skipped:",
+            thousands(totals.unreadable)
+        );
+        for e in &totals.errors {
+            println!("  {e}");
+        }
+    }
+    let width = rules
+        .rules()
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!();
+    println!(
+        "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "rule", "matched", "fired", "counting", "held back", "no key", "failed"
+    );
+    for (rule, s) in rules.rules().iter().zip(stats) {
+        println!(
+            "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+            rule.name,
+            thousands(s.matched),
+            thousands(s.fired),
+            thousands(s.counting),
+            thousands(s.held_back),
+            thousands(s.no_key),
+            thousands(s.failed)
+        );
+    }
+    println!();
+    println!(
+        "matched: [when] held · counting: below [count] at_least · held back: by [limits] · no key: the event lacked a `per`/`once_per` field"
+    );
+    if stats.iter().any(|s| !s.examples.is_empty()) {
+        println!();
+        println!("Examples:");
+        for (rule, s) in rules.rules().iter().zip(stats) {
+            for e in &s.examples {
+                println!("  {}: {e}", rule.name);
+            }
+        }
+    }
+    println!();
+    match written {
+        Some(w) => println!("{w}"),
+        None => println!(
+            "Dry run: nothing was written or sent. Add --execute-into DIR to run the actions into a separate folder."
+        ),
+    }
+}
+
+/// One item of the file: a parsed JSON value with where it was, or why it could not be read.
+enum Item {
+    Value(Position, Value),
+    Broken(Position, String),
+}
+
+/// Where an item is, for messages.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    Line(u64),
+    Element(u64),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Position::Line(n) => write!(f, "line {n}"),
+            Position::Element(n) => write!(f, "item {n}"),
+        }
+    }
+}
+
+/// Calls `each` with every item of the file until it returns `false`. A file starting with `[`
+/// is a JSON list read element by element; otherwise JSON lines, or one JSON body spread over
+/// several lines. A broken line is reported and skipped; broken JSON inside a list ends the read.
+fn read_items(mut reader: impl BufRead, mut each: impl FnMut(Item) -> bool) -> Result<(), String> {
+    let first = loop {
+        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => {
+                let b = buf[i];
+                reader.consume(i);
+                break Some(b);
+            }
+            None if buf.is_empty() => break None,
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    };
+    match first {
+        None => Ok(()),
+        Some(b'[') => read_list(reader, each),
+        Some(_) => {
+            let mut line = String::new();
+            let mut number = 0u64;
+            let first_line = loop {
+                line.clear();
+                if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                    return Ok(());
+                }
+                number += 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if !each(Item::Value(Position::Line(number), v)) {
+                            return Ok(());
+                        }
+                    }
+                    // A body spread over several lines: read the whole file as JSON values.
+                    Err(_) if number == 1 => break std::mem::take(&mut line),
+                    Err(e) => {
+                        if !each(Item::Broken(Position::Line(number), e.to_string())) {
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            let whole = std::io::Cursor::new(first_line).chain(reader);
+            let mut n = 0;
+            for value in serde_json::Deserializer::from_reader(whole).into_iter::<Value>() {
+                n += 1;
+                match value {
+                    Ok(v) => {
+                        if !each(Item::Value(Position::Element(n), v)) {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(format!("not JSON lines nor JSON: {e}")),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads a JSON list one element at a time, so a large export never sits in memory whole.
+fn read_list(reader: impl Read, each: impl FnMut(Item) -> bool) -> Result<(), String> {
+    struct Elements<F>(F);
+    impl<'de, F: FnMut(Item) -> bool> Visitor<'de> for Elements<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            let mut n = 0;
+            while let Some(v) = seq.next_element::<Value>()? {
+                n += 1;
+                if !(self.0)(Item::Value(Position::Element(n), v)) {
+                    // Stop early: the rest is skipped unread.
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    de.deserialize_seq(Elements(each))
+        .map_err(|e| format!("the JSON list is broken: {e}"))
+}
+
+/// 1234567 → "1,234,567".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn clip(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(text: &str) -> (Vec<String>, Result<(), String>) {
+        let mut seen = Vec::new();
+        let result = read_items(text.as_bytes(), |item| {
+            seen.push(match item {
+                Item::Value(p, v) => format!("{p}: {v}"),
+                Item::Broken(p, _) => format!("{p}: broken"),
+            });
+            true
+        });
+        (seen, result)
+    }
+
+    #[test]
+    fn reads_json_lines_lists_and_pretty_bodies() {
+        let (seen, r) = items("{\"a\":1}\n\n{oops\n{\"b\":2}\n");
+        assert_eq!(
+            seen,
+            ["line 1: {\"a\":1}", "line 3: broken", "line 4: {\"b\":2}"]
+        );
+        assert!(r.is_ok());
+        let (seen, _) = items("  [ {\"a\":1},\n {\"b\":2} ]");
+        assert_eq!(seen, ["item 1: {\"a\":1}", "item 2: {\"b\":2}"]);
+        let (seen, _) = items("{\n  \"a\": 1\n}\n{\"b\": 2}");
+        assert_eq!(seen, ["item 1: {\"a\":1}", "item 2: {\"b\":2}"]);
+        let (_, r) = items("[ {\"a\":1}, oops ]");
+        assert!(r.unwrap_err().starts_with("the JSON list is broken"));
+    }
+
+    #[test]
+    fn formats_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}

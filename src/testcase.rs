@@ -1,0 +1,667 @@
+//! Rule test cases: the `*.test.toml` files beside the rules, run with no side effects by
+//! `tripline test`.
+//!
+//! A case sends its events through the whole rule set, with state in memory and a virtual clock
+//! (events without a timestamp are one second apart; `after = "3 days"` jumps ahead), then
+//! compares what the rules did with what the case expects. Loading a file checks it completely
+//! (unknown keys, unreadable fixtures, events that would be refused) and reports problems the
+//! same way as rule files, so `tripline check` can validate test files too.
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use lettre::message::Mailbox;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+use crate::engine::{self, Effect, Outcome};
+use crate::event::{self, Event};
+use crate::rules::RuleSet;
+use crate::rules::compile::{toml_diagnostic, toml_to_json_value};
+use crate::rules::diagnostic::{Diagnostic, did_you_mean};
+use crate::store::MemoryStore;
+
+/// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
+pub const SUFFIX: &str = ".test.toml";
+
+/// Where the virtual clock starts when a case does not say.
+const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
+
+/// The most copies one `repeat` may make, so a typo cannot exhaust memory.
+const MAX_REPEAT: i64 = 100_000;
+
+/// A test file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    /// The cases, each a `[[test]]` table.
+    #[serde(default)]
+    test: Vec<Spanned<CaseConfig>>,
+}
+
+/// One `[[test]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseConfig {
+    /// What the case shows, in words.
+    name: String,
+    /// When the virtual clock starts.
+    #[serde(default)]
+    start: Option<Spanned<toml::Value>>,
+    /// The events to send, in order.
+    events: Vec<Spanned<EventEntry>>,
+    /// What should happen.
+    expect: Expect,
+}
+
+/// One `[[test.events]]`: an event written inline (any shape `/webhook` accepts), or `file`.
+#[derive(Debug, Deserialize)]
+struct EventEntry {
+    /// A JSON file of events (a webhook body, a list, or JSON lines), relative to the test file.
+    #[serde(default)]
+    file: Option<String>,
+    /// Send this many copies, each a new event (its own uuid), one second apart.
+    #[serde(default)]
+    repeat: Option<i64>,
+    /// Move the virtual clock forward this long before these events ("3 days").
+    #[serde(default)]
+    after: Option<String>,
+    /// The event itself.
+    #[serde(flatten)]
+    event: toml::Table,
+}
+
+/// `[test.expect]`: only what is given is checked.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// The rules that act, in order, one entry per time; `[]` means nothing acts.
+    pub fired: Option<Vec<String>>,
+    /// Every email, in order.
+    pub emails: Option<Vec<ExpectEmail>>,
+    /// Every JSONL line, in order.
+    pub lines: Option<Vec<ExpectLine>>,
+    /// The rules whose action failed (an email that could not be filled in).
+    pub failed: Option<Vec<String>>,
+}
+
+/// One expected email.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectEmail {
+    pub to: Option<String>,
+    pub subject: Option<String>,
+    /// Pieces of text the plain-text body must contain.
+    #[serde(default)]
+    pub body_contains: Vec<String>,
+}
+
+/// One expected JSONL line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectLine {
+    /// The output file, as the rule names it.
+    pub file: Option<String>,
+    /// A table: the line's JSON has exactly these keys and values. Text: the exact line.
+    pub line: toml::Value,
+}
+
+/// A case ready to run.
+#[derive(Debug)]
+pub struct Case {
+    pub name: String,
+    pub events: Vec<Event>,
+    pub expect: Expect,
+}
+
+/// Reads and checks one test file.
+pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
+    let source = std::fs::read_to_string(file).map_err(|e| {
+        vec![Diagnostic::whole_file(
+            file,
+            format!("cannot read this file: {e}"),
+        )]
+    })?;
+    let parsed: TestFile =
+        toml::from_str(&source).map_err(|e| vec![toml_diagnostic(file, &source, &e)])?;
+    if parsed.test.is_empty() {
+        return Err(vec![
+            Diagnostic::whole_file(file, "this test file has no tests")
+                .with_hint("add a [[test]] table with a name, [[test.events]] and [test.expect]"),
+        ]);
+    }
+    let mut problems = Vec::new();
+    let mut cases = Vec::new();
+    for (index, case) in parsed.test.into_iter().enumerate() {
+        let span = case.span();
+        let case = case.into_inner();
+        let start = match &case.start {
+            None => DEFAULT_START.parse().expect("a valid constant date"),
+            Some(v) => {
+                let text = match v.get_ref() {
+                    toml::Value::Datetime(d) => d.to_string(),
+                    toml::Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                match event::parse_timestamp(&text) {
+                    Some(t) => t,
+                    None => {
+                        problems.push(
+                            Diagnostic::at(file, &source, v.span(), "`start` is not a date")
+                                .with_hint("write start = 2026-03-01T09:00:00Z"),
+                        );
+                        continue;
+                    }
+                }
+            }
+        };
+        if case.events.is_empty() {
+            problems.push(Diagnostic::at(
+                file,
+                &source,
+                span,
+                format!("test \"{}\" sends no events", case.name),
+            ));
+            continue;
+        }
+        let e = &case.expect;
+        if e.fired.is_none() && e.emails.is_none() && e.lines.is_none() && e.failed.is_none() {
+            problems.push(
+                Diagnostic::at(
+                    file,
+                    &source,
+                    span.clone(),
+                    format!("test \"{}\" expects nothing, so it could never fail", case.name),
+                )
+                .with_hint("under [test.expect], say what should happen: fired = [\"rule-name\"], emails = [...], lines = [...] or fired = [] for nothing"),
+            );
+        }
+        let mut clock = start;
+        let mut events = Vec::new();
+        for entry in case.events {
+            match entry_events(file, entry.get_ref(), &mut clock, index, events.len()) {
+                Ok(mut more) => events.append(&mut more),
+                Err(message) => problems.push(
+                    Diagnostic::at(file, &source, entry.span(), message.0).with_hint(message.1),
+                ),
+            }
+        }
+        cases.push(Case {
+            name: case.name,
+            events,
+            expect: case.expect,
+        });
+    }
+    if problems.is_empty() {
+        Ok(cases)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The events of one `[[test.events]]` entry, timed on the virtual `clock`. Errors are a
+/// message and a hint.
+fn entry_events(
+    test_file: &Path,
+    entry: &EventEntry,
+    clock: &mut DateTime<Utc>,
+    case_index: usize,
+    sent_before: usize,
+) -> Result<Vec<Event>, (String, String)> {
+    if let Some(after) = &entry.after {
+        let d = humantime::parse_duration(after.trim()).map_err(|e| {
+            (
+                format!("`after` is not a length of time ({e})"),
+                "write it like \"30 minutes\", \"3 days\" or \"1h 30m\"".to_string(),
+            )
+        })?;
+        *clock += TimeDelta::from_std(d).map_err(|_| {
+            (
+                "`after` is too long".to_string(),
+                "use a length under a few thousand years".to_string(),
+            )
+        })?;
+    }
+    let repeat = entry.repeat.unwrap_or(1);
+    if !(1..=MAX_REPEAT).contains(&repeat) {
+        return Err((
+            format!("`repeat` must be between 1 and {MAX_REPEAT}"),
+            "repeat = 5 sends the event five times".into(),
+        ));
+    }
+    let originals = match (&entry.file, entry.event.is_empty()) {
+        (Some(name), true) => {
+            let path = test_file.parent().unwrap_or(Path::new(".")).join(name);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                (
+                    format!("cannot read the events file {}: {e}", path.display()),
+                    "`file` is relative to the test file".to_string(),
+                )
+            })?;
+            decode_any(&bytes, *clock).map_err(|e| {
+                (
+                    format!("{}: {e}", path.display()),
+                    "the file must hold what /webhook accepts, or one such body per line"
+                        .to_string(),
+                )
+            })?
+        }
+        (Some(_), false) => {
+            return Err((
+                "an entry has either `file` or an event written inline, not both".into(),
+                "split it into two [[test.events]] entries".into(),
+            ));
+        }
+        (None, _) => {
+            let body = Value::Object(
+                entry
+                    .event
+                    .iter()
+                    .map(|(k, v)| (k.clone(), toml_to_json_value(v)))
+                    .collect(),
+            );
+            event::decode_value(body, *clock).map_err(|e| {
+                let why = match e {
+                    event::DecodeError::InvalidEvent { problem, .. } => problem,
+                    other => other.to_string(),
+                };
+                (
+                    format!("tripline would refuse this event: {why}"),
+                    "write it like event = \"feature_used\", distinct_id = \"user-1\", properties = { ... }"
+                        .to_string(),
+                )
+            })?
+        }
+    };
+    // Events without their own timestamp were decoded at `decoded_at`; they, and every copy
+    // after the first, take the clock's time, one second apart.
+    let decoded_at = *clock;
+    let mut events = Vec::new();
+    for copy in 0..repeat {
+        for original in &originals {
+            let mut e = original.clone();
+            if copy > 0 || e.time == decoded_at {
+                e.time = *clock;
+            }
+            e.timestamp = Value::String(e.time.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+            if copy > 0 || e.uuid.is_null() {
+                let n = sent_before + events.len() + 1;
+                e.uuid = Value::String(format!("test-{}-{n}", case_index + 1));
+            }
+            *clock = e.time + TimeDelta::seconds(1);
+            events.push(e);
+        }
+    }
+    Ok(events)
+}
+
+/// A whole JSON body in any accepted shape, or one such body per line.
+pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String> {
+    match event::decode(bytes, now) {
+        Ok(events) => Ok(events),
+        Err(event::DecodeError::NotJson(whole)) => {
+            let mut events = Vec::new();
+            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let mut more = event::decode(line, now).map_err(|e| {
+                    if i == 0 {
+                        format!("the file is not valid JSON: {whole}")
+                    } else {
+                        format!("line {}: {e}", i + 1)
+                    }
+                })?;
+                events.append(&mut more);
+            }
+            Ok(events)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs one case against `rules`; returns each way the outcome differs from what was expected
+/// (empty when the case passes).
+pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> {
+    let mut store = MemoryStore::default();
+    let mut effects = Vec::new();
+    let report = match engine::run(
+        rules,
+        &case.events,
+        &mut store,
+        default_from,
+        0,
+        &mut effects,
+    ) {
+        Ok(r) => r,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut problems = Vec::new();
+    let names = |wanted: &[String], problems: &mut Vec<String>| {
+        for name in wanted {
+            if !rules.rules().iter().any(|r| &r.name == name) {
+                let hint = did_you_mean(name, rules.rules().iter().map(|r| r.name.as_str()))
+                    .map(|c| format!(" (did you mean \"{c}\"?)"))
+                    .unwrap_or_default();
+                problems.push(format!("there is no rule named \"{name}\"{hint}"));
+            }
+        }
+    };
+    let e = &case.expect;
+    if let Some(fired) = &e.fired {
+        names(fired, &mut problems);
+        let actual = report.fired(rules);
+        if &actual != fired {
+            problems.push(format!(
+                "expected these rules to act: {}\n  but these did: {}",
+                list(fired),
+                list(&actual)
+            ));
+        }
+    }
+    if let Some(failed) = &e.failed {
+        names(failed, &mut problems);
+        let actual: Vec<String> = report
+            .outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Failed { .. }))
+            .map(|(i, _)| rules.rules()[*i].name.clone())
+            .collect();
+        if &actual != failed {
+            problems.push(format!(
+                "expected these rules to fail: {}\n  but these did: {}",
+                list(failed),
+                list(&actual)
+            ));
+        }
+    }
+    if let Some(wanted) = &e.emails {
+        compare_emails(wanted, &effects, &mut problems);
+    }
+    if let Some(wanted) = &e.lines {
+        compare_lines(wanted, &effects, &mut problems);
+    }
+    if !problems.is_empty() {
+        let failures = report.failures(rules);
+        if !failures.is_empty() {
+            problems.push(format!("failed actions: {}", failures.join("; ")));
+        }
+    }
+    problems
+}
+
+fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Email(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if actual.len() != wanted.len() {
+        let sent: Vec<String> = actual
+            .iter()
+            .map(|q| format!("to {} \"{}\"", q.to.join(", "), q.subject))
+            .collect();
+        problems.push(format!(
+            "expected {} email(s), got {}{}",
+            wanted.len(),
+            actual.len(),
+            if sent.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", sent.join("; "))
+            }
+        ));
+        return;
+    }
+    for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
+        let n = n + 1;
+        if let Some(to) = &want.to
+            && !got.to.iter().any(|t| t.eq_ignore_ascii_case(to))
+        {
+            problems.push(format!(
+                "email {n}: expected to {to}, but it goes to {}",
+                got.to.join(", ")
+            ));
+        }
+        if let Some(subject) = &want.subject
+            && subject != &got.subject
+        {
+            problems.push(format!(
+                "email {n}: expected the subject {subject:?}\n  but it is {:?}",
+                got.subject
+            ));
+        }
+        for piece in &want.body_contains {
+            if !got.text.contains(piece.as_str()) {
+                problems.push(format!(
+                    "email {n}: the body does not contain {piece:?}; it is:\n{}",
+                    indent(&got.text)
+                ));
+            }
+        }
+    }
+}
+
+fn compare_lines(wanted: &[ExpectLine], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<(&PathBuf, &str)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Line { file, line, .. } => Some((file, line.trim_end_matches('\n'))),
+            _ => None,
+        })
+        .collect();
+    if actual.len() != wanted.len() {
+        let written: Vec<String> = actual
+            .iter()
+            .map(|(f, l)| format!("{}: {l}", f.display()))
+            .collect();
+        problems.push(format!(
+            "expected {} line(s), got {}{}",
+            wanted.len(),
+            actual.len(),
+            if written.is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", indent(&written.join("\n")))
+            }
+        ));
+        return;
+    }
+    for (n, (want, (file, line))) in wanted.iter().zip(actual).enumerate() {
+        let n = n + 1;
+        if let Some(f) = &want.file
+            && Path::new(f) != file.as_path()
+        {
+            problems.push(format!(
+                "line {n}: expected it in {f}, but it went to {}",
+                file.display()
+            ));
+        }
+        let same = match &want.line {
+            toml::Value::String(text) => text == line,
+            table => serde_json::from_str::<Value>(line).ok() == Some(toml_to_json_value(table)),
+        };
+        if !same {
+            let expected = match &want.line {
+                toml::Value::String(text) => text.clone(),
+                table => toml_to_json_value(table).to_string(),
+            };
+            problems.push(format!(
+                "line {n}: expected\n    {expected}\n  but got\n    {line}"
+            ));
+        }
+    }
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "(none)".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULE: &str = r#"
+name = "weekly"
+[when]
+event = "used"
+[count]
+per = ["distinct_id"]
+at_least = 3
+within = "7 days"
+[limits]
+once_per = ["distinct_id"]
+again_after = "30 days"
+[jsonl]
+file = "out.jsonl"
+fields = { who = "distinct_id", at = "timestamp" }
+"#;
+
+    fn setup(
+        tests: &str,
+    ) -> (
+        tempfile::TempDir,
+        RuleSet,
+        Result<Vec<Case>, Vec<Diagnostic>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        std::fs::write(rules.join("weekly.toml"), RULE).unwrap();
+        std::fs::write(rules.join("weekly.test.toml"), tests).unwrap();
+        let set = RuleSet::load(&rules, &dir.path().join("t"), dir.path()).unwrap();
+        let cases = load(&rules.join("weekly.test.toml"));
+        (dir, set, cases)
+    }
+
+    fn from() -> Mailbox {
+        "t <t@localhost>".parse().unwrap()
+    }
+
+    #[test]
+    fn virtual_time_makes_windows_and_again_after_testable() {
+        let (_dir, set, cases) = setup(
+            r#"
+[[test]]
+name = "three uses in a week act; spread over two weeks they do not"
+[[test.events]]
+event = "used"
+distinct_id = "a"
+repeat = 2
+[[test.events]]
+event = "used"
+distinct_id = "a"
+after = "8 days"
+repeat = 3
+[[test.events]]
+event = "used"
+distinct_id = "a"
+after = "31 days"
+repeat = 3
+[test.expect]
+fired = ["weekly", "weekly"]
+lines = [
+  { line = { who = "a", at = "2026-01-09T00:00:04Z" } },
+  { file = "out.jsonl", line = '{"who":"a","at":"2026-02-09T00:00:07Z"}' },
+]
+"#,
+        );
+        let cases = cases.unwrap();
+        assert_eq!(cases[0].events.len(), 8);
+        assert_eq!(run(&cases[0], &set, &from()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_wrong_expectation_says_what_differs() {
+        let (_dir, set, cases) = setup(
+            r#"
+[[test]]
+name = "wrong"
+[[test.events]]
+event = "used"
+distinct_id = "a"
+repeat = 3
+[test.expect]
+fired = ["weekley"]
+lines = []
+"#,
+        );
+        let problems = run(&cases.unwrap()[0], &set, &from());
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert_eq!(
+            problems[0],
+            "there is no rule named \"weekley\" (did you mean \"weekly\"?)"
+        );
+        assert_eq!(
+            problems[1],
+            "expected these rules to act: weekley\n  but these did: weekly"
+        );
+        assert!(
+            problems[2].starts_with("expected 0 line(s), got 1:"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_broken_test_file_is_reported_with_its_position() {
+        let (_dir, _set, cases) = setup(
+            "[[test]]\nname = \"x\"\n[[test.events]]\nevent = 5\n[test.expect]\nfierd = []\n",
+        );
+        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
+        assert!(
+            problems[0].contains("weekly.test.toml:6:1: unknown key `fierd`")
+                && problems[0].contains("did you mean `fired`"),
+            "{problems:?}"
+        );
+        let (_dir, _set, cases) = setup(
+            "[[test]]\nname = \"x\"\n[[test.events]]\nevent = 5\n[test.expect]\nfired = []\n",
+        );
+        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
+        assert!(
+            problems[0].ends_with(
+                "weekly.test.toml:3:1: tripline would refuse this event: the event name (`event`) must be text, got a number \
+                 (write it like event = \"feature_used\", distinct_id = \"user-1\", properties = { ... })"
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn retried_uuids_count_once_and_repeat_makes_new_events() {
+        let (_dir, set, cases) = setup(
+            r#"
+[[test]]
+name = "the same uuid twice is one event"
+[[test.events]]
+event = "used"
+distinct_id = "a"
+uuid = "same"
+[[test.events]]
+event = "used"
+distinct_id = "a"
+uuid = "same"
+[[test.events]]
+event = "used"
+distinct_id = "a"
+uuid = "other"
+repeat = 2
+[test.expect]
+fired = ["weekly"]
+"#,
+        );
+        assert_eq!(run(&cases.unwrap()[0], &set, &from()), Vec::<String>::new());
+    }
+}
