@@ -223,6 +223,7 @@ impl Worker {
         }
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
         let mut emails = 0;
+        let mut not_made = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Line { file, line, .. } => lines.entry(file).or_default().push_str(&line),
@@ -231,7 +232,8 @@ impl Worker {
                     emails += 1;
                 }
                 Effect::EmailFailed { rule, reason } => {
-                    txn.record_failed_email(&OutboxRecord::not_made(rule, reason, now))?;
+                    txn.record_failed_email(&OutboxRecord::not_made(rule.clone(), reason, now))?;
+                    not_made.push(rule);
                 }
             }
         }
@@ -244,6 +246,10 @@ impl Worker {
             txn.set_jsonl_len(&file.to_string_lossy(), after)?;
         }
         txn.commit()?;
+        for rule in not_made {
+            metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => rule)
+                .increment(1);
+        }
         if expire {
             self.last_expiry = Some(Instant::now());
             if expired > 0 {

@@ -103,6 +103,12 @@ impl LiveRules {
             }
         };
         let ok = status.ok;
+        metrics::gauge!("tripline_rules_reload_success").set(if ok { 1.0 } else { 0.0 });
+        metrics::gauge!("tripline_rules_last_reload_timestamp_seconds")
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        if let Some(set) = self.current.load().as_ref() {
+            metrics::gauge!("tripline_rules_loaded").set(set.rules().len() as f64);
+        }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
         ok
     }

@@ -7,13 +7,15 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use chrono::SecondsFormat;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::{error, info};
@@ -32,6 +34,7 @@ pub struct AppState {
     pub rules: Arc<LiveRules>,
     pub committer: Committer,
     pub db: Arc<Db>,
+    pub metrics: PrometheusHandle,
 }
 
 /// The routes, with the body limit applied.
@@ -41,6 +44,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/rules", get(rules))
         .route("/outbox", get(outbox))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -62,6 +66,7 @@ pub async fn serve(
             config.data.display()
         )
     })?;
+    let metrics = metrics_recorder()?;
     let db = Arc::new(Db::open(&config.data).map_err(|e| {
         let why = if e.0.contains("Cannot acquire lock") {
             "another tripline is already running with this data folder".to_string()
@@ -102,6 +107,7 @@ pub async fn serve(
         rules: live,
         committer,
         db,
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -164,16 +170,53 @@ async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> 
     })))
 }
 
+/// The running rules with their files, the running set's content hash and load time, and the
+/// outcome of the last reload.
 async fn rules(State(state): State<AppState>) -> Json<Value> {
-    let running: Vec<Value> = state
-        .rules
-        .snapshot()
+    let set = state.rules.snapshot();
+    let running: Vec<Value> = set
+        .as_ref()
         .map(|set| set.rules().iter().map(|r| r.summary.clone()).collect())
         .unwrap_or_default();
     Json(json!({
+        "hash": set.as_ref().map(|s| s.hash.clone()),
+        "loaded_at": set.as_ref().map(|s| s.loaded_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         "rules": running,
         "last_reload": state.rules.status(),
     }))
+}
+
+/// Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+/// The process's Prometheus recorder, installed on first use.
+fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot start the metrics recorder: {e}"))?;
+    metrics::describe_gauge!(
+        "tripline_rules_reload_success",
+        "1 if the last load of the rule files succeeded, 0 if it failed (the previous rules keep running)"
+    );
+    metrics::describe_gauge!(
+        "tripline_rules_last_reload_timestamp_seconds",
+        "When the rule files were last loaded, successfully or not (Unix time)"
+    );
+    metrics::describe_gauge!("tripline_rules_loaded", "Rules running now");
+    metrics::describe_counter!(
+        "tripline_actions_failed_total",
+        "Actions that could not be made from an event (an email whose fields are missing), by kind and rule"
+    );
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 /// Every way a request can fail, and the status each one gets.

@@ -20,6 +20,8 @@ pub struct Templates {
     text: Handlebars<'static>,
     html: Handlebars<'static>,
     bodies: BTreeSet<String>,
+    /// Each template file's name and text, in name order, for the rule set's content hash.
+    files: Vec<(String, String)>,
 }
 
 impl Templates {
@@ -66,6 +68,7 @@ impl Templates {
                     continue;
                 }
             };
+            templates.files.push((file_name.to_string(), source.clone()));
             let registry = if is_html {
                 &mut templates.html
             } else {
@@ -100,7 +103,13 @@ impl Templates {
             text,
             html,
             bodies: BTreeSet::new(),
+            files: Vec::new(),
         }
+    }
+
+    /// Each template file's name and text, in name order.
+    pub fn files(&self) -> &[(String, String)] {
+        &self.files
     }
 
     /// Whether a body template of this name exists.

@@ -37,7 +37,11 @@ pub fn run(folders: &Folders) -> ExitCode {
     }
     match rules {
         Some(set) if problems.is_empty() => {
-            println!("ok: {} rules, {tests} tests", set.rules().len());
+            println!(
+                "ok: {} rules, {tests} tests; rule set hash {}",
+                set.rules().len(),
+                set.hash
+            );
             ExitCode::SUCCESS
         }
         _ => {

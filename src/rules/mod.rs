@@ -12,7 +12,9 @@ pub mod diagnostic;
 pub mod file;
 pub mod path;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,6 +72,11 @@ pub struct RuleSet {
     any_event: Vec<usize>,
     /// The templates, including each rule's `to` and `subject` lines.
     pub templates: Templates,
+    /// A short hash of every rule and template file's name and text: the same files give the
+    /// same hash, so what runs can be compared with what is on disk.
+    pub hash: String,
+    /// When the set was loaded.
+    pub loaded_at: DateTime<Utc>,
 }
 
 impl RuleSet {
@@ -92,6 +99,7 @@ impl RuleSet {
             }
         };
         let mut rules: Vec<Rule> = Vec::new();
+        let mut hasher = Sha256::new();
         for file in files {
             let source = match std::fs::read_to_string(&file) {
                 Ok(s) => s,
@@ -103,6 +111,7 @@ impl RuleSet {
                     continue;
                 }
             };
+            hash_file(&mut hasher, "rule", &file, &source);
             match compile::compile(&file, &source, data_dir, &mut templates) {
                 Ok(rule) => {
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
@@ -118,10 +127,17 @@ impl RuleSet {
             problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             return Err(problems);
         }
-        Ok(RuleSet::index(rules, templates))
+        for (name, source) in templates.files() {
+            hash_file(&mut hasher, "template", Path::new(name), source);
+        }
+        let hash = hasher.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(RuleSet::index(rules, templates, hash))
     }
 
-    fn index(rules: Vec<Rule>, templates: Templates) -> RuleSet {
+    fn index(rules: Vec<Rule>, templates: Templates, hash: String) -> RuleSet {
         let any_event: Vec<usize> = (0..rules.len())
             .filter(|&i| rules[i].events.is_none())
             .collect();
@@ -141,6 +157,8 @@ impl RuleSet {
             by_event,
             any_event,
             templates,
+            hash,
+            loaded_at: Utc::now(),
         }
     }
 
@@ -158,6 +176,16 @@ impl RuleSet {
             .unwrap_or(&self.any_event)
             .iter()
             .map(|&i| (i, &self.rules[i]))
+    }
+}
+
+/// Adds one file to the content hash: its kind, name and text, each length-prefixed so that no
+/// two different sets of files hash the same way by concatenation.
+fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
+    let name = file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    for part in [kind, &name, source] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
     }
 }
 
