@@ -5,10 +5,11 @@
 //! strict mode: a field the event does not have is an error, so an email is never sent half
 //! filled. Text is not escaped; HTML is.
 
-use handlebars::{Handlebars, TemplateError, TemplateErrorReason};
+use handlebars::template::{Parameter, TemplateElement};
+use handlebars::{Handlebars, PathSeg, Template, TemplateError, TemplateErrorReason};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::rules::diagnostic::Diagnostic;
 
@@ -20,9 +21,39 @@ pub struct Templates {
     text: Handlebars<'static>,
     html: Handlebars<'static>,
     bodies: BTreeSet<String>,
-    /// Each template file's name and text, in name order, for the rule set's content hash.
-    files: Vec<(String, String)>,
+    /// Each template file's path and text, in name order: for the content hash, and to point
+    /// diagnostics into the file.
+    files: Vec<(PathBuf, String)>,
 }
+
+/// Something a template refers to, found by [`Templates::references`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub kind: ReferenceKind,
+    /// As written, for messages.
+    pub text: String,
+    /// 1-based position in the template.
+    pub line: usize,
+    pub column: usize,
+}
+
+/// What a template refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// A field of the data: `person.properties.email` is `["person", "properties", "email"]`.
+    Field(Vec<String>),
+    /// A helper (`if`, `eq`, ...) by name.
+    Helper(String),
+    /// Another template included with `{{> name}}`, or a decorator (`{{* ...}}`).
+    Include,
+}
+
+/// The helpers a template may use. Others (`log` would write event data into the service's
+/// logs) are refused when the rules load.
+pub const HELPERS: &[&str] = &[
+    "if", "unless", "each", "with", "lookup", "eq", "ne", "gt", "gte", "lt", "lte", "and", "or",
+    "not", "len",
+];
 
 impl Templates {
     /// Reads every `*.text.hbs` and `*.html.hbs` file of `dir`, reporting each one that fails to
@@ -68,7 +99,7 @@ impl Templates {
                     continue;
                 }
             };
-            templates.files.push((file_name.to_string(), source.clone()));
+            templates.files.push((path.clone(), source.clone()));
             let registry = if is_html {
                 &mut templates.html
             } else {
@@ -107,9 +138,29 @@ impl Templates {
         }
     }
 
-    /// Each template file's name and text, in name order.
-    pub fn files(&self) -> &[(String, String)] {
+    /// Each template file's path and text, in name order.
+    pub fn files(&self) -> &[(PathBuf, String)] {
         &self.files
+    }
+
+    /// The file and text of a body template (`html` for its HTML part), if it exists.
+    pub fn file_of(&self, name: &str, html: bool) -> Option<&(PathBuf, String)> {
+        let file_name = format!("{name}{}", if html { HTML_SUFFIX } else { TEXT_SUFFIX });
+        self.files
+            .iter()
+            .find(|(p, _)| p.file_name().is_some_and(|n| n == file_name.as_str()))
+    }
+
+    /// Every field, helper and include that the template under `key` (an inline key, or a
+    /// body's name) uses outside `{{#each}}` and `{{#with}}` blocks, whose fields are relative
+    /// to something else.
+    pub fn references(&self, key: &str, html: bool) -> Vec<Reference> {
+        let registry = if html { &self.html } else { &self.text };
+        let mut out = Vec::new();
+        if let Some(t) = registry.get_template(key) {
+            walk(t, &mut out);
+        }
+        out
     }
 
     /// Whether a body template of this name exists.
@@ -137,6 +188,96 @@ impl Templates {
         self.html
             .has_template(name)
             .then(|| self.html.render(name, data).map_err(describe_render_error))
+    }
+}
+
+fn walk(t: &Template, out: &mut Vec<Reference>) {
+    for (i, e) in t.elements.iter().enumerate() {
+        let (line, column) = t.mapping.get(i).map_or((1, 1), |m| (m.0, m.1));
+        element(e, line, column, out);
+    }
+}
+
+fn element(e: &TemplateElement, line: usize, column: usize, out: &mut Vec<Reference>) {
+    let at = |kind, text: &str| Reference {
+        kind,
+        text: text.to_string(),
+        line,
+        column,
+    };
+    match e {
+        TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h) => {
+            let helper = match &h.name {
+                Parameter::Name(name) => Some(name.as_str()),
+                Parameter::Path(path) if !h.params.is_empty() || h.block => path_segments(path)
+                    .filter(|s| s.len() == 1)
+                    .map(|_| raw(path)),
+                _ => None,
+            };
+            match helper {
+                // `{{name}}` alone is a field unless a helper of that name exists.
+                Some(name) if h.params.is_empty() && !h.block && !HELPERS.contains(&name) => {
+                    out.push(at(ReferenceKind::Field(vec![name.to_string()]), name));
+                }
+                Some(name) => out.push(at(ReferenceKind::Helper(name.into()), name)),
+                None => parameter(&h.name, line, column, out),
+            }
+            for p in h.params.iter().chain(h.hash.values()) {
+                parameter(p, line, column, out);
+            }
+            if !matches!(helper, Some("each" | "with")) {
+                for inner in [&h.template, &h.inverse].into_iter().flatten() {
+                    walk(inner, out);
+                }
+            }
+        }
+        TemplateElement::PartialExpression(_)
+        | TemplateElement::PartialBlock(_)
+        | TemplateElement::DecoratorExpression(_)
+        | TemplateElement::DecoratorBlock(_) => {
+            out.push(at(ReferenceKind::Include, "{{> ...}}"));
+        }
+        _ => {}
+    }
+}
+
+fn parameter(p: &Parameter, line: usize, column: usize, out: &mut Vec<Reference>) {
+    match p {
+        Parameter::Path(path) => {
+            if let Some(segments) = path_segments(path) {
+                out.push(Reference {
+                    kind: ReferenceKind::Field(segments),
+                    text: raw(path).to_string(),
+                    line,
+                    column,
+                });
+            }
+        }
+        Parameter::Subexpression(sub) => element(&sub.element, line, column, out),
+        _ => {}
+    }
+}
+
+fn raw(path: &handlebars::Path) -> &str {
+    match path {
+        handlebars::Path::Relative((_, raw)) | handlebars::Path::Local((_, _, raw)) => raw,
+    }
+}
+
+/// The named segments of a path from the top of the data; `None` for `this`, `../`, `@index`
+/// and the like, which are relative to a block.
+fn path_segments(path: &handlebars::Path) -> Option<Vec<String>> {
+    match path {
+        handlebars::Path::Relative((segments, _)) => segments
+            .iter()
+            .map(|s| match s {
+                PathSeg::Named(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect(),
+        handlebars::Path::Local(_) => None,
     }
 }
 
@@ -189,6 +330,47 @@ mod tests {
         assert_eq!(
             t.render_text("hi", &json!({})).unwrap_err(),
             "the event has no `name`"
+        );
+    }
+
+    #[test]
+    fn finds_fields_helpers_and_includes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("t.text.hbs"),
+            "Hi {{person.properties.emial}},\n{{#if (eq properties.plan \"pro\")}}{{count}}{{else}}{{nope}}{{/if}}\n\
+             {{#each properties.items}}{{this.name}}{{/each}}{{log properties.x}}{{> other}}",
+        )
+        .unwrap();
+        let (t, problems) = Templates::load(dir.path());
+        assert!(problems.is_empty(), "{problems:?}");
+        let found: Vec<(String, usize, usize)> = t
+            .references("t", false)
+            .into_iter()
+            .map(|r| (format!("{:?}", r.kind), r.line, r.column))
+            .collect();
+        let field = |s: &[&str]| {
+            format!(
+                "{:?}",
+                ReferenceKind::Field(s.iter().map(|x| x.to_string()).collect())
+            )
+        };
+        let helper = |s: &str| format!("{:?}", ReferenceKind::Helper(s.into()));
+        assert_eq!(
+            found,
+            [
+                (field(&["person", "properties", "emial"]), 1, 4),
+                (helper("if"), 2, 1),
+                (helper("eq"), 2, 1),
+                (field(&["properties", "plan"]), 2, 1),
+                (field(&["count"]), 2, 35),
+                (field(&["nope"]), 2, 52),
+                (helper("each"), 3, 1),
+                (field(&["properties", "items"]), 3, 1),
+                (helper("log"), 3, 49),
+                (field(&["properties", "x"]), 3, 49),
+                (format!("{:?}", ReferenceKind::Include), 3, 69),
+            ]
         );
     }
 

@@ -14,6 +14,7 @@ use crate::rules::condition::{Condition, Test};
 use crate::rules::diagnostic::{Diagnostic, did_you_mean};
 use crate::rules::file::*;
 use crate::rules::path::FieldPath;
+use crate::rules::template_check::{self, Known, Place};
 use crate::rules::{Count, Limits, Rule};
 use crate::templates::{Templates, template_diagnostic};
 
@@ -98,8 +99,25 @@ impl Compiler<'_> {
             again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
         });
 
+        let email_spans = f
+            .email
+            .as_ref()
+            .map(|e| (e.get_ref().to.span(), e.get_ref().subject.span()));
         let email = f.email.map(|e| self.email(e, &name, templates));
         let jsonl = f.jsonl.map(|j| self.jsonl(j, data_dir));
+        if let (Some(Some(action)), Some((to_span, subject_span))) = (&email, email_spans) {
+            let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
+            paths.extend(count.iter().flat_map(|c| &c.per));
+            paths.extend(limits.iter().flat_map(|l| &l.once_per));
+            paths.extend(
+                jsonl
+                    .iter()
+                    .flatten()
+                    .flat_map(|j| j.fields.iter().map(|f| &f.from)),
+            );
+            let known = Known::new(paths, count.is_some());
+            self.check_templates(action, &known, templates, to_span, subject_span);
+        }
         if email.is_none() && jsonl.is_none() {
             self.problem(
                 0..0,
@@ -247,6 +265,44 @@ impl Compiler<'_> {
             Err(e) => {
                 self.problem(text.span(), e.message, e.hint);
                 None
+            }
+        }
+    }
+
+    /// Checks what the email's templates use (see `template_check.rs`).
+    fn check_templates(
+        &mut self,
+        action: &EmailAction,
+        known: &Known,
+        templates: &Templates,
+        to_span: Range<usize>,
+        subject_span: Range<usize>,
+    ) {
+        for (key, span) in [
+            (&action.to_key, to_span),
+            (&action.subject_key, subject_span),
+        ] {
+            let place = Place::Rule {
+                file: self.file,
+                source: self.source,
+                span,
+            };
+            template_check::check(
+                &templates.references(key, false),
+                known,
+                &place,
+                &mut self.problems,
+            );
+        }
+        for html in [false, true] {
+            if let Some((file, source)) = templates.file_of(&action.template, html) {
+                let place = Place::File { file, source };
+                template_check::check(
+                    &templates.references(&action.template, html),
+                    known,
+                    &place,
+                    &mut self.problems,
+                );
             }
         }
     }

@@ -45,6 +45,17 @@ pub enum Test {
 }
 
 impl Condition {
+    /// Every field path the condition tests.
+    pub fn paths(&self) -> Vec<&FieldPath> {
+        match self {
+            Condition::All(list) | Condition::Any(list) => {
+                list.iter().flat_map(Condition::paths).collect()
+            }
+            Condition::Not(inner) => inner.paths(),
+            Condition::Field { path, .. } => vec![path],
+        }
+    }
+
     /// Whether `event` satisfies this condition.
     pub fn holds(&self, event: &Event) -> bool {
         match self {

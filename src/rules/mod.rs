@@ -2,8 +2,8 @@
 //! [`RuleSet`].
 //!
 //! `file.rs` mirrors the TOML, `compile.rs` turns it into runnable [`Rule`]s, `condition.rs` and
-//! `path.rs` hold what matching needs, and `diagnostic.rs` reports problems as
-//! `file:line:col: message`. A set is loaded whole or not at all: one problem anywhere means the
+//! `path.rs` hold what matching needs, `template_check.rs` checks what email templates use, and
+//! `diagnostic.rs` reports problems as `file:line:col: message`. A set is loaded whole or not at all: one problem anywhere means the
 //! caller keeps whatever set it had.
 
 pub mod compile;
@@ -11,6 +11,7 @@ pub mod condition;
 pub mod diagnostic;
 pub mod file;
 pub mod path;
+pub mod template_check;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -125,10 +126,12 @@ impl RuleSet {
         }
         if !problems.is_empty() {
             problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            // A template file used by several rules would report the same problem for each.
+            problems.dedup();
             return Err(problems);
         }
         for (name, source) in templates.files() {
-            hash_file(&mut hasher, "template", Path::new(name), source);
+            hash_file(&mut hasher, "template", name, source);
         }
         let hash = hasher.finalize()[..8]
             .iter()
@@ -182,7 +185,10 @@ impl RuleSet {
 /// Adds one file to the content hash: its kind, name and text, each length-prefixed so that no
 /// two different sets of files hash the same way by concatenation.
 fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
-    let name = file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     for part in [kind, &name, source] {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());

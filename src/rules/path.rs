@@ -121,6 +121,18 @@ impl FieldPath {
     }
 }
 
+impl FieldPath {
+    /// For `properties.x…` and `person.properties.x…`: whether it is a person property, and `x`.
+    pub fn property(&self) -> Option<(bool, &str)> {
+        let first = self.segments.first()?;
+        match self.root {
+            Root::Properties => Some((false, first)),
+            Root::PersonProperties => Some((true, first)),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)

@@ -1,0 +1,193 @@
+//! Checks, when rules load, what a rule's email templates use: fields that no event can have
+//! (`{{propreties.plan}}`), likely typos of known fields (`{{person.properties.emial}}`),
+//! `{{count}}` in a rule that does not count, helpers that are not allowed, and includes.
+//!
+//! Whether a given event has a field is only known when it arrives; then a missing field fails
+//! the email with its reason (see `engine.rs`). What can be caught from the files is caught here.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::Path;
+
+use crate::rules::diagnostic::{Diagnostic, did_you_mean};
+use crate::rules::path::FieldPath;
+use crate::templates::{HELPERS, Reference, ReferenceKind};
+
+/// What a template may name at its top level.
+const ROOTS: &[&str] = &[
+    "event",
+    "uuid",
+    "distinct_id",
+    "timestamp",
+    "properties",
+    "person",
+    "count",
+];
+
+/// Person properties PostHog users commonly set: typos of these are caught.
+const PERSON_PROPERTIES: &[&str] = &[
+    "email",
+    "name",
+    "first_name",
+    "last_name",
+    "plan",
+    "company",
+    "role",
+    "language",
+    "$geoip_country_code",
+    "$geoip_city_name",
+];
+
+/// Event properties PostHog's libraries send: typos of these are caught.
+const EVENT_PROPERTIES: &[&str] = &[
+    "$current_url",
+    "$pathname",
+    "$host",
+    "$browser",
+    "$os",
+    "$device_type",
+    "$referrer",
+    "$referring_domain",
+    "$lib",
+    "$session_id",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+];
+
+/// The property names a rule is known to deal with: the ones it names anywhere (conditions,
+/// counters, limits, output fields) and PostHog's common ones.
+pub struct Known {
+    event: BTreeSet<String>,
+    person: BTreeSet<String>,
+    has_count: bool,
+}
+
+impl Known {
+    /// From every path the rule names, and whether it has `[count]`.
+    pub fn new<'a>(paths: impl IntoIterator<Item = &'a FieldPath>, has_count: bool) -> Known {
+        let mut known = Known {
+            event: EVENT_PROPERTIES.iter().map(|s| s.to_string()).collect(),
+            person: PERSON_PROPERTIES.iter().map(|s| s.to_string()).collect(),
+            has_count,
+        };
+        for path in paths {
+            match path.property() {
+                Some((true, name)) => known.person.insert(name.to_string()),
+                Some((false, name)) => known.event.insert(name.to_string()),
+                None => false,
+            };
+        }
+        known
+    }
+}
+
+/// Where a template's text is, to point at it.
+pub enum Place<'a> {
+    /// A one-line template in the rule file (`to`, `subject`), at this byte span.
+    Rule {
+        file: &'a Path,
+        source: &'a str,
+        span: Range<usize>,
+    },
+    /// A template file; references carry their own line and column.
+    File { file: &'a Path, source: &'a str },
+}
+
+/// Adds a diagnostic for each problem among `references`.
+pub fn check(references: &[Reference], known: &Known, place: &Place, out: &mut Vec<Diagnostic>) {
+    for r in references {
+        let Some((message, hint)) = problem(r, known) else {
+            continue;
+        };
+        let d = match place {
+            Place::Rule { file, source, span } => {
+                Diagnostic::at(file, source, span.clone(), message)
+            }
+            Place::File { file, source } => {
+                Diagnostic::at_line(file, source, r.line, r.column, message)
+            }
+        };
+        out.push(d.with_hint(hint));
+    }
+}
+
+/// What is wrong with one reference, and how to fix it.
+fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
+    let segments = match &r.kind {
+        ReferenceKind::Include => {
+            return Some((
+                "a template cannot include another template (`{{> ...}}`)".into(),
+                "write the text into this template".into(),
+            ));
+        }
+        ReferenceKind::Helper(name) if HELPERS.contains(&name.as_str()) => return None,
+        ReferenceKind::Helper(name) => {
+            let hint = match did_you_mean(name, HELPERS.iter().copied()) {
+                Some(close) => format!("did you mean `{close}`?"),
+                None => format!("templates can use: {}", HELPERS.join(", ")),
+            };
+            return Some((format!("`{name}` cannot be used in templates"), hint));
+        }
+        ReferenceKind::Field(segments) => segments,
+    };
+    let root = segments.first()?.as_str();
+    let rest = &segments[1..];
+    match root {
+        "event" | "uuid" | "distinct_id" | "timestamp" if rest.is_empty() => None,
+        "event" | "uuid" | "distinct_id" | "timestamp" => Some((
+            format!("`{}`: `{root}` is text and has no parts", r.text),
+            format!("write {{{{{root}}}}}"),
+        )),
+        "count" if !known.has_count => Some((
+            "`count` is only filled in for rules with a [count] table".into(),
+            "remove {{count}} from the template, or add [count] to the rule".into(),
+        )),
+        "count" => None,
+        "properties" => typo(rest, &known.event, "properties"),
+        "person" => match rest.first().map(String::as_str) {
+            Some("properties") => typo(&rest[1..], &known.person, "person.properties"),
+            _ => Some((
+                format!(
+                    "`{}`: a person's fields are under person.properties",
+                    r.text
+                ),
+                format!(
+                    "write {{{{person.properties.{}}}}}",
+                    rest.first().map_or("email", String::as_str)
+                ),
+            )),
+        },
+        other => {
+            let hint = if known.person.contains(other) {
+                format!("did you mean {{{{person.properties.{other}}}}}?")
+            } else if known.event.contains(other) {
+                format!("did you mean {{{{properties.{other}}}}}?")
+            } else if let Some(close) = did_you_mean(other, ROOTS.iter().copied()) {
+                format!("did you mean `{close}`?")
+            } else {
+                "fields start with properties., person.properties., event, distinct_id, uuid, timestamp or count"
+                    .into()
+            };
+            Some((format!("`{}` is not a field of an event", r.text), hint))
+        }
+    }
+}
+
+/// A property name one typo away from a known one (and not itself known) is most likely that typo.
+fn typo(rest: &[String], known: &BTreeSet<String>, prefix: &str) -> Option<(String, String)> {
+    let name = rest.first()?;
+    if known.contains(name) {
+        return None;
+    }
+    let close = known.iter().find(|k| {
+        let distance = strsim::damerau_levenshtein(name, k);
+        distance == 1 || (distance == 2 && name.chars().count() >= 8)
+    })?;
+    Some((
+        format!("`{prefix}.{name}` looks like a typo of `{prefix}.{close}`"),
+        format!(
+            "if `{name}` is right, add \"{prefix}.{name}\" = {{ exists = true }} to [when]: the rule then only acts on events that have it"
+        ),
+    ))
+}
