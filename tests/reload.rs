@@ -95,6 +95,52 @@ fn a_broken_file_keeps_the_old_rules_running_and_shows_where_it_is_wrong() {
     });
 }
 
+/// The running set's hash is the one `tripline check` prints for the same files, and the reload
+/// gauge follows each reload's outcome.
+#[test]
+fn rules_endpoint_hash_matches_check_and_metrics_gauge_follows_reloads() {
+    let server = Server::start();
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripline"))
+            .arg("check")
+            .arg("--rules")
+            .arg(&server.rules)
+            .arg("--templates")
+            .arg(&server.templates)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.trim_end().rsplit(' ').next().unwrap().to_string()
+    };
+    let gauge = |s: &Server| {
+        let (status, text) = s.get("/metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix("tripline_rules_reload_success "))
+            .map(str::to_string)
+    };
+    let hash = server.rules_status()["hash"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 16);
+    assert_eq!(check(), hash);
+    assert_eq!(gauge(&server).as_deref(), Some("1"));
+
+    let file = server.rules.join("training_data.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    write(&file, &good.replace("[jsonl]", "[jsnol]"));
+    server.wait_for("the gauge to drop", |s| gauge(s).as_deref() == Some("0"));
+    assert_eq!(
+        server.rules_status()["hash"].as_str(),
+        Some(hash.as_str()),
+        "the old set keeps running"
+    );
+
+    write(&file, &good.replace("max_chars = 100", "max_chars = 120"));
+    server.wait_for("the gauge to rise", |s| gauge(s).as_deref() == Some("1"));
+    let new_hash = server.rules_status()["hash"].as_str().unwrap().to_string();
+    assert_ne!(new_hash, hash);
+    assert_eq!(check(), new_hash);
+}
+
 #[test]
 fn an_editor_save_by_rename_is_picked_up() {
     let server = Server::start();

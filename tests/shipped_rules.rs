@@ -34,9 +34,10 @@ fn shipped_rules_pass_tripline_check() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok: 2 rules, 9 tests\n"
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("ok: 2 rules, 9 tests; rule set hash "),
+        "{stdout}"
     );
 }
 
@@ -86,7 +87,9 @@ fn tripline_check_reports_problems_and_fails() {
 }
 
 /// The ```toml blocks of docs/RULES.md: every one is valid TOML, and every one with a `name` is a
-/// complete rule that loads (together, so their names must differ too).
+/// complete rule that loads (together, so their names must differ too). Recipes that name their
+/// file (`# file: ...`) are checked against that file, with its own templates, in
+/// tests/authoring.rs.
 #[test]
 fn every_rule_in_the_docs_loads() {
     let doc = std::fs::read_to_string(root().join("docs/RULES.md")).unwrap();
@@ -103,12 +106,12 @@ fn every_rule_in_the_docs_loads() {
     for (i, block) in blocks.iter().enumerate() {
         let table: toml::Table =
             toml::from_str(block).unwrap_or_else(|e| panic!("block {i}:\n{block}\n{e}"));
-        if table.contains_key("name") {
+        if table.contains_key("name") && !block.starts_with("# file: ") {
             std::fs::write(rules.join(format!("doc{i:02}.toml")), block).unwrap();
             complete += 1;
         }
     }
-    assert!(complete >= 8, "found {complete} complete rules");
+    assert!(complete >= 2, "found {complete} complete rules");
     let set =
         RuleSet::load(&rules, &root().join("templates"), dir.path()).unwrap_or_else(|problems| {
             panic!(

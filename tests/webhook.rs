@@ -362,6 +362,45 @@ fn health_and_rules_endpoints() {
     assert_eq!(sink["actions"][0]["file"], json!("training_data.jsonl"));
 }
 
+/// An email whose recipient is missing is held as failed: visible at /outbox with the reason,
+/// counted in /metrics, and never sent half filled.
+#[test]
+fn an_email_missing_a_field_is_held_as_failed_visible_and_counted() {
+    let server = Server::start();
+    let anonymous = json!({"event": "feature_used", "distinct_id": "anon-1",
+        "properties": {"feature_name": "export"}});
+    for _ in 0..4 {
+        assert_eq!(server.post_fresh(&anonymous).0, 200);
+    }
+    let (status, reply) = server.post_fresh(&anonymous);
+    assert_eq!(status, 200);
+    assert_eq!(reply["fired"], json!([]));
+    let reason = reply["failed"][0].as_str().unwrap();
+    assert!(
+        reason.contains("the event has no `person.properties.email`"),
+        "{reason}"
+    );
+    let outbox = server.outbox();
+    assert_eq!(outbox["pending"], json!(0));
+    assert_eq!(outbox["recent"][0]["status"], json!("failed"));
+    assert_eq!(outbox["recent"][0]["rule"], json!("power-user-discount"));
+    assert!(
+        outbox["recent"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("person.properties.email"),
+        "{outbox}"
+    );
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains(
+            "tripline_actions_failed_total{kind=\"email\",rule=\"power-user-discount\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(server.emails().is_empty(), "nothing was sent");
+}
+
 #[test]
 fn settings_can_come_from_the_environment() {
     let server = Server::start_with_env(&[

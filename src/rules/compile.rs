@@ -99,13 +99,14 @@ impl Compiler<'_> {
             again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
         });
 
-        let email_spans = f
-            .email
-            .as_ref()
-            .map(|e| (e.get_ref().to.span(), e.get_ref().subject.span()));
+        let email_parts = f.email.as_ref().map(|e| {
+            let e = e.get_ref();
+            (e.template.get_ref().clone(), e.to.span(), e.subject.span())
+        });
         let email = f.email.map(|e| self.email(e, &name, templates));
         let jsonl = f.jsonl.map(|j| self.jsonl(j, data_dir));
-        if let (Some(Some(action)), Some((to_span, subject_span))) = (&email, email_spans) {
+        // Checked even when another part of the email is wrong, so that every problem shows.
+        if let Some((body, to_span, subject_span)) = email_parts {
             let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
             paths.extend(count.iter().flat_map(|c| &c.per));
             paths.extend(limits.iter().flat_map(|l| &l.once_per));
@@ -116,7 +117,11 @@ impl Compiler<'_> {
                     .flat_map(|j| j.fields.iter().map(|f| &f.from)),
             );
             let known = Known::new(paths, count.is_some());
-            self.check_templates(action, &known, templates, to_span, subject_span);
+            let inline = [
+                (inline_key(&name, "to"), to_span),
+                (inline_key(&name, "subject"), subject_span),
+            ];
+            self.check_templates(&body, inline, &known, templates);
         }
         if email.is_none() && jsonl.is_none() {
             self.problem(
@@ -272,33 +277,29 @@ impl Compiler<'_> {
     /// Checks what the email's templates use (see `template_check.rs`).
     fn check_templates(
         &mut self,
-        action: &EmailAction,
+        body: &str,
+        inline: [(String, Range<usize>); 2],
         known: &Known,
         templates: &Templates,
-        to_span: Range<usize>,
-        subject_span: Range<usize>,
     ) {
-        for (key, span) in [
-            (&action.to_key, to_span),
-            (&action.subject_key, subject_span),
-        ] {
+        for (key, span) in inline {
             let place = Place::Rule {
                 file: self.file,
                 source: self.source,
                 span,
             };
             template_check::check(
-                &templates.references(key, false),
+                &templates.references(&key, false),
                 known,
                 &place,
                 &mut self.problems,
             );
         }
         for html in [false, true] {
-            if let Some((file, source)) = templates.file_of(&action.template, html) {
+            if let Some((file, source)) = templates.file_of(body, html) {
                 let place = Place::File { file, source };
                 template_check::check(
-                    &templates.references(&action.template, html),
+                    &templates.references(body, html),
                     known,
                     &place,
                     &mut self.problems,
@@ -315,10 +316,10 @@ impl Compiler<'_> {
                 None
             }
             Ok(d) => Some(d),
-            Err(e) => {
+            Err(_) => {
                 self.problem(
                     text.span(),
-                    format!("this is not a length of time tripline can read ({e})"),
+                    "this is not a length of time tripline can read",
                     Some(
                         "write it like \"30 minutes\", \"24 hours\", \"7 days\" or \"1h 30m\""
                             .into(),
@@ -475,8 +476,8 @@ impl Compiler<'_> {
             );
             ok = false;
         }
-        let to_key = format!("rule:{rule}:to");
-        let subject_key = format!("rule:{rule}:subject");
+        let to_key = inline_key(rule, "to");
+        let subject_key = inline_key(rule, "subject");
         for (key, text, what) in [
             (&to_key, &e.to, "`to`"),
             (&subject_key, &e.subject, "`subject`"),
@@ -569,6 +570,11 @@ impl Compiler<'_> {
             fields,
         })
     }
+}
+
+/// The key under which a rule's `to` or `subject` line is registered as a template.
+fn inline_key(rule: &str, part: &str) -> String {
+    format!("rule:{rule}:{part}")
 }
 
 fn actions_summary(email: Option<&EmailAction>, jsonl: Option<&JsonlAction>) -> Value {

@@ -44,6 +44,14 @@ impl Diagnostic {
         column: usize,
         message: impl Into<String>,
     ) -> Self {
+        // A parser may point just past the end (an unclosed block): show the last line instead.
+        let lines = source.lines().count();
+        let (line, column) = if lines > 0 && line > lines {
+            let last = source.lines().last().unwrap_or_default();
+            (lines, last.chars().count() + 1)
+        } else {
+            (line, column)
+        };
         Diagnostic {
             file: file.to_path_buf(),
             line,

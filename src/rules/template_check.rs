@@ -123,11 +123,10 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
         }
         ReferenceKind::Helper(name) if HELPERS.contains(&name.as_str()) => return None,
         ReferenceKind::Helper(name) => {
-            let hint = match did_you_mean(name, HELPERS.iter().copied()) {
-                Some(close) => format!("did you mean `{close}`?"),
-                None => format!("templates can use: {}", HELPERS.join(", ")),
-            };
-            return Some((format!("`{name}` cannot be used in templates"), hint));
+            return Some((
+                format!("`{name}` cannot be used in templates"),
+                format!("templates can use: {}", HELPERS.join(", ")),
+            ));
         }
         ReferenceKind::Field(segments) => segments,
     };
