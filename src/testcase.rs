@@ -27,6 +27,21 @@ pub const SUFFIX: &str = ".test.toml";
 /// Where the virtual clock starts when a case does not say.
 const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
 
+/// The keys an inline test event may have besides `file`, `repeat` and `after`: those of a flat
+/// event or of the webhook envelope. Anything else is most likely a typo (`repat = 5`).
+const EVENT_KEYS: &[&str] = &[
+    "event",
+    "name",
+    "uuid",
+    "distinct_id",
+    "timestamp",
+    "properties",
+    "person",
+    "elements_chain",
+    "captured_at",
+    "url",
+];
+
 /// The most copies one `repeat` may make, so a typo cannot exhaust memory.
 const MAX_REPEAT: i64 = 100_000;
 
@@ -221,6 +236,21 @@ fn entry_events(
                 "use a length under a few thousand years".to_string(),
             )
         })?;
+    }
+    if let Some(key) = entry
+        .event
+        .keys()
+        .find(|k| !EVENT_KEYS.contains(&k.as_str()))
+    {
+        let allowed = ["file", "repeat", "after"].iter().chain(EVENT_KEYS);
+        let hint = match did_you_mean(key, allowed.copied()) {
+            Some(close) => format!("did you mean `{close}`?"),
+            None => format!(
+                "an event has {}; an entry may also have file, repeat and after",
+                EVENT_KEYS[..7].join(", ")
+            ),
+        };
+        return Err((format!("unknown key `{key}` in this event"), hint));
     }
     let repeat = entry.repeat.unwrap_or(1);
     if !(1..=MAX_REPEAT).contains(&repeat) {
@@ -634,6 +664,20 @@ lines = []
             problems[0].ends_with(
                 "weekly.test.toml:3:1: tripline would refuse this event: the event name (`event`) must be text, got a number \
                  (write it like event = \"feature_used\", distinct_id = \"user-1\", properties = { ... })"
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_typo_in_an_inline_event_is_not_silently_sent() {
+        let (_dir, _set, cases) = setup(
+            "[[test]]\nname = \"x\"\n[[test.events]]\nevent = \"used\"\nrepat = 3\n[test.expect]\nfired = []\n",
+        );
+        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
+        assert!(
+            problems[0].ends_with(
+                "weekly.test.toml:3:1: unknown key `repat` in this event (did you mean `repeat`?)"
             ),
             "{problems:?}"
         );
