@@ -103,7 +103,7 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = ProgressBar::new(size).with_style(
         ProgressStyle::with_template(
-            "{bar:40} {binary_bytes}/{binary_total_bytes} · {per_sec} · {eta} left",
+            "{bar:40} {binary_bytes}/{binary_total_bytes} · {binary_bytes_per_sec} · {eta} left",
         )
         .expect("a valid template"),
     );
