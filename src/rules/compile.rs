@@ -32,20 +32,70 @@ pub fn compile(
     data_dir: &Path,
     templates: &mut Templates,
 ) -> Result<Rule, Vec<Diagnostic>> {
-    let parsed: RuleFile = match toml::from_str(source) {
-        Ok(parsed) => parsed,
-        Err(e) => return Err(vec![toml_diagnostic(file, source, &e)]),
-    };
     let mut c = Compiler {
         file,
         source,
         problems: Vec::new(),
     };
+    let parsed = parse_reporting_every_unknown_key(file, source, &mut c.problems)
+        .ok_or_else(|| c.problems.clone())?;
     let rule = c.rule(parsed, data_dir, templates);
     match rule {
         Some(rule) if c.problems.is_empty() => Ok(rule),
         _ => Err(c.problems),
     }
+}
+
+/// Parses the file. serde stops at its first error; so that a file with several misspelled keys
+/// shows them all, each line holding an unknown key is blanked out (spaces, so every position
+/// stays the same) and the text parsed again. Any other structural error ends the parse.
+fn parse_reporting_every_unknown_key(
+    file: &Path,
+    source: &str,
+    problems: &mut Vec<Diagnostic>,
+) -> Option<RuleFile> {
+    const MAX_ROUNDS: usize = 50;
+    let mut text = source.to_string();
+    for _ in 0..MAX_ROUNDS {
+        // After unknown keys were blanked, the rest of the file is still checked; the reported
+        // problems keep it from loading.
+        let e = match toml::from_str::<RuleFile>(&text) {
+            Ok(parsed) => return Some(parsed),
+            Err(e) => e,
+        };
+        // A key misspelled earlier is now missing: the "did you mean" already says so.
+        let suggested = |key: &str| {
+            let wanted = format!("did you mean `{key}`?");
+            problems
+                .iter()
+                .any(|p| p.hint.as_deref().is_some_and(|h| h.contains(&wanted)))
+        };
+        match e.message().strip_prefix("missing field `") {
+            Some(rest) if suggested(rest.trim_end().trim_end_matches('`')) => return None,
+            _ => problems.push(toml_diagnostic(file, source, &e)),
+        }
+        let line = e
+            .span()
+            .filter(|_| e.message().starts_with("unknown field"))
+            .and_then(|span| whole_line_entry(&text, span.start))?;
+        text.replace_range(line.clone(), &" ".repeat(line.len()));
+    }
+    None
+}
+
+/// The byte range of the line at `at` if it is one whole `key = value` entry on its own line
+/// (so blanking it leaves valid TOML).
+fn whole_line_entry(text: &str, at: usize) -> Option<Range<usize>> {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = &text[start..end];
+    let entry = line.trim();
+    let key_first = text[start..at].trim().is_empty();
+    let opens = entry.ends_with('[')
+        || entry.ends_with('{')
+        || entry.ends_with("\"\"\"")
+        || entry.ends_with("'''");
+    (key_first && entry.contains('=') && !opens).then_some(start..end)
 }
 
 struct Compiler<'a> {
@@ -734,6 +784,25 @@ mod tests {
         let p = problems(&src);
         assert!(
             p[0].contains("unknown key `gtt` (did you mean `gt`?"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn every_misspelled_key_of_a_file_is_reported_then_the_rest_is_checked() {
+        let src = format!(
+            "name = \"r\"\ndescripton = \"x\"\n[when]\nevent = \"x\"\n\"propreties.a\" = 1\n\
+             [count]\nper = [\"distinct_id\"]\nat_least = 2\nwithn = \"7 days\"\n{JSONL}"
+        );
+        let p = problems(&src);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p[0].starts_with("r.toml:2:1: unknown key `descripton`"),
+            "{p:?}"
+        );
+        assert!(p[1].starts_with("r.toml:9:1: unknown key `withn`"), "{p:?}");
+        assert!(
+            p[2].starts_with("r.toml:5:1: `propreties.a` is not a field"),
             "{p:?}"
         );
     }
