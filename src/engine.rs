@@ -1,10 +1,12 @@
 //! The engine: decides what a batch of events does under one rule set.
 //!
 //! For each event not seen before (by `uuid`), each candidate rule (indexed by event name) is
-//! checked in file order: `[when]` → `[count]` (bump the counter, act from `at_least` on) →
-//! `[limits] once_per` → actions. The engine changes state only through a [`Store`] and performs
-//! no I/O: it returns the [`Effect`]s (lines to append, emails to queue), which the committer makes
-//! durable together with the state changes.
+//! checked in file order: `[when]` → `[count]` (bump the counter or time window, act from
+//! `at_least` on) → `[limits]` (once per key, or again after a while) → actions. Each rule whose
+//! `[when]` held gets an [`Outcome`]. The engine changes state only through a [`Store`] and
+//! performs no I/O: it returns the [`Effect`]s (lines to append, emails to queue, emails that could
+//! not be made), which the committer makes durable together with the state changes, and which
+//! `tripline test` and `replay` inspect instead.
 
 use lettre::message::Mailbox;
 use serde_json::Value;

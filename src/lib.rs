@@ -6,12 +6,13 @@
 //! - [`event`]: decoding every body shape PostHog sends into one normalized [`event::Event`].
 //! - [`rules`]: rule files → compiled, indexed [`rules::RuleSet`]; diagnostics with file:line:col.
 //! - [`templates`]: email templates (Handlebars, strict).
-//! - [`engine`]: decides what events do under a rule set: dedupe → match → count → once-limit →
-//!   effects (lines to append, emails to queue). No I/O.
+//! - [`engine`]: decides what events do under a rule set: dedupe → match → count (or window) →
+//!   limits → effects (lines to append, emails to queue). No I/O.
 //! - [`committer`]: group commit — one thread makes the effects of many requests durable at once.
 //! - [`actions`]: one module per action kind (`email` rendering, `jsonl` projection and files).
 //! - [`outbox`]: the durable email queue and the task that delivers it (file or SMTP).
-//! - [`store`]: counters, once-keys and handled event ids behind one trait; [`db`]: its redb form.
+//! - [`store`]: counters, time windows, last actions and handled event ids behind one trait;
+//!   [`db`]: its redb form.
 //! - [`reload`]: the running rule set and the file watcher that replaces it.
 //! - [`testcase`]: rule test cases (`*.test.toml`) run in memory on a virtual clock.
 //! - [`commands`]: `check`, `test` and `replay`, for rule authors.
