@@ -11,7 +11,8 @@
 //! - `seen`: event uuid → unix seconds first handled, and `seen_by_time` to expire them;
 //! - `jsonl_len`: output file → its length as of the last commit (lines past it were never
 //!   acknowledged and are cut off at start-up);
-//! - `outbox` and `outbox_done`: email id → record (JSON); `meta`: the next email id.
+//! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
+//!   [`KEEP_FINISHED`]; `meta`: the next email id.
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::Path;
@@ -28,6 +29,9 @@ const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How many finished (sent or failed) emails the outbox history keeps.
+pub const KEEP_FINISHED: u64 = 10_000;
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
@@ -158,7 +162,19 @@ impl WriteTxn {
     pub fn record_failed_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
         let id = self.next_email_id()?;
         self.put_email(OUTBOX_DONE, id, record)?;
+        self.trim_finished()?;
         Ok(id)
+    }
+
+    /// Keeps the newest [`KEEP_FINISHED`] finished emails: the history is for looking at recent
+    /// deliveries (totals are in `/metrics`), and must not grow with every event.
+    fn trim_finished(&mut self) -> Result<(), StoreError> {
+        let mut done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
+        let mut extra = done.len().map_err(err)?.saturating_sub(KEEP_FINISHED);
+        while extra > 0 && done.pop_first().map_err(err)?.is_some() {
+            extra -= 1;
+        }
+        Ok(())
     }
 
     fn next_email_id(&mut self) -> Result<u64, StoreError> {
@@ -183,7 +199,8 @@ impl WriteTxn {
             .map_err(err)?
             .remove(id)
             .map_err(err)?;
-        self.put_email(OUTBOX_DONE, id, record)
+        self.put_email(OUTBOX_DONE, id, record)?;
+        self.trim_finished()
     }
 
     fn put_email(
@@ -285,6 +302,21 @@ impl Store for WriteTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_finished_email_history_keeps_only_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.write().unwrap();
+        let record = OutboxRecord::not_made("r".into(), "no email".into(), 0);
+        for _ in 0..KEEP_FINISHED + 5 {
+            txn.record_failed_email(&record).unwrap();
+        }
+        txn.commit().unwrap();
+        let status = db.outbox_status(1).unwrap();
+        assert_eq!(status.finished, KEEP_FINISHED);
+        assert_eq!(status.recent[0].0, KEEP_FINISHED + 5, "the newest is kept");
+    }
 
     #[test]
     fn state_survives_reopening_and_uncommitted_changes_do_not() {
