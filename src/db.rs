@@ -14,7 +14,9 @@
 //! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
 //!   [`KEEP_FINISHED`]; `meta`: the next email id.
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use std::path::Path;
 
 use crate::outbox::OutboxRecord;
@@ -29,6 +31,41 @@ const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The table of once-marks written before `again_after` existed (key → nothing).
+const ONCE_BEFORE_0_2: TableDefinition<&str, ()> = TableDefinition::new("once");
+
+/// Moves once-marks from the older `once` table into `acted`, at time 0 ("long ago"), so that a
+/// rule that acted before an upgrade does not act again for the same person.
+fn migrate_once_marks(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let old_exists = txn
+        .list_tables()
+        .map_err(err)?
+        .any(|t| t.name() == ONCE_BEFORE_0_2.name());
+    if !old_exists {
+        return Ok(());
+    }
+    let keys: Vec<String> = {
+        let old = txn.open_table(ONCE_BEFORE_0_2).map_err(err)?;
+        old.iter()
+            .map_err(err)?
+            .map(|row| row.map(|(k, _)| k.value().to_string()).map_err(err))
+            .collect::<Result<_, _>>()?
+    };
+    let mut acted = txn.open_table(ACTED).map_err(err)?;
+    for key in &keys {
+        if acted.get(key.as_str()).map_err(err)?.is_none() {
+            acted.insert(key.as_str(), 0).map_err(err)?;
+        }
+    }
+    drop(acted);
+    txn.delete_table(ONCE_BEFORE_0_2).map_err(err)?;
+    tracing::info!(
+        marks = keys.len(),
+        "moved once-marks to the new `acted` table"
+    );
+    Ok(())
+}
 
 /// How many finished (sent or failed) emails the outbox history keeps.
 pub const KEEP_FINISHED: u64 = 10_000;
@@ -58,6 +95,7 @@ impl Db {
             txn.open_table(OUTBOX).map_err(err)?;
             txn.open_table(OUTBOX_DONE).map_err(err)?;
             txn.open_table(META).map_err(err)?;
+            migrate_once_marks(&txn)?;
         }
         txn.commit().map_err(err)?;
         Ok(Db { db })
@@ -302,6 +340,30 @@ impl Store for WriteTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn once_marks_of_an_older_database_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = StateKey::new("r", "once", &[]);
+        {
+            let db = Database::create(dir.path().join("tripline.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(ONCE_BEFORE_0_2)
+                .unwrap()
+                .insert(key.as_str(), ())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.write().unwrap().last_acted(&key).unwrap(), Some(0));
+        drop(db);
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(
+            db.write().unwrap().last_acted(&key).unwrap(),
+            Some(0),
+            "twice is harmless"
+        );
+    }
 
     #[test]
     fn the_finished_email_history_keeps_only_the_newest() {
