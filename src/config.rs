@@ -4,27 +4,26 @@ use clap::{Args, ValueEnum};
 use lettre::message::Mailbox;
 use std::path::PathBuf;
 
-/// Settings of `tripline serve`. A flag wins over its environment variable.
+/// Where the rules, templates and data are: the same flags for `serve`, `check`, `test` and
+/// `replay`.
 #[derive(Debug, Clone, Args)]
-pub struct ServeConfig {
-    /// Address and port to listen on.
-    #[arg(long, env = "TRIPLINE_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+pub struct Folders {
     /// Folder of rule files (*.toml).
     #[arg(long, env = "TRIPLINE_RULES", default_value = "rules")]
     pub rules: PathBuf,
     /// Folder of email templates (NAME.text.hbs, NAME.html.hbs).
     #[arg(long, env = "TRIPLINE_TEMPLATES", default_value = "templates")]
     pub templates: PathBuf,
-    /// Folder for the state database, output files and the email outbox; created if missing.
+    /// Folder for the state database, output files and the email outbox (`serve` creates it);
+    /// rules' output paths must stay inside it.
     #[arg(long, env = "TRIPLINE_DATA", default_value = "data")]
     pub data: PathBuf,
-    /// Largest request body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// How long an event id is remembered, so a retried delivery has no second effect.
-    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", default_value_t = 7)]
-    pub dedupe_retention_days: u64,
+}
+
+/// The sender of emails whose rule does not set `from`: for `serve`, and for the emails that
+/// `test` and `replay` render.
+#[derive(Debug, Clone, Args)]
+pub struct Sender {
     /// Sender of emails whose rule does not set `from`.
     #[arg(
         long,
@@ -32,6 +31,24 @@ pub struct ServeConfig {
         default_value = "tripline <tripline@localhost>"
     )]
     pub email_from: Mailbox,
+}
+
+/// Settings of `tripline serve`. A flag wins over its environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address and port to listen on.
+    #[arg(long, env = "TRIPLINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    #[command(flatten)]
+    pub folders: Folders,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long an event id is remembered, so a retried delivery has no second effect.
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", default_value_t = 7)]
+    pub dedupe_retention_days: u64,
+    #[command(flatten)]
+    pub sender: Sender,
     /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them.
     #[arg(long, env = "TRIPLINE_EMAIL_TRANSPORT", value_enum, default_value_t = EmailTransport::File)]
     pub email_transport: EmailTransport,

@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-use tripline::commands::{self, Folders, replay::ReplayArgs, test::TestArgs};
-use tripline::config::ServeConfig;
+use tripline::commands::{self, replay::ReplayArgs, test::TestArgs};
+use tripline::config::{Folders, ServeConfig};
 
 #[derive(Parser)]
 #[command(

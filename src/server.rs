@@ -56,18 +56,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        config.rules.is_dir(),
+        config.folders.rules.is_dir(),
         "the rules folder {} does not exist (set it with --rules or TRIPLINE_RULES)",
-        config.rules.display()
+        config.folders.rules.display()
     );
-    std::fs::create_dir_all(&config.data).map_err(|e| {
+    std::fs::create_dir_all(&config.folders.data).map_err(|e| {
         anyhow::anyhow!(
             "cannot create the data folder {}: {e}",
-            config.data.display()
+            config.folders.data.display()
         )
     })?;
     let metrics = metrics_recorder()?;
-    let db = Arc::new(Db::open(&config.data).map_err(|e| {
+    let db = Arc::new(Db::open(&config.folders.data).map_err(|e| {
         let why = if e.0.contains("Cannot acquire lock") {
             "another tripline is already running with this data folder".to_string()
         } else {
@@ -75,7 +75,7 @@ pub async fn serve(
         };
         anyhow::anyhow!(
             "cannot open the state database in {}: {why}",
-            config.data.display()
+            config.folders.data.display()
         )
     })?);
     let transport = Arc::new(Transport::from_config(&config)?);
@@ -83,8 +83,8 @@ pub async fn serve(
     let retention = Duration::from_secs(config.dedupe_retention_days.saturating_mul(86_400));
     let (committer, committer_thread) = Committer::start(
         db.clone(),
-        JsonlFiles::new(&config.data),
-        config.email_from.clone(),
+        JsonlFiles::new(&config.folders.data),
+        config.sender.email_from.clone(),
         retention,
         emails_queued.clone(),
     )?;
@@ -97,12 +97,16 @@ pub async fn serve(
     ));
 
     let live = Arc::new(LiveRules::load(
-        &config.rules,
-        &config.templates,
-        &config.data,
+        &config.folders.rules,
+        &config.folders.templates,
+        &config.folders.data,
     ));
-    let _watcher = reload::watch(live.clone())
-        .map_err(|e| anyhow::anyhow!("cannot watch {} for changes: {e}", config.rules.display()))?;
+    let _watcher = reload::watch(live.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot watch {} for changes: {e}",
+            config.folders.rules.display()
+        )
+    })?;
     let state = AppState {
         rules: live,
         committer,

@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use super::{Folders, print_problems, test_files};
+use super::{print_problems, test_files};
+use crate::config::Folders;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
 use crate::testcase;

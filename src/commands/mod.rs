@@ -5,35 +5,19 @@ pub mod check;
 pub mod replay;
 pub mod test;
 
-use clap::Args;
 use std::path::{Path, PathBuf};
 
+use crate::config::Folders;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
 
-/// Where the rules, templates and data are: the same flags and variables as `serve`.
-#[derive(Debug, Clone, Args)]
-pub struct Folders {
-    /// Folder of rule files (*.toml).
-    #[arg(long, env = "TRIPLINE_RULES", default_value = "rules")]
-    pub rules: PathBuf,
-    /// Folder of email templates (NAME.text.hbs, NAME.html.hbs).
-    #[arg(long, env = "TRIPLINE_TEMPLATES", default_value = "templates")]
-    pub templates: PathBuf,
-    /// Data folder that output paths are checked against.
-    #[arg(long, env = "TRIPLINE_DATA", default_value = "data")]
-    pub data: PathBuf,
-}
-
-impl Folders {
-    /// Loads the rule set, or prints every problem.
-    fn load_rules(&self) -> Option<RuleSet> {
-        match RuleSet::load(&self.rules, &self.templates, &self.data) {
-            Ok(set) => Some(set),
-            Err(problems) => {
-                print_problems(&problems);
-                None
-            }
+/// Loads the rule set of `folders`, or prints every problem.
+fn load_rules(folders: &Folders) -> Option<RuleSet> {
+    match RuleSet::load(&folders.rules, &folders.templates, &folders.data) {
+        Ok(set) => Some(set),
+        Err(problems) => {
+            print_problems(&problems);
+            None
         }
     }
 }

@@ -19,10 +19,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Folders;
+use super::load_rules;
 use crate::actions::email::mask_email;
 use crate::actions::jsonl::JsonlFiles;
 use crate::committer::Committer;
+use crate::config::{Folders, Sender};
 use crate::db::Db;
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::event::{self, Event};
@@ -42,13 +43,8 @@ pub struct ReplayArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub folders: Folders,
-    /// Sender of emails whose rule does not set `from` (as for `serve`).
-    #[arg(
-        long,
-        env = "TRIPLINE_EMAIL_FROM",
-        default_value = "tripline <tripline@localhost>"
-    )]
-    pub email_from: Mailbox,
+    #[command(flatten)]
+    pub sender: Sender,
     /// Really run the actions into this data folder (not the service's): lines are appended to
     /// its files and emails written as .eml files to its outbox/ folder, never sent.
     #[arg(long, value_name = "DIR")]
@@ -94,7 +90,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
 }
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    let Some(rules) = args.folders.load_rules() else {
+    let Some(rules) = load_rules(&args.folders) else {
         anyhow::bail!("the rules have problems, so nothing was replayed (see `tripline check`)");
     };
     let rules = Arc::new(rules);
@@ -111,7 +107,7 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
 
     let mut sink = match &args.execute_into {
         None => Sink::DryRun(MemoryStore::default()),
-        Some(dir) => open_sink(dir, &args.folders.data, &args.email_from)?,
+        Some(dir) => open_sink(dir, &args.folders.data, &args.sender.email_from)?,
     };
     let mut stats = vec![RuleStats::default(); rules.rules().len()];
     let mut totals = Totals::default();
@@ -134,7 +130,7 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
             let report = sink.handle(
                 &rules,
                 std::mem::take(batch),
-                &args.email_from,
+                &args.sender.email_from,
                 &mut effects,
             )?;
             tally(
@@ -161,7 +157,7 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let report = sink.handle(&rules, batch, &args.email_from, &mut effects)?;
+    let report = sink.handle(&rules, batch, &args.sender.email_from, &mut effects)?;
     tally(
         &rules,
         &report,

@@ -2,12 +2,12 @@
 //! virtual clock, and says which pass. Exit 0 when every case passes, 1 otherwise.
 
 use clap::{Args, ValueEnum};
-use lettre::message::Mailbox;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{Folders, print_problems, test_files};
+use super::{load_rules, print_problems, test_files};
+use crate::config::{Folders, Sender};
 use crate::rules::diagnostic::Diagnostic;
 use crate::testcase;
 
@@ -18,13 +18,8 @@ pub struct TestArgs {
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub folders: Folders,
-    /// Sender of emails whose rule does not set `from` (as for `serve`).
-    #[arg(
-        long,
-        env = "TRIPLINE_EMAIL_FROM",
-        default_value = "tripline <tripline@localhost>"
-    )]
-    pub email_from: Mailbox,
+    #[command(flatten)]
+    pub sender: Sender,
     /// `text` for people; `json` for programs: one JSON object per line and test.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -39,7 +34,7 @@ pub enum Format {
 
 /// Runs the tests.
 pub fn run(args: &TestArgs) -> ExitCode {
-    let Some(rules) = args.folders.load_rules() else {
+    let Some(rules) = load_rules(&args.folders) else {
         eprintln!("the rules have problems, so no test was run (see `tripline check`)");
         return ExitCode::FAILURE;
     };
@@ -76,7 +71,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
             println!("{}", file.display());
         }
         for case in &cases {
-            let differences = testcase::run(case, &rules, &args.email_from);
+            let differences = testcase::run(case, &rules, &args.sender.email_from);
             if differences.is_empty() {
                 passed += 1;
             } else {
