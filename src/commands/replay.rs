@@ -105,68 +105,42 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     );
     let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
 
-    let mut sink = match &args.execute_into {
+    let sink = match &args.execute_into {
         None => Sink::DryRun(MemoryStore::default()),
         Some(dir) => open_sink(dir, &args.folders.data, &args.sender.email_from)?,
     };
-    let mut stats = vec![RuleStats::default(); rules.rules().len()];
-    let mut totals = Totals::default();
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut effects = Vec::new();
+    let mut run = Run {
+        rules: &rules,
+        from: &args.sender.email_from,
+        sink,
+        batch: Vec::with_capacity(BATCH),
+        effects: Vec::new(),
+        stats: vec![RuleStats::default(); rules.rules().len()],
+        totals: Totals::default(),
+        examples: args.examples,
+    };
     let started = Instant::now();
     let mut failure = None;
-    let mut handle = |item: Item, batch: &mut Vec<Event>| -> anyhow::Result<()> {
-        match item {
-            Item::Value(position, value) => match event::decode_value(value, Utc::now()) {
-                Ok(mut events) => {
-                    totals.events += events.len() as u64;
-                    batch.append(&mut events);
-                }
-                Err(e) => totals.unreadable(format!("{position}: {e}")),
-            },
-            Item::Broken(position, e) => totals.unreadable(format!("{position}: {e}")),
-        }
-        if batch.len() >= BATCH {
-            let report = sink.handle(
-                &rules,
-                std::mem::take(batch),
-                &args.sender.email_from,
-                &mut effects,
-            )?;
-            tally(
-                &rules,
-                &report,
-                &mut effects,
-                &mut stats,
-                &mut totals,
-                args.examples,
-            );
-        }
-        Ok(())
-    };
-    let read = read_items(reader, |item| {
-        if failure.is_none()
-            && let Err(e) = handle(item, &mut batch)
-        {
+    let read = read_items(reader, |item| match run.add(item) {
+        Ok(()) => true,
+        Err(e) => {
             failure = Some(e);
+            false
         }
-        failure.is_none()
     });
     bar.finish_and_clear();
     if let Some(e) = failure {
         return Err(e);
     }
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let report = sink.handle(&rules, batch, &args.sender.email_from, &mut effects)?;
-    tally(
-        &rules,
-        &report,
-        &mut effects,
-        &mut stats,
-        &mut totals,
-        args.examples,
-    );
+    run.flush()?;
     let elapsed = started.elapsed();
+    let Run {
+        stats,
+        totals,
+        sink,
+        ..
+    } = run;
     let written = sink.finish()?;
 
     print_summary(args, &rules, &stats, &totals, elapsed, written.as_deref());
@@ -273,56 +247,89 @@ impl Totals {
     }
 }
 
-/// Adds one batch's outcomes to the per-rule counts, and keeps the first examples.
-fn tally(
-    rules: &RuleSet,
-    report: &Report,
-    effects: &mut Vec<Effect>,
-    stats: &mut [RuleStats],
-    totals: &mut Totals,
+/// One replay in progress: the events waiting to be run, and what the rules did so far.
+struct Run<'a> {
+    rules: &'a Arc<RuleSet>,
+    from: &'a Mailbox,
+    sink: Sink,
+    batch: Vec<Event>,
+    effects: Vec<Effect>,
+    stats: Vec<RuleStats>,
+    totals: Totals,
     examples: usize,
-) {
-    totals.duplicates += report.duplicates as u64;
-    for (index, outcome) in &report.outcomes {
-        let s = &mut stats[*index];
-        s.matched += 1;
-        match outcome {
-            Outcome::Fired => s.fired += 1,
-            Outcome::Counting { .. } => s.counting += 1,
-            Outcome::Suppressed => s.held_back += 1,
-            Outcome::NoKey { .. } => s.no_key += 1,
-            Outcome::Failed { reason } => {
-                s.failed += 1;
-                if s.examples.len() < examples {
-                    s.examples.push(format!("failed: {reason}"));
+}
+
+impl Run<'_> {
+    /// Decodes one item of the file; runs the batch once it is full.
+    fn add(&mut self, item: Item) -> anyhow::Result<()> {
+        match item {
+            Item::Value(position, value) => match event::decode_value(value, Utc::now()) {
+                Ok(mut events) => {
+                    self.totals.events += events.len() as u64;
+                    self.batch.append(&mut events);
+                }
+                Err(e) => self.totals.unreadable(format!("{position}: {e}")),
+            },
+            Item::Broken(position, e) => self.totals.unreadable(format!("{position}: {e}")),
+        }
+        if self.batch.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Runs the waiting events, adds their outcomes to the per-rule counts, and keeps the first
+    /// examples.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let events = std::mem::take(&mut self.batch);
+        let report = self
+            .sink
+            .handle(self.rules, events, self.from, &mut self.effects)?;
+        let examples = self.examples;
+        self.totals.duplicates += report.duplicates as u64;
+        for (index, outcome) in &report.outcomes {
+            let s = &mut self.stats[*index];
+            s.matched += 1;
+            match outcome {
+                Outcome::Fired => s.fired += 1,
+                Outcome::Counting { .. } => s.counting += 1,
+                Outcome::Suppressed => s.held_back += 1,
+                Outcome::NoKey { .. } => s.no_key += 1,
+                Outcome::Failed { reason } => {
+                    s.failed += 1;
+                    if s.examples.len() < examples {
+                        s.examples.push(format!("failed: {reason}"));
+                    }
                 }
             }
         }
-    }
-    for effect in effects.drain(..) {
-        let (index, example) = match effect {
-            Effect::Line { rule, file, line } => (
-                rule,
-                format!("{} ← {}", file.display(), clip(line.trim_end(), 200)),
-            ),
-            Effect::Email(q) => {
-                let Some(index) = rules.rules().iter().position(|r| r.name == q.rule) else {
-                    continue;
-                };
-                (
-                    index,
-                    format!(
-                        "email to {}: \"{}\"",
-                        mask_email(&q.to.join(", ")),
-                        q.subject
-                    ),
-                )
+        for effect in self.effects.drain(..) {
+            let (index, example) = match effect {
+                Effect::Line { rule, file, line } => (
+                    rule,
+                    format!("{} ← {}", file.display(), clip(line.trim_end(), 200)),
+                ),
+                Effect::Email(q) => {
+                    let Some(index) = self.rules.rules().iter().position(|r| r.name == q.rule)
+                    else {
+                        continue;
+                    };
+                    (
+                        index,
+                        format!(
+                            "email to {}: \"{}\"",
+                            mask_email(&q.to.join(", ")),
+                            q.subject
+                        ),
+                    )
+                }
+                Effect::EmailFailed { .. } => continue,
+            };
+            if self.stats[index].examples.len() < examples {
+                self.stats[index].examples.push(example);
             }
-            Effect::EmailFailed { .. } => continue,
-        };
-        if stats[index].examples.len() < examples {
-            stats[index].examples.push(example);
         }
+        Ok(())
     }
 }
 
