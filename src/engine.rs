@@ -80,9 +80,14 @@ pub struct Report {
 impl Report {
     /// The names of the rules that acted, once per event they acted on.
     pub fn fired(&self, rules: &RuleSet) -> Vec<String> {
+        self.rules_where(rules, |o| *o == Outcome::Fired)
+    }
+
+    /// The names of the rules whose outcome passes `test`, once per event, in order.
+    pub fn rules_where(&self, rules: &RuleSet, test: impl Fn(&Outcome) -> bool) -> Vec<String> {
         self.outcomes
             .iter()
-            .filter(|(_, o)| *o == Outcome::Fired)
+            .filter(|(_, o)| test(o))
             .map(|(i, _)| rules.rules()[*i].name.clone())
             .collect()
     }

@@ -367,43 +367,14 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         Err(e) => return vec![e.to_string()],
     };
     let mut problems = Vec::new();
-    let names = |wanted: &[String], problems: &mut Vec<String>| {
-        for name in wanted {
-            if !rules.rules().iter().any(|r| &r.name == name) {
-                let hint = did_you_mean(name, rules.rules().iter().map(|r| r.name.as_str()))
-                    .map(|c| format!(" (did you mean \"{c}\"?)"))
-                    .unwrap_or_default();
-                problems.push(format!("there is no rule named \"{name}\"{hint}"));
-            }
-        }
-    };
     let e = &case.expect;
     if let Some(fired) = &e.fired {
-        names(fired, &mut problems);
         let actual = report.fired(rules);
-        if &actual != fired {
-            problems.push(format!(
-                "expected these rules to act: {}\n  but these did: {}",
-                list(fired),
-                list(&actual)
-            ));
-        }
+        compare_rule_names("act", fired, &actual, rules, &mut problems);
     }
     if let Some(failed) = &e.failed {
-        names(failed, &mut problems);
-        let actual: Vec<String> = report
-            .outcomes
-            .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Failed { .. }))
-            .map(|(i, _)| rules.rules()[*i].name.clone())
-            .collect();
-        if &actual != failed {
-            problems.push(format!(
-                "expected these rules to fail: {}\n  but these did: {}",
-                list(failed),
-                list(&actual)
-            ));
-        }
+        let actual = report.rules_where(rules, |o| matches!(o, Outcome::Failed { .. }));
+        compare_rule_names("fail", failed, &actual, rules, &mut problems);
     }
     if let Some(wanted) = &e.emails {
         compare_emails(wanted, &effects, &mut problems);
@@ -418,6 +389,32 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         }
     }
     problems
+}
+
+/// Compares the rules expected to `verb` ("act", "fail") with those that did; a name that no
+/// rule has is reported first, with the closest one.
+fn compare_rule_names(
+    verb: &str,
+    wanted: &[String],
+    actual: &[String],
+    rules: &RuleSet,
+    problems: &mut Vec<String>,
+) {
+    for name in wanted {
+        if !rules.rules().iter().any(|r| &r.name == name) {
+            let hint = did_you_mean(name, rules.rules().iter().map(|r| r.name.as_str()))
+                .map(|c| format!(" (did you mean \"{c}\"?)"))
+                .unwrap_or_default();
+            problems.push(format!("there is no rule named \"{name}\"{hint}"));
+        }
+    }
+    if actual != wanted {
+        problems.push(format!(
+            "expected these rules to {verb}: {}\n  but these did: {}",
+            list(wanted),
+            list(actual)
+        ));
+    }
 }
 
 fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec<String>) {
