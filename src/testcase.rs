@@ -574,6 +574,12 @@ fields = { who = "distinct_id", at = "timestamp" }
         (dir, set, cases)
     }
 
+    /// What loading this test file reports, as `file:line:col: message` lines.
+    fn problems_of(tests: &str) -> Vec<String> {
+        let (_dir, _set, cases) = setup(tests);
+        cases.unwrap_err().iter().map(|d| d.to_string()).collect()
+    }
+
     fn from() -> Mailbox {
         "t <t@localhost>".parse().unwrap()
     }
@@ -644,19 +650,17 @@ lines = []
 
     #[test]
     fn a_broken_test_file_is_reported_with_its_position() {
-        let (_dir, _set, cases) = setup(
+        let problems = problems_of(
             "[[test]]\nname = \"x\"\n[[test.events]]\nevent = 5\n[test.expect]\nfierd = []\n",
         );
-        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
         assert!(
             problems[0].contains("weekly.test.toml:6:1: unknown key `fierd`")
                 && problems[0].contains("did you mean `fired`"),
             "{problems:?}"
         );
-        let (_dir, _set, cases) = setup(
+        let problems = problems_of(
             "[[test]]\nname = \"x\"\n[[test.events]]\nevent = 5\n[test.expect]\nfired = []\n",
         );
-        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
         assert!(
             problems[0].ends_with(
                 "weekly.test.toml:3:1: tripline would refuse this event: the event name (`event`) must be text, got a number \
@@ -668,10 +672,9 @@ lines = []
 
     #[test]
     fn a_typo_in_an_inline_event_is_not_silently_sent() {
-        let (_dir, _set, cases) = setup(
+        let problems = problems_of(
             "[[test]]\nname = \"x\"\n[[test.events]]\nevent = \"used\"\nrepat = 3\n[test.expect]\nfired = []\n",
         );
-        let problems: Vec<String> = cases.unwrap_err().iter().map(|d| d.to_string()).collect();
         assert!(
             problems[0].ends_with(
                 "weekly.test.toml:3:1: unknown key `repat` in this event (did you mean `repeat`?)"
