@@ -3,10 +3,11 @@
 
 use std::process::ExitCode;
 
-use super::{print_problems, test_files};
+use super::print_problems;
 use crate::config::Folders;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
+use crate::rules::test_files;
 use crate::testcase;
 
 /// Runs the check.

@@ -5,8 +5,6 @@ pub mod check;
 pub mod replay;
 pub mod test;
 
-use std::path::{Path, PathBuf};
-
 use crate::config::Folders;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
@@ -28,18 +26,4 @@ fn print_problems(problems: &[Diagnostic]) {
         eprintln!("{}\n", p.render());
     }
     eprintln!("{} problem(s) found", problems.len());
-}
-
-/// The test files (`*.test.toml`) in `dir`, sorted.
-fn test_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.ends_with(crate::testcase::SUFFIX) && !name.starts_with('.') && p.is_file()
-        })
-        .collect();
-    files.sort();
-    Ok(files)
 }

@@ -6,9 +6,10 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{load_rules, print_problems, test_files};
+use super::{load_rules, print_problems};
 use crate::config::{Folders, Sender};
 use crate::rules::diagnostic::Diagnostic;
+use crate::rules::test_files;
 use crate::testcase;
 
 /// Arguments of `tripline test`.

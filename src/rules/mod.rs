@@ -198,15 +198,24 @@ fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
 /// The rule files of a folder, sorted: `*.toml`, skipping hidden files (editors' locks and swaps)
 /// and test files (`*.test.toml`).
 fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_named(dir, |name| {
+        name.ends_with(".toml") && !name.ends_with(crate::testcase::SUFFIX)
+    })
+}
+
+/// The test files (`*.test.toml`) of a folder, sorted, skipping hidden files.
+pub fn test_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_named(dir, |name| name.ends_with(crate::testcase::SUFFIX))
+}
+
+/// The regular, not hidden files of `dir` whose names `keep` accepts, sorted.
+fn files_named(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.ends_with(".toml")
-                && !name.ends_with(crate::testcase::SUFFIX)
-                && !name.starts_with('.')
-                && p.is_file()
+            keep(name) && !name.starts_with('.') && p.is_file()
         })
         .collect();
     files.sort();
