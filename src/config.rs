@@ -1,57 +1,116 @@
-//! Server settings, read from flags or `TRIPLINE_*` environment variables.
+//! Settings: read from a `tripline.toml` file, `TRIPLINE_*` environment variables and flags.
+//!
+//! Precedence, for every setting: a flag wins over its environment variable, which wins over the
+//! configuration file, which wins over the default. The clap types (`*Args`) hold what was given
+//! on the command line or in the environment (clap settles those two); [`ConfigFile`] mirrors the
+//! TOML; [`ServeConfig`] is what runs, built once by [`ServeArgs::resolve`]. A bad file is
+//! reported like a bad rule file, `file:line:col` with a caret, and stops start-up (exit code 2).
+//!
+//! Secrets never live in the configuration file: it names the environment variables or files
+//! that hold them (see `auth.rs`).
 
 use clap::{Args, ValueEnum};
+use indexmap::IndexMap;
 use lettre::message::Mailbox;
-use std::path::PathBuf;
+use serde::Deserialize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
 
-/// Where the rules, templates and data are: the same flags for `serve`, `check`, `test` and
-/// `replay`.
-#[derive(Debug, Clone, Args)]
-pub struct Folders {
-    /// Folder of rule files (*.toml).
-    #[arg(long, env = "TRIPLINE_RULES", default_value = "rules")]
-    pub rules: PathBuf,
-    /// Folder of email templates (NAME.text.hbs, NAME.html.hbs).
-    #[arg(long, env = "TRIPLINE_TEMPLATES", default_value = "templates")]
-    pub templates: PathBuf,
+use crate::auth::{SecretRef, Source, SourceConfig, Sources};
+use crate::rules::compile::toml_diagnostic;
+use crate::rules::diagnostic::Diagnostic;
+use std::sync::Arc;
+
+/// Where the rules, templates and data are, and the configuration file that may say so: the
+/// same flags for `serve`, `check`, `test` and `replay`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FolderArgs {
+    /// Configuration file (see docs/CONFIGURATION.md); its folders and settings apply unless a
+    /// flag or environment variable says otherwise.
+    #[arg(long, env = "TRIPLINE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Folder of rule files (*.toml) [default: rules].
+    #[arg(long, env = "TRIPLINE_RULES")]
+    pub rules: Option<PathBuf>,
+    /// Folder of email templates (NAME.text.hbs, NAME.html.hbs) [default: templates].
+    #[arg(long, env = "TRIPLINE_TEMPLATES")]
+    pub templates: Option<PathBuf>,
     /// Folder for the state database, output files and the email outbox (`serve` creates it);
-    /// rules' output paths must stay inside it.
-    #[arg(long, env = "TRIPLINE_DATA", default_value = "data")]
+    /// rules' output paths must stay inside it [default: data].
+    #[arg(long, env = "TRIPLINE_DATA")]
+    pub data: Option<PathBuf>,
+    /// Sender of emails whose rule does not set `from` [default: tripline <tripline@localhost>].
+    #[arg(long, env = "TRIPLINE_EMAIL_FROM")]
+    pub email_from: Option<Mailbox>,
+}
+
+/// The folders in use.
+#[derive(Debug, Clone)]
+pub struct Folders {
+    pub rules: PathBuf,
+    pub templates: PathBuf,
     pub data: PathBuf,
 }
 
-/// The sender of emails whose rule does not set `from`: for `serve`, and for the emails that
-/// `test` and `replay` render.
-#[derive(Debug, Clone, Args)]
-pub struct Sender {
-    /// Sender of emails whose rule does not set `from`.
-    #[arg(
-        long,
-        env = "TRIPLINE_EMAIL_FROM",
-        default_value = "tripline <tripline@localhost>"
-    )]
+/// What the authoring commands need: the folders and the default sender.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub folders: Folders,
     pub email_from: Mailbox,
 }
 
-/// Settings of `tripline serve`. A flag wins over its environment variable.
-#[derive(Debug, Clone, Args)]
-pub struct ServeConfig {
-    /// Address and port to listen on.
-    #[arg(long, env = "TRIPLINE_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+/// Settings of `tripline serve` given as flags or environment variables.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
     #[command(flatten)]
-    pub folders: Folders,
-    /// Largest request body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// How long an event id is remembered, so a retried delivery has no second effect.
-    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", default_value_t = 7)]
-    pub dedupe_retention_days: u64,
-    #[command(flatten)]
-    pub sender: Sender,
-    /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them.
-    #[arg(long, env = "TRIPLINE_EMAIL_TRANSPORT", value_enum, default_value_t = EmailTransport::File)]
-    pub email_transport: EmailTransport,
+    pub folders: FolderArgs,
+    /// Address and port to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "TRIPLINE_LISTEN")]
+    pub listen: Option<String>,
+    /// Listen on a non-loopback address even though no source (no secret) is configured, so that
+    /// anyone who can reach the port can send events. Only for a network you trust.
+    #[arg(long)]
+    pub dangerously_accept_unauthenticated_events: bool,
+    /// Largest request body accepted, in bytes; larger ones get 413 [default: 1048576].
+    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Deepest JSON nesting accepted in a body (at most 128) [default: 32].
+    #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH")]
+    pub max_json_depth: Option<usize>,
+    /// Most events accepted in one body [default: 1000].
+    #[arg(long, env = "TRIPLINE_MAX_EVENTS_PER_BODY")]
+    pub max_events_per_body: Option<usize>,
+    /// Requests handled at once; more get 503 at once rather than waiting [default: 256].
+    #[arg(long, env = "TRIPLINE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest a request may take, body upload included ("10s"); slower ones get 408
+    /// [default: 10s].
+    #[arg(long, env = "TRIPLINE_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// Requests per second accepted from each source; more get 429 with Retry-After
+    /// [default: 200].
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Requests a source may send at once above its rate before 429 [default: 400].
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
+    #[arg(long, env = "TRIPLINE_SIGNATURE_TOLERANCE", value_parser = parse_duration)]
+    pub signature_tolerance: Option<Duration>,
+    /// How long an event id is remembered, so a retried delivery has no second effect
+    /// [default: 7].
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS")]
+    pub dedupe_retention_days: Option<u64>,
+    /// Counters, time windows and once-marks of a key (a user, say) that no event has touched
+    /// for this many days are forgotten [default: 365].
+    #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS")]
+    pub state_idle_days: Option<u64>,
+    /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them
+    /// [default: file].
+    #[arg(long, env = "TRIPLINE_EMAIL_TRANSPORT", value_enum)]
+    pub email_transport: Option<EmailTransport>,
     /// SMTP server host (with --email-transport smtp). Credentials, if any, come from the
     /// environment only: TRIPLINE_SMTP_USERNAME and TRIPLINE_SMTP_PASSWORD.
     #[arg(long, env = "TRIPLINE_SMTP_HOST")]
@@ -59,20 +118,25 @@ pub struct ServeConfig {
     /// SMTP server port [default: 25 with --smtp-tls none, 587 with starttls, 465 with tls].
     #[arg(long, env = "TRIPLINE_SMTP_PORT")]
     pub smtp_port: Option<u16>,
-    /// How the SMTP connection is encrypted.
-    #[arg(long, env = "TRIPLINE_SMTP_TLS", value_enum, default_value_t = SmtpTls::Starttls)]
-    pub smtp_tls: SmtpTls,
+    /// How the SMTP connection is encrypted [default: starttls].
+    #[arg(long, env = "TRIPLINE_SMTP_TLS", value_enum)]
+    pub smtp_tls: Option<SmtpTls>,
+    /// Log lines as readable text or as JSON objects [default: text].
+    #[arg(long, env = "TRIPLINE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Where emails go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EmailTransport {
     File,
     Smtp,
 }
 
 /// SMTP encryption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SmtpTls {
     /// Plain text (only for a server on the same machine or network).
     None,
@@ -80,4 +144,547 @@ pub enum SmtpTls {
     Starttls,
     /// TLS from the first byte (SMTPS).
     Tls,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `tripline.toml` as written. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address and port to listen on.
+    pub listen: Option<Spanned<String>>,
+    /// Folders, relative to the configuration file's folder.
+    pub rules: Option<PathBuf>,
+    pub templates: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub retention: RetentionFile,
+    #[serde(default)]
+    pub email: EmailFile,
+    /// Named senders and where their secrets are.
+    #[serde(default)]
+    pub sources: IndexMap<String, Spanned<SourceConfig>>,
+    /// The token that unlocks /rules, /outbox and /metrics.
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_body_bytes: Option<usize>,
+    pub max_json_depth: Option<Spanned<usize>>,
+    pub max_events_per_body: Option<Spanned<usize>>,
+    pub max_concurrent_requests: Option<Spanned<usize>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub rate_limit: Option<Spanned<f64>>,
+    pub rate_limit_burst: Option<Spanned<u32>>,
+    pub signature_tolerance: Option<Spanned<String>>,
+}
+
+/// `[retention]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    pub dedupe_days: Option<Spanned<u64>>,
+    pub state_idle_days: Option<Spanned<u64>>,
+}
+
+/// `[email]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailFile {
+    pub from: Option<Spanned<String>>,
+    pub transport: Option<EmailTransport>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub smtp_tls: Option<SmtpTls>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Environment variable holding the admin token.
+    pub token_env: Option<Spanned<String>>,
+    /// File holding the admin token.
+    pub token_file: Option<Spanned<PathBuf>>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub format: Option<LogFormat>,
+}
+
+/// The limits on what a sender controls.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_json_depth: usize,
+    pub max_events_per_body: usize,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+    pub rate_limit: f64,
+    pub rate_limit_burst: u32,
+    pub signature_tolerance: Duration,
+}
+
+/// The settings `tripline serve` runs with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub accept_unauthenticated: bool,
+    pub folders: Folders,
+    pub limits: Limits,
+    pub dedupe_retention_days: u64,
+    pub state_idle_days: u64,
+    pub email_from: Mailbox,
+    pub email_transport: EmailTransport,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub smtp_tls: SmtpTls,
+    pub log_format: LogFormat,
+    /// The senders, with their secrets; empty when requests are not authenticated.
+    pub sources: Arc<Sources>,
+    /// The admin token (as the one source of its own), if any: it unlocks /rules, /outbox and
+    /// /metrics once sources are configured.
+    pub admin: Arc<Sources>,
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Problems in the configuration file, each at its place.
+    #[error("{} problem(s) in the configuration file", .0.len())]
+    File(Vec<Diagnostic>),
+    /// A problem with a flag, an environment variable or the file as a whole.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The deepest a body may nest: serde_json refuses anything deeper.
+pub const JSON_DEPTH_CEILING: usize = 128;
+
+/// A configuration file, read and parsed, with what is needed to point at its lines.
+struct Loaded {
+    path: PathBuf,
+    text: String,
+    file: ConfigFile,
+}
+
+impl Loaded {
+    fn read(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Other(format!(
+                "cannot read the configuration file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let file = toml::from_str(&text)
+            .map_err(|e| ConfigError::File(vec![toml_diagnostic(path, &text, &e)]))?;
+        Ok(Loaded {
+            path: path.to_path_buf(),
+            text,
+            file,
+        })
+    }
+
+    /// A path written in the file, taken relative to the file's folder.
+    fn relative(&self, p: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    fn problem(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.path, &self.text, span, message)
+    }
+}
+
+impl FolderArgs {
+    /// The folders and sender for the authoring commands (flags, environment, file, defaults).
+    pub fn resolve(&self) -> Result<Paths, ConfigError> {
+        let loaded = self.config.as_deref().map(Loaded::read).transpose()?;
+        let mut problems = Vec::new();
+        let paths = self.paths(loaded.as_ref(), &mut problems);
+        finish(paths, problems)
+    }
+
+    fn paths(&self, loaded: Option<&Loaded>, problems: &mut Vec<Diagnostic>) -> Paths {
+        let folder = |flag: &Option<PathBuf>, file: Option<&PathBuf>, default: &str| {
+            flag.clone()
+                .or_else(|| loaded.zip(file).map(|(l, p)| l.relative(p)))
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        let file = loaded.map(|l| &l.file);
+        let email_from = match (&self.email_from, loaded) {
+            (Some(m), _) => m.clone(),
+            (None, Some(l)) if l.file.email.from.is_some() => {
+                let from = l.file.email.from.as_ref().expect("checked just above");
+                from.get_ref().parse().unwrap_or_else(|e| {
+                    problems.push(l.problem(
+                        from.span(),
+                        format!(
+                            "this is not an email address like \"Name <name@example.com>\": {e}"
+                        ),
+                    ));
+                    default_sender()
+                })
+            }
+            _ => default_sender(),
+        };
+        Paths {
+            folders: Folders {
+                rules: folder(&self.rules, file.and_then(|f| f.rules.as_ref()), "rules"),
+                templates: folder(
+                    &self.templates,
+                    file.and_then(|f| f.templates.as_ref()),
+                    "templates",
+                ),
+                data: folder(&self.data, file.and_then(|f| f.data.as_ref()), "data"),
+            },
+            email_from,
+        }
+    }
+}
+
+fn default_sender() -> Mailbox {
+    "tripline <tripline@localhost>"
+        .parse()
+        .expect("a valid address")
+}
+
+fn finish<T>(value: T, problems: Vec<Diagnostic>) -> Result<T, ConfigError> {
+    if problems.is_empty() {
+        Ok(value)
+    } else {
+        Err(ConfigError::File(problems))
+    }
+}
+
+impl ServeArgs {
+    /// The settings to run with: each from its flag, else its environment variable, else the
+    /// configuration file, else its default. Every problem of the file is reported at once.
+    pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
+        let loaded = self
+            .folders
+            .config
+            .as_deref()
+            .map(Loaded::read)
+            .transpose()?;
+        let mut problems = Vec::new();
+        let paths = self.folders.paths(loaded.as_ref(), &mut problems);
+        let empty = ConfigFile::default();
+        let file = loaded.as_ref().map_or(&empty, |l| &l.file);
+        let mut check = Checker {
+            loaded: loaded.as_ref(),
+            problems: &mut problems,
+        };
+        let limits = &file.limits;
+        let max_json_depth = check.number(
+            self.max_json_depth,
+            limits.max_json_depth.as_ref(),
+            32,
+            1..=JSON_DEPTH_CEILING,
+            "max_json_depth",
+        );
+        let max_events_per_body = check.number(
+            self.max_events_per_body,
+            limits.max_events_per_body.as_ref(),
+            1000,
+            1..=1_000_000,
+            "max_events_per_body",
+        );
+        let max_concurrent_requests = check.number(
+            self.max_concurrent_requests,
+            limits.max_concurrent_requests.as_ref(),
+            256,
+            1..=1_000_000,
+            "max_concurrent_requests",
+        );
+        let rate_limit_burst = check.number(
+            self.rate_limit_burst,
+            limits.rate_limit_burst.as_ref(),
+            400,
+            1..=u32::MAX,
+            "rate_limit_burst",
+        );
+        let rate_limit = self
+            .rate_limit
+            .or_else(|| {
+                limits.rate_limit.as_ref().map(|r| {
+                    if !(r.get_ref().is_finite() && *r.get_ref() > 0.0) {
+                        check.report(r.span(), "the rate limit must be a number of requests per second above 0, like 200 or 0.5");
+                    }
+                    *r.get_ref()
+                })
+            })
+            .unwrap_or(200.0);
+        let request_timeout = check.duration(
+            self.request_timeout,
+            limits.request_timeout.as_ref(),
+            Duration::from_secs(10),
+        );
+        let signature_tolerance = check.duration(
+            self.signature_tolerance,
+            limits.signature_tolerance.as_ref(),
+            Duration::from_secs(300),
+        );
+        let retention = &file.retention;
+        let dedupe_retention_days = check.number(
+            self.dedupe_retention_days,
+            retention.dedupe_days.as_ref(),
+            7,
+            1..=36_500,
+            "dedupe_days",
+        );
+        let state_idle_days = check.number(
+            self.state_idle_days,
+            retention.state_idle_days.as_ref(),
+            365,
+            1..=36_500,
+            "state_idle_days",
+        );
+        let listen = self
+            .listen
+            .clone()
+            .or_else(|| file.listen.as_ref().map(|l| l.get_ref().clone()))
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let sources = check.sources(file, signature_tolerance);
+        let admin = check.admin(file.admin.as_ref());
+        let config = ServeConfig {
+            listen,
+            accept_unauthenticated: self.dangerously_accept_unauthenticated_events,
+            folders: paths.folders,
+            limits: Limits {
+                max_body_bytes: self
+                    .max_body_bytes
+                    .or(limits.max_body_bytes)
+                    .unwrap_or(1024 * 1024),
+                max_json_depth,
+                max_events_per_body,
+                max_concurrent_requests,
+                request_timeout,
+                rate_limit,
+                rate_limit_burst,
+                signature_tolerance,
+            },
+            dedupe_retention_days,
+            state_idle_days,
+            email_from: paths.email_from,
+            email_transport: self
+                .email_transport
+                .or(file.email.transport)
+                .unwrap_or(EmailTransport::File),
+            smtp_host: self.smtp_host.clone().or(file.email.smtp_host.clone()),
+            smtp_port: self.smtp_port.or(file.email.smtp_port),
+            smtp_tls: self
+                .smtp_tls
+                .or(file.email.smtp_tls)
+                .unwrap_or(SmtpTls::Starttls),
+            log_format: self
+                .log_format
+                .or(file.log.format)
+                .unwrap_or(LogFormat::Text),
+            sources: Arc::new(sources?),
+            admin: Arc::new(admin?),
+        };
+        if let Some(rate) = self.rate_limit
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(ConfigError::Other(
+                "--rate-limit (TRIPLINE_RATE_LIMIT) must be a number of requests per second above 0, like 200 or 0.5".into(),
+            ));
+        }
+        if let Some(depth) = self.max_json_depth
+            && !(1..=JSON_DEPTH_CEILING).contains(&depth)
+        {
+            return Err(ConfigError::Other(format!(
+                "--max-json-depth (TRIPLINE_MAX_JSON_DEPTH) must be between 1 and {JSON_DEPTH_CEILING}"
+            )));
+        }
+        if problems.is_empty() && config.sources.is_empty() && !config.accept_unauthenticated {
+            loopback_only(&config.listen)?;
+        }
+        finish(config, problems)
+    }
+}
+
+/// Refuses an address other than loopback: with no source configured, anyone who reaches the
+/// port could send events.
+fn loopback_only(listen: &str) -> Result<(), ConfigError> {
+    use std::net::ToSocketAddrs;
+    let addresses: Vec<_> = listen
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::Other(format!("cannot listen on {listen}: {e}")))?
+        .collect();
+    if !addresses.is_empty() && addresses.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    Err(ConfigError::Other(format!(
+        "no source is configured, so anyone who can reach {listen} could send events; \
+         without a source tripline only listens on loopback (127.0.0.1 or [::1]). \
+         Set TRIPLINE_TOKEN (a bearer token) or TRIPLINE_SIGNING_SECRET (a whsec_ secret), \
+         or configure [sources] in tripline.toml (see docs/CONFIGURATION.md). \
+         On a network you trust, --dangerously-accept-unauthenticated-events allows it anyway."
+    )))
+}
+
+/// Settles one setting at a time, recording the file's problems.
+struct Checker<'a> {
+    loaded: Option<&'a Loaded>,
+    problems: &'a mut Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    /// The sources of the file's `[sources.*]`, plus the default source of `TRIPLINE_TOKEN` and
+    /// `TRIPLINE_SIGNING_SECRET` (added to `[sources.default]` if the file has one).
+    fn sources(&mut self, file: &ConfigFile, tolerance: Duration) -> Result<Sources, ConfigError> {
+        let mut list = Vec::new();
+        for (name, config) in &file.sources {
+            let mut config = config.get_ref().clone();
+            config.relative_to(|p| self.relative(p));
+            match Source::load(name, &config) {
+                Ok(source) => list.push(source),
+                Err(message) => {
+                    let span = file.sources[name].span();
+                    self.report(span, message);
+                }
+            }
+        }
+        let at = match list.iter().position(|s| s.name == "default") {
+            Some(at) => at,
+            None => {
+                list.push(Source::named("default"));
+                list.len() - 1
+            }
+        };
+        let token = SecretRef::Env("TRIPLINE_TOKEN".into());
+        if let Ok(value) = token.read() {
+            list[at]
+                .add_token(&value, &token)
+                .map_err(ConfigError::Other)?;
+        }
+        let secret = SecretRef::Env("TRIPLINE_SIGNING_SECRET".into());
+        if let Ok(value) = secret.read() {
+            list[at]
+                .add_signing_secret(&value, &secret)
+                .map_err(ConfigError::Other)?;
+        }
+        Ok(Sources::new(list, tolerance))
+    }
+
+    /// The admin token of `TRIPLINE_ADMIN_TOKEN`, else of the file's `[admin]`.
+    fn admin(&mut self, file: Option<&AdminFile>) -> Result<Sources, ConfigError> {
+        let mut admin = Source::named("admin");
+        let from_env = SecretRef::Env("TRIPLINE_ADMIN_TOKEN".into());
+        if let Ok(token) = from_env.read() {
+            admin
+                .add_token(&token, &from_env)
+                .map_err(ConfigError::Other)?;
+        } else if let Some(file) = file {
+            let place = file
+                .token_env
+                .as_ref()
+                .map(|e| (SecretRef::Env(e.get_ref().clone()), e.span()))
+                .or_else(|| {
+                    file.token_file
+                        .as_ref()
+                        .map(|f| (SecretRef::File(self.relative(f.get_ref())), f.span()))
+                });
+            if let Some((secret, span)) = place
+                && let Err(message) = secret.read().and_then(|t| admin.add_token(&t, &secret))
+            {
+                self.report(span, message);
+            }
+        }
+        Ok(Sources::new(vec![admin], Duration::ZERO))
+    }
+
+    fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
+        if let Some(l) = self.loaded {
+            self.problems.push(l.problem(span, message));
+        }
+    }
+
+    fn relative(&self, p: &Path) -> PathBuf {
+        self.loaded
+            .map_or_else(|| p.to_path_buf(), |l| l.relative(p))
+    }
+
+    /// A number from the flag, else the file (checked against `range`), else `default`.
+    fn number<T: Copy + PartialOrd + std::fmt::Display>(
+        &mut self,
+        flag: Option<T>,
+        file: Option<&Spanned<T>>,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+        key: &str,
+    ) -> T {
+        if let Some(v) = flag {
+            return v;
+        }
+        match file {
+            Some(v) if !range.contains(v.get_ref()) => {
+                self.report(
+                    v.span(),
+                    format!(
+                        "`{key}` must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+            Some(v) => *v.get_ref(),
+            None => default,
+        }
+    }
+
+    /// A duration from the flag, else the file ("10s", "5 minutes"), else `default`.
+    fn duration(
+        &mut self,
+        flag: Option<Duration>,
+        file: Option<&Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
+        if let Some(d) = flag {
+            return d;
+        }
+        match file {
+            Some(text) => match parse_duration(text.get_ref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.report(text.span(), e);
+                    default
+                }
+            },
+            None => default,
+        }
+    }
+}
+
+/// "10s", "5 minutes", "1h 30m": a positive duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("the duration must be longer than zero".into()),
+        Err(e) => Err(format!(
+            "`{text}` is not a duration like \"10s\", \"5 minutes\" or \"1h 30m\" ({e})"
+        )),
+    }
 }

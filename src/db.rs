@@ -127,6 +127,18 @@ impl Db {
         outbox_rows(table.iter().map_err(err)?)
     }
 
+    /// How many emails wait for delivery.
+    pub fn pending_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(OUTBOX).map_err(err)?;
+        table.len().map_err(err)
+    }
+
+    /// Whether the database answers a read (for /readyz).
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.pending_count().map(|_| ())
+    }
+
     /// The outbox at a glance: what waits, how many are finished, the newest finished ones.
     pub fn outbox_status(&self, recent: usize) -> Result<OutboxStatus, StoreError> {
         let pending = self.pending_emails()?;

@@ -320,7 +320,12 @@ fields = { who = "distinct_id" }
         let body = format!(
             r#"{{"event":{{"event":"used","uuid":"{uuid}","distinct_id":"d"}},"person":{person}}}"#
         );
-        decode(body.as_bytes(), chrono::Utc::now()).unwrap()
+        decode(
+            body.as_bytes(),
+            chrono::Utc::now(),
+            &crate::event::BodyLimits::LOCAL_FILES,
+        )
+        .unwrap()
     }
 
     #[test]

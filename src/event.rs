@@ -27,6 +27,9 @@ pub struct Event {
     pub properties: Value,
     /// The person's properties as PostHog knew them: always an object (empty without a person).
     pub person_properties: Value,
+    /// The configured source that sent it (see `auth.rs`): a string, or null when requests are
+    /// not authenticated or the event comes from a file.
+    pub source: Value,
 }
 
 impl Event {
@@ -50,6 +53,7 @@ impl Event {
             "timestamp": self.timestamp,
             "properties": self.properties,
             "person": { "properties": self.person_properties },
+            "source": self.source,
         })
     }
 }
@@ -62,9 +66,13 @@ pub enum DecodeError {
     #[error("the body is not valid JSON: {0}")]
     NotJson(String),
     #[error(
-        "the JSON is nested too deeply (more than 128 levels): no PostHog event looks like this"
+        "the JSON is nested too deeply (more than {limit} levels): no PostHog event looks like this"
     )]
-    TooDeep,
+    TooDeep { limit: usize },
+    #[error(
+        "the body holds {count} events, more than the {limit} accepted in one request: send them in smaller batches"
+    )]
+    TooManyEvents { count: usize, limit: usize },
     #[error(
         "this is a legacy PostHog action webhook ({{\"text\": ...}}): it carries a chat message, not an event; \
          use a PostHog \"Webhook\" destination with its default body {{\"event\": \"{{event}}\", \"person\": \"{{person}}\"}}"
@@ -76,23 +84,66 @@ pub enum DecodeError {
     InvalidEvent { index: usize, problem: String },
 }
 
+/// How much a body may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Deepest nesting of arrays and objects (the body itself is level 1); at most
+    /// [`MAX_DEPTH`], which the JSON parser enforces anyway.
+    pub max_depth: usize,
+    /// Most events in one body.
+    pub max_events: usize,
+}
+
+/// The deepest nesting the JSON parser accepts.
+pub const MAX_DEPTH: usize = 128;
+
+impl BodyLimits {
+    /// No limits beyond the parser's: for files on the author's own disk (`test`, `replay`).
+    pub const LOCAL_FILES: BodyLimits = BodyLimits {
+        max_depth: MAX_DEPTH,
+        max_events: usize::MAX,
+    };
+}
+
 /// Decodes a request body into its events. `now` stands in for a missing timestamp.
-pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, DecodeError> {
+pub fn decode(
+    body: &[u8],
+    now: DateTime<Utc>,
+    limits: &BodyLimits,
+) -> Result<Vec<Event>, DecodeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty);
     }
     let root: Value = serde_json::from_slice(body).map_err(|e| {
         if e.to_string().starts_with("recursion limit exceeded") {
-            DecodeError::TooDeep
+            DecodeError::TooDeep { limit: MAX_DEPTH }
         } else {
             DecodeError::NotJson(e.to_string())
         }
     })?;
-    decode_value(root, now)
+    decode_value(root, now, limits)
+}
+
+/// How deeply `value` nests: 1 for a scalar, an empty list or an empty object.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 1,
+    }
 }
 
 /// Decodes an already parsed body (as [`decode`] does after parsing).
-pub fn decode_value(root: Value, now: DateTime<Utc>) -> Result<Vec<Event>, DecodeError> {
+pub fn decode_value(
+    root: Value,
+    now: DateTime<Utc>,
+    limits: &BodyLimits,
+) -> Result<Vec<Event>, DecodeError> {
+    if limits.max_depth < MAX_DEPTH && depth(&root) > limits.max_depth {
+        return Err(DecodeError::TooDeep {
+            limit: limits.max_depth,
+        });
+    }
     let items = match root {
         Value::Array(items) if items.is_empty() => {
             return Err(DecodeError::NoEvent("the list is empty".into()));
@@ -132,6 +183,12 @@ pub fn decode_value(root: Value, now: DateTime<Utc>) -> Result<Vec<Event>, Decod
             )));
         }
     };
+    if items.len() > limits.max_events {
+        return Err(DecodeError::TooManyEvents {
+            count: items.len(),
+            limit: limits.max_events,
+        });
+    }
     items
         .into_iter()
         .enumerate()
@@ -253,6 +310,7 @@ fn normalize(
         time: timestamp,
         properties,
         person_properties,
+        source: Value::Null,
     })
 }
 
@@ -307,7 +365,7 @@ mod tests {
     }
 
     fn one(body: &str) -> Event {
-        let mut events = decode(body.as_bytes(), now()).unwrap();
+        let mut events = decode(body.as_bytes(), now(), &BodyLimits::LOCAL_FILES).unwrap();
         assert_eq!(events.len(), 1);
         events.remove(0)
     }
@@ -333,11 +391,17 @@ mod tests {
         let events = decode(
             br#"{"api_key":"k","batch":[{"event":"a","properties":{"distinct_id":"in-props"}},{"event":"b"}]}"#,
             now(),
+            &BodyLimits::LOCAL_FILES,
         )
         .unwrap();
         assert_eq!(events[0].distinct_id, json!("in-props"));
         assert_eq!(events[1].name(), "b");
-        let events = decode(br#"[{"event":"a"},{"event":{"name":"b"}}]"#, now()).unwrap();
+        let events = decode(
+            br#"[{"event":"a"},{"event":{"name":"b"}}]"#,
+            now(),
+            &BodyLimits::LOCAL_FILES,
+        )
+        .unwrap();
         assert_eq!(events[1].name(), "b");
         let e = one(
             r#"{"hook":{"id":"h"},"data":{"eventUuid":"u","event":"z","distinctId":"d","person":{"properties":{"email":"e"}}}}"#,
@@ -364,7 +428,7 @@ mod tests {
 
     #[test]
     fn refusals_say_what_is_wrong() {
-        let err = |b: &str| decode(b.as_bytes(), now()).unwrap_err();
+        let err = |b: &str| decode(b.as_bytes(), now(), &BodyLimits::LOCAL_FILES).unwrap_err();
         assert_eq!(err("  "), DecodeError::Empty);
         assert!(matches!(err("{"), DecodeError::NotJson(_)));
         assert_eq!(err(r#"{"text":"hi"}"#), DecodeError::LegacyText);
@@ -384,6 +448,26 @@ mod tests {
                 .contains("ISO 8601")
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(err(&deep), DecodeError::TooDeep);
+        assert_eq!(err(&deep), DecodeError::TooDeep { limit: 128 });
+    }
+
+    #[test]
+    fn a_server_limits_depth_and_events_per_body() {
+        let limits = BodyLimits {
+            max_depth: 4,
+            max_events: 2,
+        };
+        let decode = |b: &str| decode(b.as_bytes(), now(), &limits);
+        // {"event": {"properties": {"a": {"b": 1}}}} nests 4 levels deep: the limit.
+        assert!(decode(r#"{"event":{"event":"x","properties":{"a":1}}}"#).is_ok());
+        assert_eq!(
+            decode(r#"{"event":{"event":"x","properties":{"a":{"b":[1]}}}}"#).unwrap_err(),
+            DecodeError::TooDeep { limit: 4 }
+        );
+        assert!(decode(r#"[{"event":"a"},{"event":"b"}]"#).is_ok());
+        assert_eq!(
+            decode(r#"[{"event":"a"},{"event":"b"},{"event":"c"}]"#).unwrap_err(),
+            DecodeError::TooManyEvents { count: 3, limit: 2 }
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! rule files: emails rendered from templates, and sanitized lines in JSONL files.
 //!
 //! # Layout
-//! - [`server`]: the HTTP edge — routes, status codes, start and graceful stop.
+//! - [`server`]: the HTTP edge — routes, status codes, limits, start and graceful stop.
+//! - [`auth`]: named sources and their secrets; bearer tokens and Standard Webhooks signatures.
 //! - [`event`]: decoding every body shape PostHog sends into one normalized [`event::Event`].
 //! - [`rules`]: rule files → compiled, indexed [`rules::RuleSet`]; diagnostics with file:line:col.
 //! - [`templates`]: email templates (Handlebars, strict).
@@ -16,9 +17,10 @@
 //! - [`reload`]: the running rule set and the file watcher that replaces it.
 //! - [`testcase`]: rule test cases (`*.test.toml`) run in memory on a virtual clock.
 //! - [`commands`]: `check`, `test` and `replay`, for rule authors.
-//! - [`config`]: server settings from flags and environment.
+//! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
 
 pub mod actions;
+pub mod auth;
 pub mod commands;
 pub mod committer;
 pub mod config;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 use tripline::commands::{self, replay::ReplayArgs, test::TestArgs};
-use tripline::config::{Folders, ServeConfig};
+use tripline::config::{FolderArgs, LogFormat, ServeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -23,9 +23,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service: receive events on POST /webhook and apply the rules.
-    Serve(ServeConfig),
+    Serve(ServeArgs),
     /// Check the rule, template and test files without starting the service.
-    Check(Folders),
+    Check(FolderArgs),
     /// Run the rule tests (*.test.toml beside the rules) with no side effects.
     Test(TestArgs),
     /// Replay a file of past events through the rules and show what would have happened.
@@ -36,20 +36,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs what it does; the authoring commands print their own results and only
     // log errors.
-    let default_level = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "error",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TRIPLINE_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     match cli.command {
-        Command::Serve(config) => {
+        Command::Serve(args) => {
+            let config = match args.resolve() {
+                Ok(config) => config,
+                Err(e) => return commands::report_config_error(&e),
+            };
+            init_logs("info", config.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -65,9 +58,32 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check(folders) => commands::check::run(&folders),
-        Command::Test(args) => commands::test::run(&args),
-        Command::Replay(args) => commands::replay::run(&args),
+        Command::Check(folders) => {
+            init_logs("error", LogFormat::Text);
+            commands::check::run(&folders)
+        }
+        Command::Test(args) => {
+            init_logs("error", LogFormat::Text);
+            commands::test::run(&args)
+        }
+        Command::Replay(args) => {
+            init_logs("error", LogFormat::Text);
+            commands::replay::run(&args)
+        }
+    }
+}
+
+/// Logs to stderr at the level of `TRIPLINE_LOG` (else `default_level`: the service logs what it
+/// does, the authoring commands print their own results and only log errors).
+fn init_logs(default_level: &str, format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("TRIPLINE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
     }
 }
 

@@ -5,28 +5,39 @@
 //! 4xx with a JSON `{"error": ...}`; a fault on our side is a 503 so that PostHog retries.
 
 use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::SecondsFormat;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use std::future::Future;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
-use tracing::{error, info};
+use tower::ServiceBuilder;
+use tower_http::timeout::TimeoutLayer;
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::actions::jsonl::JsonlFiles;
+use crate::auth::Sources;
 use crate::committer::{CommitError, Committer};
-use crate::config::ServeConfig;
+use crate::config::{Limits, ServeConfig};
 use crate::db::Db;
-use crate::event::{self, DecodeError};
+use crate::engine::{Outcome, Report};
+use crate::event::{self, BodyLimits, DecodeError};
 use crate::outbox::{self, OutboxRecord, Transport};
 use crate::reload::{self, LiveRules};
+use crate::rules::RuleSet;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -35,17 +46,60 @@ pub struct AppState {
     pub committer: Committer,
     pub db: Arc<Db>,
     pub metrics: PrometheusHandle,
+    /// Who may send events; empty when requests are not authenticated (loopback only).
+    pub sources: Arc<Sources>,
+    /// The admin token that unlocks /rules, /outbox and /metrics when sources are configured.
+    pub admin: Arc<Sources>,
+    /// Requests per second per source.
+    pub rate_limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    pub body_limits: BodyLimits,
+    /// Where /readyz checks it can write.
+    pub data_dir: PathBuf,
 }
 
-/// The routes, with the body limit applied.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/webhook", post(webhook))
-        .route("/healthz", get(|| async { "ok\n" }))
+impl AppState {
+    /// The rate limiter for `limits`: each source gets its own bucket.
+    pub fn rate_limiter(limits: &Limits) -> Arc<DefaultKeyedRateLimiter<String>> {
+        let period = Duration::from_secs_f64(1.0 / limits.rate_limit);
+        let burst = NonZeroU32::new(limits.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(burst);
+        Arc::new(RateLimiter::keyed(quota))
+    }
+}
+
+/// The routes. `/webhook` gets the limits: body size, a time limit, and at most
+/// `max_concurrent_requests` at once (more are shed with 503 rather than queued). The read-only
+/// endpoints need the admin token once sources are configured; the health checks are open.
+pub fn router(state: AppState, limits: &Limits) -> Router {
+    let webhook_limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            rejected("overloaded");
+            let mut response = AppError::Overloaded.into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }))
+        .load_shed()
+        .concurrency_limit(limits.max_concurrent_requests)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ));
+    let admin = Router::new()
         .route("/rules", get(rules))
         .route("/outbox", get(outbox))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_only));
+    Router::new()
+        .route("/webhook", post(webhook).layer(webhook_limits))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(admin)
+        .layer(middleware::from_fn(timed))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)
 }
 
@@ -84,7 +138,7 @@ pub async fn serve(
     let (committer, committer_thread) = Committer::start(
         db.clone(),
         JsonlFiles::new(&config.folders.data),
-        config.sender.email_from.clone(),
+        config.email_from.clone(),
         retention,
         emails_queued.clone(),
     )?;
@@ -112,12 +166,35 @@ pub async fn serve(
         committer,
         db,
         metrics,
+        sources: config.sources.clone(),
+        admin: config.admin.clone(),
+        rate_limiter: AppState::rate_limiter(&config.limits),
+        body_limits: BodyLimits {
+            max_depth: config.limits.max_json_depth,
+            max_events: config.limits.max_events_per_body,
+        },
+        data_dir: config.folders.data.clone(),
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    if config.sources.is_empty() {
+        if config.accept_unauthenticated {
+            warn!(
+                "no source is configured and --dangerously-accept-unauthenticated-events is set: \
+                 anyone who can reach this port can send events"
+            );
+        } else {
+            info!(
+                "no source is configured: events are accepted without a secret, on loopback only"
+            );
+        }
+    } else {
+        let names: Vec<&str> = config.sources.names().collect();
+        info!(sources = %names.join(", "), "events need a source's bearer token or signature");
+    }
     info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(state, config.max_body_bytes))
+    axum::serve(listener, router(state, &config.limits))
         .with_graceful_shutdown(shutdown)
         .await?;
     // Every request has been answered and the router (with its committer handles) is gone, so the
@@ -131,26 +208,162 @@ pub async fn serve(
     Ok(())
 }
 
+/// POST /webhook: read the body (within the size and time limits), check who sent it, apply
+/// the source's rate limit, decode every event, run them through one snapshot of the rules, and
+/// answer once their effects are durable.
 async fn webhook(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, AppError> {
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge,
         _ => AppError::Unreadable(rejection.body_text()),
     })?;
-    let events = event::decode(&body, chrono::Utc::now())?;
+    let now = chrono::Utc::now();
+    let source = if state.sources.is_empty() {
+        "local".to_string()
+    } else {
+        match state.sources.authenticate(&headers, &body, now.timestamp()) {
+            Ok(source) => source.name.clone(),
+            Err(refusal) => {
+                debug!(
+                    reason = refusal.label(),
+                    "request refused: not from a configured source"
+                );
+                return Err(AppError::Unauthorized);
+            }
+        }
+    };
+    if let Err(not_until) = state.rate_limiter.check_key(&source) {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        return Err(AppError::RateLimited {
+            retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        });
+    }
+    let mut events = event::decode(&body, now, &state.body_limits)?;
+    for e in &mut events {
+        e.source = Value::String(source.clone());
+    }
     let Some(rules) = state.rules.snapshot() else {
         return Err(AppError::NoRules);
     };
     let count = events.len();
-    let report = state.committer.submit(rules.clone(), events).await?;
+    let span = info_span!(
+        "request",
+        source = %source,
+        events = count,
+        event.uuid = events.first().and_then(|e| e.uuid()).unwrap_or("-")
+    );
+    let report = state
+        .committer
+        .submit(rules.clone(), events)
+        .instrument(span)
+        .await?;
+    record_outcomes(&source, count, &report, &rules);
     Ok(Json(json!({
         "accepted": count,
         "duplicates": report.duplicates,
         "fired": report.fired(&rules),
         "failed": report.failures(&rules),
     })))
+}
+
+/// Counts a committed request's events and what each rule did with them.
+fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet) {
+    metrics::counter!("tripline_events_received_total", "source" => source.to_string())
+        .increment(events as u64);
+    metrics::counter!("tripline_events_duplicate_total").increment(report.duplicates as u64);
+    for (index, outcome) in &report.outcomes {
+        let rule = rules.rules()[*index].name.clone();
+        metrics::counter!("tripline_rule_matches_total", "rule" => rule.clone()).increment(1);
+        match outcome {
+            Outcome::Fired => {
+                metrics::counter!("tripline_rule_fires_total", "rule" => rule).increment(1);
+            }
+            Outcome::Suppressed => {
+                metrics::counter!("tripline_rule_suppressions_total", "rule" => rule).increment(1);
+            }
+            Outcome::Counting { .. } | Outcome::NoKey { .. } | Outcome::Failed { .. } => {}
+        }
+    }
+}
+
+/// Counts a request that was refused, by why.
+fn rejected(reason: &'static str) {
+    metrics::counter!("tripline_requests_rejected_total", "reason" => reason).increment(1);
+}
+
+/// Times every request to /webhook (and counts those cut off by the time limit).
+async fn timed(request: Request, next: Next) -> Response {
+    if request.uri().path() != "/webhook" {
+        return next.run(request).await;
+    }
+    let started = Instant::now();
+    let response = next.run(request).await;
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        rejected("timeout");
+    }
+    metrics::histogram!("tripline_request_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Lets a request to the read-only endpoints through when no source is configured (loopback
+/// only), or when it carries the admin token.
+async fn admin_only(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    if state.sources.is_empty() {
+        return Ok(next.run(request).await);
+    }
+    if state.admin.is_empty() {
+        return Err(AppError::AdminClosed);
+    }
+    match state.admin.authenticate(request.headers(), b"", 0) {
+        Ok(_) => Ok(next.run(request).await),
+        Err(_) => Err(AppError::AdminDenied),
+    }
+}
+
+/// GET /readyz: 200 when events can be taken (the store answers, rules are loaded, the data
+/// folder is writable), else 503 with what is wrong.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let db = state.db.clone();
+    let data_dir = state.data_dir.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let store = db.check().map_err(|e| e.to_string());
+        let probe = data_dir.join(".tripline-ready-check");
+        let writable = std::fs::write(&probe, b"ok")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()));
+        (store, writable)
+    })
+    .await;
+    let (store, writable) = checks.unwrap_or_else(|e| (Err(e.to_string()), Err(String::new())));
+    let rules = match state.rules.snapshot() {
+        Some(_) => Ok(()),
+        None => Err("no rules are loaded: the rule files have errors (see GET /rules)".to_string()),
+    };
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    };
+    let ready = store.is_ok() && writable.is_ok() && rules.is_ok();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "store": show(&store),
+        "rules": show(&rules),
+        "data_folder": show(&writable),
+    });
+    (status, Json(body)).into_response()
 }
 
 /// The email queue: what waits (with the last error), and what was recently sent or gave up.
@@ -192,6 +405,10 @@ async fn rules(State(state): State<AppState>) -> Json<Value> {
 
 /// Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let db = state.db.clone();
+    if let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || db.pending_count()).await {
+        metrics::gauge!("tripline_outbox_pending").set(pending as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -205,6 +422,13 @@ fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
         return Ok(h.clone());
     }
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("tripline_request_duration_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .map_err(|e| anyhow::anyhow!("cannot set up the latency histogram: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("cannot start the metrics recorder: {e}"))?;
     metrics::describe_gauge!(
@@ -218,7 +442,38 @@ fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!("tripline_rules_loaded", "Rules running now");
     metrics::describe_counter!(
         "tripline_actions_failed_total",
-        "Actions that could not be made from an event (an email whose fields are missing), by kind and rule"
+        "Actions that failed: emails that could not be made from an event or that the mail server refused for good, by kind and rule"
+    );
+    metrics::describe_counter!(
+        "tripline_actions_succeeded_total",
+        "Actions done: lines written (kind jsonl) and emails delivered (kind email), by rule"
+    );
+    metrics::describe_counter!(
+        "tripline_events_received_total",
+        "Events accepted and made durable, by source (retried deliveries included)"
+    );
+    metrics::describe_counter!(
+        "tripline_events_duplicate_total",
+        "Events skipped because their uuid was handled before (a retried delivery)"
+    );
+    metrics::describe_counter!(
+        "tripline_requests_rejected_total",
+        "Requests to /webhook refused, by reason; a refused body changes nothing"
+    );
+    metrics::describe_counter!(
+        "tripline_rule_matches_total",
+        "Events whose [when] held for the rule"
+    );
+    metrics::describe_counter!("tripline_rule_fires_total", "Events the rule acted on");
+    metrics::describe_counter!(
+        "tripline_rule_suppressions_total",
+        "Events the rule was held back on by its [limits]"
+    );
+    metrics::describe_gauge!("tripline_outbox_pending", "Emails waiting to be delivered");
+    metrics::describe_histogram!(
+        "tripline_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to answer POST /webhook, durable write included"
     );
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
@@ -228,10 +483,23 @@ fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
 pub enum AppError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    #[error("the body is larger than this server accepts (see --max-body-bytes)")]
+    #[error("the body is larger than this server accepts (see max_body_bytes)")]
     TooLarge,
     #[error("the body could not be read: {0}")]
     Unreadable(String),
+    /// Deliberately says nothing of what was wrong (missing header, wrong secret, old timestamp).
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error(
+        "this endpoint needs an admin token once sources are configured: set TRIPLINE_ADMIN_TOKEN (or [admin] in tripline.toml)"
+    )]
+    AdminClosed,
+    #[error("unauthorized")]
+    AdminDenied,
+    #[error("too many requests from this source; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the server is handling as many requests as it can; retry in a moment")]
+    Overloaded,
     #[error(
         "no rules are loaded because the rule files have errors (see GET /rules); try again once they are fixed"
     )]
@@ -242,20 +510,60 @@ pub enum AppError {
     Internal(String),
 }
 
+impl AppError {
+    /// The status, and the reason label counted in `tripline_requests_rejected_total`.
+    fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            AppError::Decode(DecodeError::Empty | DecodeError::NotJson(_)) => {
+                (StatusCode::BAD_REQUEST, "not_json")
+            }
+            AppError::Decode(DecodeError::TooDeep { .. }) => (StatusCode::BAD_REQUEST, "too_deep"),
+            AppError::Decode(DecodeError::TooManyEvents { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events")
+            }
+            AppError::Decode(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_event"),
+            AppError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            AppError::Unreadable(_) => (StatusCode::BAD_REQUEST, "unreadable"),
+            AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AppError::AdminClosed => (StatusCode::FORBIDDEN, "admin_closed"),
+            AppError::AdminDenied => (StatusCode::UNAUTHORIZED, "admin_denied"),
+            AppError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
+            AppError::Commit(_) | AppError::Internal(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
+            }
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            AppError::Decode(
-                DecodeError::Empty | DecodeError::NotJson(_) | DecodeError::TooDeep,
-            ) => StatusCode::BAD_REQUEST,
-            AppError::Decode(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AppError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::Unreadable(_) => StatusCode::BAD_REQUEST,
-            AppError::NoRules | AppError::Commit(_) | AppError::Internal(_) => {
-                error!("{self}");
-                StatusCode::SERVICE_UNAVAILABLE
+        let (status, reason) = self.status();
+        match &self {
+            AppError::NoRules | AppError::Commit(_) | AppError::Internal(_) => error!("{self}"),
+            _ => debug!(%reason, "request refused"),
+        }
+        if !matches!(
+            self,
+            AppError::Overloaded | AppError::AdminClosed | AppError::AdminDenied
+        ) {
+            rejected(reason);
+        }
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        match &self {
+            AppError::Unauthorized | AppError::AdminDenied => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-        };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+            AppError::RateLimited { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        response
     }
 }

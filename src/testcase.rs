@@ -290,7 +290,7 @@ fn entry_events(
                     .map(|(k, v)| (k.clone(), toml_to_json_value(v)))
                     .collect(),
             );
-            event::decode_value(body, *clock).map_err(|e| {
+            event::decode_value(body, *clock, &event::BodyLimits::LOCAL_FILES).map_err(|e| {
                 let why = match e {
                     event::DecodeError::InvalidEvent { problem, .. } => problem,
                     other => other.to_string(),
@@ -327,7 +327,7 @@ fn entry_events(
 
 /// A whole JSON body in any accepted shape, or one such body per line.
 pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String> {
-    match event::decode(bytes, now) {
+    match event::decode(bytes, now, &event::BodyLimits::LOCAL_FILES) {
         Ok(events) => Ok(events),
         Err(event::DecodeError::NotJson(whole)) => {
             let mut events = Vec::new();
@@ -335,13 +335,14 @@ pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let mut more = event::decode(line, now).map_err(|e| {
-                    if i == 0 {
-                        format!("the file is not valid JSON: {whole}")
-                    } else {
-                        format!("line {}: {e}", i + 1)
-                    }
-                })?;
+                let mut more =
+                    event::decode(line, now, &event::BodyLimits::LOCAL_FILES).map_err(|e| {
+                        if i == 0 {
+                            format!("the file is not valid JSON: {whole}")
+                        } else {
+                            format!("line {}: {e}", i + 1)
+                        }
+                    })?;
                 events.append(&mut more);
             }
             Ok(events)

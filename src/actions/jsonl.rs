@@ -215,6 +215,7 @@ mod tests {
             time: "2025-01-01T00:00:00Z".parse().unwrap(),
             properties: json!({"r": "  héllo wörld  ", "secret": "s"}),
             person_properties: json!({}),
+            source: Value::Null,
         };
         let mut with_default = field("gone", "properties.nope", false, None);
         with_default.default = json!("n/a");

@@ -4,14 +4,18 @@
 use std::process::ExitCode;
 
 use super::print_problems;
-use crate::config::Folders;
+use crate::config::FolderArgs;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
 use crate::rules::test_files;
 use crate::testcase;
 
 /// Runs the check.
-pub fn run(folders: &Folders) -> ExitCode {
+pub fn run(args: &FolderArgs) -> ExitCode {
+    let folders = match super::paths(args) {
+        Ok(paths) => paths.folders,
+        Err(code) => return code,
+    };
     let mut problems = Vec::new();
     let rules = match RuleSet::load(&folders.rules, &folders.templates, &folders.data) {
         Ok(set) => Some(set),

@@ -5,9 +5,26 @@ pub mod check;
 pub mod replay;
 pub mod test;
 
-use crate::config::Folders;
+use std::process::ExitCode;
+
+use crate::config::{ConfigError, FolderArgs, Folders, Paths};
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
+
+/// The folders and sender of `args`, or the configuration file's problems printed and exit
+/// code 2.
+fn paths(args: &FolderArgs) -> Result<Paths, ExitCode> {
+    args.resolve().map_err(|e| report_config_error(&e))
+}
+
+/// Prints why the settings cannot be used; returns exit code 2 (a usage error, as clap's).
+pub fn report_config_error(e: &ConfigError) -> ExitCode {
+    match e {
+        ConfigError::File(problems) => print_problems(problems),
+        ConfigError::Other(message) => eprintln!("error: {message}"),
+    }
+    ExitCode::from(2)
+}
 
 /// Loads the rule set of `folders`, or prints every problem.
 fn load_rules(folders: &Folders) -> Option<RuleSet> {

@@ -23,7 +23,7 @@ use super::load_rules;
 use crate::actions::email::mask_email;
 use crate::actions::jsonl::JsonlFiles;
 use crate::committer::Committer;
-use crate::config::{Folders, Sender};
+use crate::config::{FolderArgs, Paths};
 use crate::db::Db;
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::event::{self, Event};
@@ -42,9 +42,7 @@ pub struct ReplayArgs {
     /// File of past events: JSON lines, one JSON body, or a JSON list (a PostHog export).
     pub file: PathBuf,
     #[command(flatten)]
-    pub folders: Folders,
-    #[command(flatten)]
-    pub sender: Sender,
+    pub folders: FolderArgs,
     /// Really run the actions into this data folder (not the service's): lines are appended to
     /// its files and emails written as .eml files to its outbox/ folder, never sent.
     #[arg(long, value_name = "DIR")]
@@ -80,7 +78,11 @@ enum Sink {
 
 /// Runs the replay.
 pub fn run(args: &ReplayArgs) -> ExitCode {
-    match replay(args) {
+    let paths = match super::paths(&args.folders) {
+        Ok(paths) => paths,
+        Err(code) => return code,
+    };
+    match replay(args, &paths) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -89,8 +91,8 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     }
 }
 
-fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    let Some(rules) = load_rules(&args.folders) else {
+fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
+    let Some(rules) = load_rules(&paths.folders) else {
         anyhow::bail!("the rules have problems, so nothing was replayed (see `tripline check`)");
     };
     let rules = Arc::new(rules);
@@ -107,11 +109,11 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
 
     let sink = match &args.execute_into {
         None => Sink::DryRun(MemoryStore::default()),
-        Some(dir) => open_sink(dir, &args.folders.data, &args.sender.email_from)?,
+        Some(dir) => open_sink(dir, &paths.folders.data, &paths.email_from)?,
     };
     let mut run = Run {
         rules: &rules,
-        from: &args.sender.email_from,
+        from: &paths.email_from,
         sink,
         batch: Vec::with_capacity(BATCH),
         effects: Vec::new(),
@@ -263,13 +265,15 @@ impl Run<'_> {
     /// Decodes one item of the file; runs the batch once it is full.
     fn add(&mut self, item: Item) -> anyhow::Result<()> {
         match item {
-            Item::Value(position, value) => match event::decode_value(value, Utc::now()) {
-                Ok(mut events) => {
-                    self.totals.events += events.len() as u64;
-                    self.batch.append(&mut events);
+            Item::Value(position, value) => {
+                match event::decode_value(value, Utc::now(), &event::BodyLimits::LOCAL_FILES) {
+                    Ok(mut events) => {
+                        self.totals.events += events.len() as u64;
+                        self.batch.append(&mut events);
+                    }
+                    Err(e) => self.totals.unreadable(format!("{position}: {e}")),
                 }
-                Err(e) => self.totals.unreadable(format!("{position}: {e}")),
-            },
+            }
             Item::Broken(position, e) => self.totals.unreadable(format!("{position}: {e}")),
         }
         if self.batch.len() >= BATCH {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{load_rules, print_problems};
-use crate::config::{Folders, Sender};
+use crate::config::FolderArgs;
 use crate::rules::diagnostic::Diagnostic;
 use crate::rules::test_files;
 use crate::testcase;
@@ -18,9 +18,7 @@ pub struct TestArgs {
     /// Test files (*.test.toml) or folders holding them; the rules folder when none is given.
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
-    pub folders: Folders,
-    #[command(flatten)]
-    pub sender: Sender,
+    pub folders: FolderArgs,
     /// `text` for people; `json` for programs: one JSON object per line and test.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -35,14 +33,18 @@ pub enum Format {
 
 /// Runs the tests.
 pub fn run(args: &TestArgs) -> ExitCode {
-    let Some(rules) = load_rules(&args.folders) else {
+    let paths = match super::paths(&args.folders) {
+        Ok(paths) => paths,
+        Err(code) => return code,
+    };
+    let Some(rules) = load_rules(&paths.folders) else {
         eprintln!("the rules have problems, so no test was run (see `tripline check`)");
         return ExitCode::FAILURE;
     };
     let mut files = Vec::new();
     let mut problems = Vec::new();
     let wanted = if args.paths.is_empty() {
-        vec![args.folders.rules.clone()]
+        vec![paths.folders.rules.clone()]
     } else {
         args.paths.clone()
     };
@@ -72,7 +74,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
             println!("{}", file.display());
         }
         for case in &cases {
-            let differences = testcase::run(case, &rules, &args.sender.email_from);
+            let differences = testcase::run(case, &rules, &paths.email_from);
             if differences.is_empty() {
                 passed += 1;
             } else {

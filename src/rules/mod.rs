@@ -258,7 +258,12 @@ mod tests {
     /// The names of the rules that hold for a flat event `{"event": name, "properties": props}`.
     fn fired(set: &RuleSet, name: &str, props: &str) -> Vec<String> {
         let body = format!(r#"{{"event":"{name}","properties":{props}}}"#);
-        let event = &decode(body.as_bytes(), chrono::Utc::now()).unwrap()[0];
+        let event = &decode(
+            body.as_bytes(),
+            chrono::Utc::now(),
+            &crate::event::BodyLimits::LOCAL_FILES,
+        )
+        .unwrap()[0];
         set.candidates(event.name())
             .map(|(_, r)| r)
             .filter(|r| r.when.holds(event))

@@ -11,13 +11,14 @@ use crate::event::Event;
 use crate::rules::diagnostic::did_you_mean;
 
 /// The paths a rule may start with, as written.
-pub const ROOTS: [&str; 6] = [
+pub const ROOTS: [&str; 7] = [
     "event",
     "uuid",
     "distinct_id",
     "timestamp",
     "properties",
     "person.properties",
+    "source",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,7 @@ enum Root {
     Timestamp,
     Properties,
     PersonProperties,
+    Source,
 }
 
 /// A parsed field path. Segments after `properties` / `person.properties` walk into nested
@@ -59,6 +61,7 @@ impl FieldPath {
             "distinct_id" => Root::DistinctId,
             "timestamp" => Root::Timestamp,
             "properties" => Root::Properties,
+            "source" => Root::Source,
             "person" => match parts.next().as_deref() {
                 Some("properties") => Root::PersonProperties,
                 _ => {
@@ -109,6 +112,7 @@ impl FieldPath {
             Root::Timestamp => &event.timestamp,
             Root::Properties => &event.properties,
             Root::PersonProperties => &event.person_properties,
+            Root::Source => &event.source,
         };
         for segment in &self.segments {
             value = match value {
@@ -196,6 +200,7 @@ mod tests {
             time: "2025-06-14T09:21:33.412Z".parse().unwrap(),
             properties: json!({"$lib": "web", "utm.source": "news", "$set": {"email": "a@b.c"}, "tags": ["x", "y"], "gone": null}),
             person_properties: json!({"email": "dana@example.com"}),
+            source: json!("posthog"),
         }
     }
 

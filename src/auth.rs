@@ -1,0 +1,460 @@
+//! Who may send events: named sources, each with its own secrets.
+//!
+//! A request proves its source in one of two ways, checked on the raw body before it is parsed:
+//! - `Authorization: Bearer <token>`: what a PostHog Webhook destination sends as a custom header;
+//! - a Standard Webhooks signature: `webhook-id`, `webhook-timestamp` and `webhook-signature`
+//!   (`v1,<base64 HMAC-SHA256 of "id.timestamp.body">`), with the timestamp within a tolerance of
+//!   now so that a captured request cannot be replayed later.
+//!
+//! Comparisons take the same time whatever the secret (tokens are compared as SHA-256 digests,
+//! signatures with `subtle`). A source may hold several secrets of each kind, so one can be
+//! rotated without downtime: add the new one, switch the sender, remove the old one. Secrets are
+//! read from environment variables or files, never from the configuration file or a rule file,
+//! and are never printed (their `Debug` is redacted).
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+/// Where a secret is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+impl SecretRef {
+    /// The secret's text, trimmed of surrounding whitespace (a file usually ends in a newline).
+    pub fn read(&self) -> Result<String, String> {
+        let text = match self {
+            SecretRef::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?,
+        };
+        let text = text.trim().to_string();
+        if text.is_empty() {
+            return Err(format!("{} is empty", self.describe()));
+        }
+        Ok(text)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            SecretRef::Env(name) => format!("the environment variable {name}"),
+            SecretRef::File(path) => format!("the secret file {}", path.display()),
+        }
+    }
+}
+
+/// `[sources.NAME]` in `tripline.toml`: where one sender's secrets are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Environment variables holding bearer tokens (two during a rotation).
+    #[serde(default)]
+    pub bearer_token_env: Vec<String>,
+    /// Files holding bearer tokens.
+    #[serde(default)]
+    pub bearer_token_file: Vec<PathBuf>,
+    /// Environment variables holding Standard Webhooks secrets (`whsec_...`).
+    #[serde(default)]
+    pub signing_secret_env: Vec<String>,
+    /// Files holding Standard Webhooks secrets.
+    #[serde(default)]
+    pub signing_secret_file: Vec<PathBuf>,
+}
+
+impl SourceConfig {
+    /// Takes the secret files' paths relative to the configuration file's folder.
+    pub fn relative_to(&mut self, relative: impl Fn(&Path) -> PathBuf) {
+        for p in self
+            .bearer_token_file
+            .iter_mut()
+            .chain(self.signing_secret_file.iter_mut())
+        {
+            *p = relative(p);
+        }
+    }
+
+    fn tokens(&self) -> impl Iterator<Item = SecretRef> + '_ {
+        (self.bearer_token_env.iter().cloned().map(SecretRef::Env))
+            .chain(self.bearer_token_file.iter().cloned().map(SecretRef::File))
+    }
+
+    fn signing_secrets(&self) -> impl Iterator<Item = SecretRef> + '_ {
+        (self.signing_secret_env.iter().cloned().map(SecretRef::Env)).chain(
+            self.signing_secret_file
+                .iter()
+                .cloned()
+                .map(SecretRef::File),
+        )
+    }
+}
+
+/// A bearer token must be at least this long: short ones can be guessed.
+pub const MIN_TOKEN_CHARS: usize = 16;
+/// A signing secret must decode to at least this many bytes (the Standard Webhooks minimum).
+pub const MIN_SIGNING_KEY_BYTES: usize = 24;
+/// How many `v1,` signatures of one header are tried (a sender signs with one or two keys).
+const MAX_SIGNATURES_TRIED: usize = 8;
+
+/// One sender, with its secrets loaded.
+pub struct Source {
+    pub name: String,
+    /// SHA-256 digests of the bearer tokens: compared digest to digest, so every comparison has
+    /// the same length and takes the same time.
+    tokens: Vec<[u8; 32]>,
+    /// HMAC keys (the decoded `whsec_` secrets).
+    signing_keys: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("name", &self.name)
+            .field("tokens", &self.tokens.len())
+            .field("signing_keys", &self.signing_keys.len())
+            .finish()
+    }
+}
+
+impl Source {
+    /// Reads the secrets `config` points at. Each problem names the variable or file, never the
+    /// secret.
+    pub fn load(name: &str, config: &SourceConfig) -> Result<Source, String> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "the source name `{name}` may only hold letters, digits, `_` and `-`"
+            ));
+        }
+        let mut source = Source {
+            name: name.to_string(),
+            tokens: Vec::new(),
+            signing_keys: Vec::new(),
+        };
+        for r in config.tokens() {
+            source.add_token(&r.read()?, &r)?;
+        }
+        for r in config.signing_secrets() {
+            source.add_signing_secret(&r.read()?, &r)?;
+        }
+        if source.tokens.is_empty() && source.signing_keys.is_empty() {
+            return Err(format!(
+                "the source `{name}` has no secret: give it `bearer_token_env`, `bearer_token_file`, \
+                 `signing_secret_env` or `signing_secret_file`"
+            ));
+        }
+        Ok(source)
+    }
+
+    /// A source with no secrets yet (for the environment's default source).
+    pub fn named(name: &str) -> Source {
+        Source {
+            name: name.to_string(),
+            tokens: Vec::new(),
+            signing_keys: Vec::new(),
+        }
+    }
+
+    /// Adds a bearer token read from `from`.
+    pub fn add_token(&mut self, token: &str, from: &SecretRef) -> Result<(), String> {
+        if token.chars().count() < MIN_TOKEN_CHARS {
+            return Err(format!(
+                "the bearer token in {} is shorter than {MIN_TOKEN_CHARS} characters; \
+                 make a long random one, for example with `openssl rand -hex 32`",
+                from.describe()
+            ));
+        }
+        self.tokens.push(Sha256::digest(token.as_bytes()).into());
+        Ok(())
+    }
+
+    /// Adds a Standard Webhooks secret (`whsec_` + base64) read from `from`.
+    pub fn add_signing_secret(&mut self, secret: &str, from: &SecretRef) -> Result<(), String> {
+        let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+        let key = BASE64.decode(encoded).map_err(|_| {
+            format!(
+                "the signing secret in {} is not a Standard Webhooks secret (`whsec_` followed by base64)",
+                from.describe()
+            )
+        })?;
+        if key.len() < MIN_SIGNING_KEY_BYTES {
+            return Err(format!(
+                "the signing secret in {} is too short: it must decode to at least {MIN_SIGNING_KEY_BYTES} bytes",
+                from.describe()
+            ));
+        }
+        self.signing_keys.push(key);
+        Ok(())
+    }
+
+    fn has_secrets(&self) -> bool {
+        !self.tokens.is_empty() || !self.signing_keys.is_empty()
+    }
+}
+
+/// Why a request was not accepted as coming from a source. Only logged (at debug level): the
+/// sender is told nothing but 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Neither a bearer token nor the three signature headers.
+    NoCredentials,
+    /// A bearer token that no source has.
+    UnknownToken,
+    /// A signature header that cannot be read, or a timestamp that is not a number.
+    MalformedSignature,
+    /// The timestamp is too far from now: possibly a replay.
+    StaleTimestamp,
+    /// No signature matches any source's secret (wrong secret or changed body).
+    BadSignature,
+}
+
+impl Refusal {
+    /// A short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NoCredentials => "no_credentials",
+            Refusal::UnknownToken => "unknown_token",
+            Refusal::MalformedSignature => "malformed_signature",
+            Refusal::StaleTimestamp => "stale_timestamp",
+            Refusal::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// Every configured source.
+#[derive(Debug, Default)]
+pub struct Sources {
+    sources: Vec<Source>,
+    tolerance: Duration,
+}
+
+impl Sources {
+    /// `sources` (none with an empty name), and how far a signature's timestamp may be from now.
+    pub fn new(sources: Vec<Source>, tolerance: Duration) -> Sources {
+        Sources {
+            sources: sources.into_iter().filter(Source::has_secrets).collect(),
+            tolerance,
+        }
+    }
+
+    /// No source: requests are not authenticated (only allowed on loopback).
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// The sources' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sources.iter().map(|s| s.name.as_str())
+    }
+
+    /// Which source sent this request, judged from its headers and raw body. `now_unix` is the
+    /// current time, for the signature's timestamp.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<&Source, Refusal> {
+        if let Some(token) = bearer_token(headers) {
+            let digest: [u8; 32] = Sha256::digest(token).into();
+            return self
+                .sources
+                .iter()
+                .find(|s| s.tokens.iter().any(|t| bool::from(t.ct_eq(&digest))))
+                .ok_or(Refusal::UnknownToken);
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(id), Some(timestamp), Some(signatures)) = (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        ) else {
+            return Err(Refusal::NoCredentials);
+        };
+        let sent: i64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| Refusal::MalformedSignature)?;
+        if now_unix.abs_diff(sent) > self.tolerance.as_secs() {
+            return Err(Refusal::StaleTimestamp);
+        }
+        let given: Vec<Vec<u8>> = signatures
+            .split_whitespace()
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .take(MAX_SIGNATURES_TRIED)
+            .filter_map(|s| BASE64.decode(s).ok())
+            .collect();
+        if given.is_empty() {
+            return Err(Refusal::MalformedSignature);
+        }
+        self.sources
+            .iter()
+            .find(|source| {
+                source.signing_keys.iter().any(|key| {
+                    let expected = sign(key, id, timestamp.trim(), body);
+                    given
+                        .iter()
+                        .any(|g| bool::from(g.as_slice().ct_eq(&expected)))
+                })
+            })
+            .ok_or(Refusal::BadSignature)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| token.trim_ascii())
+}
+
+/// The Standard Webhooks HMAC-SHA256 of `id.timestamp.body` under `key`.
+pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn sources(token: Option<&str>, whsec: Option<&str>) -> Sources {
+        let mut s = Source::named("posthog");
+        let from = SecretRef::Env("TEST".into());
+        if let Some(t) = token {
+            s.add_token(t, &from).unwrap();
+        }
+        if let Some(w) = whsec {
+            s.add_signing_secret(w, &from).unwrap();
+        }
+        Sources::new(vec![s], Duration::from_secs(300))
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    /// The test vector of the Standard Webhooks specification.
+    const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const SPEC_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const SPEC_TIMESTAMP: i64 = 1614265330;
+    const SPEC_BODY: &[u8] = br#"{"test": 2432232314}"#;
+    const SPEC_SIGNATURE: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+
+    fn spec_headers(signature: &str) -> HeaderMap {
+        headers(&[
+            ("webhook-id", SPEC_ID),
+            ("webhook-timestamp", &SPEC_TIMESTAMP.to_string()),
+            ("webhook-signature", signature),
+        ])
+    }
+
+    #[test]
+    fn the_specification_test_vector_verifies() {
+        let s = sources(None, Some(SPEC_SECRET));
+        let ok = s.authenticate(&spec_headers(SPEC_SIGNATURE), SPEC_BODY, SPEC_TIMESTAMP);
+        assert_eq!(ok.unwrap().name, "posthog");
+        // Several signatures, one of them right (a sender rotating its key).
+        let two = format!("v1,AAAA {SPEC_SIGNATURE}");
+        assert!(
+            s.authenticate(&spec_headers(&two), SPEC_BODY, SPEC_TIMESTAMP)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_changed_body_a_stale_timestamp_or_a_bad_header_is_refused() {
+        let s = sources(None, Some(SPEC_SECRET));
+        let h = spec_headers(SPEC_SIGNATURE);
+        assert_eq!(
+            s.authenticate(&h, br#"{"test": 2432232315}"#, SPEC_TIMESTAMP)
+                .unwrap_err(),
+            Refusal::BadSignature
+        );
+        assert_eq!(
+            s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP + 301)
+                .unwrap_err(),
+            Refusal::StaleTimestamp
+        );
+        assert_eq!(
+            s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP - 301)
+                .unwrap_err(),
+            Refusal::StaleTimestamp
+        );
+        assert!(s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP + 300).is_ok());
+        assert_eq!(
+            s.authenticate(&spec_headers("v2,abc"), SPEC_BODY, SPEC_TIMESTAMP)
+                .unwrap_err(),
+            Refusal::MalformedSignature
+        );
+        assert_eq!(
+            s.authenticate(&HeaderMap::new(), SPEC_BODY, SPEC_TIMESTAMP)
+                .unwrap_err(),
+            Refusal::NoCredentials
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_match_exactly_and_either_of_two_works() {
+        let mut s = Source::named("posthog");
+        let from = SecretRef::Env("TEST".into());
+        s.add_token("old-token-0123456789", &from).unwrap();
+        s.add_token("new-token-0123456789", &from).unwrap();
+        let s = Sources::new(vec![s], Duration::from_secs(300));
+        for token in ["old-token-0123456789", "new-token-0123456789"] {
+            let h = headers(&[("authorization", &format!("Bearer {token}"))]);
+            assert!(s.authenticate(&h, b"", 0).is_ok(), "{token}");
+        }
+        for wrong in [
+            "Bearer old-token-012345678",
+            "Bearer old-token-01234567890",
+            "Basic old-token-0123456789",
+            "Bearer",
+        ] {
+            let h = headers(&[("authorization", wrong)]);
+            assert!(s.authenticate(&h, b"", 0).is_err(), "{wrong}");
+        }
+        let lower = headers(&[("authorization", "bearer new-token-0123456789")]);
+        assert!(s.authenticate(&lower, b"", 0).is_ok());
+    }
+
+    #[test]
+    fn weak_secrets_are_refused_at_start_up_without_showing_them() {
+        let mut s = Source::named("x");
+        let from = SecretRef::Env("X_TOKEN".into());
+        let e = s.add_token("short", &from).unwrap_err();
+        assert!(e.contains("X_TOKEN") && !e.contains("short\""), "{e}");
+        let e = s
+            .add_signing_secret("whsec_not base64!", &from)
+            .unwrap_err();
+        assert!(e.contains("not a Standard Webhooks secret"), "{e}");
+        let e = s.add_signing_secret("whsec_c2hvcnQ=", &from).unwrap_err();
+        assert!(e.contains("too short"), "{e}");
+        assert!(Source::load("bad name", &SourceConfig::default()).is_err());
+    }
+}
