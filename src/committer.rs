@@ -211,7 +211,10 @@ impl Worker {
         };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
+        // The rule of each line written, for the metrics once committed.
+        let mut line_rules = Vec::new();
         for job in batch {
+            let first = effects.len();
             reports.push(engine::run(
                 &job.rules,
                 &job.events,
@@ -220,6 +223,11 @@ impl Worker {
                 now,
                 &mut effects,
             )?);
+            for effect in &effects[first..] {
+                if let Effect::Line { rule, .. } = effect {
+                    line_rules.push(job.rules.rules()[*rule].name.clone());
+                }
+            }
         }
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
         let mut emails = 0;
@@ -246,6 +254,10 @@ impl Worker {
             txn.set_jsonl_len(&file.to_string_lossy(), after)?;
         }
         txn.commit()?;
+        for rule in line_rules {
+            metrics::counter!("tripline_actions_succeeded_total", "kind" => "jsonl", "rule" => rule)
+                .increment(1);
+        }
         for rule in not_made {
             metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => rule)
                 .increment(1);

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
+use crate::actions::email::mask_addresses;
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::db::Db;
 use crate::engine::QueuedEmail;
@@ -165,12 +166,14 @@ impl Transport {
                 };
                 match smtp.send_raw(&envelope, record.message.as_bytes()) {
                     Ok(_) => Outcome::Delivered,
-                    Err(e) if e.is_permanent() => {
-                        Outcome::Permanent(format!("the mail server refused it: {e}"))
-                    }
-                    Err(e) => {
-                        Outcome::Temporary(format!("the mail server is not reachable or busy: {e}"))
-                    }
+                    Err(e) if e.is_permanent() => Outcome::Permanent(format!(
+                        "the mail server refused it: {}",
+                        mask_addresses(&e.to_string())
+                    )),
+                    Err(e) => Outcome::Temporary(format!(
+                        "the mail server is not reachable or busy: {}",
+                        mask_addresses(&e.to_string())
+                    )),
                 }
             }
         }
@@ -257,6 +260,8 @@ pub fn deliver_due(
         match outcome {
             Outcome::Delivered => {
                 info!(email.id = id, rule.id = %record.rule, to = %record.to_masked, "email delivered");
+                metrics::counter!("tripline_actions_succeeded_total", "kind" => "email", "rule" => record.rule.clone())
+                    .increment(1);
                 record.status = Status::Sent;
                 record.last_error = None;
                 record.finished_unix = Some(now_unix());
@@ -274,6 +279,8 @@ pub fn deliver_due(
             }
             Outcome::Permanent(reason) => {
                 error!(email.id = id, rule.id = %record.rule, to = %record.to_masked, %reason, "email failed for good");
+                metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => record.rule.clone())
+                    .increment(1);
                 record.status = Status::Failed;
                 record.last_error = Some(reason);
                 record.finished_unix = Some(now_unix());

@@ -6,7 +6,9 @@
 
 use lettre::Message;
 use lettre::message::{Mailbox, MultiPart};
+use regex::Regex;
 use serde_json::Value;
+use std::sync::LazyLock;
 
 use crate::templates::Templates;
 
@@ -86,9 +88,28 @@ pub fn mask_email(address: &str) -> String {
     }
 }
 
+/// `text` with every email address in it masked: a mail server's error message often quotes
+/// the recipient, and such messages go to logs and to GET /outbox.
+pub fn mask_addresses(text: &str) -> String {
+    static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+").expect("a valid pattern")
+    });
+    ADDRESS
+        .replace_all(text, |c: &regex::Captures| mask_email(&c[0]))
+        .into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_addresses_inside_a_server_message() {
+        assert_eq!(
+            mask_addresses("550 5.1.1 <dana.x@example.com>: Recipient address rejected"),
+            "550 5.1.1 <d***@example.com>: Recipient address rejected"
+        );
+    }
 
     #[test]
     fn masks_addresses() {
