@@ -55,6 +55,8 @@ struct Job {
     rules: Arc<RuleSet>,
     events: Vec<Event>,
     reply: oneshot::Sender<Result<Report, CommitError>>,
+    /// The request's span, entered while its events run, so their log lines carry it.
+    span: tracing::Span,
 }
 
 /// The handle requests use.
@@ -129,6 +131,7 @@ impl Committer {
                 rules,
                 events,
                 reply,
+                span: tracing::Span::current(),
             })
             .await
             .map_err(|_| CommitError::Stopped)?;
@@ -215,6 +218,7 @@ impl Worker {
         let mut line_rules = Vec::new();
         for job in batch {
             let first = effects.len();
+            let _request = job.span.enter();
             reports.push(engine::run(
                 &job.rules,
                 &job.events,

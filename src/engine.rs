@@ -11,7 +11,7 @@
 use lettre::message::Mailbox;
 use serde_json::Value;
 use std::path::PathBuf;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::actions::email::{self, EmailAction, mask_email};
 use crate::event::Event;
@@ -136,6 +136,9 @@ pub fn run(
             if rule.when.holds(event) {
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
                 let outcome = apply(rules, index, event, store, default_from, effects)?;
+                if outcome == Outcome::Fired {
+                    info!("rule fired");
+                }
                 report.outcomes.push((index, outcome));
             }
         }

@@ -66,6 +66,15 @@ pub struct Server {
     pub data: PathBuf,
     log: Arc<Mutex<String>>,
     http: reqwest::blocking::Client,
+    /// Sent with every GET, when the server was started with TRIPLINE_ADMIN_TOKEN.
+    admin_token: Option<String>,
+}
+
+/// A reply: status, headers and body (parsed as JSON when it is JSON).
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: Value,
 }
 
 impl Server {
@@ -85,7 +94,8 @@ impl Server {
         Server::launch(&[], env, |_| {})
     }
 
-    fn launch(args: &[&str], env: &[(&str, &str)], setup: impl FnOnce(&Path)) -> Server {
+    /// Starts with flags, environment variables and a setup of the copied folders.
+    pub fn launch(args: &[&str], env: &[(&str, &str)], setup: impl FnOnce(&Path)) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules");
         let templates = dir.path().join("templates");
@@ -120,6 +130,10 @@ impl Server {
             data,
             log,
             http: reqwest::blocking::Client::new(),
+            admin_token: env
+                .iter()
+                .find(|(k, _)| *k == "TRIPLINE_ADMIN_TOKEN")
+                .map(|(_, v)| v.to_string()),
         }
     }
 
@@ -156,6 +170,24 @@ impl Server {
         (status, json)
     }
 
+    /// POSTs raw bytes to /webhook with these headers.
+    pub fn post_with(&self, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Reply {
+        let mut request = self.http.post(format!("{}/webhook", self.base));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.body(body.into()).send().unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            headers,
+            json,
+        }
+    }
+
     pub fn post_json(&self, body: &Value) -> (u16, Value) {
         self.post(body.to_string())
     }
@@ -171,11 +203,11 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .unwrap();
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(token) = &self.admin_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().unwrap();
         (response.status().as_u16(), response.text().unwrap())
     }
 
@@ -219,6 +251,15 @@ impl Server {
                 .collect(),
             Err(_) => vec![],
         }
+    }
+
+    /// The value of a metric line (`name{labels}` exactly as Prometheus prints it), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
     /// Sends SIGTERM and waits for the process; returns its exit code.
@@ -265,7 +306,12 @@ fn spawn(command: &mut Command, log: &Arc<Mutex<String>>) -> (Child, String) {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(addr) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
+                // Text logs end the line with the address; JSON logs close a string after it.
+                let addr: String = addr
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                    .collect();
+                let _ = tx.send(addr);
             }
             let mut log = sink.lock().unwrap();
             log.push_str(&line);
