@@ -55,6 +55,20 @@ pub const HELPERS: &[&str] = &[
     "not", "len",
 ];
 
+/// Why `path`, an entry of `dir`, must not be read: a link to a file outside the templates
+/// folder (an email could otherwise show any file the service can read).
+fn link_outside(dir: &Path, path: &Path) -> Option<String> {
+    let is_link = path.symlink_metadata().ok()?.file_type().is_symlink();
+    let inside = match (dir.canonicalize(), path.canonicalize()) {
+        (Ok(root), Ok(target)) => target.starts_with(root),
+        _ => false,
+    };
+    (is_link && !inside).then(|| {
+        "this template is a link to a file outside the templates folder; copy the file in instead"
+            .to_string()
+    })
+}
+
 impl Templates {
     /// Reads every `*.text.hbs` and `*.html.hbs` file of `dir`, reporting each one that fails to
     /// parse. A missing directory holds no templates.
@@ -87,6 +101,10 @@ impl Templates {
                 continue;
             };
             if name.starts_with('.') || name.is_empty() {
+                continue;
+            }
+            if let Some(outside) = link_outside(dir, &path) {
+                problems.push(Diagnostic::whole_file(&path, outside));
                 continue;
             }
             let source = match std::fs::read_to_string(&path) {
@@ -388,5 +406,33 @@ mod tests {
         assert!(problems[0].file.ends_with("bad.text.hbs"));
         assert!(problems[0].line >= 2, "{:?}", problems[0]);
         assert!(problems[1].message.contains("plain-text body"));
+    }
+
+    #[test]
+    fn a_template_linked_from_outside_the_folder_is_not_read() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), "root:x:0:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.txt"),
+            dir.path().join("leak.text.hbs"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("real.text.hbs"), "hi").unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("real.text.hbs"),
+            dir.path().join("alias.text.hbs"),
+        )
+        .unwrap();
+        let (templates, problems) = Templates::load(dir.path());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("outside the templates folder"));
+        assert!(
+            templates
+                .files
+                .iter()
+                .all(|(_, text)| !text.contains("root"))
+        );
+        assert_eq!(templates.files.len(), 2, "a link inside the folder is fine");
     }
 }

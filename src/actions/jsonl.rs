@@ -94,6 +94,12 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
     if clean.as_os_str().is_empty() {
         return Err(UnsafePath("the file name is empty".into()));
     }
+    let first = clean.components().next().map(|c| c.as_os_str().to_owned());
+    if first.is_some_and(|f| f == "tripline.redb" || f == "outbox") {
+        return Err(UnsafePath(
+            "`tripline.redb` and `outbox/` are tripline's own: choose another name".into(),
+        ));
+    }
     if let Ok(root) = data_dir.canonicalize() {
         let mut at = root.clone();
         for part in clean.components() {
@@ -254,6 +260,8 @@ mod tests {
         assert!(check_output_path(&data, "a/../../x.jsonl").is_err());
         assert!(check_output_path(&data, "/etc/passwd").is_err());
         assert!(check_output_path(&data, "").is_err());
+        assert!(check_output_path(&data, "tripline.redb").is_err());
+        assert!(check_output_path(&data, "./outbox/1.eml").is_err());
         std::os::unix::fs::symlink(dir.path(), data.join("out")).unwrap();
         let e = check_output_path(&data, "out/x.jsonl").unwrap_err();
         assert!(e.0.contains("outside the data folder"), "{e:?}");
