@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::JsonlFiles;
 use crate::db::Db;
@@ -51,6 +51,15 @@ impl From<StoreError> for CommitError {
     }
 }
 
+/// How long things are remembered.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Event ids, so that a retried delivery has no second effect.
+    pub event_ids: Duration,
+    /// A key's counter, window and action mark, from the last event that used it.
+    pub idle_state: Duration,
+}
+
 struct Job {
     rules: Arc<RuleSet>,
     events: Vec<Event>,
@@ -73,7 +82,7 @@ struct Worker {
     /// The last rule set whose files are all registered.
     checked: Option<Arc<RuleSet>>,
     default_from: Mailbox,
-    retention: Duration,
+    retention: Retention,
     last_expiry: Option<Instant>,
     emails_queued: Arc<Notify>,
 }
@@ -85,7 +94,7 @@ impl Committer {
         db: Arc<Db>,
         files: JsonlFiles,
         default_from: Mailbox,
-        retention: Duration,
+        retention: Retention,
         emails_queued: Arc<Notify>,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
         let mut worker = Worker {
@@ -208,10 +217,13 @@ impl Worker {
         let mut txn = self.db.write()?;
         let expire = self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY);
         let expired = if expire {
-            txn.expire_seen(now.saturating_sub(self.retention.as_secs()))?
+            txn.expire_seen(now.saturating_sub(self.retention.event_ids.as_secs()))?
         } else {
             0
         };
+        // A few idle keys with every batch: a steady trickle rather than one long transaction.
+        let forgotten =
+            txn.forget_idle(now.saturating_sub(self.retention.idle_state.as_secs()), 64)?;
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         // The rule of each line written, for the metrics once committed.
@@ -265,6 +277,12 @@ impl Worker {
         for rule in not_made {
             metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => rule)
                 .increment(1);
+        }
+        if forgotten > 0 {
+            debug!(
+                forgotten,
+                "forgot the state of keys no event has used for a long time"
+            );
         }
         if expire {
             self.last_expiry = Some(Instant::now());
@@ -342,7 +360,10 @@ mod tests {
             db.clone(),
             JsonlFiles::new(dir.path()),
             from,
-            Duration::from_secs(60),
+            Retention {
+                event_ids: Duration::from_secs(60),
+                idle_state: Duration::from_secs(86_400),
+            },
             Arc::new(Notify::new()),
         );
         let (committer, thread) = started.unwrap();

@@ -19,7 +19,7 @@ use redb::{
 };
 use std::path::Path;
 
-use crate::outbox::OutboxRecord;
+use crate::outbox::{OutboxRecord, now_unix};
 use crate::store::{StateKey, Store, StoreError, record_in_window};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -31,6 +31,43 @@ const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// For each key of `counters`, `windows` and `acted`: the day (since 1970) an event last used it.
+const TOUCHED: TableDefinition<&str, u64> = TableDefinition::new("touched");
+/// The same, by day, to find idle keys without a full scan.
+const TOUCHED_BY_DAY: TableDefinition<(u64, &str), ()> = TableDefinition::new("touched_by_day");
+
+/// Marks every key of `counters`, `windows` and `acted` as used today, when no key has a mark yet:
+/// a database from before idle keys were forgotten starts their clock at the upgrade.
+fn mark_existing_keys(txn: &redb::WriteTransaction, today: u64) -> Result<(), StoreError> {
+    if !txn
+        .open_table(TOUCHED)
+        .map_err(err)?
+        .is_empty()
+        .map_err(err)?
+    {
+        return Ok(());
+    }
+    fn keys<V: redb::Value + 'static>(
+        txn: &redb::WriteTransaction,
+        table: TableDefinition<&str, V>,
+    ) -> Result<Vec<String>, StoreError> {
+        let t = txn.open_table(table).map_err(err)?;
+        t.iter()
+            .map_err(err)?
+            .map(|row| row.map(|(k, _)| k.value().to_string()).map_err(err))
+            .collect()
+    }
+    let mut all = keys(txn, COUNTERS)?;
+    all.extend(keys(txn, WINDOWS)?);
+    all.extend(keys(txn, ACTED)?);
+    let mut touched = txn.open_table(TOUCHED).map_err(err)?;
+    let mut by_day = txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+    for key in &all {
+        touched.insert(key.as_str(), today).map_err(err)?;
+        by_day.insert((today, key.as_str()), ()).map_err(err)?;
+    }
+    Ok(())
+}
 
 /// The table of once-marks written before `again_after` existed (key → nothing).
 const ONCE_BEFORE_0_2: TableDefinition<&str, ()> = TableDefinition::new("once");
@@ -67,6 +104,9 @@ fn migrate_once_marks(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Seconds in a day.
+const DAY: u64 = 86_400;
+
 /// How many finished (sent or failed) emails the outbox history keeps.
 pub const KEEP_FINISHED: u64 = 10_000;
 
@@ -95,7 +135,10 @@ impl Db {
             txn.open_table(OUTBOX).map_err(err)?;
             txn.open_table(OUTBOX_DONE).map_err(err)?;
             txn.open_table(META).map_err(err)?;
+            txn.open_table(TOUCHED).map_err(err)?;
+            txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
             migrate_once_marks(&txn)?;
+            mark_existing_keys(&txn, now_unix() / DAY)?;
         }
         txn.commit().map_err(err)?;
         Ok(Db { db })
@@ -268,6 +311,34 @@ impl WriteTxn {
         Ok(())
     }
 
+    /// Forgets the counters, windows and action marks of at most `max` keys no event has used
+    /// since before `cutoff_unix`; returns how many keys.
+    pub fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
+        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+        let mut idle = Vec::new();
+        for row in by_day
+            .range((0u64, "")..(cutoff_unix / DAY, ""))
+            .map_err(err)?
+            .take(max)
+        {
+            let (k, _) = row.map_err(err)?;
+            let (day, key) = k.value();
+            idle.push((day, key.to_string()));
+        }
+        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
+        let mut counters = self.txn.open_table(COUNTERS).map_err(err)?;
+        let mut windows = self.txn.open_table(WINDOWS).map_err(err)?;
+        let mut acted = self.txn.open_table(ACTED).map_err(err)?;
+        for (day, key) in &idle {
+            by_day.remove((*day, key.as_str())).map_err(err)?;
+            touched.remove(key.as_str()).map_err(err)?;
+            counters.remove(key.as_str()).map_err(err)?;
+            windows.remove(key.as_str()).map_err(err)?;
+            acted.remove(key.as_str()).map_err(err)?;
+        }
+        Ok(idle.len())
+    }
+
     /// Forgets event ids first handled before `cutoff_unix`; returns how many.
     pub fn expire_seen(&mut self, cutoff_unix: u64) -> Result<usize, StoreError> {
         let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
@@ -345,6 +416,23 @@ impl Store for WriteTxn {
             .map_err(err)?
             .insert(key.as_str(), t_ms)
             .map_err(err)?;
+        Ok(())
+    }
+
+    /// Written at most once a day per key: the day, and the day's index entry.
+    fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError> {
+        let today = now_unix / DAY;
+        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
+        let before = touched.get(key.as_str()).map_err(err)?.map(|d| d.value());
+        if before == Some(today) {
+            return Ok(());
+        }
+        touched.insert(key.as_str(), today).map_err(err)?;
+        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+        if let Some(day) = before {
+            by_day.remove((day, key.as_str())).map_err(err)?;
+        }
+        by_day.insert((today, key.as_str()), ()).map_err(err)?;
         Ok(())
     }
 }
@@ -433,5 +521,61 @@ mod tests {
             !txn.first_delivery("u2", 300).unwrap(),
             "recent ones are kept"
         );
+    }
+
+    #[test]
+    fn keys_idle_past_the_cutoff_are_forgotten_and_used_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let idle = StateKey::new("r", "count", &[&serde_json::json!("idle")]);
+        let busy = StateKey::new("r", "once", &[&serde_json::json!("busy")]);
+        let mut txn = db.write().unwrap();
+        for (key, day) in [(&idle, 10), (&busy, 10), (&busy, 20), (&busy, 20)] {
+            txn.touch(key, day * DAY).unwrap();
+            txn.increment(key).unwrap();
+            txn.mark_acted(key, 1).unwrap();
+        }
+        txn.count_within(&idle, 5, 10, 3).unwrap();
+        assert_eq!(txn.forget_idle(15 * DAY, 100).unwrap(), 1, "only `idle`");
+        assert_eq!(txn.forget_idle(15 * DAY, 100).unwrap(), 0);
+        assert_eq!(txn.last_acted(&idle).unwrap(), None);
+        assert_eq!(txn.increment(&idle).unwrap(), 1, "counted from zero again");
+        assert_eq!(txn.count_within(&idle, 5, 10, 3).unwrap(), 1);
+        assert_eq!(txn.last_acted(&busy).unwrap(), Some(1));
+        assert_eq!(txn.increment(&busy).unwrap(), 4);
+        // At most `max` keys per call.
+        for i in 0..5 {
+            txn.touch(&StateKey::new("r", "count", &[&i.into()]), DAY)
+                .unwrap();
+        }
+        assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 3);
+        assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 2);
+    }
+
+    #[test]
+    fn keys_of_an_older_database_start_their_idle_clock_at_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("tripline.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(COUNTERS)
+                .unwrap()
+                .insert("[\"r\",\"count\",\"a\"]", 3)
+                .unwrap();
+            txn.open_table(ACTED)
+                .unwrap()
+                .insert("[\"r\",\"once\",\"a\"]", 0)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.write().unwrap();
+        let today = now_unix() / DAY;
+        assert_eq!(
+            txn.forget_idle(today * DAY, 100).unwrap(),
+            0,
+            "marked today"
+        );
+        assert_eq!(txn.forget_idle((today + 1) * DAY, 100).unwrap(), 2);
     }
 }

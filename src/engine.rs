@@ -135,7 +135,7 @@ pub fn run(
         for (index, rule) in rules.candidates(event.name()) {
             if rule.when.holds(event) {
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                let outcome = apply(rules, index, event, store, default_from, effects)?;
+                let outcome = apply(rules, index, event, store, default_from, now_unix, effects)?;
                 if outcome == Outcome::Fired {
                     info!("rule fired");
                 }
@@ -153,6 +153,7 @@ fn apply(
     event: &Event,
     store: &mut dyn Store,
     default_from: &Mailbox,
+    now_unix: u64,
     effects: &mut Vec<Effect>,
 ) -> Result<Outcome, StoreError> {
     let rule = &rules.rules()[index];
@@ -163,6 +164,7 @@ fn apply(
             Ok(key) => key,
             Err(outcome) => return Ok(outcome),
         };
+        store.touch(&key, now_unix)?;
         let n = match c.within {
             Some(window) => {
                 let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
@@ -183,6 +185,7 @@ fn apply(
             Ok(key) => key,
             Err(outcome) => return Ok(outcome),
         };
+        store.touch(&key, now_unix)?;
         if let Some(last) = store.last_acted(&key)? {
             let again = limits.again_after.is_some_and(|after| {
                 let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);

@@ -94,6 +94,9 @@ pub struct BodyLimits {
     pub max_events: usize,
 }
 
+/// The longest event id kept (ids are remembered for days to spot retried deliveries).
+pub const MAX_UUID_BYTES: usize = 200;
+
 /// The deepest nesting the JSON parser accepts.
 pub const MAX_DEPTH: usize = 128;
 
@@ -259,6 +262,12 @@ fn normalize(
     let properties = object_or_empty(event.remove("properties"), "properties")?;
     let uuid = match event.remove(uuid_key) {
         None | Some(Value::Null) => Value::Null,
+        Some(Value::String(s)) if s.len() > MAX_UUID_BYTES => {
+            return Err(format!(
+                "`uuid` is {} bytes long; an event id is at most {MAX_UUID_BYTES} (PostHog's are 36)",
+                s.len()
+            ));
+        }
         Some(Value::String(s)) => Value::String(s),
         Some(other) => return Err(format!("`uuid` must be text, got {}", kind_of(&other))),
     };
@@ -446,6 +455,11 @@ mod tests {
             err(r#"{"event":"x","timestamp":"yesterday"}"#)
                 .to_string()
                 .contains("ISO 8601")
+        );
+        assert!(
+            err(&format!(r#"{{"event":"x","uuid":"{}"}}"#, "u".repeat(201)))
+                .to_string()
+                .contains("`uuid` is 201 bytes long")
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(err(&deep), DecodeError::TooDeep { limit: 128 });

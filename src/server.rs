@@ -30,7 +30,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::actions::jsonl::JsonlFiles;
 use crate::auth::Sources;
-use crate::committer::{CommitError, Committer};
+use crate::committer::{CommitError, Committer, Retention};
 use crate::config::{Limits, ServeConfig};
 use crate::db::Db;
 use crate::engine::{Outcome, Report};
@@ -134,7 +134,11 @@ pub async fn serve(
     })?);
     let transport = Arc::new(Transport::from_config(&config)?);
     let emails_queued = Arc::new(Notify::new());
-    let retention = Duration::from_secs(config.dedupe_retention_days.saturating_mul(86_400));
+    let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
+    let retention = Retention {
+        event_ids: days(config.dedupe_retention_days),
+        idle_state: days(config.state_idle_days),
+    };
     let (committer, committer_thread) = Committer::start(
         db.clone(),
         JsonlFiles::new(&config.folders.data),

@@ -5,18 +5,36 @@
 //! other rules. The service uses the durable implementation in `db.rs`, one write transaction
 //! per group of requests; [`MemoryStore`] keeps the same state in memory.
 
+use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 
 /// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StateKey(String);
 
+/// Field values longer than this (encoded) are kept as their SHA-256 digest, so a sender cannot
+/// make a rule store large strings: a key stays under about 100 bytes plus the rule's name.
+pub const MAX_VALUES_BYTES: usize = 128;
+
 impl StateKey {
     /// The key for `kind` ("count", "once") of `rule` at these field values.
+    /// Long values are replaced by their digest under the kind `KIND#sha256`, which no short key
+    /// has, so the two forms never collide.
     pub fn new(rule: &str, kind: &str, values: &[&serde_json::Value]) -> StateKey {
-        let mut parts = vec![serde_json::Value::from(rule), kind.into()];
-        parts.extend(values.iter().map(|v| (*v).clone()));
-        StateKey(serde_json::Value::Array(parts).to_string())
+        let encoded: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let length: usize = encoded.iter().map(|e| e.len() + 1).sum();
+        let rule = serde_json::Value::from(rule);
+        if length > MAX_VALUES_BYTES {
+            let digest = Sha256::digest(encoded.join(",").as_bytes());
+            return StateKey(format!("[{rule},\"{kind}#sha256\",\"{digest:x}\"]"));
+        }
+        let mut key = format!("[{rule},{}", serde_json::Value::from(kind));
+        for e in &encoded {
+            key.push(',');
+            key.push_str(e);
+        }
+        key.push(']');
+        StateKey(key)
     }
 
     /// The encoded key.
@@ -51,6 +69,9 @@ pub trait Store {
     fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError>;
     /// Records that the rule acted for `key` at `t_ms`.
     fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError>;
+    /// Records that an event used `key` at `now_unix` (wall-clock time), so that the key is kept
+    /// while in use and forgotten once idle (see `db.rs`).
+    fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError>;
 }
 
 /// Adds `t` to the sorted event times of one window and returns how many fall in
@@ -112,6 +133,11 @@ impl Store for MemoryStore {
         self.acted.insert(key.clone(), t_ms);
         Ok(())
     }
+
+    /// In memory, state lives as long as the command: nothing to forget.
+    fn touch(&mut self, _key: &StateKey, _now_unix: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +153,23 @@ mod tests {
         assert_ne!(
             StateKey::new("a,b", "count", &[]),
             StateKey::new("a", "count", &[&json!("b")])
+        );
+    }
+
+    #[test]
+    fn long_values_are_kept_as_a_digest() {
+        let long = json!("x".repeat(10_000));
+        let key = StateKey::new("r", "count", &[&long]);
+        assert!(key.as_str().len() < 100, "{}", key.as_str());
+        assert_ne!(
+            key,
+            StateKey::new("r", "count", &[&json!("x".repeat(9_999))])
+        );
+        assert_eq!(key, StateKey::new("r", "count", &[&long]));
+        // Short keys are written as they always were, so databases from before still match.
+        assert_eq!(
+            StateKey::new("r", "once", &[&json!("a"), &json!(1)]).as_str(),
+            r#"["r","once","a",1]"#
         );
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use super::load_rules;
 use crate::actions::email::mask_email;
 use crate::actions::jsonl::JsonlFiles;
-use crate::committer::Committer;
+use crate::committer::{Committer, Retention};
 use crate::config::{FolderArgs, Paths};
 use crate::db::Db;
 use crate::engine::{self, Effect, Outcome, Report};
@@ -170,7 +170,10 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
         db.clone(),
         JsonlFiles::new(dir),
         from.clone(),
-        Duration::from_secs(7 * 86_400),
+        Retention {
+            event_ids: Duration::from_secs(7 * 86_400),
+            idle_state: Duration::from_secs(365 * 86_400),
+        },
         Arc::new(tokio::sync::Notify::new()),
     )?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
