@@ -81,6 +81,9 @@ struct EventEntry {
     /// Move the virtual clock forward this long before these events ("3 days").
     #[serde(default)]
     after: Option<String>,
+    /// The configured source the events come from, for rules limited to sources.
+    #[serde(default)]
+    source: Option<String>,
     /// The event itself.
     #[serde(flatten)]
     event: toml::Table,
@@ -242,11 +245,13 @@ fn entry_events(
         .keys()
         .find(|k| !EVENT_KEYS.contains(&k.as_str()))
     {
-        let allowed = ["file", "repeat", "after"].iter().chain(EVENT_KEYS);
+        let allowed = ["file", "repeat", "after", "source"]
+            .iter()
+            .chain(EVENT_KEYS);
         let hint = match did_you_mean(key, allowed.copied()) {
             Some(close) => format!("did you mean `{close}`?"),
             None => format!(
-                "an event has {}; an entry may also have file, repeat and after",
+                "an event has {}; an entry may also have file, repeat, after and source",
                 EVENT_KEYS[..7].join(", ")
             ),
         };
@@ -310,6 +315,9 @@ fn entry_events(
     for copy in 0..repeat {
         for original in &originals {
             let mut e = original.clone();
+            if let Some(source) = &entry.source {
+                e.source = Value::String(source.clone());
+            }
             if copy > 0 || e.time == decoded_at {
                 e.time = *clock;
             }

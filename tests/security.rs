@@ -590,3 +590,61 @@ fn json_logs_carry_the_request_and_rule_spans() {
         "no event data in the logs"
     );
 }
+
+#[test]
+fn every_serve_flag_is_documented_and_the_example_configuration_loads() {
+    let help = Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let docs = std::fs::read_to_string(root().join("docs/CONFIGURATION.md")).unwrap();
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|w| *w != "--help")
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    for flag in flags {
+        assert!(
+            docs.contains(&format!("`{flag}`")),
+            "{flag} is not in CONFIGURATION.md"
+        );
+    }
+    for variable in help.split(|c: char| !(c.is_ascii_uppercase() || c == '_')) {
+        if variable.starts_with("TRIPLINE_") {
+            assert!(
+                docs.contains(variable),
+                "{variable} is not in CONFIGURATION.md"
+            );
+        }
+    }
+
+    // The example file holds every key with its default: it loads, and `check` uses its folders.
+    let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .args(["check", "--config"])
+        .arg(root().join("tripline.example.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let server = launch_with_config(
+        &std::fs::read_to_string(root().join("tripline.example.toml"))
+            .unwrap()
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+            .replace(
+                "rules = \"rules\"\ntemplates = \"templates\"\ndata = \"data\"\n",
+                "",
+            ),
+        &[
+            ("POSTHOG_WEBHOOK_TOKEN", TOKEN),
+            ("TRIPLINE_ADMIN_TOKEN", ADMIN),
+        ],
+        &[],
+    );
+    let reply = server.post_with(
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        generation_failed(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.json);
+}
