@@ -90,10 +90,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TRIPLINE_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
     /// Requests per second accepted from each source; more get 429 with Retry-After
-    /// [default: 200].
+    /// [default: 1000].
     #[arg(long, env = "TRIPLINE_RATE_LIMIT")]
     pub rate_limit: Option<f64>,
-    /// Requests a source may send at once above its rate before 429 [default: 400].
+    /// Requests a source may send at once above its rate before 429 [default: 2000].
     #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
     /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
@@ -419,7 +419,7 @@ impl ServeArgs {
         let rate_limit_burst = check.number(
             self.rate_limit_burst,
             limits.rate_limit_burst.as_ref(),
-            400,
+            2000,
             1..=u32::MAX,
             "rate_limit_burst",
         );
@@ -433,7 +433,7 @@ impl ServeArgs {
                     *r.get_ref()
                 })
             })
-            .unwrap_or(200.0);
+            .unwrap_or(1000.0);
         let request_timeout = check.duration(
             self.request_timeout,
             limits.request_timeout.as_ref(),
