@@ -22,6 +22,7 @@ const ROOTS: &[&str] = &[
     "properties",
     "person",
     "count",
+    "source",
 ];
 
 /// Person properties PostHog users commonly set: typos of these are caught.
