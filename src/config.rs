@@ -74,16 +74,16 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dangerously_accept_unauthenticated_events: bool,
     /// Largest request body accepted, in bytes; larger ones get 413 [default: 1048576].
-    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES")]
+    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", value_parser = positive::<usize>)]
     pub max_body_bytes: Option<usize>,
     /// Deepest JSON nesting accepted in a body (at most 128) [default: 32].
-    #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH")]
+    #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH", value_parser = json_depth)]
     pub max_json_depth: Option<usize>,
     /// Most events accepted in one body [default: 1000].
-    #[arg(long, env = "TRIPLINE_MAX_EVENTS_PER_BODY")]
+    #[arg(long, env = "TRIPLINE_MAX_EVENTS_PER_BODY", value_parser = positive::<usize>)]
     pub max_events_per_body: Option<usize>,
     /// Requests handled at once; more get 503 at once rather than waiting [default: 256].
-    #[arg(long, env = "TRIPLINE_MAX_CONCURRENT_REQUESTS")]
+    #[arg(long, env = "TRIPLINE_MAX_CONCURRENT_REQUESTS", value_parser = positive::<usize>)]
     pub max_concurrent_requests: Option<usize>,
     /// Longest a request may take, body upload included ("10s"); slower ones get 408
     /// [default: 10s].
@@ -91,21 +91,21 @@ pub struct ServeArgs {
     pub request_timeout: Option<Duration>,
     /// Requests per second accepted from each source; more get 429 with Retry-After
     /// [default: 1000].
-    #[arg(long, env = "TRIPLINE_RATE_LIMIT")]
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT", value_parser = rate_per_second)]
     pub rate_limit: Option<f64>,
     /// Requests a source may send at once above its rate before 429 [default: 2000].
-    #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST")]
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST", value_parser = positive::<u32>)]
     pub rate_limit_burst: Option<u32>,
     /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
     #[arg(long, env = "TRIPLINE_SIGNATURE_TOLERANCE", value_parser = parse_duration)]
     pub signature_tolerance: Option<Duration>,
     /// How long an event id is remembered, so a retried delivery has no second effect
     /// [default: 7].
-    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS")]
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", value_parser = positive::<u64>)]
     pub dedupe_retention_days: Option<u64>,
     /// Counters, time windows and once-marks of a key (a user, say) that no event has touched
     /// for this many days are forgotten [default: 365].
-    #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS")]
+    #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS", value_parser = positive::<u64>)]
     pub state_idle_days: Option<u64>,
     /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them
     /// [default: file].
@@ -183,7 +183,7 @@ pub struct ConfigFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    pub max_body_bytes: Option<usize>,
+    pub max_body_bytes: Option<Spanned<usize>>,
     pub max_json_depth: Option<Spanned<usize>>,
     pub max_events_per_body: Option<Spanned<usize>>,
     pub max_concurrent_requests: Option<Spanned<usize>>,
@@ -395,6 +395,13 @@ impl ServeArgs {
             problems: &mut problems,
         };
         let limits = &file.limits;
+        let max_body_bytes = check.number(
+            self.max_body_bytes,
+            limits.max_body_bytes.as_ref(),
+            1024 * 1024,
+            1..=1 << 30,
+            "max_body_bytes",
+        );
         let max_json_depth = check.number(
             self.max_json_depth,
             limits.max_json_depth.as_ref(),
@@ -471,10 +478,7 @@ impl ServeArgs {
             accept_unauthenticated: self.dangerously_accept_unauthenticated_events,
             folders: paths.folders,
             limits: Limits {
-                max_body_bytes: self
-                    .max_body_bytes
-                    .or(limits.max_body_bytes)
-                    .unwrap_or(1024 * 1024),
+                max_body_bytes,
                 max_json_depth,
                 max_events_per_body,
                 max_concurrent_requests,
@@ -503,20 +507,6 @@ impl ServeArgs {
             sources: Arc::new(sources?),
             admin: Arc::new(admin?),
         };
-        if let Some(rate) = self.rate_limit
-            && !(rate.is_finite() && rate > 0.0)
-        {
-            return Err(ConfigError::Other(
-                "--rate-limit (TRIPLINE_RATE_LIMIT) must be a number of requests per second above 0, like 200 or 0.5".into(),
-            ));
-        }
-        if let Some(depth) = self.max_json_depth
-            && !(1..=JSON_DEPTH_CEILING).contains(&depth)
-        {
-            return Err(ConfigError::Other(format!(
-                "--max-json-depth (TRIPLINE_MAX_JSON_DEPTH) must be between 1 and {JSON_DEPTH_CEILING}"
-            )));
-        }
         if problems.is_empty() && config.sources.is_empty() && !config.accept_unauthenticated {
             loopback_only(&config.listen)?;
         }
@@ -675,6 +665,33 @@ impl Checker<'_> {
             },
             None => default,
         }
+    }
+}
+
+/// A whole number of at least 1.
+fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("`{text}` is not a whole number of at least 1")),
+    }
+}
+
+/// A JSON nesting depth the parser can honour.
+fn json_depth(text: &str) -> Result<usize, String> {
+    let depth: usize = positive(text)?;
+    if depth > JSON_DEPTH_CEILING {
+        return Err(format!("the depth can be at most {JSON_DEPTH_CEILING}"));
+    }
+    Ok(depth)
+}
+
+/// Requests per second: a number above 0, fractions allowed.
+fn rate_per_second(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{text}` is not a number of requests per second above 0, like 200 or 0.5"
+        )),
     }
 }
 
