@@ -99,9 +99,9 @@ pub struct ServeArgs {
     /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
     #[arg(long, env = "TRIPLINE_SIGNATURE_TOLERANCE", value_parser = parse_duration)]
     pub signature_tolerance: Option<Duration>,
-    /// How long an event id is remembered, so a retried delivery has no second effect
-    /// [default: 7].
-    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", value_parser = positive::<u64>)]
+    /// How long an event id is remembered, so a retried delivery has no second effect; 0 forgets
+    /// ids at the next hourly pass [default: 7].
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS")]
     pub dedupe_retention_days: Option<u64>,
     /// Counters, time windows and once-marks of a key (a user, say) that no event has touched
     /// for this many days are forgotten [default: 365].
@@ -456,7 +456,7 @@ impl ServeArgs {
             self.dedupe_retention_days,
             retention.dedupe_days.as_ref(),
             7,
-            1..=36_500,
+            0..=36_500,
             "dedupe_days",
         );
         let state_idle_days = check.number(
