@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use indexmap::IndexMap;
 use lettre::message::Mailbox;
 use serde::Deserialize;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
@@ -74,16 +74,16 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dangerously_accept_unauthenticated_events: bool,
     /// Largest request body accepted, in bytes; larger ones get 413 [default: 1048576].
-    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", value_parser = positive::<usize>)]
+    #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", value_parser = |t: &str| ranged(t, BODY_BYTES))]
     pub max_body_bytes: Option<usize>,
     /// Deepest JSON nesting accepted in a body (at most 128) [default: 32].
-    #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH", value_parser = json_depth)]
+    #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH", value_parser = |t: &str| ranged(t, JSON_DEPTH))]
     pub max_json_depth: Option<usize>,
     /// Most events accepted in one body [default: 1000].
-    #[arg(long, env = "TRIPLINE_MAX_EVENTS_PER_BODY", value_parser = positive::<usize>)]
+    #[arg(long, env = "TRIPLINE_MAX_EVENTS_PER_BODY", value_parser = |t: &str| ranged(t, EVENTS_PER_BODY))]
     pub max_events_per_body: Option<usize>,
     /// Requests handled at once; more get 503 at once rather than waiting [default: 256].
-    #[arg(long, env = "TRIPLINE_MAX_CONCURRENT_REQUESTS", value_parser = positive::<usize>)]
+    #[arg(long, env = "TRIPLINE_MAX_CONCURRENT_REQUESTS", value_parser = |t: &str| ranged(t, CONCURRENT_REQUESTS))]
     pub max_concurrent_requests: Option<usize>,
     /// Longest a request may take, body upload included ("10s"); slower ones get 408
     /// [default: 10s].
@@ -91,21 +91,21 @@ pub struct ServeArgs {
     pub request_timeout: Option<Duration>,
     /// Requests per second accepted from each source; more get 429 with Retry-After
     /// [default: 1000].
-    #[arg(long, env = "TRIPLINE_RATE_LIMIT", value_parser = rate_per_second)]
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT", value_parser = |t: &str| rate_per_second(t.trim().parse().map_err(|_| format!("`{t}` is not a number"))?))]
     pub rate_limit: Option<f64>,
     /// Requests a source may send at once above its rate before 429 [default: 2000].
-    #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST", value_parser = positive::<u32>)]
+    #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST", value_parser = |t: &str| ranged(t, RATE_LIMIT_BURST))]
     pub rate_limit_burst: Option<u32>,
     /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
     #[arg(long, env = "TRIPLINE_SIGNATURE_TOLERANCE", value_parser = parse_duration)]
     pub signature_tolerance: Option<Duration>,
     /// How long an event id is remembered, so a retried delivery has no second effect; 0 forgets
     /// ids at the next hourly pass [default: 7].
-    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS")]
+    #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", value_parser = |t: &str| ranged(t, DEDUPE_DAYS))]
     pub dedupe_retention_days: Option<u64>,
     /// Counters, time windows and once-marks of a key (a user, say) that no event has touched
     /// for this many days are forgotten [default: 365].
-    #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS", value_parser = positive::<u64>)]
+    #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS", value_parser = |t: &str| ranged(t, STATE_IDLE_DAYS))]
     pub state_idle_days: Option<u64>,
     /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them
     /// [default: file].
@@ -331,21 +331,17 @@ impl FolderArgs {
                 .unwrap_or_else(|| PathBuf::from(default))
         };
         let file = loaded.map(|l| &l.file);
-        let email_from = match (&self.email_from, loaded) {
+        let from_file = loaded.and_then(|l| Some((l, l.file.email.from.as_ref()?)));
+        let email_from = match (&self.email_from, from_file) {
             (Some(m), _) => m.clone(),
-            (None, Some(l)) if l.file.email.from.is_some() => {
-                let from = l.file.email.from.as_ref().expect("checked just above");
-                from.get_ref().parse().unwrap_or_else(|e| {
-                    problems.push(l.problem(
-                        from.span(),
-                        format!(
-                            "this is not an email address like \"Name <name@example.com>\": {e}"
-                        ),
-                    ));
-                    default_sender()
-                })
-            }
-            _ => default_sender(),
+            (None, Some((l, from))) => from.get_ref().parse().unwrap_or_else(|e| {
+                problems.push(l.problem(
+                    from.span(),
+                    format!("this is not an email address like \"Name <name@example.com>\": {e}"),
+                ));
+                default_sender()
+            }),
+            (None, None) => default_sender(),
         };
         Paths {
             folders: Folders {
@@ -399,46 +395,44 @@ impl ServeArgs {
             self.max_body_bytes,
             limits.max_body_bytes.as_ref(),
             1024 * 1024,
-            1..=1 << 30,
+            BODY_BYTES,
             "max_body_bytes",
         );
         let max_json_depth = check.number(
             self.max_json_depth,
             limits.max_json_depth.as_ref(),
             32,
-            1..=JSON_DEPTH_CEILING,
+            JSON_DEPTH,
             "max_json_depth",
         );
         let max_events_per_body = check.number(
             self.max_events_per_body,
             limits.max_events_per_body.as_ref(),
             1000,
-            1..=1_000_000,
+            EVENTS_PER_BODY,
             "max_events_per_body",
         );
         let max_concurrent_requests = check.number(
             self.max_concurrent_requests,
             limits.max_concurrent_requests.as_ref(),
             256,
-            1..=1_000_000,
+            CONCURRENT_REQUESTS,
             "max_concurrent_requests",
         );
         let rate_limit_burst = check.number(
             self.rate_limit_burst,
             limits.rate_limit_burst.as_ref(),
             2000,
-            1..=u32::MAX,
+            RATE_LIMIT_BURST,
             "rate_limit_burst",
         );
         let rate_limit = self
             .rate_limit
             .or_else(|| {
-                limits.rate_limit.as_ref().map(|r| {
-                    if !(r.get_ref().is_finite() && *r.get_ref() > 0.0) {
-                        check.report(r.span(), "the rate limit must be a number of requests per second above 0, like 200 or 0.5");
-                    }
-                    *r.get_ref()
-                })
+                let r = limits.rate_limit.as_ref()?;
+                rate_per_second(*r.get_ref())
+                    .map_err(|e| check.report(r.span(), format!("`rate_limit` {e}")))
+                    .ok()
             })
             .unwrap_or(1000.0);
         let request_timeout = check.duration(
@@ -456,14 +450,14 @@ impl ServeArgs {
             self.dedupe_retention_days,
             retention.dedupe_days.as_ref(),
             7,
-            0..=36_500,
+            DEDUPE_DAYS,
             "dedupe_days",
         );
         let state_idle_days = check.number(
             self.state_idle_days,
             retention.state_idle_days.as_ref(),
             365,
-            1..=36_500,
+            STATE_IDLE_DAYS,
             "state_idle_days",
         );
         let listen = self
@@ -545,15 +539,12 @@ impl Checker<'_> {
     /// `TRIPLINE_SIGNING_SECRET` (added to `[sources.default]` if the file has one).
     fn sources(&mut self, file: &ConfigFile, tolerance: Duration) -> Result<Sources, ConfigError> {
         let mut list = Vec::new();
-        for (name, config) in &file.sources {
-            let mut config = config.get_ref().clone();
+        for (name, written) in &file.sources {
+            let mut config = written.get_ref().clone();
             config.relative_to(|p| self.relative(p));
             match Source::load(name, &config) {
                 Ok(source) => list.push(source),
-                Err(message) => {
-                    let span = file.sources[name].span();
-                    self.report(span, message);
-                }
+                Err(message) => self.report(written.span(), message),
             }
         }
         let at = match list.iter().position(|s| s.name == "default") {
@@ -622,25 +613,20 @@ impl Checker<'_> {
         flag: Option<T>,
         file: Option<&Spanned<T>>,
         default: T,
-        range: std::ops::RangeInclusive<T>,
+        range: RangeInclusive<T>,
         key: &str,
     ) -> T {
         if let Some(v) = flag {
             return v;
         }
         match file {
-            Some(v) if !range.contains(v.get_ref()) => {
-                self.report(
-                    v.span(),
-                    format!(
-                        "`{key}` must be between {} and {}",
-                        range.start(),
-                        range.end()
-                    ),
-                );
-                default
-            }
-            Some(v) => *v.get_ref(),
+            Some(v) => match in_range(*v.get_ref(), &range) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.report(v.span(), format!("`{key}` {e}"));
+                    default
+                }
+            },
             None => default,
         }
     }
@@ -668,30 +654,50 @@ impl Checker<'_> {
     }
 }
 
-/// A whole number of at least 1.
-fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
-    match text.trim().parse::<T>() {
-        Ok(n) if n >= T::from(1) => Ok(n),
-        _ => Err(format!("`{text}` is not a whole number of at least 1")),
+/// The values each number setting may take: the same for its flag, variable and file key.
+const BODY_BYTES: RangeInclusive<usize> = 1..=1 << 30;
+const JSON_DEPTH: RangeInclusive<usize> = 1..=JSON_DEPTH_CEILING;
+const EVENTS_PER_BODY: RangeInclusive<usize> = 1..=1_000_000;
+const CONCURRENT_REQUESTS: RangeInclusive<usize> = 1..=1_000_000;
+const RATE_LIMIT_BURST: RangeInclusive<u32> = 1..=u32::MAX;
+/// 0 forgets event ids at the next hourly pass.
+const DEDUPE_DAYS: RangeInclusive<u64> = 0..=36_500;
+const STATE_IDLE_DAYS: RangeInclusive<u64> = 1..=36_500;
+
+/// `n`, if `range` holds it.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    n: T,
+    range: &RangeInclusive<T>,
+) -> Result<T, String> {
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "must be between {} and {}",
+            range.start(),
+            range.end()
+        ))
     }
 }
 
-/// A JSON nesting depth the parser can honour.
-fn json_depth(text: &str) -> Result<usize, String> {
-    let depth: usize = positive(text)?;
-    if depth > JSON_DEPTH_CEILING {
-        return Err(format!("the depth can be at most {JSON_DEPTH_CEILING}"));
-    }
-    Ok(depth)
+/// A whole number written in a flag or variable, if `range` holds it.
+fn ranged<T>(text: &str, range: RangeInclusive<T>) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let n = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    in_range(n, &range)
 }
 
 /// Requests per second: a number above 0, fractions allowed.
-fn rate_per_second(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err(format!(
-            "`{text}` is not a number of requests per second above 0, like 200 or 0.5"
-        )),
+fn rate_per_second(rate: f64) -> Result<f64, String> {
+    if rate.is_finite() && rate > 0.0 {
+        Ok(rate)
+    } else {
+        Err("must be a number of requests per second above 0, like 200 or 0.5".into())
     }
 }
 
