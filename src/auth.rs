@@ -200,7 +200,19 @@ impl Source {
         Ok(())
     }
 
-    fn has_secrets(&self) -> bool {
+    /// Whether the request's `Authorization: Bearer` token is one of this source's tokens (how
+    /// the admin token is checked).
+    pub fn accepts_bearer(&self, headers: &HeaderMap) -> bool {
+        bearer_token(headers)
+            .is_some_and(|token| self.has_token_digest(&Sha256::digest(token).into()))
+    }
+
+    fn has_token_digest(&self, digest: &[u8; 32]) -> bool {
+        self.tokens.iter().any(|t| bool::from(t.ct_eq(digest)))
+    }
+
+    /// Whether any token or signing secret was added.
+    pub fn has_secrets(&self) -> bool {
         !self.tokens.is_empty() || !self.signing_keys.is_empty()
     }
 }
@@ -273,7 +285,7 @@ impl Sources {
             return self
                 .sources
                 .iter()
-                .find(|s| s.tokens.iter().any(|t| bool::from(t.ct_eq(&digest))))
+                .find(|s| s.has_token_digest(&digest))
                 .ok_or(Refusal::UnknownToken);
         }
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

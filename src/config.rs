@@ -259,9 +259,9 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// The senders, with their secrets; empty when requests are not authenticated.
     pub sources: Arc<Sources>,
-    /// The admin token (as the one source of its own), if any: it unlocks /rules, /outbox and
+    /// The admin token (held as a source of its own), if any: it unlocks /rules, /outbox and
     /// /metrics once sources are configured.
-    pub admin: Arc<Sources>,
+    pub admin: Option<Arc<Source>>,
 }
 
 /// Why the settings cannot be used.
@@ -499,7 +499,7 @@ impl ServeArgs {
                 .or(file.log.format)
                 .unwrap_or(LogFormat::Text),
             sources: Arc::new(sources?),
-            admin: Arc::new(admin?),
+            admin: admin?.map(Arc::new),
         };
         if problems.is_empty() && config.sources.is_empty() && !config.accept_unauthenticated {
             loopback_only(&config.listen)?;
@@ -570,7 +570,7 @@ impl Checker<'_> {
     }
 
     /// The admin token of `TRIPLINE_ADMIN_TOKEN`, else of the file's `[admin]`.
-    fn admin(&mut self, file: Option<&AdminFile>) -> Result<Sources, ConfigError> {
+    fn admin(&mut self, file: Option<&AdminFile>) -> Result<Option<Source>, ConfigError> {
         let mut admin = Source::named("admin");
         let from_env = SecretRef::Env("TRIPLINE_ADMIN_TOKEN".into());
         if let Ok(token) = from_env.read() {
@@ -593,7 +593,7 @@ impl Checker<'_> {
                 self.report(span, message);
             }
         }
-        Ok(Sources::new(vec![admin], Duration::ZERO))
+        Ok(admin.has_secrets().then_some(admin))
     }
 
     fn report(&mut self, span: Range<usize>, message: impl Into<String>) {

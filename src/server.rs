@@ -29,7 +29,7 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::actions::jsonl::JsonlFiles;
-use crate::auth::Sources;
+use crate::auth::{Source, Sources};
 use crate::committer::{CommitError, Committer, Retention};
 use crate::config::{Limits, ServeConfig};
 use crate::db::Db;
@@ -49,7 +49,7 @@ pub struct AppState {
     /// Who may send events; empty when requests are not authenticated (loopback only).
     pub sources: Arc<Sources>,
     /// The admin token that unlocks /rules, /outbox and /metrics when sources are configured.
-    pub admin: Arc<Sources>,
+    pub admin: Option<Arc<Source>>,
     /// Requests per second per source.
     pub rate_limiter: Arc<DefaultKeyedRateLimiter<String>>,
     pub body_limits: BodyLimits,
@@ -74,13 +74,9 @@ impl AppState {
 /// endpoints need the admin token once sources are configured; the health checks are open.
 pub fn router(state: AppState, limits: &Limits) -> Router {
     let webhook_limits = ServiceBuilder::new()
+        .layer(middleware::from_fn(timed))
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-            rejected("overloaded");
-            let mut response = AppError::Overloaded.into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+            AppError::Overloaded
         }))
         .load_shed()
         .concurrency_limit(limits.max_concurrent_requests)
@@ -98,7 +94,6 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(admin)
-        .layer(middleware::from_fn(timed))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)
 }
@@ -298,11 +293,9 @@ fn rejected(reason: &'static str) {
     metrics::counter!("tripline_requests_rejected_total", "reason" => reason).increment(1);
 }
 
-/// Times every request to /webhook (and counts those cut off by the time limit).
+/// Times every request to /webhook, shed ones included (and counts those cut off by the time
+/// limit).
 async fn timed(request: Request, next: Next) -> Response {
-    if request.uri().path() != "/webhook" {
-        return next.run(request).await;
-    }
     let started = Instant::now();
     let response = next.run(request).await;
     if response.status() == StatusCode::REQUEST_TIMEOUT {
@@ -323,12 +316,10 @@ async fn admin_only(
     if state.sources.is_empty() {
         return Ok(next.run(request).await);
     }
-    if state.admin.is_empty() {
-        return Err(AppError::AdminClosed);
-    }
-    match state.admin.authenticate(request.headers(), b"", 0) {
-        Ok(_) => Ok(next.run(request).await),
-        Err(_) => Err(AppError::AdminDenied),
+    match &state.admin {
+        None => Err(AppError::AdminClosed),
+        Some(admin) if admin.accepts_bearer(request.headers()) => Ok(next.run(request).await),
+        Some(_) => Err(AppError::AdminDenied),
     }
 }
 
@@ -548,10 +539,7 @@ impl IntoResponse for AppError {
             AppError::NoRules | AppError::Commit(_) | AppError::Internal(_) => error!("{self}"),
             _ => debug!(%reason, "request refused"),
         }
-        if !matches!(
-            self,
-            AppError::Overloaded | AppError::AdminClosed | AppError::AdminDenied
-        ) {
+        if !matches!(self, AppError::AdminClosed | AppError::AdminDenied) {
             rejected(reason);
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
@@ -560,6 +548,11 @@ impl IntoResponse for AppError {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AppError::Overloaded => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             AppError::RateLimited { retry_after_secs } => {
                 response
