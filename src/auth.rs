@@ -254,12 +254,10 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// `sources` (none with an empty name), and how far a signature's timestamp may be from now.
+    /// `sources` (each with at least one secret), and how far a signature's timestamp may be
+    /// from now.
     pub fn new(sources: Vec<Source>, tolerance: Duration) -> Sources {
-        Sources {
-            sources: sources.into_iter().filter(Source::has_secrets).collect(),
-            tolerance,
-        }
+        Sources { sources, tolerance }
     }
 
     /// No source: requests are not authenticated (only allowed on loopback).

@@ -547,24 +547,24 @@ impl Checker<'_> {
                 Err(message) => self.report(written.span(), message),
             }
         }
-        let at = match list.iter().position(|s| s.name == "default") {
-            Some(at) => at,
-            None => {
-                list.push(Source::named("default"));
-                list.len() - 1
-            }
+        let mut default = match list.iter().position(|s| s.name == "default") {
+            Some(at) => list.remove(at),
+            None => Source::named("default"),
         };
         let token = SecretRef::Env("TRIPLINE_TOKEN".into());
         if let Ok(value) = token.read() {
-            list[at]
+            default
                 .add_token(&value, &token)
                 .map_err(ConfigError::Other)?;
         }
         let secret = SecretRef::Env("TRIPLINE_SIGNING_SECRET".into());
         if let Ok(value) = secret.read() {
-            list[at]
+            default
                 .add_signing_secret(&value, &secret)
                 .map_err(ConfigError::Other)?;
+        }
+        if default.has_secrets() {
+            list.push(default);
         }
         Ok(Sources::new(list, tolerance))
     }
