@@ -19,6 +19,8 @@ use crate::rules::RuleSet;
 
 /// How long the folders must stay quiet before a reload.
 const QUIET: Duration = Duration::from_millis(250);
+/// The longest a change waits for quiet: files rewritten without pause still reload this often.
+const AT_MOST: Duration = Duration::from_secs(1);
 
 /// The outcome of the last load, as shown at `GET /rules`.
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +105,8 @@ impl LiveRules {
             }
         };
         let ok = status.ok;
+        let result = if ok { "ok" } else { "failed" };
+        metrics::counter!("tripline_rules_reloads_total", "result" => result).increment(1);
         metrics::gauge!("tripline_rules_reload_success").set(if ok { 1.0 } else { 0.0 });
         metrics::gauge!("tripline_rules_last_reload_timestamp_seconds")
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
@@ -135,10 +139,12 @@ pub fn watch(live: Arc<LiveRules>) -> notify::Result<notify::RecommendedWatcher>
     tokio::spawn(async move {
         loop {
             changed.notified().await;
-            // Debounce: wait until nothing has changed for QUIET.
+            // Debounce: wait until nothing has changed for QUIET, but no longer than AT_MOST.
+            let deadline = tokio::time::Instant::now() + AT_MOST;
             while tokio::time::timeout(QUIET, changed.notified())
                 .await
                 .is_ok()
+                && tokio::time::Instant::now() < deadline
             {}
             let live = live.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || live.reload()).await {

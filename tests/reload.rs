@@ -256,3 +256,29 @@ fn requests_during_a_burst_of_reloads_all_succeed() {
         });
     });
 }
+
+#[test]
+fn a_rule_rewritten_without_pause_still_reloads_while_the_writes_go_on() {
+    let server = Server::start();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Ten writes a second, never a quiet moment, until the rule is seen running (at most 40 s,
+            // past wait_for's limit, so a failure ends the test).
+            for i in 0..400 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let text = PAGEVIEWS.replace("pageviews.jsonl", &format!("pv{}.jsonl", i % 3));
+                write(&server.rules.join("pageviews.toml"), &text);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        server.wait_for(
+            "the rule to load while it is still being rewritten",
+            has_rule("newsletter-pageviews"),
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert!(server.metric("tripline_rules_reloads_total{result=\"ok\"}") >= 1.0);
+}
