@@ -1,0 +1,168 @@
+//! Engine micro-benchmarks (criterion): what one event costs before any I/O.
+//!
+//!     cargo bench --bench engine            (or bench/engine.sh for the table of ratios)
+//!
+//! - `decode`: a PostHog webhook-destination body (the shared `generation_failed` fixture) to events.
+//! - `match/N`: one event through `engine::run` over N rules for N different event names, one of
+//!   which matches (a `[when]` property filter and a JSONL line). The index by event name keeps
+//!   this flat in N.
+//! - `same_event/N`: N rules on the *same* event name, each with a different property filter, one
+//!   matching: every one of them is tried, so this grows with N (what the index cannot help).
+//! - `project`: the shipped `training-data` rule's JSONL line for that event.
+//! - `render_email`: the shipped `power-user-discount` email (subject, text and HTML bodies).
+
+use chrono::Utc;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use lettre::message::Mailbox;
+use serde_json::Value;
+use std::hint::black_box;
+use std::path::Path;
+use tripline::actions::email;
+use tripline::engine;
+use tripline::event::{self, BodyLimits, Event};
+use tripline::rules::RuleSet;
+use tripline::store::MemoryStore;
+
+const SIZES: [usize; 4] = [1, 100, 1_000, 10_000];
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/posthog")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn decode_one(body: &[u8]) -> Event {
+    let mut events =
+        event::decode(body, Utc::now(), &BodyLimits::LOCAL_FILES).expect("a valid body");
+    events.remove(0)
+}
+
+/// The fixture's event without its uuid, so running it again and again is never a duplicate.
+fn event_without_uuid(name: &str) -> Event {
+    let mut body: Value = serde_json::from_slice(&fixture(name)).unwrap();
+    body["event"].as_object_mut().unwrap().remove("uuid");
+    decode_one(&serde_json::to_vec(&body).unwrap())
+}
+
+/// A rules folder with `n` rules; rule `i` selects `event_for(i)` and `properties.model = model_for(i)`.
+fn rule_set(
+    n: usize,
+    event_for: impl Fn(usize) -> String,
+    model_for: impl Fn(usize) -> String,
+) -> RuleSet {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    for i in 0..n {
+        let text = format!(
+            "name = \"rule-{i}\"\n\
+             [when]\nevent = \"{}\"\n\"properties.model\" = \"{}\"\n\
+             [jsonl]\nfile = \"out-{i}.jsonl\"\n\
+             [jsonl.fields]\nwho = \"distinct_id\"\nwhy = {{ from = \"properties.failure_reason\", max_chars = 100 }}\n",
+            event_for(i),
+            model_for(i)
+        );
+        std::fs::write(rules.join(format!("rule-{i:05}.toml")), text).unwrap();
+    }
+    RuleSet::load(&rules, &templates, &dir.path().join("data")).unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+fn shipped_rules() -> RuleSet {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir().unwrap();
+    RuleSet::load(&root.join("rules"), &root.join("templates"), data.path())
+        .unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
+    let mut store = MemoryStore::default();
+    let mut effects = Vec::new();
+    let report = engine::run(
+        rules,
+        std::slice::from_ref(event),
+        &mut store,
+        from,
+        0,
+        &mut effects,
+    )
+    .unwrap();
+    assert_eq!(report.outcomes.len(), 1, "exactly one rule matches");
+    effects.len()
+}
+
+fn benches(c: &mut Criterion) {
+    let body = fixture("generation_failed.json");
+    c.bench_function("decode", |b| {
+        b.iter(|| event::decode(black_box(&body), Utc::now(), &BodyLimits::LOCAL_FILES).unwrap())
+    });
+
+    let from: Mailbox = "tripline <tripline@localhost>".parse().unwrap();
+    let event = event_without_uuid("generation_failed.json");
+    let model = event.properties["model"].as_str().unwrap().to_string();
+    let mut group = c.benchmark_group("match");
+    for n in SIZES {
+        // Rule n-1 is the one for generation_failed; the others are for other events.
+        let rules = rule_set(
+            n,
+            |i| {
+                if i == n - 1 {
+                    "generation_failed".into()
+                } else {
+                    format!("event_{i}")
+                }
+            },
+            |_| model.clone(),
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &rules, |b, rules| {
+            b.iter(|| run_once(rules, black_box(&event), &from))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("same_event");
+    for n in [1, 100, 1_000] {
+        let rules = rule_set(
+            n,
+            |_| "generation_failed".into(),
+            |i| {
+                if i == n - 1 {
+                    model.clone()
+                } else {
+                    format!("model-{i}")
+                }
+            },
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &rules, |b, rules| {
+            b.iter(|| run_once(rules, black_box(&event), &from))
+        });
+    }
+    group.finish();
+
+    let shipped = shipped_rules();
+    let training = shipped
+        .rules()
+        .iter()
+        .find(|r| r.name == "training-data")
+        .unwrap();
+    let jsonl = training.jsonl.as_ref().unwrap();
+    c.bench_function("project", |b| b.iter(|| jsonl.project(black_box(&event))));
+
+    let power = shipped
+        .rules()
+        .iter()
+        .find(|r| r.name == "power-user-discount")
+        .unwrap();
+    let action = power.email.as_ref().unwrap();
+    let used = decode_one(&fixture("feature_used.json"));
+    let mut data = used.template_context();
+    data["count"] = Value::from(5);
+    c.bench_function("render_email", |b| {
+        b.iter(|| email::build(action, &shipped.templates, black_box(&data), &from).unwrap())
+    });
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);
