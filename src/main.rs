@@ -109,3 +109,6 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down: finishing requests in flight");
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -17,6 +17,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use super::load_rules;
@@ -115,27 +116,29 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
         rules: &rules,
         from: &paths.email_from,
         sink,
-        batch: Vec::with_capacity(BATCH),
         effects: Vec::new(),
         stats: vec![RuleStats::default(); rules.rules().len()],
         totals: Totals::default(),
         examples: args.examples,
     };
     let started = Instant::now();
-    let mut failure = None;
-    let read = read_items(reader, |item| match run.add(item) {
-        Ok(()) => true,
-        Err(e) => {
-            failure = Some(e);
-            false
+    // Reading and decoding (most of the work) go on in their own thread while this one runs the
+    // rules over the previous batch; the batches arrive in file order.
+    let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
+    let reading = std::thread::spawn(move || decode_file(reader, &batches));
+    for batch in received {
+        if let Err(e) = run.handle(batch) {
+            // Dropping the receiver ends the reading thread at its next batch.
+            drop(reading);
+            bar.finish_and_clear();
+            return Err(e);
         }
-    });
-    bar.finish_and_clear();
-    if let Some(e) = failure {
-        return Err(e);
     }
+    let read = reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?;
+    bar.finish_and_clear();
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    run.flush()?;
     let elapsed = started.elapsed();
     let Run {
         stats,
@@ -257,7 +260,6 @@ struct Run<'a> {
     rules: &'a Arc<RuleSet>,
     from: &'a Mailbox,
     sink: Sink,
-    batch: Vec<Event>,
     effects: Vec<Effect>,
     stats: Vec<RuleStats>,
     totals: Totals,
@@ -265,33 +267,16 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Decodes one item of the file; runs the batch once it is full.
-    fn add(&mut self, item: Item) -> anyhow::Result<()> {
-        match item {
-            Item::Value(position, value) => {
-                match event::decode_value(value, Utc::now(), &event::BodyLimits::LOCAL_FILES) {
-                    Ok(mut events) => {
-                        self.totals.events += events.len() as u64;
-                        self.batch.append(&mut events);
-                    }
-                    Err(e) => self.totals.unreadable(format!("{position}: {e}")),
-                }
-            }
-            Item::Broken(position, e) => self.totals.unreadable(format!("{position}: {e}")),
+    /// Runs one batch of decoded events, adds their outcomes to the per-rule counts, and keeps
+    /// the first examples.
+    fn handle(&mut self, batch: Batch) -> anyhow::Result<()> {
+        self.totals.events += batch.events.len() as u64;
+        for message in batch.unreadable {
+            self.totals.unreadable(message);
         }
-        if self.batch.len() >= BATCH {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Runs the waiting events, adds their outcomes to the per-rule counts, and keeps the first
-    /// examples.
-    fn flush(&mut self) -> anyhow::Result<()> {
-        let events = std::mem::take(&mut self.batch);
         let report = self
             .sink
-            .handle(self.rules, events, self.from, &mut self.effects)?;
+            .handle(self.rules, batch.events, self.from, &mut self.effects)?;
         let examples = self.examples;
         self.totals.duplicates += report.duplicates as u64;
         for (index, outcome) in &report.outcomes {
@@ -418,6 +403,44 @@ fn print_summary(
             "Dry run: nothing was written or sent. Add --execute-into DIR to run the actions into a separate folder."
         ),
     }
+}
+
+/// Up to [`BATCH`] decoded events, and what could not be read on the way to them.
+struct Batch {
+    events: Vec<Event>,
+    unreadable: Vec<String>,
+}
+
+/// Reads and decodes the whole file, sending the events in batches; stops early when nobody
+/// receives them any more.
+fn decode_file(reader: impl BufRead, batches: &SyncSender<Batch>) -> Result<(), String> {
+    let new_batch = || Batch {
+        events: Vec::with_capacity(BATCH),
+        unreadable: Vec::new(),
+    };
+    let mut batch = new_batch();
+    let mut receiving = true;
+    let read = read_items(reader, |item| {
+        match item {
+            Item::Value(position, value) => {
+                match event::decode_value(value, Utc::now(), &event::BodyLimits::LOCAL_FILES) {
+                    Ok(mut events) => batch.events.append(&mut events),
+                    Err(e) => batch.unreadable.push(format!("{position}: {e}")),
+                }
+            }
+            Item::Broken(position, e) => batch.unreadable.push(format!("{position}: {e}")),
+        }
+        if batch.events.len() >= BATCH || batch.unreadable.len() >= BATCH {
+            receiving = batches
+                .send(std::mem::replace(&mut batch, new_batch()))
+                .is_ok();
+        }
+        receiving
+    });
+    if receiving {
+        let _ = batches.send(batch);
+    }
+    read
 }
 
 /// One item of the file: a parsed JSON value with where it was, or why it could not be read.
