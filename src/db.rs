@@ -114,6 +114,10 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// The database's page cache. redb's default (1 GiB) would let a large state grow the process
+/// to that size; beyond this, pages come from the operating system's file cache instead.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// The database.
 pub struct Db {
     db: Database,
@@ -122,7 +126,10 @@ pub struct Db {
 impl Db {
     /// Opens (or creates) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Db, StoreError> {
-        let db = Database::create(data_dir.join("tripline.redb")).map_err(err)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(data_dir.join("tripline.redb"))
+            .map_err(err)?;
         // Create every table, so that readers never meet a missing one.
         let txn = db.begin_write().map_err(err)?;
         {

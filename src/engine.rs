@@ -125,6 +125,11 @@ pub fn run(
             event.name = event.name()
         )
         .entered();
+        // An event no rule wants has no effect to make durable, so nothing records it either.
+        let mut matching = rules.matching(event).peekable();
+        if matching.peek().is_none() {
+            continue;
+        }
         if let Some(uuid) = event.uuid()
             && !store.first_delivery(uuid, now_unix)?
         {
@@ -132,15 +137,13 @@ pub fn run(
             report.duplicates += 1;
             continue;
         }
-        for (index, rule) in rules.candidates(event.name()) {
-            if rule.when.holds(event) {
-                let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                let outcome = apply(rules, index, event, store, default_from, now_unix, effects)?;
-                if outcome == Outcome::Fired {
-                    info!("rule fired");
-                }
-                report.outcomes.push((index, outcome));
+        for (index, rule) in matching {
+            let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
+            let outcome = apply(rules, index, event, store, default_from, now_unix, effects)?;
+            if outcome == Outcome::Fired {
+                info!("rule fired");
             }
+            report.outcomes.push((index, outcome));
         }
     }
     Ok(report)
@@ -394,6 +397,30 @@ fields = { who = "distinct_id" }
         assert_eq!(
             (email.subject.as_str(), email.text.as_str()),
             ("hi", "count 3")
+        );
+    }
+
+    #[test]
+    fn an_event_no_rule_matches_records_nothing() {
+        let (_dir, set) = rules();
+        let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let mut store = MemoryStore::default();
+        let mut effects = Vec::new();
+        let body = r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#;
+        let events = decode(
+            body.as_bytes(),
+            chrono::Utc::now(),
+            &crate::event::BodyLimits::LOCAL_FILES,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let report = run(&set, &events, &mut store, &from, 0, &mut effects).unwrap();
+            assert_eq!((report.duplicates, report.outcomes.len()), (0, 0));
+        }
+        assert!(effects.is_empty());
+        assert!(
+            store.first_delivery("9", 0).unwrap(),
+            "its id was not recorded"
         );
     }
 }

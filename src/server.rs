@@ -254,11 +254,16 @@ async fn webhook(
         events = count,
         event.uuid = events.first().and_then(|e| e.uuid()).unwrap_or("-")
     );
-    let report = state
-        .committer
-        .submit(rules.clone(), events)
-        .instrument(span)
-        .await?;
+    // Events no rule wants have no effect to make durable: answered at once, without a commit.
+    let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
+        state
+            .committer
+            .submit(rules.clone(), events)
+            .instrument(span)
+            .await?
+    } else {
+        Report::default()
+    };
     record_outcomes(&source, count, &report, &rules);
     Ok(Json(json!({
         "accepted": count,

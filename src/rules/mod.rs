@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::JsonlAction;
+use crate::event::Event;
 use crate::templates::Templates;
 use condition::Condition;
 use diagnostic::Diagnostic;
@@ -179,6 +180,15 @@ impl RuleSet {
             .unwrap_or(&self.any_event)
             .iter()
             .map(|&i| (i, &self.rules[i]))
+    }
+
+    /// The rules whose `[when]` holds for `event`, with their indices, in file-name order.
+    pub fn matching<'s>(
+        &'s self,
+        event: &'s Event,
+    ) -> impl Iterator<Item = (usize, &'s Rule)> + 's {
+        self.candidates(event.name())
+            .filter(|(_, rule)| rule.when.holds(event))
     }
 }
 
