@@ -441,6 +441,10 @@ fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_gauge!("tripline_rules_loaded", "Rules running now");
     metrics::describe_counter!(
+        "tripline_rules_reloads_total",
+        "Loads of the rule files since start, by result (ok, or failed: the previous rules keep running)"
+    );
+    metrics::describe_counter!(
         "tripline_actions_failed_total",
         "Actions that failed: emails that could not be made from an event or that the mail server refused for good, by kind and rule"
     );
@@ -454,7 +458,7 @@ fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(
         "tripline_events_duplicate_total",
-        "Events skipped because their uuid was handled before (a retried delivery)"
+        "Events a rule matched that were skipped because their uuid was handled before (a retried delivery)"
     );
     metrics::describe_counter!(
         "tripline_requests_rejected_total",
