@@ -280,3 +280,20 @@ fn event_ids_are_kept_for_the_retention_period() {
         "kept within the default 7 days"
     );
 }
+
+#[test]
+fn an_event_no_rule_wants_is_acknowledged_and_leaves_nothing_behind() {
+    let server = Server::start();
+    let pageview = fresh(fixture_json("pageview.json"));
+    for _ in 0..2 {
+        let (status, reply) = server.post_json(&pageview);
+        assert_eq!(status, 200);
+        assert_eq!(reply["duplicates"], json!(0), "its id was never recorded");
+        assert_eq!(reply["fired"], json!([]));
+    }
+    assert_eq!(server.metric("tripline_events_duplicate_total"), 0.0);
+    assert_eq!(
+        server.metric("tripline_events_received_total{source=\"local\"}"),
+        2.0
+    );
+}
