@@ -126,18 +126,22 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
     // rules over the previous batch; the batches arrive in file order.
     let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
     let reading = std::thread::spawn(move || decode_file(reader, &batches));
-    for batch in received {
+    let mut failure = None;
+    for batch in &received {
         if let Err(e) = run.handle(batch) {
-            // Dropping the receiver ends the reading thread at its next batch.
-            drop(reading);
-            bar.finish_and_clear();
-            return Err(e);
+            failure = Some(e);
+            break;
         }
     }
+    // Without a receiver, the reading thread stops at its next batch.
+    drop(received);
     let read = reading
         .join()
         .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?;
     bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let elapsed = started.elapsed();
     let Run {
