@@ -3,11 +3,17 @@
 //! PostHog (and anything else that speaks JSON) can send an event in several shapes; see
 //! `docs/posthog-webhook.md` in the shared folder. Every shape becomes the same [`Event`], so rules
 //! only ever name `event`, `uuid`, `distinct_id`, `timestamp`, `properties.*` and
-//! `person.properties.*`. A body is decoded completely before anything acts on it: one invalid
-//! event rejects the whole body.
+//! `person.properties.*`. A body is checked completely before anything acts on it: one invalid
+//! event rejects the whole body. The events no rule is tried on are checked but never built: the
+//! body is first read as raw JSON text per field (`RawObject`), and an event's properties become
+//! values only when a rule may read them.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+use std::fmt;
 
 /// One event, normalized. Every field holds a JSON value so that rule paths can point at any of
 /// them without copying; the decoder guarantees the kinds documented on each field.
@@ -88,7 +94,7 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyLimits {
     /// Deepest nesting of arrays and objects (the body itself is level 1); at most
-    /// [`MAX_DEPTH`], which the JSON parser enforces anyway.
+    /// [`MAX_DEPTH`], which the JSON parser enforces anyway on what it builds.
     pub max_depth: usize,
     /// Most events in one body.
     pub max_events: usize,
@@ -97,240 +103,455 @@ pub struct BodyLimits {
 /// The longest event id kept (ids are remembered for days to spot retried deliveries).
 pub const MAX_UUID_BYTES: usize = 200;
 
-/// The deepest nesting the JSON parser accepts.
+/// The deepest nesting the JSON parser accepts when it builds values.
 pub const MAX_DEPTH: usize = 128;
 
 impl BodyLimits {
-    /// No limits beyond the parser's: for files on the author's own disk (`test`, `replay`).
+    /// No limits beyond the parser's, checked for every event: for files on the author's own
+    /// disk (`test`, `replay`).
     pub const LOCAL_FILES: BodyLimits = BodyLimits {
         max_depth: MAX_DEPTH,
         max_events: usize::MAX,
     };
 }
 
-/// Decodes a request body into its events. `now` stands in for a missing timestamp.
+/// A decoded body: the events some rule wants, and how many it held in all.
+#[derive(Debug)]
+pub struct Decoded {
+    /// How many events the body held, wanted or not.
+    pub received: usize,
+    /// The wanted events, in the body's order.
+    pub events: Vec<Event>,
+}
+
+/// Decodes a body into all of its events. `now` stands in for a missing timestamp.
 pub fn decode(
     body: &[u8],
     now: DateTime<Utc>,
     limits: &BodyLimits,
 ) -> Result<Vec<Event>, DecodeError> {
+    decode_wanted(body, now, limits, |_| true).map(|decoded| decoded.events)
+}
+
+/// Decodes a body, building only the events whose name `wanted` accepts. Every event is checked
+/// all the same (valid JSON, each field of the right kind), so a body is accepted or refused
+/// whatever the rules; but the properties of an event no rule names are never read into values,
+/// which is most of the work for such an event. One difference remains: text that cannot become a
+/// string (an escaped lone surrogate such as `"\ud800"`, which JavaScript can produce from a
+/// truncated emoji) refuses an event that is built, and is let through in one that is not.
+pub fn decode_wanted(
+    body: &[u8],
+    now: DateTime<Utc>,
+    limits: &BodyLimits,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Decoded, DecodeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty);
     }
-    let root: Value = serde_json::from_slice(body).map_err(|e| {
-        if e.to_string().starts_with("recursion limit exceeded") {
-            DecodeError::TooDeep { limit: MAX_DEPTH }
-        } else {
-            DecodeError::NotJson(e.to_string())
-        }
-    })?;
-    decode_value(root, now, limits)
-}
-
-/// How deeply `value` nests: 1 for a scalar, an empty list or an empty object.
-fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        _ => 1,
-    }
-}
-
-/// Decodes an already parsed body (as [`decode`] does after parsing).
-pub fn decode_value(
-    root: Value,
-    now: DateTime<Utc>,
-    limits: &BodyLimits,
-) -> Result<Vec<Event>, DecodeError> {
-    if limits.max_depth < MAX_DEPTH && depth(&root) > limits.max_depth {
+    if nests_deeper_than(body, limits.max_depth) {
         return Err(DecodeError::TooDeep {
             limit: limits.max_depth,
         });
     }
-    let items = match root {
-        Value::Array(items) if items.is_empty() => {
-            return Err(DecodeError::NoEvent("the list is empty".into()));
-        }
-        Value::Array(items) => items,
-        Value::Object(mut map) => {
-            if let Some(batch) = map.remove("batch") {
-                match batch {
-                    Value::Array(items) if !items.is_empty() => items,
-                    _ => {
-                        return Err(DecodeError::NoEvent(
-                            "`batch` must be a non-empty list of events".into(),
-                        ));
-                    }
+    let not_json = |e: serde_json::Error| DecodeError::NotJson(e.to_string());
+    let body = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Body::List(serde_json::from_slice(body).map_err(not_json)?),
+        Some(b'{') => {
+            let map: RawObject = serde_json::from_slice(body).map_err(not_json)?;
+            if let Some(batch) = map.get("batch") {
+                let items: Vec<&RawValue> = match kind(batch) {
+                    Kind::List => read(batch, "`batch`").map_err(DecodeError::NotJson)?,
+                    _ => Vec::new(),
+                };
+                if items.is_empty() {
+                    return Err(DecodeError::NoEvent(
+                        "`batch` must be a non-empty list of events".into(),
+                    ));
                 }
-            } else if map.contains_key("hook") && map.get("data").is_some_and(Value::is_object) {
-                let data = map.remove("data").unwrap_or_default();
-                return zapier_event(data, now)
-                    .map(|e| vec![e])
-                    .map_err(|problem| DecodeError::InvalidEvent { index: 1, problem });
-            } else if !map.contains_key("event") && map.contains_key("text") {
+                Body::List(items)
+            } else if map.get("hook").is_some() && map.get("data").is_some_and(is_object) {
+                Body::Zapier(map.get("data").expect("checked just above"))
+            } else if map.get("event").is_none() && map.get("text").is_some() {
                 return Err(DecodeError::LegacyText);
-            } else if !map.contains_key("event") {
+            } else if map.get("event").is_none() {
                 return Err(DecodeError::NoEvent(
                     "the body has no `event` key; expected {\"event\": {...}, \"person\": {...}}, \
                      a flat event {\"event\": \"name\", ...}, a `batch` envelope or a list of events"
                         .into(),
                 ));
             } else {
-                vec![Value::Object(map)]
+                Body::One(map)
             }
         }
-        other => {
+        _ => {
+            let scalar: Value = serde_json::from_slice(body).map_err(not_json)?;
             return Err(DecodeError::NoEvent(format!(
                 "the body is {}, not an event object",
-                kind_of(&other)
+                kind_of(&scalar)
             )));
         }
     };
-    if items.len() > limits.max_events {
-        return Err(DecodeError::TooManyEvents {
-            count: items.len(),
-            limit: limits.max_events,
-        });
+    let invalid = |index: usize| move |problem| DecodeError::InvalidEvent { index, problem };
+    let mut events = Vec::new();
+    let received = match body {
+        Body::List(items) if items.is_empty() => {
+            return Err(DecodeError::NoEvent("the list is empty".into()));
+        }
+        Body::List(items) if items.len() > limits.max_events => {
+            return Err(DecodeError::TooManyEvents {
+                count: items.len(),
+                limit: limits.max_events,
+            });
+        }
+        Body::List(items) => {
+            for (i, item) in items.iter().enumerate() {
+                events.extend(single_event(item, now, &wanted).map_err(invalid(i + 1))?);
+            }
+            items.len()
+        }
+        Body::One(map) => {
+            events.extend(object_event(&map, now, &wanted).map_err(invalid(1))?);
+            1
+        }
+        Body::Zapier(data) => {
+            events.extend(zapier_event(data, now, &wanted).map_err(invalid(1))?);
+            1
+        }
+    };
+    Ok(Decoded { received, events })
+}
+
+/// Where a body's events are.
+enum Body<'a> {
+    /// A list of events, or a `batch` envelope's list.
+    List(Vec<&'a RawValue>),
+    /// One event, envelope or flat.
+    One(RawObject<'a>),
+    /// A Zapier REST hook's `data`.
+    Zapier(&'a RawValue),
+}
+
+/// Whether JSON `text` nests arrays and objects more than `limit` levels deep (the text itself is
+/// level 1). A scan of the bytes, so that a deep body is refused before any of it is parsed; the
+/// inside of strings is skipped with `memchr`. Broken JSON gives some answer, never a panic.
+fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
+    let (mut depth, mut at) = (0usize, 0);
+    while let Some(&b) = text.get(at) {
+        at += 1;
+        match b {
+            b'"' => {
+                // To the closing quote: the next quote that is not escaped.
+                let rest = |at: usize| text.get(at..).unwrap_or_default();
+                while let Some(i) = memchr::memchr2(b'"', b'\\', rest(at)) {
+                    at += i + 1;
+                    if text[at - 1] == b'"' {
+                        break;
+                    }
+                    at += 1;
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            single_event(item, now).map_err(|problem| DecodeError::InvalidEvent {
-                index: i + 1,
-                problem,
-            })
-        })
-        .collect()
+    false
 }
 
 /// One event in any of the single-event shapes: the webhook destination envelope
-/// `{"event": {...}, "person": {...}}` or a flat event `{"event": "name", ...}`.
-fn single_event(item: Value, now: DateTime<Utc>) -> Result<Event, String> {
-    let Value::Object(mut outer) = item else {
-        return Err(format!("expected an event object, got {}", kind_of(&item)));
-    };
-    match outer.get("event") {
-        Some(Value::Object(_)) => {
-            let Some(Value::Object(event)) = outer.remove("event") else {
-                unreachable!("checked just above")
-            };
-            let person = outer.remove("person").unwrap_or(Value::Null);
-            normalize(event, "event", "uuid", "distinct_id", person, now)
+/// `{"event": {...}, "person": {...}}` or a flat event `{"event": "name", ...}`. `None` when
+/// it is valid but not wanted.
+fn single_event(
+    item: &RawValue,
+    now: DateTime<Utc>,
+    wanted: &impl Fn(&str) -> bool,
+) -> Result<Option<Event>, String> {
+    if !is_object(item) {
+        return Err(format!(
+            "expected an event object, got {}",
+            kind(item).called()
+        ));
+    }
+    object_event(&read(item, "the event")?, now, wanted)
+}
+
+fn object_event(
+    outer: &RawObject,
+    now: DateTime<Utc>,
+    wanted: &impl Fn(&str) -> bool,
+) -> Result<Option<Event>, String> {
+    let person = outer.get("person");
+    match outer.get("event").map(|e| (e, kind(e))) {
+        Some((event, Kind::Object)) => {
+            let event = read(event, "`event`")?;
+            normalize(
+                &event,
+                ["event", "uuid", "distinct_id"],
+                person,
+                now,
+                wanted,
+            )
         }
-        Some(Value::String(_)) => {
-            let person = outer.remove("person").unwrap_or(Value::Null);
-            normalize(outer, "event", "uuid", "distinct_id", person, now)
+        Some((_, Kind::Text)) => {
+            normalize(outer, ["event", "uuid", "distinct_id"], person, now, wanted)
         }
-        Some(other) => Err(format!(
+        Some((_, other)) => Err(format!(
             "the event name (`event`) must be text, got {}",
-            kind_of(other)
+            other.called()
         )),
         None => Err("it has no `event` (the event name)".into()),
     }
 }
 
 /// A Zapier REST hook's `data`: camelCase names for the same fields.
-fn zapier_event(data: Value, now: DateTime<Utc>) -> Result<Event, String> {
-    let Value::Object(mut data) = data else {
-        unreachable!("the caller checked `data` is an object")
-    };
-    let person = data.remove("person").unwrap_or(Value::Null);
-    normalize(data, "event", "eventUuid", "distinctId", person, now)
+fn zapier_event(
+    data: &RawValue,
+    now: DateTime<Utc>,
+    wanted: &impl Fn(&str) -> bool,
+) -> Result<Option<Event>, String> {
+    let data: RawObject = read(data, "`data`")?;
+    let person = data.get("person");
+    normalize(
+        &data,
+        ["event", "eventUuid", "distinctId"],
+        person,
+        now,
+        wanted,
+    )
 }
 
+/// Checks every field of one event and, if `wanted` accepts its name, builds it. `keys` are the
+/// names of the event name, id and distinct id in this shape.
 fn normalize(
-    mut event: Map<String, Value>,
-    name_key: &str,
-    uuid_key: &str,
-    distinct_id_key: &str,
-    person: Value,
+    event: &RawObject,
+    [name_key, uuid_key, distinct_id_key]: [&str; 3],
+    person: Option<&RawValue>,
     now: DateTime<Utc>,
-) -> Result<Event, String> {
+    wanted: &impl Fn(&str) -> bool,
+) -> Result<Option<Event>, String> {
     // The 2024 destination globals call the name `name` instead of `event`.
-    let name = match event.remove(name_key).or_else(|| event.remove("name")) {
-        Some(Value::String(s)) if !s.trim().is_empty() => s,
-        Some(Value::String(_)) => return Err("the event name is empty".into()),
+    let name = match event.get(name_key).or_else(|| event.get("name")) {
+        Some(raw) if kind(raw) == Kind::Text => {
+            let name: Text = read(raw, "the event name")?;
+            if name.0.trim().is_empty() {
+                return Err("the event name is empty".into());
+            }
+            name.0
+        }
         Some(other) => {
             return Err(format!(
                 "the event name (`event`) must be text, got {}",
-                kind_of(&other)
+                kind(other).called()
             ));
         }
         None => return Err("it has no event name (`event`)".into()),
     };
-    let properties = object_or_empty(event.remove("properties"), "properties")?;
-    let uuid = match event.remove(uuid_key) {
-        None | Some(Value::Null) => Value::Null,
-        Some(Value::String(s)) if s.len() > MAX_UUID_BYTES => {
-            return Err(format!(
-                "`uuid` is {} bytes long; an event id is at most {MAX_UUID_BYTES} (PostHog's are 36)",
-                s.len()
-            ));
+    let properties = object_or_empty(event.get("properties"), "properties")?;
+    let uuid = match event.get(uuid_key).map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => None,
+        Some((raw, Kind::Text)) => {
+            let Text(uuid) = read(raw, "`uuid`")?;
+            if uuid.len() > MAX_UUID_BYTES {
+                return Err(format!(
+                    "`uuid` is {} bytes long; an event id is at most {MAX_UUID_BYTES} (PostHog's are 36)",
+                    uuid.len()
+                ));
+            }
+            Some(uuid)
         }
-        Some(Value::String(s)) => Value::String(s),
-        Some(other) => return Err(format!("`uuid` must be text, got {}", kind_of(&other))),
+        Some((_, other)) => return Err(format!("`uuid` must be text, got {}", other.called())),
     };
     // posthog-js may put the distinct id only inside the properties.
+    let in_properties: RawObject;
     let distinct_id = match event
-        .remove(distinct_id_key)
-        .filter(|v| !v.is_null())
-        .or_else(|| properties.get("distinct_id").cloned())
+        .get(distinct_id_key)
+        .filter(|raw| kind(raw) != Kind::Null)
     {
-        None | Some(Value::Null) => Value::Null,
-        Some(Value::String(s)) => Value::String(s),
-        Some(Value::Number(n)) => Value::String(n.to_string()),
-        Some(other) => {
+        Some(raw) => Some(raw),
+        None => match properties {
+            Some(properties) => {
+                in_properties = read(properties, "`properties`")?;
+                in_properties.get("distinct_id")
+            }
+            None => None,
+        },
+    };
+    let distinct_id = match distinct_id.map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => None,
+        Some((raw, Kind::Text)) => Some(read::<Text>(raw, "`distinct_id`")?.0),
+        Some((raw, Kind::Number)) => Some(Cow::Borrowed(raw.get())),
+        Some((_, other)) => {
             return Err(format!(
                 "`distinct_id` must be text, got {}",
-                kind_of(&other)
+                other.called()
             ));
         }
     };
-    let timestamp = match event.remove("timestamp") {
-        None | Some(Value::Null) => now,
-        Some(Value::String(s)) => parse_timestamp(&s).ok_or_else(|| {
-            format!("`timestamp` {s:?} is not an ISO 8601 date such as 2025-06-14T09:21:33.412Z")
-        })?,
-        Some(other) => {
+    let time = match event.get("timestamp").map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => now,
+        Some((raw, Kind::Text)) => {
+            let Text(s) = read(raw, "`timestamp`")?;
+            parse_timestamp(&s).ok_or_else(|| {
+                format!(
+                    "`timestamp` {s:?} is not an ISO 8601 date such as 2025-06-14T09:21:33.412Z"
+                )
+            })?
+        }
+        Some((_, other)) => {
             return Err(format!(
                 "`timestamp` must be an ISO 8601 date as text, got {}",
-                kind_of(&other)
+                other.called()
             ));
         }
     };
-    let person_properties = match person {
-        Value::Null => Value::Object(Map::new()),
-        Value::Object(mut person) => {
-            object_or_empty(person.remove("properties"), "person.properties")?
+    let person_properties = match person.map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => None,
+        Some((raw, Kind::Object)) => {
+            let person: RawObject = read(raw, "`person`")?;
+            object_or_empty(person.get("properties"), "person.properties")?
         }
-        other => {
+        Some((_, other)) => {
             return Err(format!(
                 "`person` must be an object or null, got {}",
-                kind_of(&other)
+                other.called()
             ));
         }
     };
-    Ok(Event {
-        name: Value::String(name),
-        uuid,
-        distinct_id,
-        timestamp: Value::String(timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-        time: timestamp,
-        properties,
-        person_properties,
+    if !wanted(&name) {
+        return Ok(None);
+    }
+    let text = |t: Option<Cow<str>>| t.map_or(Value::Null, |t| Value::String(t.into_owned()));
+    Ok(Some(Event {
+        name: Value::String(name.into_owned()),
+        uuid: text(uuid),
+        distinct_id: text(distinct_id),
+        timestamp: Value::String(time.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        time,
+        properties: object(properties, "properties")?,
+        person_properties: object(person_properties, "person.properties")?,
         source: Value::Null,
-    })
+    }))
 }
 
-fn object_or_empty(value: Option<Value>, what: &str) -> Result<Value, String> {
-    match value {
-        None | Some(Value::Null) => Ok(Value::Object(Map::new())),
-        Some(v @ Value::Object(_)) => Ok(v),
-        Some(other) => Err(format!(
+/// A field that must be an object when present: `None` when absent or null.
+fn object_or_empty<'a>(
+    raw: Option<&'a RawValue>,
+    what: &str,
+) -> Result<Option<&'a RawValue>, String> {
+    match raw.map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => Ok(None),
+        Some((raw, Kind::Object)) => Ok(Some(raw)),
+        Some((_, other)) => Err(format!(
             "`{what}` must be a JSON object, got {}",
-            kind_of(&other)
+            other.called()
         )),
+    }
+}
+
+/// The values of an object field, or an empty object.
+fn object(raw: Option<&RawValue>, what: &str) -> Result<Value, String> {
+    raw.map_or(Ok(Value::Object(Map::new())), |raw| read(raw, what))
+}
+
+/// Reads raw JSON (already checked to be valid) into `T`; `what` names it in the error.
+fn read<'a, T: Deserialize<'a>>(raw: &'a RawValue, what: &str) -> Result<T, String> {
+    serde_json::from_str(raw.get()).map_err(|e| format!("{what} cannot be read: {e}"))
+}
+
+/// The kinds of JSON value, as told by a raw value's first character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Number,
+    Text,
+    List,
+    Object,
+}
+
+impl Kind {
+    /// How the kind is called in an error message.
+    fn called(self) -> &'static str {
+        match self {
+            Kind::Null => "null",
+            Kind::Bool => "true/false",
+            Kind::Number => "a number",
+            Kind::Text => "text",
+            Kind::List => "a list",
+            Kind::Object => "an object",
+        }
+    }
+}
+
+fn kind(raw: &RawValue) -> Kind {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'{') => Kind::Object,
+        Some(b'[') => Kind::List,
+        Some(b'"') => Kind::Text,
+        Some(b't' | b'f') => Kind::Bool,
+        Some(b'n') => Kind::Null,
+        _ => Kind::Number,
+    }
+}
+
+fn is_object(raw: &RawValue) -> bool {
+    kind(raw) == Kind::Object
+}
+
+/// Text from the body: borrowed unless it holds escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("text")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
+}
+
+/// A JSON object's keys with the raw text of their values: read without building the values.
+/// As in a parsed object, the last of repeated keys counts.
+struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> RawObject<'a> {
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((Text(key), value)) = map.next_entry::<Text, &RawValue>()? {
+                    entries.push((key, value));
+                }
+                Ok(RawObject(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
     }
 }
 
@@ -463,6 +684,51 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(err(&deep), DecodeError::TooDeep { limit: 128 });
+    }
+
+    #[test]
+    fn events_no_rule_wants_are_checked_but_not_built() {
+        let decode = |b: &str| {
+            decode_wanted(b.as_bytes(), now(), &BodyLimits::LOCAL_FILES, |name| {
+                name == "keep"
+            })
+        };
+        let decoded = decode(
+            r#"[{"event":"skip","properties":{"a":1}},{"event":{"event":"keep","properties":{"b":2}}}]"#,
+        )
+        .unwrap();
+        assert_eq!(decoded.received, 2);
+        assert_eq!(decoded.events.len(), 1);
+        assert_eq!(decoded.events[0].properties, json!({"b": 2}));
+        // A body of events nobody wants is accepted, with nothing to build.
+        let decoded = decode(r#"{"event":"skip","uuid":"u"}"#).unwrap();
+        assert_eq!((decoded.received, decoded.events.len()), (1, 0));
+        // An unwanted event with a field of the wrong kind refuses the body all the same.
+        assert_eq!(
+            decode(r#"[{"event":"keep"},{"event":"skip","timestamp":5}]"#)
+                .unwrap_err()
+                .to_string(),
+            "event 2 of the body: `timestamp` must be an ISO 8601 date as text, got a number"
+        );
+        assert!(decode(r#"{"event":"skip","properties":[1]}"#).is_err());
+        assert!(decode(r#"{"event":"skip","distinct_id":{"id":1}}"#).is_err());
+        assert!(decode(r#"{"event":"skip","properties":{"distinct_id":[1]}}"#).is_err());
+        // As in any JSON object, the last of repeated keys counts.
+        assert_eq!(
+            decode(r#"{"event":"skip","event":"keep"}"#).unwrap().events[0].name(),
+            "keep"
+        );
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_text_only() {
+        assert!(!nests_deeper_than(br#"{"a":"[[[{{{\"[[["}"#, 1));
+        assert!(nests_deeper_than(br#"{"a":[{"b":"\\"}]}"#, 2));
+        assert!(!nests_deeper_than(br#"{"a":[{"b":"\\"}]}"#, 3));
+        // Broken JSON gives some answer, never a panic.
+        for broken in [&b"\"\\"[..], b"]]]{", b"\"abc\\", b"\\"] {
+            nests_deeper_than(broken, 1);
+        }
     }
 
     #[test]

@@ -240,21 +240,26 @@ async fn webhook(
             retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
         });
     }
-    let mut events = event::decode(&body, now, &state.body_limits)?;
+    let rules = state.rules.snapshot();
+    let decoded = event::decode_wanted(&body, now, &state.body_limits, |name| {
+        rules.as_ref().is_none_or(|rules| rules.wants(name))
+    })?;
+    let Some(rules) = rules else {
+        return Err(AppError::NoRules);
+    };
+    let count = decoded.received;
+    let mut events = decoded.events;
     for e in &mut events {
         e.source = Value::String(source.clone());
     }
-    let Some(rules) = state.rules.snapshot() else {
-        return Err(AppError::NoRules);
-    };
-    let count = events.len();
     let span = info_span!(
         "request",
         source = %source,
         events = count,
         event.uuid = events.first().and_then(|e| e.uuid()).unwrap_or("-")
     );
-    // Events no rule wants have no effect to make durable: answered at once, without a commit.
+    // Events no rule wants (not even decoded past their fields' kinds) have no effect to make
+    // durable: answered at once, without a commit.
     let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
         state
             .committer

@@ -295,7 +295,8 @@ fn entry_events(
                     .map(|(k, v)| (k.clone(), toml_to_json_value(v)))
                     .collect(),
             );
-            event::decode_value(body, *clock, &event::BodyLimits::LOCAL_FILES).map_err(|e| {
+            let body = serde_json::to_vec(&body).expect("a JSON value serializes");
+            event::decode(&body, *clock, &event::BodyLimits::LOCAL_FILES).map_err(|e| {
                 let why = match e {
                     event::DecodeError::InvalidEvent { problem, .. } => problem,
                     other => other.to_string(),

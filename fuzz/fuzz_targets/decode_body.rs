@@ -1,11 +1,12 @@
 //! A request body, as the server gets it: decoded with the server's default limits and, when it
-//! holds events, run through the shipped rules in memory. Nothing may panic.
+//! holds events, run through the shipped rules in memory. Nothing may panic, and decoding only
+//! the wanted events accepts every body that decoding all of them does, with the same events.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use std::sync::OnceLock;
-use tripline::event::{BodyLimits, decode};
+use tripline::event::{BodyLimits, decode, decode_wanted};
 use tripline::rules::RuleSet;
 use tripline::store::MemoryStore;
 
@@ -25,7 +26,17 @@ fuzz_target!(|body: &[u8]| {
         max_events: 1000,
     };
     let now = chrono::DateTime::from_timestamp(1_750_000_000, 0).expect("a valid time");
-    if let Ok(events) = decode(body, now, &limits) {
+    // As the server decodes: every event checked, only those some rule is tried on built. What
+    // decoding every event accepts must be accepted alike, with the same wanted events.
+    let wanted = decode_wanted(body, now, &limits, |name| rules().wants(name));
+    if let Ok(all) = decode(body, now, &limits) {
+        let decoded = wanted.as_ref().expect("accepted when every event is decoded");
+        assert_eq!(decoded.received, all.len());
+        let kept: Vec<_> = all.into_iter().filter(|e| rules().wants(e.name())).collect();
+        assert_eq!(decoded.events, kept);
+    }
+    if let Ok(decoded) = wanted {
+        let events = decoded.events;
         let mut store = MemoryStore::default();
         let from = "t <t@localhost>".parse().expect("a valid address");
         let mut effects = Vec::new();

@@ -10,10 +10,11 @@ use chrono::Utc;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lettre::message::Mailbox;
-use serde::de::{Deserializer as _, SeqAccess, Visitor};
-use serde_json::Value;
+use serde::de::{Deserializer as _, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -125,7 +126,10 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
     // Reading and decoding (most of the work) go on in their own thread while this one runs the
     // rules over the previous batch; the batches arrive in file order.
     let (batches, received) = std::sync::mpsc::sync_channel::<Batch>(4);
-    let reading = std::thread::spawn(move || decode_file(reader, &batches));
+    let reading = {
+        let rules = rules.clone();
+        std::thread::spawn(move || decode_file(reader, &rules, &batches))
+    };
     let mut failure = None;
     for batch in &received {
         if let Err(e) = run.handle(batch) {
@@ -274,7 +278,7 @@ impl Run<'_> {
     /// Runs one batch of decoded events, adds their outcomes to the per-rule counts, and keeps
     /// the first examples.
     fn handle(&mut self, batch: Batch) -> anyhow::Result<()> {
-        self.totals.events += batch.events.len() as u64;
+        self.totals.events += batch.read as u64;
         for message in batch.unreadable {
             self.totals.unreadable(message);
         }
@@ -409,48 +413,91 @@ fn print_summary(
     }
 }
 
-/// Up to [`BATCH`] decoded events, and what could not be read on the way to them.
+/// The decoded events of up to [`BATCH`] items read, and what could not be read on the way.
+#[derive(Default)]
 struct Batch {
+    /// Events read, wanted by a rule or not.
+    read: usize,
+    /// The events some rule wants.
     events: Vec<Event>,
     unreadable: Vec<String>,
 }
 
-/// Reads and decodes the whole file, sending the events in batches; stops early when nobody
-/// receives them any more.
-fn decode_file(reader: impl BufRead, batches: &SyncSender<Batch>) -> Result<(), String> {
-    let new_batch = || Batch {
-        events: Vec::with_capacity(BATCH),
-        unreadable: Vec::new(),
-    };
-    let mut batch = new_batch();
+/// The text of up to [`BATCH`] items of the file, one after the other, and where each is.
+#[derive(Default)]
+struct Chunk {
+    text: Vec<u8>,
+    items: Vec<(Position, Range<usize>)>,
+}
+
+/// Reads the whole file and sends its events in batches; stops early when nobody receives them
+/// any more. Each chunk of items is decoded on as many threads as there are cores (decoding is
+/// most of a replay's work), and only events some rule is tried on are built (see
+/// [`event::decode_wanted`]).
+fn decode_file(
+    reader: impl BufRead,
+    rules: &RuleSet,
+    batches: &SyncSender<Batch>,
+) -> Result<(), String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut chunk = Chunk::default();
     let mut receiving = true;
-    let read = read_items(reader, |item| {
-        match item {
-            Item::Value(position, value) => {
-                match event::decode_value(value, Utc::now(), &event::BodyLimits::LOCAL_FILES) {
-                    Ok(mut events) => batch.events.append(&mut events),
-                    Err(e) => batch.unreadable.push(format!("{position}: {e}")),
-                }
-            }
-            Item::Broken(position, e) => batch.unreadable.push(format!("{position}: {e}")),
-        }
-        if batch.events.len() >= BATCH || batch.unreadable.len() >= BATCH {
-            receiving = batches
-                .send(std::mem::replace(&mut batch, new_batch()))
-                .is_ok();
+    let read = read_items(reader, |position, text| {
+        let start = chunk.text.len();
+        chunk.text.extend_from_slice(text);
+        chunk.items.push((position, start..chunk.text.len()));
+        if chunk.items.len() >= BATCH {
+            receiving = batches.send(decode_chunk(&chunk, rules, threads)).is_ok();
+            chunk.text.clear();
+            chunk.items.clear();
         }
         receiving
     });
-    if receiving {
-        let _ = batches.send(batch);
+    if receiving && !chunk.items.is_empty() {
+        let _ = batches.send(decode_chunk(&chunk, rules, threads));
     }
     read
 }
 
-/// One item of the file: a parsed JSON value with where it was, or why it could not be read.
-enum Item {
-    Value(Position, Value),
-    Broken(Position, String),
+/// Decodes a chunk's items in `threads` parts at once; the batch keeps the file's order.
+fn decode_chunk(chunk: &Chunk, rules: &RuleSet, threads: usize) -> Batch {
+    let decode_part = |items: &[(Position, Range<usize>)]| {
+        let mut batch = Batch::default();
+        // Events without a timestamp happened when they were read.
+        let now = Utc::now();
+        for (position, range) in items {
+            let text = &chunk.text[range.clone()];
+            let limits = &event::BodyLimits::LOCAL_FILES;
+            match event::decode_wanted(text, now, limits, |name| rules.wants(name)) {
+                Ok(mut decoded) => {
+                    batch.read += decoded.received;
+                    batch.events.append(&mut decoded.events);
+                }
+                Err(e) => batch.unreadable.push(format!("{position}: {e}")),
+            }
+        }
+        batch
+    };
+    let decode_part = &decode_part;
+    let mut parts = chunk
+        .items
+        .chunks(chunk.items.len().div_ceil(threads).max(1));
+    std::thread::scope(|scope| {
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|items| scope.spawn(move || decode_part(items)))
+            .collect();
+        let mut batch = decode_part(first);
+        for other in others {
+            let mut part = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            batch.read += part.read;
+            batch.events.append(&mut part.events);
+            batch.unreadable.append(&mut part.unreadable);
+        }
+        batch
+    })
 }
 
 /// Where an item is, for messages.
@@ -469,10 +516,15 @@ impl fmt::Display for Position {
     }
 }
 
-/// Calls `each` with every item of the file until it returns `false`. A file starting with `[`
-/// is a JSON list read element by element; otherwise JSON lines, or one JSON body spread over
-/// several lines. A broken line is reported and skipped; broken JSON inside a list ends the read.
-fn read_items(mut reader: impl BufRead, mut each: impl FnMut(Item) -> bool) -> Result<(), String> {
+/// Calls `each` with the text of every item of the file until it returns `false`. A file
+/// starting with `[` is a JSON list read element by element; otherwise JSON lines (each line's
+/// text is passed on as it is, even when it is broken), or, when the first line is not JSON by
+/// itself, one JSON body spread over several lines. Broken JSON inside a list or a multi-line
+/// body ends the read.
+fn read_items(
+    mut reader: impl BufRead,
+    mut each: impl FnMut(Position, &[u8]) -> bool,
+) -> Result<(), String> {
     let first = loop {
         let buf = reader.fill_buf().map_err(|e| e.to_string())?;
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
@@ -492,39 +544,36 @@ fn read_items(mut reader: impl BufRead, mut each: impl FnMut(Item) -> bool) -> R
         None => Ok(()),
         Some(b'[') => read_list(reader, each),
         Some(_) => {
-            let mut line = String::new();
+            let mut line = Vec::new();
             let mut number = 0u64;
-            let first_line = loop {
+            loop {
                 line.clear();
-                if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                if reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| e.to_string())?
+                    == 0
+                {
                     return Ok(());
                 }
                 number += 1;
-                if line.trim().is_empty() {
+                if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if !each(Item::Value(Position::Line(number), v)) {
-                            return Ok(());
-                        }
-                    }
-                    // A body spread over several lines: read the whole file as JSON values.
-                    Err(_) if number == 1 => break std::mem::take(&mut line),
-                    Err(e) => {
-                        if !each(Item::Broken(Position::Line(number), e.to_string())) {
-                            return Ok(());
-                        }
-                    }
+                // A body spread over several lines: read the whole file as JSON values.
+                if number == 1 && serde_json::from_slice::<IgnoredAny>(&line).is_err() {
+                    break;
                 }
-            };
-            let whole = std::io::Cursor::new(first_line).chain(reader);
+                if !each(Position::Line(number), &line) {
+                    return Ok(());
+                }
+            }
+            let whole = std::io::Cursor::new(line).chain(reader);
             let mut n = 0;
-            for value in serde_json::Deserializer::from_reader(whole).into_iter::<Value>() {
+            for value in serde_json::Deserializer::from_reader(whole).into_iter::<Box<RawValue>>() {
                 n += 1;
                 match value {
                     Ok(v) => {
-                        if !each(Item::Value(Position::Element(n), v)) {
+                        if !each(Position::Element(n), v.get().as_bytes()) {
                             return Ok(());
                         }
                     }
@@ -537,20 +586,20 @@ fn read_items(mut reader: impl BufRead, mut each: impl FnMut(Item) -> bool) -> R
 }
 
 /// Reads a JSON list one element at a time, so a large export never sits in memory whole.
-fn read_list(reader: impl Read, each: impl FnMut(Item) -> bool) -> Result<(), String> {
+fn read_list(reader: impl Read, each: impl FnMut(Position, &[u8]) -> bool) -> Result<(), String> {
     struct Elements<F>(F);
-    impl<'de, F: FnMut(Item) -> bool> Visitor<'de> for Elements<F> {
+    impl<'de, F: FnMut(Position, &[u8]) -> bool> Visitor<'de> for Elements<F> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a list of events")
         }
         fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
             let mut n = 0;
-            while let Some(v) = seq.next_element::<Value>()? {
+            while let Some(v) = seq.next_element::<Box<RawValue>>()? {
                 n += 1;
-                if !(self.0)(Item::Value(Position::Element(n), v)) {
+                if !(self.0)(Position::Element(n), v.get().as_bytes()) {
                     // Stop early: the rest is skipped unread.
-                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
                     break;
                 }
             }
@@ -588,10 +637,10 @@ mod tests {
 
     fn items(text: &str) -> (Vec<String>, Result<(), String>) {
         let mut seen = Vec::new();
-        let result = read_items(text.as_bytes(), |item| {
-            seen.push(match item {
-                Item::Value(p, v) => format!("{p}: {v}"),
-                Item::Broken(p, _) => format!("{p}: broken"),
+        let result = read_items(text.as_bytes(), |p, text| {
+            seen.push(match serde_json::from_slice::<serde_json::Value>(text) {
+                Ok(v) => format!("{p}: {v}"),
+                Err(_) => format!("{p}: broken"),
             });
             true
         });

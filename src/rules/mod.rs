@@ -182,6 +182,12 @@ impl RuleSet {
             .map(|&i| (i, &self.rules[i]))
     }
 
+    /// Whether some rule is tried on events called `name` (whatever its `[when]` says of the
+    /// rest): events no rule is tried on need not be decoded.
+    pub fn wants(&self, name: &str) -> bool {
+        self.candidates(name).next().is_some()
+    }
+
     /// The rules whose `[when]` holds for `event`, with their indices, in file-name order.
     pub fn matching<'s>(
         &'s self,
