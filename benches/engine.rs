@@ -3,6 +3,8 @@
 //!     cargo bench --bench engine            (or bench/engine.sh for the table of ratios)
 //!
 //! - `decode`: a PostHog webhook-destination body (the shared `generation_failed` fixture) to events.
+//! - `decode_unwanted`: the same body when no rule is tried on its event: every field is checked,
+//!   nothing is built.
 //! - `match/N`: one event through `engine::run` over N rules for N different event names, one of
 //!   which matches (a `[when]` property filter and a JSONL line). The index by event name keeps
 //!   this flat in N.
@@ -97,6 +99,12 @@ fn benches(c: &mut Criterion) {
     let body = fixture("generation_failed.json");
     c.bench_function("decode", |b| {
         b.iter(|| event::decode(black_box(&body), Utc::now(), &BodyLimits::LOCAL_FILES).unwrap())
+    });
+    c.bench_function("decode_unwanted", |b| {
+        b.iter(|| {
+            let limits = &BodyLimits::LOCAL_FILES;
+            event::decode_wanted(black_box(&body), Utc::now(), limits, |_| false).unwrap()
+        })
     });
 
     let from: Mailbox = "tripline <tripline@localhost>".parse().unwrap();
