@@ -235,6 +235,10 @@ enum Body<'a> {
 /// level 1). A scan of the bytes, so that a deep body is refused before any of it is parsed; the
 /// inside of strings is skipped with `memchr`. Broken JSON gives some answer, never a panic.
 fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
+    // No deeper than the number of `[` and `{` anywhere: most bodies are done with this count.
+    if memchr::memchr2_iter(b'[', b'{', text).nth(limit).is_none() {
+        return false;
+    }
     let (mut depth, mut at) = (0usize, 0);
     while let Some(&b) = text.get(at) {
         at += 1;

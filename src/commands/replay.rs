@@ -431,32 +431,78 @@ struct Chunk {
 }
 
 /// Reads the whole file and sends its events in batches; stops early when nobody receives them
-/// any more. Each chunk of items is decoded on as many threads as there are cores (decoding is
-/// most of a replay's work), and only events some rule is tried on are built (see
-/// [`event::decode_wanted`]).
+/// any more. While one chunk of items is decoded, the next is read; each chunk is decoded on as
+/// many threads as there are cores (decoding is most of a replay's work), and only events some
+/// rule is tried on are built (see [`event::decode_wanted`]).
 fn decode_file(
     reader: impl BufRead,
     rules: &RuleSet,
     batches: &SyncSender<Batch>,
 ) -> Result<(), String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut chunk = Chunk::default();
-    let mut receiving = true;
-    let read = read_items(reader, |position, text| {
-        let start = chunk.text.len();
-        chunk.text.extend_from_slice(text);
-        chunk.items.push((position, start..chunk.text.len()));
-        if chunk.items.len() >= BATCH {
-            receiving = batches.send(decode_chunk(&chunk, rules, threads)).is_ok();
-            chunk.text.clear();
-            chunk.items.clear();
+    std::thread::scope(|scope| {
+        let mut decoder = Decoder {
+            scope,
+            rules,
+            threads,
+            batches,
+            decoding: None,
+        };
+        let mut chunk = Chunk::default();
+        let mut receiving = true;
+        let read = read_items(reader, |position, text| {
+            let start = chunk.text.len();
+            chunk.text.extend_from_slice(text);
+            chunk.items.push((position, start..chunk.text.len()));
+            if chunk.items.len() >= BATCH {
+                match decoder.finish() {
+                    Some(spare) => decoder.start(std::mem::replace(&mut chunk, spare)),
+                    None => receiving = false,
+                }
+            }
+            receiving
+        });
+        if receiving && decoder.finish().is_some() && !chunk.items.is_empty() {
+            decoder.start(chunk);
+            decoder.finish();
         }
-        receiving
-    });
-    if receiving && !chunk.items.is_empty() {
-        let _ = batches.send(decode_chunk(&chunk, rules, threads));
+        read
+    })
+}
+
+/// Decodes one chunk in the background while the next one is read.
+struct Decoder<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    rules: &'env RuleSet,
+    threads: usize,
+    batches: &'env SyncSender<Batch>,
+    decoding: Option<std::thread::ScopedJoinHandle<'scope, (Batch, Chunk)>>,
+}
+
+impl Decoder<'_, '_> {
+    /// Starts decoding `chunk`; [`Decoder::finish`] must be called first.
+    fn start(&mut self, chunk: Chunk) {
+        let (rules, threads) = (self.rules, self.threads);
+        self.decoding = Some(
+            self.scope
+                .spawn(move || (decode_chunk(&chunk, rules, threads), chunk)),
+        );
     }
-    read
+
+    /// Waits for the chunk being decoded, if any, and sends its batch. Gives back an empty chunk
+    /// to read into (the finished one's buffers), or `None` when nobody receives batches any more.
+    fn finish(&mut self) -> Option<Chunk> {
+        let Some(decoding) = self.decoding.take() else {
+            return Some(Chunk::default());
+        };
+        let (batch, mut chunk) = decoding
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        self.batches.send(batch).ok()?;
+        chunk.text.clear();
+        chunk.items.clear();
+        Some(chunk)
+    }
 }
 
 /// Decodes a chunk's items in `threads` parts at once; the batch keeps the file's order.
