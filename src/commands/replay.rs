@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 use super::load_rules;
@@ -430,10 +430,10 @@ struct Chunk {
     items: Vec<(Position, Range<usize>)>,
 }
 
-/// Reads the whole file and sends its events in batches; stops early when nobody receives them
-/// any more. While one chunk of items is decoded, the next is read; each chunk is decoded on as
-/// many threads as there are cores (decoding is most of a replay's work), and only events some
-/// rule is tried on are built (see [`event::decode_wanted`]).
+/// Reads the whole file and sends its events in batches, in file order; stops early when nobody
+/// receives them any more. Decoding is most of a replay's work, so chunks of items go round in
+/// turn to one decoding thread per core while the next chunks are read, and only events some rule
+/// is tried on are built (see [`event::decode_wanted`]).
 fn decode_file(
     reader: impl BufRead,
     rules: &RuleSet,
@@ -441,12 +441,23 @@ fn decode_file(
 ) -> Result<(), String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|scope| {
-        let mut decoder = Decoder {
-            scope,
-            rules,
-            threads,
+        let mut decoders = Decoders {
+            workers: (0..threads)
+                .map(|_| {
+                    let (give, chunks) = std::sync::mpsc::sync_channel::<Chunk>(1);
+                    let (done, decoded) = std::sync::mpsc::sync_channel(1);
+                    scope.spawn(move || {
+                        for chunk in chunks {
+                            if done.send((decode_chunk(&chunk, rules), chunk)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    (give, decoded)
+                })
+                .collect(),
+            given: 0,
             batches,
-            decoding: None,
         };
         let mut chunk = Chunk::default();
         let mut receiving = true;
@@ -455,49 +466,61 @@ fn decode_file(
             chunk.text.extend_from_slice(text);
             chunk.items.push((position, start..chunk.text.len()));
             if chunk.items.len() >= BATCH {
-                match decoder.finish() {
-                    Some(spare) => decoder.start(std::mem::replace(&mut chunk, spare)),
+                match decoders.give(std::mem::take(&mut chunk)) {
+                    Some(spare) => chunk = spare,
                     None => receiving = false,
                 }
             }
             receiving
         });
-        if receiving && decoder.finish().is_some() && !chunk.items.is_empty() {
-            decoder.start(chunk);
-            decoder.finish();
+        if receiving && (chunk.items.is_empty() || decoders.give(chunk).is_some()) {
+            decoders.finish();
         }
         read
     })
 }
 
-/// Decodes one chunk in the background while the next one is read.
-struct Decoder<'scope, 'env> {
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    rules: &'env RuleSet,
-    threads: usize,
-    batches: &'env SyncSender<Batch>,
-    decoding: Option<std::thread::ScopedJoinHandle<'scope, (Batch, Chunk)>>,
+/// One decoding thread's way in (chunks) and out (their batches, with the chunk's buffers back).
+type Worker = (SyncSender<Chunk>, Receiver<(Batch, Chunk)>);
+
+/// The decoding threads: chunk number `n` goes to thread `n % threads`, so taking their batches
+/// in turn keeps the file's order.
+struct Decoders<'a> {
+    workers: Vec<Worker>,
+    /// Chunks given so far.
+    given: usize,
+    batches: &'a SyncSender<Batch>,
 }
 
-impl Decoder<'_, '_> {
-    /// Starts decoding `chunk`; [`Decoder::finish`] must be called first.
-    fn start(&mut self, chunk: Chunk) {
-        let (rules, threads) = (self.rules, self.threads);
-        self.decoding = Some(
-            self.scope
-                .spawn(move || (decode_chunk(&chunk, rules, threads), chunk)),
-        );
+impl Decoders<'_> {
+    /// Gives `chunk` to the next thread, first passing on the batch of the chunk it had before.
+    /// Returns an empty chunk to read into, or `None` when nobody receives batches any more.
+    fn give(&mut self, chunk: Chunk) -> Option<Chunk> {
+        let turn = self.given % self.workers.len();
+        let spare = match self.given >= self.workers.len() {
+            true => self.pass_on(turn)?,
+            false => Chunk::default(),
+        };
+        self.workers[turn].0.send(chunk).ok()?;
+        self.given += 1;
+        Some(spare)
     }
 
-    /// Waits for the chunk being decoded, if any, and sends its batch. Gives back an empty chunk
-    /// to read into (the finished one's buffers), or `None` when nobody receives batches any more.
-    fn finish(&mut self) -> Option<Chunk> {
-        let Some(decoding) = self.decoding.take() else {
-            return Some(Chunk::default());
-        };
-        let (batch, mut chunk) = decoding
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    /// Passes on the batches of the chunks still being decoded, in order.
+    fn finish(mut self) {
+        let first = self.given.saturating_sub(self.workers.len());
+        for n in first..self.given {
+            if self.pass_on(n % self.workers.len()).is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for thread `turn`'s batch and sends it on; gives back the chunk's emptied buffers.
+    /// `None` when nobody receives any more, or the thread is gone (it panicked: the scope
+    /// rethrows the panic).
+    fn pass_on(&mut self, turn: usize) -> Option<Chunk> {
+        let (batch, mut chunk) = self.workers[turn].1.recv().ok()?;
         self.batches.send(batch).ok()?;
         chunk.text.clear();
         chunk.items.clear();
@@ -505,45 +528,23 @@ impl Decoder<'_, '_> {
     }
 }
 
-/// Decodes a chunk's items in `threads` parts at once; the batch keeps the file's order.
-fn decode_chunk(chunk: &Chunk, rules: &RuleSet, threads: usize) -> Batch {
-    let decode_part = |items: &[(Position, Range<usize>)]| {
-        let mut batch = Batch::default();
-        // Events without a timestamp happened when they were read.
-        let now = Utc::now();
-        for (position, range) in items {
-            let text = &chunk.text[range.clone()];
-            let limits = &event::BodyLimits::LOCAL_FILES;
-            match event::decode_wanted(text, now, limits, |name| rules.wants(name)) {
-                Ok(mut decoded) => {
-                    batch.read += decoded.received;
-                    batch.events.append(&mut decoded.events);
-                }
-                Err(e) => batch.unreadable.push(format!("{position}: {e}")),
+/// Decodes a chunk's items.
+fn decode_chunk(chunk: &Chunk, rules: &RuleSet) -> Batch {
+    let mut batch = Batch::default();
+    // Events without a timestamp happened when they were read.
+    let now = Utc::now();
+    let limits = &event::BodyLimits::LOCAL_FILES;
+    for (position, range) in &chunk.items {
+        let text = &chunk.text[range.clone()];
+        match event::decode_wanted(text, now, limits, |name| rules.wants(name)) {
+            Ok(mut decoded) => {
+                batch.read += decoded.received;
+                batch.events.append(&mut decoded.events);
             }
+            Err(e) => batch.unreadable.push(format!("{position}: {e}")),
         }
-        batch
-    };
-    let decode_part = &decode_part;
-    let mut parts = chunk
-        .items
-        .chunks(chunk.items.len().div_ceil(threads).max(1));
-    std::thread::scope(|scope| {
-        let first = parts.next().unwrap_or_default();
-        let others: Vec<_> = parts
-            .map(|items| scope.spawn(move || decode_part(items)))
-            .collect();
-        let mut batch = decode_part(first);
-        for other in others {
-            let mut part = other
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            batch.read += part.read;
-            batch.events.append(&mut part.events);
-            batch.unreadable.append(&mut part.unreadable);
-        }
-        batch
-    })
+    }
+    batch
 }
 
 /// Where an item is, for messages.
