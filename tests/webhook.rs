@@ -306,6 +306,18 @@ fn malformed_bodies_get_a_specific_4xx_and_change_nothing() {
             .starts_with("event 2 of the body"),
         "{reply}"
     );
+    // So is one whose bad event is one no rule is tried on: it is checked, only not built.
+    let unwanted = json!({"event": "$pageview", "timestamp": "yesterday", "properties": {}});
+    let (status, reply) =
+        server.post_json(&json!([fixture_json("generation_failed.json"), unwanted]));
+    assert_eq!(status, 422);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("event 2 of the body: `timestamp` \"yesterday\""),
+        "{reply}"
+    );
 
     assert_eq!(server.get("/healthz").0, 200, "still running");
     assert!(
