@@ -231,29 +231,23 @@ enum Body<'a> {
     Zapier(&'a RawValue),
 }
 
-/// Whether JSON `text` nests arrays and objects more than `limit` levels deep (the text itself is
-/// level 1). A scan of the bytes, so that a deep body is refused before any of it is parsed; the
-/// inside of strings is skipped with `memchr`. Broken JSON gives some answer, never a panic.
+/// Whether JSON `text` nests more than `limit` levels deep: the text itself is level 1, and each
+/// array or object adds a level for what it holds (`{"a": 1}` is 2 levels, `{}` is 1). A scan of
+/// the bytes, so that a deep body is refused before any of it is parsed; the inside of strings is
+/// skipped with `memchr`. Broken JSON gives some answer, never a panic.
 fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
-    // No deeper than the number of `[` and `{` anywhere: most bodies are done with this count.
-    if memchr::memchr2_iter(b'[', b'{', text).nth(limit).is_none() {
+    // No deeper than one more than the number of `[` and `{` anywhere: most bodies stop here.
+    if limit > 0
+        && memchr::memchr2_iter(b'[', b'{', text)
+            .nth(limit - 1)
+            .is_none()
+    {
         return false;
     }
     let (mut depth, mut at) = (0usize, 0);
     while let Some(&b) = text.get(at) {
         at += 1;
         match b {
-            b'"' => {
-                // To the closing quote: the next quote that is not escaped.
-                let rest = |at: usize| text.get(at..).unwrap_or_default();
-                while let Some(i) = memchr::memchr2(b'"', b'\\', rest(at)) {
-                    at += i + 1;
-                    if text[at - 1] == b'"' {
-                        break;
-                    }
-                    at += 1;
-                }
-            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -261,7 +255,24 @@ fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            b',' | b':' | b' ' | b'\t' | b'\n' | b'\r' => {}
+            // A value (or a key, which always has one) one level inside the current one.
+            _ => {
+                if depth + 1 > limit {
+                    return true;
+                }
+                if b == b'"' {
+                    // To the closing quote: the next quote that is not escaped.
+                    let rest = |at: usize| text.get(at..).unwrap_or_default();
+                    while let Some(i) = memchr::memchr2(b'"', b'\\', rest(at)) {
+                        at += i + 1;
+                        if text[at - 1] == b'"' {
+                            break;
+                        }
+                        at += 1;
+                    }
+                }
+            }
         }
     }
     false
@@ -736,9 +747,16 @@ mod tests {
 
     #[test]
     fn nesting_is_counted_outside_text_only() {
-        assert!(!nests_deeper_than(br#"{"a":"[[[{{{\"[[["}"#, 1));
-        assert!(nests_deeper_than(br#"{"a":[{"b":"\\"}]}"#, 2));
-        assert!(!nests_deeper_than(br#"{"a":[{"b":"\\"}]}"#, 3));
+        let depth = |text: &[u8]| (1..200).find(|&limit| !nests_deeper_than(text, limit));
+        assert_eq!(depth(b"1"), Some(1));
+        assert_eq!(depth(b"{}"), Some(1));
+        assert_eq!(depth(br#"{"a":1}"#), Some(2));
+        assert_eq!(depth(b"[[]]"), Some(2));
+        assert_eq!(depth(b"[[1]]"), Some(3));
+        assert_eq!(depth(br#"{"a":"[[[{{{\"[[["}"#), Some(2));
+        assert_eq!(depth(br#"{"a":[{"b":"\\"}]}"#), Some(4));
+        let deep = format!("{}1{}", "[".repeat(150), "]".repeat(150));
+        assert_eq!(depth(deep.as_bytes()), Some(151));
         // Broken JSON gives some answer, never a panic.
         for broken in [&b"\"\\"[..], b"]]]{", b"\"abc\\", b"\\"] {
             nests_deeper_than(broken, 1);
