@@ -169,8 +169,10 @@ pub fn decode_wanted(
                     ));
                 }
                 Body::List(items)
-            } else if map.get("hook").is_some() && map.get("data").is_some_and(is_object) {
-                Body::Zapier(map.get("data").expect("checked just above"))
+            } else if let Some(data) = map.get("data").filter(|d| is_object(d))
+                && map.get("hook").is_some()
+            {
+                Body::Zapier(data)
             } else if map.get("event").is_none() && map.get("text").is_some() {
                 return Err(DecodeError::LegacyText);
             } else if map.get("event").is_none() {
@@ -184,10 +186,10 @@ pub fn decode_wanted(
             }
         }
         _ => {
-            let scalar: Value = serde_json::from_slice(body).map_err(not_json)?;
+            let scalar: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
             return Err(DecodeError::NoEvent(format!(
                 "the body is {}, not an event object",
-                kind_of(&scalar)
+                kind(scalar).called()
             )));
         }
     };
@@ -597,18 +599,6 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc())
-}
-
-/// How a JSON value is called in an error message.
-pub fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "true/false",
-        Value::Number(_) => "a number",
-        Value::String(_) => "text",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

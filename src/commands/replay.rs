@@ -497,9 +497,10 @@ impl Decoders<'_> {
     /// Returns an empty chunk to read into, or `None` when nobody receives batches any more.
     fn give(&mut self, chunk: Chunk) -> Option<Chunk> {
         let turn = self.given % self.workers.len();
-        let spare = match self.given >= self.workers.len() {
-            true => self.pass_on(turn)?,
-            false => Chunk::default(),
+        let spare = if self.given >= self.workers.len() {
+            self.pass_on(turn)?
+        } else {
+            Chunk::default()
         };
         self.workers[turn].0.send(chunk).ok()?;
         self.given += 1;
