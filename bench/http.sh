@@ -3,10 +3,13 @@
 # Each workload runs against a fresh tripline on the shipped rules and templates; afterwards the
 # lines and emails on disk are compared with what was acknowledged. Prints one table.
 #
-#   bench/http.sh [--seconds N] [--connections N] [--only floor,sanitize,threshold,mixed,reload]
+#   bench/http.sh [--seconds N] [--connections N] [--only floor,parse,durable,sanitize,...]
 #
 # floor      bench/floor.rs: a bare axum handler that reads the body and answers 200 (the ceiling
 #            of any server on this machine; "of floor" is each workload's share of it)
+# parse      the same handler also parsing the body as JSON: what reading any field costs
+# durable    the same, appending one line per request to a file, answered once synced (group
+#            commit): the ceiling of any server whose 2xx means "on disk", on this disk
 # sanitize   generation_failed → training_data.jsonl (shared kit's body, fresh uuid per request)
 # threshold  feature_used from 100,000 distinct users → count per user → email at the 5th, once
 # mixed      99% $pageview (no rule matches), 1% generation_failed
@@ -19,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECS=10 CONNS=32 ONLY=floor,sanitize,threshold,mixed,reload
+SECS=10 CONNS=32 ONLY=floor,parse,durable,sanitize,threshold,mixed,reload
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) SECS=$2; shift 2 ;;
@@ -58,8 +61,10 @@ start() {
   DIR=$WORK/$name
   mkdir -p "$DIR/data"
   cp -r "$ROOT/rules" "$DIR/rules"
-  if [ "$name" = floor ]; then
-    "$FLOOR" "127.0.0.1:$port" >"$DIR/log" 2>&1 &
+  if [ "$name" = floor ] || [ "$name" = parse ]; then
+    "$FLOOR" "127.0.0.1:$port" "${name/floor/bare}" >"$DIR/log" 2>&1 &
+  elif [ "$name" = durable ]; then
+    "$FLOOR" "127.0.0.1:$port" durable "$DIR/data/lines" >"$DIR/log" 2>&1 &
   else
     TRIPLINE_LOG=warn "$TRIPLINE" serve --listen "127.0.0.1:$port" --rules "$DIR/rules" \
       --templates "$ROOT/templates" --data "$DIR/data" \
@@ -100,6 +105,9 @@ row() {
   rps=$(field rps "$res"); acked=$(field acked "$res"); effects=$(field fired "$res")
   non2xx=$(field non2xx "$res"); errors=$(field errors "$res")
   if [ "$name" = floor ]; then effects=- written=-; FLOOR_RPS=$rps
+  elif [ "$name" = parse ]; then effects=- written=-
+  elif [ "$name" = durable ]; then effects=$acked
+    [ "$non2xx" = 0 ] && [ "$errors" = 0 ] && [ "$written" -ge "$acked" ] || verdict=FAIL
   elif [ "$non2xx" != 0 ] || [ "$errors" != 0 ] || [ "$written" -lt "$effects" ] ||
        [ "$written" -gt $((effects + CONNS)) ]; then verdict=FAIL
   fi
@@ -124,6 +132,13 @@ for w in "${WANT[@]}"; do
       load 2 generation_failed.json >/dev/null
       res=$(load "$SECS" generation_failed.json)
       row floor "$res" 0 "rss $(rss_mb)MB"
+      stop ;;
+    parse | durable)
+      start "$w"
+      load 2 generation_failed.json >/dev/null
+      before=$(count_lines "$DIR/data/lines")
+      res=$(load "$SECS" generation_failed.json)
+      row "$w" "$res" $(($(count_lines "$DIR/data/lines") - before)) "rss $(rss_mb)MB"
       stop ;;
     sanitize | reload)
       start "$w"
