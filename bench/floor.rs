@@ -58,7 +58,10 @@ async fn main() -> std::io::Result<()> {
         other => panic!("unknown floor {other}: bare, parse or durable"),
     };
     let listener = tokio::net::TcpListener::bind(&listen).await?;
-    println!("floor ({mode}) listening on http://{}", listener.local_addr()?);
+    println!(
+        "floor ({mode}) listening on http://{}",
+        listener.local_addr()?
+    );
     axum::serve(listener, app).await
 }
 
@@ -82,7 +85,9 @@ fn group_commit(mut file: std::fs::File) -> mpsc::Sender<Line> {
                 batch.push(more);
             }
             let text: Vec<u8> = batch.iter().flat_map(|(line, _)| line.clone()).collect();
-            file.write_all(&text).and_then(|()| file.sync_data()).expect("cannot write");
+            file.write_all(&text)
+                .and_then(|()| file.sync_data())
+                .expect("cannot write");
             for (_, done) in batch {
                 let _ = done.send(());
             }

@@ -6,7 +6,6 @@
 //! per group of requests; [`MemoryStore`] keeps the same state in memory.
 
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet};
 
 /// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -97,10 +96,10 @@ pub fn record_in_window(times: &mut Vec<i64>, t: i64, window: i64, keep: usize) 
 /// State in memory, for running rules without side effects (`tripline test`, `replay`).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    seen: HashSet<String>,
-    counters: HashMap<StateKey, u64>,
-    windows: HashMap<StateKey, Vec<i64>>,
-    acted: HashMap<StateKey, i64>,
+    seen: foldhash::HashSet<String>,
+    counters: foldhash::HashMap<StateKey, u64>,
+    windows: foldhash::HashMap<StateKey, Vec<i64>>,
+    acted: foldhash::HashMap<StateKey, i64>,
 }
 
 impl Store for MemoryStore {
@@ -109,9 +108,12 @@ impl Store for MemoryStore {
     }
 
     fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
-        let n = self.counters.entry(key.clone()).or_insert(0);
-        *n += 1;
-        Ok(*n)
+        if let Some(n) = self.counters.get_mut(key) {
+            *n += 1;
+            return Ok(*n);
+        }
+        self.counters.insert(key.clone(), 1);
+        Ok(1)
     }
 
     fn count_within(

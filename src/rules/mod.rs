@@ -16,7 +16,6 @@ pub mod template_check;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,7 +68,7 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     /// For each event name some rule names: the indices of the rules to try, in file order
     /// (rules for every event included).
-    by_event: HashMap<String, Vec<usize>>,
+    by_event: foldhash::HashMap<String, Vec<usize>>,
     /// The rules for every event: what an event whose name no rule names is tried against.
     any_event: Vec<usize>,
     /// The templates, including each rule's `to` and `subject` lines.
@@ -145,7 +144,7 @@ impl RuleSet {
         let any_event: Vec<usize> = (0..rules.len())
             .filter(|&i| rules[i].events.is_none())
             .collect();
-        let mut by_event: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_event: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
         for (i, rule) in rules.iter().enumerate() {
             for name in rule.events.iter().flatten() {
                 by_event.entry(name.clone()).or_default().push(i);
