@@ -10,6 +10,8 @@
 //!   answers them all): the least a server whose 200 means "on disk" can do. No rules, no
 //!   database, no retry deduplication.
 //!
+//! Run with:
+//!
 //!     cargo build --release --example floor
 //!     target/release/examples/floor 127.0.0.1:9000 [bare|parse|durable FILE]
 
