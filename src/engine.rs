@@ -326,9 +326,12 @@ fields = { who = "distinct_id" }
         let person = email.map_or("null".to_string(), |e| {
             format!(r#"{{"properties":{{"email":"{e}"}}}}"#)
         });
-        let body = format!(
+        decoded(&format!(
             r#"{{"event":{{"event":"used","uuid":"{uuid}","distinct_id":"d"}},"person":{person}}}"#
-        );
+        ))
+    }
+
+    fn decoded(body: &str) -> Vec<Event> {
         decode(
             body.as_bytes(),
             chrono::Utc::now(),
@@ -406,13 +409,7 @@ fields = { who = "distinct_id" }
         let from: Mailbox = "t <t@localhost>".parse().unwrap();
         let mut store = MemoryStore::default();
         let mut effects = Vec::new();
-        let body = r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#;
-        let events = decode(
-            body.as_bytes(),
-            chrono::Utc::now(),
-            &crate::event::BodyLimits::LOCAL_FILES,
-        )
-        .unwrap();
+        let events = decoded(r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#);
         for _ in 0..2 {
             let report = run(&set, &events, &mut store, &from, 0, &mut effects).unwrap();
             assert_eq!((report.duplicates, report.outcomes.len()), (0, 0));
