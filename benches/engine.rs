@@ -88,6 +88,7 @@ fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
         &mut store,
         from,
         0,
+        &Default::default(),
         &mut effects,
     )
     .unwrap();

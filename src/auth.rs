@@ -270,22 +270,38 @@ impl Sources {
         self.sources.iter().map(|s| s.name.as_str())
     }
 
-    /// Which source sent this request, judged from its headers and raw body. `now_unix` is the
-    /// current time, for the signature's timestamp.
-    pub fn authenticate(
+    /// How the request says who sent it, judged from its headers alone.
+    pub fn credentials(headers: &HeaderMap) -> Credentials {
+        let has = |name: &str| headers.contains_key(name);
+        if bearer_token(headers).is_some() {
+            Credentials::Bearer
+        } else if has("webhook-id") && has("webhook-timestamp") && has("webhook-signature") {
+            Credentials::Signature
+        } else {
+            Credentials::None
+        }
+    }
+
+    /// The source whose bearer token the request carries: decided from the headers, before any
+    /// of the body is read.
+    pub fn bearer(&self, headers: &HeaderMap) -> Result<&Source, Refusal> {
+        let token = bearer_token(headers).ok_or(Refusal::NoCredentials)?;
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        self.sources
+            .iter()
+            .find(|s| s.has_token_digest(&digest))
+            .ok_or(Refusal::UnknownToken)
+    }
+
+    /// The source whose Standard Webhooks secret signed this request's headers and raw body, and
+    /// the delivery's `webhook-id`. `now_unix` is the current time, for the signature's
+    /// timestamp.
+    pub fn signed<'h>(
         &self,
-        headers: &HeaderMap,
+        headers: &'h HeaderMap,
         body: &[u8],
         now_unix: i64,
-    ) -> Result<&Source, Refusal> {
-        if let Some(token) = bearer_token(headers) {
-            let digest: [u8; 32] = Sha256::digest(token).into();
-            return self
-                .sources
-                .iter()
-                .find(|s| s.has_token_digest(&digest))
-                .ok_or(Refusal::UnknownToken);
-        }
+    ) -> Result<(&Source, &'h str), Refusal> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let (Some(id), Some(timestamp), Some(signatures)) = (
             header("webhook-id"),
@@ -320,8 +336,17 @@ impl Sources {
                         .any(|g| bool::from(g.as_slice().ct_eq(&expected)))
                 })
             })
+            .map(|source| (source, id))
             .ok_or(Refusal::BadSignature)
     }
+}
+
+/// What a request carries to say who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    Bearer,
+    Signature,
+    None,
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -361,6 +386,20 @@ mod tests {
         Sources::new(vec![s], Duration::from_secs(300))
     }
 
+    /// The source of a request, as the server decides it: by bearer token if there is one, else
+    /// by signature.
+    fn authenticate<'s>(
+        sources: &'s Sources,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<&'s Source, Refusal> {
+        match Sources::credentials(headers) {
+            Credentials::Bearer => sources.bearer(headers),
+            _ => sources.signed(headers, body, now).map(|(s, _)| s),
+        }
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -387,14 +426,11 @@ mod tests {
     #[test]
     fn the_specification_test_vector_verifies() {
         let s = sources(None, Some(SPEC_SECRET));
-        let ok = s.authenticate(&spec_headers(SPEC_SIGNATURE), SPEC_BODY, SPEC_TIMESTAMP);
+        let ok = authenticate(&s, &spec_headers(SPEC_SIGNATURE), SPEC_BODY, SPEC_TIMESTAMP);
         assert_eq!(ok.unwrap().name, "posthog");
         // Several signatures, one of them right (a sender rotating its key).
         let two = format!("v1,AAAA {SPEC_SIGNATURE}");
-        assert!(
-            s.authenticate(&spec_headers(&two), SPEC_BODY, SPEC_TIMESTAMP)
-                .is_ok()
-        );
+        assert!(authenticate(&s, &spec_headers(&two), SPEC_BODY, SPEC_TIMESTAMP).is_ok());
     }
 
     #[test]
@@ -402,29 +438,24 @@ mod tests {
         let s = sources(None, Some(SPEC_SECRET));
         let h = spec_headers(SPEC_SIGNATURE);
         assert_eq!(
-            s.authenticate(&h, br#"{"test": 2432232315}"#, SPEC_TIMESTAMP)
-                .unwrap_err(),
+            authenticate(&s, &h, br#"{"test": 2432232315}"#, SPEC_TIMESTAMP).unwrap_err(),
             Refusal::BadSignature
         );
         assert_eq!(
-            s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP + 301)
-                .unwrap_err(),
+            authenticate(&s, &h, SPEC_BODY, SPEC_TIMESTAMP + 301).unwrap_err(),
             Refusal::StaleTimestamp
         );
         assert_eq!(
-            s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP - 301)
-                .unwrap_err(),
+            authenticate(&s, &h, SPEC_BODY, SPEC_TIMESTAMP - 301).unwrap_err(),
             Refusal::StaleTimestamp
         );
-        assert!(s.authenticate(&h, SPEC_BODY, SPEC_TIMESTAMP + 300).is_ok());
+        assert!(authenticate(&s, &h, SPEC_BODY, SPEC_TIMESTAMP + 300).is_ok());
         assert_eq!(
-            s.authenticate(&spec_headers("v2,abc"), SPEC_BODY, SPEC_TIMESTAMP)
-                .unwrap_err(),
+            authenticate(&s, &spec_headers("v2,abc"), SPEC_BODY, SPEC_TIMESTAMP).unwrap_err(),
             Refusal::MalformedSignature
         );
         assert_eq!(
-            s.authenticate(&HeaderMap::new(), SPEC_BODY, SPEC_TIMESTAMP)
-                .unwrap_err(),
+            authenticate(&s, &HeaderMap::new(), SPEC_BODY, SPEC_TIMESTAMP).unwrap_err(),
             Refusal::NoCredentials
         );
     }
@@ -438,7 +469,7 @@ mod tests {
         let s = Sources::new(vec![s], Duration::from_secs(300));
         for token in ["old-token-0123456789", "new-token-0123456789"] {
             let h = headers(&[("authorization", &format!("Bearer {token}"))]);
-            assert!(s.authenticate(&h, b"", 0).is_ok(), "{token}");
+            assert!(authenticate(&s, &h, b"", 0).is_ok(), "{token}");
         }
         for wrong in [
             "Bearer old-token-012345678",
@@ -447,10 +478,10 @@ mod tests {
             "Bearer",
         ] {
             let h = headers(&[("authorization", wrong)]);
-            assert!(s.authenticate(&h, b"", 0).is_err(), "{wrong}");
+            assert!(authenticate(&s, &h, b"", 0).is_err(), "{wrong}");
         }
         let lower = headers(&[("authorization", "bearer new-token-0123456789")]);
-        assert!(s.authenticate(&lower, b"", 0).is_ok());
+        assert!(authenticate(&s, &lower, b"", 0).is_ok());
     }
 
     #[test]

@@ -8,22 +8,30 @@
 //! batch instead of one per event is what keeps throughput high with durable acknowledgements.
 //!
 //! If anything fails, the transaction is dropped (no state change), lines written by the batch
-//! are cut off again, and every request of the batch gets an error (503: PostHog retries).
-//! Lines past a file's recorded length can only come from a batch that never committed (a crash);
-//! they are cut off at start-up, before the senders retry those events.
+//! are cut off again, and every request of the batch gets an error (503: PostHog retries). A
+//! panic while a batch runs is caught and handled the same way, so one bad batch never stops the
+//! committer. Lines past a file's recorded length can only come from a batch that never
+//! committed: they are cut off at start-up (after a crash) and before each append (after a failed
+//! batch whose lines could not be cut off at once), so a retried event's line is never doubled.
+//!
+//! An output file that cannot be opened because of its path (a folder in the way, a name too
+//! long) is the rule's fault, not the batch's: that rule fails on its own (reported in the reply,
+//! `GET /rules` and the metrics) while every other rule goes on. It is tried again every
+//! [`RETRY_UNWRITABLE`], and with every new rule set.
 
 use indexmap::IndexMap;
 use lettre::message::Mailbox;
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::actions::jsonl::JsonlFiles;
+use crate::actions::jsonl::{self, JsonlFiles};
 use crate::db::Db;
-use crate::engine::{self, Effect, Report};
+use crate::engine::{self, Effect, Report, Unwritable};
 use crate::event::Event;
 use crate::outbox::{OutboxRecord, now_unix};
 use crate::rules::RuleSet;
@@ -31,8 +39,12 @@ use crate::store::StoreError;
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 512;
-/// How often event ids past their retention are forgotten.
+/// How often event ids past their retention are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
+/// Most expired ids forgotten per batch; while more remain, every batch forgets this many.
+const EXPIRE_PER_COMMIT: usize = 1000;
+/// How often an output file that could not be opened is tried again.
+const RETRY_UNWRITABLE: Duration = Duration::from_secs(10);
 
 /// Why a batch was not made durable. The request should be retried.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +55,8 @@ pub enum CommitError {
     Output { file: PathBuf, reason: String },
     #[error("the service is shutting down")]
     Stopped,
+    #[error("an internal error stopped this batch (it changed nothing): {0}")]
+    Panicked(String),
 }
 
 impl From<StoreError> for CommitError {
@@ -60,9 +74,18 @@ pub struct Retention {
     pub idle_state: Duration,
 }
 
+/// A signed request's Standard Webhooks delivery: its source and `webhook-id`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub source: String,
+    pub id: String,
+}
+
 struct Job {
     rules: Arc<RuleSet>,
     events: Vec<Event>,
+    /// Remembered once committed, so that a replay of the same signed request has no effect.
+    delivery: Option<Delivery>,
     reply: oneshot::Sender<Result<Report, CommitError>>,
     /// The request's span, entered while its events run, so their log lines carry it.
     span: tracing::Span,
@@ -72,6 +95,16 @@ struct Job {
 #[derive(Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+/// What the committer thread shows the rest of the service.
+#[derive(Default)]
+struct Shared {
+    /// Why the last batch failed on an internal error (a panic), until a batch succeeds.
+    panicked: Mutex<Option<String>>,
+    /// Output files that cannot be opened, with why.
+    unwritable: Mutex<Unwritable>,
 }
 
 /// What the committer thread owns.
@@ -84,7 +117,12 @@ struct Worker {
     default_from: Mailbox,
     retention: Retention,
     last_expiry: Option<Instant>,
+    /// A pass found more expired ids than one batch forgets: go on with the next batch.
+    expiring: bool,
     emails_queued: Arc<Notify>,
+    unwritable: Unwritable,
+    last_retry: Instant,
+    shared: Arc<Shared>,
 }
 
 impl Committer {
@@ -105,9 +143,14 @@ impl Committer {
             default_from,
             retention,
             last_expiry: None,
+            expiring: false,
             emails_queued,
+            unwritable: Unwritable::new(),
+            last_retry: Instant::now(),
+            shared: Arc::new(Shared::default()),
         };
         worker.recover()?;
+        let shared = worker.shared.clone();
         let (tx, mut rx) = mpsc::channel::<Job>(4 * MAX_BATCH);
         let handle = std::thread::Builder::new()
             .name("committer".into())
@@ -125,26 +168,54 @@ impl Committer {
                 info!("committer stopped");
             })
             .map_err(|e| CommitError::Store(format!("cannot start the committer thread: {e}")))?;
-        Ok((Committer { jobs: tx }, handle))
+        Ok((Committer { jobs: tx, shared }, handle))
     }
 
-    /// Makes the effects of `events` durable; returns once they are.
+    /// Makes the effects of `events` durable; returns once they are. A `delivery` already
+    /// committed makes them duplicates.
     pub async fn submit(
         &self,
         rules: Arc<RuleSet>,
         events: Vec<Event>,
+        delivery: Option<Delivery>,
     ) -> Result<Report, CommitError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
                 rules,
                 events,
+                delivery,
                 reply,
                 span: tracing::Span::current(),
             })
             .await
             .map_err(|_| CommitError::Stopped)?;
         answer.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// `Ok` while batches commit; otherwise what is wrong (for `/readyz`).
+    pub fn health(&self) -> Result<(), String> {
+        if self.jobs.is_closed() {
+            return Err("the committer has stopped: restart the service".into());
+        }
+        match &*self
+            .shared
+            .panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(why) => Err(format!("the last batch failed on an internal error: {why}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Output files that cannot be opened now, with why (for `GET /rules`).
+    pub fn unwritable(&self) -> Unwritable {
+        self.shared
+            .unwritable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -185,7 +256,28 @@ impl Worker {
 
     fn process(&mut self, batch: Vec<Job>) {
         let mut written = Vec::new();
-        match self.commit_batch(&batch, &mut written) {
+        // A panic must not take the committer (and so the whole service) down: the batch fails
+        // like any other failed batch, and the next one starts afresh.
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.commit_batch(&batch, &mut written)))
+                .unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    metrics::counter!("tripline_batches_panicked_total").increment(1);
+                    Err(CommitError::Panicked(why))
+                });
+        *self
+            .shared
+            .panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = match &result {
+            Err(CommitError::Panicked(why)) => Some(why.clone()),
+            _ => None,
+        };
+        match result {
             Ok(reports) => {
                 for (job, report) in batch.into_iter().zip(reports) {
                     let _ = job.reply.send(Ok(report));
@@ -195,7 +287,7 @@ impl Worker {
                 error!("batch of {} requests not committed: {e}", batch.len());
                 for (file, before) in written {
                     if let Err(t) = self.files.truncate(&file, before) {
-                        error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they will be removed at the next start");
+                        error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
                     }
                 }
                 for job in batch {
@@ -212,12 +304,23 @@ impl Worker {
         batch: &[Job],
         written: &mut Vec<(PathBuf, u64)>,
     ) -> Result<Vec<Report>, CommitError> {
+        #[cfg(test)]
+        if batch.iter().any(|job| {
+            job.events
+                .iter()
+                .any(|e| e.name() == "panic in the committer")
+        }) {
+            panic!("asked to by a test");
+        }
         self.register_new_files(batch)?;
         let now = now_unix();
         let mut txn = self.db.write()?;
-        let expire = self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY);
+        let expire = self.expiring || self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY);
         let expired = if expire {
-            txn.expire_seen(now.saturating_sub(self.retention.event_ids.as_secs()))?
+            txn.expire_seen(
+                now.saturating_sub(self.retention.event_ids.as_secs()),
+                EXPIRE_PER_COMMIT,
+            )?
         } else {
             0
         };
@@ -231,12 +334,26 @@ impl Worker {
         for job in batch {
             let first = effects.len();
             let _request = job.span.enter();
+            if let Some(d) = &job.delivery
+                && !txn.first_signed_delivery(&d.source, &d.id, now)?
+            {
+                debug!(
+                    webhook.id = %d.id,
+                    "signed delivery handled before: a replay or retry has no second effect"
+                );
+                reports.push(Report {
+                    duplicates: job.events.len(),
+                    ..Report::default()
+                });
+                continue;
+            }
             reports.push(engine::run(
                 &job.rules,
                 &job.events,
                 &mut txn,
                 &self.default_from,
                 now,
+                &self.unwritable,
                 &mut effects,
             )?);
             for effect in &effects[first..] {
@@ -257,25 +374,29 @@ impl Worker {
                 }
                 Effect::EmailFailed { rule, reason } => {
                     txn.record_failed_email(&OutboxRecord::not_made(rule.clone(), reason, now))?;
-                    not_made.push(rule);
+                    not_made.push(("email", rule));
                 }
+                Effect::LineFailed { rule, .. } => not_made.push(("jsonl", rule)),
             }
         }
         for (file, text) in &lines {
+            let name = file.to_string_lossy();
+            let recorded = txn.jsonl_len(&name)?;
+            self.cut_to_recorded(file, recorded)?;
             let (before, after) = self
                 .files
                 .append_durably(file, text)
                 .map_err(|e| output_error(file, e))?;
             written.push((file.clone(), before));
-            txn.set_jsonl_len(&file.to_string_lossy(), after)?;
+            txn.set_jsonl_len(&name, after)?;
         }
         txn.commit()?;
         for rule in line_rules {
             metrics::counter!("tripline_actions_succeeded_total", "kind" => "jsonl", "rule" => rule)
                 .increment(1);
         }
-        for rule in not_made {
-            metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => rule)
+        for (kind, rule) in not_made {
+            metrics::counter!("tripline_actions_failed_total", "kind" => kind, "rule" => rule)
                 .increment(1);
         }
         if forgotten > 0 {
@@ -286,6 +407,7 @@ impl Worker {
         }
         if expire {
             self.last_expiry = Some(Instant::now());
+            self.expiring = expired == EXPIRE_PER_COMMIT;
             if expired > 0 {
                 info!(expired, "forgot event ids older than the retention period");
             }
@@ -296,8 +418,35 @@ impl Worker {
         Ok(reports)
     }
 
-    /// Records the current length of output files this batch may write for the first time, in a
-    /// transaction of its own, so that a crash during the batch can be undone at start-up.
+    /// Cuts `file` back to its `recorded` length if it is longer: those lines belong to a batch
+    /// that failed and could not cut them off at once. A file shorter than recorded was cut by
+    /// someone else, and is taken as it is.
+    fn cut_to_recorded(
+        &mut self,
+        file: &std::path::Path,
+        recorded: Option<u64>,
+    ) -> Result<(), CommitError> {
+        let Some(recorded) = recorded else {
+            return Ok(());
+        };
+        let actual = self.files.len(file).map_err(|e| output_error(file, e))?;
+        if actual > recorded {
+            warn!(
+                file = %file.display(),
+                bytes = actual - recorded,
+                "removing lines of a batch that was not acknowledged before appending"
+            );
+            self.files
+                .truncate(file, recorded)
+                .map_err(|e| output_error(file, e))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the output files this batch may write for the first time and records their current
+    /// length, in a transaction of its own, so that a crash during the batch can be undone at
+    /// start-up. A file that cannot be opened because of its path is kept aside as unwritable
+    /// (its rules fail alone); one that fails for the disk's sake fails the batch.
     fn register_new_files(&mut self, batch: &[Job]) -> Result<(), CommitError> {
         let mut new = Vec::new();
         for job in batch {
@@ -317,14 +466,45 @@ impl Worker {
                 }
             }
         }
-        if !new.is_empty() {
+        if self.last_retry.elapsed() >= RETRY_UNWRITABLE {
+            self.last_retry = Instant::now();
+            for file in self.unwritable.keys() {
+                if !new.contains(file) {
+                    new.push(file.clone());
+                }
+            }
+        }
+        let mut opened = Vec::new();
+        for file in new {
+            match self.files.open(&file) {
+                Ok(_) => {
+                    if self.unwritable.remove(&file).is_some() {
+                        info!(file = %file.display(), "the output file can be written again");
+                    }
+                    opened.push(file);
+                }
+                Err(e) if jsonl::is_path_error(&e) => {
+                    if !self.unwritable.contains_key(&file) {
+                        error!(file = %file.display(), "rules writing to this file fail until it can be opened: {e}");
+                    }
+                    self.unwritable.insert(file, e.to_string());
+                }
+                Err(e) => return Err(output_error(&file, e)),
+            }
+        }
+        *self
+            .shared
+            .unwritable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.unwritable.clone();
+        if !opened.is_empty() {
             let mut txn = self.db.write()?;
-            for file in &new {
+            for file in &opened {
                 let len = self.files.len(file).map_err(|e| output_error(file, e))?;
                 txn.set_jsonl_len(&file.to_string_lossy(), len)?;
             }
             txn.commit()?;
-            self.registered.extend(new);
+            self.registered.extend(opened);
         }
         if let Some(last) = batch.last() {
             self.checked = Some(last.rules.clone());
@@ -374,6 +554,137 @@ mod tests {
         // A file that is shorter than recorded (truncated by someone) is taken as it is.
         let lengths: HashMap<String, u64> = db.jsonl_lengths().unwrap().into_iter().collect();
         assert_eq!(lengths["gone.jsonl"], 0);
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    /// A committer over a rule writing every `x` event to `out.jsonl`, in `dir`.
+    fn committer_with_a_jsonl_rule(
+        dir: &std::path::Path,
+    ) -> (Committer, std::thread::JoinHandle<()>, Arc<RuleSet>) {
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        std::fs::write(
+            dir.join("rules/out.toml"),
+            "name = \"out\"\n[when]\nevent = \"*\"\n[jsonl]\nfile = \"out.jsonl\"\nfields = { e = \"event\" }\n",
+        )
+        .unwrap();
+        let rules =
+            Arc::new(RuleSet::load(&dir.join("rules"), &dir.join("templates"), dir).unwrap());
+        let db = Arc::new(Db::open(dir).unwrap());
+        let (committer, thread) = Committer::start(
+            db,
+            JsonlFiles::new(dir),
+            "t <t@localhost>".parse().unwrap(),
+            Retention {
+                event_ids: Duration::from_secs(60),
+                idle_state: Duration::from_secs(86_400),
+            },
+            Arc::new(Notify::new()),
+        )
+        .unwrap();
+        (committer, thread, rules)
+    }
+
+    fn events(names: &[&str]) -> Vec<Event> {
+        names
+            .iter()
+            .map(|n| {
+                let body = format!(r#"{{"event":"{n}"}}"#);
+                crate::event::decode(
+                    body.as_bytes(),
+                    chrono::Utc::now(),
+                    &crate::event::BodyLimits::LOCAL_FILES,
+                )
+                .unwrap()
+                .remove(0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_panic_fails_its_batch_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let failed = runtime.block_on(committer.submit(
+            rules.clone(),
+            events(&["panic in the committer"]),
+            None,
+        ));
+        assert!(
+            matches!(failed, Err(CommitError::Panicked(_))),
+            "{failed:?}"
+        );
+        assert!(committer.health().unwrap_err().contains("internal error"));
+        let ok = runtime.block_on(committer.submit(rules.clone(), events(&["a"]), None));
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(committer.health(), Ok(()));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
+            "{\"e\":\"a\"}\n",
+            "nothing of the failed batch"
+        );
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn lines_past_the_recorded_length_are_cut_off_before_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(committer.submit(rules.clone(), events(&["a"]), None))
+            .unwrap();
+        // A failed batch whose lines could not be cut off at once left them behind.
+        let out = dir.path().join("out.jsonl");
+        let mut text = std::fs::read_to_string(&out).unwrap();
+        text.push_str("{\"e\":\"never acknowledged\"}\n");
+        std::fs::write(&out, text).unwrap();
+        runtime
+            .block_on(committer.submit(rules.clone(), events(&["b"]), None))
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "{\"e\":\"a\"}\n{\"e\":\"b\"}\n"
+        );
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_signed_delivery_is_handled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let delivery = || {
+            Some(Delivery {
+                source: "s".into(),
+                id: "msg_1".into(),
+            })
+        };
+        let first = runtime
+            .block_on(committer.submit(rules.clone(), events(&["a", "b"]), delivery()))
+            .unwrap();
+        assert_eq!(first.duplicates, 0);
+        let again = runtime
+            .block_on(committer.submit(rules.clone(), events(&["a", "b"]), delivery()))
+            .unwrap();
+        assert_eq!(again.duplicates, 2);
+        assert!(again.outcomes.is_empty());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            2
+        );
         drop(committer);
         thread.join().unwrap();
     }

@@ -89,16 +89,40 @@ pub struct ServeArgs {
     /// [default: 10s].
     #[arg(long, env = "TRIPLINE_REQUEST_TIMEOUT", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
-    /// Requests per second accepted from each source; more get 429 with Retry-After
-    /// [default: 1000].
+    /// Requests per second accepted from each source; more get 429 with Retry-After. Set high by
+    /// default so that only abuse meets it: PostHog drops an event after three 429s in a few
+    /// seconds [default: 10000].
     #[arg(long, env = "TRIPLINE_RATE_LIMIT", value_parser = |t: &str| rate_per_second(t.trim().parse().map_err(|_| format!("`{t}` is not a number"))?))]
     pub rate_limit: Option<f64>,
-    /// Requests a source may send at once above its rate before 429 [default: 2000].
+    /// Requests a source may send at once above its rate before 429 [default: 10000].
     #[arg(long, env = "TRIPLINE_RATE_LIMIT_BURST", value_parser = |t: &str| ranged(t, RATE_LIMIT_BURST))]
     pub rate_limit_burst: Option<u32>,
     /// How far a signed request's `webhook-timestamp` may be from now ("5m") [default: 5m].
     #[arg(long, env = "TRIPLINE_SIGNATURE_TOLERANCE", value_parser = parse_duration)]
     pub signature_tolerance: Option<Duration>,
+    /// Signed requests whose body is being read and checked at once (a signature needs the whole
+    /// body); more get 503. Kept apart from --max-concurrent-requests, so that requests not yet
+    /// proven to come from a source never take capacity from those that are [default: 64].
+    #[arg(long, env = "TRIPLINE_MAX_UNVERIFIED_REQUESTS", value_parser = |t: &str| ranged(t, CONCURRENT_REQUESTS))]
+    pub max_unverified_requests: Option<usize>,
+    /// Open connections at most; further clients wait to be accepted [default: 4096, and never
+    /// more than the open-files limit allows].
+    #[arg(long, env = "TRIPLINE_MAX_CONNECTIONS", value_parser = |t: &str| ranged(t, CONNECTIONS))]
+    pub max_connections: Option<usize>,
+    /// How long a connection may take to send a request's headers, counted from when it is ready
+    /// for one: a client that sends nothing (an idle keep-alive connection) or sends half a
+    /// header is closed after this ("10s") [default: 10s].
+    #[arg(long, env = "TRIPLINE_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// On SIGTERM, how long requests in flight may take to finish before their connections are
+    /// closed and the service stops ("30s") [default: 30s].
+    #[arg(long, env = "TRIPLINE_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// An event stamped later than the time it is received plus this is counted, for time windows
+    /// and `again_after`, as if it happened at that limit: a sender's wrong clock cannot push a
+    /// rule's windows into the future ("5m") [default: 5m].
+    #[arg(long, env = "TRIPLINE_MAX_CLOCK_SKEW", value_parser = parse_duration)]
+    pub max_clock_skew: Option<Duration>,
     /// How long an event id is remembered, so a retried delivery has no second effect; 0 forgets
     /// ids at the next hourly pass [default: 7].
     #[arg(long, env = "TRIPLINE_DEDUPE_RETENTION_DAYS", value_parser = |t: &str| ranged(t, DEDUPE_DAYS))]
@@ -191,6 +215,11 @@ pub struct LimitsFile {
     pub rate_limit: Option<Spanned<f64>>,
     pub rate_limit_burst: Option<Spanned<u32>>,
     pub signature_tolerance: Option<Spanned<String>>,
+    pub max_unverified_requests: Option<Spanned<usize>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub max_clock_skew: Option<Spanned<String>>,
 }
 
 /// `[retention]`.
@@ -240,6 +269,11 @@ pub struct Limits {
     pub rate_limit: f64,
     pub rate_limit_burst: u32,
     pub signature_tolerance: Duration,
+    pub max_unverified_requests: usize,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_clock_skew: Duration,
 }
 
 /// The settings `tripline serve` runs with.
@@ -422,7 +456,7 @@ impl ServeArgs {
         let rate_limit_burst = check.number(
             self.rate_limit_burst,
             limits.rate_limit_burst.as_ref(),
-            2000,
+            10_000,
             RATE_LIMIT_BURST,
             "rate_limit_burst",
         );
@@ -434,7 +468,7 @@ impl ServeArgs {
                     .map_err(|e| check.report(r.span(), format!("`rate_limit` {e}")))
                     .ok()
             })
-            .unwrap_or(1000.0);
+            .unwrap_or(10_000.0);
         let request_timeout = check.duration(
             self.request_timeout,
             limits.request_timeout.as_ref(),
@@ -444,6 +478,35 @@ impl ServeArgs {
             self.signature_tolerance,
             limits.signature_tolerance.as_ref(),
             Duration::from_secs(300),
+        );
+        let max_unverified_requests = check.number(
+            self.max_unverified_requests,
+            limits.max_unverified_requests.as_ref(),
+            64,
+            CONCURRENT_REQUESTS,
+            "max_unverified_requests",
+        );
+        let max_connections = check.number(
+            self.max_connections,
+            limits.max_connections.as_ref(),
+            4096,
+            CONNECTIONS,
+            "max_connections",
+        );
+        let header_timeout = check.duration(
+            self.header_timeout,
+            limits.header_timeout.as_ref(),
+            Duration::from_secs(10),
+        );
+        let shutdown_timeout = check.duration(
+            self.shutdown_timeout,
+            limits.shutdown_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        let max_clock_skew = check.duration(
+            self.max_clock_skew,
+            limits.max_clock_skew.as_ref(),
+            crate::event::DEFAULT_CLOCK_SKEW,
         );
         let retention = &file.retention;
         let dedupe_retention_days = check.number(
@@ -480,6 +543,11 @@ impl ServeArgs {
                 rate_limit,
                 rate_limit_burst,
                 signature_tolerance,
+                max_unverified_requests,
+                max_connections,
+                header_timeout,
+                shutdown_timeout,
+                max_clock_skew,
             },
             dedupe_retention_days,
             state_idle_days,
@@ -659,6 +727,10 @@ const BODY_BYTES: RangeInclusive<usize> = 1..=1 << 30;
 const JSON_DEPTH: RangeInclusive<usize> = 1..=JSON_DEPTH_CEILING;
 const EVENTS_PER_BODY: RangeInclusive<usize> = 1..=1_000_000;
 const CONCURRENT_REQUESTS: RangeInclusive<usize> = 1..=1_000_000;
+const CONNECTIONS: RangeInclusive<usize> = 1..=1_000_000;
+/// Requests per second a rate limit may be set to: from one every 100 s (below, the time between
+/// two requests no longer fits the limiter's arithmetic) to ten million.
+const RATE: RangeInclusive<f64> = 0.01..=10_000_000.0;
 const RATE_LIMIT_BURST: RangeInclusive<u32> = 1..=u32::MAX;
 /// 0 forgets event ids at the next hourly pass.
 const DEDUPE_DAYS: RangeInclusive<u64> = 0..=36_500;
@@ -692,12 +764,16 @@ where
     in_range(n, &range)
 }
 
-/// Requests per second: a number above 0, fractions allowed.
+/// Requests per second: a number in [`RATE`], fractions allowed.
 fn rate_per_second(rate: f64) -> Result<f64, String> {
-    if rate.is_finite() && rate > 0.0 {
+    if RATE.contains(&rate) {
         Ok(rate)
     } else {
-        Err("must be a number of requests per second above 0, like 200 or 0.5".into())
+        Err(format!(
+            "must be a number of requests per second from {} to {}, like 200 or 0.5",
+            RATE.start(),
+            RATE.end()
+        ))
     }
 }
 

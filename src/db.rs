@@ -17,7 +17,10 @@
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::outbox::{OutboxRecord, now_unix};
 use crate::store::{StateKey, Store, StoreError, record_in_window};
@@ -27,6 +30,10 @@ const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
 const ACTED: TableDefinition<&str, i64> = TableDefinition::new("acted");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("seen_by_time");
+/// Standard Webhooks deliveries handled: (source, `webhook-id`) → unix seconds, and by time.
+const DELIVERY_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("delivery_ids");
+const DELIVERY_IDS_BY_TIME: TableDefinition<(u64, &str, &str), ()> =
+    TableDefinition::new("delivery_ids_by_time");
 const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
@@ -104,6 +111,9 @@ fn migrate_once_marks(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The database's file name in the data folder.
+pub const FILE_NAME: &str = "tripline.redb";
+
 /// Seconds in a day.
 const DAY: u64 = 86_400;
 
@@ -118,49 +128,136 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 /// to that size; beyond this, pages come from the operating system's file cache instead.
 const CACHE_BYTES: usize = 64 << 20;
 
-/// The database.
+/// The database, and whether it must be reopened.
+///
+/// After a write fails (a full disk, an I/O error), redb refuses every later transaction until
+/// the database is closed and opened again. So a failed commit marks the database as failed, and
+/// the next transaction (or `/readyz`) first reopens it, at most once a second: once space is
+/// back, the service heals by itself.
 pub struct Db {
-    db: Database,
+    path: PathBuf,
+    /// `None` between closing a failed database and opening it again.
+    db: RwLock<Option<Database>>,
+    failed: Arc<AtomicBool>,
+    last_reopen: Mutex<Option<Instant>>,
+}
+
+/// How often a failed database is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Opens (or creates) the database file and every table, so that readers never meet a missing
+/// one, and brings an older database up to date.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(err)?;
+    let txn = db.begin_write().map_err(err)?;
+    {
+        txn.open_table(COUNTERS).map_err(err)?;
+        txn.open_table(WINDOWS).map_err(err)?;
+        txn.open_table(ACTED).map_err(err)?;
+        txn.open_table(SEEN).map_err(err)?;
+        txn.open_table(SEEN_BY_TIME).map_err(err)?;
+        txn.open_table(DELIVERY_IDS).map_err(err)?;
+        txn.open_table(DELIVERY_IDS_BY_TIME).map_err(err)?;
+        txn.open_table(JSONL_LEN).map_err(err)?;
+        txn.open_table(OUTBOX).map_err(err)?;
+        txn.open_table(OUTBOX_DONE).map_err(err)?;
+        txn.open_table(META).map_err(err)?;
+        txn.open_table(TOUCHED).map_err(err)?;
+        txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+        migrate_once_marks(&txn)?;
+        mark_existing_keys(&txn, now_unix() / DAY)?;
+    }
+    txn.commit().map_err(err)?;
+    Ok(db)
 }
 
 impl Db {
     /// Opens (or creates) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Db, StoreError> {
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(data_dir.join("tripline.redb"))
-            .map_err(err)?;
-        // Create every table, so that readers never meet a missing one.
-        let txn = db.begin_write().map_err(err)?;
-        {
-            txn.open_table(COUNTERS).map_err(err)?;
-            txn.open_table(WINDOWS).map_err(err)?;
-            txn.open_table(ACTED).map_err(err)?;
-            txn.open_table(SEEN).map_err(err)?;
-            txn.open_table(SEEN_BY_TIME).map_err(err)?;
-            txn.open_table(JSONL_LEN).map_err(err)?;
-            txn.open_table(OUTBOX).map_err(err)?;
-            txn.open_table(OUTBOX_DONE).map_err(err)?;
-            txn.open_table(META).map_err(err)?;
-            txn.open_table(TOUCHED).map_err(err)?;
-            txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
-            migrate_once_marks(&txn)?;
-            mark_existing_keys(&txn, now_unix() / DAY)?;
-        }
-        txn.commit().map_err(err)?;
-        Ok(Db { db })
+        let path = data_dir.join(FILE_NAME);
+        let db = open_database(&path)?;
+        Ok(Db {
+            path,
+            db: RwLock::new(Some(db)),
+            failed: Arc::new(AtomicBool::new(false)),
+            last_reopen: Mutex::new(None),
+        })
     }
 
     /// Starts a write transaction. Only one exists at a time; others wait.
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
+        let txn = self.database(|db| db.begin_write().map_err(err));
+        if txn.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
         Ok(WriteTxn {
-            txn: self.db.begin_write().map_err(err)?,
+            txn: txn?,
+            failed: self.failed.clone(),
         })
+    }
+
+    /// Starts a read transaction.
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.database(|db| db.begin_read().map_err(err))
+    }
+
+    /// Runs `f` on the open database, reopening it first if a write failed.
+    fn database<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.failed.load(Ordering::Relaxed) {
+            self.reopen()?;
+        }
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError(
+                "the database is closed after a write failure and could not be opened again yet"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Closes and opens the database again after a failed write, at most once a second.
+    fn reopen(&self) -> Result<(), StoreError> {
+        {
+            let mut last = self
+                .last_reopen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(StoreError(
+                    "a write to the database failed (is the disk full?); trying again shortly"
+                        .into(),
+                ));
+            }
+            *last = Some(Instant::now());
+        }
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if !self.failed.load(Ordering::Relaxed) {
+            return Ok(()); // another thread reopened it meanwhile
+        }
+        // The file is closed once no transaction holds it; only then can it be opened again.
+        drop(slot.take());
+        let db = open_database(&self.path).map_err(|e| {
+            StoreError(format!(
+                "a write to the database failed and it cannot be opened again yet: {}",
+                e.0
+            ))
+        })?;
+        *slot = Some(db);
+        self.failed.store(false, Ordering::Relaxed);
+        tracing::info!("the database was reopened after a failed write");
+        Ok(())
     }
 
     /// Every output file's committed length.
     pub fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let table = txn.open_table(JSONL_LEN).map_err(err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(err)? {
@@ -172,27 +269,37 @@ impl Db {
 
     /// Emails waiting for delivery, oldest first.
     pub fn pending_emails(&self) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
         outbox_rows(table.iter().map_err(err)?)
     }
 
     /// How many emails wait for delivery.
     pub fn pending_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
         table.len().map_err(err)
     }
 
-    /// Whether the database answers a read (for /readyz).
+    /// Whether a write can commit now (for /readyz). Costs nothing while writes succeed; after a
+    /// failed one, it reopens the database and commits a small write to find out.
     pub fn check(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Relaxed) {
+            let txn = self.write()?;
+            txn.txn
+                .open_table(META)
+                .map_err(err)?
+                .insert("readyz_probe_unix", now_unix())
+                .map_err(err)?;
+            txn.commit()?;
+        }
         self.pending_count().map(|_| ())
     }
 
     /// The outbox at a glance: what waits, how many are finished, the newest finished ones.
     pub fn outbox_status(&self, recent: usize) -> Result<OutboxStatus, StoreError> {
         let pending = self.pending_emails()?;
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
         Ok(OutboxStatus {
             pending,
@@ -231,12 +338,17 @@ pub struct OutboxStatus {
 /// One write transaction: nothing is visible or durable until [`WriteTxn::commit`].
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
+    /// Set when the commit fails, so that the database is reopened before the next one.
+    failed: Arc<AtomicBool>,
 }
 
 impl WriteTxn {
     /// Makes every change durable (redb syncs before returning).
     pub fn commit(self) -> Result<(), StoreError> {
-        self.txn.commit().map_err(err)
+        self.txn.commit().map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            err(e)
+        })
     }
 
     /// The committed length of an output file, if it is known.
@@ -346,12 +458,18 @@ impl WriteTxn {
         Ok(idle.len())
     }
 
-    /// Forgets event ids first handled before `cutoff_unix`; returns how many.
-    pub fn expire_seen(&mut self, cutoff_unix: u64) -> Result<usize, StoreError> {
+    /// Forgets at most `max` event ids and delivery ids first handled before `cutoff_unix`;
+    /// returns how many. Called with every batch while there are any, so a large backlog is a
+    /// steady trickle, not one long transaction.
+    pub fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
         let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
         let mut seen = self.txn.open_table(SEEN).map_err(err)?;
         let mut expired = Vec::new();
-        for row in by_time.range((0u64, "")..(cutoff_unix, "")).map_err(err)? {
+        for row in by_time
+            .range((0u64, "")..(cutoff_unix, ""))
+            .map_err(err)?
+            .take(max)
+        {
             let (k, _) = row.map_err(err)?;
             let (t, uuid) = k.value();
             expired.push((t, uuid.to_string()));
@@ -360,7 +478,46 @@ impl WriteTxn {
             by_time.remove((*t, uuid.as_str())).map_err(err)?;
             seen.remove(uuid.as_str()).map_err(err)?;
         }
-        Ok(expired.len())
+        let mut by_time = self.txn.open_table(DELIVERY_IDS_BY_TIME).map_err(err)?;
+        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
+        let mut deliveries = Vec::new();
+        for row in by_time
+            .range((0u64, "", "")..(cutoff_unix, "", ""))
+            .map_err(err)?
+            .take(max - expired.len().min(max))
+        {
+            let (k, _) = row.map_err(err)?;
+            let (t, source, id) = k.value();
+            deliveries.push((t, source.to_string(), id.to_string()));
+        }
+        for (t, source, id) in &deliveries {
+            by_time
+                .remove((*t, source.as_str(), id.as_str()))
+                .map_err(err)?;
+            ids.remove((source.as_str(), id.as_str())).map_err(err)?;
+        }
+        Ok(expired.len() + deliveries.len())
+    }
+
+    /// Records that the signed delivery `id` from `source` is handled now; `false` if it was
+    /// handled before (a replayed or retried request: it must have no second effect).
+    pub fn first_signed_delivery(
+        &mut self,
+        source: &str,
+        id: &str,
+        now_unix: u64,
+    ) -> Result<bool, StoreError> {
+        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
+        if ids.get((source, id)).map_err(err)?.is_some() {
+            return Ok(false);
+        }
+        ids.insert((source, id), now_unix).map_err(err)?;
+        self.txn
+            .open_table(DELIVERY_IDS_BY_TIME)
+            .map_err(err)?
+            .insert((now_unix, source, id), ())
+            .map_err(err)?;
+        Ok(true)
     }
 }
 
@@ -519,7 +676,7 @@ mod tests {
         txn.mark_acted(&key, 1_600).unwrap();
         assert_eq!(txn.last_acted(&key).unwrap(), Some(1_600));
         assert!(txn.first_delivery("u2", 200).unwrap());
-        assert_eq!(txn.expire_seen(150).unwrap(), 1);
+        assert_eq!(txn.expire_seen(150, 100).unwrap(), 1);
         assert!(
             txn.first_delivery("u1", 300).unwrap(),
             "expired ids are forgotten"
@@ -528,6 +685,31 @@ mod tests {
             !txn.first_delivery("u2", 300).unwrap(),
             "recent ones are kept"
         );
+    }
+
+    #[test]
+    fn expired_ids_are_forgotten_a_bounded_number_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.write().unwrap();
+        for i in 0..5 {
+            assert!(txn.first_delivery(&format!("u{i}"), 100 + i).unwrap());
+            assert!(
+                txn.first_signed_delivery("s", &format!("m{i}"), 100 + i)
+                    .unwrap()
+            );
+        }
+        assert!(!txn.first_signed_delivery("s", "m1", 200).unwrap());
+        assert!(
+            txn.first_signed_delivery("other", "m1", 200).unwrap(),
+            "ids are per source"
+        );
+        assert_eq!(txn.expire_seen(1000, 4).unwrap(), 4, "at most 4 a call");
+        assert_eq!(txn.expire_seen(1000, 4).unwrap(), 4);
+        assert_eq!(txn.expire_seen(1000, 4).unwrap(), 3, "11 in all");
+        assert_eq!(txn.expire_seen(1000, 4).unwrap(), 0);
+        assert!(txn.first_signed_delivery("s", "m1", 300).unwrap());
+        assert!(txn.first_delivery("u1", 300).unwrap());
     }
 
     #[test]

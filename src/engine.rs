@@ -10,6 +10,7 @@
 
 use lettre::message::Mailbox;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use tracing::{debug, info, info_span, warn};
 
@@ -33,6 +34,8 @@ pub enum Effect {
     Email(QueuedEmail),
     /// An email that could not be made from the event: kept as failed, with the reason.
     EmailFailed { rule: String, reason: String },
+    /// A line that could not be written because its file cannot be (see [`Unwritable`]).
+    LineFailed { rule: String, reason: String },
 }
 
 /// A rendered email, ready for the outbox.
@@ -106,6 +109,10 @@ impl Report {
     }
 }
 
+/// Output files that cannot be written, with why: a rule writing to one fails on its own (see
+/// the committer), changing no state, while every other rule goes on.
+pub type Unwritable = HashMap<PathBuf, String>;
+
 /// Runs `events` through `rules`, changing state in `store` and pushing effects onto `effects`.
 /// `now_unix` is the time of handling (it dates delivered ids); windows and `again_after` go by
 /// the events' own timestamps, so a replay of old events behaves as they did.
@@ -115,6 +122,7 @@ pub fn run(
     store: &mut dyn Store,
     default_from: &Mailbox,
     now_unix: u64,
+    unwritable: &Unwritable,
     effects: &mut Vec<Effect>,
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
@@ -139,7 +147,14 @@ pub fn run(
         }
         for (index, rule) in matching {
             let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-            let outcome = apply(rules, index, event, store, default_from, now_unix, effects)?;
+            let outcome = apply(
+                rules,
+                index,
+                event,
+                store,
+                (default_from, now_unix, unwritable),
+                effects,
+            )?;
             if outcome == Outcome::Fired {
                 info!("rule fired");
             }
@@ -155,8 +170,7 @@ fn apply(
     index: usize,
     event: &Event,
     store: &mut dyn Store,
-    default_from: &Mailbox,
-    now_unix: u64,
+    (default_from, now_unix, unwritable): (&Mailbox, u64, &Unwritable),
     effects: &mut Vec<Effect>,
 ) -> Result<Outcome, StoreError> {
     let rule = &rules.rules()[index];
@@ -202,6 +216,22 @@ fn apply(
         acted_key = Some(key);
     }
 
+    // An output that cannot be written, like an email that cannot be made, changes no state,
+    // so a later event retries once it is fixed.
+    if let Some(jsonl) = &rule.jsonl
+        && let Some(why) = unwritable.get(&jsonl.file)
+    {
+        let reason = format!(
+            "line not written: cannot write {}: {why}",
+            jsonl.file.display()
+        );
+        warn!(%reason, "action failed");
+        effects.push(Effect::LineFailed {
+            rule: rule.name.clone(),
+            reason: reason.clone(),
+        });
+        return Ok(Outcome::Failed { reason });
+    }
     // Render first: an email that cannot be made changes no state, so a later event retries.
     let queued = match &rule.email {
         Some(action) => match render(rules, rule, action, event, count, default_from) {
@@ -353,6 +383,7 @@ fields = { who = "distinct_id" }
                 &mut store,
                 &from,
                 0,
+                &Default::default(),
                 &mut effects,
             )
             .unwrap()
@@ -411,7 +442,16 @@ fields = { who = "distinct_id" }
         let mut effects = Vec::new();
         let events = decoded(r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#);
         for _ in 0..2 {
-            let report = run(&set, &events, &mut store, &from, 0, &mut effects).unwrap();
+            let report = run(
+                &set,
+                &events,
+                &mut store,
+                &from,
+                0,
+                &Unwritable::new(),
+                &mut effects,
+            )
+            .unwrap();
             assert_eq!((report.duplicates, report.outcomes.len()), (0, 0));
         }
         assert!(effects.is_empty());

@@ -98,7 +98,14 @@ pub struct BodyLimits {
     pub max_depth: usize,
     /// Most events in one body.
     pub max_events: usize,
+    /// How far past `now` (the time the body is received) an event's timestamp may be before its
+    /// time, for windows and `again_after`, is taken as `now` plus this; `None` takes every
+    /// timestamp as it is (for `tripline test`, whose events set the virtual clock).
+    pub max_clock_skew: Option<std::time::Duration>,
 }
+
+/// How far ahead of the receiving clock an event may be stamped by default (`max_clock_skew`).
+pub const DEFAULT_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The longest event id kept (ids are remembered for days to spot retried deliveries).
 pub const MAX_UUID_BYTES: usize = 200;
@@ -112,6 +119,7 @@ impl BodyLimits {
     pub const LOCAL_FILES: BodyLimits = BodyLimits {
         max_depth: MAX_DEPTH,
         max_events: usize::MAX,
+        max_clock_skew: None,
     };
 }
 
@@ -122,6 +130,9 @@ pub struct Decoded {
     pub received: usize,
     /// The wanted events, in the body's order.
     pub events: Vec<Event>,
+    /// How many of them were stamped further ahead of the receiving clock than `max_clock_skew`
+    /// allows, and so were timed at that limit.
+    pub clamped: usize,
 }
 
 /// Decodes a body into all of its events. `now` stands in for a missing timestamp.
@@ -137,9 +148,82 @@ pub fn decode(
 /// all the same (valid JSON, each field of the right kind), so a body is accepted or refused
 /// whatever the rules; but the properties of an event no rule names are never read into values,
 /// which is most of the work for such an event. One difference remains: text that cannot become a
-/// string (an escaped lone surrogate such as `"\ud800"`, which JavaScript can produce from a
-/// truncated emoji) refuses an event that is built, and is let through in one that is not.
+/// string) is replaced first: an escaped lone surrogate such as `"\ud83d"`, which JavaScript
+/// produces when a string is cut in the middle of an emoji, becomes U+FFFD (see
+/// [`replace_lone_surrogates`]).
 pub fn decode_wanted(
+    body: &[u8],
+    now: DateTime<Utc>,
+    limits: &BodyLimits,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Decoded, DecodeError> {
+    let body = replace_lone_surrogates(body);
+    let mut decoded = decode_repaired(&body, now, limits, wanted)?;
+    if let Some(skew) = limits.max_clock_skew {
+        let latest = now + chrono::TimeDelta::from_std(skew).unwrap_or(chrono::TimeDelta::MAX);
+        for event in &mut decoded.events {
+            if event.time > latest {
+                event.time = latest;
+                decoded.clamped += 1;
+            }
+        }
+    }
+    Ok(decoded)
+}
+
+/// `body` with every escaped lone UTF-16 surrogate (`\ud83d` not followed by a low surrogate, or
+/// a low one alone) replaced by `\ufffd`, the replacement character: JSON allows them, but no
+/// string can hold one. The escape has the same length, so positions in error messages stay
+/// right. Borrowed unchanged when there is none (one `memchr` pass over the backslashes).
+pub fn replace_lone_surrogates(body: &[u8]) -> Cow<'_, [u8]> {
+    fn hex4(b: &[u8]) -> Option<u32> {
+        let digits = std::str::from_utf8(b.get(..4)?).ok()?;
+        u32::from_str_radix(digits, 16).ok()
+    }
+    let surrogate_at = |i: usize| -> Option<u32> {
+        (body.get(i + 1) == Some(&b'u'))
+            .then(|| hex4(&body[i + 2..]))
+            .flatten()
+            .filter(|c| (0xD800..0xE000).contains(c))
+    };
+    let mut lone = Vec::new();
+    let mut at = 0;
+    while let Some(found) = memchr::memchr(b'\\', &body[at..]) {
+        let i = at + found;
+        match surrogate_at(i) {
+            Some(high) if high < 0xDC00 => {
+                let paired = body.get(i + 6) == Some(&b'\\')
+                    && surrogate_at(i + 6).is_some_and(|low| low >= 0xDC00);
+                if paired {
+                    at = i + 12;
+                } else {
+                    lone.push(i);
+                    at = i + 6;
+                }
+            }
+            Some(_low_alone) => {
+                lone.push(i);
+                at = i + 6;
+            }
+            // Any other escape is two bytes at least (`\\` must not be read as the start of one).
+            None => at = i + 2,
+        }
+        if at >= body.len() {
+            break;
+        }
+    }
+    if lone.is_empty() {
+        return Cow::Borrowed(body);
+    }
+    let mut fixed = body.to_vec();
+    for i in lone {
+        fixed[i + 2..i + 6].copy_from_slice(b"fffd");
+    }
+    Cow::Owned(fixed)
+}
+
+/// [`decode_wanted`] once lone surrogates are replaced.
+fn decode_repaired(
     body: &[u8],
     now: DateTime<Utc>,
     limits: &BodyLimits,
@@ -220,7 +304,11 @@ pub fn decode_wanted(
             1
         }
     };
-    Ok(Decoded { received, events })
+    Ok(Decoded {
+        received,
+        events,
+        clamped: 0,
+    })
 }
 
 /// Where a body's events are.
@@ -758,6 +846,7 @@ mod tests {
         let limits = BodyLimits {
             max_depth: 4,
             max_events: 2,
+            max_clock_skew: None,
         };
         let decode = |b: &str| decode(b.as_bytes(), now(), &limits);
         // {"event": {"properties": {"a": {"b": 1}}}} nests 4 levels deep: the limit.
@@ -771,5 +860,55 @@ mod tests {
             decode(r#"[{"event":"a"},{"event":"b"},{"event":"c"}]"#).unwrap_err(),
             DecodeError::TooManyEvents { count: 3, limit: 2 }
         );
+    }
+
+    #[test]
+    fn lone_surrogates_become_the_replacement_character() {
+        // A JavaScript string cut in the middle of an emoji, in a field a rule reads.
+        let e = one(
+            r#"{"event":"x","properties":{"t":"cut \ud83d","low":"\udc00!","ok":"\ud83c\udfe0"}}"#,
+        );
+        assert_eq!(e.properties["t"], json!("cut \u{fffd}"));
+        assert_eq!(e.properties["low"], json!("\u{fffd}!"));
+        assert_eq!(e.properties["ok"], json!("🏠"), "a whole pair is kept");
+        // An escaped backslash followed by `ud83d` is text, not an escape.
+        let text = one(r#"{"event":"x","properties":{"t":"\\ud83d"}}"#);
+        assert_eq!(text.properties["t"], json!("\\ud83d"));
+        assert!(matches!(
+            replace_lone_surrogates(br#"{"a":"\\ud83d \ud83c\udfe0"}"#),
+            Cow::Borrowed(_)
+        ));
+        // Two high surrogates in a row, one at the very end, and cut-off escapes: no panic.
+        assert_eq!(
+            &*replace_lone_surrogates(br#""\ud83d\ud83d\ud83d"#),
+            br#""\ufffd\ufffd\ufffd"#
+        );
+        for broken in [&b"\\"[..], b"\\u", b"\\ud8", b"\\ud83d\\", b"\\ud83d\\u"] {
+            replace_lone_surrogates(broken);
+        }
+    }
+
+    #[test]
+    fn a_timestamp_too_far_ahead_is_timed_at_the_clock_skew_limit() {
+        let limits = BodyLimits {
+            max_clock_skew: Some(std::time::Duration::from_secs(300)),
+            ..BodyLimits::LOCAL_FILES
+        };
+        let body = br#"[{"event":"x","timestamp":"2099-01-01T00:00:00Z"},{"event":"x","timestamp":"2026-01-02T03:06:05Z"}]"#;
+        let decoded = decode_wanted(body, now(), &limits, |_| true).unwrap();
+        assert_eq!(decoded.clamped, 1);
+        let limit: DateTime<Utc> = "2026-01-02T03:09:05Z".parse().unwrap();
+        assert_eq!(decoded.events[0].time, limit);
+        assert_eq!(
+            decoded.events[0].timestamp,
+            json!("2099-01-01T00:00:00Z"),
+            "the timestamp as sent is kept for templates and lines"
+        );
+        assert_eq!(
+            decoded.events[1].time.to_rfc3339(),
+            "2026-01-02T03:06:05+00:00"
+        );
+        let as_sent = decode_wanted(body, now(), &BodyLimits::LOCAL_FILES, |_| true).unwrap();
+        assert_eq!(as_sent.clamped, 0);
     }
 }

@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //! - [`server`]: the HTTP edge — routes, status codes, limits, start and graceful stop.
+//! - [`connections`]: accepting connections; their number, header and shutdown time limits.
+//! - [`admission`]: who sent a `/webhook` request, settled before it takes a place or (for a
+//!   bearer token) before its body is read; the per-source rate limit.
 //! - [`auth`]: named sources and their secrets; bearer tokens and Standard Webhooks signatures.
 //! - [`event`]: decoding every body shape PostHog sends into one normalized [`event::Event`].
 //! - [`rules`]: rule files → compiled, indexed [`rules::RuleSet`]; diagnostics with file:line:col.
@@ -20,10 +23,12 @@
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
 
 pub mod actions;
+pub mod admission;
 pub mod auth;
 pub mod commands;
 pub mod committer;
 pub mod config;
+pub mod connections;
 pub mod db;
 pub mod engine;
 pub mod event;

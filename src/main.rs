@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service: receive events on POST /webhook and apply the rules.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check the rule, template and test files without starting the service.
     Check(FolderArgs),
     /// Run the rule tests (*.test.toml beside the rules) with no side effects.

@@ -7,31 +7,33 @@
 use axum::body::Bytes;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::SecondsFormat;
-use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceBuilder;
 use tower_http::timeout::TimeoutLayer;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::actions::jsonl::JsonlFiles;
+use crate::admission::{self, Sender};
 use crate::auth::{Source, Sources};
 use crate::committer::{CommitError, Committer, Retention};
 use crate::config::{Limits, ServeConfig};
+use crate::connections::{self, ConnectionLimits};
 use crate::db::Db;
 use crate::engine::{Outcome, Report};
 use crate::event::{self, BodyLimits, DecodeError};
@@ -53,6 +55,12 @@ pub struct AppState {
     /// Requests per second per source.
     pub rate_limiter: Arc<DefaultKeyedRateLimiter<String>>,
     pub body_limits: BodyLimits,
+    /// Largest body read, and the longest a request may take (for signed requests, whose body
+    /// is read before the request is admitted).
+    pub body_limits_bytes: usize,
+    pub request_timeout: Duration,
+    /// Places for signed requests whose body is being read and checked.
+    pub unverified: Arc<Semaphore>,
     /// Where /readyz checks it can write.
     pub data_dir: PathBuf,
 }
@@ -69,12 +77,17 @@ impl AppState {
     }
 }
 
-/// The routes. `/webhook` gets the limits: body size, a time limit, and at most
-/// `max_concurrent_requests` at once (more are shed with 503 rather than queued). The read-only
-/// endpoints need the admin token once sources are configured; the health checks are open.
+/// The routes. `/webhook` gets the limits: admission (who sent it, before any place is taken;
+/// see `admission.rs`), then at most `max_concurrent_requests` at once (more are shed with 503
+/// rather than queued), a time limit and the body size. The read-only endpoints need the admin
+/// token once sources are configured; the health checks are open.
 pub fn router(state: AppState, limits: &Limits) -> Router {
     let webhook_limits = ServiceBuilder::new()
         .layer(middleware::from_fn(timed))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit,
+        ))
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
             AppError::Overloaded
         }))
@@ -171,8 +184,17 @@ pub async fn serve(
         body_limits: BodyLimits {
             max_depth: config.limits.max_json_depth,
             max_events: config.limits.max_events_per_body,
+            max_clock_skew: Some(config.limits.max_clock_skew),
         },
+        body_limits_bytes: config.limits.max_body_bytes,
+        request_timeout: config.limits.request_timeout,
+        unverified: Arc::new(Semaphore::new(config.limits.max_unverified_requests)),
         data_dir: config.folders.data.clone(),
+    };
+    let connection_limits = ConnectionLimits {
+        max_connections: connections::connection_capacity(config.limits.max_connections),
+        header_timeout: config.limits.header_timeout,
+        shutdown_timeout: config.limits.shutdown_timeout,
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -193,10 +215,14 @@ pub async fn serve(
         info!(sources = %names.join(", "), "events need a source's bearer token or signature");
     }
     info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(state, &config.limits))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    // Every request has been answered and the router (with its committer handles) is gone, so the
+    connections::serve(
+        listener,
+        router(state, &config.limits),
+        connection_limits,
+        shutdown,
+    )
+    .await;
+    // Every connection is closed and the router (with its committer handles) is gone, so the
     // committer thread ends once its last batch is committed.
     tokio::task::spawn_blocking(move || committer_thread.join())
         .await?
@@ -212,7 +238,7 @@ pub async fn serve(
 /// answer once their effects are durable.
 async fn webhook(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(sender): Extension<Sender>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, AppError> {
     let body = body.map_err(|rejection| match rejection.status() {
@@ -220,26 +246,7 @@ async fn webhook(
         _ => AppError::Unreadable(rejection.body_text()),
     })?;
     let now = chrono::Utc::now();
-    let source = if state.sources.is_empty() {
-        "local".to_string()
-    } else {
-        match state.sources.authenticate(&headers, &body, now.timestamp()) {
-            Ok(source) => source.name.clone(),
-            Err(refusal) => {
-                debug!(
-                    reason = refusal.label(),
-                    "request refused: not from a configured source"
-                );
-                return Err(AppError::Unauthorized);
-            }
-        }
-    };
-    if let Err(not_until) = state.rate_limiter.check_key(&source) {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
-        return Err(AppError::RateLimited {
-            retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-        });
-    }
+    let Sender { source, delivery } = sender;
     let rules = state.rules.snapshot();
     let decoded = event::decode_wanted(&body, now, &state.body_limits, |name| {
         rules.as_ref().is_none_or(|rules| rules.wants(name))
@@ -247,6 +254,14 @@ async fn webhook(
     let Some(rules) = rules else {
         return Err(AppError::NoRules);
     };
+    if decoded.clamped > 0 {
+        warn!(
+            events = decoded.clamped,
+            "events stamped later than now plus max_clock_skew: timed at that limit for windows and limits"
+        );
+        metrics::counter!("tripline_events_clock_clamped_total", "source" => source.clone())
+            .increment(decoded.clamped as u64);
+    }
     let count = decoded.received;
     let mut events = decoded.events;
     for e in &mut events {
@@ -263,7 +278,7 @@ async fn webhook(
     let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
         state
             .committer
-            .submit(rules.clone(), events)
+            .submit(rules.clone(), events, delivery)
             .instrument(span)
             .await?
     } else {
@@ -333,18 +348,14 @@ async fn admin_only(
     }
 }
 
-/// GET /readyz: 200 when events can be taken (the store answers, rules are loaded, the data
-/// folder is writable), else 503 with what is wrong.
+/// GET /readyz: 200 when events can be taken (a write to the store can commit, the committer
+/// runs, rules are loaded, the data folder is writable), else 503 with what is wrong.
 async fn readyz(State(state): State<AppState>) -> Response {
     let db = state.db.clone();
     let data_dir = state.data_dir.clone();
     let checks = tokio::task::spawn_blocking(move || {
         let store = db.check().map_err(|e| e.to_string());
-        let probe = data_dir.join(".tripline-ready-check");
-        let writable = std::fs::write(&probe, b"ok")
-            .and_then(|()| std::fs::remove_file(&probe))
-            .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()));
-        (store, writable)
+        (store, probe_writable(&data_dir))
     })
     .await;
     let (store, writable) = checks.unwrap_or_else(|e| (Err(e.to_string()), Err(String::new())));
@@ -352,11 +363,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Some(_) => Ok(()),
         None => Err("no rules are loaded: the rule files have errors (see GET /rules)".to_string()),
     };
+    let committer = state.committer.health();
     let show = |r: &Result<(), String>| match r {
         Ok(()) => json!("ok"),
         Err(e) => json!(e),
     };
-    let ready = store.is_ok() && writable.is_ok() && rules.is_ok();
+    let ready = store.is_ok() && writable.is_ok() && rules.is_ok() && committer.is_ok();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -365,10 +377,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "ready": ready,
         "store": show(&store),
+        "committer": show(&committer),
         "rules": show(&rules),
         "data_folder": show(&writable),
     });
     (status, Json(body)).into_response()
+}
+
+/// Writes and removes a small file in the data folder. Its name starts with `.tripline` (which
+/// no rule may write to), is new each time, and is created only if nothing has that name, so the
+/// probe can never touch a file it did not make.
+fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, Ordering::Relaxed);
+    let probe = data_dir.join(format!(".tripline-ready-{}-{n}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))
 }
 
 /// The email queue: what waits (with the last error), and what was recently sent or gave up.
@@ -396,9 +425,23 @@ async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> 
 /// outcome of the last reload.
 async fn rules(State(state): State<AppState>) -> Json<Value> {
     let set = state.rules.snapshot();
+    let unwritable = state.committer.unwritable();
     let running: Vec<Value> = set
         .as_ref()
-        .map(|set| set.rules().iter().map(|r| r.summary.clone()).collect())
+        .map(|set| {
+            set.rules()
+                .iter()
+                .map(|r| {
+                    let mut summary = r.summary.clone();
+                    if let Some(why) = r.jsonl.as_ref().and_then(|j| unwritable.get(&j.file)) {
+                        summary["failing"] = json!(format!(
+                            "its output file cannot be written, so the rule does nothing: {why}"
+                        ));
+                    }
+                    summary
+                })
+                .collect()
+        })
         .unwrap_or_default();
     Json(json!({
         "hash": set.as_ref().map(|s| s.hash.clone()),
@@ -496,6 +539,8 @@ pub enum AppError {
     TooLarge,
     #[error("the body could not be read: {0}")]
     Unreadable(String),
+    #[error("the body took longer than the request timeout to arrive")]
+    SlowUpload,
     /// Deliberately says nothing of what was wrong (missing header, wrong secret, old timestamp).
     #[error("unauthorized")]
     Unauthorized,
@@ -533,6 +578,7 @@ impl AppError {
             AppError::Decode(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_event"),
             AppError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             AppError::Unreadable(_) => (StatusCode::BAD_REQUEST, "unreadable"),
+            AppError::SlowUpload => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::AdminClosed => (StatusCode::FORBIDDEN, "admin_closed"),
             AppError::AdminDenied => (StatusCode::UNAUTHORIZED, "admin_denied"),

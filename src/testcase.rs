@@ -7,7 +7,7 @@
 //! (unknown keys, unreadable fixtures, events that would be refused) and reports problems the
 //! same way as rule files, so `tripline check` can validate test files too.
 
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeDelta, Utc};
 use lettre::message::Mailbox;
 use serde::Deserialize;
 use serde_json::Value;
@@ -233,12 +233,16 @@ fn entry_events(
                 "write it like \"30 minutes\", \"3 days\" or \"1h 30m\"".to_string(),
             )
         })?;
-        *clock += TimeDelta::from_std(d).map_err(|_| {
-            (
-                "`after` is too long".to_string(),
-                "use a length under a few thousand years".to_string(),
-            )
-        })?;
+        *clock = TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| clock.checked_add_signed(d))
+            .filter(|t| t.year() <= 9999)
+            .ok_or_else(|| {
+                (
+                    "`after` is too long: the virtual clock would pass the year 9999".to_string(),
+                    "use a length under a few thousand years".to_string(),
+                )
+            })?;
     }
     if let Some(key) = entry
         .event
@@ -371,6 +375,7 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         &mut store,
         default_from,
         0,
+        &Default::default(),
         &mut effects,
     ) {
         Ok(r) => r,
@@ -678,6 +683,19 @@ lines = []
             ),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn an_after_past_the_calendar_is_reported_not_a_crash() {
+        for after in ["1000000 years", "300000 years"] {
+            let problems = problems_of(&format!(
+                "[[test]]\nname = \"x\"\n[[test.events]]\nevent = \"used\"\nafter = \"{after}\"\n[test.expect]\nfired = []\n"
+            ));
+            assert!(
+                problems[0].contains("`after` is too long"),
+                "{after}: {problems:?}"
+            );
+        }
     }
 
     #[test]

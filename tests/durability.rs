@@ -297,3 +297,55 @@ fn an_event_no_rule_wants_is_acknowledged_and_leaves_nothing_behind() {
         2.0
     );
 }
+
+#[test]
+fn a_full_disk_under_the_database_heals_once_space_returns() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");
+        return;
+    }
+    // The whole data folder, database included, on a 1 MiB filesystem.
+    let mut small = None;
+    let server = Server::start_with(&[], |root| {
+        small = Some(TinyFs::mount(&root.join("data"), "1m"));
+    });
+    let fs = small.unwrap();
+    let event = |user: usize| {
+        let mut body = fresh(fixture_json("feature_used.json"));
+        body["event"]["distinct_id"] = json!(format!("user-{user}-{}", "x".repeat(100)));
+        body
+    };
+    assert_eq!(server.post_json(&event(0)).0, 200);
+    let filler = fs.0.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut file, &[b'.'; 4096]).is_ok() {}
+    drop(file);
+    // New users need new pages: sooner or later a commit finds no room.
+    let mut refused = None;
+    for user in 1..2000 {
+        let body = event(user);
+        let (status, reply) = server.post_json(&body);
+        if status == 503 {
+            refused = Some((body, reply));
+            break;
+        }
+        assert_eq!(status, 200, "{reply}");
+    }
+    let (refused, reply) = refused.expect("a commit on a full disk fails");
+    assert!(
+        reply["error"].as_str().unwrap().contains("try again"),
+        "{reply}"
+    );
+    let (status, ready) = server.get("/readyz");
+    assert_eq!(status, 503, "{ready}");
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["ready"], false, "{ready}");
+    // Space again: the database is reopened, /readyz says so, and PostHog's retry succeeds once.
+    std::fs::remove_file(&filler).unwrap();
+    server.wait_for("/readyz to recover", |s| s.get("/readyz").0 == 200);
+    assert_eq!(server.post_json(&refused).0, 200);
+    assert_eq!(server.post_json(&refused).1["duplicates"], json!(1));
+    assert_eq!(server.post_json(&event(5000)).0, 200);
+    drop(server);
+    drop(fs);
+}

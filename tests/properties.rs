@@ -171,6 +171,7 @@ fn handle(body: &[u8]) -> bool {
     let limits = BodyLimits {
         max_depth: 32,
         max_events: 1000,
+        max_clock_skew: Some(event::DEFAULT_CLOCK_SKEW),
     };
     match event::decode(body, chrono::Utc::now(), &limits) {
         Ok(events) => {
@@ -178,7 +179,16 @@ fn handle(body: &[u8]) -> bool {
             let mut store = MemoryStore::default();
             let from = "t <t@localhost>".parse().unwrap();
             let mut effects = Vec::new();
-            engine::run(shipped_rules(), &events, &mut store, &from, 0, &mut effects).unwrap();
+            engine::run(
+                shipped_rules(),
+                &events,
+                &mut store,
+                &from,
+                0,
+                &Default::default(),
+                &mut effects,
+            )
+            .unwrap();
             true
         }
         Err(e) => {

@@ -27,11 +27,19 @@ fn now_unix() -> i64 {
 }
 
 /// The three Standard Webhooks headers for `body`, signed with `whsec` at `timestamp`.
+/// Standard Webhooks headers for `body`, with a new `webhook-id` each time: a sender gives each
+/// message its own id, and only a retry of the same message repeats it.
 fn signed(whsec: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    signed_as(&format!("msg_2x7Q{n}"), whsec, timestamp, body)
+}
+
+/// Standard Webhooks headers for `body` with the given `webhook-id`.
+fn signed_as(id: &str, whsec: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let key = b64.decode(whsec.trim_start_matches("whsec_")).unwrap();
-    let id = "msg_2x7Q";
     let mac = tripline::auth::sign(&key, id, &timestamp.to_string(), body);
     vec![
         ("webhook-id", id.to_string()),
@@ -647,4 +655,138 @@ fn every_serve_flag_is_documented_and_the_example_configuration_loads() {
         generation_failed(),
     );
     assert_eq!(reply.status, 200, "{}", reply.json);
+}
+
+/// Opens a request with these header lines that sends one chunk of its body, then stalls.
+fn stalled_upload(address: &str, headers: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(address).unwrap();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\n{headers}Transfer-Encoding: chunked\r\n\r\n9\r\n{{\"event\":\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+}
+
+/// The status line a stalled request got, if any within `wait`.
+fn answer(stream: &mut TcpStream, wait: Duration) -> String {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+#[test]
+fn unauthenticated_and_unverified_uploads_take_no_place_from_real_senders() {
+    let server = launch_with_config(
+        "[sources.posthog]\nbearer_token_env = [\"PH_TOKEN\"]\nsigning_secret_env = [\"PH_SECRET\"]\n",
+        &[("PH_TOKEN", TOKEN), ("PH_SECRET", WHSEC_NEW)],
+        &[
+            "--max-concurrent-requests",
+            "4",
+            "--max-unverified-requests",
+            "2",
+            "--request-timeout",
+            "30s",
+        ],
+    );
+    // Uploads without credentials, or with a wrong token, are refused from their headers: the
+    // body is never waited for.
+    let mut anonymous: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let auth = if i % 2 == 0 {
+                String::new()
+            } else {
+                "Authorization: Bearer not-the-token-0123456789\r\n".to_string()
+            };
+            stalled_upload(server.address(), &auth)
+        })
+        .collect();
+    for stream in &mut anonymous {
+        assert_eq!(
+            answer(stream, Duration::from_secs(10)),
+            "HTTP/1.1 401 Unauthorized"
+        );
+    }
+    // Signed uploads must be read before they can be checked: they wait in a pool of their own
+    // (2 places here), and the third is shed at once.
+    let signature = "webhook-id: msg_1\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,AAAA\r\n";
+    let mut unverified: Vec<TcpStream> = (0..2)
+        .map(|_| stalled_upload(server.address(), signature))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = stalled_upload(server.address(), signature);
+    assert_eq!(
+        answer(&mut third, Duration::from_secs(10)),
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    // Meanwhile every real sender gets through, by token and by signature.
+    for _ in 0..10 {
+        let reply = server.post_with(
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+            generation_failed(),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.json);
+    }
+    let body = generation_failed();
+    let headers = signed(WHSEC_NEW, now_unix(), &body);
+    drop(unverified.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.post_with(&as_refs(&headers), body).status, 200);
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 11);
+    drop(unverified);
+}
+
+#[test]
+fn a_replayed_signed_request_has_no_second_effect() {
+    let server = launch_with_config(
+        "[sources.posthog]\nsigning_secret_env = [\"PH_SECRET\"]\n",
+        &[("PH_SECRET", WHSEC_NEW), ("TRIPLINE_ADMIN_TOKEN", ADMIN)],
+        &[],
+    );
+    // An event without a uuid: only the signed delivery's id tells a replay from a new event.
+    let mut event = fixture_json("generation_failed.json");
+    event["event"].as_object_mut().unwrap().remove("uuid");
+    let body = event.to_string().into_bytes();
+    let headers = signed_as("msg_captured", WHSEC_NEW, now_unix(), &body);
+    let first = server.post_with(&as_refs(&headers), body.clone());
+    assert_eq!(first.status, 200, "{}", first.json);
+    for _ in 0..3 {
+        let replay = server.post_with(&as_refs(&headers), body.clone());
+        assert_eq!(
+            replay.status, 200,
+            "a retry of a delivered message is acknowledged"
+        );
+        assert_eq!(replay.json["duplicates"], 1, "{}", replay.json);
+    }
+    assert_eq!(
+        server.jsonl("training_data.jsonl").len(),
+        1,
+        "one line, not four"
+    );
+    // Another message with the same body is another event.
+    let again = signed_as("msg_next", WHSEC_NEW, now_unix(), &body);
+    assert_eq!(server.post_with(&as_refs(&again), body).status, 200);
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 2);
+}
+
+#[test]
+fn a_rate_limit_too_small_to_compute_is_refused_not_a_crash() {
+    for rate in ["1e-300", "1e-19", "0", "-5", "NaN", "inf"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
+            .args(["serve", &format!("--rate-limit={rate}")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{rate}: {stderr}");
+        assert!(stderr.contains("requests per second"), "{rate}: {stderr}");
+    }
+    let (code, stderr) = serve_refused("[limits]\nrate_limit = 1e-300\n", &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("tripline.toml:2:14"), "{stderr}");
 }

@@ -67,16 +67,52 @@ impl OutputField {
 #[derive(Debug, PartialEq, Eq)]
 pub struct UnsafePath(pub String);
 
-/// Checks a rule's output path: relative, no `..`, and no symbolic link along the way that
-/// leads out of `data_dir`. Returns the path with `.` parts removed.
+/// The longest name of one file or folder most file systems accept, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+/// The longest output path accepted, in bytes, relative to the data folder: well under the
+/// operating system's limit for the whole path (4096 on Linux), leaving room for the data folder.
+const MAX_PATH_BYTES: usize = 1024;
+
+/// Whether `name` (the first part of an output path) is one tripline keeps for itself in the data
+/// folder: the database, the email folder, and every name starting with `.tripline` (the
+/// readiness probe's files, for one).
+pub fn is_reserved(name: &std::ffi::OsStr) -> bool {
+    name == crate::db::FILE_NAME
+        || name == "outbox"
+        || name.to_string_lossy().starts_with(".tripline")
+}
+
+/// Checks a rule's output path: relative, no `..`, short enough, no NUL, not one of tripline's
+/// own names, and nothing already in the way: no part of it is a file where a folder must be, the
+/// file itself is not a folder, a named pipe or anything else than a regular file, and no link
+/// along the way leads out of `data_dir`. Returns the path with `.` parts removed. What this
+/// accepts, the service can create and append to.
 pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafePath> {
-    let path = Path::new(file);
     if file.trim().is_empty() {
         return Err(UnsafePath("the file name is empty".into()));
     }
+    if file.contains('\0') {
+        return Err(UnsafePath(
+            "the file name holds a NUL character, which no file name can have".into(),
+        ));
+    }
+    if file.len() > MAX_PATH_BYTES {
+        return Err(UnsafePath(format!(
+            "the path is {} bytes long; at most {MAX_PATH_BYTES} are allowed",
+            file.len()
+        )));
+    }
+    let path = Path::new(file);
     let mut clean = PathBuf::new();
     for part in path.components() {
         match part {
+            Component::Normal(p) if p.len() > MAX_NAME_BYTES => {
+                return Err(UnsafePath(format!(
+                    "the name `{}...` is {} bytes long; file systems allow at most {MAX_NAME_BYTES} per file or folder name",
+                    p.to_string_lossy().chars().take(20).collect::<String>(),
+                    p.len()
+                )));
+            }
             Component::Normal(p) => clean.push(p),
             Component::CurDir => {}
             Component::ParentDir => {
@@ -94,35 +130,67 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
     if clean.as_os_str().is_empty() {
         return Err(UnsafePath("the file name is empty".into()));
     }
-    let first = clean.components().next().map(|c| c.as_os_str().to_owned());
-    if first.is_some_and(|f| f == "tripline.redb" || f == "outbox") {
-        return Err(UnsafePath(
-            "`tripline.redb` and `outbox/` are tripline's own: choose another name".into(),
-        ));
+    if clean
+        .components()
+        .next()
+        .is_some_and(|first| is_reserved(first.as_os_str()))
+    {
+        return Err(UnsafePath(format!(
+            "`{}`, `outbox/` and names starting with `.tripline` are tripline's own: choose another name",
+            crate::db::FILE_NAME
+        )));
     }
     if let Ok(root) = data_dir.canonicalize() {
         let mut at = root.clone();
-        for part in clean.components() {
+        let parts: Vec<_> = clean.components().collect();
+        for (i, part) in parts.iter().enumerate() {
             at.push(part);
+            let shown = || at.strip_prefix(&root).unwrap_or(&at).display().to_string();
+            let last = i + 1 == parts.len();
             match at.symlink_metadata() {
                 Ok(meta) if meta.file_type().is_symlink() => match at.canonicalize() {
                     Ok(target) if target.starts_with(&root) => {}
                     _ => {
                         return Err(UnsafePath(format!(
                             "`{}` is a link that leads outside the data folder",
-                            at.strip_prefix(&root).unwrap_or(&at).display()
+                            shown()
                         )));
                     }
                 },
                 Ok(_) => {}
                 Err(_) => break,
             }
-        }
-        if at.is_dir() {
-            return Err(UnsafePath(format!("`{file}` is a folder, not a file")));
+            // Following a link inside the folder, what is there must fit its place.
+            match (at.metadata(), last) {
+                (Ok(meta), false) if !meta.is_dir() => {
+                    return Err(UnsafePath(format!(
+                        "`{}` is a file, so it cannot hold `{file}`: choose another folder",
+                        shown()
+                    )));
+                }
+                (Ok(meta), true) if meta.is_dir() => {
+                    return Err(UnsafePath(format!("`{file}` is a folder, not a file")));
+                }
+                (Ok(meta), true) if !meta.is_file() => {
+                    return Err(UnsafePath(format!(
+                        "`{file}` exists and is not a regular file (a named pipe or a device?): lines can only be appended to a file"
+                    )));
+                }
+                _ => {}
+            }
         }
     }
     Ok(clean)
+}
+
+/// Whether an error opening an output file is the rule's own (its path cannot be a file here),
+/// as opposed to the disk's (full, failing), which is worth retrying.
+pub fn is_path_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    !matches!(
+        e.kind(),
+        StorageFull | QuotaExceeded | Interrupted | WouldBlock | TimedOut | OutOfMemory
+    ) && e.raw_os_error() != Some(libc::EIO)
 }
 
 /// Open JSONL files, shared by every rule set so that a reload never reopens or loses a file.
@@ -151,17 +219,22 @@ impl JsonlFiles {
     }
 
     /// Appends `text` (whole lines) to `file` and syncs it to disk. Returns the length before and
-    /// after. If anything fails, what was written is cut off again, so no partial line stays.
+    /// after. If anything fails, what was written is cut off again, so no partial line stays; if
+    /// even that fails, the error says so (the next append compares the file with its recorded
+    /// length first, so such lines are still never kept).
     pub fn append_durably(&mut self, file: &Path, text: &str) -> io::Result<(u64, u64)> {
         let f = self.open(file)?;
         let before = f.metadata()?.len();
         let result = f.write_all(text.as_bytes()).and_then(|()| f.sync_data());
         match result {
             Ok(()) => Ok((before, f.metadata()?.len())),
-            Err(e) => {
-                let _ = f.set_len(before);
-                Err(e)
-            }
+            Err(e) => match f.set_len(before) {
+                Ok(()) => Err(e),
+                Err(cut) => Err(io::Error::new(
+                    e.kind(),
+                    format!("{e}; and the lines written could not be cut off ({cut})"),
+                )),
+            },
         }
     }
 
@@ -172,25 +245,46 @@ impl JsonlFiles {
         f.sync_data()
     }
 
-    fn open(&mut self, file: &Path) -> io::Result<&mut File> {
+    /// Opens `file` for appending, creating it (and its folders) if needed. A new file's folder
+    /// entries are synced, so that a crash cannot lose the file once lines in it are
+    /// acknowledged.
+    pub fn open(&mut self, file: &Path) -> io::Result<&mut File> {
         if !self.files.contains_key(file) {
             // The rule was checked when it loaded; check again in case a link appeared since.
             let text = file.to_string_lossy();
             check_output_path(&self.data_dir, &text)
                 .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.0))?;
             let path = self.data_dir.join(file);
+            let existed = path.exists();
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             let mut options = OpenOptions::new();
             options.append(true).create(true);
-            // Refuse to open the final path component if it is a symbolic link.
+            // Refuse to open the final path component if it is a symbolic link, and never wait
+            // on a named pipe put there since the check.
             #[cfg(unix)]
             {
                 use std::os::unix::fs::OpenOptionsExt;
-                options.custom_flags(libc::O_NOFOLLOW);
+                options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
             }
-            self.files.insert(file.to_path_buf(), options.open(&path)?);
+            let opened = options.open(&path)?;
+            if !opened.metadata()?.is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file: lines can only be appended to a file",
+                ));
+            }
+            if !existed {
+                // Every folder from the new file up to the data folder: some may be new too.
+                for dir in path.ancestors().skip(1) {
+                    File::open(dir)?.sync_all()?;
+                    if dir == self.data_dir {
+                        break;
+                    }
+                }
+            }
+            self.files.insert(file.to_path_buf(), opened);
         }
         Ok(self.files.get_mut(file).expect("inserted above"))
     }
@@ -262,11 +356,46 @@ mod tests {
         assert!(check_output_path(&data, "").is_err());
         assert!(check_output_path(&data, "tripline.redb").is_err());
         assert!(check_output_path(&data, "./outbox/1.eml").is_err());
+        assert!(check_output_path(&data, ".tripline-ready-check").is_err());
         std::os::unix::fs::symlink(dir.path(), data.join("out")).unwrap();
         let e = check_output_path(&data, "out/x.jsonl").unwrap_err();
         assert!(e.0.contains("outside the data folder"), "{e:?}");
         std::fs::create_dir(data.join("inside")).unwrap();
         std::os::unix::fs::symlink(data.join("inside"), data.join("ok")).unwrap();
         assert!(check_output_path(&data, "ok/x.jsonl").is_ok());
+    }
+
+    #[test]
+    fn paths_the_service_cannot_write_are_refused_when_the_rule_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let refused = |file: &str| check_output_path(data, file).unwrap_err().0;
+        assert!(refused(&"a".repeat(300)).contains("at most 255"));
+        assert!(refused(&format!("{}/x.jsonl", "d/".repeat(600))).contains("at most 1024"));
+        assert!(refused("a\0b.jsonl").contains("NUL"));
+        std::fs::write(data.join("training_data.jsonl"), "").unwrap();
+        assert!(refused("training_data.jsonl/x.jsonl").contains("is a file"));
+        std::fs::create_dir(data.join("folder.jsonl")).unwrap();
+        assert!(refused("folder.jsonl").contains("is a folder"));
+        let fifo = std::ffi::CString::new(data.join("pipe.jsonl").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(refused("pipe.jsonl").contains("not a regular file"));
+        // What is accepted opens, folders included.
+        let mut files = JsonlFiles::new(data);
+        let ok = check_output_path(data, "new/deeper/x.jsonl").unwrap();
+        files.append_durably(&ok, "{}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(data.join(&ok)).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn only_a_full_or_failing_disk_is_not_the_paths_fault() {
+        use std::io::ErrorKind;
+        assert!(!is_path_error(&io::Error::from(ErrorKind::StorageFull)));
+        assert!(!is_path_error(&io::Error::from_raw_os_error(libc::EIO)));
+        assert!(is_path_error(&io::Error::from_raw_os_error(
+            libc::ENAMETOOLONG
+        )));
+        assert!(is_path_error(&io::Error::from_raw_os_error(libc::ENOTDIR)));
+        assert!(is_path_error(&io::Error::from(ErrorKind::PermissionDenied)));
     }
 }

@@ -212,11 +212,19 @@ impl Sink {
         match self {
             Sink::DryRun(store) => {
                 let now = outbox::now_unix();
-                Ok(engine::run(rules, &events, store, from, now, effects)?)
+                Ok(engine::run(
+                    rules,
+                    &events,
+                    store,
+                    from,
+                    now,
+                    &Default::default(),
+                    effects,
+                )?)
             }
             Sink::Execute {
                 runtime, committer, ..
-            } => Ok(runtime.block_on(committer.submit(rules.clone(), events))?),
+            } => Ok(runtime.block_on(committer.submit(rules.clone(), events, None))?),
         }
     }
 
@@ -323,7 +331,7 @@ impl Run<'_> {
                         ),
                     )
                 }
-                Effect::EmailFailed { .. } => continue,
+                Effect::EmailFailed { .. } | Effect::LineFailed { .. } => continue,
             };
             if self.stats[index].examples.len() < examples {
                 self.stats[index].examples.push(example);
@@ -534,7 +542,12 @@ fn decode_chunk(chunk: &Chunk, rules: &RuleSet) -> Batch {
     let mut batch = Batch::default();
     // Events without a timestamp happened when they were read.
     let now = Utc::now();
-    let limits = &event::BodyLimits::LOCAL_FILES;
+    // No receive time exists for past events: one stamped ahead of the replay's own clock by
+    // more than the service's default skew is timed at that limit, as the service would.
+    let limits = &event::BodyLimits {
+        max_clock_skew: Some(event::DEFAULT_CLOCK_SKEW),
+        ..event::BodyLimits::LOCAL_FILES
+    };
     for (position, range) in &chunk.items {
         let text = &chunk.text[range.clone()];
         match event::decode_wanted(text, now, limits, |name| rules.wants(name)) {

@@ -272,6 +272,16 @@ impl Server {
         self.child.wait().unwrap().code()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's address, as `host:port`, for raw connections.
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
