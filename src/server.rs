@@ -144,7 +144,9 @@ pub async fn serve(
     let emails_queued = Arc::new(Notify::new());
     let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
     let retention = Retention {
-        event_ids: days(config.dedupe_retention_days),
+        // Signed deliveries' ids are kept with event ids: never for less than a signature stays
+        // valid, or a captured request could be replayed once its id is forgotten.
+        event_ids: days(config.dedupe_retention_days).max(config.limits.signature_tolerance),
         idle_state: days(config.state_idle_days),
     };
     let (committer, committer_thread) = Committer::start(

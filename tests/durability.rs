@@ -257,8 +257,17 @@ fn a_full_disk_answers_503_and_leaves_no_partial_line() {
 
 #[test]
 fn event_ids_are_kept_for_the_retention_period() {
-    // With a retention of 0 days, an id is forgotten at the next expiry pass (at start-up).
-    let mut server = Server::start_with(&["--dedupe-retention-days", "0"], |_| {});
+    // With a retention of 0 days, an id is forgotten at the next expiry pass (at start-up), once
+    // older than the signature tolerance (ids are never forgotten while a signature is valid).
+    let mut server = Server::start_with(
+        &[
+            "--dedupe-retention-days",
+            "0",
+            "--signature-tolerance",
+            "1s",
+        ],
+        |_| {},
+    );
     let body = fresh(fixture_json("generation_failed.json"));
     server.post_json(&body);
     std::thread::sleep(std::time::Duration::from_millis(1100));
