@@ -211,13 +211,6 @@ impl Db {
         Ok(out)
     }
 
-    /// Emails waiting for delivery, oldest first.
-    pub fn pending_emails(&self) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(OUTBOX).map_err(err)?;
-        outbox_rows(table.iter().map_err(err)?)
-    }
-
     /// At most `max` pending emails due by `now_unix`, soonest due first, leaving out those
     /// `in_flight`; and when the next one left (neither returned nor in flight) is due. Reads
     /// only those rows of the due index and the records it returns.
