@@ -12,11 +12,13 @@
 //! - `jsonl_len`: output file → its length as of the last commit (lines past it were never
 //!   acknowledged and are cut off at start-up);
 //! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
-//!   [`KEEP_FINISHED`]; `meta`: the next email id.
+//!   [`KEEP_FINISHED`]; `outbox_due`: `(next attempt, id)` of every pending email, so that the
+//!   sender reads only the emails that are due; `meta`: the next email id.
 
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -37,6 +39,9 @@ const DELIVERY_IDS_BY_TIME: TableDefinition<(u64, &str, &str), ()> =
 const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
+/// Every pending email by when it is next due, `(next_attempt_unix, id)`: written with `outbox`,
+/// in the same transactions.
+const OUTBOX_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("outbox_due");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// For each key of `counters`, `windows` and `acted`: the day (since 1970) an event last used it.
 const TOUCHED: TableDefinition<&str, u64> = TableDefinition::new("touched");
@@ -73,6 +78,40 @@ fn mark_existing_keys(txn: &redb::WriteTransaction, today: u64) -> Result<(), St
         touched.insert(key.as_str(), today).map_err(err)?;
         by_day.insert((today, key.as_str()), ()).map_err(err)?;
     }
+    Ok(())
+}
+
+/// The part of a stored outbox record that the due index needs.
+#[derive(serde::Deserialize)]
+struct Due {
+    next_attempt_unix: u64,
+}
+
+/// When a stored pending email is next due.
+fn due_unix(json: &str) -> Result<u64, StoreError> {
+    Ok(serde_json::from_str::<Due>(json)
+        .map_err(err)?
+        .next_attempt_unix)
+}
+
+/// Fills `outbox_due` from `outbox` when the two do not hold the same number of emails: a
+/// database from before the index existed gets every pending email indexed at the upgrade.
+fn index_pending_emails(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let outbox = txn.open_table(OUTBOX).map_err(err)?;
+    let mut due = txn.open_table(OUTBOX_DUE).map_err(err)?;
+    if due.len().map_err(err)? == outbox.len().map_err(err)? {
+        return Ok(());
+    }
+    due.retain(|_, ()| false).map_err(err)?;
+    for row in outbox.iter().map_err(err)? {
+        let (id, json) = row.map_err(err)?;
+        due.insert((due_unix(json.value())?, id.value()), ())
+            .map_err(err)?;
+    }
+    tracing::info!(
+        pending = outbox.len().map_err(err)?,
+        "indexed the pending emails by due time"
+    );
     Ok(())
 }
 
@@ -164,11 +203,13 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(JSONL_LEN).map_err(err)?;
         txn.open_table(OUTBOX).map_err(err)?;
         txn.open_table(OUTBOX_DONE).map_err(err)?;
+        txn.open_table(OUTBOX_DUE).map_err(err)?;
         txn.open_table(META).map_err(err)?;
         txn.open_table(TOUCHED).map_err(err)?;
         txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
         migrate_once_marks(&txn)?;
         mark_existing_keys(&txn, now_unix() / DAY)?;
+        index_pending_emails(&txn)?;
     }
     txn.commit().map_err(err)?;
     Ok(db)
@@ -267,11 +308,36 @@ impl Db {
         Ok(out)
     }
 
-    /// Emails waiting for delivery, oldest first.
-    pub fn pending_emails(&self) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+    /// At most `max` pending emails due by `now_unix`, soonest due first, leaving out those
+    /// `in_flight`; and when the next one left (neither returned nor in flight) is due. Reads
+    /// only those rows of the due index and the records it returns.
+    pub fn due_emails(
+        &self,
+        now_unix: u64,
+        max: usize,
+        in_flight: &HashSet<u64>,
+    ) -> Result<DueEmails, StoreError> {
         let txn = self.read()?;
-        let table = txn.open_table(OUTBOX).map_err(err)?;
-        outbox_rows(table.iter().map_err(err)?)
+        let index = txn.open_table(OUTBOX_DUE).map_err(err)?;
+        let outbox = txn.open_table(OUTBOX).map_err(err)?;
+        let mut due = DueEmails::default();
+        for row in index.iter().map_err(err)? {
+            let (key, _) = row.map_err(err)?;
+            let (at, id) = key.value();
+            if in_flight.contains(&id) {
+                continue;
+            }
+            if at > now_unix || due.emails.len() == max {
+                due.next_due_unix = Some(at);
+                break;
+            }
+            // Written in the same transactions as the index, so the record is there.
+            if let Some(json) = outbox.get(id).map_err(err)? {
+                let record = serde_json::from_str(json.value()).map_err(err)?;
+                due.emails.push((id, record));
+            }
+        }
+        Ok(due)
     }
 
     /// How many emails wait for delivery.
@@ -296,15 +362,17 @@ impl Db {
         self.pending_count().map(|_| ())
     }
 
-    /// The outbox at a glance: what waits, how many are finished, the newest finished ones.
-    pub fn outbox_status(&self, recent: usize) -> Result<OutboxStatus, StoreError> {
-        let pending = self.pending_emails()?;
+    /// The outbox at a glance: how many wait and the oldest `shown` of them, how many are
+    /// finished and the newest `shown` of those. Only the rows shown are decoded.
+    pub fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
         let txn = self.read()?;
+        let pending = txn.open_table(OUTBOX).map_err(err)?;
         let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
         Ok(OutboxStatus {
-            pending,
+            pending: pending.len().map_err(err)?,
+            waiting: outbox_rows(pending.iter().map_err(err)?.take(shown))?,
             finished: done.len().map_err(err)?,
-            recent: outbox_rows(done.iter().map_err(err)?.rev().take(recent))?,
+            recent: outbox_rows(done.iter().map_err(err)?.rev().take(shown))?,
         })
     }
 }
@@ -328,9 +396,17 @@ fn outbox_rows<'a>(
     .collect()
 }
 
+/// See [`Db::due_emails`].
+#[derive(Debug, Default)]
+pub struct DueEmails {
+    pub emails: Vec<(u64, OutboxRecord)>,
+    pub next_due_unix: Option<u64>,
+}
+
 /// See [`Db::outbox_status`].
 pub struct OutboxStatus {
-    pub pending: Vec<(u64, OutboxRecord)>,
+    pub pending: u64,
+    pub waiting: Vec<(u64, OutboxRecord)>,
     pub finished: u64,
     pub recent: Vec<(u64, OutboxRecord)>,
 }
@@ -366,7 +442,7 @@ impl WriteTxn {
     /// Adds an email to the outbox; returns its id.
     pub fn queue_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
         let id = self.next_email_id()?;
-        self.put_email(OUTBOX, id, record)?;
+        self.put_pending(id, record)?;
         Ok(id)
     }
 
@@ -399,20 +475,44 @@ impl WriteTxn {
         Ok(id)
     }
 
-    /// Rewrites a pending email's record (after a failed attempt).
+    /// Rewrites a pending email's record (after a failed attempt), due again at its
+    /// `next_attempt_unix`.
     pub fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        self.put_email(OUTBOX, id, record)
+        self.put_pending(id, record)
     }
 
     /// Moves an email out of the pending queue (sent, or failed for good).
     pub fn finish_email(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        self.txn
-            .open_table(OUTBOX)
-            .map_err(err)?
-            .remove(id)
-            .map_err(err)?;
+        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
+        let was_due = match outbox.remove(id).map_err(err)? {
+            Some(old) => Some(due_unix(old.value())?),
+            None => None,
+        };
+        if let Some(at) = was_due {
+            let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
+            index.remove((at, id)).map_err(err)?;
+        }
+        drop(outbox);
         self.put_email(OUTBOX_DONE, id, record)?;
         self.trim_finished()
+    }
+
+    /// Writes a pending email and its place in the due index (moving it if it was there).
+    fn put_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
+        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
+        let was_due = match outbox.insert(id, json.as_str()).map_err(err)? {
+            Some(old) => Some(due_unix(old.value())?),
+            None => None,
+        };
+        let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
+        if let Some(at) = was_due {
+            index.remove((at, id)).map_err(err)?;
+        }
+        index
+            .insert((record.next_attempt_unix, id), ())
+            .map_err(err)?;
+        Ok(())
     }
 
     fn put_email(
@@ -642,6 +742,110 @@ mod tests {
         let status = db.outbox_status(1).unwrap();
         assert_eq!(status.finished, KEEP_FINISHED);
         assert_eq!(status.recent[0].0, KEEP_FINISHED + 5, "the newest is kept");
+    }
+
+    /// A pending email next due at `due_unix`.
+    fn pending(due_unix: u64) -> OutboxRecord {
+        OutboxRecord {
+            status: crate::outbox::Status::Pending,
+            next_attempt_unix: due_unix,
+            last_error: None,
+            finished_unix: None,
+            ..OutboxRecord::not_made("r".into(), String::new(), 0)
+        }
+    }
+
+    fn ids(due: &DueEmails) -> Vec<u64> {
+        due.emails.iter().map(|(id, _)| *id).collect()
+    }
+
+    #[test]
+    fn due_emails_are_claimed_soonest_first_at_most_max_with_the_next_due_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.write().unwrap();
+        // Ids 1..=5, due at 50, 10, 40, 20, 30.
+        for due in [50, 10, 40, 20, 30] {
+            txn.queue_email(&pending(due)).unwrap();
+        }
+        txn.commit().unwrap();
+        let none = HashSet::new();
+
+        let due = db.due_emails(35, 2, &none).unwrap();
+        assert_eq!(ids(&due), [2, 4], "due at 10 and 20");
+        assert_eq!(due.next_due_unix, Some(30), "due already, but past `max`");
+        let due = db.due_emails(35, 8, &none).unwrap();
+        assert_eq!(ids(&due), [2, 4, 5]);
+        assert_eq!(due.next_due_unix, Some(40), "the first one not due yet");
+        let due = db.due_emails(35, 8, &HashSet::from([2, 5])).unwrap();
+        assert_eq!(ids(&due), [4], "those in flight are left out");
+        assert_eq!(due.next_due_unix, Some(40));
+        let due = db.due_emails(35, 0, &HashSet::from([2])).unwrap();
+        assert!(due.emails.is_empty());
+        assert_eq!(
+            due.next_due_unix,
+            Some(20),
+            "no free slot: the first one not in flight"
+        );
+
+        // A failed attempt moves the email in the index; a finished one leaves it.
+        let mut txn = db.write().unwrap();
+        txn.update_pending(2, &pending(45)).unwrap();
+        txn.finish_email(4, &OutboxRecord::not_made("r".into(), "sent".into(), 36))
+            .unwrap();
+        txn.commit().unwrap();
+        let due = db.due_emails(35, 8, &none).unwrap();
+        assert_eq!(ids(&due), [5]);
+        assert_eq!(due.next_due_unix, Some(40));
+        assert_eq!(ids(&db.due_emails(100, 8, &none).unwrap()), [5, 3, 2, 1]);
+        let nothing = db.due_emails(100, 8, &HashSet::from([1, 2, 3, 5])).unwrap();
+        assert!(nothing.emails.is_empty());
+        assert_eq!(nothing.next_due_unix, None, "nothing else waits");
+    }
+
+    #[test]
+    fn the_outbox_status_counts_every_pending_email_and_shows_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.write().unwrap();
+        for due in 0..7 {
+            txn.queue_email(&pending(100 - due)).unwrap();
+        }
+        txn.commit().unwrap();
+        let status = db.outbox_status(3).unwrap();
+        assert_eq!(status.pending, 7);
+        let shown: Vec<u64> = status.waiting.iter().map(|(id, _)| *id).collect();
+        assert_eq!(shown, [1, 2, 3], "the oldest, by id");
+        assert_eq!(db.pending_count().unwrap(), 7);
+    }
+
+    #[test]
+    fn pending_emails_of_an_older_database_are_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The tables as they were before `outbox_due`.
+            let db = Database::create(dir.path().join("tripline.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut outbox = txn.open_table(OUTBOX).unwrap();
+                for (id, due) in [(7u64, 300u64), (8, 100), (9, 200)] {
+                    let json = serde_json::to_string(&pending(due)).unwrap();
+                    outbox.insert(id, json.as_str()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        let due = db.due_emails(250, 8, &HashSet::new()).unwrap();
+        assert_eq!(ids(&due), [8, 9]);
+        assert_eq!(due.next_due_unix, Some(300));
+        drop(db);
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(
+            ids(&db.due_emails(300, 8, &HashSet::new()).unwrap()),
+            [8, 9, 7],
+            "the index is kept as it is on the next open"
+        );
     }
 
     #[test]

@@ -402,7 +402,8 @@ fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))
 }
 
-/// The email queue: what waits (with the last error), and what was recently sent or gave up.
+/// The email queue: how many wait and the oldest 50 of them (with the last error), and what was
+/// recently sent or gave up.
 async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     let db = state.db.clone();
     let status = tokio::task::spawn_blocking(move || db.outbox_status(50))
@@ -416,9 +417,9 @@ async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> 
         })
     };
     Ok(Json(json!({
-        "pending": status.pending.len(),
+        "pending": status.pending,
         "finished": status.finished,
-        "waiting": status.pending.iter().take(50).map(show).collect::<Vec<_>>(),
+        "waiting": status.waiting.iter().map(show).collect::<Vec<_>>(),
         "recent": status.recent.iter().map(show).collect::<Vec<_>>(),
     })))
 }

@@ -92,14 +92,10 @@ fn sigterm_finishes_within_the_shutdown_timeout_whatever_clients_do() {
         .write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ev")
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    let code = server.terminate();
-    let took = started.elapsed();
+    // Bounded by the 2 s shutdown timeout (and a margin for a loaded machine), never by the
+    // clients' 60 s.
+    let code = server.terminate_within(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{}", server.log());
-    assert!(
-        took < Duration::from_secs(15),
-        "stopping took {took:?} with a 2 s shutdown timeout"
-    );
 }
 
 const BLOCKED_RULE: &str = r#"

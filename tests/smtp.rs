@@ -5,9 +5,12 @@ mod common;
 
 use common::{Server, fixture_json, header, root};
 use serde_json::{Value, json};
-use std::net::TcpStream;
+use std::io::ErrorKind;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A real SMTP server on 127.0.0.1.
@@ -81,6 +84,105 @@ impl Drop for SmtpServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP server on 127.0.0.1 that stands in front of a mail server, or of none: it holds the
+/// first `silent` connections open without a word (a hung mail server), and forwards each later
+/// one, byte for byte, to `forward_to`.
+struct Relay {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// A mail server that accepts every connection and never answers.
+    fn silent() -> Relay {
+        Relay::start(usize::MAX, None)
+    }
+
+    /// A proxy to `forward_to` that holds the first connection silent.
+    fn holding_first(forward_to: u16) -> Relay {
+        Relay::start(1, Some(forward_to))
+    }
+
+    fn start(silent: usize, forward_to: Option<u16>) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::SeqCst) {
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                };
+                stream.set_nonblocking(false).unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                match forward_to {
+                    Some(upstream) if n > silent => forward(stream, upstream),
+                    _ => held.push(stream),
+                }
+            }
+            // The held connections close here, with the listener.
+        });
+        Relay {
+            port,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every held connection, freeing the port.
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies bytes both ways between `client` and a new connection to `upstream`.
+fn forward(client: TcpStream, upstream: u16) {
+    let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    };
+    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+    pipe(server, client);
+}
+
+/// Queues one email each to `n` people (the rule emails on the fifth use).
+fn queue_emails_to(server: &Server, n: usize) {
+    for i in 0..n {
+        let person = feature_used(&format!("user_{i}"), &format!("person{i}@example.com"));
+        for _ in 0..5 {
+            assert_eq!(server.post_fresh(&person).0, 200);
+        }
     }
 }
 
@@ -248,4 +350,74 @@ fn the_outbox_survives_a_restart() {
     let smtp = SmtpServer::start(port, &dir.path().join("maildir"), "Mailbox");
     server.wait_for("the email to be sent", |s| s.outbox()["finished"] == 1);
     assert_eq!(smtp.received().len(), 1);
+}
+
+#[test]
+fn a_hung_mail_server_does_not_hold_up_shutdown_and_its_emails_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = Relay::silent();
+    let port = silent.port;
+    let args = smtp_args(port);
+    let mut server =
+        Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), |_| {});
+    queue_emails_to(&server, 6);
+    server.wait_for("six attempts at once, all unanswered", |_| {
+        silent.accepted() >= 6
+    });
+    assert_eq!(server.outbox()["pending"], json!(6));
+
+    assert_eq!(
+        server.terminate_within(Duration::from_secs(10)),
+        Some(0),
+        "a clean stop, without waiting for the mail server"
+    );
+    silent.stop();
+
+    // At the next start the emails are still there, and go out once the server answers.
+    let smtp = SmtpServer::start(port, &dir.path().join("maildir"), "Mailbox");
+    server.relaunch();
+    server.wait_for("the six emails to be sent", |s| s.outbox()["finished"] == 6);
+    let mut to: Vec<String> = smtp
+        .received()
+        .iter()
+        .map(|m| header(m, "To").unwrap().to_string())
+        .collect();
+    to.sort();
+    let expected: Vec<String> = (0..6).map(|i| format!("person{i}@example.com")).collect();
+    assert_eq!(to, expected, "each once");
+}
+
+#[test]
+fn a_hung_attempt_does_not_hold_up_the_other_emails() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start(free_port(), &dir.path().join("maildir"), "Mailbox");
+    let proxy = Relay::holding_first(smtp.port);
+    let args = smtp_args(proxy.port);
+    let mut server =
+        Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), |_| {});
+    queue_emails_to(&server, 4);
+    server.wait_for("the three others to be sent", |s| {
+        s.outbox()["finished"] == 3
+    });
+    let outbox = server.outbox();
+    assert_eq!(outbox["pending"], json!(1));
+    assert_eq!(
+        outbox["waiting"][0]["attempts"],
+        json!(0),
+        "its first attempt still hangs: {outbox}"
+    );
+    assert_eq!(smtp.received().len(), 3);
+
+    // The hung attempt is dropped at shutdown and made again at the next start.
+    assert_eq!(server.terminate_within(Duration::from_secs(10)), Some(0));
+    server.relaunch();
+    server.wait_for("the held email to be sent", |s| s.outbox()["finished"] == 4);
+    let mut to: Vec<String> = smtp
+        .received()
+        .iter()
+        .map(|m| header(m, "To").unwrap().to_string())
+        .collect();
+    to.sort();
+    let expected: Vec<String> = (0..4).map(|i| format!("person{i}@example.com")).collect();
+    assert_eq!(to, expected, "each once");
 }

@@ -231,11 +231,11 @@ impl Sink {
     /// Ends the run; with `--execute-into`, writes the queued emails and says where things went.
     fn finish(self) -> anyhow::Result<Option<String>> {
         let Sink::Execute {
+            runtime,
             committer,
             thread,
             db,
             dir,
-            ..
         } = self
         else {
             return Ok(None);
@@ -244,8 +244,8 @@ impl Sink {
         thread
             .join()
             .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
-        let transport = Transport::files_in(&dir)?;
-        outbox::deliver_due(&db, &transport)?;
+        let transport = Arc::new(Transport::files_in(&dir)?);
+        runtime.block_on(outbox::deliver_due(db, transport))?;
         Ok(Some(format!(
             "Actions were run into {}: lines in its files, emails as .eml files in {}",
             dir.display(),

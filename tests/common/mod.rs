@@ -282,6 +282,31 @@ impl Server {
         self.base.trim_start_matches("http://")
     }
 
+    /// Sends SIGTERM and waits at most `limit` for the process to end; returns its exit code.
+    /// Fails the test (after a SIGKILL) when it is still running by then.
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<i32> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "still running {} s after SIGTERM\nlog:\n{}",
+                    limit.as_secs(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
