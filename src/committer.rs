@@ -558,134 +558,137 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A committer over a rule writing every `x` event to `out.jsonl`, in `dir`.
-    fn committer_with_a_jsonl_rule(
-        dir: &std::path::Path,
-    ) -> (Committer, std::thread::JoinHandle<()>, Arc<RuleSet>) {
-        std::fs::create_dir_all(dir.join("rules")).unwrap();
-        std::fs::write(
-            dir.join("rules/out.toml"),
-            "name = \"out\"\n[when]\nevent = \"*\"\n[jsonl]\nfile = \"out.jsonl\"\nfields = { e = \"event\" }\n",
-        )
-        .unwrap();
-        let rules =
-            Arc::new(RuleSet::load(&dir.join("rules"), &dir.join("templates"), dir).unwrap());
-        let db = Arc::new(Db::open(dir).unwrap());
-        let (committer, thread) = Committer::start(
-            db,
-            JsonlFiles::new(dir),
-            "t <t@localhost>".parse().unwrap(),
-            Retention {
-                event_ids: Duration::from_secs(60),
-                idle_state: Duration::from_secs(86_400),
-            },
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
-        (committer, thread, rules)
+    /// A committer over one rule that writes every event's name to `out.jsonl`.
+    struct Running {
+        dir: tempfile::TempDir,
+        committer: Committer,
+        thread: std::thread::JoinHandle<()>,
+        rules: Arc<RuleSet>,
+        runtime: tokio::runtime::Runtime,
     }
 
-    fn events(names: &[&str]) -> Vec<Event> {
-        names
-            .iter()
-            .map(|n| {
-                let body = format!(r#"{{"event":"{n}"}}"#);
-                crate::event::decode(
-                    body.as_bytes(),
-                    chrono::Utc::now(),
-                    &crate::event::BodyLimits::LOCAL_FILES,
-                )
-                .unwrap()
-                .remove(0)
-            })
-            .collect()
+    impl Running {
+        fn start() -> Running {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path();
+            std::fs::create_dir_all(root.join("rules")).unwrap();
+            std::fs::write(
+                root.join("rules/out.toml"),
+                "name = \"out\"\n[when]\nevent = \"*\"\n[jsonl]\nfile = \"out.jsonl\"\nfields = { e = \"event\" }\n",
+            )
+            .unwrap();
+            let rules = Arc::new(
+                RuleSet::load(&root.join("rules"), &root.join("templates"), root).unwrap(),
+            );
+            let (committer, thread) = Committer::start(
+                Arc::new(Db::open(root).unwrap()),
+                JsonlFiles::new(root),
+                "t <t@localhost>".parse().unwrap(),
+                Retention {
+                    event_ids: Duration::from_secs(60),
+                    idle_state: Duration::from_secs(86_400),
+                },
+                Arc::new(Notify::new()),
+            )
+            .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            Running {
+                dir,
+                committer,
+                thread,
+                rules,
+                runtime,
+            }
+        }
+
+        /// Submits one request of events with these names.
+        fn submit(
+            &self,
+            names: &[&str],
+            delivery: Option<Delivery>,
+        ) -> Result<Report, CommitError> {
+            let events = names
+                .iter()
+                .map(|n| {
+                    let body = format!(r#"{{"event":"{n}"}}"#);
+                    crate::event::decode(
+                        body.as_bytes(),
+                        chrono::Utc::now(),
+                        &crate::event::BodyLimits::LOCAL_FILES,
+                    )
+                    .unwrap()
+                    .remove(0)
+                })
+                .collect();
+            self.runtime
+                .block_on(self.committer.submit(self.rules.clone(), events, delivery))
+        }
+
+        fn out(&self) -> PathBuf {
+            self.dir.path().join("out.jsonl")
+        }
+
+        fn stop(self) {
+            drop(self.committer);
+            self.thread.join().unwrap();
+        }
     }
 
     #[test]
     fn a_panic_fails_its_batch_and_the_next_one_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let failed = runtime.block_on(committer.submit(
-            rules.clone(),
-            events(&["panic in the committer"]),
-            None,
-        ));
+        let running = Running::start();
+        let failed = running.submit(&["panic in the committer"], None);
         assert!(
             matches!(failed, Err(CommitError::Panicked(_))),
             "{failed:?}"
         );
-        assert!(committer.health().unwrap_err().contains("internal error"));
-        let ok = runtime.block_on(committer.submit(rules.clone(), events(&["a"]), None));
+        let health = running.committer.health();
+        assert!(health.unwrap_err().contains("internal error"));
+        let ok = running.submit(&["a"], None);
         assert!(ok.is_ok(), "{ok:?}");
-        assert_eq!(committer.health(), Ok(()));
+        assert_eq!(running.committer.health(), Ok(()));
         assert_eq!(
-            std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
+            std::fs::read_to_string(running.out()).unwrap(),
             "{\"e\":\"a\"}\n",
             "nothing of the failed batch"
         );
-        drop(committer);
-        thread.join().unwrap();
+        running.stop();
     }
 
     #[test]
     fn lines_past_the_recorded_length_are_cut_off_before_the_next_append() {
-        let dir = tempfile::tempdir().unwrap();
-        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime
-            .block_on(committer.submit(rules.clone(), events(&["a"]), None))
-            .unwrap();
+        let running = Running::start();
+        running.submit(&["a"], None).unwrap();
         // A failed batch whose lines could not be cut off at once left them behind.
-        let out = dir.path().join("out.jsonl");
-        let mut text = std::fs::read_to_string(&out).unwrap();
+        let mut text = std::fs::read_to_string(running.out()).unwrap();
         text.push_str("{\"e\":\"never acknowledged\"}\n");
-        std::fs::write(&out, text).unwrap();
-        runtime
-            .block_on(committer.submit(rules.clone(), events(&["b"]), None))
-            .unwrap();
+        std::fs::write(running.out(), text).unwrap();
+        running.submit(&["b"], None).unwrap();
         assert_eq!(
-            std::fs::read_to_string(&out).unwrap(),
+            std::fs::read_to_string(running.out()).unwrap(),
             "{\"e\":\"a\"}\n{\"e\":\"b\"}\n"
         );
-        drop(committer);
-        thread.join().unwrap();
+        running.stop();
     }
 
     #[test]
     fn a_signed_delivery_is_handled_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let (committer, thread, rules) = committer_with_a_jsonl_rule(dir.path());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let running = Running::start();
         let delivery = || {
             Some(Delivery {
                 source: "s".into(),
                 id: "msg_1".into(),
             })
         };
-        let first = runtime
-            .block_on(committer.submit(rules.clone(), events(&["a", "b"]), delivery()))
-            .unwrap();
+        let first = running.submit(&["a", "b"], delivery()).unwrap();
         assert_eq!(first.duplicates, 0);
-        let again = runtime
-            .block_on(committer.submit(rules.clone(), events(&["a", "b"]), delivery()))
-            .unwrap();
+        let again = running.submit(&["a", "b"], delivery()).unwrap();
         assert_eq!(again.duplicates, 2);
         assert!(again.outcomes.is_empty());
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("out.jsonl"))
-                .unwrap()
-                .lines()
-                .count(),
-            2
-        );
-        drop(committer);
-        thread.join().unwrap();
+        let lines = std::fs::read_to_string(running.out()).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        running.stop();
     }
 }

@@ -377,14 +377,7 @@ fn a_hung_mail_server_does_not_hold_up_shutdown_and_its_emails_wait() {
     let smtp = SmtpServer::start(port, &dir.path().join("maildir"), "Mailbox");
     server.relaunch();
     server.wait_for("the six emails to be sent", |s| s.outbox()["finished"] == 6);
-    let mut to: Vec<String> = smtp
-        .received()
-        .iter()
-        .map(|m| header(m, "To").unwrap().to_string())
-        .collect();
-    to.sort();
-    let expected: Vec<String> = (0..6).map(|i| format!("person{i}@example.com")).collect();
-    assert_eq!(to, expected, "each once");
+    assert_eq!(recipients(&smtp), people(6), "each once");
 }
 
 #[test]
@@ -412,12 +405,21 @@ fn a_hung_attempt_does_not_hold_up_the_other_emails() {
     assert_eq!(server.terminate_within(Duration::from_secs(10)), Some(0));
     server.relaunch();
     server.wait_for("the held email to be sent", |s| s.outbox()["finished"] == 4);
+    assert_eq!(recipients(&smtp), people(4), "each once");
+}
+
+/// The `To` of every email the server received, sorted.
+fn recipients(smtp: &SmtpServer) -> Vec<String> {
     let mut to: Vec<String> = smtp
         .received()
         .iter()
         .map(|m| header(m, "To").unwrap().to_string())
         .collect();
     to.sort();
-    let expected: Vec<String> = (0..4).map(|i| format!("person{i}@example.com")).collect();
-    assert_eq!(to, expected, "each once");
+    to
+}
+
+/// The addresses `queue_emails_to` sends to.
+fn people(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("person{i}@example.com")).collect()
 }
