@@ -11,7 +11,8 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::rules::diagnostic::Diagnostic;
+use crate::rules::diagnostic::{Diagnostic, Warning};
+use crate::user_file;
 
 const TEXT_SUFFIX: &str = ".text.hbs";
 const HTML_SUFFIX: &str = ".html.hbs";
@@ -24,6 +25,8 @@ pub struct Templates {
     /// Each template file's path and text, in name order: for the content hash, and to point
     /// diagnostics into the file.
     files: Vec<(PathBuf, String)>,
+    /// Entries of the folder named like templates that are not files (skipped).
+    warnings: Vec<Warning>,
 }
 
 /// Something a template refers to, found by [`Templates::references`].
@@ -75,8 +78,10 @@ impl Templates {
     pub fn load(dir: &Path) -> (Templates, Vec<Diagnostic>) {
         let mut templates = Templates::empty();
         let mut problems = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
+        let listing = match user_file::list(dir, |name| {
+            name.ends_with(TEXT_SUFFIX) || name.ends_with(HTML_SUFFIX)
+        }) {
+            Ok(listing) => listing,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (templates, problems),
             Err(e) => {
                 problems.push(Diagnostic::whole_file(
@@ -86,10 +91,9 @@ impl Templates {
                 return (templates, problems);
             }
         };
+        templates.warnings = listing.warnings;
         let mut html_names = Vec::new();
-        let mut paths: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        paths.sort();
-        for path in paths {
+        for path in listing.files {
             let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
@@ -100,14 +104,11 @@ impl Templates {
             } else {
                 continue;
             };
-            if name.starts_with('.') || name.is_empty() {
-                continue;
-            }
             if let Some(outside) = link_outside(dir, &path) {
                 problems.push(Diagnostic::whole_file(&path, outside));
                 continue;
             }
-            let source = match std::fs::read_to_string(&path) {
+            let source = match user_file::read_text(&path, user_file::TEMPLATE) {
                 Ok(s) => s,
                 Err(e) => {
                     problems.push(Diagnostic::whole_file(
@@ -153,7 +154,13 @@ impl Templates {
             html,
             bodies: BTreeSet::new(),
             files: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Entries of the templates folder that were skipped: named like templates, but not files.
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
     }
 
     /// Each template file's path and text, in name order.

@@ -127,6 +127,22 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// Something a load noticed that does not stop it, such as an entry of the rules folder that is
+/// named like a rule file but is a folder or a named pipe (it is skipped). Shown wherever problems
+/// are: by `tripline check`, in the log and at `GET /rules`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+/// `file: message`.
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.message)
+    }
+}
+
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     while !s.is_char_boundary(i) {
         i -= 1;
