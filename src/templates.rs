@@ -38,6 +38,19 @@ pub const MAX_ITERATIONS: u64 = 10_000;
 /// The longest filling in one email may take. An ordinary email takes well under a millisecond.
 pub const MAX_RENDER_TIME: Duration = Duration::from_millis(100);
 
+/// The most `{{...}}` one template may hold (fields, blocks, comments: every `{{` counts).
+///
+/// Compiling a template costs more than its size says: for every `{{...}}` and every stretch of
+/// text between them, the Handlebars parser (handlebars 6.4, through pest's
+/// `Position::line_col`) counts the characters from the start of the template again, so the
+/// time grows with their number × the size. A 1.3 MB template with 20,000 fields took 56 s to
+/// load. Within this bound and the 512 KiB size bound a template compiles in about 2 s at the
+/// very worst (every `{{` at the end of the largest file); an ordinary one, in a millisecond.
+pub const MAX_TAGS: usize = 1_000;
+
+/// The longest a one-line template (a rule's `to` or `subject`) may be.
+pub const MAX_INLINE_BYTES: usize = 4 << 10;
+
 /// The helper put at the start of every `{{#each}}` body when a template is compiled: it counts
 /// one iteration against the email's budget and writes nothing. It is registered for each
 /// rendering only (see [`Rendering`]), and no template can use it by name: `template_check.rs`
@@ -226,7 +239,10 @@ impl Templates {
     }
 
     /// Registers a one-line text template (a rule's `to` or `subject`) under `key`.
-    pub fn add_inline(&mut self, key: &str, source: &str) -> Result<(), TemplateError> {
+    pub fn add_inline(&mut self, key: &str, source: &str) -> Result<(), CompileError> {
+        if source.len() > MAX_INLINE_BYTES {
+            return Err(CompileError::TooLong(source.len()));
+        }
         let template = compile(key, source)?;
         self.text.register_template(key, template);
         Ok(())
@@ -370,9 +386,26 @@ impl Output for BoundedOutput<'_> {
     }
 }
 
+/// Why a template could not be compiled.
+#[derive(Debug)]
+pub enum CompileError {
+    /// Handlebars could not parse it.
+    Parse(TemplateError),
+    /// It holds more than [`MAX_TAGS`] `{{`.
+    TooManyTags(usize),
+    /// A one-line template longer than [`MAX_INLINE_BYTES`].
+    TooLong(usize),
+}
+
 /// Compiles a template, with the iteration counter put at the start of every `{{#each}}` body.
-fn compile(name: &str, source: &str) -> Result<Template, TemplateError> {
-    let mut template = Template::compile_with_name(source, name.to_string())?;
+/// A template with more than [`MAX_TAGS`] `{{` is refused before the parser sees it.
+fn compile(name: &str, source: &str) -> Result<Template, CompileError> {
+    let tags = memchr::memmem::find_iter(source.as_bytes(), b"{{").count();
+    if tags > MAX_TAGS {
+        return Err(CompileError::TooManyTags(tags));
+    }
+    let mut template =
+        Template::compile_with_name(source, name.to_string()).map_err(CompileError::Parse)?;
     count_iterations(&mut template);
     Ok(template)
 }
@@ -489,8 +522,29 @@ fn path_segments(path: &handlebars::Path) -> Option<Vec<String>> {
     }
 }
 
-/// A Handlebars parse error as a diagnostic pointing into the template file.
-pub fn template_diagnostic(file: &Path, source: &str, e: &TemplateError) -> Diagnostic {
+/// A template that cannot be compiled, as a diagnostic pointing into its file.
+pub fn template_diagnostic(file: &Path, source: &str, e: &CompileError) -> Diagnostic {
+    let e = match e {
+        CompileError::Parse(e) => e,
+        CompileError::TooManyTags(tags) => {
+            return Diagnostic::whole_file(
+                file,
+                format!(
+                    "this template has too many fields: it holds {tags} {{{{...}}}}; a template may hold at most {MAX_TAGS}"
+                ),
+            )
+            .with_hint("split it into several emails, or write a list with one {{#each}} instead of a field for each item");
+        }
+        CompileError::TooLong(bytes) => {
+            return Diagnostic::whole_file(
+                file,
+                format!(
+                    "this line is {bytes} bytes long; a `to` or `subject` may be at most {} KiB",
+                    MAX_INLINE_BYTES >> 10
+                ),
+            );
+        }
+    };
     let message = match e.reason() {
         TemplateErrorReason::InvalidSyntax(_) => {
             "this template cannot be read: a `{{` is not closed, or a block opened with `{{#...}}` has no `{{/...}}`"
@@ -617,6 +671,25 @@ mod tests {
             late.text("t").unwrap_err(),
             "filling in the email took longer than 100 ms, the most one email may take"
         );
+    }
+
+    #[test]
+    fn a_template_with_too_many_fields_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fields: String = (0..=MAX_TAGS).map(|i| format!("{{{{f{i}}}}}\n")).collect();
+        std::fs::write(dir.path().join("big.text.hbs"), fields).unwrap();
+        let (t, problems) = Templates::load(dir.path());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].message,
+            "this template has too many fields: it holds 1001 {{...}}; a template may hold at most 1000"
+        );
+        assert!(!t.has_body("big"));
+        let mut t = Templates::empty();
+        let e = t
+            .add_inline("k", &"x".repeat(MAX_INLINE_BYTES + 1))
+            .unwrap_err();
+        assert!(matches!(e, CompileError::TooLong(_)), "{e:?}");
     }
 
     #[test]
