@@ -36,8 +36,10 @@ impl SecretRef {
         let text = match self {
             SecretRef::Env(name) => std::env::var(name)
                 .map_err(|_| format!("the environment variable {name} is not set"))?,
-            SecretRef::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?,
+            SecretRef::File(path) => {
+                crate::user_file::read_text(path, crate::user_file::SECRET_FILE)
+                    .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?
+            }
         };
         let text = text.trim().to_string();
         if text.is_empty() {

@@ -321,12 +321,13 @@ struct Loaded {
 
 impl Loaded {
     fn read(path: &Path) -> Result<Loaded, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::Other(format!(
-                "cannot read the configuration file {}: {e}",
-                path.display()
-            ))
-        })?;
+        let text =
+            crate::user_file::read_text(path, crate::user_file::CONFIG_FILE).map_err(|e| {
+                ConfigError::Other(format!(
+                    "cannot read the configuration file {}: {e}",
+                    path.display()
+                ))
+            })?;
         let file = toml::from_str(&text)
             .map_err(|e| ConfigError::File(vec![toml_diagnostic(path, &text, &e)]))?;
         Ok(Loaded {

@@ -21,6 +21,8 @@
 //! - [`testcase`]: rule test cases (`*.test.toml`) run in memory on a virtual clock.
 //! - [`commands`]: `check`, `test` and `replay`, for rule authors.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
+//! - [`user_file`]: reading the files a user gives us (only regular files, within a size bound)
+//!   and listing their folders.
 
 pub mod actions;
 pub mod admission;
@@ -39,3 +41,4 @@ pub mod server;
 pub mod store;
 pub mod templates;
 pub mod testcase;
+pub mod user_file;

@@ -31,6 +31,9 @@ pub struct ReloadStatus {
     pub ok: bool,
     /// Every problem, as `file:line:col: message`.
     pub errors: Vec<String>,
+    /// What the load noticed that did not stop it (an entry skipped because it is not a file),
+    /// as `file: message`.
+    pub warnings: Vec<String>,
 }
 
 /// The running rule set and where it comes from.
@@ -52,6 +55,7 @@ impl LiveRules {
                 at: now(),
                 ok: false,
                 errors: vec![],
+                warnings: vec![],
             }),
             rules_dir: rules_dir.to_path_buf(),
             templates_dir: templates_dir.to_path_buf(),
@@ -76,7 +80,12 @@ impl LiveRules {
 
     /// Loads the files again; swaps the new set in if it has no problems. Returns whether it did.
     pub fn reload(&self) -> bool {
-        let result = RuleSet::load(&self.rules_dir, &self.templates_dir, &self.data_dir);
+        let (result, warnings) =
+            RuleSet::load_with_warnings(&self.rules_dir, &self.templates_dir, &self.data_dir);
+        for w in &warnings {
+            warn!("{w}");
+        }
+        let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
         let status = match result {
             Ok(set) => {
                 info!(rules = set.rules().len(), "rules loaded");
@@ -85,6 +94,7 @@ impl LiveRules {
                     at: now(),
                     ok: true,
                     errors: vec![],
+                    warnings,
                 }
             }
             Err(problems) => {
@@ -101,6 +111,7 @@ impl LiveRules {
                     at: now(),
                     ok: false,
                     errors: problems.iter().map(ToString::to_string).collect(),
+                    warnings,
                 }
             }
         };

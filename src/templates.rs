@@ -4,17 +4,58 @@
 //! required) and optionally `templates/power_user.html.hbs` (HTML body). Both are Handlebars in
 //! strict mode: a field the event does not have is an error, so an email is never sent half
 //! filled. Text is not escaped; HTML is.
+//!
+//! What filling in one email may cost is bounded, so that one template cannot hold up the
+//! thread that handles every request: each rendered part at most [`MAX_RENDERED_BYTES`], all
+//! `{{#each}}` loops together at most [`MAX_ITERATIONS`] times, and the whole email at most
+//! [`MAX_RENDER_TIME`]. Past a bound the email fails with the reason, like a missing field.
 
 use handlebars::template::{Parameter, TemplateElement};
-use handlebars::{Handlebars, PathSeg, Template, TemplateError, TemplateErrorReason};
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, PathSeg, RenderContext,
+    Renderable, Template, TemplateError, TemplateErrorReason,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
 
-use crate::rules::diagnostic::Diagnostic;
+use crate::rules::diagnostic::{Diagnostic, Warning};
+use crate::user_file;
 
 const TEXT_SUFFIX: &str = ".text.hbs";
 const HTML_SUFFIX: &str = ".html.hbs";
+
+/// The longest one rendered part of an email (its recipient, subject, text or HTML body) may be.
+pub const MAX_RENDERED_BYTES: usize = 1 << 20;
+
+/// How many times all the `{{#each}}` loops of one email may run together. Loops inside loops
+/// multiply: three nested loops over 300 properties would run 27 million times.
+pub const MAX_ITERATIONS: u64 = 10_000;
+
+/// The longest filling in one email may take. An ordinary email takes well under a millisecond.
+pub const MAX_RENDER_TIME: Duration = Duration::from_millis(100);
+
+/// The most `{{...}}` one template may hold (fields, blocks, comments: every `{{` counts).
+///
+/// Compiling a template costs more than its size says: for every `{{...}}` and every stretch of
+/// text between them, the Handlebars parser (handlebars 6.4, through pest's
+/// `Position::line_col`) counts the characters from the start of the template again, so the
+/// time grows with their number × the size. A 1.3 MB template with 20,000 fields took 56 s to
+/// load. Within this bound and the 512 KiB size bound a template compiles in about 2 s at the
+/// very worst (every `{{` at the end of the largest file); an ordinary one, in a millisecond.
+pub const MAX_TAGS: usize = 1_000;
+
+/// The longest a one-line template (a rule's `to` or `subject`) may be.
+pub const MAX_INLINE_BYTES: usize = 4 << 10;
+
+/// The helper put at the start of every `{{#each}}` body when a template is compiled: it counts
+/// one iteration against the email's budget and writes nothing. It is registered for each
+/// rendering only (see [`Rendering`]), and no template can use it by name: `template_check.rs`
+/// allows only [`HELPERS`].
+const ITERATION: &str = "tripline-each-iteration";
 
 /// Every template of one rule set, parsed.
 pub struct Templates {
@@ -24,6 +65,8 @@ pub struct Templates {
     /// Each template file's path and text, in name order: for the content hash, and to point
     /// diagnostics into the file.
     files: Vec<(PathBuf, String)>,
+    /// Entries of the folder named like templates that are not files (skipped).
+    warnings: Vec<Warning>,
 }
 
 /// Something a template refers to, found by [`Templates::references`].
@@ -75,8 +118,10 @@ impl Templates {
     pub fn load(dir: &Path) -> (Templates, Vec<Diagnostic>) {
         let mut templates = Templates::empty();
         let mut problems = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
+        let listing = match user_file::list(dir, |name| {
+            name.ends_with(TEXT_SUFFIX) || name.ends_with(HTML_SUFFIX)
+        }) {
+            Ok(listing) => listing,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (templates, problems),
             Err(e) => {
                 problems.push(Diagnostic::whole_file(
@@ -86,10 +131,9 @@ impl Templates {
                 return (templates, problems);
             }
         };
+        templates.warnings = listing.warnings;
         let mut html_names = Vec::new();
-        let mut paths: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        paths.sort();
-        for path in paths {
+        for path in listing.files {
             let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
@@ -100,14 +144,11 @@ impl Templates {
             } else {
                 continue;
             };
-            if name.starts_with('.') || name.is_empty() {
-                continue;
-            }
             if let Some(outside) = link_outside(dir, &path) {
                 problems.push(Diagnostic::whole_file(&path, outside));
                 continue;
             }
-            let source = match std::fs::read_to_string(&path) {
+            let source = match user_file::read_text(&path, user_file::TEMPLATE) {
                 Ok(s) => s,
                 Err(e) => {
                     problems.push(Diagnostic::whole_file(
@@ -123,7 +164,7 @@ impl Templates {
             } else {
                 &mut templates.text
             };
-            match registry.register_template_string(name, &source) {
+            match compile(name, &source).map(|t| registry.register_template(name, t)) {
                 Ok(()) if is_html => html_names.push((name.to_string(), path.clone())),
                 Ok(()) => {
                     templates.bodies.insert(name.to_string());
@@ -153,7 +194,13 @@ impl Templates {
             html,
             bodies: BTreeSet::new(),
             files: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Entries of the templates folder that were skipped: named like templates, but not files.
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
     }
 
     /// Each template file's path and text, in name order.
@@ -192,20 +239,196 @@ impl Templates {
     }
 
     /// Registers a one-line text template (a rule's `to` or `subject`) under `key`.
-    pub fn add_inline(&mut self, key: &str, source: &str) -> Result<(), TemplateError> {
-        self.text.register_template_string(key, source)
+    pub fn add_inline(&mut self, key: &str, source: &str) -> Result<(), CompileError> {
+        if source.len() > MAX_INLINE_BYTES {
+            return Err(CompileError::TooLong(source.len()));
+        }
+        let template = compile(key, source)?;
+        self.text.register_template(key, template);
+        Ok(())
     }
 
+    /// Starts filling in one email with `data`: every part rendered through the returned
+    /// [`Rendering`] shares one budget of iterations and time.
+    pub fn rendering(&self, data: &Value) -> Rendering<'_> {
+        Rendering {
+            templates: self,
+            context: Context::from(data.clone()),
+            budget: Arc::new(Budget::new(Instant::now() + MAX_RENDER_TIME)),
+        }
+    }
+}
+
+/// One email being filled in: its data, and what it has spent of its budget.
+pub struct Rendering<'t> {
+    templates: &'t Templates,
+    context: Context,
+    budget: Arc<Budget>,
+}
+
+impl Rendering<'_> {
     /// Renders a text template: a body by name, or an inline one by its key.
-    pub fn render_text(&self, key: &str, data: &Value) -> Result<String, String> {
-        self.text.render(key, data).map_err(describe_render_error)
+    pub fn text(&self, key: &str) -> Result<String, String> {
+        self.render(&self.templates.text, key)
     }
 
     /// Renders the HTML body of `name`, if it has one.
-    pub fn render_html(&self, name: &str, data: &Value) -> Option<Result<String, String>> {
-        self.html
+    pub fn html(&self, name: &str) -> Option<Result<String, String>> {
+        let registry = &self.templates.html;
+        registry
             .has_template(name)
-            .then(|| self.html.render(name, data).map_err(describe_render_error))
+            .then(|| self.render(registry, name))
+    }
+
+    /// What `Handlebars::render` does (without its development mode, which is off), with the
+    /// iteration counter registered and the output bounded.
+    fn render(&self, registry: &Handlebars<'static>, key: &str) -> Result<String, String> {
+        let template = registry
+            .get_template(key)
+            .ok_or_else(|| format!("there is no template `{key}`"))?;
+        let mut rc = RenderContext::new(template.name.as_ref());
+        rc.register_local_helper(ITERATION, Box::new(CountIteration(self.budget.clone())));
+        let mut out = BoundedOutput {
+            text: String::new(),
+            budget: &self.budget,
+        };
+        match template.render(registry, &self.context, &mut rc, &mut out) {
+            Ok(()) => Ok(out.text),
+            // A bound's own error may come back wrapped in whatever handlebars was doing.
+            Err(e) => Err(self
+                .budget
+                .exceeded
+                .get()
+                .cloned()
+                .unwrap_or_else(|| describe_render_error(e))),
+        }
+    }
+}
+
+/// What one email may still spend. Shared by its parts, and by the iteration helper (which
+/// handlebars requires to be `Send + Sync`, hence the atomics).
+struct Budget {
+    deadline: Instant,
+    iterations: AtomicU64,
+    /// The first bound exceeded, in words.
+    exceeded: OnceLock<String>,
+}
+
+impl Budget {
+    fn new(deadline: Instant) -> Budget {
+        Budget {
+            deadline,
+            iterations: AtomicU64::new(0),
+            exceeded: OnceLock::new(),
+        }
+    }
+
+    /// Records that a bound was exceeded; the returned error stops the rendering.
+    fn exceed(&self, reason: String) -> std::io::Error {
+        let _ = self.exceeded.set(reason);
+        std::io::Error::other("a bound on rendering was exceeded")
+    }
+
+    fn check_time(&self) -> std::io::Result<()> {
+        if Instant::now() > self.deadline {
+            return Err(self.exceed(format!(
+                "filling in the email took longer than {} ms, the most one email may take",
+                MAX_RENDER_TIME.as_millis()
+            )));
+        }
+        Ok(())
+    }
+
+    fn iterate(&self) -> std::io::Result<()> {
+        if self.iterations.fetch_add(1, Ordering::Relaxed) >= MAX_ITERATIONS {
+            return Err(self.exceed(format!(
+                "the template's {{{{#each}}}} loops would run more than {MAX_ITERATIONS} times for this event (loops inside loops multiply)"
+            )));
+        }
+        self.check_time()
+    }
+}
+
+/// The helper named [`ITERATION`].
+struct CountIteration(Arc<Budget>);
+
+impl HelperDef for CountIteration {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        _: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        _: &mut dyn Output,
+    ) -> HelperResult {
+        Ok(self.0.iterate()?)
+    }
+}
+
+/// Rendered text that refuses to grow past [`MAX_RENDERED_BYTES`], and checks the time at
+/// each write, so that rendering stops early instead of finishing something that is dropped.
+struct BoundedOutput<'b> {
+    text: String,
+    budget: &'b Budget,
+}
+
+impl Output for BoundedOutput<'_> {
+    fn write(&mut self, seg: &str) -> std::io::Result<()> {
+        if self.text.len() + seg.len() > MAX_RENDERED_BYTES {
+            return Err(self.budget.exceed(format!(
+                "the email would be longer than {} MiB (a {{{{#each}}}} over a long list, or loops inside loops?)",
+                MAX_RENDERED_BYTES >> 20
+            )));
+        }
+        self.budget.check_time()?;
+        self.text.push_str(seg);
+        Ok(())
+    }
+}
+
+/// Why a template could not be compiled.
+#[derive(Debug)]
+pub enum CompileError {
+    /// Handlebars could not parse it.
+    Parse(TemplateError),
+    /// It holds more than [`MAX_TAGS`] `{{`.
+    TooManyTags(usize),
+    /// A one-line template longer than [`MAX_INLINE_BYTES`].
+    TooLong(usize),
+}
+
+/// Compiles a template, with the iteration counter put at the start of every `{{#each}}` body.
+/// A template with more than [`MAX_TAGS`] `{{` is refused before the parser sees it.
+fn compile(name: &str, source: &str) -> Result<Template, CompileError> {
+    let tags = memchr::memmem::find_iter(source.as_bytes(), b"{{").count();
+    if tags > MAX_TAGS {
+        return Err(CompileError::TooManyTags(tags));
+    }
+    let mut template =
+        Template::compile_with_name(source, name.to_string()).map_err(CompileError::Parse)?;
+    count_iterations(&mut template);
+    Ok(template)
+}
+
+/// Puts the [`ITERATION`] helper first in the body of every `{{#each}}` block of `t`, however
+/// deeply nested. It writes nothing, so the output is what it would be without it.
+fn count_iterations(t: &mut Template) {
+    static TICK: LazyLock<Template> = LazyLock::new(|| {
+        Template::compile(&format!("{{{{{ITERATION}}}}}")).expect("a valid template")
+    });
+    for e in &mut t.elements {
+        let TemplateElement::HelperBlock(h) = e else {
+            continue;
+        };
+        if h.name.as_name() == Some("each")
+            && let Some(body) = &mut h.template
+        {
+            body.elements.insert(0, TICK.elements[0].clone());
+            body.mapping.insert(0, TICK.mapping[0].clone());
+        }
+        for inner in [&mut h.template, &mut h.inverse].into_iter().flatten() {
+            count_iterations(inner);
+        }
     }
 }
 
@@ -299,8 +522,29 @@ fn path_segments(path: &handlebars::Path) -> Option<Vec<String>> {
     }
 }
 
-/// A Handlebars parse error as a diagnostic pointing into the template file.
-pub fn template_diagnostic(file: &Path, source: &str, e: &TemplateError) -> Diagnostic {
+/// A template that cannot be compiled, as a diagnostic pointing into its file.
+pub fn template_diagnostic(file: &Path, source: &str, e: &CompileError) -> Diagnostic {
+    let e = match e {
+        CompileError::Parse(e) => e,
+        CompileError::TooManyTags(tags) => {
+            return Diagnostic::whole_file(
+                file,
+                format!(
+                    "this template has too many fields: it holds {tags} {{{{...}}}}; a template may hold at most {MAX_TAGS}"
+                ),
+            )
+            .with_hint("split it into several emails, or write a list with one {{#each}} instead of a field for each item");
+        }
+        CompileError::TooLong(bytes) => {
+            return Diagnostic::whole_file(
+                file,
+                format!(
+                    "this line is {bytes} bytes long; a `to` or `subject` may be at most {} KiB",
+                    MAX_INLINE_BYTES >> 10
+                ),
+            );
+        }
+    };
     let message = match e.reason() {
         TemplateErrorReason::InvalidSyntax(_) => {
             "this template cannot be read: a `{{` is not closed, or a block opened with `{{#...}}` has no `{{/...}}`"
@@ -340,15 +584,112 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         assert!(t.has_body("hi"));
         let data = json!({"name": "A&B"});
-        assert_eq!(t.render_text("hi", &data).unwrap(), "Hi A&B <b>");
+        let rendering = t.rendering(&data);
+        assert_eq!(rendering.text("hi").unwrap(), "Hi A&B <b>");
+        assert_eq!(rendering.html("hi").unwrap().unwrap(), "<p>A&amp;B</p>");
         assert_eq!(
-            t.render_html("hi", &data).unwrap().unwrap(),
-            "<p>A&amp;B</p>"
-        );
-        assert_eq!(
-            t.render_text("hi", &json!({})).unwrap_err(),
+            t.rendering(&json!({})).text("hi").unwrap_err(),
             "the event has no `name`"
         );
+    }
+
+    /// A folder holding `t.text.hbs` with `source`, loaded.
+    fn one(source: &str) -> (tempfile::TempDir, Templates) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.text.hbs"), source).unwrap();
+        let (t, problems) = Templates::load(dir.path());
+        assert!(problems.is_empty(), "{problems:?}");
+        (dir, t)
+    }
+
+    #[test]
+    fn counting_iterations_changes_no_output() {
+        let source = "{{#each properties.items}}{{@index}}={{this}}{{#if @last}}.{{else}}, {{/if}}{{/each}}\n\
+                      {{#each properties.map}}{{@key}}:{{#each ../properties.items}}{{@root.event}}{{/each}} {{/each}}\n\
+                      {{#each properties.none}}x{{else}}empty{{/each}}\n\
+                      {{#with properties}}{{#each items}}[{{this}}]{{/each}}{{/with}}";
+        let data = json!({"event": "e", "properties": {"items": ["a", "b"], "map": {"k": 1, "l": 2}, "none": []}});
+        let (_dir, t) = one(source);
+        let plain = Handlebars::new().render_template(source, &data).unwrap();
+        assert_eq!(t.rendering(&data).text("t").unwrap(), plain);
+        assert_eq!(
+            plain, "0=a, 1=b.\nk:ee l:ee \nempty\n[a][b]",
+            "the template means what this test thinks"
+        );
+    }
+
+    #[test]
+    fn loops_inside_loops_stop_at_the_iteration_bound() {
+        let properties: serde_json::Map<String, Value> =
+            (0..300).map(|i| (format!("p{i}"), json!(i))).collect();
+        let data = json!({ "properties": properties });
+        let (_dir, t) = one(
+            "{{#each properties}}{{#each @root.properties}}{{#each @root.properties}}x{{/each}}{{/each}}{{/each}}",
+        );
+        let e = t.rendering(&data).text("t").unwrap_err();
+        assert_eq!(
+            e,
+            "the template's {{#each}} loops would run more than 10000 times for this event (loops inside loops multiply)"
+        );
+        // Two nested loops over 99 properties run 99 + 99 * 99 = 9,900 times: allowed.
+        let properties: serde_json::Map<String, Value> =
+            (0..99).map(|i| (format!("p{i}"), json!(i))).collect();
+        let (_dir, t) = one("{{#each properties}}{{#each @root.properties}}x{{/each}}{{/each}}");
+        let text = t
+            .rendering(&json!({ "properties": properties }))
+            .text("t")
+            .unwrap();
+        assert_eq!(text.len(), 99 * 99);
+    }
+
+    #[test]
+    fn output_stops_at_the_length_bound() {
+        let items: Vec<String> = (0..2000).map(|_| "y".repeat(1000)).collect();
+        let (_dir, t) = one("{{#each properties.items}}{{this}}{{/each}}");
+        let e = t
+            .rendering(&json!({"properties": {"items": items}}))
+            .text("t")
+            .unwrap_err();
+        assert!(e.starts_with("the email would be longer than 1 MiB"), "{e}");
+        let items = &items[..1000];
+        let text = t
+            .rendering(&json!({"properties": {"items": items}}))
+            .text("t")
+            .unwrap();
+        assert_eq!(text.len(), 1_000_000, "just under the bound is fine");
+    }
+
+    #[test]
+    fn an_email_past_its_deadline_stops_at_the_next_write() {
+        let (_dir, t) = one("Hi {{name}}");
+        let late = Rendering {
+            templates: &t,
+            context: Context::from(json!({"name": "x"})),
+            budget: Arc::new(Budget::new(Instant::now() - Duration::from_millis(1))),
+        };
+        assert_eq!(
+            late.text("t").unwrap_err(),
+            "filling in the email took longer than 100 ms, the most one email may take"
+        );
+    }
+
+    #[test]
+    fn a_template_with_too_many_fields_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fields: String = (0..=MAX_TAGS).map(|i| format!("{{{{f{i}}}}}\n")).collect();
+        std::fs::write(dir.path().join("big.text.hbs"), fields).unwrap();
+        let (t, problems) = Templates::load(dir.path());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].message,
+            "this template has too many fields: it holds 1001 {{...}}; a template may hold at most 1000"
+        );
+        assert!(!t.has_body("big"));
+        let mut t = Templates::empty();
+        let e = t
+            .add_inline("k", &"x".repeat(MAX_INLINE_BYTES + 1))
+            .unwrap_err();
+        assert!(matches!(e, CompileError::TooLong(_)), "{e:?}");
     }
 
     #[test]

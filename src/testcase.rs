@@ -20,6 +20,7 @@ use crate::rules::RuleSet;
 use crate::rules::compile::{toml_diagnostic, toml_to_json_value};
 use crate::rules::diagnostic::{Diagnostic, did_you_mean};
 use crate::store::MemoryStore;
+use crate::user_file;
 
 /// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
 pub const SUFFIX: &str = ".test.toml";
@@ -134,7 +135,7 @@ pub struct Case {
 
 /// Reads and checks one test file.
 pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
-    let source = std::fs::read_to_string(file).map_err(|e| {
+    let source = user_file::read_text(file, user_file::TEST_FILE).map_err(|e| {
         vec![Diagnostic::whole_file(
             file,
             format!("cannot read this file: {e}"),
@@ -271,7 +272,7 @@ fn entry_events(
     let originals = match (&entry.file, entry.event.is_empty()) {
         (Some(name), true) => {
             let path = test_file.parent().unwrap_or(Path::new(".")).join(name);
-            let bytes = std::fs::read(&path).map_err(|e| {
+            let bytes = user_file::read(&path, user_file::TEST_EVENTS_FILE).map_err(|e| {
                 (
                     format!("cannot read the events file {}: {e}", path.display()),
                     "`file` is relative to the test file".to_string(),

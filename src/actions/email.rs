@@ -1,7 +1,8 @@
 //! The `[email]` action: render an email from templates.
 //!
 //! Rendering is strict: a field the event lacks, or a `to` that is not an address, fails the
-//! email with a reason instead of sending something half filled. Rendered emails go to the
+//! email with a reason instead of sending something half filled; so does a template that would
+//! cost more than the bounds of `templates.rs` allow. Rendered emails go to the
 //! durable outbox (`outbox.rs`), which delivers them.
 
 use lettre::Message;
@@ -42,9 +43,12 @@ pub fn build(
     data: &Value,
     default_from: &Mailbox,
 ) -> Result<Built, RenderError> {
+    // One budget for the whole email (see `templates.rs`): a template that would take too long,
+    // loop too often or write too much fails this email only.
+    let rendering = templates.rendering(data);
     let render = |key: &str, what: &str| {
-        templates
-            .render_text(key, data)
+        rendering
+            .text(key)
             .map_err(|e| RenderError(format!("cannot fill in the {what}: {e}")))
     };
     let to_text = render(&action.to_key, "recipient (`to`)")?;
@@ -61,7 +65,7 @@ pub fn build(
         .to(to)
         .subject(&subject)
         .message_id(None);
-    let message = match templates.render_html(&action.template, data) {
+    let message = match rendering.html(&action.template) {
         Some(html) => {
             let html =
                 html.map_err(|e| RenderError(format!("cannot fill in the HTML body: {e}")))?;

@@ -1,9 +1,10 @@
 //! `tripline check`: validates everything the server would load, and the test files beside the
-//! rules, without starting anything. Exit 0 when all is well, 1 when anything is wrong.
+//! rules, without starting anything. Exit 0 when all is well, 1 when anything is wrong; warnings
+//! (entries skipped because they are not files) are printed without changing that.
 
 use std::process::ExitCode;
 
-use super::print_problems;
+use super::{print_problems, print_warnings};
 use crate::config::FolderArgs;
 use crate::rules::RuleSet;
 use crate::rules::diagnostic::Diagnostic;
@@ -17,7 +18,9 @@ pub fn run(args: &FolderArgs) -> ExitCode {
         Err(code) => return code,
     };
     let mut problems = Vec::new();
-    let rules = match RuleSet::load(&folders.rules, &folders.templates, &folders.data) {
+    let (rules, mut warnings) =
+        RuleSet::load_with_warnings(&folders.rules, &folders.templates, &folders.data);
+    let rules = match rules {
         Ok(set) => Some(set),
         Err(mut p) => {
             problems.append(&mut p);
@@ -26,8 +29,9 @@ pub fn run(args: &FolderArgs) -> ExitCode {
     };
     let mut tests = 0;
     match test_files(&folders.rules) {
-        Ok(files) => {
-            for file in files {
+        Ok(listing) => {
+            warnings.extend(listing.warnings);
+            for file in listing.files {
                 match testcase::load(&file) {
                     Ok(cases) => tests += cases.len(),
                     Err(mut p) => problems.append(&mut p),
@@ -41,6 +45,7 @@ pub fn run(args: &FolderArgs) -> ExitCode {
             format!("cannot read the rules folder: {e}"),
         )),
     }
+    print_warnings(&warnings);
     match rules {
         Some(set) if problems.is_empty() => {
             println!(

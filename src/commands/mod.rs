@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use crate::config::{ConfigError, FolderArgs, Folders, Paths};
 use crate::rules::RuleSet;
-use crate::rules::diagnostic::Diagnostic;
+use crate::rules::diagnostic::{Diagnostic, Warning};
 
 /// The folders and sender of `args`, or the configuration file's problems printed and exit
 /// code 2.
@@ -26,14 +26,24 @@ pub fn report_config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Loads the rule set of `folders`, or prints every problem.
+/// Loads the rule set of `folders`, or prints every problem. Warnings are printed either way.
 fn load_rules(folders: &Folders) -> Option<RuleSet> {
-    match RuleSet::load(&folders.rules, &folders.templates, &folders.data) {
+    let (result, warnings) =
+        RuleSet::load_with_warnings(&folders.rules, &folders.templates, &folders.data);
+    print_warnings(&warnings);
+    match result {
         Ok(set) => Some(set),
         Err(problems) => {
             print_problems(&problems);
             None
         }
+    }
+}
+
+/// Prints warnings to stderr, as `warning: file: message`. They do not change the exit code.
+fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
 }
 

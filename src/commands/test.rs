@@ -6,7 +6,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{load_rules, print_problems};
+use super::{load_rules, print_problems, print_warnings};
 use crate::config::FolderArgs;
 use crate::rules::diagnostic::Diagnostic;
 use crate::rules::test_files;
@@ -51,7 +51,10 @@ pub fn run(args: &TestArgs) -> ExitCode {
     for path in wanted {
         if path.is_dir() {
             match test_files(&path) {
-                Ok(mut found) => files.append(&mut found),
+                Ok(mut found) => {
+                    print_warnings(&found.warnings);
+                    files.append(&mut found.files);
+                }
                 Err(e) => problems.push(Diagnostic::whole_file(
                     &path,
                     format!("cannot read this folder: {e}"),

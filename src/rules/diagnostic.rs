@@ -44,13 +44,23 @@ impl Diagnostic {
         column: usize,
         message: impl Into<String>,
     ) -> Self {
-        // A parser may point just past the end (an unclosed block): show the last line instead.
-        let lines = source.lines().count();
-        let (line, column) = if lines > 0 && line > lines {
-            let last = source.lines().last().unwrap_or_default();
-            (lines, last.chars().count() + 1)
-        } else {
-            (line, column)
+        // Only the text up to the line is looked at, so that the many problems of a long file
+        // cost little each.
+        let bytes = source.as_bytes();
+        let start = match line {
+            0 | 1 => Some(0),
+            n => memchr::memchr_iter(b'\n', bytes).nth(n - 2).map(|i| i + 1),
+        };
+        let (line, column, start) = match start {
+            Some(start) if start < source.len() => (line, column, start),
+            _ if source.is_empty() => (line, column, 0),
+            // A parser may point just past the end (an unclosed block): show the last line.
+            _ => {
+                let text = source.strip_suffix('\n').unwrap_or(source);
+                let start = memchr::memrchr(b'\n', text.as_bytes()).map_or(0, |i| i + 1);
+                let lines = memchr::memchr_iter(b'\n', text.as_bytes()).count() + 1;
+                (lines, line_text(source, start).chars().count() + 1, start)
+            }
         };
         Diagnostic {
             file: file.to_path_buf(),
@@ -58,11 +68,7 @@ impl Diagnostic {
             column,
             message: message.into(),
             hint: None,
-            source_line: source
-                .lines()
-                .nth(line.saturating_sub(1))
-                .unwrap_or_default()
-                .to_string(),
+            source_line: line_text(source, start).to_string(),
         }
     }
 
@@ -127,6 +133,29 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// Something a load noticed that does not stop it, such as an entry of the rules folder that is
+/// named like a rule file but is a folder or a named pipe (it is skipped). Shown wherever problems
+/// are: by `tripline check`, in the log and at `GET /rules`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+/// `file: message`.
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.message)
+    }
+}
+
+/// The line of `source` that starts at byte `start`, without its line break.
+fn line_text(source: &str, start: usize) -> &str {
+    let rest = &source[start..];
+    let line = memchr::memchr(b'\n', rest.as_bytes()).map_or(rest, |i| &rest[..i]);
+    line.strip_suffix('\r').unwrap_or(line)
+}
+
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     while !s.is_char_boundary(i) {
         i -= 1;
@@ -162,6 +191,27 @@ mod tests {
         assert_eq!((d.line, d.column), (2, 6));
         assert_eq!(d.source_line, "näme = \"x\"");
         assert_eq!(d.to_string(), "r.toml:2:6: m");
+    }
+
+    #[test]
+    fn a_position_past_the_end_points_at_the_last_line() {
+        for (source, expected) in [
+            ("a\nbc\n", (2, 3, "bc")),
+            ("a\nbc", (2, 3, "bc")),
+            ("a\r\nbc\r\n", (2, 3, "bc")),
+            ("\n", (1, 1, "")),
+        ] {
+            let d = Diagnostic::at_line(Path::new("t.hbs"), source, 9, 4, "m");
+            assert_eq!(
+                (d.line, d.column, d.source_line.as_str()),
+                expected,
+                "{source:?}"
+            );
+        }
+        let d = Diagnostic::at_line(Path::new("t.hbs"), "a\r\nbc\r\nd", 2, 2, "m");
+        assert_eq!((d.line, d.column, d.source_line.as_str()), (2, 2, "bc"));
+        let d = Diagnostic::whole_file(Path::new("t.hbs"), "m");
+        assert_eq!((d.line, d.column, d.source_line.as_str()), (1, 1, ""));
     }
 
     #[test]

@@ -23,8 +23,9 @@ use crate::actions::email::EmailAction;
 use crate::actions::jsonl::JsonlAction;
 use crate::event::Event;
 use crate::templates::Templates;
+use crate::user_file::{self, Listing};
 use condition::Condition;
-use diagnostic::Diagnostic;
+use diagnostic::{Diagnostic, Warning};
 use path::FieldPath;
 
 /// One compiled rule.
@@ -82,27 +83,43 @@ pub struct RuleSet {
 
 impl RuleSet {
     /// Loads every `*.toml` file of `rules_dir` and every template of `templates_dir`.
-    /// `data_dir` is where output files go (used to check their paths).
+    /// `data_dir` is where output files go (used to check their paths). Warnings (entries that
+    /// are skipped) are dropped: use [`load_with_warnings`](Self::load_with_warnings) where a
+    /// person will see the outcome.
     pub fn load(
         rules_dir: &Path,
         templates_dir: &Path,
         data_dir: &Path,
     ) -> Result<RuleSet, Vec<Diagnostic>> {
+        Self::load_with_warnings(rules_dir, templates_dir, data_dir).0
+    }
+
+    /// [`load`](Self::load), with what the load noticed that does not stop it, whether it
+    /// succeeded or not.
+    pub fn load_with_warnings(
+        rules_dir: &Path,
+        templates_dir: &Path,
+        data_dir: &Path,
+    ) -> (Result<RuleSet, Vec<Diagnostic>>, Vec<Warning>) {
         let (mut templates, mut problems) = Templates::load(templates_dir);
+        let mut warnings = templates.warnings().to_vec();
         let files = match rule_files(rules_dir) {
-            Ok(files) => files,
+            Ok(listing) => {
+                warnings.extend(listing.warnings);
+                listing.files
+            }
             Err(e) => {
                 problems.push(Diagnostic::whole_file(
                     rules_dir,
                     format!("cannot read the rules folder: {e}"),
                 ));
-                return Err(problems);
+                return (Err(problems), warnings);
             }
         };
         let mut rules: Vec<Rule> = Vec::new();
         let mut hasher = Sha256::new();
         for file in files {
-            let source = match std::fs::read_to_string(&file) {
+            let source = match user_file::read_text(&file, user_file::RULE_FILE) {
                 Ok(s) => s,
                 Err(e) => {
                     problems.push(Diagnostic::whole_file(
@@ -128,7 +145,7 @@ impl RuleSet {
             problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             // A template file used by several rules would report the same problem for each.
             problems.dedup();
-            return Err(problems);
+            return (Err(problems), warnings);
         }
         for (name, source) in templates.files() {
             hash_file(&mut hasher, "template", name, source);
@@ -137,7 +154,7 @@ impl RuleSet {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Ok(RuleSet::index(rules, templates, hash))
+        (Ok(RuleSet::index(rules, templates, hash)), warnings)
     }
 
     fn index(rules: Vec<Rule>, templates: Templates, hash: String) -> RuleSet {
@@ -212,29 +229,15 @@ fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
 
 /// The rule files of a folder, sorted: `*.toml`, skipping hidden files (editors' locks and swaps)
 /// and test files (`*.test.toml`).
-fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    files_named(dir, |name| {
+fn rule_files(dir: &Path) -> std::io::Result<Listing> {
+    user_file::list(dir, |name| {
         name.ends_with(".toml") && !name.ends_with(crate::testcase::SUFFIX)
     })
 }
 
 /// The test files (`*.test.toml`) of a folder, sorted, skipping hidden files.
-pub fn test_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    files_named(dir, |name| name.ends_with(crate::testcase::SUFFIX))
-}
-
-/// The regular, not hidden files of `dir` whose names `keep` accepts, sorted.
-fn files_named(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            keep(name) && !name.starts_with('.') && p.is_file()
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+pub fn test_files(dir: &Path) -> std::io::Result<Listing> {
+    user_file::list(dir, |name| name.ends_with(crate::testcase::SUFFIX))
 }
 
 fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagnostic {
