@@ -21,7 +21,7 @@ use std::hint::black_box;
 use std::path::Path;
 use tripline::actions::email;
 use tripline::engine;
-use tripline::event::{self, BodyLimits, Event};
+use tripline::ingest::event::{self, BodyLimits, Event};
 use tripline::rules::RuleSet;
 use tripline::store::MemoryStore;
 

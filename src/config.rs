@@ -7,7 +7,7 @@
 //! reported like a bad rule file, `file:line:col` with a caret, and stops start-up (exit code 2).
 //!
 //! Secrets never live in the configuration file: it names the environment variables or files
-//! that hold them (see `auth.rs`).
+//! that hold them (see `ingest/auth.rs`).
 
 use clap::{Args, ValueEnum};
 use indexmap::IndexMap;
@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
-use crate::auth::{SecretRef, Source, SourceConfig, Sources};
+use crate::diag::Diagnostic;
+use crate::ingest::auth::{SecretRef, Source, SourceConfig, Sources};
 use crate::rules::compile::toml_diagnostic;
-use crate::rules::diagnostic::Diagnostic;
 use std::sync::Arc;
 
 /// Where the rules, templates and data are, and the configuration file that may say so: the
@@ -507,7 +507,7 @@ impl ServeArgs {
         let max_clock_skew = check.duration(
             self.max_clock_skew,
             limits.max_clock_skew.as_ref(),
-            crate::event::DEFAULT_CLOCK_SKEW,
+            crate::ingest::event::DEFAULT_CLOCK_SKEW,
         );
         let retention = &file.retention;
         let dedupe_retention_days = check.number(

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use tracing::{debug, info, info_span, warn};
 
 use crate::actions::email::{self, EmailAction, mask_email};
-use crate::event::Event;
+use crate::ingest::event::Event;
 use crate::rules::path::FieldPath;
 use crate::rules::{Rule, RuleSet};
 use crate::store::{StateKey, Store, StoreError};
@@ -315,7 +315,7 @@ fn state_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode;
+    use crate::ingest::event::decode;
     use crate::store::MemoryStore;
     use std::path::Path;
 
@@ -365,7 +365,7 @@ fields = { who = "distinct_id" }
         decode(
             body.as_bytes(),
             chrono::Utc::now(),
-            &crate::event::BodyLimits::LOCAL_FILES,
+            &crate::ingest::event::BodyLimits::LOCAL_FILES,
         )
         .unwrap()
     }

@@ -1,44 +1,35 @@
 //! tripline turns product-analytics events (PostHog webhooks) into actions described by TOML
 //! rule files: emails rendered from templates, and sanitized lines in JSONL files.
 //!
-//! # Layout
-//! - [`server`]: the HTTP edge — routes, status codes, limits, start and graceful stop.
-//! - [`connections`]: accepting connections; their number, header and shutdown time limits.
-//! - [`admission`]: who sent a `/webhook` request, settled before it takes a place or (for a
-//!   bearer token) before its body is read; the per-source rate limit.
-//! - [`auth`]: named sources and their secrets; bearer tokens and Standard Webhooks signatures.
-//! - [`event`]: decoding every body shape PostHog sends into one normalized [`event::Event`].
-//! - [`rules`]: rule files → compiled, indexed [`rules::RuleSet`]; diagnostics with file:line:col.
-//! - [`templates`]: email templates (Handlebars, strict).
+//! # Layout, in the order an event travels
+//! - [`http`]: the HTTP edge — connections and their limits, admission (who sent a request,
+//!   before it takes a place), routes, status codes, start and ordered stop.
+//! - [`ingest`]: who may send ([`ingest::auth`]: sources, bearer tokens, Standard Webhooks
+//!   signatures) and decoding every body shape PostHog sends into one [`ingest::event::Event`].
+//! - [`rules`]: rule files and templates → compiled, indexed [`rules::RuleSet`].
 //! - [`engine`]: decides what events do under a rule set: dedupe → match → count (or window) →
-//!   limits → effects (lines to append, emails to queue). No I/O.
-//! - [`committer`]: group commit — one thread makes the effects of many requests durable at once.
+//!   limits → effects. No I/O.
+//! - [`pipeline`]: what runs in the background of the service: the committer (group commit: one
+//!   thread makes the effects of many requests durable at once), the outbox sender, the reload
+//!   of the rules.
 //! - [`actions`]: one module per action kind (`email` rendering, `jsonl` projection and files).
-//! - [`outbox`]: the durable email queue and the task that delivers it (file or SMTP).
-//! - [`store`]: counters, time windows, last actions and handled event ids behind one trait;
-//!   [`db`]: its redb form.
-//! - [`reload`]: the running rule set and the file watcher that replaces it.
-//! - [`testcase`]: rule test cases (`*.test.toml`) run in memory on a virtual clock.
-//! - [`commands`]: `check`, `test` and `replay`, for rule authors.
+//! - [`store`]: counters, time windows, last actions and handled ids behind one trait; its redb
+//!   form in [`store::redb`].
+//! - [`authoring`]: `check`, `test` (rule test cases run in memory on a virtual clock) and
+//!   `replay`, for rule authors.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
+//! - [`diag`]: problems in a user's file as `file:line:col: message`, with the line and a caret.
 //! - [`user_file`]: reading the files a user gives us (only regular files, within a size bound)
 //!   and listing their folders.
 
 pub mod actions;
-pub mod admission;
-pub mod auth;
-pub mod commands;
-pub mod committer;
+pub mod authoring;
 pub mod config;
-pub mod connections;
-pub mod db;
+pub mod diag;
 pub mod engine;
-pub mod event;
-pub mod outbox;
-pub mod reload;
+pub mod http;
+pub mod ingest;
+pub mod pipeline;
 pub mod rules;
-pub mod server;
 pub mod store;
-pub mod templates;
-pub mod testcase;
 pub mod user_file;

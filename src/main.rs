@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-use tripline::commands::{self, replay::ReplayArgs, test::TestArgs};
+use tripline::authoring::{self, replay::ReplayArgs, test::TestArgs};
 use tripline::config::{FolderArgs, LogFormat, ServeArgs};
 
 #[derive(Parser)]
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             let config = match args.resolve() {
                 Ok(config) => config,
-                Err(e) => return commands::report_config_error(&e),
+                Err(e) => return authoring::report_config_error(&e),
             };
             init_logs("info", config.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tripline::server::serve(config, shutdown_signal())) {
+            match runtime.block_on(tripline::http::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -60,15 +60,15 @@ fn main() -> ExitCode {
         }
         Command::Check(folders) => {
             init_logs("error", LogFormat::Text);
-            commands::check::run(&folders)
+            authoring::check::run(&folders)
         }
         Command::Test(args) => {
             init_logs("error", LogFormat::Text);
-            commands::test::run(&args)
+            authoring::test::run(&args)
         }
         Command::Replay(args) => {
             init_logs("error", LogFormat::Text);
-            commands::replay::run(&args)
+            authoring::replay::run(&args)
         }
     }
 }

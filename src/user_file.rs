@@ -15,7 +15,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::rules::diagnostic::Warning;
+use crate::diag::Warning;
 
 /// How large a kind of file may be, and what that kind is called in messages. The bounds are
 /// far above what a person writes by hand; they only keep one mistaken file from stalling a load.

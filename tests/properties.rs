@@ -10,11 +10,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tripline::engine;
-use tripline::event::{self, BodyLimits};
+use tripline::ingest::event::{self, BodyLimits};
 use tripline::rules::RuleSet;
 use tripline::rules::compile::compile;
+use tripline::rules::templates::Templates;
 use tripline::store::MemoryStore;
-use tripline::templates::Templates;
 
 /// The fixtures every payload property starts from: PostHog's own bodies, malformed ones included.
 fn payload_seeds() -> Vec<Vec<u8>> {

@@ -40,7 +40,7 @@ fn signed_as(id: &str, whsec: &str, timestamp: i64, body: &[u8]) -> Vec<(&'stati
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let key = b64.decode(whsec.trim_start_matches("whsec_")).unwrap();
-    let mac = tripline::auth::sign(&key, id, &timestamp.to_string(), body);
+    let mac = tripline::ingest::auth::sign(&key, id, &timestamp.to_string(), body);
     vec![
         ("webhook-id", id.to_string()),
         ("webhook-timestamp", timestamp.to_string()),

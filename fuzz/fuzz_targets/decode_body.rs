@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use std::sync::OnceLock;
-use tripline::event::{BodyLimits, decode, decode_wanted};
+use tripline::ingest::event::{BodyLimits, decode, decode_wanted};
 use tripline::rules::RuleSet;
 use tripline::store::MemoryStore;
 

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 
-use crate::event::Event;
+use crate::ingest::event::Event;
 use crate::rules::path::FieldPath;
 
 /// A compiled `[jsonl]` table.
@@ -77,7 +77,7 @@ const MAX_PATH_BYTES: usize = 1024;
 /// folder: the database, the email folder, and every name starting with `.tripline` (the
 /// readiness probe's files, for one).
 pub fn is_reserved(name: &std::ffi::OsStr) -> bool {
-    name == crate::db::FILE_NAME
+    name == crate::store::redb::FILE_NAME
         || name == "outbox"
         || name.to_string_lossy().starts_with(".tripline")
 }
@@ -137,7 +137,7 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
     {
         return Err(UnsafePath(format!(
             "`{}`, `outbox/` and names starting with `.tripline` are tripline's own: choose another name",
-            crate::db::FILE_NAME
+            crate::store::redb::FILE_NAME
         )));
     }
     if let Ok(root) = data_dir.canonicalize() {

@@ -9,14 +9,14 @@ use toml::Spanned;
 
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::{JsonlAction, OutputField, check_output_path};
-use crate::event::parse_timestamp;
+use crate::diag::{Diagnostic, did_you_mean};
+use crate::ingest::event::parse_timestamp;
 use crate::rules::condition::{Condition, Test};
-use crate::rules::diagnostic::{Diagnostic, did_you_mean};
 use crate::rules::file::*;
 use crate::rules::path::FieldPath;
 use crate::rules::template_check::{self, Known, Place};
+use crate::rules::templates::{Templates, template_diagnostic};
 use crate::rules::{Count, Limits, Rule};
-use crate::templates::{Templates, template_diagnostic};
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde_json::Value;
 
-use crate::event::{Event, parse_timestamp};
+use crate::ingest::event::{Event, parse_timestamp};
 use crate::rules::path::FieldPath;
 
 /// A compiled condition tree.

@@ -8,10 +8,10 @@
 
 pub mod compile;
 pub mod condition;
-pub mod diagnostic;
 pub mod file;
 pub mod path;
 pub mod template_check;
+pub mod templates;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::JsonlAction;
-use crate::event::Event;
-use crate::templates::Templates;
+use crate::diag::{Diagnostic, Warning};
+use crate::ingest::event::Event;
+use crate::rules::templates::Templates;
 use crate::user_file::{self, Listing};
 use condition::Condition;
-use diagnostic::{Diagnostic, Warning};
 use path::FieldPath;
 
 /// One compiled rule.
@@ -231,13 +231,13 @@ fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
 /// and test files (`*.test.toml`).
 fn rule_files(dir: &Path) -> std::io::Result<Listing> {
     user_file::list(dir, |name| {
-        name.ends_with(".toml") && !name.ends_with(crate::testcase::SUFFIX)
+        name.ends_with(".toml") && !name.ends_with(crate::authoring::cases::SUFFIX)
     })
 }
 
 /// The test files (`*.test.toml`) of a folder, sorted, skipping hidden files.
 pub fn test_files(dir: &Path) -> std::io::Result<Listing> {
-    user_file::list(dir, |name| name.ends_with(crate::testcase::SUFFIX))
+    user_file::list(dir, |name| name.ends_with(crate::authoring::cases::SUFFIX))
 }
 
 fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagnostic {
@@ -257,7 +257,7 @@ fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagno
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode;
+    use crate::ingest::event::decode;
 
     fn set(rules: &[(&str, &str)]) -> (tempfile::TempDir, RuleSet) {
         let dir = tempfile::tempdir().unwrap();
@@ -279,7 +279,7 @@ mod tests {
         let event = &decode(
             body.as_bytes(),
             chrono::Utc::now(),
-            &crate::event::BodyLimits::LOCAL_FILES,
+            &crate::ingest::event::BodyLimits::LOCAL_FILES,
         )
         .unwrap()[0];
         set.candidates(event.name())

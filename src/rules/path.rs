@@ -7,8 +7,8 @@
 use serde_json::Value;
 use std::fmt;
 
-use crate::event::Event;
-use crate::rules::diagnostic::did_you_mean;
+use crate::diag::did_you_mean;
+use crate::ingest::event::Event;
 
 /// The paths a rule may start with, as written.
 pub const ROOTS: [&str; 7] = [

@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 
-use crate::rules::diagnostic::{Diagnostic, did_you_mean};
+use crate::diag::{Diagnostic, did_you_mean};
 use crate::rules::path::FieldPath;
-use crate::templates::{HELPERS, Reference, ReferenceKind};
+use crate::rules::templates::{HELPERS, Reference, ReferenceKind};
 
 /// What a template may name at its top level.
 const ROOTS: &[&str] = &[

@@ -37,9 +37,9 @@ use tracing::{error, info, warn};
 
 use crate::actions::email::mask_addresses;
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
-use crate::db::Db;
 use crate::engine::QueuedEmail;
 use crate::store::StoreError;
+use crate::store::redb::Db;
 
 /// Delivery attempts at once. A mail server that never answers holds one of them per email it
 /// leaves hanging, until [`ATTEMPT_DEADLINE`].

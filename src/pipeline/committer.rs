@@ -30,12 +30,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles};
-use crate::db::Db;
 use crate::engine::{self, Effect, Report, Unwritable};
-use crate::event::Event;
-use crate::outbox::{OutboxRecord, now_unix};
+use crate::ingest::event::Event;
+use crate::pipeline::outbox::{OutboxRecord, now_unix};
 use crate::rules::RuleSet;
 use crate::store::StoreError;
+use crate::store::redb::Db;
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 512;
@@ -613,10 +613,10 @@ mod tests {
                 .iter()
                 .map(|n| {
                     let body = format!(r#"{{"event":"{n}"}}"#);
-                    crate::event::decode(
+                    crate::ingest::event::decode(
                         body.as_bytes(),
                         chrono::Utc::now(),
-                        &crate::event::BodyLimits::LOCAL_FILES,
+                        &crate::ingest::event::BodyLimits::LOCAL_FILES,
                     )
                     .unwrap()
                     .remove(0)

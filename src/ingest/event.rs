@@ -33,7 +33,7 @@ pub struct Event {
     pub properties: Value,
     /// The person's properties as PostHog knew them: always an object (empty without a person).
     pub person_properties: Value,
-    /// The configured source that sent it (see `auth.rs`): a string, or null when requests are
+    /// The configured source that sent it (see `ingest/auth.rs`): a string, or null when requests are
     /// not authenticated or the event comes from a file.
     pub source: Value,
 }

@@ -5,11 +5,11 @@
 use std::process::ExitCode;
 
 use super::{print_problems, print_warnings};
+use crate::authoring::cases;
 use crate::config::FolderArgs;
+use crate::diag::Diagnostic;
 use crate::rules::RuleSet;
-use crate::rules::diagnostic::Diagnostic;
 use crate::rules::test_files;
-use crate::testcase;
 
 /// Runs the check.
 pub fn run(args: &FolderArgs) -> ExitCode {
@@ -32,7 +32,7 @@ pub fn run(args: &FolderArgs) -> ExitCode {
         Ok(listing) => {
             warnings.extend(listing.warnings);
             for file in listing.files {
-                match testcase::load(&file) {
+                match cases::load(&file) {
                     Ok(cases) => tests += cases.len(),
                     Err(mut p) => problems.append(&mut p),
                 }

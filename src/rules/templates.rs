@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::rules::diagnostic::{Diagnostic, Warning};
+use crate::diag::{Diagnostic, Warning};
 use crate::user_file;
 
 const TEXT_SUFFIX: &str = ".text.hbs";

@@ -24,14 +24,14 @@ use std::time::{Duration, Instant};
 use super::load_rules;
 use crate::actions::email::mask_email;
 use crate::actions::jsonl::JsonlFiles;
-use crate::committer::{Committer, Retention};
 use crate::config::{FolderArgs, Paths};
-use crate::db::Db;
 use crate::engine::{self, Effect, Outcome, Report};
-use crate::event::{self, Event};
-use crate::outbox::{self, Transport};
+use crate::ingest::event::{self, Event};
+use crate::pipeline::committer::{Committer, Retention};
+use crate::pipeline::outbox::{self, Transport};
 use crate::rules::RuleSet;
 use crate::store::MemoryStore;
+use crate::store::redb::Db;
 
 /// Events handled together (one transaction with `--execute-into`).
 const BATCH: usize = 1024;

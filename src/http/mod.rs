@@ -4,6 +4,9 @@
 //! and only then runs them through one snapshot of the rules. A client's mistake is a specific
 //! 4xx with a JSON `{"error": ...}`; a fault on our side is a 503 so that PostHog retries.
 
+pub mod admission;
+pub mod connections;
+
 use axum::body::Bytes;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
@@ -29,17 +32,17 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::actions::jsonl::JsonlFiles;
-use crate::admission::{self, Sender};
-use crate::auth::{Source, Sources};
-use crate::committer::{CommitError, Committer, Retention};
 use crate::config::{Limits, ServeConfig};
-use crate::connections::{self, ConnectionLimits};
-use crate::db::Db;
 use crate::engine::{Outcome, Report};
-use crate::event::{self, BodyLimits, DecodeError};
-use crate::outbox::{self, OutboxRecord, Transport};
-use crate::reload::{self, LiveRules};
+use crate::ingest::auth::{Source, Sources};
+use crate::ingest::event::{self, BodyLimits, DecodeError};
+use crate::pipeline::committer::{CommitError, Committer, Retention};
+use crate::pipeline::outbox::{self, OutboxRecord, Transport};
+use crate::pipeline::reload::{self, LiveRules};
 use crate::rules::RuleSet;
+use crate::store::redb::Db;
+use admission::Sender;
+use connections::ConnectionLimits;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -78,7 +81,7 @@ impl AppState {
 }
 
 /// The routes. `/webhook` gets the limits: admission (who sent it, before any place is taken;
-/// see `admission.rs`), then at most `max_concurrent_requests` at once (more are shed with 503
+/// see `http/admission.rs`), then at most `max_concurrent_requests` at once (more are shed with 503
 /// rather than queued), a time limit and the body size. The read-only endpoints need the admin
 /// token once sources are configured; the health checks are open.
 pub fn router(state: AppState, limits: &Limits) -> Router {

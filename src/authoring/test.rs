@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{load_rules, print_problems, print_warnings};
+use crate::authoring::cases;
 use crate::config::FolderArgs;
-use crate::rules::diagnostic::Diagnostic;
+use crate::diag::Diagnostic;
 use crate::rules::test_files;
-use crate::testcase;
 
 /// Arguments of `tripline test`.
 #[derive(Debug, Args)]
@@ -66,7 +66,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
     }
     let (mut passed, mut failed) = (0, 0);
     for file in &files {
-        let cases = match testcase::load(file) {
+        let cases = match cases::load(file) {
             Ok(cases) => cases,
             Err(mut p) => {
                 problems.append(&mut p);
@@ -77,7 +77,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
             println!("{}", file.display());
         }
         for case in &cases {
-            let differences = testcase::run(case, &rules, &paths.email_from);
+            let differences = cases::run(case, &rules, &paths.email_from);
             if differences.is_empty() {
                 passed += 1;
             } else {
@@ -109,7 +109,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
     if files.is_empty() {
         eprintln!(
             "no test files found: tests live beside the rules, in files named like power_user_email{}",
-            testcase::SUFFIX
+            cases::SUFFIX
         );
     }
     let summary = format!(

@@ -19,9 +19,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::sync::Arc;
 use tracing::debug;
 
-use crate::auth::{Credentials, Refusal, Sources};
-use crate::committer::Delivery;
-use crate::server::{AppError, AppState};
+use crate::http::{AppError, AppState};
+use crate::ingest::auth::{Credentials, Refusal, Sources};
+use crate::pipeline::committer::Delivery;
 
 /// Who sent a request, as admission established it.
 #[derive(Debug, Clone)]

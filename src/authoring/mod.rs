@@ -1,6 +1,7 @@
 //! The commands a rule author runs without starting the service: `check`, `test` and `replay`.
 //! Each prints for people on the terminal and returns the process's exit code.
 
+pub mod cases;
 pub mod check;
 pub mod replay;
 pub mod test;
@@ -8,8 +9,8 @@ pub mod test;
 use std::process::ExitCode;
 
 use crate::config::{ConfigError, FolderArgs, Folders, Paths};
+use crate::diag::{Diagnostic, Warning};
 use crate::rules::RuleSet;
-use crate::rules::diagnostic::{Diagnostic, Warning};
 
 /// The folders and sender of `args`, or the configuration file's problems printed and exit
 /// code 2.

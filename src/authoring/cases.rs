@@ -14,11 +14,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
+use crate::diag::{Diagnostic, did_you_mean};
 use crate::engine::{self, Effect, Outcome};
-use crate::event::{self, Event};
+use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
 use crate::rules::compile::{toml_diagnostic, toml_to_json_value};
-use crate::rules::diagnostic::{Diagnostic, did_you_mean};
 use crate::store::MemoryStore;
 use crate::user_file;
 

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::outbox::{OutboxRecord, now_unix};
+use crate::pipeline::outbox::{OutboxRecord, now_unix};
 use crate::store::{StateKey, Store, StoreError, record_in_window};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -747,7 +747,7 @@ mod tests {
     /// A pending email next due at `due_unix`.
     fn pending(due_unix: u64) -> OutboxRecord {
         OutboxRecord {
-            status: crate::outbox::Status::Pending,
+            status: crate::pipeline::outbox::Status::Pending,
             next_attempt_unix: due_unix,
             last_error: None,
             finished_unix: None,

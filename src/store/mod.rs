@@ -2,8 +2,10 @@
 //!
 //! Everything a rule remembers goes through the [`Store`] trait, keyed by the rule's *name* and
 //! the values of the fields it counts per, so state survives reloads, file renames and edits of
-//! other rules. The service uses the durable implementation in `db.rs`, one write transaction
+//! other rules. The service uses the durable implementation in `store/redb.rs`, one write transaction
 //! per group of requests; [`MemoryStore`] keeps the same state in memory.
+
+pub mod redb;
 
 use sha2::{Digest, Sha256};
 
@@ -69,7 +71,7 @@ pub trait Store {
     /// Records that the rule acted for `key` at `t_ms`.
     fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError>;
     /// Records that an event used `key` at `now_unix` (wall-clock time), so that the key is kept
-    /// while in use and forgotten once idle (see `db.rs`).
+    /// while in use and forgotten once idle (see `store/redb.rs`).
     fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError>;
 }
 

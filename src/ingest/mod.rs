@@ -1,0 +1,4 @@
+//! Events in: who may send them, and what they become.
+
+pub mod auth;
+pub mod event;
