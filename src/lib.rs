@@ -2,6 +2,7 @@
 //! rule files: emails rendered from templates, and sanitized lines in JSONL files.
 //!
 //! # Layout, in the order an event travels
+//! - [`app`]: the service put together, started and stopped in order.
 //! - [`http`]: the HTTP edge — connections and their limits, admission (who sent a request,
 //!   before it takes a place), routes, status codes, start and ordered stop.
 //! - [`ingest`]: who may send ([`ingest::auth`]: sources, bearer tokens, Standard Webhooks
@@ -18,11 +19,13 @@
 //! - [`authoring`]: `check`, `test` (rule test cases run in memory on a virtual clock) and
 //!   `replay`, for rule authors.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
+//! - [`telemetry`]: every metric, named and described once.
 //! - [`diag`]: problems in a user's file as `file:line:col: message`, with the line and a caret.
 //! - [`user_file`]: reading the files a user gives us (only regular files, within a size bound)
 //!   and listing their folders.
 
 pub mod actions;
+pub mod app;
 pub mod authoring;
 pub mod config;
 pub mod diag;
@@ -32,4 +35,5 @@ pub mod ingest;
 pub mod pipeline;
 pub mod rules;
 pub mod store;
+pub mod telemetry;
 pub mod user_file;

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tripline::http::serve(config, shutdown_signal())) {
+            match runtime.block_on(tripline::app::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -36,6 +36,7 @@ use crate::pipeline::outbox::{OutboxRecord, now_unix};
 use crate::rules::RuleSet;
 use crate::store::StoreError;
 use crate::store::redb::Db;
+use crate::telemetry;
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 512;
@@ -266,7 +267,7 @@ impl Worker {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
-                    metrics::counter!("tripline_batches_panicked_total").increment(1);
+                    metrics::counter!(telemetry::BATCHES_PANICKED.name).increment(1);
                     Err(CommitError::Panicked(why))
                 });
         *self
@@ -392,11 +393,11 @@ impl Worker {
         }
         txn.commit()?;
         for rule in line_rules {
-            metrics::counter!("tripline_actions_succeeded_total", "kind" => "jsonl", "rule" => rule)
+            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => "jsonl", "rule" => rule)
                 .increment(1);
         }
         for (kind, rule) in not_made {
-            metrics::counter!("tripline_actions_failed_total", "kind" => kind, "rule" => rule)
+            metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule)
                 .increment(1);
         }
         if forgotten > 0 {

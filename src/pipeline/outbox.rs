@@ -40,6 +40,7 @@ use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::engine::QueuedEmail;
 use crate::store::StoreError;
 use crate::store::redb::Db;
+use crate::telemetry;
 
 /// Delivery attempts at once. A mail server that never answers holds one of them per email it
 /// leaves hanging, until [`ATTEMPT_DEADLINE`].
@@ -362,7 +363,7 @@ fn record_outcomes(db: &Db, ended: Vec<Attempt>) -> Result<(), StoreError> {
         match outcome {
             Outcome::Delivered => {
                 info!(email.id = id, rule.id = %record.rule, to = %record.to_masked, "email delivered");
-                metrics::counter!("tripline_actions_succeeded_total", "kind" => "email", "rule" => record.rule)
+                metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => "email", "rule" => record.rule)
                     .increment(1);
             }
             Outcome::Temporary(reason) => {
@@ -370,7 +371,7 @@ fn record_outcomes(db: &Db, ended: Vec<Attempt>) -> Result<(), StoreError> {
             }
             Outcome::Permanent(reason) => {
                 error!(email.id = id, rule.id = %record.rule, to = %record.to_masked, %reason, "email failed for good");
-                metrics::counter!("tripline_actions_failed_total", "kind" => "email", "rule" => record.rule)
+                metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => "email", "rule" => record.rule)
                     .increment(1);
             }
         }

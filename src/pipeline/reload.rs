@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::rules::RuleSet;
+use crate::telemetry;
 
 /// How long the folders must stay quiet before a reload.
 const QUIET: Duration = Duration::from_millis(250);
@@ -117,12 +118,12 @@ impl LiveRules {
         };
         let ok = status.ok;
         let result = if ok { "ok" } else { "failed" };
-        metrics::counter!("tripline_rules_reloads_total", "result" => result).increment(1);
-        metrics::gauge!("tripline_rules_reload_success").set(if ok { 1.0 } else { 0.0 });
-        metrics::gauge!("tripline_rules_last_reload_timestamp_seconds")
+        metrics::counter!(telemetry::RULES_RELOADS.name, "result" => result).increment(1);
+        metrics::gauge!(telemetry::RULES_RELOAD_SUCCESS.name).set(if ok { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::RULES_LAST_RELOAD.name)
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
         if let Some(set) = self.current.load().as_ref() {
-            metrics::gauge!("tripline_rules_loaded").set(set.rules().len() as f64);
+            metrics::gauge!(telemetry::RULES_LOADED.name).set(set.rules().len() as f64);
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
         ok

@@ -1,0 +1,144 @@
+//! The service put together: opens the data folder and the database, starts the committer,
+//! the email sender and the rule watcher, serves the routes, and on shutdown stops them in order
+//! (stop accepting, finish the requests in flight, stop the committer, stop the sender).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, watch};
+use tracing::{info, warn};
+
+use crate::actions::jsonl::JsonlFiles;
+use crate::config::ServeConfig;
+use crate::http::connections::{self, ConnectionLimits};
+use crate::http::{self, AppState};
+use crate::ingest::event::BodyLimits;
+use crate::pipeline::committer::{Committer, Retention};
+use crate::pipeline::outbox::{self, Transport};
+use crate::pipeline::reload::{self, LiveRules};
+use crate::store::redb::Db;
+use crate::telemetry;
+
+/// Runs the service until `shutdown` completes, then stops in order: stop accepting, finish the
+/// requests in flight (their batches commit), stop the committer, stop the email sender.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.folders.rules.is_dir(),
+        "the rules folder {} does not exist (set it with --rules or TRIPLINE_RULES)",
+        config.folders.rules.display()
+    );
+    std::fs::create_dir_all(&config.folders.data).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the data folder {}: {e}",
+            config.folders.data.display()
+        )
+    })?;
+    let metrics = telemetry::recorder()?;
+    let db = Arc::new(Db::open(&config.folders.data).map_err(|e| {
+        let why = if e.0.contains("Cannot acquire lock") {
+            "another tripline is already running with this data folder".to_string()
+        } else {
+            e.to_string()
+        };
+        anyhow::anyhow!(
+            "cannot open the state database in {}: {why}",
+            config.folders.data.display()
+        )
+    })?);
+    let transport = Arc::new(Transport::from_config(&config)?);
+    let emails_queued = Arc::new(Notify::new());
+    let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
+    let retention = Retention {
+        // Signed deliveries' ids are kept with event ids: never for less than a signature stays
+        // valid, or a captured request could be replayed once its id is forgotten.
+        event_ids: days(config.dedupe_retention_days).max(config.limits.signature_tolerance),
+        idle_state: days(config.state_idle_days),
+    };
+    let (committer, committer_thread) = Committer::start(
+        db.clone(),
+        JsonlFiles::new(&config.folders.data),
+        config.email_from.clone(),
+        retention,
+        emails_queued.clone(),
+    )?;
+    let (stop_sender, stopped) = watch::channel(false);
+    let sender = tokio::spawn(outbox::run_sender(
+        db.clone(),
+        transport,
+        emails_queued,
+        stopped,
+    ));
+
+    let live = Arc::new(LiveRules::load(
+        &config.folders.rules,
+        &config.folders.templates,
+        &config.folders.data,
+    ));
+    let _watcher = reload::watch(live.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot watch {} for changes: {e}",
+            config.folders.rules.display()
+        )
+    })?;
+    let state = AppState {
+        rules: live,
+        committer,
+        db,
+        metrics,
+        sources: config.sources.clone(),
+        admin: config.admin.clone(),
+        rate_limiter: AppState::rate_limiter(&config.limits),
+        body_limits: BodyLimits {
+            max_depth: config.limits.max_json_depth,
+            max_events: config.limits.max_events_per_body,
+            max_clock_skew: Some(config.limits.max_clock_skew),
+        },
+        body_limits_bytes: config.limits.max_body_bytes,
+        request_timeout: config.limits.request_timeout,
+        unverified: Arc::new(Semaphore::new(config.limits.max_unverified_requests)),
+        data_dir: config.folders.data.clone(),
+    };
+    let connection_limits = ConnectionLimits {
+        max_connections: connections::connection_capacity(config.limits.max_connections),
+        header_timeout: config.limits.header_timeout,
+        shutdown_timeout: config.limits.shutdown_timeout,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    if config.sources.is_empty() {
+        if config.accept_unauthenticated {
+            warn!(
+                "no source is configured and --dangerously-accept-unauthenticated-events is set: \
+                 anyone who can reach this port can send events"
+            );
+        } else {
+            info!(
+                "no source is configured: events are accepted without a secret, on loopback only"
+            );
+        }
+    } else {
+        let names: Vec<&str> = config.sources.names().collect();
+        info!(sources = %names.join(", "), "events need a source's bearer token or signature");
+    }
+    info!("listening on http://{}", listener.local_addr()?);
+    connections::serve(
+        listener,
+        http::router(state, &config.limits),
+        connection_limits,
+        shutdown,
+    )
+    .await;
+    // Every connection is closed and the router (with its committer handles) is gone, so the
+    // committer thread ends once its last batch is committed.
+    tokio::task::spawn_blocking(move || committer_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
+    let _ = stop_sender.send(true);
+    sender.await?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The endpoints that show the service: `/readyz` (open, like `/healthz`), and `/rules`,
+//! `/outbox` and `/metrics`, which need the admin token once sources are configured.
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::SecondsFormat;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::AppState;
+use super::error::AppError;
+use crate::pipeline::outbox::OutboxRecord;
+use crate::telemetry;
+
+/// Lets a request to the read-only endpoints through when no source is configured (loopback
+/// only), or when it carries the admin token.
+pub async fn admin_only(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    if state.sources.is_empty() {
+        return Ok(next.run(request).await);
+    }
+    match &state.admin {
+        None => Err(AppError::AdminClosed),
+        Some(admin) if admin.accepts_bearer(request.headers()) => Ok(next.run(request).await),
+        Some(_) => Err(AppError::AdminDenied),
+    }
+}
+
+/// GET /readyz: 200 when events can be taken (a write to the store can commit, the committer
+/// runs, rules are loaded, the data folder is writable), else 503 with what is wrong.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let db = state.db.clone();
+    let data_dir = state.data_dir.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let store = db.check().map_err(|e| e.to_string());
+        (store, probe_writable(&data_dir))
+    })
+    .await;
+    let (store, writable) = checks.unwrap_or_else(|e| (Err(e.to_string()), Err(String::new())));
+    let rules = match state.rules.snapshot() {
+        Some(_) => Ok(()),
+        None => Err("no rules are loaded: the rule files have errors (see GET /rules)".to_string()),
+    };
+    let committer = state.committer.health();
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    };
+    let ready = store.is_ok() && writable.is_ok() && rules.is_ok() && committer.is_ok();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "store": show(&store),
+        "committer": show(&committer),
+        "rules": show(&rules),
+        "data_folder": show(&writable),
+    });
+    (status, Json(body)).into_response()
+}
+
+/// Writes and removes a small file in the data folder. Its name starts with `.tripline` (which
+/// no rule may write to), is new each time, and is created only if nothing has that name, so the
+/// probe can never touch a file it did not make.
+fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, Ordering::Relaxed);
+    let probe = data_dir.join(format!(".tripline-ready-{}-{n}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))
+}
+
+/// The email queue: how many wait and the oldest 50 of them (with the last error), and what was
+/// recently sent or gave up.
+pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    let db = state.db.clone();
+    let status = tokio::task::spawn_blocking(move || db.outbox_status(50))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let show = |(id, r): &(u64, OutboxRecord)| {
+        json!({
+            "id": id, "rule": r.rule, "to": r.to_masked, "status": r.status, "attempts": r.attempts,
+            "last_error": r.last_error, "created_unix": r.created_unix, "finished_unix": r.finished_unix,
+        })
+    };
+    Ok(Json(json!({
+        "pending": status.pending,
+        "finished": status.finished,
+        "waiting": status.waiting.iter().map(show).collect::<Vec<_>>(),
+        "recent": status.recent.iter().map(show).collect::<Vec<_>>(),
+    })))
+}
+
+/// The running rules with their files, the running set's content hash and load time, and the
+/// outcome of the last reload.
+pub async fn rules(State(state): State<AppState>) -> Json<Value> {
+    let set = state.rules.snapshot();
+    let unwritable = state.committer.unwritable();
+    let running: Vec<Value> = set
+        .as_ref()
+        .map(|set| {
+            set.rules()
+                .iter()
+                .map(|r| {
+                    let mut summary = r.summary.clone();
+                    if let Some(why) = r.jsonl.as_ref().and_then(|j| unwritable.get(&j.file)) {
+                        summary["failing"] = json!(format!(
+                            "its output file cannot be written, so the rule does nothing: {why}"
+                        ));
+                    }
+                    summary
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(json!({
+        "hash": set.as_ref().map(|s| s.hash.clone()),
+        "loaded_at": set.as_ref().map(|s| s.loaded_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        "rules": running,
+        "last_reload": state.rules.status(),
+    }))
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let db = state.db.clone();
+    if let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || db.pending_count()).await {
+        metrics::gauge!(telemetry::OUTBOX_PENDING.name).set(pending as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,98 @@
+//! `POST /webhook`: decode every event of a body, run them through one snapshot of the rules,
+//! and answer once their effects are durable.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use tracing::{Instrument, info_span, warn};
+
+use super::AppState;
+use super::admission::Sender;
+use super::error::AppError;
+use crate::engine::{Outcome, Report};
+use crate::ingest::event;
+use crate::rules::RuleSet;
+use crate::telemetry;
+
+/// POST /webhook: read the body (within the size and time limits), check who sent it, apply
+/// the source's rate limit, decode every event, run them through one snapshot of the rules, and
+/// answer once their effects are durable.
+pub async fn webhook(
+    State(state): State<AppState>,
+    Extension(sender): Extension<Sender>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, AppError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge,
+        _ => AppError::Unreadable(rejection.body_text()),
+    })?;
+    let now = chrono::Utc::now();
+    let Sender { source, delivery } = sender;
+    let rules = state.rules.snapshot();
+    let decoded = event::decode_wanted(&body, now, &state.body_limits, |name| {
+        rules.as_ref().is_none_or(|rules| rules.wants(name))
+    })?;
+    let Some(rules) = rules else {
+        return Err(AppError::NoRules);
+    };
+    if decoded.clamped > 0 {
+        warn!(
+            events = decoded.clamped,
+            "events stamped later than now plus max_clock_skew: timed at that limit for windows and limits"
+        );
+        metrics::counter!(telemetry::EVENTS_CLOCK_CLAMPED.name, "source" => source.clone())
+            .increment(decoded.clamped as u64);
+    }
+    let count = decoded.received;
+    let mut events = decoded.events;
+    for e in &mut events {
+        e.source = Value::String(source.clone());
+    }
+    let span = info_span!(
+        "request",
+        source = %source,
+        events = count,
+        event.uuid = events.first().and_then(|e| e.uuid()).unwrap_or("-")
+    );
+    // Events no rule wants (not even decoded past their fields' kinds) have no effect to make
+    // durable: answered at once, without a commit.
+    let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
+        state
+            .committer
+            .submit(rules.clone(), events, delivery)
+            .instrument(span)
+            .await?
+    } else {
+        Report::default()
+    };
+    record_outcomes(&source, count, &report, &rules);
+    Ok(Json(json!({
+        "accepted": count,
+        "duplicates": report.duplicates,
+        "fired": report.fired(&rules),
+        "failed": report.failures(&rules),
+    })))
+}
+
+/// Counts a committed request's events and what each rule did with them.
+fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet) {
+    metrics::counter!(telemetry::EVENTS_RECEIVED.name, "source" => source.to_string())
+        .increment(events as u64);
+    metrics::counter!(telemetry::EVENTS_DUPLICATE.name).increment(report.duplicates as u64);
+    for (index, outcome) in &report.outcomes {
+        let rule = rules.rules()[*index].name.clone();
+        metrics::counter!(telemetry::RULE_MATCHES.name, "rule" => rule.clone()).increment(1);
+        match outcome {
+            Outcome::Fired => {
+                metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
+            }
+            Outcome::Suppressed => {
+                metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule).increment(1);
+            }
+            Outcome::Counting { .. } | Outcome::NoKey { .. } | Outcome::Failed { .. } => {}
+        }
+    }
+}
