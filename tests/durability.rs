@@ -237,8 +237,12 @@ fn a_full_disk_answers_503_and_leaves_no_partial_line() {
     assert_eq!(status, 503, "{reply}");
     let error = reply["error"].as_str().unwrap();
     assert!(
-        error.contains("try again") && error.contains("No space left on device"),
-        "{reply}"
+        error.contains("try again") && !error.contains("No space left on device"),
+        "the sender is told to retry, not the disk's error: {reply}"
+    );
+    assert!(
+        server.log().contains("No space left on device"),
+        "the reason is in the log"
     );
     let text = std::fs::read_to_string(fs.0.join("out.jsonl")).unwrap();
     assert!(

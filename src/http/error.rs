@@ -39,9 +39,12 @@ pub enum AppError {
         "no rules are loaded because the rule files have errors (see GET /rules); try again once they are fixed"
     )]
     NoRules,
-    #[error("the event could not be stored, try again: {0}")]
+    /// What went wrong is logged by the committer, once for its whole batch; the sender is told
+    /// only to try again (a disk's error message is nothing it can act on).
+    #[error("the events could not be stored right now; try again")]
     Commit(#[from] CommitError),
-    #[error("{0}")]
+    /// An internal fault: logged once, when answered; the sender gets a generic message.
+    #[error("an internal error stopped this request; try again")]
     Internal(String),
 }
 
@@ -77,7 +80,9 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, reason) = self.status();
         match &self {
-            AppError::NoRules | AppError::Commit(_) | AppError::Internal(_) => error!("{self}"),
+            AppError::Internal(detail) => error!("request failed on an internal error: {detail}"),
+            // The committer logged why its batch failed; the reload logged why no rules run.
+            AppError::Commit(e) => debug!(%reason, "request not stored: {e}"),
             _ => debug!(%reason, "request refused"),
         }
         if !matches!(self, AppError::AdminClosed | AppError::AdminDenied) {
