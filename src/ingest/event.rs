@@ -50,17 +50,83 @@ impl Event {
     }
 
     /// The data a template sees: the same names a rule uses (`event`, `properties.x`,
-    /// `person.properties.email`, ...).
+    /// `person.properties.email`, ...), one entry per [`Field`].
     pub fn template_context(&self) -> Value {
-        json!({
-            "event": self.name,
-            "uuid": self.uuid,
-            "distinct_id": self.distinct_id,
-            "timestamp": self.timestamp,
-            "properties": self.properties,
-            "person": { "properties": self.person_properties },
-            "source": self.source,
-        })
+        let mut data = Map::with_capacity(Field::ALL.len());
+        for field in Field::ALL {
+            let value = field.of(self).clone();
+            match field.name().split_once('.') {
+                Some((outer, inner)) => {
+                    data.insert(outer.into(), json!({ inner: value }));
+                }
+                None => {
+                    data.insert(field.name().into(), value);
+                }
+            }
+        }
+        Value::Object(data)
+    }
+}
+
+/// The fields of an [`Event`], as rules, templates and test expectations name them: the one list
+/// that field paths, template checks and the template data derive from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Event,
+    Uuid,
+    DistinctId,
+    Timestamp,
+    Properties,
+    PersonProperties,
+    Source,
+}
+
+impl Field {
+    /// Every field, in the order messages list them.
+    pub const ALL: [Field; 7] = [
+        Field::Event,
+        Field::Uuid,
+        Field::DistinctId,
+        Field::Timestamp,
+        Field::Properties,
+        Field::PersonProperties,
+        Field::Source,
+    ];
+
+    /// As a rule writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Event => "event",
+            Field::Uuid => "uuid",
+            Field::DistinctId => "distinct_id",
+            Field::Timestamp => "timestamp",
+            Field::Properties => "properties",
+            Field::PersonProperties => "person.properties",
+            Field::Source => "source",
+        }
+    }
+
+    /// The field named `name`, as a rule writes it.
+    pub fn named(name: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether the field holds objects with fields of their own (the others are single values).
+    pub fn has_parts(self) -> bool {
+        matches!(self, Field::Properties | Field::PersonProperties)
+    }
+
+    /// Its value in `event`.
+    pub fn of(self, event: &Event) -> &Value {
+        match self {
+            Field::Event => &event.name,
+            Field::Uuid => &event.uuid,
+            Field::DistinctId => &event.distinct_id,
+            Field::Timestamp => &event.timestamp,
+            Field::Properties => &event.properties,
+            Field::PersonProperties => &event.person_properties,
+            Field::Source => &event.source,
+        }
     }
 }
 

@@ -8,35 +8,13 @@ use serde_json::Value;
 use std::fmt;
 
 use crate::diag::did_you_mean;
-use crate::ingest::event::Event;
-
-/// The paths a rule may start with, as written.
-pub const ROOTS: [&str; 7] = [
-    "event",
-    "uuid",
-    "distinct_id",
-    "timestamp",
-    "properties",
-    "person.properties",
-    "source",
-];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Root {
-    Event,
-    Uuid,
-    DistinctId,
-    Timestamp,
-    Properties,
-    PersonProperties,
-    Source,
-}
+use crate::ingest::event::{Event, Field};
 
 /// A parsed field path. Segments after `properties` / `person.properties` walk into nested
 /// objects (and into arrays by position, `properties.tags.0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldPath {
-    root: Root,
+    root: Field,
     segments: Vec<String>,
     text: String,
 }
@@ -55,15 +33,10 @@ impl FieldPath {
         let parts = split_segments(text)?;
         let mut parts = parts.into_iter();
         let first = parts.next().unwrap_or_default();
-        let root = match first.as_str() {
-            "event" => Root::Event,
-            "uuid" => Root::Uuid,
-            "distinct_id" => Root::DistinctId,
-            "timestamp" => Root::Timestamp,
-            "properties" => Root::Properties,
-            "source" => Root::Source,
-            "person" => match parts.next().as_deref() {
-                Some("properties") => Root::PersonProperties,
+        let root = match (first.as_str(), Field::named(&first)) {
+            (_, Some(field)) => field,
+            ("person", None) => match parts.next().as_deref() {
+                Some("properties") => Field::PersonProperties,
                 _ => {
                     return Err(PathError {
                         message: format!("`{text}` is not a field tripline knows"),
@@ -74,12 +47,13 @@ impl FieldPath {
                     });
                 }
             },
-            other => {
-                let hint = match did_you_mean(other, ROOTS) {
+            (other, None) => {
+                let roots = Field::ALL.map(Field::name);
+                let hint = match did_you_mean(other, roots) {
                     Some(close) => format!("did you mean `{close}`?"),
                     None => format!(
                         "a field starts with one of: {}",
-                        ROOTS.map(|r| format!("`{r}`")).join(", ")
+                        roots.map(|r| format!("`{r}`")).join(", ")
                     ),
                 };
                 return Err(PathError {
@@ -89,7 +63,7 @@ impl FieldPath {
             }
         };
         let segments: Vec<String> = parts.collect();
-        if !segments.is_empty() && !matches!(root, Root::Properties | Root::PersonProperties) {
+        if !segments.is_empty() && !root.has_parts() {
             return Err(PathError {
                 message: format!("`{first}` is a single value and has no fields inside it"),
                 hint: Some(format!("write just `{first}`")),
@@ -105,15 +79,7 @@ impl FieldPath {
     /// The value at this path in `event`, or `None` when the event does not have it.
     /// A JSON `null` counts as not having it.
     pub fn lookup<'e>(&self, event: &'e Event) -> Option<&'e Value> {
-        let mut value = match self.root {
-            Root::Event => &event.name,
-            Root::Uuid => &event.uuid,
-            Root::DistinctId => &event.distinct_id,
-            Root::Timestamp => &event.timestamp,
-            Root::Properties => &event.properties,
-            Root::PersonProperties => &event.person_properties,
-            Root::Source => &event.source,
-        };
+        let mut value = self.root.of(event);
         for segment in &self.segments {
             value = match value {
                 Value::Object(map) => map.get(segment)?,
@@ -130,8 +96,8 @@ impl FieldPath {
     pub fn property(&self) -> Option<(bool, &str)> {
         let first = self.segments.first()?;
         match self.root {
-            Root::Properties => Some((false, first)),
-            Root::PersonProperties => Some((true, first)),
+            Field::Properties => Some((false, first)),
+            Field::PersonProperties => Some((true, first)),
             _ => None,
         }
     }

@@ -10,20 +10,18 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::diag::{Diagnostic, did_you_mean};
+use crate::ingest::event::Field;
 use crate::rules::path::FieldPath;
 use crate::rules::templates::{HELPERS, Reference, ReferenceKind};
 
-/// What a template may name at its top level.
-const ROOTS: &[&str] = &[
-    "event",
-    "uuid",
-    "distinct_id",
-    "timestamp",
-    "properties",
-    "person",
-    "count",
-    "source",
-];
+/// What a template may name at its top level: the event's fields (a person's under `person`)
+/// and `count`.
+fn roots() -> impl Iterator<Item = &'static str> {
+    Field::ALL
+        .into_iter()
+        .filter_map(|f| f.name().split('.').next())
+        .chain(["count"])
+}
 
 /// Person properties PostHog users commonly set: typos of these are caught.
 const PERSON_PROPERTIES: &[&str] = &[
@@ -134,8 +132,8 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
     let root = segments.first()?.as_str();
     let rest = &segments[1..];
     match root {
-        "event" | "uuid" | "distinct_id" | "timestamp" if rest.is_empty() => None,
-        "event" | "uuid" | "distinct_id" | "timestamp" => Some((
+        _ if Field::named(root).is_some_and(|f| !f.has_parts()) && rest.is_empty() => None,
+        _ if Field::named(root).is_some_and(|f| !f.has_parts()) => Some((
             format!("`{}`: `{root}` is text and has no parts", r.text),
             format!("write {{{{{root}}}}}"),
         )),
@@ -163,7 +161,7 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
                 format!("did you mean {{{{person.properties.{other}}}}}?")
             } else if known.event.contains(other) {
                 format!("did you mean {{{{properties.{other}}}}}?")
-            } else if let Some(close) = did_you_mean(other, ROOTS.iter().copied()) {
+            } else if let Some(close) = did_you_mean(other, roots()) {
                 format!("did you mean `{close}`?")
             } else {
                 "fields start with properties., person.properties., event, distinct_id, uuid, timestamp or count"
@@ -190,4 +188,40 @@ fn typo(rest: &[String], known: &BTreeSet<String>, prefix: &str) -> Option<(Stri
             "if `{name}` is right, add \"{prefix}.{name}\" = {{ exists = true }} to [when]: the rule then only acts on events that have it"
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(path: &str) -> Reference {
+        Reference {
+            kind: ReferenceKind::Field(path.split('.').map(String::from).collect()),
+            text: path.to_string(),
+            line: 1,
+            column: 1,
+        }
+    }
+
+    #[test]
+    fn every_field_of_an_event_is_known_to_templates() {
+        let known = Known::new([], true);
+        for ok in [
+            "event",
+            "uuid",
+            "distinct_id",
+            "timestamp",
+            "source",
+            "count",
+            "properties.plan",
+            "person.properties.email",
+        ] {
+            assert_eq!(problem(&field(ok), &known), None, "{ok}");
+        }
+        let (message, _) = problem(&field("source.name"), &known).unwrap();
+        assert!(message.contains("has no parts"), "{message}");
+        let (message, hint) = problem(&field("sorce"), &known).unwrap();
+        assert!(message.contains("not a field"), "{message}");
+        assert!(hint.contains("`source`"), "{hint}");
+    }
 }
