@@ -21,6 +21,7 @@ use toml::Spanned;
 use crate::diag::Diagnostic;
 use crate::ingest::auth::{SecretRef, Source, SourceConfig, Sources};
 use crate::rules::compile::toml_diagnostic;
+use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use std::sync::Arc;
 
 /// Where the rules, templates and data are, and the configuration file that may say so: the
@@ -778,13 +779,12 @@ fn rate_per_second(rate: f64) -> Result<f64, String> {
     }
 }
 
-/// "10s", "5 minutes", "1h 30m": a positive duration.
+/// A positive length of time written in a flag, a variable or the file ("10s", "5 minutes").
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text.trim()) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err("the duration must be longer than zero".into()),
-        Err(e) => Err(format!(
-            "`{text}` is not a duration like \"10s\", \"5 minutes\" or \"1h 30m\" ({e})"
-        )),
-    }
+    units::parse_duration(text).map_err(|e| match e {
+        DurationError::Zero => "the duration must be longer than zero".to_string(),
+        DurationError::Unreadable(why) => {
+            format!("`{text}` is not a duration like {DURATION_EXAMPLES} ({why})")
+        }
+    })
 }

@@ -20,6 +20,7 @@
 //!   `replay`, for rule authors.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
 //! - [`telemetry`]: every metric, named and described once.
+//! - [`units`]: lengths of time and dates as people write them, read in one place.
 //! - [`diag`]: problems in a user's file as `file:line:col: message`, with the line and a caret.
 //! - [`user_file`]: reading the files a user gives us (only regular files, within a size bound)
 //!   and listing their folders.
@@ -36,4 +37,5 @@ pub mod pipeline;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
+pub mod units;
 pub mod user_file;

@@ -20,6 +20,7 @@ use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
 use crate::rules::compile::{toml_diagnostic, toml_to_json_value};
 use crate::store::MemoryStore;
+use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use crate::user_file;
 
 /// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
@@ -162,7 +163,7 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
                     toml::Value::String(s) => s.clone(),
                     _ => String::new(),
                 };
-                match event::parse_timestamp(&text) {
+                match units::parse_timestamp(&text) {
                     Some(t) => t,
                     None => {
                         problems.push(
@@ -228,12 +229,16 @@ fn entry_events(
     sent_before: usize,
 ) -> Result<Vec<Event>, (String, String)> {
     if let Some(after) = &entry.after {
-        let d = humantime::parse_duration(after.trim()).map_err(|e| {
-            (
-                format!("`after` is not a length of time ({e})"),
-                "write it like \"30 minutes\", \"3 days\" or \"1h 30m\"".to_string(),
-            )
-        })?;
+        let d = match units::parse_duration(after) {
+            Ok(d) => d,
+            Err(DurationError::Zero) => std::time::Duration::ZERO,
+            Err(e) => {
+                return Err((
+                    format!("`after`: {e}"),
+                    format!("write it like {DURATION_EXAMPLES}"),
+                ));
+            }
+        };
         *clock = TimeDelta::from_std(d)
             .ok()
             .and_then(|d| clock.checked_add_signed(d))

@@ -8,12 +8,14 @@
 //! body is first read as raw JSON text per field (`RawObject`), and an event's properties become
 //! values only when a rule may read them.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use std::fmt;
+
+use crate::units::parse_timestamp;
 
 /// One event, normalized. Every field holds a JSON value so that rule paths can point at any of
 /// them without copying; the decoder guarantees the kinds documented on each field.
@@ -734,25 +736,6 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
         }
         deserializer.deserialize_map(Visit)
     }
-}
-
-/// Parses the timestamp forms PostHog is known to send: RFC 3339 with 0–9 fractional digits and
-/// `Z` or an offset, the same without an offset (taken as UTC), ClickHouse's `YYYY-MM-DD HH:MM:SS`,
-/// and a bare date.
-pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
-    let s = s.trim();
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
-            return Some(t.and_utc());
-        }
-    }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc())
 }
 
 #[cfg(test)]

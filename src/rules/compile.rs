@@ -10,13 +10,13 @@ use toml::Spanned;
 use crate::actions::email::EmailAction;
 use crate::actions::jsonl::{JsonlAction, OutputField, check_output_path};
 use crate::diag::{Diagnostic, did_you_mean};
-use crate::ingest::event::parse_timestamp;
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
 use crate::rules::path::FieldPath;
 use crate::rules::template_check::{self, Known, Place};
 use crate::rules::templates::{Templates, template_diagnostic};
 use crate::rules::{Count, Limits, Rule};
+use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp};
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -192,7 +192,7 @@ impl Compiler<'_> {
                     "at_least": c.at_least,
                 });
                 if let Some(d) = c.within {
-                    summary["within"] = humantime::format_duration(d).to_string().into();
+                    summary["within"] = units::format_duration(d).into();
                 }
                 summary
             }),
@@ -201,7 +201,7 @@ impl Compiler<'_> {
                     "once_per": l.once_per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                 });
                 if let Some(d) = l.again_after {
-                    summary["again_after"] = humantime::format_duration(d).to_string().into();
+                    summary["again_after"] = units::format_duration(d).into();
                 }
                 summary
             }),
@@ -360,20 +360,17 @@ impl Compiler<'_> {
 
     /// A length of time such as "7 days", "24h" or "1h 30m".
     fn duration(&mut self, text: &Spanned<String>) -> Option<Duration> {
-        match humantime::parse_duration(text.get_ref().trim()) {
-            Ok(d) if d.is_zero() => {
+        match units::parse_duration(text.get_ref()) {
+            Ok(d) => Some(d),
+            Err(DurationError::Zero) => {
                 self.problem(text.span(), "this length of time is zero", None);
                 None
             }
-            Ok(d) => Some(d),
-            Err(_) => {
+            Err(DurationError::Unreadable(_)) => {
                 self.problem(
                     text.span(),
                     "this is not a length of time tripline can read",
-                    Some(
-                        "write it like \"30 minutes\", \"24 hours\", \"7 days\" or \"1h 30m\""
-                            .into(),
-                    ),
+                    Some(format!("write it like {DURATION_EXAMPLES}")),
                 );
                 None
             }

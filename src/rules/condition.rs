@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde_json::Value;
 
-use crate::ingest::event::{Event, parse_timestamp};
+use crate::ingest::event::Event;
 use crate::rules::path::FieldPath;
+use crate::units::parse_timestamp;
 
 /// A compiled condition tree.
 #[derive(Debug, Clone)]
