@@ -14,6 +14,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
+use crate::authoring::event_file;
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::engine::{self, Effect, Outcome};
 use crate::ingest::event::{self, Event};
@@ -344,29 +345,22 @@ fn entry_events(
     Ok(events)
 }
 
-/// A whole JSON body in any accepted shape, or one such body per line.
+/// The events of an events file (JSON lines, one body, or a JSON list: see
+/// [`event_file::read_items`]), each decoded as `/webhook` would, at `now` when it has no
+/// timestamp.
 pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String> {
-    match event::decode(bytes, now, &event::BodyLimits::LOCAL_FILES) {
-        Ok(events) => Ok(events),
-        Err(event::DecodeError::NotJson(whole)) => {
-            let mut events = Vec::new();
-            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let mut more =
-                    event::decode(line, now, &event::BodyLimits::LOCAL_FILES).map_err(|e| {
-                        if i == 0 {
-                            format!("the file is not valid JSON: {whole}")
-                        } else {
-                            format!("line {}: {e}", i + 1)
-                        }
-                    })?;
-                events.append(&mut more);
-            }
-            Ok(events)
+    let mut events = Vec::new();
+    let mut problem = None;
+    event_file::read_items(bytes, |at, item| {
+        match event::decode(item, now, &event::BodyLimits::LOCAL_FILES) {
+            Ok(mut more) => events.append(&mut more),
+            Err(e) => problem = Some(format!("{at}: {e}")),
         }
-        Err(e) => Err(e.to_string()),
+        problem.is_none()
+    })?;
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(events),
     }
 }
 
@@ -741,5 +735,25 @@ fired = ["weekly"]
 "#,
         );
         assert_eq!(run(&cases.unwrap()[0], &set, &from()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_events_file_is_read_as_replay_reads_it() {
+        let now: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let names = |text: &str| -> Vec<String> {
+            decode_any(text.as_bytes(), now)
+                .unwrap()
+                .iter()
+                .map(|e| e.name().to_string())
+                .collect()
+        };
+        assert_eq!(names("{\"event\":\"a\"}\n{\"event\":\"b\"}\n"), ["a", "b"]);
+        assert_eq!(
+            names("[{\"event\":\"a\"},\n {\"event\":\"b\"}]"),
+            ["a", "b"]
+        );
+        assert_eq!(names("{\n  \"batch\": [{\"event\":\"a\"}]\n}"), ["a"]);
+        let broken = decode_any(b"{\"event\":\"a\"}\n{\"event\": 5}\n", now).unwrap_err();
+        assert!(broken.starts_with("line 2: "), "{broken}");
     }
 }

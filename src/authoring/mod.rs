@@ -3,6 +3,7 @@
 
 pub mod cases;
 pub mod check;
+pub mod event_file;
 pub mod replay;
 pub mod test;
 
