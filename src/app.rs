@@ -9,6 +9,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::actions::jsonl::JsonlFiles;
+use crate::clock::Clock;
 use crate::config::ServeConfig;
 use crate::http::connections::{self, ConnectionLimits};
 use crate::http::{self, AppState};
@@ -18,6 +19,9 @@ use crate::pipeline::outbox::{self, Transport};
 use crate::pipeline::reload::{self, LiveRules};
 use crate::store::redb::Db;
 use crate::telemetry;
+
+/// How often the committer is woken for the housekeeping time makes due, when no request does.
+const TICK_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the service until `shutdown` completes, then stops in order: stop accepting, finish the
 /// requests in flight (their batches commit), stop the committer, stop the email sender.
@@ -37,6 +41,7 @@ pub async fn serve(
         )
     })?;
     let metrics = telemetry::recorder()?;
+    let clock = Clock::wall();
     let db = Arc::new(Db::open(&config.folders.data).map_err(|e| {
         let why = if e.0.contains("Cannot acquire lock") {
             "another tripline is already running with this data folder".to_string()
@@ -63,6 +68,7 @@ pub async fn serve(
         config.email_from.clone(),
         retention,
         emails_queued.clone(),
+        clock.clone(),
     )?;
     let (stop_sender, stopped) = watch::channel(false);
     let sender = tokio::spawn(outbox::run_sender(
@@ -70,6 +76,7 @@ pub async fn serve(
         transport,
         emails_queued,
         stopped,
+        clock.clone(),
     ));
 
     let live = Arc::new(LiveRules::load(
@@ -83,7 +90,9 @@ pub async fn serve(
             config.folders.rules.display()
         )
     })?;
+    let ticker = tokio::spawn(tick(committer.clone()));
     let state = AppState {
+        clock,
         rules: live,
         committer,
         db,
@@ -132,8 +141,10 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    // Every connection is closed and the router (with its committer handles) is gone, so the
-    // committer thread ends once its last batch is committed.
+    // Every connection is closed and the router and the ticker (with their committer handles)
+    // are gone, so the committer thread ends once its last batch is committed.
+    ticker.abort();
+    let _ = ticker.await;
     tokio::task::spawn_blocking(move || committer_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
@@ -141,4 +152,16 @@ pub async fn serve(
     sender.await?;
     info!("stopped");
     Ok(())
+}
+
+/// Wakes the committer every [`TICK_EVERY`] (see [`Committer::tick`]).
+async fn tick(committer: Committer) {
+    let mut every = tokio::time::interval(TICK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = committer.tick().await {
+            warn!("housekeeping did not run: {e}");
+        }
+    }
 }

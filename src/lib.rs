@@ -18,6 +18,7 @@
 //!   form in [`store::redb`].
 //! - [`authoring`]: `check`, `test` (rule test cases run in memory on a virtual clock) and
 //!   `replay`, for rule authors.
+//! - [`clock`]: the time of day, from the system or set by tests.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
 //! - [`telemetry`]: every metric, named and described once.
 //! - [`units`]: lengths of time and dates as people write them, read in one place.
@@ -28,6 +29,7 @@
 pub mod actions;
 pub mod app;
 pub mod authoring;
+pub mod clock;
 pub mod config;
 pub mod diag;
 pub mod engine;

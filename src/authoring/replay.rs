@@ -6,7 +6,6 @@
 //! one JSON body, or a JSON list of events (a PostHog export); it is read as a stream, so its size
 //! does not matter. Windows and `again_after` go by the events' own timestamps, as in the service.
 
-use chrono::Utc;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lettre::message::Mailbox;
@@ -22,6 +21,7 @@ use super::event_file::{Position, read_items};
 use super::load_rules;
 use crate::actions::email::mask_email;
 use crate::actions::jsonl::JsonlFiles;
+use crate::clock::Clock;
 use crate::config::{FolderArgs, Paths};
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
@@ -184,6 +184,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             idle_state: Duration::from_secs(365 * 86_400),
         },
         Arc::new(tokio::sync::Notify::new()),
+        Clock::wall(),
     )?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     Ok(Sink::Execute {
@@ -209,7 +210,7 @@ impl Sink {
         }
         match self {
             Sink::DryRun(store) => {
-                let now = outbox::now_unix();
+                let now = Clock::wall().unix();
                 Ok(engine::run(
                     rules,
                     &events,
@@ -243,7 +244,7 @@ impl Sink {
             .join()
             .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
         let transport = Arc::new(Transport::files_in(&dir)?);
-        runtime.block_on(outbox::deliver_due(db, transport))?;
+        runtime.block_on(outbox::deliver_due(db, transport, Clock::wall()))?;
         Ok(Some(format!(
             "Actions were run into {}: lines in its files, emails as .eml files in {}",
             dir.display(),
@@ -539,7 +540,7 @@ impl Decoders<'_> {
 fn decode_chunk(chunk: &Chunk, rules: &RuleSet) -> Batch {
     let mut batch = Batch::default();
     // Events without a timestamp happened when they were read.
-    let now = Utc::now();
+    let now = Clock::wall().now();
     // No receive time exists for past events: one stamped ahead of the replay's own clock by
     // more than the service's default skew is timed at that limit, as the service would.
     let limits = &event::BodyLimits {

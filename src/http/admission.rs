@@ -77,7 +77,7 @@ async fn verify_signed(state: &AppState, request: Request) -> Result<(Sender, Re
     };
     let (parts, body) = request.into_parts();
     let body = read_body(body, state.body_limits_bytes, state.request_timeout).await?;
-    let now = chrono::Utc::now().timestamp();
+    let now = state.clock.now().timestamp();
     let (source, id) = state
         .sources
         .signed(&parts.headers, &body, now)

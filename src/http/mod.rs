@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::clock::Clock;
 use crate::config::Limits;
 use crate::ingest::auth::{Source, Sources};
 use crate::ingest::event::BodyLimits;
@@ -40,6 +41,8 @@ use error::AppError;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// The time of day: when a request is received.
+    pub clock: Clock,
     pub rules: Arc<LiveRules>,
     pub committer: Committer,
     pub db: Arc<Db>,

@@ -29,7 +29,7 @@ pub async fn webhook(
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge,
         _ => AppError::Unreadable(rejection.body_text()),
     })?;
-    let now = chrono::Utc::now();
+    let now = state.clock.now();
     let Sender { source, delivery } = sender;
     let rules = state.rules.snapshot();
     let decoded = event::decode_wanted(&body, now, &state.body_limits, |name| {

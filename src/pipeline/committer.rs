@@ -25,27 +25,29 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles};
+use crate::clock::Clock;
 use crate::engine::{self, Effect, Report, Unwritable};
 use crate::ingest::event::Event;
-use crate::pipeline::outbox::{OutboxRecord, now_unix};
+use crate::pipeline::outbox::OutboxRecord;
 use crate::rules::RuleSet;
 use crate::store::StoreError;
 use crate::store::redb::Db;
+use crate::store::redb::WriteTxn;
 use crate::telemetry;
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 512;
-/// How often event ids past their retention are looked for.
-const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
+/// How often event ids past their retention are looked for, in seconds.
+const EXPIRE_EVERY: u64 = 3600;
 /// Most expired ids forgotten per batch; while more remain, every batch forgets this many.
 const EXPIRE_PER_COMMIT: usize = 1000;
-/// How often an output file that could not be opened is tried again.
-const RETRY_UNWRITABLE: Duration = Duration::from_secs(10);
+/// How often an output file that could not be opened is tried again, in seconds.
+const RETRY_UNWRITABLE: u64 = 10;
 
 /// Why a batch was not made durable. The request should be retried.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,7 +84,16 @@ pub struct Delivery {
     pub id: String,
 }
 
-struct Job {
+/// What the committer is asked to do.
+enum Job {
+    /// Make a request's events durable.
+    Request(Request),
+    /// Do the housekeeping that time makes due (forget expired ids and idle keys), even when no
+    /// request comes.
+    Tick(oneshot::Sender<Result<(), CommitError>>),
+}
+
+struct Request {
     rules: Arc<RuleSet>,
     events: Vec<Event>,
     /// Remembered once committed, so that a replay of the same signed request has no effect.
@@ -117,24 +128,37 @@ struct Worker {
     checked: Option<Arc<RuleSet>>,
     default_from: Mailbox,
     retention: Retention,
-    last_expiry: Option<Instant>,
+    /// When ids were last looked for (unix seconds by the clock).
+    last_expiry: Option<u64>,
     /// A pass found more expired ids than one batch forgets: go on with the next batch.
     expiring: bool,
     emails_queued: Arc<Notify>,
     unwritable: Unwritable,
-    last_retry: Instant,
+    last_retry: u64,
     shared: Arc<Shared>,
+    clock: Clock,
+}
+
+/// What one round of housekeeping forgot.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Forgotten {
+    /// Event and delivery ids past their retention; `None` when it was not time to look.
+    expired: Option<usize>,
+    /// Keys no event has used for `idle_state`.
+    idle_keys: usize,
 }
 
 impl Committer {
     /// Recovers the output files, then starts the committer thread. `emails_queued` is notified
-    /// after each commit that queued emails. The thread ends once every `Committer` is dropped.
+    /// after each commit that queued emails; `clock` dates what is handled. The thread ends once
+    /// every `Committer` is dropped.
     pub fn start(
         db: Arc<Db>,
         files: JsonlFiles,
         default_from: Mailbox,
         retention: Retention,
         emails_queued: Arc<Notify>,
+        clock: Clock,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
         let mut worker = Worker {
             db,
@@ -147,8 +171,9 @@ impl Committer {
             expiring: false,
             emails_queued,
             unwritable: Unwritable::new(),
-            last_retry: Instant::now(),
+            last_retry: clock.unix(),
             shared: Arc::new(Shared::default()),
+            clock,
         };
         worker.recover()?;
         let shared = worker.shared.clone();
@@ -157,14 +182,24 @@ impl Committer {
             .name("committer".into())
             .spawn(move || {
                 while let Some(first) = rx.blocking_recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
+                    let mut batch = Vec::new();
+                    let mut ticks = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(job) = next {
+                        match job {
+                            Job::Request(request) => batch.push(request),
+                            Job::Tick(reply) => ticks.push(reply),
                         }
+                        next = (batch.len() < MAX_BATCH)
+                            .then(|| rx.try_recv().ok())
+                            .flatten();
                     }
-                    worker.process(batch);
+                    if !batch.is_empty() {
+                        worker.process(batch);
+                    }
+                    for reply in ticks {
+                        let _ = reply.send(worker.tick());
+                    }
                 }
                 info!("committer stopped");
             })
@@ -182,13 +217,23 @@ impl Committer {
     ) -> Result<Report, CommitError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Job::Request(Request {
                 rules,
                 events,
                 delivery,
                 reply,
                 span: tracing::Span::current(),
-            })
+            }))
+            .await
+            .map_err(|_| CommitError::Stopped)?;
+        answer.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Asks for the housekeeping that time makes due; returns once it is done.
+    pub async fn tick(&self) -> Result<(), CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Tick(reply))
             .await
             .map_err(|_| CommitError::Stopped)?;
         answer.await.map_err(|_| CommitError::Stopped)?
@@ -255,7 +300,7 @@ impl Worker {
         Ok(())
     }
 
-    fn process(&mut self, batch: Vec<Job>) {
+    fn process(&mut self, batch: Vec<Request>) {
         let mut written = Vec::new();
         // A panic must not take the committer (and so the whole service) down: the batch fails
         // like any other failed batch, and the next one starts afresh.
@@ -302,7 +347,7 @@ impl Worker {
     /// appended to, so a failure can undo it.
     fn commit_batch(
         &mut self,
-        batch: &[Job],
+        batch: &[Request],
         written: &mut Vec<(PathBuf, u64)>,
     ) -> Result<Vec<Report>, CommitError> {
         #[cfg(test)]
@@ -314,20 +359,9 @@ impl Worker {
             panic!("asked to by a test");
         }
         self.register_new_files(batch)?;
-        let now = now_unix();
+        let now = self.clock.unix();
         let mut txn = self.db.write()?;
-        let expire = self.expiring || self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY);
-        let expired = if expire {
-            txn.expire_seen(
-                now.saturating_sub(self.retention.event_ids.as_secs()),
-                EXPIRE_PER_COMMIT,
-            )?
-        } else {
-            0
-        };
-        // A few idle keys with every batch: a steady trickle rather than one long transaction.
-        let forgotten =
-            txn.forget_idle(now.saturating_sub(self.retention.idle_state.as_secs()), 64)?;
+        let forgotten = self.forget(&mut txn, now)?;
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         // The rule of each line written, for the metrics once committed.
@@ -400,23 +434,60 @@ impl Worker {
             metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule)
                 .increment(1);
         }
-        if forgotten > 0 {
+        self.forgot(forgotten, now);
+        if emails > 0 {
+            self.emails_queued.notify_one();
+        }
+        Ok(reports)
+    }
+
+    /// Forgets, in `txn`, what time has made due: expired ids (when it is time to look, at most
+    /// [`EXPIRE_PER_COMMIT`]) and a few idle keys: a steady trickle with every batch rather than
+    /// one long transaction.
+    fn forget(&mut self, txn: &mut WriteTxn, now: u64) -> Result<Forgotten, CommitError> {
+        let look = self.expiring
+            || self
+                .last_expiry
+                .is_none_or(|t| now.saturating_sub(t) >= EXPIRE_EVERY);
+        let expired = if look {
+            let cutoff = now.saturating_sub(self.retention.event_ids.as_secs());
+            Some(txn.expire_seen(cutoff, EXPIRE_PER_COMMIT)?)
+        } else {
+            None
+        };
+        let cutoff = now.saturating_sub(self.retention.idle_state.as_secs());
+        let idle_keys = txn.forget_idle(cutoff, 64)?;
+        Ok(Forgotten { expired, idle_keys })
+    }
+
+    /// Once what [`Worker::forget`] did is committed: when to look again, and the logs.
+    fn forgot(&mut self, forgotten: Forgotten, now: u64) {
+        if forgotten.idle_keys > 0 {
             debug!(
-                forgotten,
+                forgotten = forgotten.idle_keys,
                 "forgot the state of keys no event has used for a long time"
             );
         }
-        if expire {
-            self.last_expiry = Some(Instant::now());
+        if let Some(expired) = forgotten.expired {
+            self.last_expiry = Some(now);
             self.expiring = expired == EXPIRE_PER_COMMIT;
             if expired > 0 {
                 info!(expired, "forgot event ids older than the retention period");
             }
         }
-        if emails > 0 {
-            self.emails_queued.notify_one();
+    }
+
+    /// The housekeeping of a tick, in a transaction of its own, committed only if it forgot
+    /// something.
+    fn tick(&mut self) -> Result<(), CommitError> {
+        let now = self.clock.unix();
+        let mut txn = self.db.write()?;
+        let forgotten = self.forget(&mut txn, now)?;
+        if forgotten.idle_keys > 0 || forgotten.expired.is_some_and(|n| n > 0) {
+            txn.commit()?;
         }
-        Ok(reports)
+        self.forgot(forgotten, now);
+        Ok(())
     }
 
     /// Cuts `file` back to its `recorded` length if it is longer: those lines belong to a batch
@@ -448,7 +519,7 @@ impl Worker {
     /// length, in a transaction of its own, so that a crash during the batch can be undone at
     /// start-up. A file that cannot be opened because of its path is kept aside as unwritable
     /// (its rules fail alone); one that fails for the disk's sake fails the batch.
-    fn register_new_files(&mut self, batch: &[Job]) -> Result<(), CommitError> {
+    fn register_new_files(&mut self, batch: &[Request]) -> Result<(), CommitError> {
         let mut new = Vec::new();
         for job in batch {
             if self
@@ -467,8 +538,9 @@ impl Worker {
                 }
             }
         }
-        if self.last_retry.elapsed() >= RETRY_UNWRITABLE {
-            self.last_retry = Instant::now();
+        let now = self.clock.unix();
+        if now.saturating_sub(self.last_retry) >= RETRY_UNWRITABLE {
+            self.last_retry = now;
             for file in self.unwritable.keys() {
                 if !new.contains(file) {
                     new.push(file.clone());
@@ -546,6 +618,7 @@ mod tests {
                 idle_state: Duration::from_secs(86_400),
             },
             Arc::new(Notify::new()),
+            Clock::wall(),
         );
         let (committer, thread) = started.unwrap();
         assert_eq!(
@@ -566,6 +639,7 @@ mod tests {
         thread: std::thread::JoinHandle<()>,
         rules: Arc<RuleSet>,
         runtime: tokio::runtime::Runtime,
+        clock: Clock,
     }
 
     impl Running {
@@ -581,6 +655,7 @@ mod tests {
             let rules = Arc::new(
                 RuleSet::load(&root.join("rules"), &root.join("templates"), root).unwrap(),
             );
+            let clock = Clock::manual("2026-01-01T00:00:00Z".parse().unwrap());
             let (committer, thread) = Committer::start(
                 Arc::new(Db::open(root).unwrap()),
                 JsonlFiles::new(root),
@@ -590,6 +665,7 @@ mod tests {
                     idle_state: Duration::from_secs(86_400),
                 },
                 Arc::new(Notify::new()),
+                clock.clone(),
             )
             .unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -601,10 +677,11 @@ mod tests {
                 thread,
                 rules,
                 runtime,
+                clock,
             }
         }
 
-        /// Submits one request of events with these names.
+        /// Submits one request of events with these names (`name#uuid` gives one a uuid).
         fn submit(
             &self,
             names: &[&str],
@@ -613,10 +690,13 @@ mod tests {
             let events = names
                 .iter()
                 .map(|n| {
-                    let body = format!(r#"{{"event":"{n}"}}"#);
+                    let body = match n.split_once('#') {
+                        Some((n, uuid)) => format!(r#"{{"event":"{n}","uuid":"{uuid}"}}"#),
+                        None => format!(r#"{{"event":"{n}"}}"#),
+                    };
                     crate::ingest::event::decode(
                         body.as_bytes(),
-                        chrono::Utc::now(),
+                        self.clock.now(),
                         &crate::ingest::event::BodyLimits::LOCAL_FILES,
                     )
                     .unwrap()
@@ -688,6 +768,24 @@ mod tests {
         let again = running.submit(&["a", "b"], delivery()).unwrap();
         assert_eq!(again.duplicates, 2);
         assert!(again.outcomes.is_empty());
+        let lines = std::fs::read_to_string(running.out()).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        running.stop();
+    }
+
+    #[test]
+    fn a_tick_forgets_ids_once_the_clock_is_past_their_retention() {
+        let running = Running::start();
+        assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 0);
+        assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 1);
+        // Within the hour, ids are not looked at again, whatever the retention.
+        running.clock.advance(Duration::from_secs(120));
+        running.runtime.block_on(running.committer.tick()).unwrap();
+        assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 1);
+        // Past the hour: the tick forgets u1 (60 s retention here) without any request.
+        running.clock.advance(Duration::from_secs(3600));
+        running.runtime.block_on(running.committer.tick()).unwrap();
+        assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 0);
         let lines = std::fs::read_to_string(running.out()).unwrap();
         assert_eq!(lines.lines().count(), 2);
         running.stop();

@@ -29,13 +29,14 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::actions::email::mask_addresses;
+use crate::clock::Clock;
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::engine::QueuedEmail;
 use crate::store::StoreError;
@@ -250,16 +251,18 @@ struct Attempt {
 struct Deliveries {
     db: Arc<Db>,
     transport: Arc<Transport>,
+    clock: Clock,
     attempts: JoinSet<Attempt>,
     /// The email each running attempt is for, by task: a task that panics is known only by its id.
     in_flight: HashMap<tokio::task::Id, u64>,
 }
 
 impl Deliveries {
-    fn new(db: Arc<Db>, transport: Arc<Transport>) -> Deliveries {
+    fn new(db: Arc<Db>, transport: Arc<Transport>, clock: Clock) -> Deliveries {
         Deliveries {
             db,
             transport,
+            clock,
             attempts: JoinSet::new(),
             in_flight: HashMap::new(),
         }
@@ -275,7 +278,8 @@ impl Deliveries {
         let free = self.free_slots();
         let busy: HashSet<u64> = self.in_flight.values().copied().collect();
         let db = self.db.clone();
-        let due = tokio::task::spawn_blocking(move || db.due_emails(now_unix(), free, &busy))
+        let now = self.clock.unix();
+        let due = tokio::task::spawn_blocking(move || db.due_emails(now, free, &busy))
             .await
             .map_err(|e| StoreError(e.to_string()))??;
         for (id, record) in due.emails {
@@ -318,7 +322,8 @@ impl Deliveries {
             return Ok(());
         }
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || record_outcomes(&db, ended))
+        let now = self.clock.unix();
+        tokio::task::spawn_blocking(move || record_outcomes(&db, ended, now))
             .await
             .map_err(|e| StoreError(e.to_string()))?
     }
@@ -326,9 +331,8 @@ impl Deliveries {
 
 /// Writes what became of each attempt: sent or failed for good moves the email to the
 /// finished history; a temporary failure reschedules it with backoff.
-fn record_outcomes(db: &Db, ended: Vec<Attempt>) -> Result<(), StoreError> {
+fn record_outcomes(db: &Db, ended: Vec<Attempt>, now: u64) -> Result<(), StoreError> {
     let mut txn = db.write()?;
-    let now = now_unix();
     let mut recorded = Vec::with_capacity(ended.len());
     for Attempt {
         id,
@@ -392,8 +396,9 @@ pub async fn run_sender(
     transport: Arc<Transport>,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
+    clock: Clock,
 ) {
-    let mut deliveries = Deliveries::new(db, transport);
+    let mut deliveries = Deliveries::new(db, transport, clock.clone());
     // Set when the database failed, so that the sender waits a moment instead of spinning.
     let mut store_failed: Option<Instant> = None;
     while !*shutdown.borrow_and_update() {
@@ -402,7 +407,7 @@ pub async fn run_sender(
             wake_at = Some(failed + STORE_RETRY);
         } else if deliveries.free_slots() > 0 {
             match deliveries.start_due().await {
-                Ok(next_due) => wake_at = next_due.map(instant_at),
+                Ok(next_due) => wake_at = next_due.map(|t| Instant::now() + clock.until_unix(t)),
                 Err(e) => {
                     error!("outbox: {e}");
                     store_failed = Some(Instant::now());
@@ -442,8 +447,9 @@ pub async fn run_sender(
 pub async fn deliver_due(
     db: Arc<Db>,
     transport: Arc<Transport>,
+    clock: Clock,
 ) -> Result<Option<u64>, StoreError> {
-    let mut deliveries = Deliveries::new(db, transport);
+    let mut deliveries = Deliveries::new(db, transport, clock);
     loop {
         let next_due = deliveries.start_due().await?;
         match deliveries.attempts.join_next_with_id().await {
@@ -459,22 +465,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The instant the wall clock reads `unix` seconds (now, if that is past). Computed to the
-/// nanosecond, so that the sender does not wake before [`now_unix`] has reached it.
-fn instant_at(unix: u64) -> Instant {
-    let wait = (UNIX_EPOCH + Duration::from_secs(unix))
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + wait
-}
-
-/// Seconds since 1970.
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -520,12 +510,14 @@ mod tests {
     async fn due_emails_are_written_and_later_ones_wait() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path()).unwrap());
-        let now = now_unix();
+        let now = Clock::wall().unix();
         // More than there are slots, and one not due for an hour.
         queue(&db, (0..MAX_IN_FLIGHT as u64 + 3).map(|_| now));
         queue(&db, [now + 3600]);
         let transport = Arc::new(Transport::files_in(dir.path()).unwrap());
-        let next = deliver_due(db.clone(), transport).await.unwrap();
+        let next = deliver_due(db.clone(), transport, Clock::wall())
+            .await
+            .unwrap();
         assert_eq!(next, Some(now + 3600), "when the sender wakes next");
         let status = db.outbox_status(50).unwrap();
         assert_eq!(status.pending, 1);
@@ -544,9 +536,11 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = closed.local_addr().unwrap().port();
         drop(closed);
-        queue(&db, [now_unix()]);
-        let before = now_unix();
-        let next = deliver_due(db.clone(), smtp_to(port)).await.unwrap();
+        queue(&db, [Clock::wall().unix()]);
+        let before = Clock::wall().unix();
+        let next = deliver_due(db.clone(), smtp_to(port), Clock::wall())
+            .await
+            .unwrap();
         let status = db.outbox_status(50).unwrap();
         let (_, record) = &status.waiting[0];
         assert_eq!(record.attempts, 1);
@@ -566,7 +560,10 @@ mod tests {
     async fn a_silent_server_fills_the_slots_and_shutdown_leaves_the_emails_pending() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path()).unwrap());
-        queue(&db, (0..MAX_IN_FLIGHT as u64 + 2).map(|_| now_unix()));
+        queue(
+            &db,
+            (0..MAX_IN_FLIGHT as u64 + 2).map(|_| Clock::wall().unix()),
+        );
         // Accepts every connection and never says a word.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = silent.local_addr().unwrap().port();
@@ -585,6 +582,7 @@ mod tests {
             smtp_to(port),
             Arc::new(Notify::new()),
             stopped,
+            Clock::wall(),
         ));
         for n in 1..=MAX_IN_FLIGHT {
             assert_eq!(accepted.recv().await, Some(n), "attempts run side by side");

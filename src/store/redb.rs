@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::pipeline::outbox::{OutboxRecord, now_unix};
+use crate::clock::Clock;
+use crate::pipeline::outbox::OutboxRecord;
 use crate::store::{StateKey, Store, StoreError, record_in_window};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -208,7 +209,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(TOUCHED).map_err(err)?;
         txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
         migrate_once_marks(&txn)?;
-        mark_existing_keys(&txn, now_unix() / DAY)?;
+        mark_existing_keys(&txn, Clock::wall().unix() / DAY)?;
         index_pending_emails(&txn)?;
     }
     txn.commit().map_err(err)?;
@@ -355,7 +356,7 @@ impl Db {
             txn.txn
                 .open_table(META)
                 .map_err(err)?
-                .insert("readyz_probe_unix", now_unix())
+                .insert("readyz_probe_unix", Clock::wall().unix())
                 .map_err(err)?;
             txn.commit()?;
         }
@@ -963,7 +964,7 @@ mod tests {
         }
         let db = Db::open(dir.path()).unwrap();
         let mut txn = db.write().unwrap();
-        let today = now_unix() / DAY;
+        let today = Clock::wall().unix() / DAY;
         assert_eq!(
             txn.forget_idle(today * DAY, 100).unwrap(),
             0,
