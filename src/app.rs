@@ -3,8 +3,8 @@
 //! (stop accepting, finish the requests in flight, stop the committer, stop the sender).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
@@ -91,6 +91,8 @@ pub async fn serve(
         )
     })?;
     let ticker = tokio::spawn(tick(committer.clone()));
+    // When the stop began: connections and the committer share one shutdown timeout from then.
+    let stopping_since = Mutex::new(None::<Instant>);
     let state = AppState {
         clock,
         rules: live,
@@ -138,16 +140,35 @@ pub async fn serve(
         listener,
         http::router(state, &config.limits),
         connection_limits,
-        shutdown,
+        async {
+            shutdown.await;
+            *stopping_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        },
     )
     .await;
     // Every connection is closed and the router and the ticker (with their committer handles)
     // are gone, so the committer thread ends once its last batch is committed.
     ticker.abort();
     let _ = ticker.await;
-    tokio::task::spawn_blocking(move || committer_thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
+    // The batches already queued are committed, within the shutdown timeout too: past it the
+    // process stops without them (their senders got no answer, and retry).
+    let committed = tokio::task::spawn_blocking(move || committer_thread.join());
+    let since = stopping_since
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .unwrap_or_else(Instant::now);
+    let left = config
+        .limits
+        .shutdown_timeout
+        .saturating_sub(since.elapsed());
+    match tokio::time::timeout(left, committed).await {
+        Ok(joined) => joined?.map_err(|_| anyhow::anyhow!("the committer thread panicked"))?,
+        Err(_) => warn!(
+            "the committer still had requests to commit after the shutdown timeout: stopping without them (they were not acknowledged)"
+        ),
+    }
     let _ = stop_sender.send(true);
     sender.await?;
     info!("stopped");

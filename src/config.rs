@@ -122,7 +122,7 @@ pub struct ServeArgs {
     /// An event stamped later than the time it is received plus this is counted, for time windows
     /// and `again_after`, as if it happened at that limit: a sender's wrong clock cannot push a
     /// rule's windows into the future ("5m") [default: 5m].
-    #[arg(long, env = "TRIPLINE_MAX_CLOCK_SKEW", value_parser = parse_duration)]
+    #[arg(long, env = "TRIPLINE_MAX_CLOCK_SKEW", value_parser = parse_clock_skew)]
     pub max_clock_skew: Option<Duration>,
     /// How long an event id is remembered, so a retried delivery has no second effect; 0 forgets
     /// ids at the next hourly pass [default: 7].
@@ -505,11 +505,15 @@ impl ServeArgs {
             limits.shutdown_timeout.as_ref(),
             Duration::from_secs(30),
         );
-        let max_clock_skew = check.duration(
-            self.max_clock_skew,
-            limits.max_clock_skew.as_ref(),
-            crate::ingest::event::DEFAULT_CLOCK_SKEW,
-        );
+        let max_clock_skew =
+            self.max_clock_skew
+                .unwrap_or_else(|| match limits.max_clock_skew.as_ref() {
+                    Some(text) => parse_clock_skew(text.get_ref()).unwrap_or_else(|e| {
+                        check.report(text.span(), format!("`max_clock_skew`: {e}"));
+                        crate::ingest::event::DEFAULT_CLOCK_SKEW
+                    }),
+                    None => crate::ingest::event::DEFAULT_CLOCK_SKEW,
+                });
         let retention = &file.retention;
         let dedupe_retention_days = check.number(
             self.dedupe_retention_days,
@@ -777,6 +781,20 @@ fn rate_per_second(rate: f64) -> Result<f64, String> {
             RATE.end()
         ))
     }
+}
+
+/// The most `max_clock_skew` may be: senders' clocks are minutes off, not days.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(86_400);
+
+/// `max_clock_skew`: a length of time up to a day.
+fn parse_clock_skew(text: &str) -> Result<Duration, String> {
+    let skew = parse_duration(text)?;
+    if skew > MAX_CLOCK_SKEW {
+        return Err(
+            "must be at most a day (\"24h\"): senders' clocks are minutes off, not days".into(),
+        );
+    }
+    Ok(skew)
 }
 
 /// A positive length of time written in a flag, a variable or the file ("10s", "5 minutes").

@@ -164,13 +164,7 @@ fn check_refuses_every_path_the_service_cannot_write() {
     std::fs::create_dir_all(&rules).unwrap();
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("training_data.jsonl"), "").unwrap();
-    let long = "a".repeat(300);
-    for (name, file) in [
-        ("long", long.as_str()),
-        ("under-a-file", "training_data.jsonl/x.jsonl"),
-        ("nul", "a\\u0000b.jsonl"),
-        ("probe", ".tripline-ready-check"),
-    ] {
+    let rule = |name: &str, file: &str| {
         std::fs::write(
             rules.join(format!("{name}.toml")),
             format!(
@@ -178,23 +172,41 @@ fn check_refuses_every_path_the_service_cannot_write() {
             ),
         )
         .unwrap();
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
-        .arg("check")
-        .arg("--rules")
-        .arg(&rules)
-        .arg("--data")
-        .arg(&data)
-        .arg("--templates")
-        .arg(dir.path().join("templates"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    for expected in ["at most 255", "is a file", "NUL", "tripline's own"] {
+    };
+    let check = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
+            .arg("check")
+            .arg("--rules")
+            .arg(&rules)
+            .arg("--data")
+            .arg(&data)
+            .arg("--templates")
+            .arg(dir.path().join("templates"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    // Paths no file system takes, or that tripline keeps for itself: errors in the rule file.
+    rule("long", &"a".repeat(300));
+    rule("nul", "a\\u0000b.jsonl");
+    rule("probe", ".tripline-ready-check");
+    let (code, text) = check();
+    assert_eq!(code, Some(1), "{text}");
+    for expected in ["at most 255", "NUL", "tripline's own"] {
         assert!(text.contains(expected), "{expected}: {text}");
     }
+    // A path the data folder's contents block: the service would load the rule and it would do
+    // nothing, so check says so and fails too.
+    for name in ["long", "nul", "probe"] {
+        std::fs::remove_file(rules.join(format!("{name}.toml"))).unwrap();
+    }
+    rule("under-a-file", "training_data.jsonl/x.jsonl");
+    let (code, text) = check();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("is a file"), "{text}");
+    assert!(text.contains("1 rule(s) cannot write"), "{text}");
 }
 
 #[test]
@@ -284,5 +296,61 @@ fn a_string_cut_in_the_middle_of_an_emoji_is_accepted() {
     assert!(
         String::from_utf8(file).is_ok(),
         "only valid UTF-8 is written"
+    );
+}
+
+/// Pipelines requests on a new connection and never reads an answer, until the server stops
+/// taking more (or `for_at_most` passes).
+fn pipeline_without_reading(address: &str, for_at_most: Duration) -> TcpStream {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    let deadline = Instant::now() + for_at_most;
+    while Instant::now() < deadline && stream.write_all(&requests).is_ok() {}
+    stream
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_loses_its_connection() {
+    let server = Server::start_with(
+        &["--header-timeout", "1s", "--max-connections", "2"],
+        |_| {},
+    );
+    let _a = pipeline_without_reading(server.address(), Duration::from_secs(10));
+    let _b = pipeline_without_reading(server.address(), Duration::from_secs(10));
+    // Both connections are taken; once their answers have made no progress for the header
+    // timeout, they are closed and a new client is served.
+    server.wait_for("a free connection", |s| {
+        let reply = reqwest::blocking::Client::new()
+            .get(format!("{}/healthz", s.base))
+            .timeout(Duration::from_secs(2))
+            .send();
+        reply.is_ok_and(|r| r.status() == 200)
+    });
+}
+
+#[test]
+fn a_written_file_whose_path_is_blocked_while_stopped_does_not_stop_the_start() {
+    let mut server = Server::start_with(&[], |root| {
+        std::fs::write(root.join("rules/blocked_sink.toml"), BLOCKED_RULE).unwrap();
+    });
+    let body = fixture_json("generation_failed.json");
+    assert_eq!(server.post_fresh(&body).0, 200);
+    assert_eq!(server.jsonl("blocked/out.jsonl").len(), 1);
+    assert_eq!(server.terminate(), Some(0));
+    // While it is stopped, a file takes the place of the rule's folder.
+    std::fs::remove_dir_all(server.data.join("blocked")).unwrap();
+    std::fs::write(server.data.join("blocked"), "in the way").unwrap();
+    server.relaunch();
+    let (status, reply) = server.post_fresh(&body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["fired"], json!(["training-data"]), "{reply}");
+    assert!(
+        reply["failed"][0]
+            .as_str()
+            .unwrap()
+            .contains("blocked-sink")
     );
 }

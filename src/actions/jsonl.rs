@@ -82,12 +82,18 @@ pub fn is_reserved(name: &std::ffi::OsStr) -> bool {
         || name.to_string_lossy().starts_with(".tripline")
 }
 
-/// Checks a rule's output path: relative, no `..`, short enough, no NUL, not one of tripline's
-/// own names, and nothing already in the way: no part of it is a file where a folder must be, the
-/// file itself is not a folder, a named pipe or anything else than a regular file, and no link
-/// along the way leads out of `data_dir`. Returns the path with `.` parts removed. What this
-/// accepts, the service can create and append to.
+/// Checks a rule's output path in full: as written ([`output_path`]) and against what is in the
+/// data folder now ([`output_place`]). Returns the path with `.` parts removed. What this accepts,
+/// the service can create and append to.
 pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafePath> {
+    let clean = output_path(file)?;
+    output_place(data_dir, &clean, file)?;
+    Ok(clean)
+}
+
+/// Checks a rule's output path as written: relative, no `..`, short enough, no NUL, not one of
+/// tripline's own names. Returns it with `.` parts removed.
+pub fn output_path(file: &str) -> Result<PathBuf, UnsafePath> {
     if file.trim().is_empty() {
         return Err(UnsafePath("the file name is empty".into()));
     }
@@ -140,6 +146,15 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
             crate::store::redb::FILE_NAME
         )));
     }
+    Ok(clean)
+}
+
+/// Checks `clean` (as [`output_path`] returned it from `file`) against what is in `data_dir`
+/// now: no part of it is a file where a folder must be, the file itself is not a folder, a named
+/// pipe, a link or anything else than a regular file, and no link along the way leads out of the
+/// data folder. What is in the folder can change while the service runs: a rule whose file fails
+/// this then fails on its own (see the committer).
+pub fn output_place(data_dir: &Path, clean: &Path, file: &str) -> Result<(), UnsafePath> {
     if let Ok(root) = data_dir.canonicalize() {
         let mut at = root.clone();
         let parts: Vec<_> = clean.components().collect();
@@ -149,10 +164,24 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
             let last = i + 1 == parts.len();
             match at.symlink_metadata() {
                 Ok(meta) if meta.file_type().is_symlink() => match at.canonicalize() {
+                    // Lines are only appended to the file itself (a link could be changed to
+                    // point anywhere meanwhile), so the file must not be a link.
+                    Ok(_) if last => {
+                        return Err(UnsafePath(format!(
+                            "`{}` is a link: name the file it points to instead",
+                            shown()
+                        )));
+                    }
                     Ok(target) if target.starts_with(&root) => {}
-                    _ => {
+                    Ok(_) => {
                         return Err(UnsafePath(format!(
                             "`{}` is a link that leads outside the data folder",
+                            shown()
+                        )));
+                    }
+                    Err(_) => {
+                        return Err(UnsafePath(format!(
+                            "`{}` is a link to something that does not exist",
                             shown()
                         )));
                     }
@@ -180,17 +209,22 @@ pub fn check_output_path(data_dir: &Path, file: &str) -> Result<PathBuf, UnsafeP
             }
         }
     }
-    Ok(clean)
+    Ok(())
 }
 
 /// Whether an error opening an output file is the rule's own (its path cannot be a file here),
-/// as opposed to the disk's (full, failing), which is worth retrying.
+/// as opposed to the machine's (a full or failing disk, no file descriptors or memory left),
+/// which is worth retrying: those fail the batch with a 503 instead.
 pub fn is_path_error(e: &io::Error) -> bool {
     use io::ErrorKind::*;
-    !matches!(
+    let machine = matches!(
         e.kind(),
         StorageFull | QuotaExceeded | Interrupted | WouldBlock | TimedOut | OutOfMemory
-    ) && e.raw_os_error() != Some(libc::EIO)
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOSPC | libc::EDQUOT)
+    );
+    !machine
 }
 
 /// Open JSONL files, shared by every rule set so that a reload never reopens or loses a file.
@@ -198,6 +232,10 @@ pub fn is_path_error(e: &io::Error) -> bool {
 pub struct JsonlFiles {
     data_dir: PathBuf,
     files: HashMap<PathBuf, File>,
+    /// The name each open file was opened by, by its device and inode: two names for one file
+    /// (through a link, or a file system that ignores case) would each keep their own length
+    /// and cut off the other's lines.
+    names: HashMap<(u64, u64), PathBuf>,
 }
 
 impl JsonlFiles {
@@ -206,6 +244,7 @@ impl JsonlFiles {
         JsonlFiles {
             data_dir: data_dir.to_path_buf(),
             files: HashMap::new(),
+            names: HashMap::new(),
         }
     }
 
@@ -269,11 +308,27 @@ impl JsonlFiles {
                 options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
             }
             let opened = options.open(&path)?;
-            if !opened.metadata()?.is_file() {
+            let meta = opened.metadata()?;
+            if !meta.is_file() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "not a regular file: lines can only be appended to a file",
                 ));
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let inode = (meta.dev(), meta.ino());
+                if let Some(other) = self.names.get(&inode) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "it is the same file as `{}` (through a link): rules writing to one file must name it the same way",
+                            other.display()
+                        ),
+                    ));
+                }
+                self.names.insert(inode, file.to_path_buf());
             }
             if !existed {
                 // Every folder from the new file up to the data folder: some may be new too.
@@ -388,10 +443,34 @@ mod tests {
     }
 
     #[test]
+    fn one_file_reached_by_two_names_is_refused_for_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        std::fs::create_dir(data.join("d1")).unwrap();
+        std::os::unix::fs::symlink(data.join("d1"), data.join("d2")).unwrap();
+        let mut files = JsonlFiles::new(data);
+        files
+            .append_durably(Path::new("d1/x.jsonl"), "a\n")
+            .unwrap();
+        let e = files.open(Path::new("d2/x.jsonl")).unwrap_err();
+        assert!(e.to_string().contains("same file as `d1/x.jsonl`"), "{e}");
+        assert!(is_path_error(&e));
+        // A link as the file itself is refused when the rule loads.
+        std::os::unix::fs::symlink(data.join("d1/x.jsonl"), data.join("alias.jsonl")).unwrap();
+        let refused = check_output_path(data, "alias.jsonl").unwrap_err().0;
+        assert!(refused.contains("is a link"), "{refused}");
+        std::os::unix::fs::symlink(data.join("nowhere"), data.join("dangling")).unwrap();
+        let refused = check_output_path(data, "dangling/x.jsonl").unwrap_err().0;
+        assert!(refused.contains("does not exist"), "{refused}");
+    }
+
+    #[test]
     fn only_a_full_or_failing_disk_is_not_the_paths_fault() {
         use std::io::ErrorKind;
         assert!(!is_path_error(&io::Error::from(ErrorKind::StorageFull)));
         assert!(!is_path_error(&io::Error::from_raw_os_error(libc::EIO)));
+        assert!(!is_path_error(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!is_path_error(&io::Error::from_raw_os_error(libc::ENFILE)));
         assert!(is_path_error(&io::Error::from_raw_os_error(
             libc::ENAMETOOLONG
         )));

@@ -1,6 +1,8 @@
 //! `tripline check`: validates everything the server would load, and the test files beside the
-//! rules, without starting anything. Exit 0 when all is well, 1 when anything is wrong; warnings
-//! (entries skipped because they are not files) are printed without changing that.
+//! rules, without starting anything. Exit 0 when all is well, 1 when anything is wrong, including
+//! a rule whose output file cannot be written in the data folder now (the service would run it,
+//! and it would do nothing); other warnings (entries skipped because they are not files) are
+//! printed without changing that.
 
 use std::process::ExitCode;
 
@@ -8,8 +10,8 @@ use super::{print_problems, print_warnings};
 use crate::authoring::cases;
 use crate::config::FolderArgs;
 use crate::diag::Diagnostic;
-use crate::rules::RuleSet;
 use crate::rules::test_files;
+use crate::rules::{RuleSet, unwritable_outputs};
 
 /// Runs the check.
 pub fn run(args: &FolderArgs) -> ExitCode {
@@ -46,8 +48,17 @@ pub fn run(args: &FolderArgs) -> ExitCode {
         )),
     }
     print_warnings(&warnings);
+    // The service would run these rules, and they would do nothing: for an author, a problem.
+    let unwritable = rules.as_ref().map_or(0, |set| {
+        unwritable_outputs(set.rules(), &folders.data).len()
+    });
+    if unwritable > 0 {
+        eprintln!(
+            "{unwritable} rule(s) cannot write their file in the data folder now (see the warnings above)"
+        );
+    }
     match rules {
-        Some(set) if problems.is_empty() => {
+        Some(set) if problems.is_empty() && unwritable == 0 => {
             println!(
                 "ok: {} rules, {tests} tests; rule set hash {}",
                 set.rules().len(),

@@ -75,12 +75,17 @@ fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
     static PROBES: AtomicU64 = AtomicU64::new(0);
     let n = PROBES.fetch_add(1, Ordering::Relaxed);
     let probe = data_dir.join(format!(".tripline-ready-{}-{n}", std::process::id()));
-    std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&probe)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"ok"))
-        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))?;
+    // Removed whether the write worked or not (on a full disk, it does not).
+    let written = std::io::Write::write_all(&mut file, b"ok");
+    drop(file);
+    let removed = std::fs::remove_file(&probe);
+    written
+        .and(removed)
         .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))
 }
 

@@ -4,7 +4,8 @@
 //! nothing, or half a header, kept it forever, and enough of them exhausted the open-files limit.
 //! Here each connection is served by hyper's HTTP/1 server with a timer:
 //! - `header_timeout` bounds how long a connection may take to send a request's headers, counted
-//!   from when it is ready for one, so an idle keep-alive connection is closed after it too;
+//!   from when it is ready for one, so an idle keep-alive connection is closed after it too; and
+//!   how long writing an answer may make no progress (a client that stops reading);
 //! - the time a request may take once its headers are in is the router's `request_timeout`;
 //! - at most `max_connections` are open at once (never more than the open-files limit, which is
 //!   raised to its hard limit at start); further clients wait in the kernel's backlog;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 use tracing::{info, warn};
 
 /// Open files kept free for the rest of the service (the database, output files, templates).
@@ -92,8 +94,13 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // A client that stops reading its answers (while it pipelines more requests, say) would
+        // keep its connection, and the answers waiting for it, for good: a write that makes no
+        // progress for `header_timeout` closes the connection.
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.header_timeout));
         let connection = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(Box::pin(stream)),
             TowerToHyperService::new(router.clone()),
         );
         let connection = graceful.watch(connection);

@@ -228,7 +228,11 @@ pub fn decode_wanted(
     let body = replace_lone_surrogates(body);
     let mut decoded = decode_repaired(&body, now, limits, wanted)?;
     if let Some(skew) = limits.max_clock_skew {
-        let latest = now + chrono::TimeDelta::from_std(skew).unwrap_or(chrono::TimeDelta::MAX);
+        // A skew past the calendar's end leaves every timestamp as it is.
+        let latest = chrono::TimeDelta::from_std(skew)
+            .ok()
+            .and_then(|skew| now.checked_add_signed(skew))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         for event in &mut decoded.events {
             if event.time > latest {
                 event.time = latest;

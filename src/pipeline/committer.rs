@@ -268,36 +268,63 @@ impl Committer {
 impl Worker {
     /// Cuts every output file back to its committed length.
     fn recover(&mut self) -> Result<(), CommitError> {
-        let mut fixes = Vec::new();
         for (file, committed) in self.db.jsonl_lengths()? {
             let path = PathBuf::from(&file);
-            let actual = self.files.len(&path).map_err(|e| output_error(&path, e))?;
-            if actual > committed {
+            // A file whose path cannot be a file any more (something else is in its way) must not
+            // stop the service: its rules fail alone until it can be written again, and it is
+            // recovered then.
+            if let Err(e) = self.files.open(&path) {
+                if !jsonl::is_path_error(&e) {
+                    return Err(output_error(&path, e));
+                }
                 warn!(
                     file,
-                    bytes = actual - committed,
-                    "removing lines that were never acknowledged (the service stopped before committing them)"
+                    "cannot open this output file: its rules fail until it can be ({e})"
                 );
-                self.files
-                    .truncate(&path, committed)
-                    .map_err(|e| output_error(&path, e))?;
-            } else if actual < committed {
-                warn!(
-                    file,
-                    "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
-                );
-                fixes.push((file.clone(), actual));
+                self.unwritable.insert(path, e.to_string());
+                continue;
             }
-            self.registered.insert(path);
+            self.resume(&path, committed)?;
         }
-        if !fixes.is_empty() {
+        self.share_unwritable();
+        Ok(())
+    }
+
+    /// Makes an output file that has a recorded length match it before lines are appended:
+    /// lines past it were never acknowledged (a crash, or a failed batch that could not cut them
+    /// off) and are cut off; a file shorter than recorded was cut by someone else, and is taken as
+    /// it is.
+    fn resume(&mut self, file: &std::path::Path, recorded: u64) -> Result<(), CommitError> {
+        let actual = self.files.len(file).map_err(|e| output_error(file, e))?;
+        if actual > recorded {
+            warn!(
+                file = %file.display(),
+                bytes = actual - recorded,
+                "removing lines that were never acknowledged (a crash, or a failed write)"
+            );
+            self.files
+                .truncate(file, recorded)
+                .map_err(|e| output_error(file, e))?;
+        } else if actual < recorded {
+            warn!(
+                file = %file.display(),
+                "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
+            );
             let mut txn = self.db.write()?;
-            for (file, len) in fixes {
-                txn.set_jsonl_len(&file, len)?;
-            }
+            txn.set_jsonl_len(&file.to_string_lossy(), actual)?;
             txn.commit()?;
         }
+        self.registered.insert(file.to_path_buf());
         Ok(())
+    }
+
+    /// Shows the unwritable files to the rest of the service.
+    fn share_unwritable(&self) {
+        *self
+            .shared
+            .unwritable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.unwritable.clone();
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -491,8 +518,7 @@ impl Worker {
     }
 
     /// Cuts `file` back to its `recorded` length if it is longer: those lines belong to a batch
-    /// that failed and could not cut them off at once. A file shorter than recorded was cut by
-    /// someone else, and is taken as it is.
+    /// that failed and could not cut them off at once.
     fn cut_to_recorded(
         &mut self,
         file: &std::path::Path,
@@ -565,19 +591,27 @@ impl Worker {
                 Err(e) => return Err(output_error(&file, e)),
             }
         }
-        *self
-            .shared
-            .unwritable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = self.unwritable.clone();
+        self.share_unwritable();
         if !opened.is_empty() {
-            let mut txn = self.db.write()?;
-            for file in &opened {
-                let len = self.files.len(file).map_err(|e| output_error(file, e))?;
-                txn.set_jsonl_len(&file.to_string_lossy(), len)?;
+            let recorded: std::collections::HashMap<String, u64> =
+                self.db.jsonl_lengths()?.into_iter().collect();
+            let mut fresh = Vec::new();
+            for file in opened {
+                match recorded.get(file.to_string_lossy().as_ref()) {
+                    // Written before (then unwritable for a while): recovered like at start-up.
+                    Some(&length) => self.resume(&file, length)?,
+                    None => fresh.push(file),
+                }
             }
-            txn.commit()?;
-            self.registered.extend(opened);
+            if !fresh.is_empty() {
+                let mut txn = self.db.write()?;
+                for file in &fresh {
+                    let len = self.files.len(file).map_err(|e| output_error(file, e))?;
+                    txn.set_jsonl_len(&file.to_string_lossy(), len)?;
+                }
+                txn.commit()?;
+                self.registered.extend(fresh);
+            }
         }
         if let Some(last) = batch.last() {
             self.checked = Some(last.rules.clone());

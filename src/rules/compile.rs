@@ -8,7 +8,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::actions::email::EmailAction;
-use crate::actions::jsonl::{JsonlAction, OutputField, check_output_path};
+use crate::actions::jsonl::{JsonlAction, OutputField, output_path};
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
@@ -29,7 +29,6 @@ const MAX_AT_LEAST_WITHIN: i64 = 1000;
 pub fn compile(
     file: &Path,
     source: &str,
-    data_dir: &Path,
     templates: &mut Templates,
 ) -> Result<Rule, Vec<Diagnostic>> {
     let mut c = Compiler {
@@ -39,7 +38,7 @@ pub fn compile(
     };
     let parsed = parse_reporting_every_unknown_key(file, source, &mut c.problems)
         .ok_or_else(|| c.problems.clone())?;
-    let rule = c.rule(parsed, data_dir, templates);
+    let rule = c.rule(parsed, templates);
     match rule {
         Some(rule) if c.problems.is_empty() => Ok(rule),
         _ => Err(c.problems),
@@ -111,7 +110,7 @@ impl Compiler<'_> {
         self.problems.push(d);
     }
 
-    fn rule(&mut self, f: RuleFile, data_dir: &Path, templates: &mut Templates) -> Option<Rule> {
+    fn rule(&mut self, f: RuleFile, templates: &mut Templates) -> Option<Rule> {
         let name = f.name.get_ref().trim().to_string();
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             self.problem(
@@ -154,7 +153,7 @@ impl Compiler<'_> {
             (e.template.get_ref().clone(), e.to.span(), e.subject.span())
         });
         let email = f.email.map(|e| self.email(e, &name, templates));
-        let jsonl = f.jsonl.map(|j| self.jsonl(j, data_dir));
+        let jsonl = f.jsonl.map(|j| self.jsonl(j));
         // Checked even when another part of the email is wrong, so that every problem shows.
         if let Some((body, to_span, subject_span)) = email_parts {
             let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
@@ -560,9 +559,9 @@ impl Compiler<'_> {
         })
     }
 
-    fn jsonl(&mut self, j: Spanned<JsonlConfig>, data_dir: &Path) -> Option<JsonlAction> {
+    fn jsonl(&mut self, j: Spanned<JsonlConfig>) -> Option<JsonlAction> {
         let j = j.into_inner();
-        let file = match check_output_path(data_dir, j.file.get_ref()) {
+        let file = match output_path(j.file.get_ref()) {
             Ok(file) => Some(file),
             Err(e) => {
                 self.problem(j.file.span(), format!("`file`: {}", e.0), Some("write a file name like \"training_data.jsonl\"; it is created in the data folder".into()));
@@ -748,7 +747,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hello.text.hbs"), "Hi").unwrap();
         let (mut templates, _) = Templates::load(dir.path());
-        match compile(Path::new("r.toml"), source, dir.path(), &mut templates) {
+        match compile(Path::new("r.toml"), source, &mut templates) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),
         }

@@ -130,7 +130,7 @@ impl RuleSet {
                 }
             };
             hash_file(&mut hasher, "rule", &file, &source);
-            match compile::compile(&file, &source, data_dir, &mut templates) {
+            match compile::compile(&file, &source, &mut templates) {
                 Ok(rule) => {
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                         problems.push(duplicate_name(&file, &source, &rule.name, &first.file));
@@ -147,6 +147,7 @@ impl RuleSet {
             problems.dedup();
             return (Err(problems), warnings);
         }
+        warnings.extend(unwritable_outputs(&rules, data_dir));
         for (name, source) in templates.files() {
             hash_file(&mut hasher, "template", name, source);
         }
@@ -212,6 +213,27 @@ impl RuleSet {
         self.candidates(event.name())
             .filter(|(_, rule)| rule.when.holds(event))
     }
+}
+
+/// A warning for each rule whose output file cannot be written because of what is in the data
+/// folder now (a file where its folder should be...). Such a rule loads, and fails on its own
+/// until the way is clear; `tripline check` counts these as problems.
+pub fn unwritable_outputs(rules: &[Rule], data_dir: &Path) -> Vec<Warning> {
+    rules
+        .iter()
+        .filter_map(|rule| {
+            let jsonl = rule.jsonl.as_ref()?;
+            let written = jsonl.file.to_string_lossy();
+            let why = crate::actions::jsonl::output_place(data_dir, &jsonl.file, &written).err()?;
+            Some(Warning {
+                file: rule.file.clone(),
+                message: format!(
+                    "rule \"{}\" cannot write `{written}` in the data folder now: {}; it does nothing until this is fixed",
+                    rule.name, why.0
+                ),
+            })
+        })
+        .collect()
 }
 
 /// Adds one file to the content hash: its kind, name and text, each length-prefixed so that no
