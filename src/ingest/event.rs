@@ -52,21 +52,17 @@ impl Event {
     }
 
     /// The data a template sees: the same names a rule uses (`event`, `properties.x`,
-    /// `person.properties.email`, ...), one entry per [`Field`].
+    /// `person.properties.email`, ...), one entry per [`Field`] (a test holds them to it).
     pub fn template_context(&self) -> Value {
-        let mut data = Map::with_capacity(Field::ALL.len());
-        for field in Field::ALL {
-            let value = field.of(self).clone();
-            match field.name().split_once('.') {
-                Some((outer, inner)) => {
-                    data.insert(outer.into(), json!({ inner: value }));
-                }
-                None => {
-                    data.insert(field.name().into(), value);
-                }
-            }
-        }
-        Value::Object(data)
+        json!({
+            "event": self.name,
+            "uuid": self.uuid,
+            "distinct_id": self.distinct_id,
+            "timestamp": self.timestamp,
+            "properties": self.properties,
+            "person": { "properties": self.person_properties },
+            "source": self.source,
+        })
     }
 }
 
@@ -963,5 +959,23 @@ mod tests {
         );
         let as_sent = decode_wanted(body, now(), &BodyLimits::LOCAL_FILES, |_| true).unwrap();
         assert_eq!(as_sent.clamped, 0);
+    }
+
+    #[test]
+    fn templates_see_every_field_under_the_name_rules_use() {
+        let e = one(
+            r#"{"event":"x","uuid":"u","distinct_id":"d","properties":{"a":1},"person":{"properties":{"b":2}}}"#,
+        );
+        let data = e.template_context();
+        for field in Field::ALL {
+            let pointer = format!("/{}", field.name().replace('.', "/"));
+            assert_eq!(
+                data.pointer(&pointer),
+                Some(field.of(&e)),
+                "{}",
+                field.name()
+            );
+        }
+        assert_eq!(data.as_object().unwrap().len(), Field::ALL.len());
     }
 }
