@@ -43,13 +43,8 @@ pub async fn serve(
     let metrics = telemetry::recorder()?;
     let clock = Clock::wall();
     let db = Arc::new(Db::open(&config.folders.data).map_err(|e| {
-        let why = if e.0.contains("Cannot acquire lock") {
-            "another tripline is already running with this data folder".to_string()
-        } else {
-            e.to_string()
-        };
         anyhow::anyhow!(
-            "cannot open the state database in {}: {why}",
+            "cannot open the state database in {}: {e}",
             config.folders.data.display()
         )
     })?);

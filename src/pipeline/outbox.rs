@@ -281,7 +281,7 @@ impl Deliveries {
         let now = self.clock.unix();
         let due = tokio::task::spawn_blocking(move || db.due_emails(now, free, &busy))
             .await
-            .map_err(|e| StoreError(e.to_string()))??;
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         for (id, record) in due.emails {
             let transport = self.transport.clone();
             let task = self.attempts.spawn(async move {
@@ -325,7 +325,7 @@ impl Deliveries {
         let now = self.clock.unix();
         tokio::task::spawn_blocking(move || record_outcomes(&db, ended, now))
             .await
-            .map_err(|e| StoreError(e.to_string()))?
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 }
 

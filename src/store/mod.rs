@@ -45,9 +45,17 @@ impl StateKey {
 }
 
 /// The store could not do what was asked.
-#[derive(Debug, thiserror::Error)]
-#[error("the state store failed: {0}")]
-pub struct StoreError(pub String);
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the store: a second tripline on the same data folder. Retrying does
+    /// not help; the operator must stop one of them.
+    #[error("another tripline is already running with this data folder")]
+    InUse,
+    /// A read or write failed (a full disk, an I/O error, the database being reopened): the same
+    /// request may succeed later.
+    #[error("the state store failed: {0}")]
+    Unavailable(String),
+}
 
 /// Counters, time windows, when rules last acted, and delivered event ids. Changes made through
 /// one value are applied together or not at all (for the database: when its transaction commits).

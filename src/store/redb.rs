@@ -161,7 +161,7 @@ const DAY: u64 = 86_400;
 pub const KEEP_FINISHED: u64 = 10_000;
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Unavailable(e.to_string())
 }
 
 /// The database's page cache. redb's default (1 GiB) would let a large state grow the process
@@ -191,7 +191,10 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
     let db = redb::Builder::new()
         .set_cache_size(CACHE_BYTES)
         .create(path)
-        .map_err(err)?;
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            other => err(other),
+        })?;
     let txn = db.begin_write().map_err(err)?;
     {
         txn.open_table(COUNTERS).map_err(err)?;
@@ -257,7 +260,7 @@ impl Db {
         let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
         match db.as_ref() {
             Some(db) => f(db),
-            None => Err(StoreError(
+            None => Err(StoreError::Unavailable(
                 "the database is closed after a write failure and could not be opened again yet"
                     .into(),
             )),
@@ -272,7 +275,7 @@ impl Db {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-                return Err(StoreError(
+                return Err(StoreError::Unavailable(
                     "a write to the database failed (is the disk full?); trying again shortly"
                         .into(),
                 ));
@@ -286,9 +289,12 @@ impl Db {
         // The file is closed once no transaction holds it; only then can it be opened again.
         drop(slot.take());
         let db = open_database(&self.path).map_err(|e| {
-            StoreError(format!(
-                "a write to the database failed and it cannot be opened again yet: {}",
-                e.0
+            let why = match e {
+                StoreError::Unavailable(why) => why,
+                StoreError::InUse => "a transaction still holds its file".into(),
+            };
+            StoreError::Unavailable(format!(
+                "a write to the database failed and it cannot be opened again yet: {why}"
             ))
         })?;
         *slot = Some(db);
@@ -890,6 +896,13 @@ mod tests {
             !txn.first_delivery("u2", 300).unwrap(),
             "recent ones are kept"
         );
+    }
+
+    #[test]
+    fn a_second_opening_of_the_same_folder_is_told_it_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Db::open(dir.path()).unwrap();
+        assert_eq!(Db::open(dir.path()).err(), Some(StoreError::InUse));
     }
 
     #[test]
