@@ -19,8 +19,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::diag::Diagnostic;
+use crate::diag::toml_diagnostic;
 use crate::ingest::auth::{SecretRef, Source, SourceConfig, Sources};
-use crate::rules::compile::toml_diagnostic;
 use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use std::sync::Arc;
 

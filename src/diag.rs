@@ -176,6 +176,70 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c)
 }
 
+/// A TOML or structure error (serde's words) in a user's words: a rule file, a test file or
+/// `tripline.toml`.
+pub fn toml_diagnostic(file: &Path, source: &str, e: &toml::de::Error) -> Diagnostic {
+    let span = e.span().unwrap_or(0..0);
+    let raw = e.message().trim().to_string();
+    if let Some((word, expected)) = parse_unknown_field(&raw) {
+        let hint = match did_you_mean(&word, expected.iter().map(String::as_str)) {
+            Some(close) => format!(
+                "did you mean `{close}`? Allowed here: {}",
+                expected.join(", ")
+            ),
+            None => format!("allowed here: {}", expected.join(", ")),
+        };
+        return Diagnostic::at(file, source, span, format!("unknown key `{word}`")).with_hint(hint);
+    }
+    if let Some(rest) = raw.strip_prefix("missing field `") {
+        let key = rest.trim_end_matches('`');
+        return Diagnostic::at(
+            file,
+            source,
+            span,
+            format!("the key `{key}` is missing here"),
+        );
+    }
+    let message = raw
+        .replace("invalid type: string ", "wrong kind of value: got text ")
+        .replace(
+            "invalid type: integer ",
+            "wrong kind of value: got the number ",
+        )
+        .replace(
+            "invalid type: floating point ",
+            "wrong kind of value: got the number ",
+        )
+        .replace("invalid type: boolean ", "wrong kind of value: got ")
+        .replace("invalid type: ", "wrong kind of value: got ")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("expected a boolean", "expected true or false")
+        .replace("expected a string", "expected text in quotes")
+        .replace("expected a sequence", "expected a list like [\"a\", \"b\"]");
+    let message = match message.find("expected struct ") {
+        Some(at) => format!(
+            "{}expected a table like {{ key = \"value\" }}",
+            &message[..at]
+        ),
+        None => message,
+    };
+    Diagnostic::at(file, source, span, message)
+}
+
+/// `unknown field `x`, expected one of `a`, `b`` → (x, [a, b]).
+fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    Some((word.to_string(), expected))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

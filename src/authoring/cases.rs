@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::authoring::event_file;
+use crate::diag::toml_diagnostic;
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::engine::{self, Effect, Outcome};
 use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
-use crate::rules::compile::{toml_diagnostic, toml_to_json_value};
+use crate::rules::compile::toml_to_json_value;
 use crate::store::MemoryStore;
 use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use crate::user_file;
