@@ -16,7 +16,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::actions::email::{self, EmailAction, mask_email};
 use crate::ingest::event::Event;
-use crate::rules::path::FieldPath;
+use crate::ingest::path::FieldPath;
 use crate::rules::{Rule, RuleSet};
 use crate::store::{StateKey, Store, StoreError};
 

@@ -9,11 +9,11 @@ use proptest::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use tripline::actions::email::templates::Templates;
 use tripline::engine;
 use tripline::ingest::event::{self, BodyLimits};
 use tripline::rules::RuleSet;
 use tripline::rules::compile::compile;
-use tripline::rules::templates::Templates;
 use tripline::store::MemoryStore;
 
 /// The fixtures every payload property starts from: PostHog's own bodies, malformed ones included.

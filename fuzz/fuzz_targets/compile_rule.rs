@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use tripline::rules::compile::compile;
-use tripline::rules::templates::Templates;
+use tripline::actions::email::templates::Templates;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 
 use crate::ingest::event::Event;
-use crate::rules::path::FieldPath;
+use crate::ingest::path::FieldPath;
 
 /// A compiled `[jsonl]` table.
 #[derive(Debug, Clone)]

@@ -25,9 +25,6 @@ use crate::store::MemoryStore;
 use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use crate::user_file;
 
-/// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
-pub const SUFFIX: &str = ".test.toml";
-
 /// Where the virtual clock starts when a case does not say.
 const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
 

@@ -109,7 +109,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
     if files.is_empty() {
         eprintln!(
             "no test files found: tests live beside the rules, in files named like power_user_email{}",
-            cases::SUFFIX
+            crate::rules::TEST_SUFFIX
         );
     }
     let summary = format!(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::AppState;
 use super::error::AppError;
-use crate::pipeline::outbox::OutboxRecord;
+use crate::store::queue::OutboxRecord;
 use crate::telemetry;
 
 /// Lets a request to the read-only endpoints through when no source is configured (loopback

@@ -24,7 +24,6 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,6 +39,7 @@ use crate::clock::Clock;
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::engine::QueuedEmail;
 use crate::store::StoreError;
+use crate::store::queue::{OutboxRecord, Status};
 use crate::store::redb::Db;
 use crate::telemetry;
 
@@ -57,32 +57,6 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts at one email.
 const MAX_BACKOFF_SECS: u64 = 300;
 
-/// Where an email stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Pending,
-    Sent,
-    Failed,
-}
-
-/// One email in the outbox, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxRecord {
-    pub rule: String,
-    pub from: String,
-    pub to: Vec<String>,
-    pub to_masked: String,
-    /// The whole RFC 5322 message.
-    pub message: String,
-    pub status: Status,
-    pub created_unix: u64,
-    pub attempts: u32,
-    pub next_attempt_unix: u64,
-    pub last_error: Option<String>,
-    pub finished_unix: Option<u64>,
-}
-
 impl OutboxRecord {
     /// A new pending record for a rendered email.
     pub fn new(email: QueuedEmail, now_unix: u64) -> OutboxRecord {
@@ -98,24 +72,6 @@ impl OutboxRecord {
             next_attempt_unix: now_unix,
             last_error: None,
             finished_unix: None,
-        }
-    }
-
-    /// The record of an email a rule could not make (a field its template uses was missing):
-    /// failed from the start, with the reason, so that it is seen at `GET /outbox`.
-    pub fn not_made(rule: String, reason: String, now_unix: u64) -> OutboxRecord {
-        OutboxRecord {
-            rule,
-            from: String::new(),
-            to: Vec::new(),
-            to_masked: String::new(),
-            message: String::new(),
-            status: Status::Failed,
-            created_unix: now_unix,
-            attempts: 0,
-            next_attempt_unix: now_unix,
-            last_error: Some(reason),
-            finished_unix: Some(now_unix),
         }
     }
 }

@@ -8,13 +8,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::actions::email::EmailAction;
+use crate::actions::email::templates::{Templates, template_diagnostic};
 use crate::actions::jsonl::{JsonlAction, OutputField, output_path};
 use crate::diag::{Diagnostic, did_you_mean, toml_diagnostic};
+use crate::ingest::path::FieldPath;
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::rules::path::FieldPath;
 use crate::rules::template_check::{self, Known, Place};
-use crate::rules::templates::{Templates, template_diagnostic};
 use crate::rules::{Count, Limits, Rule};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp};
 

@@ -8,7 +8,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::ingest::event::Event;
-use crate::rules::path::FieldPath;
+use crate::ingest::path::FieldPath;
 use crate::units::parse_timestamp;
 
 /// A compiled condition tree.

@@ -1,17 +1,15 @@
 //! Rules: loading `rules/*.toml` (with the templates they use) into an immutable, indexed
 //! [`RuleSet`].
 //!
-//! `file.rs` mirrors the TOML, `compile.rs` turns it into runnable [`Rule`]s, `condition.rs` and
-//! `path.rs` hold what matching needs, `template_check.rs` checks what email templates use, and
-//! `diagnostic.rs` reports problems as `file:line:col: message`. A set is loaded whole or not at all: one problem anywhere means the
-//! caller keeps whatever set it had.
+//! `file.rs` mirrors the TOML, `compile.rs` turns it into runnable [`Rule`]s, `condition.rs`
+//! holds what matching needs (with the field paths of `ingest/path.rs`), `template_check.rs`
+//! checks what email templates use; problems are `crate::diag` diagnostics. A set is loaded whole
+//! or not at all: one problem anywhere means the caller keeps whatever set it had.
 
 pub mod compile;
 pub mod condition;
 pub mod file;
-pub mod path;
 pub mod template_check;
-pub mod templates;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -20,13 +18,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::actions::email::EmailAction;
+use crate::actions::email::templates::Templates;
 use crate::actions::jsonl::JsonlAction;
 use crate::diag::{Diagnostic, Warning};
 use crate::ingest::event::Event;
-use crate::rules::templates::Templates;
+use crate::ingest::path::FieldPath;
 use crate::user_file::{self, Listing};
 use condition::Condition;
-use path::FieldPath;
+
+/// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
+pub const TEST_SUFFIX: &str = ".test.toml";
 
 /// One compiled rule.
 #[derive(Debug)]
@@ -253,13 +254,13 @@ fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
 /// and test files (`*.test.toml`).
 fn rule_files(dir: &Path) -> std::io::Result<Listing> {
     user_file::list(dir, |name| {
-        name.ends_with(".toml") && !name.ends_with(crate::authoring::cases::SUFFIX)
+        name.ends_with(".toml") && !name.ends_with(TEST_SUFFIX)
     })
 }
 
 /// The test files (`*.test.toml`) of a folder, sorted, skipping hidden files.
 pub fn test_files(dir: &Path) -> std::io::Result<Listing> {
-    user_file::list(dir, |name| name.ends_with(crate::authoring::cases::SUFFIX))
+    user_file::list(dir, |name| name.ends_with(TEST_SUFFIX))
 }
 
 fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagnostic {

@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 
+use crate::actions::email::templates::{HELPERS, Reference, ReferenceKind};
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::ingest::event::Field;
-use crate::rules::path::FieldPath;
-use crate::rules::templates::{HELPERS, Reference, ReferenceKind};
+use crate::ingest::path::FieldPath;
 
 /// What a template may name at its top level: the event's fields (a person's under `person`)
 /// and `count`.

@@ -5,6 +5,7 @@
 //! other rules. The service uses the durable implementation in `store/redb.rs`, one write transaction
 //! per group of requests; [`MemoryStore`] keeps the same state in memory.
 
+pub mod queue;
 pub mod redb;
 
 use sha2::{Digest, Sha256};

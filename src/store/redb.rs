@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::pipeline::outbox::OutboxRecord;
+use crate::store::queue::OutboxRecord;
 use crate::store::{StateKey, Store, StoreError, record_in_window};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -754,7 +754,7 @@ mod tests {
     /// A pending email next due at `due_unix`.
     fn pending(due_unix: u64) -> OutboxRecord {
         OutboxRecord {
-            status: crate::pipeline::outbox::Status::Pending,
+            status: crate::store::queue::Status::Pending,
             next_attempt_unix: due_unix,
             last_error: None,
             finished_unix: None,

@@ -2,8 +2,10 @@
 //!
 //! Rendering is strict: a field the event lacks, or a `to` that is not an address, fails the
 //! email with a reason instead of sending something half filled; so does a template that would
-//! cost more than the bounds of `rules/templates.rs` allow. Rendered emails go to the
+//! cost more than the bounds of `actions/email/templates.rs` allow. Rendered emails go to the
 //! durable outbox (`pipeline/outbox.rs`), which delivers them.
+
+pub mod templates;
 
 use lettre::Message;
 use lettre::message::{Mailbox, MultiPart};
@@ -11,7 +13,7 @@ use regex::Regex;
 use serde_json::Value;
 use std::sync::LazyLock;
 
-use crate::rules::templates::Templates;
+use templates::Templates;
 
 /// A compiled `[email]` table. The `to` and `subject` lines are registered in the rule set's
 /// templates under the keys held here.
@@ -43,7 +45,7 @@ pub fn build(
     data: &Value,
     default_from: &Mailbox,
 ) -> Result<Built, RenderError> {
-    // One budget for the whole email (see `rules/templates.rs`): a template that would take too long,
+    // One budget for the whole email (see `actions/email/templates.rs`): a template that would take too long,
     // loop too often or write too much fails this email only.
     let rendering = templates.rendering(data);
     let render = |key: &str, what: &str| {
