@@ -295,17 +295,8 @@ impl Worker {
     /// off) and are cut off; a file shorter than recorded was cut by someone else, and is taken as
     /// it is.
     fn resume(&mut self, file: &std::path::Path, recorded: u64) -> Result<(), CommitError> {
-        let actual = self.files.len(file).map_err(|e| output_error(file, e))?;
-        if actual > recorded {
-            warn!(
-                file = %file.display(),
-                bytes = actual - recorded,
-                "removing lines that were never acknowledged (a crash, or a failed write)"
-            );
-            self.files
-                .truncate(file, recorded)
-                .map_err(|e| output_error(file, e))?;
-        } else if actual < recorded {
+        let actual = self.cut_to_recorded(file, Some(recorded))?;
+        if actual < recorded {
             warn!(
                 file = %file.display(),
                 "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
@@ -517,28 +508,28 @@ impl Worker {
         Ok(())
     }
 
-    /// Cuts `file` back to its `recorded` length if it is longer: those lines belong to a batch
-    /// that failed and could not cut them off at once.
+    /// Cuts `file` back to its `recorded` length if it is longer: lines past it were never
+    /// acknowledged (a crash, or a failed batch that could not cut them off at once). Returns the
+    /// file's length as it was found.
     fn cut_to_recorded(
         &mut self,
         file: &std::path::Path,
         recorded: Option<u64>,
-    ) -> Result<(), CommitError> {
-        let Some(recorded) = recorded else {
-            return Ok(());
-        };
+    ) -> Result<u64, CommitError> {
         let actual = self.files.len(file).map_err(|e| output_error(file, e))?;
-        if actual > recorded {
+        if let Some(recorded) = recorded
+            && actual > recorded
+        {
             warn!(
                 file = %file.display(),
                 bytes = actual - recorded,
-                "removing lines of a batch that was not acknowledged before appending"
+                "removing lines that were never acknowledged (a crash, or a failed write)"
             );
             self.files
                 .truncate(file, recorded)
                 .map_err(|e| output_error(file, e))?;
         }
-        Ok(())
+        Ok(actual)
     }
 
     /// Opens the output files this batch may write for the first time and records their current
