@@ -240,10 +240,10 @@ fn a_full_disk_answers_503_and_leaves_no_partial_line() {
         error.contains("try again") && !error.contains("No space left on device"),
         "the sender is told to retry, not the disk's error: {reply}"
     );
-    assert!(
-        server.log().contains("No space left on device"),
-        "the reason is in the log"
-    );
+    // The log is read from the process as it comes: wait for the line.
+    server.wait_for("the reason in the log", |s| {
+        s.log().contains("No space left on device")
+    });
     let text = std::fs::read_to_string(fs.0.join("out.jsonl")).unwrap();
     assert!(
         text.ends_with('\n') && text.lines().count() == 1,
