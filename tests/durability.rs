@@ -363,3 +363,36 @@ fn a_full_disk_under_the_database_heals_once_space_returns() {
     drop(server);
     drop(fs);
 }
+
+#[test]
+fn a_full_disk_under_one_rules_file_fails_only_the_requests_writing_there() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");
+        return;
+    }
+    let views_rule = "name = \"views\"\n[when]\nevent = \"$pageview\"\n[jsonl]\nfile = \"full/views.jsonl\"\nfields = { who = \"distinct_id\" }\n";
+    let server = Server::start_with(&[], |root| {
+        std::fs::write(root.join("rules/views.toml"), views_rule).unwrap();
+    });
+    let fs = TinyFs::mount(&server.data.join("full"), "64k");
+    let _ = std::fs::write(fs.0.join("filler"), vec![b'.'; 64 * 1024]);
+    // Requests for both rules at once, so that they share batches.
+    let (views, failures): (Vec<_>, Vec<_>) = std::thread::scope(|s| {
+        let view = |_| s.spawn(|| server.post_fresh(&fixture_json("pageview.json")).0);
+        let failure = |_| s.spawn(|| server.post_fresh(&fixture_json("generation_failed.json")).0);
+        let views: Vec<_> = (0..40).map(view).collect();
+        let failures: Vec<_> = (0..40).map(failure).collect();
+        (
+            views.into_iter().map(|h| h.join().unwrap()).collect(),
+            failures.into_iter().map(|h| h.join().unwrap()).collect(),
+        )
+    });
+    assert!(views.iter().all(|&s| s == 503), "{views:?}");
+    assert!(
+        failures.iter().all(|&s| s == 200),
+        "requests of the other rule are not held back by the full disk: {failures:?}"
+    );
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 40);
+    drop(server);
+    drop(fs);
+}

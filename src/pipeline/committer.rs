@@ -318,55 +318,77 @@ impl Worker {
             .unwrap_or_else(PoisonError::into_inner) = self.unwritable.clone();
     }
 
-    fn process(&mut self, batch: Vec<Request>) {
-        let mut written = Vec::new();
-        // A panic must not take the committer (and so the whole service) down: the batch fails
-        // like any other failed batch, and the next one starts afresh.
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.commit_batch(&batch, &mut written)))
-                .unwrap_or_else(|panic| {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
-                    metrics::counter!(telemetry::BATCHES_PANICKED.name).increment(1);
-                    Err(CommitError::Panicked(why))
-                });
-        *self
-            .shared
-            .panicked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = match &result {
-            Err(CommitError::Panicked(why)) => Some(why.clone()),
-            _ => None,
-        };
-        match result {
-            Ok(reports) => {
-                for (job, report) in batch.into_iter().zip(reports) {
-                    let _ = job.reply.send(Ok(report));
-                }
-            }
-            Err(e) => {
-                error!("batch of {} requests not committed: {e}", batch.len());
-                for (file, before) in written {
-                    if let Err(t) = self.files.truncate(&file, before) {
-                        error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
+    fn process(&mut self, mut batch: Vec<Request>) {
+        loop {
+            let mut written = Vec::new();
+            let mut files_of = Vec::new();
+            // A panic must not take the committer (and so the whole service) down: the batch
+            // fails like any other failed batch, and the next one starts afresh.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.commit_batch(&batch, &mut written, &mut files_of)
+            }))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                metrics::counter!(telemetry::BATCHES_PANICKED.name).increment(1);
+                Err(CommitError::Panicked(why))
+            });
+            *self
+                .shared
+                .panicked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = match &result {
+                Err(CommitError::Panicked(why)) => Some(why.clone()),
+                _ => None,
+            };
+            let e = match result {
+                Ok(reports) => {
+                    for (job, report) in batch.into_iter().zip(reports) {
+                        let _ = job.reply.send(Ok(report));
                     }
+                    return;
                 }
-                for job in batch {
-                    let _ = job.reply.send(Err(e.clone()));
+                Err(e) => e,
+            };
+            error!("batch of {} requests not committed: {e}", batch.len());
+            for (file, before) in written {
+                if let Err(t) = self.files.truncate(&file, before) {
+                    error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
                 }
             }
+            // A file that cannot be written (its disk is full, say) fails the requests with lines
+            // for it; the others of the batch are committed without them.
+            let blocked = match &e {
+                CommitError::Output { file, .. } => Some(file.clone()),
+                _ => None,
+            };
+            let (failed, rest): (Vec<_>, Vec<_>) =
+                batch.into_iter().enumerate().partition(|(i, _)| {
+                    match (&blocked, files_of.get(*i)) {
+                        (Some(file), Some(files)) => files.contains(file),
+                        _ => true,
+                    }
+                });
+            for (_, job) in failed {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+            if rest.is_empty() {
+                return;
+            }
+            batch = rest.into_iter().map(|(_, job)| job).collect();
         }
     }
 
     /// Runs the batch in one transaction. `written` collects (file, length before) for each file
-    /// appended to, so a failure can undo it.
+    /// appended to, so a failure can undo it; `files_of` the files each request's lines go to.
     fn commit_batch(
         &mut self,
         batch: &[Request],
         written: &mut Vec<(PathBuf, u64)>,
+        files_of: &mut Vec<Vec<PathBuf>>,
     ) -> Result<Vec<Report>, CommitError> {
         #[cfg(test)]
         if batch.iter().any(|job| {
@@ -398,6 +420,7 @@ impl Worker {
                     duplicates: job.events.len(),
                     ..Report::default()
                 });
+                files_of.push(Vec::new());
                 continue;
             }
             reports.push(engine::run(
@@ -409,11 +432,14 @@ impl Worker {
                 &self.unwritable,
                 &mut effects,
             )?);
+            let mut files = Vec::new();
             for effect in &effects[first..] {
-                if let Effect::Line { rule, .. } = effect {
+                if let Effect::Line { rule, file, .. } = effect {
                     line_rules.push(job.rules.rules()[*rule].name.clone());
+                    files.push(file.clone());
                 }
             }
+            files_of.push(files);
         }
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
         let mut emails = 0;
