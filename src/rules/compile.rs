@@ -504,22 +504,30 @@ impl Compiler<'_> {
         let mut ok = true;
         let template = e.template.get_ref().clone();
         if !templates.has_body(&template) {
-            let hint = match did_you_mean(&template, templates.body_names()) {
-                Some(close) => format!("did you mean \"{close}\"?"),
-                None => {
-                    let names: Vec<&str> = templates.body_names().collect();
-                    if names.is_empty() {
-                        "the templates folder has no templates yet".into()
-                    } else {
-                        format!("the templates that exist are: {}", names.join(", "))
+            if templates.file_of(&template, false).is_some() {
+                self.problem(
+                    e.template.span(),
+                    format!("the template \"{template}\" cannot be used: {template}.text.hbs has a problem"),
+                    Some("see the problem reported for that file".into()),
+                );
+            } else {
+                let hint = match did_you_mean(&template, templates.body_names()) {
+                    Some(close) => format!("did you mean \"{close}\"?"),
+                    None => {
+                        let names: Vec<&str> = templates.body_names().collect();
+                        if names.is_empty() {
+                            "the templates folder has no templates yet".into()
+                        } else {
+                            format!("the templates that exist are: {}", names.join(", "))
+                        }
                     }
-                }
-            };
-            self.problem(
-                e.template.span(),
-                format!("there is no template \"{template}\": tripline looked for {template}.text.hbs in the templates folder"),
-                Some(hint),
-            );
+                };
+                self.problem(
+                    e.template.span(),
+                    format!("there is no template \"{template}\": tripline looked for {template}.text.hbs in the templates folder"),
+                    Some(hint),
+                );
+            }
             ok = false;
         }
         let to_key = inline_key(rule, "to");
@@ -691,6 +699,21 @@ mod tests {
     }
 
     const JSONL: &str = "[jsonl]\nfile = \"o.jsonl\"\nfields = { who = \"distinct_id\" }\n";
+
+    #[test]
+    fn a_template_that_cannot_be_read_is_named_as_such_not_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.text.hbs"), "Hi {{#if x}}").unwrap();
+        let (mut templates, template_problems) = Templates::load(dir.path());
+        assert_eq!(template_problems.len(), 1);
+        let source = "name = \"r\"\n[when]\nevent = \"x\"\n[email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"hello\"\n";
+        let problems = compile(Path::new("r.toml"), source, &mut templates).unwrap_err();
+        let message = problems[0].to_string();
+        assert!(
+            message.contains("the template \"hello\" cannot be used: hello.text.hbs has a problem"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn a_good_rule_compiles() {
