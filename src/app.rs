@@ -3,8 +3,8 @@
 //! (stop accepting, finish the requests in flight, stop the committer, stop the sender).
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
@@ -86,8 +86,6 @@ pub async fn serve(
         )
     })?;
     let ticker = tokio::spawn(tick(committer.clone()));
-    // When the stop began: connections and the committer share one shutdown timeout from then.
-    let stopping_since = Mutex::new(None::<Instant>);
     let state = AppState {
         clock,
         rules: live,
@@ -102,7 +100,7 @@ pub async fn serve(
             max_events: config.limits.max_events_per_body,
             max_clock_skew: Some(config.limits.max_clock_skew),
         },
-        body_limits_bytes: config.limits.max_body_bytes,
+        max_body_bytes: config.limits.max_body_bytes,
         request_timeout: config.limits.request_timeout,
         unverified: Arc::new(Semaphore::new(config.limits.max_unverified_requests)),
         data_dir: config.folders.data.clone(),
@@ -131,16 +129,11 @@ pub async fn serve(
         info!(sources = %names.join(", "), "events need a source's bearer token or signature");
     }
     info!("listening on http://{}", listener.local_addr()?);
-    connections::serve(
+    let stopping_since = connections::serve(
         listener,
         http::router(state, &config.limits),
         connection_limits,
-        async {
-            shutdown.await;
-            *stopping_since
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        },
+        shutdown,
     )
     .await;
     // Every connection is closed and the router and the ticker (with their committer handles)
@@ -150,14 +143,10 @@ pub async fn serve(
     // The batches already queued are committed, within the shutdown timeout too: past it the
     // process stops without them (their senders got no answer, and retry).
     let committed = tokio::task::spawn_blocking(move || committer_thread.join());
-    let since = stopping_since
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .unwrap_or_else(Instant::now);
     let left = config
         .limits
         .shutdown_timeout
-        .saturating_sub(since.elapsed());
+        .saturating_sub(stopping_since.elapsed());
     match tokio::time::timeout(left, committed).await {
         Ok(joined) => joined?.map_err(|_| anyhow::anyhow!("the committer thread panicked"))?,
         Err(_) => warn!(

@@ -21,15 +21,14 @@ use tracing::debug;
 
 use crate::http::{AppError, AppState};
 use crate::ingest::auth::{Credentials, Refusal, Sources};
-use crate::pipeline::committer::Delivery;
 
 /// Who sent a request, as admission established it.
 #[derive(Debug, Clone)]
 pub struct Sender {
     /// The source's name (`local` when no source is configured).
     pub source: String,
-    /// A signed request's delivery, remembered so that a replay has no effect.
-    pub delivery: Option<Delivery>,
+    /// A signed request's `webhook-id`, remembered so that a replay has no effect.
+    pub webhook_id: Option<String>,
 }
 
 /// Admits a request to `/webhook` (see the module's documentation).
@@ -41,7 +40,7 @@ pub async fn admit(
     let (sender, mut request) = if state.sources.is_empty() {
         let local = Sender {
             source: "local".into(),
-            delivery: None,
+            webhook_id: None,
         };
         (local, request)
     } else {
@@ -50,7 +49,7 @@ pub async fn admit(
                 Ok(source) => {
                     let sender = Sender {
                         source: source.name.clone(),
-                        delivery: None,
+                        webhook_id: None,
                     };
                     (sender, request)
                 }
@@ -76,7 +75,7 @@ async fn verify_signed(state: &AppState, request: Request) -> Result<(Sender, Re
         return Err(AppError::Overloaded);
     };
     let (parts, body) = request.into_parts();
-    let body = read_body(body, state.body_limits_bytes, state.request_timeout).await?;
+    let body = read_body(body, state.max_body_bytes, state.request_timeout).await?;
     let now = state.clock.now().timestamp();
     let (source, id) = state
         .sources
@@ -84,10 +83,7 @@ async fn verify_signed(state: &AppState, request: Request) -> Result<(Sender, Re
         .map_err(refused)?;
     let sender = Sender {
         source: source.name.clone(),
-        delivery: Some(Delivery {
-            source: source.name.clone(),
-            id: id.to_string(),
-        }),
+        webhook_id: Some(id.to_string()),
     };
     Ok((sender, Request::from_parts(parts, Body::from(body))))
 }

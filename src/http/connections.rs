@@ -20,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -61,13 +61,14 @@ pub fn connection_capacity(wanted: usize) -> usize {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then closes every connection within
-/// `limits.shutdown_timeout`. Returns once no connection is left.
+/// `limits.shutdown_timeout`. Returns once no connection is left, with when the stop began (what
+/// is left of the shutdown timeout is the caller's).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Instant {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -112,6 +113,7 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
+    let stopping_since = Instant::now();
     if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
         .await
         .is_err()
@@ -124,4 +126,5 @@ pub async fn serve(
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     info!("every connection is closed");
+    stopping_since
 }

@@ -56,7 +56,7 @@ pub struct AppState {
     pub body_limits: BodyLimits,
     /// Largest body read, and the longest a request may take (for signed requests, whose body
     /// is read before the request is admitted).
-    pub body_limits_bytes: usize,
+    pub max_body_bytes: usize,
     pub request_timeout: Duration,
     /// Places for signed requests whose body is being read and checked.
     pub unverified: Arc<Semaphore>,

@@ -14,12 +14,12 @@ use super::admission::Sender;
 use super::error::AppError;
 use crate::engine::{Outcome, Report};
 use crate::ingest::event;
+use crate::pipeline::committer::Delivery;
 use crate::rules::RuleSet;
 use crate::telemetry;
 
-/// POST /webhook: read the body (within the size and time limits), check who sent it, apply
-/// the source's rate limit, decode every event, run them through one snapshot of the rules, and
-/// answer once their effects are durable.
+/// POST /webhook, once admission has settled who sent it: decode every event, run them through
+/// one snapshot of the rules, and answer once their effects are durable.
 pub async fn webhook(
     State(state): State<AppState>,
     Extension(sender): Extension<Sender>,
@@ -30,7 +30,7 @@ pub async fn webhook(
         _ => AppError::Unreadable(rejection.body_text()),
     })?;
     let now = state.clock.now();
-    let Sender { source, delivery } = sender;
+    let Sender { source, webhook_id } = sender;
     let rules = state.rules.snapshot();
     let decoded = event::decode_wanted(&body, now, &state.body_limits, |name| {
         rules.as_ref().is_none_or(|rules| rules.wants(name))
@@ -62,7 +62,14 @@ pub async fn webhook(
     let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
         state
             .committer
-            .submit(rules.clone(), events, delivery)
+            .submit(
+                rules.clone(),
+                events,
+                webhook_id.map(|id| Delivery {
+                    source: source.clone(),
+                    id,
+                }),
+            )
             .instrument(span)
             .await?
     } else {

@@ -372,6 +372,12 @@ impl Worker {
                         _ => true,
                     }
                 });
+            // Nothing set apart means nothing to retry without: the whole batch fails.
+            let (failed, rest) = if failed.is_empty() {
+                (rest, Vec::new())
+            } else {
+                (failed, rest)
+            };
             for (_, job) in failed {
                 let _ = job.reply.send(Err(e.clone()));
             }
