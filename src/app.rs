@@ -17,6 +17,7 @@ use crate::ingest::event::BodyLimits;
 use crate::pipeline::committer::{Committer, Retention};
 use crate::pipeline::outbox::{self, Transport};
 use crate::pipeline::reload::{self, LiveRules};
+use crate::store::Backend;
 use crate::store::redb::Db;
 use crate::telemetry;
 
@@ -42,7 +43,7 @@ pub async fn serve(
     })?;
     let metrics = telemetry::recorder()?;
     let clock = Clock::wall();
-    let db = Arc::new(Db::open(&config.folders.data).map_err(|e| {
+    let store: Arc<dyn Backend> = Arc::new(Db::open(&config.folders.data).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state database in {}: {e}",
             config.folders.data.display()
@@ -58,7 +59,7 @@ pub async fn serve(
         idle_state: days(config.state_idle_days),
     };
     let (committer, committer_thread) = Committer::start(
-        db.clone(),
+        store.clone(),
         JsonlFiles::new(&config.folders.data),
         config.email_from.clone(),
         retention,
@@ -67,7 +68,7 @@ pub async fn serve(
     )?;
     let (stop_sender, stopped) = watch::channel(false);
     let sender = tokio::spawn(outbox::run_sender(
-        db.clone(),
+        store.clone(),
         transport,
         emails_queued,
         stopped,
@@ -90,7 +91,7 @@ pub async fn serve(
         clock,
         rules: live,
         committer,
-        db,
+        store,
         metrics,
         sources: config.sources.clone(),
         admin: config.admin.clone(),

@@ -3,10 +3,14 @@
 //! For each event not seen before (by `uuid`), each candidate rule (indexed by event name) is
 //! checked in file order: `[when]` → `[count]` (bump the counter or time window, act from
 //! `at_least` on) → `[limits]` (once per key, or again after a while) → actions. Each rule whose
-//! `[when]` held gets an [`Outcome`]. The engine changes state only through a [`Store`] and
-//! performs no I/O: it returns the [`Effect`]s (lines to append, emails to queue, emails that could
-//! not be made), which the committer makes durable together with the state changes, and which
-//! `tripline test` and `replay` inspect instead.
+//! `[when]` held gets an [`Outcome`].
+//!
+//! It works in two steps so that a store can load a whole batch's state at once: a [`Plan`]
+//! matches the events and works out the state keys their rules need (no state read), the store
+//! loads them into a [`State`], and [`Plan::decide`] decides on that state in memory. The engine
+//! performs no I/O: it returns the [`Effect`]s (lines to append, emails to queue, emails that
+//! could not be made), which the committer makes durable together with the changed state, and
+//! which `tripline test` and `replay` inspect instead.
 
 use lettre::message::Mailbox;
 use serde_json::Value;
@@ -18,7 +22,7 @@ use crate::actions::email::{self, EmailAction, mask_email};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::rules::{Rule, RuleSet};
-use crate::store::{StateKey, Store, StoreError};
+use crate::store::{RuleState, State, StateKey, StoreError, Wants};
 
 /// Something a rule does, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,107 +117,189 @@ impl Report {
 /// the committer), changing no state, while every other rule goes on.
 pub type Unwritable = HashMap<PathBuf, String>;
 
-/// Runs `events` through `rules`, changing state in `store` and pushing effects onto `effects`.
-/// `now_unix` is the time of handling (it dates delivered ids); windows and `again_after` go by
-/// the events' own timestamps, so a replay of old events behaves as they did.
+/// Runs `events` through `rules`: loads the state they need from `store`, decides, and saves what
+/// changed, pushing effects onto `effects`. `now_unix` is the time of handling (it dates handled
+/// ids); windows and `again_after` go by the events' own timestamps, so a replay of old events
+/// behaves as they did.
 pub fn run(
     rules: &RuleSet,
     events: &[Event],
-    store: &mut dyn Store,
+    store: &mut dyn RuleState,
     default_from: &Mailbox,
     now_unix: u64,
     unwritable: &Unwritable,
     effects: &mut Vec<Effect>,
 ) -> Result<Report, StoreError> {
-    let mut report = Report::default();
-    for event in events {
-        let _span = info_span!(
-            "event",
-            event.uuid = event.uuid().unwrap_or("-"),
-            event.name = event.name()
-        )
-        .entered();
-        // An event no rule wants has no effect to make durable, so nothing records it either.
-        let mut matching = rules.matching(event).peekable();
-        if matching.peek().is_none() {
-            continue;
-        }
-        if let Some(uuid) = event.uuid()
-            && !store.first_delivery(uuid, now_unix)?
-        {
-            debug!("already handled: a retried delivery has no second effect");
-            report.duplicates += 1;
-            continue;
-        }
-        for (index, rule) in matching {
-            let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-            let outcome = apply(
-                rules,
-                index,
-                event,
-                store,
-                (default_from, now_unix, unwritable),
-                effects,
-            )?;
-            if outcome == Outcome::Fired {
-                info!("rule fired");
+    let plan = Plan::new(rules, events);
+    let mut wants = Wants::default();
+    plan.add_wants(rules, events, &mut wants);
+    let mut state = store.load(&wants)?;
+    let report = plan.decide(rules, events, &mut state, default_from, unwritable, effects);
+    store.save(state, now_unix)?;
+    Ok(report)
+}
+
+/// The rules each event of a batch matched, and the state keys each of them counts and limits
+/// by: everything that can be worked out before any state is read, so that a store can load it
+/// all at once.
+pub struct Plan {
+    /// For each event, its matching rules in file order (none: no rule wants it).
+    events: Vec<Vec<Matched>>,
+}
+
+/// One rule an event matched, with the keys of its `[count]` and `[limits]`, or why the event
+/// has none (a missing field).
+struct Matched {
+    rule: usize,
+    count: Result<Option<StateKey>, Outcome>,
+    once: Result<Option<StateKey>, Outcome>,
+}
+
+impl Plan {
+    /// Matches `events` against `rules` and works out their keys. No state is read.
+    pub fn new(rules: &RuleSet, events: &[Event]) -> Plan {
+        let events = events
+            .iter()
+            .map(|event| {
+                rules
+                    .matching(event)
+                    .map(|(index, rule)| Matched {
+                        rule: index,
+                        count: match &rule.count {
+                            Some(c) => state_key(rule, "count", &c.per, event).map(Some),
+                            None => Ok(None),
+                        },
+                        once: match &rule.limits {
+                            Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
+                            None => Ok(None),
+                        },
+                    })
+                    .collect()
+            })
+            .collect();
+        Plan { events }
+    }
+
+    /// Adds the state this plan reads to `wants`: the ids of the events some rule wants (only
+    /// those are deduplicated) and the keys their rules count and limit by.
+    pub fn add_wants(&self, rules: &RuleSet, events: &[Event], wants: &mut Wants) {
+        for (event, matched) in events.iter().zip(&self.events) {
+            if let (Some(uuid), false) = (event.uuid(), matched.is_empty()) {
+                wants.uuids.insert(uuid.to_string());
             }
-            report.outcomes.push((index, outcome));
+            for m in matched {
+                if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
+                    match count.within {
+                        Some(_) => wants.windows.insert(key.clone()),
+                        None => wants.counters.insert(key.clone()),
+                    };
+                }
+                if let Ok(Some(key)) = &m.once {
+                    wants.acted.insert(key.clone());
+                }
+            }
         }
     }
-    Ok(report)
+
+    /// Decides what `events` do, changing `state` and pushing effects onto `effects`.
+    pub fn decide(
+        &self,
+        rules: &RuleSet,
+        events: &[Event],
+        state: &mut State,
+        default_from: &Mailbox,
+        unwritable: &Unwritable,
+        effects: &mut Vec<Effect>,
+    ) -> Report {
+        let mut report = Report::default();
+        for (event, matched) in events.iter().zip(&self.events) {
+            // An event no rule wants has no effect to make durable, so nothing records it either.
+            if matched.is_empty() {
+                continue;
+            }
+            let _span = info_span!(
+                "event",
+                event.uuid = event.uuid().unwrap_or("-"),
+                event.name = event.name()
+            )
+            .entered();
+            if let Some(uuid) = event.uuid()
+                && !state.first_delivery(uuid)
+            {
+                debug!("already handled: a retried delivery has no second effect");
+                report.duplicates += 1;
+                continue;
+            }
+            for m in matched {
+                let rule = &rules.rules()[m.rule];
+                let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
+                let outcome = apply(
+                    rules,
+                    m,
+                    event,
+                    state,
+                    (default_from, unwritable),
+                    effects,
+                );
+                if outcome == Outcome::Fired {
+                    info!("rule fired");
+                }
+                report.outcomes.push((m.rule, outcome));
+            }
+        }
+        report
+    }
 }
 
 /// Applies one matching rule.
 fn apply(
     rules: &RuleSet,
-    index: usize,
+    matched: &Matched,
     event: &Event,
-    store: &mut dyn Store,
-    (default_from, now_unix, unwritable): (&Mailbox, u64, &Unwritable),
+    state: &mut State,
+    (default_from, unwritable): (&Mailbox, &Unwritable),
     effects: &mut Vec<Effect>,
-) -> Result<Outcome, StoreError> {
+) -> Outcome {
+    let index = matched.rule;
     let rule = &rules.rules()[index];
     let t_ms = event.time.timestamp_millis();
     let mut count = None;
-    if let Some(c) = &rule.count {
-        let key = match state_key(rule, "count", &c.per, event) {
-            Ok(key) => key,
-            Err(outcome) => return Ok(outcome),
-        };
-        store.touch(&key, now_unix)?;
+    let count_key = match &matched.count {
+        Ok(key) => key,
+        Err(no_key) => return no_key.clone(),
+    };
+    if let (Some(c), Some(key)) = (&rule.count, count_key) {
+        state.touch(key);
         let n = match c.within {
             Some(window) => {
                 let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
                 let keep = usize::try_from(c.at_least).unwrap_or(usize::MAX);
-                store.count_within(&key, t_ms, window_ms, keep)?
+                state.count_within(key, t_ms, window_ms, keep)
             }
-            None => store.increment(&key)?,
+            None => state.increment(key),
         };
         if n < c.at_least {
             debug!(count = n, at_least = c.at_least, "counted");
-            return Ok(Outcome::Counting { count: n });
+            return Outcome::Counting { count: n };
         }
         count = Some(n);
     }
-    let mut acted_key = None;
-    if let Some(limits) = &rule.limits {
-        let key = match state_key(rule, "once", &limits.once_per, event) {
-            Ok(key) => key,
-            Err(outcome) => return Ok(outcome),
-        };
-        store.touch(&key, now_unix)?;
-        if let Some(last) = store.last_acted(&key)? {
+    let once_key = match &matched.once {
+        Ok(key) => key,
+        Err(no_key) => return no_key.clone(),
+    };
+    if let (Some(limits), Some(key)) = (&rule.limits, once_key) {
+        state.touch(key);
+        if let Some(last) = state.last_acted(key) {
             let again = limits.again_after.is_some_and(|after| {
                 let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
                 t_ms.saturating_sub(last) >= after_ms
             });
             if !again {
                 debug!("held back by [limits]: already acted for these values");
-                return Ok(Outcome::Suppressed);
+                return Outcome::Suppressed;
             }
         }
-        acted_key = Some(key);
     }
 
     // An output that cannot be written, like an email that cannot be made, changes no state,
@@ -230,7 +316,7 @@ fn apply(
             rule: rule.name.clone(),
             reason: reason.clone(),
         });
-        return Ok(Outcome::Failed { reason });
+        return Outcome::Failed { reason };
     }
     // Render first: an email that cannot be made changes no state, so a later event retries.
     let queued = match &rule.email {
@@ -243,13 +329,13 @@ fn apply(
                     rule: rule.name.clone(),
                     reason: reason.clone(),
                 });
-                return Ok(Outcome::Failed { reason });
+                return Outcome::Failed { reason };
             }
         },
         None => None,
     };
-    if let Some(key) = &acted_key {
-        store.mark_acted(key, t_ms)?;
+    if let Some(key) = once_key {
+        state.mark_acted(key, t_ms);
     }
     if let Some(jsonl) = &rule.jsonl {
         effects.push(Effect::Line {
@@ -261,7 +347,7 @@ fn apply(
     if let Some(q) = queued {
         effects.push(Effect::Email(q));
     }
-    Ok(Outcome::Fired)
+    Outcome::Fired
 }
 
 fn render(
@@ -456,7 +542,10 @@ fields = { who = "distinct_id" }
         }
         assert!(effects.is_empty());
         assert!(
-            store.first_delivery("9", 0).unwrap(),
+            store
+                .load(&Wants::default())
+                .unwrap()
+                .first_delivery("9"),
             "its id was not recorded"
         );
     }

@@ -29,6 +29,7 @@ use crate::pipeline::committer::{Committer, Retention};
 use crate::pipeline::outbox::{self, Transport};
 use crate::rules::RuleSet;
 use crate::store::MemoryStore;
+use crate::store::Backend;
 use crate::store::redb::Db;
 
 /// Events handled together (one transaction with `--execute-into`).
@@ -71,7 +72,7 @@ enum Sink {
         runtime: tokio::runtime::Runtime,
         committer: Committer,
         thread: std::thread::JoinHandle<()>,
-        db: Arc<Db>,
+        db: Arc<dyn Backend>,
         dir: PathBuf,
     },
 }
@@ -169,7 +170,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             dir.display()
         );
     }
-    let db = Arc::new(Db::open(dir).map_err(|e| {
+    let db: Arc<dyn Backend> = Arc::new(Db::open(dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state database in {} (is a tripline using it?): {e}",
             dir.display()

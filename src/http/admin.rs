@@ -35,10 +35,10 @@ pub async fn admin_only(
 /// GET /readyz: 200 when events can be taken (a write to the store can commit, the committer
 /// runs, rules are loaded, the data folder is writable), else 503 with what is wrong.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let db = state.db.clone();
+    let store = state.store.clone();
     let data_dir = state.data_dir.clone();
     let checks = tokio::task::spawn_blocking(move || {
-        let store = db.check().map_err(|e| e.to_string());
+        let store = store.check().map_err(|e| e.to_string());
         (store, probe_writable(&data_dir))
     })
     .await;
@@ -92,8 +92,8 @@ fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
 /// The email queue: how many wait and the oldest 50 of them (with the last error), and what was
 /// recently sent or gave up.
 pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    let db = state.db.clone();
-    let status = tokio::task::spawn_blocking(move || db.outbox_status(50))
+    let store = state.store.clone();
+    let status = tokio::task::spawn_blocking(move || store.outbox_status(50))
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(|e| AppError::Internal(e.to_string()))?;
@@ -143,8 +143,8 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
 
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let db = state.db.clone();
-    if let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || db.pending_count()).await {
+    let store = state.store.clone();
+    if let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_count()).await {
         metrics::gauge!(telemetry::OUTBOX_PENDING.name).set(pending as f64);
     }
     (

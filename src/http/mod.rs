@@ -34,7 +34,7 @@ use crate::ingest::auth::{Source, Sources};
 use crate::ingest::event::BodyLimits;
 use crate::pipeline::committer::Committer;
 use crate::pipeline::reload::LiveRules;
-use crate::store::redb::Db;
+use crate::store::Backend;
 use crate::telemetry;
 use error::AppError;
 
@@ -45,7 +45,8 @@ pub struct AppState {
     pub clock: Clock,
     pub rules: Arc<LiveRules>,
     pub committer: Committer,
-    pub db: Arc<Db>,
+    /// Everything the service keeps.
+    pub store: Arc<dyn Backend>,
     pub metrics: PrometheusHandle,
     /// Who may send events; empty when requests are not authenticated (loopback only).
     pub sources: Arc<Sources>,

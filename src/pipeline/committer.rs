@@ -31,13 +31,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles};
 use crate::clock::Clock;
-use crate::engine::{self, Effect, Report, Unwritable};
+use crate::engine::{Effect, Plan, Report, Unwritable};
 use crate::ingest::event::Event;
 use crate::rules::RuleSet;
-use crate::store::StoreError;
 use crate::store::queue::OutboxRecord;
-use crate::store::redb::Db;
-use crate::store::redb::WriteTxn;
+use crate::store::{Backend, Batch, StoreError, Wants};
 use crate::telemetry;
 
 /// Most requests in one batch.
@@ -121,7 +119,7 @@ struct Shared {
 
 /// What the committer thread owns.
 struct Worker {
-    db: Arc<Db>,
+    store: Arc<dyn Backend>,
     files: JsonlFiles,
     registered: HashSet<PathBuf>,
     /// The last rule set whose files are all registered.
@@ -153,7 +151,7 @@ impl Committer {
     /// after each commit that queued emails; `clock` dates what is handled. The thread ends once
     /// every `Committer` is dropped.
     pub fn start(
-        db: Arc<Db>,
+        store: Arc<dyn Backend>,
         files: JsonlFiles,
         default_from: Mailbox,
         retention: Retention,
@@ -161,7 +159,7 @@ impl Committer {
         clock: Clock,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
         let mut worker = Worker {
-            db,
+            store,
             files,
             registered: HashSet::new(),
             checked: None,
@@ -268,7 +266,7 @@ impl Committer {
 impl Worker {
     /// Cuts every output file back to its committed length.
     fn recover(&mut self) -> Result<(), CommitError> {
-        for (file, committed) in self.db.jsonl_lengths()? {
+        for (file, committed) in self.store.jsonl_lengths()? {
             let path = PathBuf::from(&file);
             // A file whose path cannot be a file any more (something else is in its way) must not
             // stop the service: its rules fail alone until it can be written again, and it is
@@ -301,7 +299,7 @@ impl Worker {
                 file = %file.display(),
                 "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
             );
-            let mut txn = self.db.write()?;
+            let mut txn = self.store.begin()?;
             txn.set_jsonl_len(&file.to_string_lossy(), actual)?;
             txn.commit()?;
         }
@@ -406,14 +404,12 @@ impl Worker {
         }
         self.register_new_files(batch)?;
         let now = self.clock.unix();
-        let mut txn = self.db.write()?;
-        let forgotten = self.forget(&mut txn, now)?;
-        let mut reports = Vec::with_capacity(batch.len());
-        let mut effects = Vec::new();
-        // The rule of each line written, for the metrics once committed.
-        let mut line_rules = Vec::new();
+        let mut txn = self.store.begin()?;
+        let forgotten = self.forget(txn.as_mut(), now)?;
+        // The whole batch's rule state is loaded at once, decided on, and saved at once.
+        let mut plans = Vec::with_capacity(batch.len());
+        let mut wants = Wants::default();
         for job in batch {
-            let first = effects.len();
             let _request = job.span.enter();
             if let Some(d) = &job.delivery
                 && !txn.first_signed_delivery(&d.source, &d.id, now)?
@@ -422,22 +418,37 @@ impl Worker {
                     webhook.id = %d.id,
                     "signed delivery handled before: a replay or retry has no second effect"
                 );
+                plans.push(None);
+                continue;
+            }
+            let plan = Plan::new(&job.rules, &job.events);
+            plan.add_wants(&job.rules, &job.events, &mut wants);
+            plans.push(Some(plan));
+        }
+        let mut state = txn.load(&wants)?;
+        let mut reports = Vec::with_capacity(batch.len());
+        let mut effects = Vec::new();
+        // The rule of each line written, for the metrics once committed.
+        let mut line_rules = Vec::new();
+        for (job, plan) in batch.iter().zip(&plans) {
+            let first = effects.len();
+            let _request = job.span.enter();
+            let Some(plan) = plan else {
                 reports.push(Report {
                     duplicates: job.events.len(),
                     ..Report::default()
                 });
                 files_of.push(Vec::new());
                 continue;
-            }
-            reports.push(engine::run(
+            };
+            reports.push(plan.decide(
                 &job.rules,
                 &job.events,
-                &mut txn,
+                &mut state,
                 &self.default_from,
-                now,
                 &self.unwritable,
                 &mut effects,
-            )?);
+            ));
             let mut files = Vec::new();
             for effect in &effects[first..] {
                 if let Effect::Line { rule, file, .. } = effect {
@@ -447,6 +458,7 @@ impl Worker {
             }
             files_of.push(files);
         }
+        txn.save(state, now)?;
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
         let mut emails = 0;
         let mut not_made = Vec::new();
@@ -454,11 +466,11 @@ impl Worker {
             match effect {
                 Effect::Line { file, line, .. } => lines.entry(file).or_default().push_str(&line),
                 Effect::Email(email) => {
-                    txn.queue_email(&OutboxRecord::new(email, now))?;
+                    txn.queue(&OutboxRecord::new(email, now))?;
                     emails += 1;
                 }
                 Effect::EmailFailed { rule, reason } => {
-                    txn.record_failed_email(&OutboxRecord::not_made(rule.clone(), reason, now))?;
+                    txn.record_failed(&OutboxRecord::not_made(rule.clone(), reason, now))?;
                     not_made.push(("email", rule));
                 }
                 Effect::LineFailed { rule, .. } => not_made.push(("jsonl", rule)),
@@ -494,7 +506,7 @@ impl Worker {
     /// Forgets, in `txn`, what time has made due: expired ids (when it is time to look, at most
     /// [`EXPIRE_PER_COMMIT`]) and a few idle keys: a steady trickle with every batch rather than
     /// one long transaction.
-    fn forget(&mut self, txn: &mut WriteTxn, now: u64) -> Result<Forgotten, CommitError> {
+    fn forget(&mut self, txn: &mut dyn Batch, now: u64) -> Result<Forgotten, CommitError> {
         let look = self.expiring
             || self
                 .last_expiry
@@ -531,8 +543,8 @@ impl Worker {
     /// something.
     fn tick(&mut self) -> Result<(), CommitError> {
         let now = self.clock.unix();
-        let mut txn = self.db.write()?;
-        let forgotten = self.forget(&mut txn, now)?;
+        let mut txn = self.store.begin()?;
+        let forgotten = self.forget(txn.as_mut(), now)?;
         if forgotten.idle_keys > 0 || forgotten.expired.is_some_and(|n| n > 0) {
             txn.commit()?;
         }
@@ -617,7 +629,7 @@ impl Worker {
         self.share_unwritable();
         if !opened.is_empty() {
             let recorded: std::collections::HashMap<String, u64> =
-                self.db.jsonl_lengths()?.into_iter().collect();
+                self.store.jsonl_lengths()?.into_iter().collect();
             let mut fresh = Vec::new();
             for file in opened {
                 match recorded.get(file.to_string_lossy().as_ref()) {
@@ -627,7 +639,7 @@ impl Worker {
                 }
             }
             if !fresh.is_empty() {
-                let mut txn = self.db.write()?;
+                let mut txn = self.store.begin()?;
                 for file in &fresh {
                     let len = self.files.len(file).map_err(|e| output_error(file, e))?;
                     txn.set_jsonl_len(&file.to_string_lossy(), len)?;
@@ -653,13 +665,14 @@ fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redb::Db;
     use std::collections::HashMap;
 
     #[test]
     fn start_up_cuts_off_lines_that_were_never_committed() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path()).unwrap());
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         txn.set_jsonl_len("out.jsonl", 6).unwrap();
         txn.set_jsonl_len("gone.jsonl", 10).unwrap();
         txn.commit().unwrap();

@@ -38,9 +38,8 @@ use crate::actions::email::mask_addresses;
 use crate::clock::Clock;
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::engine::QueuedEmail;
-use crate::store::StoreError;
 use crate::store::queue::{OutboxRecord, Status};
-use crate::store::redb::Db;
+use crate::store::{Backend, StoreError};
 use crate::telemetry;
 
 /// Delivery attempts at once. A mail server that never answers holds one of them per email it
@@ -205,7 +204,7 @@ struct Attempt {
 
 /// The attempts in flight, and how they are started and recorded.
 struct Deliveries {
-    db: Arc<Db>,
+    db: Arc<dyn Backend>,
     transport: Arc<Transport>,
     clock: Clock,
     attempts: JoinSet<Attempt>,
@@ -214,7 +213,7 @@ struct Deliveries {
 }
 
 impl Deliveries {
-    fn new(db: Arc<Db>, transport: Arc<Transport>, clock: Clock) -> Deliveries {
+    fn new(db: Arc<dyn Backend>, transport: Arc<Transport>, clock: Clock) -> Deliveries {
         Deliveries {
             db,
             transport,
@@ -235,10 +234,10 @@ impl Deliveries {
         let busy: HashSet<u64> = self.in_flight.values().copied().collect();
         let db = self.db.clone();
         let now = self.clock.unix();
-        let due = tokio::task::spawn_blocking(move || db.due_emails(now, free, &busy))
+        let due = tokio::task::spawn_blocking(move || db.due(now, free, &busy))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-        for (id, record) in due.emails {
+        for (id, record) in due.deliveries {
             let transport = self.transport.clone();
             let task = self.attempts.spawn(async move {
                 let outcome = transport.deliver(id, &record).await;
@@ -279,7 +278,7 @@ impl Deliveries {
         }
         let db = self.db.clone();
         let now = self.clock.unix();
-        tokio::task::spawn_blocking(move || record_outcomes(&db, ended, now))
+        tokio::task::spawn_blocking(move || record_outcomes(db.as_ref(), ended, now))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
@@ -287,8 +286,8 @@ impl Deliveries {
 
 /// Writes what became of each attempt: sent or failed for good moves the email to the
 /// finished history; a temporary failure reschedules it with backoff.
-fn record_outcomes(db: &Db, ended: Vec<Attempt>, now: u64) -> Result<(), StoreError> {
-    let mut txn = db.write()?;
+fn record_outcomes(db: &dyn Backend, ended: Vec<Attempt>, now: u64) -> Result<(), StoreError> {
+    let mut txn = db.begin()?;
     let mut recorded = Vec::with_capacity(ended.len());
     for Attempt {
         id,
@@ -302,7 +301,7 @@ fn record_outcomes(db: &Db, ended: Vec<Attempt>, now: u64) -> Result<(), StoreEr
                 record.status = Status::Sent;
                 record.last_error = None;
                 record.finished_unix = Some(now);
-                txn.finish_email(id, &record)?;
+                txn.finish(id, &record)?;
             }
             Outcome::Temporary(reason) => {
                 record.next_attempt_unix = now + backoff_secs(record.attempts);
@@ -313,7 +312,7 @@ fn record_outcomes(db: &Db, ended: Vec<Attempt>, now: u64) -> Result<(), StoreEr
                 record.status = Status::Failed;
                 record.last_error = Some(reason.clone());
                 record.finished_unix = Some(now);
-                txn.finish_email(id, &record)?;
+                txn.finish(id, &record)?;
             }
         }
         recorded.push((id, record, outcome));
@@ -348,7 +347,7 @@ fn backoff_secs(attempts: u32) -> u64 {
 /// notified when emails are queued. Attempts still in flight then are dropped at once: their
 /// emails stay pending for the next start.
 pub async fn run_sender(
-    db: Arc<Db>,
+    db: Arc<dyn Backend>,
     transport: Arc<Transport>,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
@@ -401,7 +400,7 @@ pub async fn run_sender(
 /// Delivers every email due now, and returns once none is left in flight; returns when the
 /// next pending one is due. For `replay --execute-into`, which writes files and then exits.
 pub async fn deliver_due(
-    db: Arc<Db>,
+    db: Arc<dyn Backend>,
     transport: Arc<Transport>,
     clock: Clock,
 ) -> Result<Option<u64>, StoreError> {
@@ -426,6 +425,7 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redb::Db;
 
     /// A pending email to dana, due at `due_unix`.
     fn email(due_unix: u64) -> OutboxRecord {
@@ -446,9 +446,9 @@ mod tests {
     }
 
     fn queue(db: &Db, due: impl IntoIterator<Item = u64>) {
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         for due in due {
-            txn.queue_email(&email(due)).unwrap();
+            txn.queue(&email(due)).unwrap();
         }
         txn.commit().unwrap();
     }

@@ -1,49 +1,23 @@
-//! Rule state: counters, once-keys and the events already handled.
+//! Everything the service keeps: rule state, the delivery queue, handled ids, output lengths.
 //!
-//! Everything a rule remembers goes through the [`Store`] trait, keyed by the rule's *name* and
-//! the values of the fields it counts per, so state survives reloads, file renames and edits of
-//! other rules. The service uses the durable implementation in `store/redb.rs`, one write transaction
-//! per group of requests; [`MemoryStore`] keeps the same state in memory.
+//! One seam, [`Backend`], with its write side [`Batch`]: the committer, the sender and the status
+//! endpoints hold a `dyn Backend`, never a particular database. A batch of events loads the rule
+//! state it needs at once and writes back what changed at once ([`RuleState`], see `state.rs`),
+//! so a networked database costs two round trips per batch, not several per event.
+//!
+//! Implementations: the embedded redb database (`store/redb/`), which the service uses, and
+//! [`MemoryStore`], rule state that lives as long as a command (`tripline test`, `replay`).
 
+pub mod key;
 pub mod queue;
 pub mod redb;
+pub mod state;
 
-use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 
-/// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StateKey(String);
-
-/// Field values longer than this (encoded) are kept as their SHA-256 digest, so a sender cannot
-/// make a rule store large strings: a key stays under about 100 bytes plus the rule's name.
-pub const MAX_VALUES_BYTES: usize = 128;
-
-impl StateKey {
-    /// The key for `kind` ("count", "once") of `rule` at these field values.
-    /// Long values are replaced by their digest under the kind `KIND#sha256`, which no short key
-    /// has, so the two forms never collide.
-    pub fn new(rule: &str, kind: &str, values: &[&serde_json::Value]) -> StateKey {
-        let encoded: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        let length: usize = encoded.iter().map(|e| e.len() + 1).sum();
-        let rule = serde_json::Value::from(rule);
-        if length > MAX_VALUES_BYTES {
-            let digest = Sha256::digest(encoded.join(",").as_bytes());
-            return StateKey(format!("[{rule},\"{kind}#sha256\",\"{digest:x}\"]"));
-        }
-        let mut key = format!("[{rule},{}", serde_json::Value::from(kind));
-        for e in &encoded {
-            key.push(',');
-            key.push_str(e);
-        }
-        key.push(']');
-        StateKey(key)
-    }
-
-    /// The encoded key.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+pub use key::StateKey;
+use queue::{Due, OutboxRecord, OutboxStatus};
+pub use state::{State, Wants, record_in_window};
 
 /// The store could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,97 +32,82 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// Counters, time windows, when rules last acted, and delivered event ids. Changes made through
-/// one value are applied together or not at all (for the database: when its transaction commits).
-/// Times are milliseconds since 1970 of the events' own timestamps.
-pub trait Store {
-    /// Records that the event `uuid` is being handled now; `false` if it was handled before.
-    fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError>;
-    /// Adds one to the counter at `key` and returns its new value.
-    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError>;
-    /// Records an event at `t_ms` in the window at `key` and returns how many recorded events
-    /// fall within `window_ms` up to `t_ms` (see [`record_in_window`]).
-    fn count_within(
+/// Rule state, loaded and saved a batch at a time. Times in the state are milliseconds since 1970
+/// of the events' own timestamps; `now_unix` (wall-clock seconds) dates handled ids and used keys.
+pub trait RuleState {
+    /// The state `wants` names, as it is now.
+    fn load(&mut self, wants: &Wants) -> Result<State, StoreError>;
+    /// Writes back what changed in `state` (see [`State::changes`]).
+    fn save(&mut self, state: State, now_unix: u64) -> Result<(), StoreError>;
+}
+
+/// Changes made together: nothing is visible or durable until [`Batch::commit`], and a batch
+/// dropped without it changes nothing.
+pub trait Batch: RuleState + Send {
+    /// Records that the signed delivery `id` from `source` is handled now; `false` if it was
+    /// handled before (a replayed or retried request: it must have no second effect).
+    fn first_signed_delivery(
         &mut self,
-        key: &StateKey,
-        t_ms: i64,
-        window_ms: i64,
-        keep: usize,
-    ) -> Result<u64, StoreError>;
-    /// When the rule last acted for `key`, if it ever did.
-    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError>;
-    /// Records that the rule acted for `key` at `t_ms`.
-    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError>;
-    /// Records that an event used `key` at `now_unix` (wall-clock time), so that the key is kept
-    /// while in use and forgotten once idle (see `store/redb.rs`).
-    fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError>;
+        source: &str,
+        id: &str,
+        now_unix: u64,
+    ) -> Result<bool, StoreError>;
+    /// The committed length of an output file, if it is known.
+    fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError>;
+    /// Records an output file's length as of this batch.
+    fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError>;
+    /// Adds a delivery to the queue; returns its id.
+    fn queue(&mut self, record: &OutboxRecord) -> Result<u64, StoreError>;
+    /// Records a delivery that could not be made, as finished and failed; returns its id.
+    fn record_failed(&mut self, record: &OutboxRecord) -> Result<u64, StoreError>;
+    /// Rewrites a pending delivery (after a failed attempt), due again at its
+    /// `next_attempt_unix`.
+    fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError>;
+    /// Moves a delivery out of the queue into the finished history (done, or failed for good).
+    fn finish(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError>;
+    /// Forgets at most `max` event and delivery ids first handled before `cutoff_unix`;
+    /// returns how many.
+    fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
+    /// Forgets the rule state of at most `max` keys no event has used since before
+    /// `cutoff_unix`; returns how many keys.
+    fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
+    /// Makes every change durable.
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// Adds `t` to the sorted event times of one window and returns how many fall in
-/// `(t - window, t]`, counting up to `keep`. Only what can still matter is kept: at most `keep`
-/// times (the threshold), none older than `window` before the newest, so a window's state stays
-/// small.
-pub fn record_in_window(times: &mut Vec<i64>, t: i64, window: i64, keep: usize) -> u64 {
-    let at = times.partition_point(|&x| x <= t);
-    times.insert(at, t);
-    let count = times[..=at]
-        .iter()
-        .filter(|&&x| x > t.saturating_sub(window))
-        .count()
-        .min(keep) as u64;
-    let newest = *times.last().expect("just inserted");
-    times.retain(|&x| x > newest.saturating_sub(window));
-    if times.len() > keep {
-        times.drain(..times.len() - keep);
-    }
-    count
+/// A store the service runs on.
+pub trait Backend: Send + Sync {
+    /// Starts a batch of changes. One exists at a time; others wait.
+    fn begin(&self) -> Result<Box<dyn Batch>, StoreError>;
+    /// Every output file's committed length.
+    fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// At most `max` pending deliveries due by `now_unix`, soonest due first, leaving out those
+    /// `in_flight`; and when the next one left is due.
+    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>)
+    -> Result<Due, StoreError>;
+    /// How many deliveries wait.
+    fn pending_count(&self) -> Result<u64, StoreError>;
+    /// The queue at a glance, with the oldest `shown` waiting and the newest `shown` finished.
+    fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError>;
+    /// Whether a batch can commit now (for `/readyz`).
+    fn check(&self) -> Result<(), StoreError>;
 }
 
-/// State in memory, for running rules without side effects (`tripline test`, `replay`).
+/// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    seen: foldhash::HashSet<String>,
-    counters: foldhash::HashMap<StateKey, u64>,
-    windows: foldhash::HashMap<StateKey, Vec<i64>>,
-    acted: foldhash::HashMap<StateKey, i64>,
+    state: State,
 }
 
-impl Store for MemoryStore {
-    fn first_delivery(&mut self, uuid: &str, _now_unix: u64) -> Result<bool, StoreError> {
-        Ok(self.seen.insert(uuid.to_string()))
+impl RuleState for MemoryStore {
+    /// Everything is in memory already: the whole state is lent out until it is saved.
+    fn load(&mut self, _wants: &Wants) -> Result<State, StoreError> {
+        Ok(std::mem::take(&mut self.state))
     }
 
-    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
-        if let Some(n) = self.counters.get_mut(key) {
-            *n += 1;
-            return Ok(*n);
-        }
-        self.counters.insert(key.clone(), 1);
-        Ok(1)
-    }
-
-    fn count_within(
-        &mut self,
-        key: &StateKey,
-        t_ms: i64,
-        window_ms: i64,
-        keep: usize,
-    ) -> Result<u64, StoreError> {
-        let times = self.windows.entry(key.clone()).or_default();
-        Ok(record_in_window(times, t_ms, window_ms, keep))
-    }
-
-    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
-        Ok(self.acted.get(key).copied())
-    }
-
-    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError> {
-        self.acted.insert(key.clone(), t_ms);
-        Ok(())
-    }
-
-    /// In memory, state lives as long as the command: nothing to forget.
-    fn touch(&mut self, _key: &StateKey, _now_unix: u64) -> Result<(), StoreError> {
+    fn save(&mut self, mut state: State, _now_unix: u64) -> Result<(), StoreError> {
+        state.saved();
+        self.state = state;
         Ok(())
     }
 }
@@ -156,67 +115,21 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn keys_do_not_collide_across_rules_kinds_or_types() {
-        let a = StateKey::new("r", "count", &[&json!("1")]);
-        assert_ne!(a, StateKey::new("r", "count", &[&json!(1)]));
-        assert_ne!(a, StateKey::new("r", "once", &[&json!("1")]));
-        assert_ne!(
-            StateKey::new("a,b", "count", &[]),
-            StateKey::new("a", "count", &[&json!("b")])
-        );
-    }
-
-    #[test]
-    fn long_values_are_kept_as_a_digest() {
-        let long = json!("x".repeat(10_000));
-        let key = StateKey::new("r", "count", &[&long]);
-        assert!(key.as_str().len() < 100, "{}", key.as_str());
-        assert_ne!(
-            key,
-            StateKey::new("r", "count", &[&json!("x".repeat(9_999))])
-        );
-        assert_eq!(key, StateKey::new("r", "count", &[&long]));
-        // Short keys are written as they always were, so databases from before still match.
-        assert_eq!(
-            StateKey::new("r", "once", &[&json!("a"), &json!(1)]).as_str(),
-            r#"["r","once","a",1]"#
-        );
-    }
-
-    #[test]
-    fn windows_count_recent_events_and_stay_small() {
-        let mut times = Vec::new();
-        // window 10, threshold 3
-        assert_eq!(record_in_window(&mut times, 100, 10, 3), 1);
-        assert_eq!(record_in_window(&mut times, 105, 10, 3), 2);
-        assert_eq!(
-            record_in_window(&mut times, 116, 10, 3),
-            1,
-            "100 and 105 are too old"
-        );
-        assert_eq!(times, [116]);
-        assert_eq!(record_in_window(&mut times, 117, 10, 3), 2);
-        assert_eq!(record_in_window(&mut times, 118, 10, 3), 3);
-        assert_eq!(record_in_window(&mut times, 119, 10, 3), 3);
-        assert_eq!(times, [117, 118, 119], "at most the threshold is kept");
-        // An event that arrives late counts in its own window, as far as it is remembered.
-        assert_eq!(record_in_window(&mut times, 112, 10, 3), 1);
-        assert_eq!(times, [117, 118, 119]);
-    }
 
     #[test]
     fn memory_store_counts_marks_and_dedupes() {
         let mut s = MemoryStore::default();
         let k = StateKey::new("r", "count", &[]);
-        assert_eq!(s.increment(&k).unwrap(), 1);
-        assert_eq!(s.increment(&k).unwrap(), 2);
-        assert_eq!(s.last_acted(&k).unwrap(), None);
-        s.mark_acted(&k, 7).unwrap();
-        assert_eq!(s.last_acted(&k).unwrap(), Some(7));
-        assert!(s.first_delivery("u", 0).unwrap());
-        assert!(!s.first_delivery("u", 0).unwrap());
+        let mut state = s.load(&Wants::default()).unwrap();
+        assert_eq!(state.increment(&k), 1);
+        assert_eq!(state.increment(&k), 2);
+        assert_eq!(state.last_acted(&k), None);
+        state.mark_acted(&k, 7);
+        assert!(state.first_delivery("u"));
+        s.save(state, 0).unwrap();
+        let mut state = s.load(&Wants::default()).unwrap();
+        assert_eq!(state.last_acted(&k), Some(7));
+        assert_eq!(state.increment(&k), 3);
+        assert!(!state.first_delivery("u"));
     }
 }

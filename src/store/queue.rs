@@ -48,3 +48,18 @@ impl OutboxRecord {
         }
     }
 }
+
+/// See [`crate::store::Backend::due`].
+#[derive(Debug, Default)]
+pub struct Due {
+    pub deliveries: Vec<(u64, OutboxRecord)>,
+    pub next_due_unix: Option<u64>,
+}
+
+/// See [`crate::store::Backend::outbox_status`].
+pub struct OutboxStatus {
+    pub pending: u64,
+    pub waiting: Vec<(u64, OutboxRecord)>,
+    pub finished: u64,
+    pub recent: Vec<(u64, OutboxRecord)>,
+}

@@ -15,6 +15,10 @@
 //!   [`KEEP_FINISHED`]; `outbox_due`: `(next attempt, id)` of every pending email, so that the
 //!   sender reads only the emails that are due; `meta`: the next email id.
 
+mod batch;
+
+pub use batch::WriteTxn;
+
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
@@ -25,8 +29,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::store::queue::OutboxRecord;
-use crate::store::{StateKey, Store, StoreError, record_in_window};
+use crate::store::queue::{Due, OutboxRecord, OutboxStatus};
+use crate::store::{Backend, Batch, StoreError};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
@@ -84,13 +88,13 @@ fn mark_existing_keys(txn: &redb::WriteTransaction, today: u64) -> Result<(), St
 
 /// The part of a stored outbox record that the due index needs.
 #[derive(serde::Deserialize)]
-struct Due {
+struct DueAt {
     next_attempt_unix: u64,
 }
 
 /// When a stored pending email is next due.
 fn due_unix(json: &str) -> Result<u64, StoreError> {
-    Ok(serde_json::from_str::<Due>(json)
+    Ok(serde_json::from_str::<DueAt>(json)
         .map_err(err)?
         .next_attempt_unix)
 }
@@ -302,9 +306,14 @@ impl Db {
         tracing::info!("the database was reopened after a failed write");
         Ok(())
     }
+}
 
-    /// Every output file's committed length.
-    pub fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+impl Backend for Db {
+    fn begin(&self) -> Result<Box<dyn Batch>, StoreError> {
+        Ok(Box::new(self.write()?))
+    }
+
+    fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(JSONL_LEN).map_err(err)?;
         let mut out = Vec::new();
@@ -315,48 +324,40 @@ impl Db {
         Ok(out)
     }
 
-    /// At most `max` pending emails due by `now_unix`, soonest due first, leaving out those
-    /// `in_flight`; and when the next one left (neither returned nor in flight) is due. Reads
-    /// only those rows of the due index and the records it returns.
-    pub fn due_emails(
-        &self,
-        now_unix: u64,
-        max: usize,
-        in_flight: &HashSet<u64>,
-    ) -> Result<DueEmails, StoreError> {
+    /// Reads only those rows of the due index and the records it returns.
+    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>) -> Result<Due, StoreError> {
         let txn = self.read()?;
         let index = txn.open_table(OUTBOX_DUE).map_err(err)?;
         let outbox = txn.open_table(OUTBOX).map_err(err)?;
-        let mut due = DueEmails::default();
+        let mut due = Due::default();
         for row in index.iter().map_err(err)? {
             let (key, _) = row.map_err(err)?;
             let (at, id) = key.value();
             if in_flight.contains(&id) {
                 continue;
             }
-            if at > now_unix || due.emails.len() == max {
+            if at > now_unix || due.deliveries.len() == max {
                 due.next_due_unix = Some(at);
                 break;
             }
             // Written in the same transactions as the index, so the record is there.
             if let Some(json) = outbox.get(id).map_err(err)? {
                 let record = serde_json::from_str(json.value()).map_err(err)?;
-                due.emails.push((id, record));
+                due.deliveries.push((id, record));
             }
         }
         Ok(due)
     }
 
-    /// How many emails wait for delivery.
-    pub fn pending_count(&self) -> Result<u64, StoreError> {
+    fn pending_count(&self) -> Result<u64, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
         table.len().map_err(err)
     }
 
-    /// Whether a write can commit now (for /readyz). Costs nothing while writes succeed; after a
-    /// failed one, it reopens the database and commits a small write to find out.
-    pub fn check(&self) -> Result<(), StoreError> {
+    /// Costs nothing while writes succeed; after a failed one, it reopens the database and
+    /// commits a small write to find out.
+    fn check(&self) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Relaxed) {
             let txn = self.write()?;
             txn.txn
@@ -364,14 +365,13 @@ impl Db {
                 .map_err(err)?
                 .insert("readyz_probe_unix", Clock::wall().unix())
                 .map_err(err)?;
-            txn.commit()?;
+            Box::new(txn).commit()?;
         }
         self.pending_count().map(|_| ())
     }
 
-    /// The outbox at a glance: how many wait and the oldest `shown` of them, how many are
-    /// finished and the newest `shown` of those. Only the rows shown are decoded.
-    pub fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
+    /// Only the rows shown are decoded.
+    fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
         let txn = self.read()?;
         let pending = txn.open_table(OUTBOX).map_err(err)?;
         let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
@@ -403,314 +403,59 @@ fn outbox_rows<'a>(
     .collect()
 }
 
-/// See [`Db::due_emails`].
-#[derive(Debug, Default)]
-pub struct DueEmails {
-    pub emails: Vec<(u64, OutboxRecord)>,
-    pub next_due_unix: Option<u64>,
-}
-
-/// See [`Db::outbox_status`].
-pub struct OutboxStatus {
-    pub pending: u64,
-    pub waiting: Vec<(u64, OutboxRecord)>,
-    pub finished: u64,
-    pub recent: Vec<(u64, OutboxRecord)>,
-}
-
-/// One write transaction: nothing is visible or durable until [`WriteTxn::commit`].
-pub struct WriteTxn {
-    txn: redb::WriteTransaction,
-    /// Set when the commit fails, so that the database is reopened before the next one.
-    failed: Arc<AtomicBool>,
-}
-
-impl WriteTxn {
-    /// Makes every change durable (redb syncs before returning).
-    pub fn commit(self) -> Result<(), StoreError> {
-        self.txn.commit().map_err(|e| {
-            self.failed.store(true, Ordering::Relaxed);
-            err(e)
-        })
-    }
-
-    /// The committed length of an output file, if it is known.
-    pub fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError> {
-        let table = self.txn.open_table(JSONL_LEN).map_err(err)?;
-        Ok(table.get(file).map_err(err)?.map(|v| v.value()))
-    }
-
-    pub fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
-        let mut table = self.txn.open_table(JSONL_LEN).map_err(err)?;
-        table.insert(file, len).map_err(err)?;
-        Ok(())
-    }
-
-    /// Adds an email to the outbox; returns its id.
-    pub fn queue_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
-        let id = self.next_email_id()?;
-        self.put_pending(id, record)?;
-        Ok(id)
-    }
-
-    /// Records an email that could not be made, as finished and failed; returns its id.
-    pub fn record_failed_email(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
-        let id = self.next_email_id()?;
-        self.put_email(OUTBOX_DONE, id, record)?;
-        self.trim_finished()?;
-        Ok(id)
-    }
-
-    /// Keeps the newest [`KEEP_FINISHED`] finished emails: the history is for looking at recent
-    /// deliveries (totals are in `/metrics`), and must not grow with every event.
-    fn trim_finished(&mut self) -> Result<(), StoreError> {
-        let mut done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
-        let mut extra = done.len().map_err(err)?.saturating_sub(KEEP_FINISHED);
-        while extra > 0 && done.pop_first().map_err(err)?.is_some() {
-            extra -= 1;
-        }
-        Ok(())
-    }
-
-    fn next_email_id(&mut self) -> Result<u64, StoreError> {
-        let mut meta = self.txn.open_table(META).map_err(err)?;
-        let id = meta
-            .get("next_email_id")
-            .map_err(err)?
-            .map_or(1, |v| v.value());
-        meta.insert("next_email_id", id + 1).map_err(err)?;
-        Ok(id)
-    }
-
-    /// Rewrites a pending email's record (after a failed attempt), due again at its
-    /// `next_attempt_unix`.
-    pub fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        self.put_pending(id, record)
-    }
-
-    /// Moves an email out of the pending queue (sent, or failed for good).
-    pub fn finish_email(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
-        let was_due = match outbox.remove(id).map_err(err)? {
-            Some(old) => Some(due_unix(old.value())?),
-            None => None,
-        };
-        if let Some(at) = was_due {
-            let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
-            index.remove((at, id)).map_err(err)?;
-        }
-        drop(outbox);
-        self.put_email(OUTBOX_DONE, id, record)?;
-        self.trim_finished()
-    }
-
-    /// Writes a pending email and its place in the due index (moving it if it was there).
-    fn put_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).map_err(err)?;
-        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
-        let was_due = match outbox.insert(id, json.as_str()).map_err(err)? {
-            Some(old) => Some(due_unix(old.value())?),
-            None => None,
-        };
-        let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
-        if let Some(at) = was_due {
-            index.remove((at, id)).map_err(err)?;
-        }
-        index
-            .insert((record.next_attempt_unix, id), ())
-            .map_err(err)?;
-        Ok(())
-    }
-
-    fn put_email(
-        &mut self,
-        table: TableDefinition<u64, &str>,
-        id: u64,
-        record: &OutboxRecord,
-    ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).map_err(err)?;
-        self.txn
-            .open_table(table)
-            .map_err(err)?
-            .insert(id, json.as_str())
-            .map_err(err)?;
-        Ok(())
-    }
-
-    /// Forgets the counters, windows and action marks of at most `max` keys no event has used
-    /// since before `cutoff_unix`; returns how many keys.
-    pub fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
-        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
-        let mut idle = Vec::new();
-        for row in by_day
-            .range((0u64, "")..(cutoff_unix / DAY, ""))
-            .map_err(err)?
-            .take(max)
-        {
-            let (k, _) = row.map_err(err)?;
-            let (day, key) = k.value();
-            idle.push((day, key.to_string()));
-        }
-        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
-        let mut counters = self.txn.open_table(COUNTERS).map_err(err)?;
-        let mut windows = self.txn.open_table(WINDOWS).map_err(err)?;
-        let mut acted = self.txn.open_table(ACTED).map_err(err)?;
-        for (day, key) in &idle {
-            by_day.remove((*day, key.as_str())).map_err(err)?;
-            touched.remove(key.as_str()).map_err(err)?;
-            counters.remove(key.as_str()).map_err(err)?;
-            windows.remove(key.as_str()).map_err(err)?;
-            acted.remove(key.as_str()).map_err(err)?;
-        }
-        Ok(idle.len())
-    }
-
-    /// Forgets at most `max` event ids and delivery ids first handled before `cutoff_unix`;
-    /// returns how many. Called with every batch while there are any, so a large backlog is a
-    /// steady trickle, not one long transaction.
-    pub fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
-        let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
-        let mut seen = self.txn.open_table(SEEN).map_err(err)?;
-        let mut expired = Vec::new();
-        for row in by_time
-            .range((0u64, "")..(cutoff_unix, ""))
-            .map_err(err)?
-            .take(max)
-        {
-            let (k, _) = row.map_err(err)?;
-            let (t, uuid) = k.value();
-            expired.push((t, uuid.to_string()));
-        }
-        for (t, uuid) in &expired {
-            by_time.remove((*t, uuid.as_str())).map_err(err)?;
-            seen.remove(uuid.as_str()).map_err(err)?;
-        }
-        let mut by_time = self.txn.open_table(DELIVERY_IDS_BY_TIME).map_err(err)?;
-        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
-        let mut deliveries = Vec::new();
-        for row in by_time
-            .range((0u64, "", "")..(cutoff_unix, "", ""))
-            .map_err(err)?
-            .take(max - expired.len().min(max))
-        {
-            let (k, _) = row.map_err(err)?;
-            let (t, source, id) = k.value();
-            deliveries.push((t, source.to_string(), id.to_string()));
-        }
-        for (t, source, id) in &deliveries {
-            by_time
-                .remove((*t, source.as_str(), id.as_str()))
-                .map_err(err)?;
-            ids.remove((source.as_str(), id.as_str())).map_err(err)?;
-        }
-        Ok(expired.len() + deliveries.len())
-    }
-
-    /// Records that the signed delivery `id` from `source` is handled now; `false` if it was
-    /// handled before (a replayed or retried request: it must have no second effect).
-    pub fn first_signed_delivery(
-        &mut self,
-        source: &str,
-        id: &str,
-        now_unix: u64,
-    ) -> Result<bool, StoreError> {
-        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
-        if ids.get((source, id)).map_err(err)?.is_some() {
-            return Ok(false);
-        }
-        ids.insert((source, id), now_unix).map_err(err)?;
-        self.txn
-            .open_table(DELIVERY_IDS_BY_TIME)
-            .map_err(err)?
-            .insert((now_unix, source, id), ())
-            .map_err(err)?;
-        Ok(true)
-    }
-}
-
-impl Store for WriteTxn {
-    fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError> {
-        let mut seen = self.txn.open_table(SEEN).map_err(err)?;
-        if seen.get(uuid).map_err(err)?.is_some() {
-            return Ok(false);
-        }
-        seen.insert(uuid, now_unix).map_err(err)?;
-        self.txn
-            .open_table(SEEN_BY_TIME)
-            .map_err(err)?
-            .insert((now_unix, uuid), ())
-            .map_err(err)?;
-        Ok(true)
-    }
-
-    fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
-        let mut table = self.txn.open_table(COUNTERS).map_err(err)?;
-        let n = table
-            .get(key.as_str())
-            .map_err(err)?
-            .map_or(0, |v| v.value())
-            + 1;
-        table.insert(key.as_str(), n).map_err(err)?;
-        Ok(n)
-    }
-
-    fn count_within(
-        &mut self,
-        key: &StateKey,
-        t_ms: i64,
-        window_ms: i64,
-        keep: usize,
-    ) -> Result<u64, StoreError> {
-        let mut table = self.txn.open_table(WINDOWS).map_err(err)?;
-        let mut times: Vec<i64> = match table.get(key.as_str()).map_err(err)? {
-            Some(bytes) => bytes
-                .value()
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8 bytes")))
-                .collect(),
-            None => Vec::new(),
-        };
-        let n = record_in_window(&mut times, t_ms, window_ms, keep);
-        let bytes: Vec<u8> = times.iter().flat_map(|t| t.to_le_bytes()).collect();
-        table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
-        Ok(n)
-    }
-
-    fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
-        let table = self.txn.open_table(ACTED).map_err(err)?;
-        Ok(table.get(key.as_str()).map_err(err)?.map(|v| v.value()))
-    }
-
-    fn mark_acted(&mut self, key: &StateKey, t_ms: i64) -> Result<(), StoreError> {
-        self.txn
-            .open_table(ACTED)
-            .map_err(err)?
-            .insert(key.as_str(), t_ms)
-            .map_err(err)?;
-        Ok(())
-    }
-
-    /// Written at most once a day per key: the day, and the day's index entry.
-    fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError> {
-        let today = now_unix / DAY;
-        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
-        let before = touched.get(key.as_str()).map_err(err)?.map(|d| d.value());
-        if before == Some(today) {
-            return Ok(());
-        }
-        touched.insert(key.as_str(), today).map_err(err)?;
-        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
-        if let Some(day) = before {
-            by_day.remove((day, key.as_str())).map_err(err)?;
-        }
-        by_day.insert((today, key.as_str()), ()).map_err(err)?;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{RuleState, StateKey, State, Wants};
+
+    /// Rule state one operation at a time, each a load and a save, for tests that look at one key.
+    trait OneAtATime: RuleState {
+        fn with<T>(
+            &mut self,
+            wants: Wants,
+            now_unix: u64,
+            f: impl FnOnce(&mut State) -> T,
+        ) -> Result<T, StoreError> {
+            let mut state = self.load(&wants)?;
+            let out = f(&mut state);
+            self.save(state, now_unix)?;
+            Ok(out)
+        }
+        fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
+            let mut wants = Wants::default();
+            wants.counters.insert(key.clone());
+            self.with(wants, 0, |s| s.increment(key))
+        }
+        fn count_within(
+            &mut self,
+            key: &StateKey,
+            t: i64,
+            window: i64,
+            keep: usize,
+        ) -> Result<u64, StoreError> {
+            let mut wants = Wants::default();
+            wants.windows.insert(key.clone());
+            self.with(wants, 0, |s| s.count_within(key, t, window, keep))
+        }
+        fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
+            let mut wants = Wants::default();
+            wants.acted.insert(key.clone());
+            self.with(wants, 0, |s| s.last_acted(key))
+        }
+        fn mark_acted(&mut self, key: &StateKey, t: i64) -> Result<(), StoreError> {
+            self.with(Wants::default(), 0, |s| s.mark_acted(key, t))
+        }
+        fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError> {
+            let mut wants = Wants::default();
+            wants.uuids.insert(uuid.to_string());
+            self.with(wants, now_unix, |s| s.first_delivery(uuid))
+        }
+        fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError> {
+            self.with(Wants::default(), now_unix, |s| s.touch(key))
+        }
+    }
+
+    impl<T: RuleState + ?Sized> OneAtATime for T {}
 
     #[test]
     fn once_marks_of_an_older_database_are_kept() {
@@ -726,11 +471,11 @@ mod tests {
             txn.commit().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(db.write().unwrap().last_acted(&key).unwrap(), Some(0));
+        assert_eq!(db.begin().unwrap().last_acted(&key).unwrap(), Some(0));
         drop(db);
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(
-            db.write().unwrap().last_acted(&key).unwrap(),
+            db.begin().unwrap().last_acted(&key).unwrap(),
             Some(0),
             "twice is harmless"
         );
@@ -740,10 +485,10 @@ mod tests {
     fn the_finished_email_history_keeps_only_the_newest() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         let record = OutboxRecord::not_made("r".into(), "no email".into(), 0);
         for _ in 0..KEEP_FINISHED + 5 {
-            txn.record_failed_email(&record).unwrap();
+            txn.record_failed(&record).unwrap();
         }
         txn.commit().unwrap();
         let status = db.outbox_status(1).unwrap();
@@ -762,33 +507,33 @@ mod tests {
         }
     }
 
-    fn ids(due: &DueEmails) -> Vec<u64> {
-        due.emails.iter().map(|(id, _)| *id).collect()
+    fn ids(due: &Due) -> Vec<u64> {
+        due.deliveries.iter().map(|(id, _)| *id).collect()
     }
 
     #[test]
     fn due_emails_are_claimed_soonest_first_at_most_max_with_the_next_due_time() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         // Ids 1..=5, due at 50, 10, 40, 20, 30.
         for due in [50, 10, 40, 20, 30] {
-            txn.queue_email(&pending(due)).unwrap();
+            txn.queue(&pending(due)).unwrap();
         }
         txn.commit().unwrap();
         let none = HashSet::new();
 
-        let due = db.due_emails(35, 2, &none).unwrap();
+        let due = db.due(35, 2, &none).unwrap();
         assert_eq!(ids(&due), [2, 4], "due at 10 and 20");
         assert_eq!(due.next_due_unix, Some(30), "due already, but past `max`");
-        let due = db.due_emails(35, 8, &none).unwrap();
+        let due = db.due(35, 8, &none).unwrap();
         assert_eq!(ids(&due), [2, 4, 5]);
         assert_eq!(due.next_due_unix, Some(40), "the first one not due yet");
-        let due = db.due_emails(35, 8, &HashSet::from([2, 5])).unwrap();
+        let due = db.due(35, 8, &HashSet::from([2, 5])).unwrap();
         assert_eq!(ids(&due), [4], "those in flight are left out");
         assert_eq!(due.next_due_unix, Some(40));
-        let due = db.due_emails(35, 0, &HashSet::from([2])).unwrap();
-        assert!(due.emails.is_empty());
+        let due = db.due(35, 0, &HashSet::from([2])).unwrap();
+        assert!(due.deliveries.is_empty());
         assert_eq!(
             due.next_due_unix,
             Some(20),
@@ -796,17 +541,17 @@ mod tests {
         );
 
         // A failed attempt moves the email in the index; a finished one leaves it.
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         txn.update_pending(2, &pending(45)).unwrap();
-        txn.finish_email(4, &OutboxRecord::not_made("r".into(), "sent".into(), 36))
+        txn.finish(4, &OutboxRecord::not_made("r".into(), "sent".into(), 36))
             .unwrap();
         txn.commit().unwrap();
-        let due = db.due_emails(35, 8, &none).unwrap();
+        let due = db.due(35, 8, &none).unwrap();
         assert_eq!(ids(&due), [5]);
         assert_eq!(due.next_due_unix, Some(40));
-        assert_eq!(ids(&db.due_emails(100, 8, &none).unwrap()), [5, 3, 2, 1]);
-        let nothing = db.due_emails(100, 8, &HashSet::from([1, 2, 3, 5])).unwrap();
-        assert!(nothing.emails.is_empty());
+        assert_eq!(ids(&db.due(100, 8, &none).unwrap()), [5, 3, 2, 1]);
+        let nothing = db.due(100, 8, &HashSet::from([1, 2, 3, 5])).unwrap();
+        assert!(nothing.deliveries.is_empty());
         assert_eq!(nothing.next_due_unix, None, "nothing else waits");
     }
 
@@ -814,9 +559,9 @@ mod tests {
     fn the_outbox_status_counts_every_pending_email_and_shows_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         for due in 0..7 {
-            txn.queue_email(&pending(100 - due)).unwrap();
+            txn.queue(&pending(100 - due)).unwrap();
         }
         txn.commit().unwrap();
         let status = db.outbox_status(3).unwrap();
@@ -843,13 +588,13 @@ mod tests {
             txn.commit().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        let due = db.due_emails(250, 8, &HashSet::new()).unwrap();
+        let due = db.due(250, 8, &HashSet::new()).unwrap();
         assert_eq!(ids(&due), [8, 9]);
         assert_eq!(due.next_due_unix, Some(300));
         drop(db);
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(
-            ids(&db.due_emails(300, 8, &HashSet::new()).unwrap()),
+            ids(&db.due(300, 8, &HashSet::new()).unwrap()),
             [8, 9, 7],
             "the index is kept as it is on the next open"
         );
@@ -861,16 +606,16 @@ mod tests {
         let key = StateKey::new("r", "count", &[]);
         {
             let db = Db::open(dir.path()).unwrap();
-            let mut txn = db.write().unwrap();
+            let mut txn = db.begin().unwrap();
             assert_eq!(txn.increment(&key).unwrap(), 1);
             assert!(txn.first_delivery("u1", 100).unwrap());
             txn.commit().unwrap();
-            let mut txn = db.write().unwrap();
+            let mut txn = db.begin().unwrap();
             assert_eq!(txn.increment(&key).unwrap(), 2);
             drop(txn); // not committed
         }
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         assert_eq!(
             txn.increment(&key).unwrap(),
             2,
@@ -909,7 +654,7 @@ mod tests {
     fn expired_ids_are_forgotten_a_bounded_number_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         for i in 0..5 {
             assert!(txn.first_delivery(&format!("u{i}"), 100 + i).unwrap());
             assert!(
@@ -936,7 +681,7 @@ mod tests {
         let db = Db::open(dir.path()).unwrap();
         let idle = StateKey::new("r", "count", &[&serde_json::json!("idle")]);
         let busy = StateKey::new("r", "once", &[&serde_json::json!("busy")]);
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         for (key, day) in [(&idle, 10), (&busy, 10), (&busy, 20), (&busy, 20)] {
             txn.touch(key, day * DAY).unwrap();
             txn.increment(key).unwrap();
@@ -976,7 +721,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        let mut txn = db.write().unwrap();
+        let mut txn = db.begin().unwrap();
         let today = Clock::wall().unix() / DAY;
         assert_eq!(
             txn.forget_idle(today * DAY, 100).unwrap(),

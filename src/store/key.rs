@@ -1,0 +1,72 @@
+//! The key of one piece of rule state: a rule's name, a kind of state and field values.
+
+use sha2::{Digest, Sha256};
+
+/// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StateKey(String);
+
+/// Field values longer than this (encoded) are kept as their SHA-256 digest, so a sender cannot
+/// make a rule store large strings: a key stays under about 100 bytes plus the rule's name.
+pub const MAX_VALUES_BYTES: usize = 128;
+
+impl StateKey {
+    /// The key for `kind` ("count", "once") of `rule` at these field values.
+    /// Long values are replaced by their digest under the kind `KIND#sha256`, which no short key
+    /// has, so the two forms never collide.
+    pub fn new(rule: &str, kind: &str, values: &[&serde_json::Value]) -> StateKey {
+        let encoded: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let length: usize = encoded.iter().map(|e| e.len() + 1).sum();
+        let rule = serde_json::Value::from(rule);
+        if length > MAX_VALUES_BYTES {
+            let digest = Sha256::digest(encoded.join(",").as_bytes());
+            return StateKey(format!("[{rule},\"{kind}#sha256\",\"{digest:x}\"]"));
+        }
+        let mut key = format!("[{rule},{}", serde_json::Value::from(kind));
+        for e in &encoded {
+            key.push(',');
+            key.push_str(e);
+        }
+        key.push(']');
+        StateKey(key)
+    }
+
+    /// The encoded key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_do_not_collide_across_rules_kinds_or_types() {
+        let a = StateKey::new("r", "count", &[&json!("1")]);
+        assert_ne!(a, StateKey::new("r", "count", &[&json!(1)]));
+        assert_ne!(a, StateKey::new("r", "once", &[&json!("1")]));
+        assert_ne!(
+            StateKey::new("a,b", "count", &[]),
+            StateKey::new("a", "count", &[&json!("b")])
+        );
+    }
+
+    #[test]
+    fn long_values_are_kept_as_a_digest() {
+        let long = json!("x".repeat(10_000));
+        let key = StateKey::new("r", "count", &[&long]);
+        assert!(key.as_str().len() < 100, "{}", key.as_str());
+        assert_ne!(
+            key,
+            StateKey::new("r", "count", &[&json!("x".repeat(9_999))])
+        );
+        assert_eq!(key, StateKey::new("r", "count", &[&long]));
+        // Short keys are written as they always were, so databases from before still match.
+        assert_eq!(
+            StateKey::new("r", "once", &[&json!("a"), &json!(1)]).as_str(),
+            r#"["r","once","a",1]"#
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! One redb write transaction as a [`Batch`]: rule state loaded and saved a batch at a time, the
+//! delivery queue, handled ids and output lengths. Nothing is visible or durable until
+//! [`Batch::commit`].
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{
+    ACTED, COUNTERS, DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, JSONL_LEN, KEEP_FINISHED, META,
+    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, TOUCHED, TOUCHED_BY_DAY, WINDOWS,
+    due_unix, err,
+};
+use crate::store::queue::OutboxRecord;
+use crate::store::{Batch, RuleState, State, StoreError, Wants};
+
+/// One write transaction.
+pub struct WriteTxn {
+    pub(super) txn: redb::WriteTransaction,
+    /// Set when the commit fails, so that the database is reopened before the next one.
+    pub(super) failed: Arc<AtomicBool>,
+}
+
+/// A window's event times as stored: little-endian i64 milliseconds.
+fn decode_window(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8 bytes")))
+        .collect()
+}
+
+impl RuleState for WriteTxn {
+    fn load(&mut self, wants: &Wants) -> Result<State, StoreError> {
+        let mut state = State::default();
+        if !wants.uuids.is_empty() {
+            let seen = self.txn.open_table(SEEN).map_err(err)?;
+            for uuid in &wants.uuids {
+                if seen.get(uuid.as_str()).map_err(err)?.is_some() {
+                    state.load_seen(uuid.clone());
+                }
+            }
+        }
+        if !wants.counters.is_empty() {
+            let table = self.txn.open_table(COUNTERS).map_err(err)?;
+            for key in &wants.counters {
+                if let Some(n) = table.get(key.as_str()).map_err(err)? {
+                    state.load_counter(key.clone(), n.value());
+                }
+            }
+        }
+        if !wants.windows.is_empty() {
+            let table = self.txn.open_table(WINDOWS).map_err(err)?;
+            for key in &wants.windows {
+                if let Some(bytes) = table.get(key.as_str()).map_err(err)? {
+                    state.load_window(key.clone(), decode_window(bytes.value()));
+                }
+            }
+        }
+        if !wants.acted.is_empty() {
+            let table = self.txn.open_table(ACTED).map_err(err)?;
+            for key in &wants.acted {
+                if let Some(t) = table.get(key.as_str()).map_err(err)? {
+                    state.load_acted(key.clone(), t.value());
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    fn save(&mut self, state: State, now_unix: u64) -> Result<(), StoreError> {
+        let changes = state.changes();
+        if !changes.seen.is_empty() {
+            let mut seen = self.txn.open_table(SEEN).map_err(err)?;
+            let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
+            for uuid in changes.seen {
+                seen.insert(uuid.as_str(), now_unix).map_err(err)?;
+                by_time.insert((now_unix, uuid.as_str()), ()).map_err(err)?;
+            }
+        }
+        if !changes.counters.is_empty() {
+            let mut table = self.txn.open_table(COUNTERS).map_err(err)?;
+            for (key, n) in &changes.counters {
+                table.insert(key.as_str(), n).map_err(err)?;
+            }
+        }
+        if !changes.windows.is_empty() {
+            let mut table = self.txn.open_table(WINDOWS).map_err(err)?;
+            for (key, times) in &changes.windows {
+                let bytes: Vec<u8> = times.iter().flat_map(|t| t.to_le_bytes()).collect();
+                table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+            }
+        }
+        if !changes.acted.is_empty() {
+            let mut table = self.txn.open_table(ACTED).map_err(err)?;
+            for (key, t) in &changes.acted {
+                table.insert(key.as_str(), t).map_err(err)?;
+            }
+        }
+        if !changes.touched.is_empty() {
+            // Written at most once a day per key: the day, and the day's index entry.
+            let today = now_unix / DAY;
+            let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
+            let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+            for key in &changes.touched {
+                let before = touched.get(key.as_str()).map_err(err)?.map(|d| d.value());
+                if before == Some(today) {
+                    continue;
+                }
+                touched.insert(key.as_str(), today).map_err(err)?;
+                if let Some(day) = before {
+                    by_day.remove((day, key.as_str())).map_err(err)?;
+                }
+                by_day.insert((today, key.as_str()), ()).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Batch for WriteTxn {
+    fn first_signed_delivery(
+        &mut self,
+        source: &str,
+        id: &str,
+        now_unix: u64,
+    ) -> Result<bool, StoreError> {
+        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
+        if ids.get((source, id)).map_err(err)?.is_some() {
+            return Ok(false);
+        }
+        ids.insert((source, id), now_unix).map_err(err)?;
+        self.txn
+            .open_table(DELIVERY_IDS_BY_TIME)
+            .map_err(err)?
+            .insert((now_unix, source, id), ())
+            .map_err(err)?;
+        Ok(true)
+    }
+
+    fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError> {
+        let table = self.txn.open_table(JSONL_LEN).map_err(err)?;
+        Ok(table.get(file).map_err(err)?.map(|v| v.value()))
+    }
+
+    fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(JSONL_LEN).map_err(err)?;
+        table.insert(file, len).map_err(err)?;
+        Ok(())
+    }
+
+    fn queue(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let id = self.next_id()?;
+        self.put_pending(id, record)?;
+        Ok(id)
+    }
+
+    fn record_failed(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let id = self.next_id()?;
+        self.put_record(OUTBOX_DONE, id, record)?;
+        self.trim_finished()?;
+        Ok(id)
+    }
+
+    fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        self.put_pending(id, record)
+    }
+
+    fn finish(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
+        let was_due = match outbox.remove(id).map_err(err)? {
+            Some(old) => Some(due_unix(old.value())?),
+            None => None,
+        };
+        if let Some(at) = was_due {
+            let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
+            index.remove((at, id)).map_err(err)?;
+        }
+        drop(outbox);
+        self.put_record(OUTBOX_DONE, id, record)?;
+        self.trim_finished()
+    }
+
+    /// Called with every batch while there are any, so a large backlog is a steady trickle, not
+    /// one long transaction.
+    fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
+        let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
+        let mut seen = self.txn.open_table(SEEN).map_err(err)?;
+        let mut expired = Vec::new();
+        for row in by_time
+            .range((0u64, "")..(cutoff_unix, ""))
+            .map_err(err)?
+            .take(max)
+        {
+            let (k, _) = row.map_err(err)?;
+            let (t, uuid) = k.value();
+            expired.push((t, uuid.to_string()));
+        }
+        for (t, uuid) in &expired {
+            by_time.remove((*t, uuid.as_str())).map_err(err)?;
+            seen.remove(uuid.as_str()).map_err(err)?;
+        }
+        let mut by_time = self.txn.open_table(DELIVERY_IDS_BY_TIME).map_err(err)?;
+        let mut ids = self.txn.open_table(DELIVERY_IDS).map_err(err)?;
+        let mut deliveries = Vec::new();
+        for row in by_time
+            .range((0u64, "", "")..(cutoff_unix, "", ""))
+            .map_err(err)?
+            .take(max - expired.len().min(max))
+        {
+            let (k, _) = row.map_err(err)?;
+            let (t, source, id) = k.value();
+            deliveries.push((t, source.to_string(), id.to_string()));
+        }
+        for (t, source, id) in &deliveries {
+            by_time
+                .remove((*t, source.as_str(), id.as_str()))
+                .map_err(err)?;
+            ids.remove((source.as_str(), id.as_str())).map_err(err)?;
+        }
+        Ok(expired.len() + deliveries.len())
+    }
+
+    fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
+        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+        let mut idle = Vec::new();
+        for row in by_day
+            .range((0u64, "")..(cutoff_unix / DAY, ""))
+            .map_err(err)?
+            .take(max)
+        {
+            let (k, _) = row.map_err(err)?;
+            let (day, key) = k.value();
+            idle.push((day, key.to_string()));
+        }
+        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
+        let mut counters = self.txn.open_table(COUNTERS).map_err(err)?;
+        let mut windows = self.txn.open_table(WINDOWS).map_err(err)?;
+        let mut acted = self.txn.open_table(ACTED).map_err(err)?;
+        for (day, key) in &idle {
+            by_day.remove((*day, key.as_str())).map_err(err)?;
+            touched.remove(key.as_str()).map_err(err)?;
+            counters.remove(key.as_str()).map_err(err)?;
+            windows.remove(key.as_str()).map_err(err)?;
+            acted.remove(key.as_str()).map_err(err)?;
+        }
+        Ok(idle.len())
+    }
+
+    /// redb syncs before returning.
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let failed = self.failed;
+        self.txn.commit().map_err(|e| {
+            failed.store(true, Ordering::Relaxed);
+            err(e)
+        })
+    }
+}
+
+impl WriteTxn {
+    /// Keeps the newest [`KEEP_FINISHED`] finished deliveries: the history is for looking at
+    /// recent deliveries (totals are in `/metrics`), and must not grow with every event.
+    fn trim_finished(&mut self) -> Result<(), StoreError> {
+        let mut done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
+        let mut extra = done.len().map_err(err)?.saturating_sub(KEEP_FINISHED);
+        while extra > 0 && done.pop_first().map_err(err)?.is_some() {
+            extra -= 1;
+        }
+        Ok(())
+    }
+
+    fn next_id(&mut self) -> Result<u64, StoreError> {
+        let mut meta = self.txn.open_table(META).map_err(err)?;
+        let id = meta
+            .get("next_email_id")
+            .map_err(err)?
+            .map_or(1, |v| v.value());
+        meta.insert("next_email_id", id + 1).map_err(err)?;
+        Ok(id)
+    }
+
+    /// Writes a pending delivery and its place in the due index (moving it if it was there).
+    fn put_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
+        let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
+        let was_due = match outbox.insert(id, json.as_str()).map_err(err)? {
+            Some(old) => Some(due_unix(old.value())?),
+            None => None,
+        };
+        let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
+        if let Some(at) = was_due {
+            index.remove((at, id)).map_err(err)?;
+        }
+        index
+            .insert((record.next_attempt_unix, id), ())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn put_record(
+        &mut self,
+        table: TableDefinition<u64, &str>,
+        id: u64,
+        record: &OutboxRecord,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(err)?;
+        self.txn
+            .open_table(table)
+            .map_err(err)?
+            .insert(id, json.as_str())
+            .map_err(err)?;
+        Ok(())
+    }
+}
