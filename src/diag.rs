@@ -163,6 +163,30 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// The problems found in one user file, each pointing at its place in it.
+pub struct Problems<'a> {
+    pub file: &'a Path,
+    pub source: &'a str,
+    pub list: Vec<Diagnostic>,
+}
+
+impl<'a> Problems<'a> {
+    pub fn new(file: &'a Path, source: &'a str) -> Problems<'a> {
+        Problems {
+            file,
+            source,
+            list: Vec::new(),
+        }
+    }
+
+    /// Adds a problem at the byte range `span` of the file.
+    pub fn add(&mut self, span: Range<usize>, message: impl Into<String>, hint: Option<String>) {
+        let mut d = Diagnostic::at(self.file, self.source, span, message);
+        d.hint = hint;
+        self.list.push(d);
+    }
+}
+
 /// The closest of `candidates` to `word`, if one is close enough to be a likely typo.
 pub fn did_you_mean<'a>(
     word: &str,

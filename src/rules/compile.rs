@@ -10,11 +10,11 @@ use toml::Spanned;
 use crate::actions::email::EmailAction;
 use crate::actions::email::templates::{Templates, template_diagnostic};
 use crate::actions::jsonl::{JsonlAction, OutputField, output_path};
-use crate::diag::{Diagnostic, did_you_mean, toml_diagnostic};
+use crate::diag::{Diagnostic, Problems, did_you_mean, toml_diagnostic};
 use crate::ingest::path::FieldPath;
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::rules::template_check::{self, Known, Place};
+use crate::actions::email::template_check::{self, Known, Place};
 use crate::rules::{Count, Limits, Rule};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp};
 
@@ -32,16 +32,14 @@ pub fn compile(
     templates: &mut Templates,
 ) -> Result<Rule, Vec<Diagnostic>> {
     let mut c = Compiler {
-        file,
-        source,
-        problems: Vec::new(),
+        p: Problems::new(file, source),
     };
-    let parsed = parse_reporting_every_unknown_key(file, source, &mut c.problems)
-        .ok_or_else(|| c.problems.clone())?;
+    let parsed = parse_reporting_every_unknown_key(file, source, &mut c.p.list)
+        .ok_or_else(|| c.p.list.clone())?;
     let rule = c.rule(parsed, templates);
     match rule {
-        Some(rule) if c.problems.is_empty() => Ok(rule),
-        _ => Err(c.problems),
+        Some(rule) if c.p.list.is_empty() => Ok(rule),
+        _ => Err(c.p.list),
     }
 }
 
@@ -98,16 +96,12 @@ fn whole_line_entry(text: &str, at: usize) -> Option<Range<usize>> {
 }
 
 struct Compiler<'a> {
-    file: &'a Path,
-    source: &'a str,
-    problems: Vec<Diagnostic>,
+    p: Problems<'a>,
 }
 
 impl Compiler<'_> {
     fn problem(&mut self, span: Range<usize>, message: impl Into<String>, hint: Option<String>) {
-        let mut d = Diagnostic::at(self.file, self.source, span, message);
-        d.hint = hint;
-        self.problems.push(d);
+        self.p.add(span, message, hint);
     }
 
     fn rule(&mut self, f: RuleFile, templates: &mut Templates) -> Option<Rule> {
@@ -183,8 +177,8 @@ impl Compiler<'_> {
         let summary = json!({
             "name": name,
             "description": f.description,
-            "file": self.file.display().to_string(),
-            "when": when_as_written(self.source),
+            "file": self.p.file.display().to_string(),
+            "when": when_as_written(self.p.source),
             "count": count.as_ref().map(|c| {
                 let mut summary = json!({
                     "per": c.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
@@ -208,7 +202,7 @@ impl Compiler<'_> {
         });
         Some(Rule {
             name,
-            file: self.file.to_path_buf(),
+            file: self.p.file.to_path_buf(),
             events: events?,
             when: condition?,
             count,
@@ -333,15 +327,15 @@ impl Compiler<'_> {
     ) {
         for (key, span) in inline {
             let place = Place::Rule {
-                file: self.file,
-                source: self.source,
+                file: self.p.file,
+                source: self.p.source,
                 span,
             };
             template_check::check(
                 &templates.references(&key, false),
                 known,
                 &place,
-                &mut self.problems,
+                &mut self.p.list,
             );
         }
         for html in [false, true] {
@@ -351,7 +345,7 @@ impl Compiler<'_> {
                     &templates.references(body, html),
                     known,
                     &place,
-                    &mut self.problems,
+                    &mut self.p.list,
                 );
             }
         }
@@ -387,7 +381,7 @@ impl Compiler<'_> {
     ) -> Option<Condition> {
         let path = self.path(key)?;
         let span = condition.span();
-        let problems_before = self.problems.len();
+        let problems_before = self.p.list.len();
         let tests = match condition.into_inner() {
             ConditionConfig::Equals(v) => vec![Test::Equals(toml_to_json_value(&v))],
             ConditionConfig::OneOf(list) => {
@@ -395,7 +389,7 @@ impl Compiler<'_> {
             }
             ConditionConfig::Operators(ops) => self.operators(*ops),
         };
-        if self.problems.len() > problems_before {
+        if self.p.list.len() > problems_before {
             return None;
         }
         if tests.is_empty() {
@@ -537,7 +531,7 @@ impl Compiler<'_> {
             (&subject_key, &e.subject, "`subject`"),
         ] {
             if let Err(err) = templates.add_inline(key, text.get_ref()) {
-                let d = template_diagnostic(self.file, self.source, &err);
+                let d = template_diagnostic(self.p.file, self.p.source, &err);
                 self.problem(text.span(), format!("{what}: {}", d.message), d.hint);
                 ok = false;
             }

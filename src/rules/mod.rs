@@ -2,14 +2,13 @@
 //! [`RuleSet`].
 //!
 //! `file.rs` mirrors the TOML, `compile.rs` turns it into runnable [`Rule`]s, `condition.rs`
-//! holds what matching needs (with the field paths of `ingest/path.rs`), `template_check.rs`
-//! checks what email templates use; problems are `crate::diag` diagnostics. A set is loaded whole
+//! holds what matching needs (with the field paths of `ingest/path.rs`); problems are
+//! `crate::diag` diagnostics. A set is loaded whole
 //! or not at all: one problem anywhere means the caller keeps whatever set it had.
 
 pub mod compile;
 pub mod condition;
 pub mod file;
-pub mod template_check;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

@@ -5,6 +5,7 @@
 //! cost more than the bounds of `actions/email/templates.rs` allow. Rendered emails go to the
 //! durable outbox (`pipeline/outbox.rs`), which delivers them.
 
+pub mod template_check;
 pub mod templates;
 
 use lettre::Message;
