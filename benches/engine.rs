@@ -11,7 +11,8 @@
 //! - `same_event/N`: N rules on the *same* event name, each with a different property filter, one
 //!   matching: every one of them is tried, so this grows with N (what the index cannot help).
 //! - `project`: the shipped `training-data` rule's JSONL line for that event.
-//! - `render_email`: the shipped `power-user-discount` email (subject, text and HTML bodies).
+//! - `render_email`: the shipped `power-user-discount` email (subject, text and HTML bodies,
+//!   then the whole message as queued).
 
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -19,7 +20,8 @@ use lettre::message::Mailbox;
 use serde_json::Value;
 use std::hint::black_box;
 use std::path::Path;
-use tripline::actions::email;
+use tripline::actions::jsonl::Unwritable;
+use tripline::actions::{Action, Env, Input};
 use tripline::engine;
 use tripline::ingest::event::{self, BodyLimits, Event};
 use tripline::rules::RuleSet;
@@ -82,13 +84,17 @@ fn shipped_rules() -> RuleSet {
 fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
     let mut store = MemoryStore::default();
     let mut effects = Vec::new();
+    let unwritable = Unwritable::new();
+    let env = Env {
+        default_from: from,
+        unwritable: &unwritable,
+    };
     let report = engine::run(
         rules,
         std::slice::from_ref(event),
         &mut store,
-        from,
+        &env,
         0,
-        &Default::default(),
         &mut effects,
     )
     .unwrap();
@@ -156,20 +162,33 @@ fn benches(c: &mut Criterion) {
         .iter()
         .find(|r| r.name == "training-data")
         .unwrap();
-    let jsonl = training.jsonl.as_ref().unwrap();
-    c.bench_function("project", |b| b.iter(|| jsonl.project(black_box(&event))));
+    let unwritable = Unwritable::new();
+    let env = Env {
+        default_from: &from,
+        unwritable: &unwritable,
+    };
+    let input = |event| Input {
+        rule: "bench",
+        event,
+        count: Some(5),
+        templates: &shipped.templates,
+        env: &env,
+    };
+    let run = |action: &dyn Action, input: &Input| action.run(black_box(input)).unwrap();
+    let jsonl = &training.actions[0];
+    let projecting = input(&event);
+    c.bench_function("project", |b| b.iter(|| run(jsonl.as_ref(), &projecting)));
 
     let power = shipped
         .rules()
         .iter()
         .find(|r| r.name == "power-user-discount")
         .unwrap();
-    let action = power.email.as_ref().unwrap();
+    let email = &power.actions[0];
     let used = decode_one(&fixture("feature_used.json"));
-    let mut data = used.template_context();
-    data["count"] = Value::from(5);
+    let rendering = input(&used);
     c.bench_function("render_email", |b| {
-        b.iter(|| email::build(action, &shipped.templates, black_box(&data), &from).unwrap())
+        b.iter(|| run(email.as_ref(), &rendering))
     });
 }
 

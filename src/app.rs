@@ -9,13 +9,14 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::actions::jsonl::JsonlFiles;
+use crate::actions::{self, Destinations};
 use crate::clock::Clock;
 use crate::config::ServeConfig;
 use crate::http::connections::{self, ConnectionLimits};
 use crate::http::{self, AppState};
 use crate::ingest::event::BodyLimits;
 use crate::pipeline::committer::{Committer, Retention};
-use crate::pipeline::outbox::{self, Transport};
+use crate::pipeline::outbox;
 use crate::pipeline::reload::{self, LiveRules};
 use crate::store::Backend;
 use crate::store::redb::Db;
@@ -49,8 +50,8 @@ pub async fn serve(
             config.folders.data.display()
         )
     })?);
-    let transport = Arc::new(Transport::from_config(&config)?);
-    let emails_queued = Arc::new(Notify::new());
+    let senders = actions::senders(&Destinations::Settings(&config))?;
+    let deliveries_queued = Arc::new(Notify::new());
     let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
     let retention = Retention {
         // Signed deliveries' ids are kept with event ids: never for less than a signature stays
@@ -63,14 +64,14 @@ pub async fn serve(
         JsonlFiles::new(&config.folders.data),
         config.email_from.clone(),
         retention,
-        emails_queued.clone(),
+        deliveries_queued.clone(),
         clock.clone(),
     )?;
     let (stop_sender, stopped) = watch::channel(false);
     let sender = tokio::spawn(outbox::run_sender(
         store.clone(),
-        transport,
-        emails_queued,
+        senders,
+        deliveries_queued,
         stopped,
         clock.clone(),
     ));

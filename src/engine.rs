@@ -8,54 +8,32 @@
 //! It works in two steps so that a store can load a whole batch's state at once: a [`Plan`]
 //! matches the events and works out the state keys their rules need (no state read), the store
 //! loads them into a [`State`], and [`Plan::decide`] decides on that state in memory. The engine
-//! performs no I/O: it returns the [`Effect`]s (lines to append, emails to queue, emails that
-//! could not be made), which the committer makes durable together with the changed state, and
-//! which `tripline test` and `replay` inspect instead.
+//! performs no I/O: it returns the [`Effect`]s (each action's output, or why it could not be
+//! made), which the committer makes durable together with the changed state, and which
+//! `tripline test` and `replay` inspect instead. Each action of a rule stands on its own: a failed
+//! email does not keep the rule's line from being written.
 
-use lettre::message::Mailbox;
-use serde_json::Value;
-use std::collections::HashMap;
-use std::path::PathBuf;
 use tracing::{debug, info, info_span, warn};
 
-use crate::actions::email::{self, EmailAction, mask_email};
+use crate::actions::{Env, Input, Output};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::rules::{Rule, RuleSet};
 use crate::store::{RuleState, State, StateKey, StoreError, Wants};
 
-/// Something a rule does, to be made durable.
+/// Something a rule did, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Append `line` (newline included) to `file`, relative to the data folder, for the rule
-    /// at index `rule` of the rule set.
-    Line {
+    /// An action's output, for the rule at index `rule` of the rule set.
+    Output { rule: usize, output: Output },
+    /// An action that could not be made from the event, with why. Retrying the same event
+    /// would not help; a delivered kind's failure is kept in the delivery history.
+    Failed {
         rule: usize,
-        file: PathBuf,
-        line: String,
+        kind: &'static str,
+        delivered: bool,
+        reason: String,
     },
-    /// Queue an email for delivery.
-    Email(QueuedEmail),
-    /// An email that could not be made from the event: kept as failed, with the reason.
-    EmailFailed { rule: String, reason: String },
-    /// A line that could not be written because its file cannot be (see [`Unwritable`]).
-    LineFailed { rule: String, reason: String },
-}
-
-/// A rendered email, ready for the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueuedEmail {
-    pub rule: String,
-    /// Envelope sender and recipient addresses.
-    pub from: String,
-    pub to: Vec<String>,
-    /// The recipient, masked for logs and status pages.
-    pub to_masked: String,
-    /// The subject and plain-text body as rendered (for `tripline test` and `replay`).
-    pub subject: String,
-    pub text: String,
-    /// The whole RFC 5322 message.
-    pub message: String,
 }
 
 /// What one rule did with one event whose `[when]` held.
@@ -69,9 +47,20 @@ pub enum Outcome {
     Suppressed,
     /// The event has no value for a field the rule counts or limits by (`per`, `once_per`).
     NoKey { field: String },
-    /// The action could not be made from this event (a field its email uses is missing...).
-    /// Retrying the same event would not help, so it is reported, not answered with an error.
+    /// The rule acted, but some of its actions could not be made from this event, for these
+    /// reasons; the others were.
+    PartlyFailed { reasons: Vec<String> },
+    /// None of the rule's actions could be made from this event (a field its email uses is
+    /// missing...): it did not act. Retrying the same event would not help, so it is reported,
+    /// not answered with an error.
     Failed { reason: String },
+}
+
+impl Outcome {
+    /// Whether the rule acted (some of its actions, at least).
+    pub fn acted(&self) -> bool {
+        matches!(self, Outcome::Fired | Outcome::PartlyFailed { .. })
+    }
 }
 
 /// What happened to a batch of events.
@@ -87,7 +76,7 @@ pub struct Report {
 impl Report {
     /// The names of the rules that acted, once per event they acted on.
     pub fn fired(&self, rules: &RuleSet) -> Vec<String> {
-        self.rules_where(rules, |o| *o == Outcome::Fired)
+        self.rules_where(rules, Outcome::acted)
     }
 
     /// The names of the rules whose outcome passes `test`, once per event, in order.
@@ -103,19 +92,18 @@ impl Report {
     pub fn failures(&self, rules: &RuleSet) -> Vec<String> {
         self.outcomes
             .iter()
-            .filter_map(|(i, o)| match o {
-                Outcome::Failed { reason } => {
-                    Some(format!("rule \"{}\": {reason}", rules.rules()[*i].name))
-                }
-                _ => None,
+            .flat_map(|(i, o)| {
+                let reasons = match o {
+                    Outcome::Failed { reason } => std::slice::from_ref(reason),
+                    Outcome::PartlyFailed { reasons } => reasons.as_slice(),
+                    _ => &[],
+                };
+                let name = &rules.rules()[*i].name;
+                reasons.iter().map(move |r| format!("rule \"{name}\": {r}"))
             })
             .collect()
     }
 }
-
-/// Output files that cannot be written, with why: a rule writing to one fails on its own (see
-/// the committer), changing no state, while every other rule goes on.
-pub type Unwritable = HashMap<PathBuf, String>;
 
 /// Runs `events` through `rules`: loads the state they need from `store`, decides, and saves what
 /// changed, pushing effects onto `effects`. `now_unix` is the time of handling (it dates handled
@@ -125,16 +113,15 @@ pub fn run(
     rules: &RuleSet,
     events: &[Event],
     store: &mut dyn RuleState,
-    default_from: &Mailbox,
+    env: &Env,
     now_unix: u64,
-    unwritable: &Unwritable,
     effects: &mut Vec<Effect>,
 ) -> Result<Report, StoreError> {
     let plan = Plan::new(rules, events);
     let mut wants = Wants::default();
     plan.add_wants(rules, events, &mut wants);
     let mut state = store.load(&wants)?;
-    let report = plan.decide(rules, events, &mut state, default_from, unwritable, effects);
+    let report = plan.decide(rules, events, &mut state, env, effects);
     store.save(state, now_unix)?;
     Ok(report)
 }
@@ -207,8 +194,7 @@ impl Plan {
         rules: &RuleSet,
         events: &[Event],
         state: &mut State,
-        default_from: &Mailbox,
-        unwritable: &Unwritable,
+        env: &Env,
         effects: &mut Vec<Effect>,
     ) -> Report {
         let mut report = Report::default();
@@ -233,14 +219,7 @@ impl Plan {
             for m in matched {
                 let rule = &rules.rules()[m.rule];
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                let outcome = apply(
-                    rules,
-                    m,
-                    event,
-                    state,
-                    (default_from, unwritable),
-                    effects,
-                );
+                let outcome = apply(rules, m, event, state, env, effects);
                 if outcome == Outcome::Fired {
                     info!("rule fired");
                 }
@@ -257,7 +236,7 @@ fn apply(
     matched: &Matched,
     event: &Event,
     state: &mut State,
-    (default_from, unwritable): (&Mailbox, &Unwritable),
+    env: &Env,
     effects: &mut Vec<Effect>,
 ) -> Outcome {
     let index = matched.rule;
@@ -302,77 +281,46 @@ fn apply(
         }
     }
 
-    // An output that cannot be written, like an email that cannot be made, changes no state,
-    // so a later event retries once it is fixed.
-    if let Some(jsonl) = &rule.jsonl
-        && let Some(why) = unwritable.get(&jsonl.file)
-    {
-        let reason = format!(
-            "line not written: cannot write {}: {why}",
-            jsonl.file.display()
-        );
-        warn!(%reason, "action failed");
-        effects.push(Effect::LineFailed {
-            rule: rule.name.clone(),
-            reason: reason.clone(),
-        });
-        return Outcome::Failed { reason };
-    }
-    // Render first: an email that cannot be made changes no state, so a later event retries.
-    let queued = match &rule.email {
-        Some(action) => match render(rules, rule, action, event, count, default_from) {
-            Ok(q) => Some(q),
+    // Every action runs; each one's output or failure is its own. A rule none of whose actions
+    // could be made changes no state, so a later event retries.
+    let input = Input {
+        rule: &rule.name,
+        event,
+        count,
+        templates: &rules.templates,
+        env,
+    };
+    let mut reasons = Vec::new();
+    for action in &rule.actions {
+        match action.run(&input) {
+            Ok(output) => effects.push(Effect::Output {
+                rule: index,
+                output,
+            }),
             Err(reason) => {
-                let reason = format!("email not sent: {reason}");
-                warn!(%reason, "action failed");
-                effects.push(Effect::EmailFailed {
-                    rule: rule.name.clone(),
+                warn!(%reason, action.kind = action.kind(), "action failed");
+                effects.push(Effect::Failed {
+                    rule: index,
+                    kind: action.kind(),
+                    delivered: action.delivered(),
                     reason: reason.clone(),
                 });
-                return Outcome::Failed { reason };
+                reasons.push(reason);
             }
-        },
-        None => None,
-    };
+        }
+    }
+    if reasons.len() == rule.actions.len() {
+        return Outcome::Failed {
+            reason: reasons.join("; "),
+        };
+    }
     if let Some(key) = once_key {
         state.mark_acted(key, t_ms);
     }
-    if let Some(jsonl) = &rule.jsonl {
-        effects.push(Effect::Line {
-            rule: index,
-            file: jsonl.file.clone(),
-            line: jsonl.project(event),
-        });
+    match reasons.is_empty() {
+        true => Outcome::Fired,
+        false => Outcome::PartlyFailed { reasons },
     }
-    if let Some(q) = queued {
-        effects.push(Effect::Email(q));
-    }
-    Outcome::Fired
-}
-
-fn render(
-    rules: &RuleSet,
-    rule: &Rule,
-    action: &EmailAction,
-    event: &Event,
-    count: Option<u64>,
-    default_from: &Mailbox,
-) -> Result<QueuedEmail, String> {
-    let mut data = event.template_context();
-    data["count"] = count.map_or(Value::Null, Value::from);
-    let built =
-        email::build(action, &rules.templates, &data, default_from).map_err(|e| e.to_string())?;
-    let envelope = built.message.envelope();
-    let to: Vec<String> = envelope.to().iter().map(|a| a.to_string()).collect();
-    Ok(QueuedEmail {
-        rule: rule.name.clone(),
-        from: envelope.from().map(|a| a.to_string()).unwrap_or_default(),
-        to_masked: to.first().map(|a| mask_email(a)).unwrap_or_default(),
-        to,
-        subject: built.subject,
-        text: built.text,
-        message: String::from_utf8_lossy(&built.message.formatted()).into_owned(),
-    })
 }
 
 /// The state key for `rule` at the values of `paths` in `event`, or [`Outcome::NoKey`] when the
@@ -401,8 +349,11 @@ fn state_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::email::Queued;
+    use crate::actions::jsonl::Unwritable;
     use crate::ingest::event::decode;
     use crate::store::MemoryStore;
+    use lettre::message::Mailbox;
     use std::path::Path;
 
     const RULE: &str = r#"
@@ -423,11 +374,11 @@ file = "out.jsonl"
 fields = { who = "distinct_id" }
 "#;
 
-    fn rules() -> (tempfile::TempDir, RuleSet) {
+    fn rules_from(rule: &str) -> (tempfile::TempDir, RuleSet) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rules")).unwrap();
         std::fs::create_dir(dir.path().join("templates")).unwrap();
-        std::fs::write(dir.path().join("rules/r.toml"), RULE).unwrap();
+        std::fs::write(dir.path().join("rules/r.toml"), rule).unwrap();
         std::fs::write(dir.path().join("templates/t.text.hbs"), "count {{count}}").unwrap();
         let set = RuleSet::load(
             &dir.path().join("rules"),
@@ -436,6 +387,10 @@ fields = { who = "distinct_id" }
         )
         .unwrap();
         (dir, set)
+    }
+
+    fn rules() -> (tempfile::TempDir, RuleSet) {
+        rules_from(RULE)
     }
 
     fn event(uuid: &str, email: Option<&str>) -> Vec<Event> {
@@ -456,23 +411,34 @@ fields = { who = "distinct_id" }
         .unwrap()
     }
 
+    fn env<'a>(from: &'a Mailbox, unwritable: &'a Unwritable) -> Env<'a> {
+        Env {
+            default_from: from,
+            unwritable,
+        }
+    }
+
+    /// The email an effect queues, if it does.
+    fn email(effect: &Effect) -> Option<Queued> {
+        match effect {
+            Effect::Output {
+                output: Output::Delivery(d),
+                ..
+            } => Queued::of(d),
+            _ => None,
+        }
+    }
+
     #[test]
     fn counts_then_acts_once_and_ignores_retried_uuids() {
         let (_dir, set) = rules();
         let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let unwritable = Unwritable::new();
+        let env = env(&from, &unwritable);
         let mut store = MemoryStore::default();
         let mut effects = Vec::new();
         let mut run_one = |uuid: &str, email| {
-            run(
-                &set,
-                &event(uuid, email),
-                &mut store,
-                &from,
-                0,
-                &Default::default(),
-                &mut effects,
-            )
-            .unwrap()
+            run(&set, &event(uuid, email), &mut store, &env, 0, &mut effects).unwrap()
         };
         assert_eq!(
             run_one("1", Some("a@x.io")).outcomes,
@@ -483,6 +449,104 @@ fields = { who = "distinct_id" }
             1,
             "same uuid: no second count"
         );
+        assert_eq!(run_one("3", Some("a@x.io")).fired(&set), ["fifth"]);
+        assert_eq!(
+            run_one("4", Some("a@x.io")).outcomes,
+            [(0, Outcome::Suppressed)]
+        );
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        // In the order the rule file lists its actions: [email], then [jsonl].
+        assert_eq!(
+            effects[1],
+            Effect::Output {
+                rule: 0,
+                output: Output::Line {
+                    file: Path::new("out.jsonl").into(),
+                    line: "{\"who\":\"d\"}\n".into()
+                }
+            }
+        );
+        let email = email(&effects[0]).expect("an email");
+        assert_eq!(email.to, ["a@x.io"]);
+        assert_eq!(email.to_masked, "a***@x.io");
+        assert!(email.message.contains("count 2"), "{}", email.message);
+        assert_eq!(
+            (email.subject.as_str(), email.text.as_str()),
+            ("hi", "count 2")
+        );
+    }
+
+    #[test]
+    fn a_failed_email_does_not_keep_the_rules_line_from_being_written() {
+        let (_dir, set) = rules();
+        let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let unwritable = Unwritable::new();
+        let mut store = MemoryStore::default();
+        let mut effects = Vec::new();
+        let env = env(&from, &unwritable);
+        run(&set, &event("1", None), &mut store, &env, 0, &mut effects).unwrap();
+        // The 2nd use has no address: the line is written, the email fails on its own.
+        let r = run(&set, &event("2", None), &mut store, &env, 0, &mut effects).unwrap();
+        assert!(
+            matches!(&r.outcomes[..], [(0, Outcome::PartlyFailed { reasons })] if reasons.len() == 1),
+            "{r:?}"
+        );
+        assert_eq!(r.fired(&set), ["fifth"], "the rule acted");
+        assert!(
+            r.failures(&set)[0].starts_with("rule \"fifth\": email not sent")
+                && r.failures(&set)[0].contains("person.properties.email"),
+            "{r:?}"
+        );
+        assert!(
+            matches!(
+                &effects[0],
+                Effect::Failed {
+                    kind: "email",
+                    delivered: true,
+                    ..
+                }
+            ),
+            "a failed email is kept as failed: {effects:?}"
+        );
+        assert!(
+            matches!(
+                &effects[1],
+                Effect::Output {
+                    output: Output::Line { .. },
+                    ..
+                }
+            ),
+            "{effects:?}"
+        );
+        let r = run(
+            &set,
+            &event("3", Some("a@x.io")),
+            &mut store,
+            &env,
+            0,
+            &mut effects,
+        )
+        .unwrap();
+        assert_eq!(
+            r.outcomes,
+            [(0, Outcome::Suppressed)],
+            "[limits] counts the line"
+        );
+    }
+
+    #[test]
+    fn a_rule_none_of_whose_actions_can_be_made_changes_no_state() {
+        let only_email = RULE.split("[jsonl]").next().unwrap();
+        let (_dir, set) = rules_from(only_email);
+        let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let unwritable = Unwritable::new();
+        let env = env(&from, &unwritable);
+        let mut store = MemoryStore::default();
+        let mut effects = Vec::new();
+        let mut run_one = |uuid: &str, email| {
+            run(&set, &event(uuid, email), &mut store, &env, 0, &mut effects).unwrap()
+        };
+        run_one("1", Some("a@x.io"));
         // The 2nd use has no address: nothing happens, and the once-key stays free.
         let r = run_one("2", None);
         assert!(
@@ -490,40 +554,23 @@ fields = { who = "distinct_id" }
                 && r.failures(&set)[0].contains("person.properties.email"),
             "{r:?}"
         );
+        assert!(matches!(r.outcomes[..], [(0, Outcome::Failed { .. })]));
         assert_eq!(run_one("3", Some("a@x.io")).fired(&set), ["fifth"]);
         assert_eq!(
             run_one("4", Some("a@x.io")).outcomes,
             [(0, Outcome::Suppressed)]
         );
-        assert_eq!(effects.len(), 3, "{effects:?}");
-        assert!(
-            matches!(&effects[0], Effect::EmailFailed { rule, .. } if rule == "fifth"),
-            "a failed email is kept as failed: {effects:?}"
-        );
-        assert_eq!(
-            effects[1],
-            Effect::Line {
-                rule: 0,
-                file: Path::new("out.jsonl").into(),
-                line: "{\"who\":\"d\"}\n".into()
-            }
-        );
-        let Effect::Email(email) = &effects[2] else {
-            panic!("{effects:?}")
-        };
-        assert_eq!(email.to, ["a@x.io"]);
-        assert_eq!(email.to_masked, "a***@x.io");
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(matches!(&effects[0], Effect::Failed { kind: "email", .. }));
+        let email = email(&effects[1]).expect("an email");
         assert!(email.message.contains("count 3"), "{}", email.message);
-        assert_eq!(
-            (email.subject.as_str(), email.text.as_str()),
-            ("hi", "count 3")
-        );
     }
 
     #[test]
     fn an_event_no_rule_matches_records_nothing() {
         let (_dir, set) = rules();
         let from: Mailbox = "t <t@localhost>".parse().unwrap();
+        let unwritable = Unwritable::new();
         let mut store = MemoryStore::default();
         let mut effects = Vec::new();
         let events = decoded(r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#);
@@ -532,9 +579,8 @@ fields = { who = "distinct_id" }
                 &set,
                 &events,
                 &mut store,
-                &from,
+                &env(&from, &unwritable),
                 0,
-                &Unwritable::new(),
                 &mut effects,
             )
             .unwrap();
@@ -542,10 +588,7 @@ fields = { who = "distinct_id" }
         }
         assert!(effects.is_empty());
         assert!(
-            store
-                .load(&Wants::default())
-                .unwrap()
-                .first_delivery("9"),
+            store.load(&Wants::default()).unwrap().first_delivery("9"),
             "its id was not recorded"
         );
     }

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use tripline::actions::Env;
 use tripline::actions::email::templates::Templates;
+use tripline::actions::jsonl::Unwritable;
 use tripline::engine;
 use tripline::ingest::event::{self, BodyLimits};
 use tripline::rules::RuleSet;
@@ -179,16 +181,12 @@ fn handle(body: &[u8]) -> bool {
             let mut store = MemoryStore::default();
             let from = "t <t@localhost>".parse().unwrap();
             let mut effects = Vec::new();
-            engine::run(
-                shipped_rules(),
-                &events,
-                &mut store,
-                &from,
-                0,
-                &Default::default(),
-                &mut effects,
-            )
-            .unwrap();
+            let unwritable = Unwritable::new();
+            let env = Env {
+                default_from: &from,
+                unwritable: &unwritable,
+            };
+            engine::run(shipped_rules(), &events, &mut store, &env, 0, &mut effects).unwrap();
             true
         }
         Err(e) => {

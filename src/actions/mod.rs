@@ -1,4 +1,224 @@
-//! What a rule can do when it fires: one file per kind of action.
+//! What a rule can do when it fires: one folder per kind of action.
+//!
+//! A kind is everything about one table of a rule file (`[email]`, `[jsonl]`), side by side in its
+//! folder: the table as written (its serde `Config`), how it compiles into an [`Action`] (checking
+//! what it can and reporting problems), what the action makes of an event ([`Output`], no I/O),
+//! and, for kinds delivered after the commit, its [`Sender`]. The kinds are listed once, in the
+//! `kinds!` list below: adding a kind is a folder and one line there.
 
 pub mod email;
 pub mod jsonl;
+#[cfg(test)]
+mod log;
+
+use lettre::message::Mailbox;
+use serde::de::MapAccess;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use toml::Spanned;
+
+use crate::config::ServeConfig;
+use crate::diag::Problems;
+use crate::ingest::event::Event;
+use crate::ingest::path::FieldPath;
+pub use crate::store::queue::Delivery;
+use crate::store::queue::OutboxRecord;
+use email::template_check::Known;
+use email::templates::Templates;
+use jsonl::Unwritable;
+
+/// The action list: each kind's table name in a rule file, and the type that implements [`Kind`]
+/// for it. Everything else about a kind is in its folder.
+macro_rules! kinds {
+    ($($(#[$attr:meta])* $table:literal => $kind:ty,)*) => {
+        /// The table names of every kind, as a rule file writes them.
+        // Pushed one by one because a kind may be left out (`#[cfg(test)]`).
+        #[allow(clippy::vec_init_then_push)]
+        pub fn tables() -> Vec<&'static str> {
+            let mut tables = Vec::new();
+            $($(#[$attr])* tables.push($table);)*
+            tables
+        }
+
+        /// Reads the value of `table` from a rule file if it is an action's table.
+        pub(crate) fn parse_table<'de, A: MapAccess<'de>>(
+            table: &str,
+            map: &mut A,
+        ) -> Result<Option<Table>, A::Error> {
+            $($(#[$attr])*
+            if table == $table {
+                let config: Spanned<<$kind as Kind>::Config> = map.next_value()?;
+                return Ok(Some(Table {
+                    name: $table,
+                    span: config.span(),
+                    compile: Box::new(move |cx| <$kind as Kind>::compile(config, cx)),
+                }));
+            })*
+            Ok(None)
+        }
+
+        /// The senders of the kinds delivered after the commit.
+        pub fn senders(to: &Destinations) -> anyhow::Result<Senders> {
+            let mut senders = Senders::default();
+            $($(#[$attr])*
+            if let Some(sender) = <$kind as Kind>::sender(to)? {
+                senders.0.insert($table, sender);
+            })*
+            Ok(senders)
+        }
+    };
+}
+
+kinds! {
+    "email" => email::Email,
+    "jsonl" => jsonl::Jsonl,
+    #[cfg(test)]
+    "log" => log::Log,
+}
+
+/// One kind of action.
+pub trait Kind {
+    /// The rule file's table, as written.
+    type Config: serde::de::DeserializeOwned;
+    /// Compiles the table, adding what is wrong with it to `cx.problems`; `None` if anything is.
+    fn compile(config: Spanned<Self::Config>, cx: &mut Compile) -> Option<Box<dyn Action>>;
+    /// What delivers this kind's queued deliveries to `to`; none for a kind whose output the
+    /// commit itself makes durable.
+    fn sender(_to: &Destinations) -> anyhow::Result<Option<Arc<dyn Sender>>> {
+        Ok(None)
+    }
+}
+
+/// Where deliveries go.
+pub enum Destinations<'a> {
+    /// Where the service's settings say (an SMTP server...).
+    Settings(&'a ServeConfig),
+    /// Into files in this folder, one per delivery (`replay --execute-into`).
+    Files(&'a Path),
+}
+
+/// An action's table as read from a rule file, ready to compile.
+pub struct Table {
+    pub name: &'static str,
+    pub span: Range<usize>,
+    pub compile: CompileTable,
+}
+
+/// Compiles one action's table (see [`Kind::compile`]).
+pub type CompileTable = Box<dyn FnOnce(&mut Compile) -> Option<Box<dyn Action>>>;
+
+impl fmt::Debug for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}] at {:?}", self.name, self.span)
+    }
+}
+
+/// What an action's table compiles against.
+pub struct Compile<'a, 'f> {
+    /// The rule's name.
+    pub rule: &'a str,
+    pub problems: &'a mut Problems<'f>,
+    /// The templates, to which the action may add its own one-line ones.
+    pub templates: &'a mut Templates,
+}
+
+/// A compiled action, as a rule runs it.
+pub trait Action: Send + Sync + fmt::Debug {
+    /// Its kind's table name (`email`).
+    fn kind(&self) -> &'static str;
+    /// What the action makes of the event: no I/O. An `Err` says why it cannot be made from this
+    /// event (a field its email uses is missing...): retrying the same event would not help.
+    fn run(&self, input: &Input) -> Result<Output, String>;
+    /// What `GET /rules` shows of it.
+    fn summary(&self) -> Value;
+    /// The event fields it reads, so that other checks know the rule deals with them.
+    fn fields(&self) -> Vec<&FieldPath> {
+        Vec::new()
+    }
+    /// Checks that need the whole rule compiled first (an email's templates against the fields
+    /// the rule knows).
+    fn check(&self, _known: &Known, _cx: &mut Compile) {}
+    /// The file in the data folder it appends to, if it does (see `jsonl`).
+    fn file(&self) -> Option<&Path> {
+        None
+    }
+    /// Whether its outputs are deliveries, so that a failed one is kept in the delivery history
+    /// where people look for it.
+    fn delivered(&self) -> bool {
+        false
+    }
+}
+
+/// What an action runs on.
+pub struct Input<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    pub event: &'a Event,
+    /// The rule's count when it acted, for `{{count}}`, if it counts.
+    pub count: Option<u64>,
+    pub templates: &'a Templates,
+    pub env: &'a Env<'a>,
+}
+
+/// What actions need from the service when they run.
+pub struct Env<'a> {
+    /// The sender of emails whose rule does not say `from`.
+    pub default_from: &'a Mailbox,
+    /// Output files that cannot be written now, with why.
+    pub unwritable: &'a Unwritable,
+}
+
+/// What an action made of an event, to be made durable by the committer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A line (newline included) for a file in the data folder, appended in the same commit.
+    Line { file: PathBuf, line: String },
+    /// Something to deliver after the commit, queued in the outbox.
+    Delivery(Delivery),
+}
+
+/// How a delivery attempt ended.
+#[derive(Debug)]
+pub enum Attempt {
+    Delivered,
+    /// Try again later.
+    Temporary(String),
+    /// Give up: the destination refused it for good.
+    Permanent(String),
+}
+
+/// Delivers one kind's queued deliveries.
+pub trait Sender: Send + Sync {
+    /// One attempt at one delivery. Cancelling it (at shutdown) must leave nothing half done
+    /// that matters: the delivery is still pending in the store.
+    fn attempt<'a>(
+        &'a self,
+        id: u64,
+        record: &'a OutboxRecord,
+    ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
+    /// How many attempts of this kind may run at once: its destination's bound.
+    fn max_in_flight(&self) -> usize;
+}
+
+/// The senders of the delivered kinds, by kind.
+#[derive(Default, Clone)]
+pub struct Senders(HashMap<&'static str, Arc<dyn Sender>>);
+
+impl FromIterator<(&'static str, Arc<dyn Sender>)> for Senders {
+    fn from_iter<I: IntoIterator<Item = (&'static str, Arc<dyn Sender>)>>(iter: I) -> Self {
+        Senders(iter.into_iter().collect())
+    }
+}
+
+impl Senders {
+    /// The sender of `kind`, if the service has one.
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Sender>> {
+        self.0.get(kind)
+    }
+}

@@ -14,15 +14,17 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
+use crate::actions::email::Queued;
+use crate::actions::jsonl::Unwritable;
+use crate::actions::{Env, Output};
 use crate::authoring::event_file;
 use crate::diag::toml_diagnostic;
 use crate::diag::{Diagnostic, did_you_mean};
 use crate::engine::{self, Effect, Outcome};
 use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
-use crate::rules::compile::toml_to_json_value;
 use crate::store::MemoryStore;
-use crate::units::{self, DURATION_EXAMPLES, DurationError};
+use crate::units::{self, DURATION_EXAMPLES, DurationError, toml_to_json_value};
 use crate::user_file;
 
 /// Where the virtual clock starts when a case does not say.
@@ -367,15 +369,12 @@ pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String
 pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> {
     let mut store = MemoryStore::default();
     let mut effects = Vec::new();
-    let report = match engine::run(
-        rules,
-        &case.events,
-        &mut store,
+    let unwritable = Unwritable::new();
+    let env = Env {
         default_from,
-        0,
-        &Default::default(),
-        &mut effects,
-    ) {
+        unwritable: &unwritable,
+    };
+    let report = match engine::run(rules, &case.events, &mut store, &env, 0, &mut effects) {
         Ok(r) => r,
         Err(e) => return vec![e.to_string()],
     };
@@ -386,7 +385,9 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         compare_rule_names("act", fired, &actual, rules, &mut problems);
     }
     if let Some(failed) = &e.failed {
-        let actual = report.rules_where(rules, |o| matches!(o, Outcome::Failed { .. }));
+        let actual = report.rules_where(rules, |o| {
+            matches!(o, Outcome::Failed { .. } | Outcome::PartlyFailed { .. })
+        });
         compare_rule_names("fail", failed, &actual, rules, &mut problems);
     }
     if let Some(wanted) = &e.emails {
@@ -431,10 +432,13 @@ fn compare_rule_names(
 }
 
 fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<_> = effects
+    let actual: Vec<Queued> = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Email(q) => Some(q),
+            Effect::Output {
+                output: Output::Delivery(d),
+                ..
+            } => Queued::of(d),
             _ => None,
         })
         .collect();
@@ -488,7 +492,10 @@ fn compare_lines(wanted: &[ExpectLine], effects: &[Effect], problems: &mut Vec<S
     let actual: Vec<(&PathBuf, &str)> = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Line { file, line, .. } => Some((file, line.trim_end_matches('\n'))),
+            Effect::Output {
+                output: Output::Line { file, line },
+                ..
+            } => Some((file, line.trim_end_matches('\n'))),
             _ => None,
         })
         .collect();

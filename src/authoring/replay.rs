@@ -19,17 +19,18 @@ use std::time::{Duration, Instant};
 
 use super::event_file::{Position, read_items};
 use super::load_rules;
-use crate::actions::email::mask_email;
-use crate::actions::jsonl::JsonlFiles;
+use crate::actions::email::{Queued, mask_email};
+use crate::actions::jsonl::{JsonlFiles, Unwritable};
+use crate::actions::{self, Destinations, Env, Output};
 use crate::clock::Clock;
 use crate::config::{FolderArgs, Paths};
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::pipeline::committer::{Committer, Retention};
-use crate::pipeline::outbox::{self, Transport};
+use crate::pipeline::outbox;
 use crate::rules::RuleSet;
-use crate::store::MemoryStore;
 use crate::store::Backend;
+use crate::store::MemoryStore;
 use crate::store::redb::Db;
 
 /// Events handled together (one transaction with `--execute-into`).
@@ -212,15 +213,12 @@ impl Sink {
         match self {
             Sink::DryRun(store) => {
                 let now = Clock::wall().unix();
-                Ok(engine::run(
-                    rules,
-                    &events,
-                    store,
-                    from,
-                    now,
-                    &Default::default(),
-                    effects,
-                )?)
+                let unwritable = Unwritable::new();
+                let env = Env {
+                    default_from: from,
+                    unwritable: &unwritable,
+                };
+                Ok(engine::run(rules, &events, store, &env, now, effects)?)
             }
             Sink::Execute {
                 runtime, committer, ..
@@ -244,8 +242,8 @@ impl Sink {
         thread
             .join()
             .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
-        let transport = Arc::new(Transport::files_in(&dir)?);
-        runtime.block_on(outbox::deliver_due(db, transport, Clock::wall()))?;
+        let senders = actions::senders(&Destinations::Files(&dir))?;
+        runtime.block_on(outbox::deliver_due(db, senders, Clock::wall()))?;
         Ok(Some(format!(
             "Actions were run into {}: lines in its files, emails as .eml files in {}",
             dir.display(),
@@ -300,6 +298,13 @@ impl Run<'_> {
             s.matched += 1;
             match outcome {
                 Outcome::Fired => s.fired += 1,
+                Outcome::PartlyFailed { reasons } => {
+                    s.fired += 1;
+                    s.failed += 1;
+                    if s.examples.len() < examples {
+                        s.examples.push(format!("failed: {}", reasons.join("; ")));
+                    }
+                }
                 Outcome::Counting { .. } => s.counting += 1,
                 Outcome::Suppressed => s.held_back += 1,
                 Outcome::NoKey { .. } => s.no_key += 1,
@@ -313,25 +318,28 @@ impl Run<'_> {
         }
         for effect in self.effects.drain(..) {
             let (index, example) = match effect {
-                Effect::Line { rule, file, line } => (
+                Effect::Output {
+                    rule,
+                    output: Output::Line { file, line },
+                } => (
                     rule,
                     format!("{} ← {}", file.display(), clip(line.trim_end(), 200)),
                 ),
-                Effect::Email(q) => {
-                    let Some(index) = self.rules.rules().iter().position(|r| r.name == q.rule)
-                    else {
-                        continue;
-                    };
-                    (
-                        index,
+                Effect::Output {
+                    rule,
+                    output: Output::Delivery(d),
+                } => match Queued::of(&d) {
+                    Some(q) => (
+                        rule,
                         format!(
                             "email to {}: \"{}\"",
                             mask_email(&q.to.join(", ")),
                             q.subject
                         ),
-                    )
-                }
-                Effect::EmailFailed { .. } | Effect::LineFailed { .. } => continue,
+                    ),
+                    None => (rule, format!("{} to {}", d.kind, d.to)),
+                },
+                Effect::Failed { .. } => continue,
             };
             if self.stats[index].examples.len() < examples {
                 self.stats[index].examples.push(example);

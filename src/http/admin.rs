@@ -99,7 +99,7 @@ pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppErr
         .map_err(|e| AppError::Internal(e.to_string()))?;
     let show = |(id, r): &(u64, OutboxRecord)| {
         json!({
-            "id": id, "rule": r.rule, "to": r.to_masked, "status": r.status, "attempts": r.attempts,
+            "id": id, "kind": r.kind, "rule": r.rule, "to": r.destination, "status": r.status, "attempts": r.attempts,
             "last_error": r.last_error, "created_unix": r.created_unix, "finished_unix": r.finished_unix,
         })
     };
@@ -123,7 +123,8 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
                 .iter()
                 .map(|r| {
                     let mut summary = r.summary.clone();
-                    if let Some(why) = r.jsonl.as_ref().and_then(|j| unwritable.get(&j.file)) {
+                    let files = r.actions.iter().filter_map(|a| a.file());
+                    if let Some(why) = files.filter_map(|f| unwritable.get(f)).next() {
                         summary["failing"] = json!(format!(
                             "its output file cannot be written, so the rule does nothing: {why}"
                         ));

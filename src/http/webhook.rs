@@ -93,7 +93,7 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
         let rule = rules.rules()[*index].name.clone();
         metrics::counter!(telemetry::RULE_MATCHES.name, "rule" => rule.clone()).increment(1);
         match outcome {
-            Outcome::Fired => {
+            Outcome::Fired | Outcome::PartlyFailed { .. } => {
                 metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
             }
             Outcome::Suppressed => {

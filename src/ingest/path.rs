@@ -7,7 +7,7 @@
 use serde_json::Value;
 use std::fmt;
 
-use crate::diag::did_you_mean;
+use crate::diag::{Problems, did_you_mean};
 use crate::ingest::event::{Event, Field};
 
 /// A parsed field path. Segments after `properties` / `person.properties` walk into nested
@@ -27,6 +27,20 @@ pub struct PathError {
 }
 
 impl FieldPath {
+    /// Parses a path written in a user's file, adding a problem at its place if it is not one.
+    pub fn parse_reporting(
+        text: &toml::Spanned<String>,
+        problems: &mut Problems,
+    ) -> Option<FieldPath> {
+        match FieldPath::parse(text.get_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.add(text.span(), e.message, e.hint);
+                None
+            }
+        }
+    }
+
     /// Parses a path as a rule author writes it. A name containing dots is written in square
     /// brackets: `properties.[utm.source]`.
     pub fn parse(text: &str) -> Result<FieldPath, PathError> {

@@ -29,9 +29,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::actions::jsonl::{self, JsonlFiles};
+use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
+use crate::actions::{Env, Output};
 use crate::clock::Clock;
-use crate::engine::{Effect, Plan, Report, Unwritable};
+use crate::engine::{Effect, Plan, Report};
 use crate::ingest::event::Event;
 use crate::rules::RuleSet;
 use crate::store::queue::OutboxRecord;
@@ -130,7 +131,7 @@ struct Worker {
     last_expiry: Option<u64>,
     /// A pass found more expired ids than one batch forgets: go on with the next batch.
     expiring: bool,
-    emails_queued: Arc<Notify>,
+    deliveries_queued: Arc<Notify>,
     unwritable: Unwritable,
     last_retry: u64,
     shared: Arc<Shared>,
@@ -147,7 +148,7 @@ struct Forgotten {
 }
 
 impl Committer {
-    /// Recovers the output files, then starts the committer thread. `emails_queued` is notified
+    /// Recovers the output files, then starts the committer thread. `deliveries_queued` is notified
     /// after each commit that queued emails; `clock` dates what is handled. The thread ends once
     /// every `Committer` is dropped.
     pub fn start(
@@ -155,7 +156,7 @@ impl Committer {
         files: JsonlFiles,
         default_from: Mailbox,
         retention: Retention,
-        emails_queued: Arc<Notify>,
+        deliveries_queued: Arc<Notify>,
         clock: Clock,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
         let mut worker = Worker {
@@ -167,7 +168,7 @@ impl Committer {
             retention,
             last_expiry: None,
             expiring: false,
-            emails_queued,
+            deliveries_queued,
             unwritable: Unwritable::new(),
             last_retry: clock.unix(),
             shared: Arc::new(Shared::default()),
@@ -426,12 +427,17 @@ impl Worker {
             plans.push(Some(plan));
         }
         let mut state = txn.load(&wants)?;
+        let env = Env {
+            default_from: &self.default_from,
+            unwritable: &self.unwritable,
+        };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
-        // The rule of each line written, for the metrics once committed.
-        let mut line_rules = Vec::new();
+        let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
+        let mut queued = 0;
+        // (kind, rule) of each action done and each failed, for the metrics once committed.
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
         for (job, plan) in batch.iter().zip(&plans) {
-            let first = effects.len();
             let _request = job.span.enter();
             let Some(plan) = plan else {
                 reports.push(Report {
@@ -441,41 +447,43 @@ impl Worker {
                 files_of.push(Vec::new());
                 continue;
             };
-            reports.push(plan.decide(
-                &job.rules,
-                &job.events,
-                &mut state,
-                &self.default_from,
-                &self.unwritable,
-                &mut effects,
-            ));
+            reports.push(plan.decide(&job.rules, &job.events, &mut state, &env, &mut effects));
             let mut files = Vec::new();
-            for effect in &effects[first..] {
-                if let Effect::Line { rule, file, .. } = effect {
-                    line_rules.push(job.rules.rules()[*rule].name.clone());
-                    files.push(file.clone());
+            for effect in effects.drain(..) {
+                let rule = |i: usize| job.rules.rules()[i].name.clone();
+                match effect {
+                    Effect::Output {
+                        rule: i,
+                        output: Output::Line { file, line },
+                    } => {
+                        lines.entry(file.clone()).or_default().push_str(&line);
+                        files.push(file);
+                        done.push((jsonl::KIND, rule(i)));
+                    }
+                    // Counted once delivered, by the sender.
+                    Effect::Output {
+                        rule: i,
+                        output: Output::Delivery(delivery),
+                    } => {
+                        txn.queue(&OutboxRecord::new(rule(i), delivery, now))?;
+                        queued += 1;
+                    }
+                    Effect::Failed {
+                        rule: i,
+                        kind,
+                        delivered,
+                        reason,
+                    } => {
+                        if delivered {
+                            txn.record_failed(&OutboxRecord::not_made(rule(i), kind, reason, now))?;
+                        }
+                        failed.push((kind, rule(i)));
+                    }
                 }
             }
             files_of.push(files);
         }
         txn.save(state, now)?;
-        let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
-        let mut emails = 0;
-        let mut not_made = Vec::new();
-        for effect in effects {
-            match effect {
-                Effect::Line { file, line, .. } => lines.entry(file).or_default().push_str(&line),
-                Effect::Email(email) => {
-                    txn.queue(&OutboxRecord::new(email, now))?;
-                    emails += 1;
-                }
-                Effect::EmailFailed { rule, reason } => {
-                    txn.record_failed(&OutboxRecord::not_made(rule.clone(), reason, now))?;
-                    not_made.push(("email", rule));
-                }
-                Effect::LineFailed { rule, .. } => not_made.push(("jsonl", rule)),
-            }
-        }
         for (file, text) in &lines {
             let name = file.to_string_lossy();
             let recorded = txn.jsonl_len(&name)?;
@@ -488,17 +496,17 @@ impl Worker {
             txn.set_jsonl_len(&name, after)?;
         }
         txn.commit()?;
-        for rule in line_rules {
-            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => "jsonl", "rule" => rule)
+        for (kind, rule) in done {
+            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
                 .increment(1);
         }
-        for (kind, rule) in not_made {
+        for (kind, rule) in failed {
             metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule)
                 .increment(1);
         }
         self.forgot(forgotten, now);
-        if emails > 0 {
-            self.emails_queued.notify_one();
+        if queued > 0 {
+            self.deliveries_queued.notify_one();
         }
         Ok(reports)
     }
@@ -591,11 +599,10 @@ impl Worker {
                 continue;
             }
             for rule in job.rules.rules() {
-                if let Some(jsonl) = &rule.jsonl
-                    && !self.registered.contains(&jsonl.file)
-                    && !new.contains(&jsonl.file)
-                {
-                    new.push(jsonl.file.clone());
+                for file in rule.actions.iter().filter_map(|a| a.file()) {
+                    if !self.registered.contains(file) && !new.iter().any(|n| n == file) {
+                        new.push(file.to_path_buf());
+                    }
                 }
             }
         }

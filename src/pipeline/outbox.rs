@@ -1,32 +1,19 @@
-//! The durable outbox: emails decided by rules wait here until they are delivered.
+//! The durable outbox: deliveries decided by rules wait here until they are delivered.
 //!
-//! The committer queues an email in the same transaction as the state change that decided it, so
-//! an acknowledged email is never lost. A background task delivers pending emails through the
-//! configured transport, soonest due first, up to [`MAX_IN_FLIGHT`] at once:
-//! - `file`: each email becomes `<data>/outbox/<id>.eml`, written to a temporary file, synced and
-//!   renamed, so a re-delivery after a crash rewrites the same file: exactly once.
-//! - `smtp`: lettre's async SMTP client, one connection per attempt, each attempt bounded by
-//!   [`ATTEMPT_DEADLINE`]. A temporary failure (connection refused, 4xx, a server that does not
-//!   answer in time) waits and is retried with exponential backoff, across restarts; a permanent
-//!   one (5xx) is recorded as failed, visible at `GET /outbox`. A crash after the server accepted
-//!   an email but before we recorded it sends it again on restart (at least once), with the same
-//!   Message-ID.
+//! The committer queues a delivery (an email, for one) in the same transaction as the state
+//! change that decided it, so an acknowledged one is never lost. This background task delivers
+//! pending ones through their kind's [`Sender`] (`actions/<kind>/`), soonest due first, up to
+//! [`MAX_IN_FLIGHT`] at once and at most each kind's own bound (its destination's). A temporary
+//! failure waits and is retried with exponential backoff, across restarts; a permanent one is
+//! recorded as failed, visible at `GET /outbox`.
 //!
-//! A silent mail server holds the slot of the attempt it is silent to, never the others. The
-//! sender reads only what it starts: the database's due index gives the next due emails, one per
+//! A silent destination holds the slots of the attempts it is silent to, never the others. The
+//! sender reads only what it starts: the store's due index gives the next due deliveries, one per
 //! free slot, and when the next one after them is due. An attempt lives only in memory until its
-//! outcome is recorded, so shutdown drops the attempts in flight at once: those emails are still
-//! pending and are tried again at the next start.
+//! outcome is recorded, so shutdown drops the attempts in flight at once: those deliveries are
+//! still pending and are tried again at the next start.
 
-use lettre::AsyncTransport as _;
-use lettre::Tokio1Executor;
-use lettre::address::Envelope;
-use lettre::transport::smtp::AsyncSmtpTransport;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -34,189 +21,44 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::actions::email::mask_addresses;
+use crate::actions::{Attempt, Senders};
 use crate::clock::Clock;
-use crate::config::{EmailTransport, ServeConfig, SmtpTls};
-use crate::engine::QueuedEmail;
 use crate::store::queue::{OutboxRecord, Status};
 use crate::store::{Backend, StoreError};
 use crate::telemetry;
 
-/// Delivery attempts at once. A mail server that never answers holds one of them per email it
-/// leaves hanging, until [`ATTEMPT_DEADLINE`].
-pub const MAX_IN_FLIGHT: usize = 8;
+/// Delivery attempts at once, of every kind together.
+pub const MAX_IN_FLIGHT: usize = 16;
 
-/// The longest one SMTP attempt may take, connecting and the whole dialogue together. Past it
-/// the attempt is a temporary failure, retried with the usual backoff.
-pub const ATTEMPT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// How long the sender waits before it reads or writes the database again after that failed.
+/// How long the sender waits before it reads or writes the store again after that failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
-/// Longest wait between two attempts at one email.
+/// Longest wait between two attempts at one delivery.
 const MAX_BACKOFF_SECS: u64 = 300;
 
-impl OutboxRecord {
-    /// A new pending record for a rendered email.
-    pub fn new(email: QueuedEmail, now_unix: u64) -> OutboxRecord {
-        OutboxRecord {
-            rule: email.rule,
-            from: email.from,
-            to: email.to,
-            to_masked: email.to_masked,
-            message: email.message,
-            status: Status::Pending,
-            created_unix: now_unix,
-            attempts: 0,
-            next_attempt_unix: now_unix,
-            last_error: None,
-            finished_unix: None,
-        }
-    }
-}
-
-/// How a delivery attempt ended.
-#[derive(Debug)]
-enum Outcome {
-    Delivered,
-    /// Try again later.
-    Temporary(String),
-    /// Give up: the server refused the email for good.
-    Permanent(String),
-}
-
-/// The configured transport.
-pub enum Transport {
-    File(PathBuf),
-    Smtp(Box<AsyncSmtpTransport<Tokio1Executor>>),
-}
-
-impl Transport {
-    /// Writes emails as files in `<data_dir>/outbox`.
-    pub fn files_in(data_dir: &Path) -> std::io::Result<Transport> {
-        let dir = data_dir.join("outbox");
-        std::fs::create_dir_all(&dir)?;
-        Ok(Transport::File(dir))
-    }
-
-    /// Builds the transport from the server settings.
-    pub fn from_config(config: &ServeConfig) -> anyhow::Result<Transport> {
-        match config.email_transport {
-            EmailTransport::File => Ok(Transport::files_in(&config.folders.data)?),
-            EmailTransport::Smtp => {
-                let host = config.smtp_host.as_deref().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--email-transport smtp needs --smtp-host (or TRIPLINE_SMTP_HOST)"
-                    )
-                })?;
-                let tls = match config.smtp_tls {
-                    SmtpTls::None => Tls::None,
-                    SmtpTls::Starttls => Tls::Required(TlsParameters::new(host.to_string())?),
-                    SmtpTls::Tls => Tls::Wrapper(TlsParameters::new(host.to_string())?),
-                };
-                let port = config.smtp_port.unwrap_or(match config.smtp_tls {
-                    SmtpTls::None => 25,
-                    SmtpTls::Starttls => 587,
-                    SmtpTls::Tls => 465,
-                });
-                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-                    .port(port)
-                    .tls(tls);
-                if let (Ok(user), Ok(password)) = (
-                    std::env::var("TRIPLINE_SMTP_USERNAME"),
-                    std::env::var("TRIPLINE_SMTP_PASSWORD"),
-                ) {
-                    builder = builder.credentials(Credentials::new(user, password));
-                }
-                Ok(Transport::Smtp(Box::new(builder.build())))
-            }
-        }
-    }
-
-    /// One attempt at one email. Cancelling it (at shutdown) leaves nothing half done that
-    /// matters: the email is still pending in the database.
-    async fn deliver(&self, id: u64, record: &OutboxRecord) -> Outcome {
-        match self {
-            Transport::File(dir) => {
-                let (dir, message) = (dir.clone(), record.message.clone());
-                match tokio::task::spawn_blocking(move || write_eml(&dir, id, &message)).await {
-                    Ok(Ok(())) => Outcome::Delivered,
-                    Ok(Err(e)) => Outcome::Temporary(format!("cannot write the .eml file: {e}")),
-                    Err(e) => Outcome::Temporary(format!("the .eml file writer stopped: {e}")),
-                }
-            }
-            Transport::Smtp(smtp) => {
-                let envelope = match envelope(record) {
-                    Ok(e) => e,
-                    Err(e) => return Outcome::Permanent(e),
-                };
-                let attempt = smtp.send_raw(&envelope, record.message.as_bytes());
-                match tokio::time::timeout(ATTEMPT_DEADLINE, attempt).await {
-                    Ok(Ok(_)) => Outcome::Delivered,
-                    Ok(Err(e)) if e.is_permanent() => Outcome::Permanent(format!(
-                        "the mail server refused it: {}",
-                        mask_addresses(&e.to_string())
-                    )),
-                    Ok(Err(e)) => Outcome::Temporary(format!(
-                        "the mail server is not reachable or busy: {}",
-                        mask_addresses(&e.to_string())
-                    )),
-                    Err(_) => Outcome::Temporary(format!(
-                        "the mail server did not finish within {} s",
-                        ATTEMPT_DEADLINE.as_secs()
-                    )),
-                }
-            }
-        }
-    }
-}
-
-fn envelope(record: &OutboxRecord) -> Result<Envelope, String> {
-    let from = record
-        .from
-        .parse()
-        .map_err(|e| format!("bad sender address: {e}"))?;
-    let to = record
-        .to
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad recipient address: {e}"))?;
-    Envelope::new(Some(from), to).map_err(|e| e.to_string())
-}
-
-/// Writes `<dir>/<id>.eml` atomically and durably.
-fn write_eml(dir: &Path, id: u64, message: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{id}.eml.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(message.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(format!("{id}.eml")))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// One attempt that has ended, waiting to be recorded.
-struct Attempt {
+struct Ended {
     id: u64,
     record: OutboxRecord,
-    outcome: Outcome,
+    attempt: Attempt,
 }
 
 /// The attempts in flight, and how they are started and recorded.
 struct Deliveries {
     db: Arc<dyn Backend>,
-    transport: Arc<Transport>,
+    senders: Senders,
     clock: Clock,
-    attempts: JoinSet<Attempt>,
-    /// The email each running attempt is for, by task: a task that panics is known only by its id.
-    in_flight: HashMap<tokio::task::Id, u64>,
+    attempts: JoinSet<Ended>,
+    /// The delivery and kind each running attempt is for, by task: a task that panics is known
+    /// only by its id.
+    in_flight: HashMap<tokio::task::Id, (u64, String)>,
 }
 
 impl Deliveries {
-    fn new(db: Arc<dyn Backend>, transport: Arc<Transport>, clock: Clock) -> Deliveries {
+    fn new(db: Arc<dyn Backend>, senders: Senders, clock: Clock) -> Deliveries {
         Deliveries {
             db,
-            transport,
+            senders,
             clock,
             attempts: JoinSet::new(),
             in_flight: HashMap::new(),
@@ -227,35 +69,52 @@ impl Deliveries {
         MAX_IN_FLIGHT.saturating_sub(self.in_flight.len())
     }
 
-    /// Starts an attempt at each due email not in flight, at most one per free slot; returns
-    /// when the next email not started is due (perhaps already, when the slots are full).
+    /// Starts an attempt at each due delivery not in flight, at most one per free slot and as
+    /// many of a kind as its sender allows; returns when the next one not started is due. `None`
+    /// when nothing else waits, or when a kind's bound held one back (an attempt's end wakes the
+    /// sender then).
     async fn start_due(&mut self) -> Result<Option<u64>, StoreError> {
         let free = self.free_slots();
-        let busy: HashSet<u64> = self.in_flight.values().copied().collect();
+        let busy: HashSet<u64> = self.in_flight.values().map(|(id, _)| *id).collect();
         let db = self.db.clone();
         let now = self.clock.unix();
         let due = tokio::task::spawn_blocking(move || db.due(now, free, &busy))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        let mut held = false;
         for (id, record) in due.deliveries {
-            let transport = self.transport.clone();
+            let sender = self.senders.get(&record.kind).cloned();
+            if let Some(sender) = &sender {
+                let of_kind = self.in_flight.values().filter(|(_, k)| *k == record.kind);
+                if of_kind.count() >= sender.max_in_flight() {
+                    held = true;
+                    continue;
+                }
+            }
+            let kind = record.kind.clone();
             let task = self.attempts.spawn(async move {
-                let outcome = transport.deliver(id, &record).await;
-                Attempt {
+                let attempt = match sender {
+                    Some(sender) => sender.attempt(id, &record).await,
+                    None => Attempt::Permanent(format!(
+                        "this tripline cannot deliver a `{}` action (was it made by another version?)",
+                        record.kind
+                    )),
+                };
+                Ended {
                     id,
                     record,
-                    outcome,
+                    attempt,
                 }
             });
-            self.in_flight.insert(task.id(), id);
+            self.in_flight.insert(task.id(), (id, kind));
         }
-        Ok(due.next_due_unix)
+        Ok(if held { None } else { due.next_due_unix })
     }
 
     /// Records how `first` and every other attempt already over ended, in one transaction.
     async fn record(
         &mut self,
-        first: Result<(tokio::task::Id, Attempt), tokio::task::JoinError>,
+        first: Result<(tokio::task::Id, Ended), tokio::task::JoinError>,
     ) -> Result<(), StoreError> {
         let mut ended = Vec::new();
         let mut next = Some(first);
@@ -266,9 +125,9 @@ impl Deliveries {
                     ended.push(attempt);
                 }
                 Err(e) => {
-                    // The email stays pending, due as it was: it is tried again.
-                    let id = self.in_flight.remove(&e.id());
-                    error!(email.id = ?id, "an email delivery attempt failed: {e}");
+                    // The delivery stays pending, due as it was: it is tried again.
+                    let id = self.in_flight.remove(&e.id()).map(|(id, _)| id);
+                    error!(delivery.id = ?id, "a delivery attempt failed: {e}");
                 }
             }
             next = self.attempts.try_join_next_with_id();
@@ -284,53 +143,54 @@ impl Deliveries {
     }
 }
 
-/// Writes what became of each attempt: sent or failed for good moves the email to the
+/// Writes what became of each attempt: delivered or failed for good moves the delivery to the
 /// finished history; a temporary failure reschedules it with backoff.
-fn record_outcomes(db: &dyn Backend, ended: Vec<Attempt>, now: u64) -> Result<(), StoreError> {
+fn record_outcomes(db: &dyn Backend, ended: Vec<Ended>, now: u64) -> Result<(), StoreError> {
     let mut txn = db.begin()?;
     let mut recorded = Vec::with_capacity(ended.len());
-    for Attempt {
+    for Ended {
         id,
         mut record,
-        outcome,
+        attempt,
     } in ended
     {
         record.attempts += 1;
-        match &outcome {
-            Outcome::Delivered => {
+        match &attempt {
+            Attempt::Delivered => {
                 record.status = Status::Sent;
                 record.last_error = None;
                 record.finished_unix = Some(now);
                 txn.finish(id, &record)?;
             }
-            Outcome::Temporary(reason) => {
+            Attempt::Temporary(reason) => {
                 record.next_attempt_unix = now + backoff_secs(record.attempts);
                 record.last_error = Some(reason.clone());
                 txn.update_pending(id, &record)?;
             }
-            Outcome::Permanent(reason) => {
+            Attempt::Permanent(reason) => {
                 record.status = Status::Failed;
                 record.last_error = Some(reason.clone());
                 record.finished_unix = Some(now);
                 txn.finish(id, &record)?;
             }
         }
-        recorded.push((id, record, outcome));
+        recorded.push((id, record, attempt));
     }
     txn.commit()?;
-    for (id, record, outcome) in recorded {
-        match outcome {
-            Outcome::Delivered => {
-                info!(email.id = id, rule.id = %record.rule, to = %record.to_masked, "email delivered");
-                metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => "email", "rule" => record.rule)
+    for (id, record, attempt) in recorded {
+        let kind = record.kind.as_str();
+        match attempt {
+            Attempt::Delivered => {
+                info!(delivery.id = id, action.kind = kind, rule.id = %record.rule, to = %record.destination, "{kind} delivered");
+                metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => record.kind, "rule" => record.rule)
                     .increment(1);
             }
-            Outcome::Temporary(reason) => {
-                warn!(email.id = id, attempts = record.attempts, retry_in_secs = backoff_secs(record.attempts), %reason, "email not delivered yet");
+            Attempt::Temporary(reason) => {
+                warn!(delivery.id = id, action.kind = kind, attempts = record.attempts, retry_in_secs = backoff_secs(record.attempts), %reason, "{kind} not delivered yet");
             }
-            Outcome::Permanent(reason) => {
-                error!(email.id = id, rule.id = %record.rule, to = %record.to_masked, %reason, "email failed for good");
-                metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => "email", "rule" => record.rule)
+            Attempt::Permanent(reason) => {
+                error!(delivery.id = id, action.kind = kind, rule.id = %record.rule, to = %record.destination, %reason, "{kind} failed for good");
+                metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => record.kind, "rule" => record.rule)
                     .increment(1);
             }
         }
@@ -343,17 +203,17 @@ fn backoff_secs(attempts: u32) -> u64 {
     (1u64 << attempts.min(16)).min(MAX_BACKOFF_SECS)
 }
 
-/// Delivers pending emails until `shutdown` turns true (or its sender is gone). `wake` is
-/// notified when emails are queued. Attempts still in flight then are dropped at once: their
-/// emails stay pending for the next start.
+/// Delivers pending deliveries until `shutdown` turns true (or its sender is gone). `wake` is
+/// notified when some are queued. Attempts still in flight then are dropped at once: their
+/// deliveries stay pending for the next start.
 pub async fn run_sender(
     db: Arc<dyn Backend>,
-    transport: Arc<Transport>,
+    senders: Senders,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
     clock: Clock,
 ) {
-    let mut deliveries = Deliveries::new(db, transport, clock.clone());
+    let mut deliveries = Deliveries::new(db, senders, clock.clone());
     // Set when the database failed, so that the sender waits a moment instead of spinning.
     let mut store_failed: Option<Instant> = None;
     while !*shutdown.borrow_and_update() {
@@ -391,20 +251,20 @@ pub async fn run_sender(
     deliveries.attempts.shutdown().await;
     if interrupted > 0 {
         info!(
-            emails = interrupted,
-            "stopped the delivery attempts in flight; those emails stay pending for the next start"
+            deliveries = interrupted,
+            "stopped the delivery attempts in flight; those deliveries stay pending for the next start"
         );
     }
 }
 
-/// Delivers every email due now, and returns once none is left in flight; returns when the
+/// Delivers everything due now, and returns once nothing is left in flight; returns when the
 /// next pending one is due. For `replay --execute-into`, which writes files and then exits.
 pub async fn deliver_due(
     db: Arc<dyn Backend>,
-    transport: Arc<Transport>,
+    senders: Senders,
     clock: Clock,
 ) -> Result<Option<u64>, StoreError> {
-    let mut deliveries = Deliveries::new(db, transport, clock);
+    let mut deliveries = Deliveries::new(db, senders, clock);
     loop {
         let next_due = deliveries.start_due().await?;
         match deliveries.attempts.join_next_with_id().await {
@@ -425,22 +285,29 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::email::send::{self, Transport};
+    use crate::actions::{Delivery, Sender};
     use crate::store::redb::Db;
+    use lettre::Tokio1Executor;
+    use lettre::transport::smtp::AsyncSmtpTransport;
+    use lettre::transport::smtp::client::Tls;
+    use serde_json::json;
 
     /// A pending email to dana, due at `due_unix`.
     fn email(due_unix: u64) -> OutboxRecord {
-        let mut record = OutboxRecord::new(
-            QueuedEmail {
-                rule: "r".into(),
-                from: "growth@example.com".into(),
-                to: vec!["dana@example.com".into()],
-                to_masked: "d***@example.com".into(),
-                subject: "Hi".into(),
-                text: "Hello".into(),
-                message: "Subject: Hi\r\n\r\nHello\r\n".into(),
-            },
-            due_unix,
-        );
+        let payload = json!({
+            "from": "growth@example.com",
+            "to": ["dana@example.com"],
+            "subject": "Hi",
+            "text": "Hello",
+            "message": "Subject: Hi\r\n\r\nHello\r\n",
+        });
+        let delivery = Delivery {
+            kind: "email",
+            to: "d***@example.com".into(),
+            payload: payload.as_object().unwrap().clone(),
+        };
+        let mut record = OutboxRecord::new("r".into(), delivery, due_unix);
         record.next_attempt_unix = due_unix;
         record
     }
@@ -453,13 +320,18 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// Emails only, through `transport`.
+    fn emails_through(transport: Transport) -> Senders {
+        Senders::from_iter([("email", Arc::new(transport) as Arc<dyn Sender>)])
+    }
+
     /// SMTP to 127.0.0.1:`port`, in plain text.
-    fn smtp_to(port: u16) -> Arc<Transport> {
+    fn smtp_to(port: u16) -> Senders {
         let smtp = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
             .port(port)
             .tls(Tls::None)
             .build();
-        Arc::new(Transport::Smtp(Box::new(smtp)))
+        emails_through(Transport::Smtp(Box::new(smtp)))
     }
 
     #[tokio::test]
@@ -468,21 +340,21 @@ mod tests {
         let db = Arc::new(Db::open(dir.path()).unwrap());
         let now = Clock::wall().unix();
         // More than there are slots, and one not due for an hour.
-        queue(&db, (0..MAX_IN_FLIGHT as u64 + 3).map(|_| now));
+        queue(&db, (0..send::MAX_IN_FLIGHT as u64 + 3).map(|_| now));
         queue(&db, [now + 3600]);
-        let transport = Arc::new(Transport::files_in(dir.path()).unwrap());
+        let transport = emails_through(Transport::files_in(dir.path()).unwrap());
         let next = deliver_due(db.clone(), transport, Clock::wall())
             .await
             .unwrap();
         assert_eq!(next, Some(now + 3600), "when the sender wakes next");
         let status = db.outbox_status(50).unwrap();
         assert_eq!(status.pending, 1);
-        assert_eq!(status.finished, MAX_IN_FLIGHT as u64 + 3);
+        assert_eq!(status.finished, send::MAX_IN_FLIGHT as u64 + 3);
         assert!(status.recent.iter().all(|(_, r)| r.status == Status::Sent));
         let written = std::fs::read_dir(dir.path().join("outbox"))
             .unwrap()
             .count();
-        assert_eq!(written, MAX_IN_FLIGHT + 3);
+        assert_eq!(written, send::MAX_IN_FLIGHT + 3);
     }
 
     #[tokio::test]
@@ -518,7 +390,7 @@ mod tests {
         let db = Arc::new(Db::open(dir.path()).unwrap());
         queue(
             &db,
-            (0..MAX_IN_FLIGHT as u64 + 2).map(|_| Clock::wall().unix()),
+            (0..send::MAX_IN_FLIGHT as u64 + 2).map(|_| Clock::wall().unix()),
         );
         // Accepts every connection and never says a word.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -540,13 +412,17 @@ mod tests {
             stopped,
             Clock::wall(),
         ));
-        for n in 1..=MAX_IN_FLIGHT {
+        for n in 1..=send::MAX_IN_FLIGHT {
             assert_eq!(accepted.recv().await, Some(n), "attempts run side by side");
         }
         // A bound on the sender, not on the silent server: one more connection would be a
         // ninth attempt at once.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(accepted.is_empty(), "at most {MAX_IN_FLIGHT} at once");
+        assert!(
+            accepted.is_empty(),
+            "at most {} at once",
+            send::MAX_IN_FLIGHT
+        );
 
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), sender)
@@ -554,7 +430,7 @@ mod tests {
             .expect("the sender stops without waiting for the silent server")
             .unwrap();
         let status = db.outbox_status(50).unwrap();
-        assert_eq!(status.pending, MAX_IN_FLIGHT as u64 + 2);
+        assert_eq!(status.pending, send::MAX_IN_FLIGHT as u64 + 2);
         assert!(
             status.waiting.iter().all(|(_, r)| r.attempts == 0),
             "an interrupted attempt is not counted: {:?}",

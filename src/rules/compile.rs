@@ -7,16 +7,15 @@ use std::path::Path;
 use std::time::Duration;
 use toml::Spanned;
 
-use crate::actions::email::EmailAction;
-use crate::actions::email::templates::{Templates, template_diagnostic};
-use crate::actions::jsonl::{JsonlAction, OutputField, output_path};
-use crate::diag::{Diagnostic, Problems, did_you_mean, toml_diagnostic};
+use crate::actions::email::template_check::Known;
+use crate::actions::email::templates::Templates;
+use crate::actions::{self, Compile};
+use crate::diag::{Diagnostic, Problems, toml_diagnostic};
 use crate::ingest::path::FieldPath;
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::actions::email::template_check::{self, Known, Place};
 use crate::rules::{Count, Limits, Rule};
-use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp};
+use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp, toml_to_json_value};
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -142,36 +141,32 @@ impl Compiler<'_> {
             again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
         });
 
-        let email_parts = f.email.as_ref().map(|e| {
-            let e = e.get_ref();
-            (e.template.get_ref().clone(), e.to.span(), e.subject.span())
-        });
-        let email = f.email.map(|e| self.email(e, &name, templates));
-        let jsonl = f.jsonl.map(|j| self.jsonl(j));
-        // Checked even when another part of the email is wrong, so that every problem shows.
-        if let Some((body, to_span, subject_span)) = email_parts {
-            let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
-            paths.extend(count.iter().flat_map(|c| &c.per));
-            paths.extend(limits.iter().flat_map(|l| &l.once_per));
-            paths.extend(
-                jsonl
-                    .iter()
-                    .flatten()
-                    .flat_map(|j| j.fields.iter().map(|f| &f.from)),
-            );
-            let known = Known::new(paths, count.is_some());
-            let inline = [
-                (inline_key(&name, "to"), to_span),
-                (inline_key(&name, "subject"), subject_span),
-            ];
-            self.check_templates(&body, inline, &known, templates);
+        let no_action = f.actions.is_empty();
+        let mut actions = Vec::new();
+        let mut cx = Compile {
+            rule: &name,
+            problems: &mut self.p,
+            templates,
+        };
+        for table in f.actions {
+            actions.extend((table.compile)(&mut cx));
         }
-        if email.is_none() && jsonl.is_none() {
-            self.problem(
+        if no_action {
+            cx.problems.add(
                 0..0,
                 "this rule does nothing: it has no action",
-                Some("add an [email] or a [jsonl] table".into()),
+                Some(format!("add {} table", one_of(&actions::tables()))),
             );
+        }
+        // Checked once every action is compiled (and even when one has problems, so that every
+        // problem shows): templates may use the fields the rule deals with anywhere.
+        let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
+        paths.extend(count.iter().flat_map(|c| &c.per));
+        paths.extend(limits.iter().flat_map(|l| &l.once_per));
+        paths.extend(actions.iter().flat_map(|a| a.fields()));
+        let known = Known::new(paths, count.is_some());
+        for action in &actions {
+            action.check(&known, &mut cx);
         }
 
         let summary = json!({
@@ -198,7 +193,7 @@ impl Compiler<'_> {
                 }
                 summary
             }),
-            "actions": actions_summary(email.as_ref().and_then(|e| e.as_ref()), jsonl.as_ref().and_then(|j| j.as_ref())),
+            "actions": actions.iter().map(|a| a.summary()).collect::<Vec<_>>(),
         });
         Some(Rule {
             name,
@@ -207,8 +202,7 @@ impl Compiler<'_> {
             when: condition?,
             count,
             limits,
-            email: email.flatten(),
-            jsonl: jsonl.flatten(),
+            actions,
             summary,
         })
     }
@@ -308,47 +302,7 @@ impl Compiler<'_> {
     }
 
     fn path(&mut self, text: &Spanned<String>) -> Option<FieldPath> {
-        match FieldPath::parse(text.get_ref()) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                self.problem(text.span(), e.message, e.hint);
-                None
-            }
-        }
-    }
-
-    /// Checks what the email's templates use (see `template_check.rs`).
-    fn check_templates(
-        &mut self,
-        body: &str,
-        inline: [(String, Range<usize>); 2],
-        known: &Known,
-        templates: &Templates,
-    ) {
-        for (key, span) in inline {
-            let place = Place::Rule {
-                file: self.p.file,
-                source: self.p.source,
-                span,
-            };
-            template_check::check(
-                &templates.references(&key, false),
-                known,
-                &place,
-                &mut self.p.list,
-            );
-        }
-        for html in [false, true] {
-            if let Some((file, source)) = templates.file_of(body, html) {
-                let place = Place::File { file, source };
-                template_check::check(
-                    &templates.references(body, html),
-                    known,
-                    &place,
-                    &mut self.p.list,
-                );
-            }
-        }
+        FieldPath::parse_reporting(text, &mut self.p)
     }
 
     /// A length of time such as "7 days", "24h" or "1h 30m".
@@ -487,157 +441,26 @@ impl Compiler<'_> {
         }
         tests
     }
+}
 
-    fn email(
-        &mut self,
-        e: Spanned<EmailConfig>,
-        rule: &str,
-        templates: &mut Templates,
-    ) -> Option<EmailAction> {
-        let e = e.into_inner();
-        let mut ok = true;
-        let template = e.template.get_ref().clone();
-        if !templates.has_body(&template) {
-            if templates.file_of(&template, false).is_some() {
-                self.problem(
-                    e.template.span(),
-                    format!("the template \"{template}\" cannot be used: {template}.text.hbs has a problem"),
-                    Some("see the problem reported for that file".into()),
-                );
+/// `an [email] or a [jsonl]`: each table, the last one after "or".
+fn one_of(tables: &[&str]) -> String {
+    let named: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
             } else {
-                let hint = match did_you_mean(&template, templates.body_names()) {
-                    Some(close) => format!("did you mean \"{close}\"?"),
-                    None => {
-                        let names: Vec<&str> = templates.body_names().collect();
-                        if names.is_empty() {
-                            "the templates folder has no templates yet".into()
-                        } else {
-                            format!("the templates that exist are: {}", names.join(", "))
-                        }
-                    }
-                };
-                self.problem(
-                    e.template.span(),
-                    format!("there is no template \"{template}\": tripline looked for {template}.text.hbs in the templates folder"),
-                    Some(hint),
-                );
-            }
-            ok = false;
-        }
-        let to_key = inline_key(rule, "to");
-        let subject_key = inline_key(rule, "subject");
-        for (key, text, what) in [
-            (&to_key, &e.to, "`to`"),
-            (&subject_key, &e.subject, "`subject`"),
-        ] {
-            if let Err(err) = templates.add_inline(key, text.get_ref()) {
-                let d = template_diagnostic(self.p.file, self.p.source, &err);
-                self.problem(text.span(), format!("{what}: {}", d.message), d.hint);
-                ok = false;
-            }
-        }
-        let from = match &e.from {
-            Some(from) => {
-                match from.get_ref().parse() {
-                    Ok(m) => Some(m),
-                    Err(_) => {
-                        self.problem(
-                        from.span(),
-                        "`from` is not an email address",
-                        Some("write from = \"Growth team <growth@example.com>\" or just the address".into()),
-                    );
-                        ok = false;
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        ok.then_some(EmailAction {
-            template,
-            to_key,
-            subject_key,
-            from,
-        })
-    }
-
-    fn jsonl(&mut self, j: Spanned<JsonlConfig>) -> Option<JsonlAction> {
-        let j = j.into_inner();
-        let file = match output_path(j.file.get_ref()) {
-            Ok(file) => Some(file),
-            Err(e) => {
-                self.problem(j.file.span(), format!("`file`: {}", e.0), Some("write a file name like \"training_data.jsonl\"; it is created in the data folder".into()));
-                None
-            }
-        };
-        if j.fields.get_ref().is_empty() {
-            self.problem(
-                j.fields.span(),
-                "[jsonl.fields] lists no fields, so every line would be empty",
-                Some("add a line like distinctId = \"distinct_id\"".into()),
-            );
-        }
-        let mut fields = Vec::new();
-        let mut ok = true;
-        for (key, spec) in j.fields.into_inner() {
-            let span = spec.span();
-            let field = match spec.into_inner() {
-                FieldConfig::Path(p) => self.path(&Spanned::new(span, p)).map(|from| OutputField {
-                    key,
-                    from,
-                    trim: false,
-                    max_chars: None,
-                    default: Value::Null,
-                }),
-                FieldConfig::Options(o) => {
-                    let max_chars = match &o.max_chars {
-                        Some(m) if *m.get_ref() < 1 => {
-                            self.problem(m.span(), "`max_chars` must be 1 or more", None);
-                            ok = false;
-                            None
-                        }
-                        Some(m) => Some(*m.get_ref() as usize),
-                        None => None,
-                    };
-                    self.path(&o.from).map(|from| OutputField {
-                        key,
-                        from,
-                        trim: o.trim,
-                        max_chars,
-                        default: o.default.as_ref().map_or(Value::Null, toml_to_json_value),
-                    })
-                }
+                "a"
             };
-            match field {
-                Some(f) => fields.push(f),
-                None => ok = false,
-            }
-        }
-        (ok && file.is_some()).then(|| JsonlAction {
-            file: file.expect("checked above"),
-            fields,
+            format!("{article} [{t}]")
         })
+        .collect();
+    match named.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
-}
-
-/// The key under which a rule's `to` or `subject` line is registered as a template.
-fn inline_key(rule: &str, part: &str) -> String {
-    format!("rule:{rule}:{part}")
-}
-
-fn actions_summary(email: Option<&EmailAction>, jsonl: Option<&JsonlAction>) -> Value {
-    let mut actions = Vec::new();
-    if let Some(e) = email {
-        actions.push(json!({"kind": "email", "template": e.template}));
-    }
-    if let Some(j) = jsonl {
-        actions.push(json!({
-            "kind": "jsonl",
-            "file": j.file.display().to_string(),
-            "fields": j.fields.iter().map(|f| f.key.clone()).collect::<Vec<_>>(),
-        }));
-    }
-    Value::Array(actions)
 }
 
 /// The `[when]` table as the author wrote it, for `GET /rules`.
@@ -646,23 +469,6 @@ fn when_as_written(source: &str) -> Value {
         .ok()
         .and_then(|t| t.get("when").map(toml_to_json_value))
         .unwrap_or(Value::Null)
-}
-
-/// A TOML value as JSON (dates become RFC 3339 text).
-pub fn toml_to_json_value(v: &toml::Value) -> Value {
-    match v {
-        toml::Value::String(s) => Value::String(s.clone()),
-        toml::Value::Integer(i) => json!(i),
-        toml::Value::Float(f) => json!(f),
-        toml::Value::Boolean(b) => Value::Bool(*b),
-        toml::Value::Datetime(d) => Value::String(d.to_string()),
-        toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json_value).collect()),
-        toml::Value::Table(t) => Value::Object(
-            t.iter()
-                .map(|(k, v)| (k.clone(), toml_to_json_value(v)))
-                .collect(),
-        ),
-    }
 }
 
 fn regex_reason(e: &regex::Error) -> String {

@@ -2,36 +2,106 @@
 //!
 //! Unknown keys are errors (`deny_unknown_fields`), and values that a later check must point at
 //! keep their byte span (`Spanned`). Turning these into runnable rules is `compile.rs`'s job.
+//! Each action's table is its kind's own (`actions/<kind>/`).
 
-use indexmap::IndexMap;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
+use std::sync::LazyLock;
 use toml::Spanned;
 
+use crate::actions::{self, Table};
+
 /// One `rules/*.toml` file: one rule.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RuleFile {
     /// The rule's identity: counters and once-keys are stored under it.
     pub name: Spanned<String>,
     /// Free text for people reading the rule.
-    #[serde(default)]
     pub description: Option<String>,
     /// Which events the rule looks at.
     pub when: Spanned<WhenConfig>,
     /// Act only once a counter reaches a threshold.
-    #[serde(default)]
     pub count: Option<CountConfig>,
     /// Limits on how often the rule acts.
-    #[serde(default)]
     pub limits: Option<LimitsConfig>,
-    /// Send an email.
-    #[serde(default)]
-    pub email: Option<Spanned<EmailConfig>>,
-    /// Append a line to a JSONL file.
-    #[serde(default)]
-    pub jsonl: Option<Spanned<JsonlConfig>>,
+    /// What the rule does: one table per kind of action (`[email]`, `[jsonl]`), in file order.
+    pub actions: Vec<Table>,
+}
+
+/// The keys of a rule file that are not actions.
+const RULE_KEYS: &[&str] = &["name", "description", "when", "count", "limits"];
+
+/// Every key a rule file may have, for "unknown key" messages.
+static ALL_KEYS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let mut keys = RULE_KEYS.to_vec();
+    keys.extend(actions::tables());
+    keys
+});
+
+/// A key of a rule file, refused at once if unknown (so that the error points at the key).
+struct Key(String);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                match ALL_KEYS.contains(&v) {
+                    true => Ok(Key(v.to_string())),
+                    false => Err(E::unknown_field(v, ALL_KEYS.as_slice())),
+                }
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// By hand rather than derived, so that the action tables come from the action list
+/// (`actions::parse_table`); unknown keys are refused as `deny_unknown_fields` would.
+impl<'de> Deserialize<'de> for RuleFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RuleVisitor;
+        impl<'de> Visitor<'de> for RuleVisitor {
+            type Value = RuleFile;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a rule")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleFile, A::Error> {
+                let (mut name, mut description, mut when, mut count, mut limits) =
+                    (None, None, None, None, None);
+                let mut actions = Vec::new();
+                while let Some(Key(key)) = map.next_key()? {
+                    match key.as_str() {
+                        "name" => name = Some(map.next_value()?),
+                        "description" => description = Some(map.next_value()?),
+                        "when" => when = Some(map.next_value()?),
+                        "count" => count = Some(map.next_value()?),
+                        "limits" => limits = Some(map.next_value()?),
+                        other => match actions::parse_table(other, &mut map)? {
+                            Some(table) => actions.push(table),
+                            None => {
+                                return Err(de::Error::unknown_field(other, ALL_KEYS.as_slice()));
+                            }
+                        },
+                    }
+                }
+                Ok(RuleFile {
+                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                    description,
+                    when: when.ok_or_else(|| de::Error::missing_field("when"))?,
+                    count,
+                    limits,
+                    actions,
+                })
+            }
+        }
+        deserializer.deserialize_map(RuleVisitor)
+    }
 }
 
 /// A `[when]` table: field conditions, all of which must hold, plus `all`, `any` and `not`.
@@ -122,55 +192,6 @@ pub struct LimitsConfig {
     pub again_after: Option<Spanned<String>>,
 }
 
-/// `[email]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmailConfig {
-    /// Recipient address; may use `{{...}}` fields.
-    pub to: Spanned<String>,
-    /// Subject line; may use `{{...}}` fields.
-    pub subject: Spanned<String>,
-    /// Name of the body template: `templates/<name>.text.hbs` (and optional `.html.hbs`).
-    pub template: Spanned<String>,
-    /// Sender address; the server's `--email-from` when absent.
-    #[serde(default)]
-    pub from: Option<Spanned<String>>,
-}
-
-/// `[jsonl]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonlConfig {
-    /// Output file, relative to the data directory.
-    pub file: Spanned<String>,
-    /// Output keys, in order, and where each comes from.
-    pub fields: Spanned<IndexMap<String, Spanned<FieldConfig>>>,
-}
-
-/// One output field: a plain path, or a table of options.
-#[derive(Debug)]
-pub enum FieldConfig {
-    Path(String),
-    Options(FieldOptions),
-}
-
-/// `{ from = "properties.x", trim = true, max_chars = 100, default = "" }`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FieldOptions {
-    /// Where the value comes from.
-    pub from: Spanned<String>,
-    /// Remove spaces and line breaks at both ends of text.
-    #[serde(default)]
-    pub trim: bool,
-    /// Cut text to at most this many characters.
-    #[serde(default)]
-    pub max_chars: Option<Spanned<i64>>,
-    /// The value written when the event does not have the field.
-    #[serde(default)]
-    pub default: Option<toml::Value>,
-}
-
 impl<'de> Deserialize<'de> for WhenConfig {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct WhenVisitor;
@@ -227,27 +248,5 @@ impl<'de> Deserialize<'de> for ConditionConfig {
             }
         }
         deserializer.deserialize_any(ConditionVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for FieldConfig {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldVisitor;
-        impl<'de> Visitor<'de> for FieldVisitor {
-            type Value = FieldConfig;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a field such as \"properties.x\", or a table like { from = \"properties.x\", max_chars = 100 }",
-                )
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(FieldConfig::Options)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(FieldConfig::Path(v.to_string()))
-            }
-        }
-        deserializer.deserialize_any(FieldVisitor)
     }
 }

@@ -16,9 +16,8 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::actions::email::EmailAction;
+use crate::actions::Action;
 use crate::actions::email::templates::Templates;
-use crate::actions::jsonl::JsonlAction;
 use crate::diag::{Diagnostic, Warning};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
@@ -42,8 +41,8 @@ pub struct Rule {
     pub when: Condition,
     pub count: Option<Count>,
     pub limits: Option<Limits>,
-    pub email: Option<EmailAction>,
-    pub jsonl: Option<JsonlAction>,
+    /// What it does when it acts, in file order.
+    pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.
     pub summary: Value,
 }
@@ -221,10 +220,11 @@ impl RuleSet {
 pub fn unwritable_outputs(rules: &[Rule], data_dir: &Path) -> Vec<Warning> {
     rules
         .iter()
-        .filter_map(|rule| {
-            let jsonl = rule.jsonl.as_ref()?;
-            let written = jsonl.file.to_string_lossy();
-            let why = crate::actions::jsonl::output_place(data_dir, &jsonl.file, &written).err()?;
+        .flat_map(|rule| rule.actions.iter().map(move |a| (rule, a)))
+        .filter_map(|(rule, action)| {
+            let file = action.file()?;
+            let written = file.to_string_lossy();
+            let why = crate::actions::jsonl::output_place(data_dir, file, &written).err()?;
             Some(Warning {
                 file: rule.file.clone(),
                 message: format!(

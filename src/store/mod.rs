@@ -83,8 +83,7 @@ pub trait Backend: Send + Sync {
     fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// At most `max` pending deliveries due by `now_unix`, soonest due first, leaving out those
     /// `in_flight`; and when the next one left is due.
-    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>)
-    -> Result<Due, StoreError>;
+    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>) -> Result<Due, StoreError>;
     /// How many deliveries wait.
     fn pending_count(&self) -> Result<u64, StoreError>;
     /// The queue at a glance, with the oldest `shown` waiting and the newest `shown` finished.

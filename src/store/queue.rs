@@ -1,9 +1,21 @@
-//! The stored form of an email in the outbox: what the database keeps for each one, pending or
-//! finished. The sender (`pipeline/outbox.rs`) makes and updates these records.
+//! The stored form of a delivery in the outbox: what the store keeps for each one, pending or
+//! finished. The committer queues them, the sender (`pipeline/outbox.rs`) updates them.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-/// Where an email stands.
+/// A delivery of some kind, as an action makes it, before it is queued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The kind of action (`email`), whose sender delivers it.
+    pub kind: &'static str,
+    /// Where it goes, for logs, `GET /outbox` and `tripline test`, with personal data masked.
+    pub to: String,
+    /// What the kind's sender needs, stored as it is.
+    pub payload: Map<String, Value>,
+}
+
+/// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -12,15 +24,20 @@ pub enum Status {
     Failed,
 }
 
-/// One email in the outbox, as stored.
+/// One delivery in the outbox, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxRecord {
     pub rule: String,
-    pub from: String,
-    pub to: Vec<String>,
-    pub to_masked: String,
-    /// The whole RFC 5322 message.
-    pub message: String,
+    /// The kind of action, whose sender delivers it. Records from before kinds were emails.
+    #[serde(default = "email")]
+    pub kind: String,
+    /// Where it goes, masked, for logs and `GET /outbox`.
+    #[serde(alias = "to_masked")]
+    pub destination: String,
+    /// What the kind's sender needs (for an email: `from`, `to`, `message`...), stored beside
+    /// the fields above, as records from before kinds existed had them.
+    #[serde(flatten)]
+    pub payload: Map<String, Value>,
     pub status: Status,
     pub created_unix: u64,
     pub attempts: u32,
@@ -29,16 +46,35 @@ pub struct OutboxRecord {
     pub finished_unix: Option<u64>,
 }
 
+fn email() -> String {
+    "email".into()
+}
+
 impl OutboxRecord {
-    /// The record of an email a rule could not make (a field its template uses was missing):
-    /// failed from the start, with the reason, so that it is seen at `GET /outbox`.
-    pub fn not_made(rule: String, reason: String, now_unix: u64) -> OutboxRecord {
+    /// A new pending record for `delivery`, decided by `rule`.
+    pub fn new(rule: String, delivery: Delivery, now_unix: u64) -> OutboxRecord {
         OutboxRecord {
             rule,
-            from: String::new(),
-            to: Vec::new(),
-            to_masked: String::new(),
-            message: String::new(),
+            kind: delivery.kind.to_string(),
+            destination: delivery.to,
+            payload: delivery.payload,
+            status: Status::Pending,
+            created_unix: now_unix,
+            attempts: 0,
+            next_attempt_unix: now_unix,
+            last_error: None,
+            finished_unix: None,
+        }
+    }
+
+    /// The record of a delivery a rule could not make (a field its template uses was missing):
+    /// failed from the start, with the reason, so that it is seen at `GET /outbox`.
+    pub fn not_made(rule: String, kind: &str, reason: String, now_unix: u64) -> OutboxRecord {
+        OutboxRecord {
+            rule,
+            kind: kind.to_string(),
+            destination: String::new(),
+            payload: Map::new(),
             status: Status::Failed,
             created_unix: now_unix,
             attempts: 0,
@@ -62,4 +98,25 @@ pub struct OutboxStatus {
     pub waiting: Vec<(u64, OutboxRecord)>,
     pub finished: u64,
     pub recent: Vec<(u64, OutboxRecord)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_email_stored_before_kinds_existed_reads_as_an_email() {
+        let stored = r#"{"rule":"r","from":"a@x.io","to":["b@x.io"],"to_masked":"b***@x.io","message":"Subject: s\r\n\r\nhi","status":"pending","created_unix":1,"attempts":2,"next_attempt_unix":3,"last_error":null,"finished_unix":null}"#;
+        let record: OutboxRecord = serde_json::from_str(stored).unwrap();
+        assert_eq!(record.kind, "email");
+        assert_eq!(record.destination, "b***@x.io");
+        assert_eq!(record.payload["to"], json!(["b@x.io"]));
+        assert_eq!(record.payload["message"], json!("Subject: s\r\n\r\nhi"));
+        assert_eq!((record.attempts, record.next_attempt_unix), (2, 3));
+        // Written again, it keeps what the email sender reads, beside the new names.
+        let again: Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(again["from"], json!("a@x.io"));
+        assert_eq!(again["kind"], json!("email"));
+    }
 }

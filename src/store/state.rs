@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn only_what_changed_is_written_back() {
         let mut state = State::default();
-        let (a, b) = (StateKey::new("r", "count", &[]), StateKey::new("r", "once", &[]));
+        let (a, b) = (
+            StateKey::new("r", "count", &[]),
+            StateKey::new("r", "once", &[]),
+        );
         state.load_counter(a.clone(), 4);
         state.load_acted(b.clone(), 9);
         state.load_seen("old".into());
@@ -210,6 +213,10 @@ mod tests {
         assert_eq!(changes.touched, [&a]);
         state.saved();
         assert!(state.changes().counters.is_empty());
-        assert_eq!(state.increment(&a), 6, "the value is kept, the change forgotten");
+        assert_eq!(
+            state.increment(&a),
+            6,
+            "the value is kept, the change forgotten"
+        );
     }
 }

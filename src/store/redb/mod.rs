@@ -406,7 +406,7 @@ fn outbox_rows<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RuleState, StateKey, State, Wants};
+    use crate::store::{RuleState, State, StateKey, Wants};
 
     /// Rule state one operation at a time, each a load and a save, for tests that look at one key.
     trait OneAtATime: RuleState {
@@ -486,7 +486,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
         let mut txn = db.begin().unwrap();
-        let record = OutboxRecord::not_made("r".into(), "no email".into(), 0);
+        let record = OutboxRecord::not_made("r".into(), "email", "no email".into(), 0);
         for _ in 0..KEEP_FINISHED + 5 {
             txn.record_failed(&record).unwrap();
         }
@@ -503,7 +503,7 @@ mod tests {
             next_attempt_unix: due_unix,
             last_error: None,
             finished_unix: None,
-            ..OutboxRecord::not_made("r".into(), String::new(), 0)
+            ..OutboxRecord::not_made("r".into(), "email", String::new(), 0)
         }
     }
 
@@ -543,8 +543,11 @@ mod tests {
         // A failed attempt moves the email in the index; a finished one leaves it.
         let mut txn = db.begin().unwrap();
         txn.update_pending(2, &pending(45)).unwrap();
-        txn.finish(4, &OutboxRecord::not_made("r".into(), "sent".into(), 36))
-            .unwrap();
+        txn.finish(
+            4,
+            &OutboxRecord::not_made("r".into(), "email", "sent".into(), 36),
+        )
+        .unwrap();
         txn.commit().unwrap();
         let due = db.due(35, 8, &none).unwrap();
         assert_eq!(ids(&due), [5]);
