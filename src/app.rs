@@ -26,9 +26,11 @@ use crate::telemetry;
 const TICK_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the service until `shutdown` completes, then stops in order: stop accepting, finish the
-/// requests in flight (their batches commit), stop the committer, stop the email sender.
+/// requests in flight (their batches commit), stop the committer, stop the sender. `clock` is
+/// the time of day everywhere the service reads it (the system's, or one a test moves).
 pub async fn serve(
     config: ServeConfig,
+    clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -43,7 +45,6 @@ pub async fn serve(
         )
     })?;
     let metrics = telemetry::recorder()?;
-    let clock = Clock::wall();
     let store: Arc<dyn Backend> = Arc::new(Db::open(&config.folders.data).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state database in {}: {e}",

@@ -50,6 +50,14 @@ impl Clock {
         }
     }
 
+    /// Moves a manual clock forward to `at`, if that is later than it reads (never back).
+    pub fn advance_to(&self, at: DateTime<Utc>) {
+        if let Some(now) = &self.manual {
+            let mut now = now.lock().unwrap_or_else(PoisonError::into_inner);
+            *now = (*now).max(at);
+        }
+    }
+
     /// How long until this clock reads `unix` seconds (zero if it already has).
     pub fn until_unix(&self, unix: u64) -> Duration {
         let now = self.now();
@@ -73,6 +81,10 @@ mod tests {
         assert_eq!(clone.unix(), start.timestamp() as u64 + 90);
         assert_eq!(clock.until_unix(clone.unix() + 5), Duration::from_secs(5));
         assert_eq!(clock.until_unix(0), Duration::ZERO);
+        clock.advance_to(start);
+        assert_eq!(clock.unix(), start.timestamp() as u64 + 90, "never back");
+        clock.advance_to(start + TimeDelta::hours(1));
+        assert_eq!(clone.now(), start + TimeDelta::hours(1));
         let wall = Clock::wall();
         assert!(wall.now() > start);
     }

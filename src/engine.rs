@@ -74,6 +74,12 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds what `later` did, as if it had been part of this report.
+    pub fn append(&mut self, later: Report) {
+        self.outcomes.extend(later.outcomes);
+        self.duplicates += later.duplicates;
+    }
+
     /// The names of the rules that acted, once per event they acted on.
     pub fn fired(&self, rules: &RuleSet) -> Vec<String> {
         self.rules_where(rules, Outcome::acted)

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 use tripline::authoring::{self, replay::ReplayArgs, test::TestArgs};
+use tripline::clock::Clock;
 use tripline::config::{FolderArgs, LogFormat, ServeArgs};
 
 #[derive(Parser)]
@@ -50,7 +51,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tripline::app::serve(config, shutdown_signal())) {
+            match runtime.block_on(tripline::app::serve(
+                config,
+                Clock::wall(),
+                shutdown_signal(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::in_process::InProcess;
 use common::{Server, fixture_json, fresh};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -268,19 +269,20 @@ fn a_full_disk_answers_503_and_leaves_no_partial_line() {
 fn event_ids_are_kept_for_the_retention_period() {
     // With a retention of 0 days, an id is forgotten at the next expiry pass (at start-up), once
     // older than the signature tolerance (ids are never forgotten while a signature is valid).
-    let mut server = Server::start_with(
+    // The service runs on a manual clock here: the test moves it instead of waiting.
+    let mut server = InProcess::start(
         &[
             "--dedupe-retention-days",
             "0",
             "--signature-tolerance",
             "1s",
         ],
-        |_| {},
+        "2026-06-01T00:00:00Z".parse().unwrap(),
     );
     let body = fresh(fixture_json("generation_failed.json"));
     server.post_json(&body);
     // Ids are dated in whole seconds: past a 1 s tolerance for sure after 2.
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    server.clock.advance(std::time::Duration::from_secs(2));
     server.restart();
     server.post_json(&fresh(fixture_json("pageview.json")));
     assert_eq!(

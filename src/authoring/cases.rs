@@ -2,7 +2,8 @@
 //! `tripline test`.
 //!
 //! A case sends its events through the whole rule set, with state in memory and a virtual clock
-//! (events without a timestamp are one second apart; `after = "3 days"` jumps ahead), then
+//! (a manual [`Clock`]: events without a timestamp are one second apart, `after = "3 days"` jumps
+//! ahead, and each event is handled when the clock reaches its time, without waiting), then
 //! compares what the rules did with what the case expects. Loading a file checks it completely
 //! (unknown keys, unreadable fixtures, events that would be refused) and reports problems the
 //! same way as rule files, so `tripline check` can validate test files too.
@@ -18,9 +19,10 @@ use crate::actions::email::Queued;
 use crate::actions::jsonl::Unwritable;
 use crate::actions::{Env, Output};
 use crate::authoring::event_file;
+use crate::clock::Clock;
 use crate::diag::toml_diagnostic;
 use crate::diag::{Diagnostic, did_you_mean};
-use crate::engine::{self, Effect, Outcome};
+use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
 use crate::store::MemoryStore;
@@ -131,6 +133,9 @@ pub struct ExpectLine {
 #[derive(Debug)]
 pub struct Case {
     pub name: String,
+    /// When the case's clock starts.
+    pub start: DateTime<Utc>,
+    /// The events, each sent when the case's clock reaches its time.
     pub events: Vec<Event>,
     pub expect: Expect,
 }
@@ -209,6 +214,7 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
         }
         cases.push(Case {
             name: case.name,
+            start,
             events,
             expect: case.expect,
         });
@@ -374,10 +380,18 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         default_from,
         unwritable: &unwritable,
     };
-    let report = match engine::run(rules, &case.events, &mut store, &env, 0, &mut effects) {
-        Ok(r) => r,
-        Err(e) => return vec![e.to_string()],
-    };
+    // Each event arrives when the case's clock reads its time: what depends on the time of
+    // handling sees the case's time, never the machine's, and nothing waits.
+    let clock = Clock::manual(case.start);
+    let mut report = Report::default();
+    for event in &case.events {
+        clock.advance_to(event.time);
+        let events = std::slice::from_ref(event);
+        match engine::run(rules, events, &mut store, &env, clock.unix(), &mut effects) {
+            Ok(r) => report.append(r),
+            Err(e) => return vec![e.to_string()],
+        }
+    }
     let mut problems = Vec::new();
     let e = &case.expect;
     if let Some(fired) = &e.fired {

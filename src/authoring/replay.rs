@@ -6,6 +6,7 @@
 //! one JSON body, or a JSON list of events (a PostHog export); it is read as a stream, so its size
 //! does not matter. Windows and `again_after` go by the events' own timestamps, as in the service.
 
+use chrono::DateTime;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lettre::message::Mailbox;
@@ -68,14 +69,25 @@ struct RuleStats {
 
 /// Where the events go: state in memory, or the real store of another data folder.
 enum Sink {
-    DryRun(MemoryStore),
+    DryRun {
+        store: MemoryStore,
+        clock: Clock,
+    },
     Execute {
         runtime: tokio::runtime::Runtime,
         committer: Committer,
         thread: std::thread::JoinHandle<()>,
         db: Arc<dyn Backend>,
         dir: PathBuf,
+        clock: Clock,
     },
+}
+
+/// The replay's clock: it follows the events' own times as they are replayed (never back), so
+/// that what depends on the time of handling (handled ids remembered for days, deliveries due)
+/// behaves as it did then, without waiting.
+fn history_clock() -> Clock {
+    Clock::manual(DateTime::UNIX_EPOCH)
 }
 
 /// Runs the replay.
@@ -110,7 +122,10 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
     let reader = BufReader::with_capacity(1 << 16, bar.wrap_read(file));
 
     let sink = match &args.execute_into {
-        None => Sink::DryRun(MemoryStore::default()),
+        None => Sink::DryRun {
+            store: MemoryStore::default(),
+            clock: history_clock(),
+        },
         Some(dir) => open_sink(dir, &paths.folders.data, &paths.email_from)?,
     };
     let mut run = Run {
@@ -171,6 +186,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             dir.display()
         );
     }
+    let clock = history_clock();
     let db: Arc<dyn Backend> = Arc::new(Db::open(dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state database in {} (is a tripline using it?): {e}",
@@ -186,7 +202,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             idle_state: Duration::from_secs(365 * 86_400),
         },
         Arc::new(tokio::sync::Notify::new()),
-        Clock::wall(),
+        clock.clone(),
     )?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     Ok(Sink::Execute {
@@ -195,6 +211,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
         thread,
         db,
         dir: dir.to_path_buf(),
+        clock,
     })
 }
 
@@ -210,9 +227,11 @@ impl Sink {
         if events.is_empty() {
             return Ok(Report::default());
         }
+        let latest = events.iter().map(|e| e.time).max();
         match self {
-            Sink::DryRun(store) => {
-                let now = Clock::wall().unix();
+            Sink::DryRun { store, clock } => {
+                clock.advance_to(latest.expect("not empty"));
+                let now = clock.unix();
                 let unwritable = Unwritable::new();
                 let env = Env {
                     default_from: from,
@@ -221,8 +240,14 @@ impl Sink {
                 Ok(engine::run(rules, &events, store, &env, now, effects)?)
             }
             Sink::Execute {
-                runtime, committer, ..
-            } => Ok(runtime.block_on(committer.submit(rules.clone(), events, None))?),
+                runtime,
+                committer,
+                clock,
+                ..
+            } => {
+                clock.advance_to(latest.expect("not empty"));
+                Ok(runtime.block_on(committer.submit(rules.clone(), events, None))?)
+            }
         }
     }
 
@@ -234,6 +259,7 @@ impl Sink {
             thread,
             db,
             dir,
+            clock,
         } = self
         else {
             return Ok(None);
@@ -243,7 +269,7 @@ impl Sink {
             .join()
             .map_err(|_| anyhow::anyhow!("the committer thread panicked"))?;
         let senders = actions::senders(&Destinations::Files(&dir))?;
-        runtime.block_on(outbox::deliver_due(db, senders, Clock::wall()))?;
+        runtime.block_on(outbox::deliver_due(db, senders, clock))?;
         Ok(Some(format!(
             "Actions were run into {}: lines in its files, emails as .eml files in {}",
             dir.display(),

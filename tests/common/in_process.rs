@@ -1,0 +1,137 @@
+//! The service run inside the test process on a manual clock, over a real socket and real files:
+//! for what depends on the time of day (ids remembered for days, keys forgotten when idle,
+//! deliveries due later), which a test then moves forward instead of waiting for.
+
+use clap::Parser;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tripline::clock::Clock;
+use tripline::config::ServeArgs;
+
+use super::{copy_dir, root};
+
+/// `tripline serve`'s settings, read from flags as the binary reads them.
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+pub struct InProcess {
+    pub clock: Clock,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    args: Vec<String>,
+    running: Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+    http: reqwest::blocking::Client,
+}
+
+impl InProcess {
+    /// Starts on copies of the shipped rules and templates, with these extra flags, on a manual
+    /// clock that reads `start`.
+    pub fn start(args: &[&str], start: chrono::DateTime<chrono::Utc>) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&root().join("rules"), &dir.path().join("rules"));
+        copy_dir(&root().join("templates"), &dir.path().join("templates"));
+        let data = dir.path().join("data");
+        let mut all: Vec<String> = vec!["tripline".into()];
+        for (flag, folder) in [
+            ("--rules", "rules"),
+            ("--templates", "templates"),
+            ("--data", "data"),
+        ] {
+            all.push(flag.into());
+            all.push(dir.path().join(folder).display().to_string());
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut server = InProcess {
+            clock: Clock::manual(start),
+            base: String::new(),
+            dir,
+            data,
+            args: all,
+            running: None,
+            http: reqwest::blocking::Client::new(),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut args = self.args.clone();
+        args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+        let config = Flags::parse_from(args).serve.resolve().unwrap();
+        let clock = self.clock.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            runtime
+                .block_on(tripline::app::serve(config, clock, shutdown))
+                .unwrap();
+        });
+        self.base = format!("http://127.0.0.1:{port}");
+        self.running = Some((stop, thread));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .http
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the service did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the service in order and starts it again on the same folders, settings and clock.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some((stop, thread)) = self.running.take() {
+            let _ = stop.send(());
+            thread.join().expect("the service stopped cleanly");
+        }
+    }
+
+    pub fn post_json(&self, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/webhook", self.base))
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// The lines of a JSONL file in the data folder.
+    pub fn jsonl(&self, file: &str) -> Vec<Value> {
+        match std::fs::read_to_string(self.data.join(file)) {
+            Ok(text) => text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            Err(_) => vec![],
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
