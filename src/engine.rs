@@ -380,32 +380,62 @@ file = "out.jsonl"
 fields = { who = "distinct_id" }
 "#;
 
-    fn rules_from(rule: &str) -> (tempfile::TempDir, RuleSet) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("rules")).unwrap();
-        std::fs::create_dir(dir.path().join("templates")).unwrap();
-        std::fs::write(dir.path().join("rules/r.toml"), rule).unwrap();
-        std::fs::write(dir.path().join("templates/t.text.hbs"), "count {{count}}").unwrap();
-        let set = RuleSet::load(
-            &dir.path().join("rules"),
-            &dir.path().join("templates"),
-            dir.path(),
-        )
-        .unwrap();
-        (dir, set)
+    /// Events run through one rule file with state in memory, every effect kept.
+    struct Runs {
+        _dir: tempfile::TempDir,
+        set: RuleSet,
+        store: MemoryStore,
+        effects: Vec<Effect>,
     }
 
-    fn rules() -> (tempfile::TempDir, RuleSet) {
-        rules_from(RULE)
-    }
+    impl Runs {
+        fn new(rule: &str) -> Runs {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("rules")).unwrap();
+            std::fs::create_dir(dir.path().join("templates")).unwrap();
+            std::fs::write(dir.path().join("rules/r.toml"), rule).unwrap();
+            std::fs::write(dir.path().join("templates/t.text.hbs"), "count {{count}}").unwrap();
+            let set = RuleSet::load(
+                &dir.path().join("rules"),
+                &dir.path().join("templates"),
+                dir.path(),
+            )
+            .unwrap();
+            Runs {
+                _dir: dir,
+                set,
+                store: MemoryStore::default(),
+                effects: Vec::new(),
+            }
+        }
 
-    fn event(uuid: &str, email: Option<&str>) -> Vec<Event> {
-        let person = email.map_or("null".to_string(), |e| {
-            format!(r#"{{"properties":{{"email":"{e}"}}}}"#)
-        });
-        decoded(&format!(
-            r#"{{"event":{{"event":"used","uuid":"{uuid}","distinct_id":"d"}},"person":{person}}}"#
-        ))
+        fn run(&mut self, events: &[Event]) -> Report {
+            let from: Mailbox = "t <t@localhost>".parse().unwrap();
+            let unwritable = Unwritable::new();
+            let env = Env {
+                default_from: &from,
+                unwritable: &unwritable,
+            };
+            run(
+                &self.set,
+                events,
+                &mut self.store,
+                &env,
+                0,
+                &mut self.effects,
+            )
+            .unwrap()
+        }
+
+        /// One `used` event by `d`, with this email address in the person's properties.
+        fn used(&mut self, uuid: &str, email: Option<&str>) -> Report {
+            let person = email.map_or("null".to_string(), |e| {
+                format!(r#"{{"properties":{{"email":"{e}"}}}}"#)
+            });
+            self.run(&decoded(&format!(
+                r#"{{"event":{{"event":"used","uuid":"{uuid}","distinct_id":"d"}},"person":{person}}}"#
+            )))
+        }
     }
 
     fn decoded(body: &str) -> Vec<Event> {
@@ -415,13 +445,6 @@ fields = { who = "distinct_id" }
             &crate::ingest::event::BodyLimits::LOCAL_FILES,
         )
         .unwrap()
-    }
-
-    fn env<'a>(from: &'a Mailbox, unwritable: &'a Unwritable) -> Env<'a> {
-        Env {
-            default_from: from,
-            unwritable,
-        }
     }
 
     /// The email an effect queues, if it does.
@@ -437,29 +460,22 @@ fields = { who = "distinct_id" }
 
     #[test]
     fn counts_then_acts_once_and_ignores_retried_uuids() {
-        let (_dir, set) = rules();
-        let from: Mailbox = "t <t@localhost>".parse().unwrap();
-        let unwritable = Unwritable::new();
-        let env = env(&from, &unwritable);
-        let mut store = MemoryStore::default();
-        let mut effects = Vec::new();
-        let mut run_one = |uuid: &str, email| {
-            run(&set, &event(uuid, email), &mut store, &env, 0, &mut effects).unwrap()
-        };
+        let mut r = Runs::new(RULE);
         assert_eq!(
-            run_one("1", Some("a@x.io")).outcomes,
+            r.used("1", Some("a@x.io")).outcomes,
             [(0, Outcome::Counting { count: 1 })]
         );
         assert_eq!(
-            run_one("1", Some("a@x.io")).duplicates,
+            r.used("1", Some("a@x.io")).duplicates,
             1,
             "same uuid: no second count"
         );
-        assert_eq!(run_one("3", Some("a@x.io")).fired(&set), ["fifth"]);
+        assert_eq!(r.used("3", Some("a@x.io")).fired(&r.set), ["fifth"]);
         assert_eq!(
-            run_one("4", Some("a@x.io")).outcomes,
+            r.used("4", Some("a@x.io")).outcomes,
             [(0, Outcome::Suppressed)]
         );
+        let effects = &r.effects;
         assert_eq!(effects.len(), 2, "{effects:?}");
         // In the order the rule file lists its actions: [email], then [jsonl].
         assert_eq!(
@@ -484,25 +500,22 @@ fields = { who = "distinct_id" }
 
     #[test]
     fn a_failed_email_does_not_keep_the_rules_line_from_being_written() {
-        let (_dir, set) = rules();
-        let from: Mailbox = "t <t@localhost>".parse().unwrap();
-        let unwritable = Unwritable::new();
-        let mut store = MemoryStore::default();
-        let mut effects = Vec::new();
-        let env = env(&from, &unwritable);
-        run(&set, &event("1", None), &mut store, &env, 0, &mut effects).unwrap();
+        let mut r = Runs::new(RULE);
+        r.used("1", None);
         // The 2nd use has no address: the line is written, the email fails on its own.
-        let r = run(&set, &event("2", None), &mut store, &env, 0, &mut effects).unwrap();
+        let report = r.used("2", None);
         assert!(
-            matches!(&r.outcomes[..], [(0, Outcome::PartlyFailed { reasons })] if reasons.len() == 1),
-            "{r:?}"
+            matches!(&report.outcomes[..], [(0, Outcome::PartlyFailed { reasons })] if reasons.len() == 1),
+            "{report:?}"
         );
-        assert_eq!(r.fired(&set), ["fifth"], "the rule acted");
+        assert_eq!(report.fired(&r.set), ["fifth"], "the rule acted");
+        let failures = report.failures(&r.set);
         assert!(
-            r.failures(&set)[0].starts_with("rule \"fifth\": email not sent")
-                && r.failures(&set)[0].contains("person.properties.email"),
-            "{r:?}"
+            failures[0].starts_with("rule \"fifth\": email not sent")
+                && failures[0].contains("person.properties.email"),
+            "{failures:?}"
         );
+        let effects = &r.effects;
         assert!(
             matches!(
                 &effects[0],
@@ -524,17 +537,9 @@ fields = { who = "distinct_id" }
             ),
             "{effects:?}"
         );
-        let r = run(
-            &set,
-            &event("3", Some("a@x.io")),
-            &mut store,
-            &env,
-            0,
-            &mut effects,
-        )
-        .unwrap();
+        let report = r.used("3", Some("a@x.io"));
         assert_eq!(
-            r.outcomes,
+            report.outcomes,
             [(0, Outcome::Suppressed)],
             "[limits] counts the line"
         );
@@ -542,59 +547,42 @@ fields = { who = "distinct_id" }
 
     #[test]
     fn a_rule_none_of_whose_actions_can_be_made_changes_no_state() {
-        let only_email = RULE.split("[jsonl]").next().unwrap();
-        let (_dir, set) = rules_from(only_email);
-        let from: Mailbox = "t <t@localhost>".parse().unwrap();
-        let unwritable = Unwritable::new();
-        let env = env(&from, &unwritable);
-        let mut store = MemoryStore::default();
-        let mut effects = Vec::new();
-        let mut run_one = |uuid: &str, email| {
-            run(&set, &event(uuid, email), &mut store, &env, 0, &mut effects).unwrap()
-        };
-        run_one("1", Some("a@x.io"));
+        let mut r = Runs::new(RULE.split("[jsonl]").next().unwrap());
+        r.used("1", Some("a@x.io"));
         // The 2nd use has no address: nothing happens, and the once-key stays free.
-        let r = run_one("2", None);
+        let report = r.used("2", None);
+        let failures = report.failures(&r.set);
         assert!(
-            r.failures(&set)[0].starts_with("rule \"fifth\": email not sent")
-                && r.failures(&set)[0].contains("person.properties.email"),
-            "{r:?}"
+            failures[0].starts_with("rule \"fifth\": email not sent")
+                && failures[0].contains("person.properties.email"),
+            "{failures:?}"
         );
-        assert!(matches!(r.outcomes[..], [(0, Outcome::Failed { .. })]));
-        assert_eq!(run_one("3", Some("a@x.io")).fired(&set), ["fifth"]);
+        assert!(matches!(report.outcomes[..], [(0, Outcome::Failed { .. })]));
+        assert_eq!(r.used("3", Some("a@x.io")).fired(&r.set), ["fifth"]);
         assert_eq!(
-            run_one("4", Some("a@x.io")).outcomes,
+            r.used("4", Some("a@x.io")).outcomes,
             [(0, Outcome::Suppressed)]
         );
-        assert_eq!(effects.len(), 2, "{effects:?}");
-        assert!(matches!(&effects[0], Effect::Failed { kind: "email", .. }));
-        let email = email(&effects[1]).expect("an email");
+        assert_eq!(r.effects.len(), 2, "{:?}", r.effects);
+        assert!(matches!(
+            &r.effects[0],
+            Effect::Failed { kind: "email", .. }
+        ));
+        let email = email(&r.effects[1]).expect("an email");
         assert!(email.message.contains("count 3"), "{}", email.message);
     }
 
     #[test]
     fn an_event_no_rule_matches_records_nothing() {
-        let (_dir, set) = rules();
-        let from: Mailbox = "t <t@localhost>".parse().unwrap();
-        let unwritable = Unwritable::new();
-        let mut store = MemoryStore::default();
-        let mut effects = Vec::new();
+        let mut r = Runs::new(RULE);
         let events = decoded(r#"{"event":{"event":"other","uuid":"9","distinct_id":"d"}}"#);
         for _ in 0..2 {
-            let report = run(
-                &set,
-                &events,
-                &mut store,
-                &env(&from, &unwritable),
-                0,
-                &mut effects,
-            )
-            .unwrap();
+            let report = r.run(&events);
             assert_eq!((report.duplicates, report.outcomes.len()), (0, 0));
         }
-        assert!(effects.is_empty());
+        assert!(r.effects.is_empty());
         assert!(
-            store.load(&Wants::default()).unwrap().first_delivery("9"),
+            r.store.load(&Wants::default()).unwrap().first_delivery("9"),
             "its id was not recorded"
         );
     }

@@ -11,11 +11,14 @@
 //! - [`engine`]: decides what events do under a rule set: dedupe → match → count (or window) →
 //!   limits → effects. No I/O.
 //! - [`pipeline`]: what runs in the background of the service: the committer (group commit: one
-//!   thread makes the effects of many requests durable at once), the outbox sender, the reload
-//!   of the rules.
-//! - [`actions`]: one module per action kind (`email` rendering, `jsonl` projection and files).
-//! - [`store`]: counters, time windows, last actions and handled ids behind one trait; its redb
-//!   form in [`store::redb`].
+//!   thread makes the effects of many requests durable at once), the outbox sender (deliveries of
+//!   every kind), the reload of the rules.
+//! - [`actions`]: one folder per kind of action (`email/`, `jsonl/`), each with its rule-file
+//!   table, compile, what it makes of an event and, if delivered later, its sender; the kinds are
+//!   listed once, in `actions/mod.rs`.
+//! - [`store`]: everything the service keeps (rule state, the delivery queue, handled ids) behind
+//!   one seam, [`store::Backend`], loaded and saved a batch at a time; its redb form in
+//!   [`store::redb`].
 //! - [`authoring`]: `check`, `test` (rule test cases run in memory on a virtual clock) and
 //!   `replay`, for rule authors.
 //! - [`clock`]: the time of day, from the system or set by tests.

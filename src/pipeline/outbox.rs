@@ -2,7 +2,7 @@
 //!
 //! The committer queues a delivery (an email, for one) in the same transaction as the state
 //! change that decided it, so an acknowledged one is never lost. This background task delivers
-//! pending ones through their kind's [`Sender`] (`actions/<kind>/`), soonest due first, up to
+//! pending ones through their kind's [`Sender`](crate::actions::Sender) (`actions/<kind>/`), soonest due first, up to
 //! [`MAX_IN_FLIGHT`] at once and at most each kind's own bound (its destination's). A temporary
 //! failure waits and is retried with exponential backoff, across restarts; a permanent one is
 //! recorded as failed, visible at `GET /outbox`.

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tripline::clock::Clock;
 use tripline::config::ServeArgs;
 
-use super::{copy_dir, root};
+use super::{copy_dir, jsonl_lines, post_to, root};
 
 /// `tripline serve`'s settings, read from flags as the binary reads them.
 #[derive(Parser)]
@@ -108,25 +108,12 @@ impl InProcess {
     }
 
     pub fn post_json(&self, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}/webhook", self.base))
-            .body(body.to_string())
-            .send()
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().unwrap_or(Value::Null))
+        post_to(&self.http, &self.base, body.to_string().into())
     }
 
     /// The lines of a JSONL file in the data folder.
     pub fn jsonl(&self, file: &str) -> Vec<Value> {
-        match std::fs::read_to_string(self.data.join(file)) {
-            Ok(text) => text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-            Err(_) => vec![],
-        }
+        jsonl_lines(&self.data.join(file))
     }
 }
 

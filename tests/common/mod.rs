@@ -160,16 +160,7 @@ impl Server {
 
     /// POSTs raw bytes to /webhook (no Content-Type, as some PostHog setups send).
     pub fn post(&self, body: impl Into<Vec<u8>>) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}/webhook", self.base))
-            .body(body.into())
-            .send()
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
+        post_to(&self.http, &self.base, body.into())
     }
 
     /// POSTs raw bytes to /webhook with these headers.
@@ -243,16 +234,7 @@ impl Server {
 
     /// The lines of a JSONL output file, each parsed.
     pub fn jsonl(&self, file: &str) -> Vec<Value> {
-        match std::fs::read_to_string(self.data.join(file)) {
-            Ok(text) => text
-                .lines()
-                .map(|l| {
-                    serde_json::from_str(l)
-                        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}"))
-                })
-                .collect(),
-            Err(_) => vec![],
-        }
+        jsonl_lines(&self.data.join(file))
     }
 
     /// The value of a metric line (`name{labels}` exactly as Prometheus prints it), 0 if absent.
@@ -361,6 +343,32 @@ fn spawn(command: &mut Command, log: &Arc<Mutex<String>>) -> (Child, String) {
             let _ = child.kill();
             panic!("server did not start:\n{}", log.lock().unwrap());
         }
+    }
+}
+
+/// POSTs `body` to `base`'s /webhook: the status, and the reply as JSON (as text if it is not).
+fn post_to(http: &reqwest::blocking::Client, base: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = http
+        .post(format!("{base}/webhook"))
+        .body(body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json)
+}
+
+/// The lines of a JSONL file, parsed (none if it does not exist).
+fn jsonl_lines(file: &Path) -> Vec<Value> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}"))
+            })
+            .collect(),
+        Err(_) => vec![],
     }
 }
 
