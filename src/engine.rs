@@ -136,13 +136,15 @@ pub fn run(
 /// by: everything that can be worked out before any state is read, so that a store can load it
 /// all at once.
 pub struct Plan {
-    /// For each event, its matching rules in file order (none: no rule wants it).
-    events: Vec<Vec<Matched>>,
+    /// Every rule each event matched, by event then file order: an event no rule wants has none.
+    matched: Vec<Matched>,
 }
 
 /// One rule an event matched, with the keys of its `[count]` and `[limits]`, or why the event
 /// has none (a missing field).
 struct Matched {
+    /// The event's index in the batch.
+    event: usize,
     rule: usize,
     count: Result<Option<StateKey>, Outcome>,
     once: Result<Option<StateKey>, Outcome>,
@@ -151,45 +153,41 @@ struct Matched {
 impl Plan {
     /// Matches `events` against `rules` and works out their keys. No state is read.
     pub fn new(rules: &RuleSet, events: &[Event]) -> Plan {
-        let events = events
-            .iter()
-            .map(|event| {
-                rules
-                    .matching(event)
-                    .map(|(index, rule)| Matched {
-                        rule: index,
-                        count: match &rule.count {
-                            Some(c) => state_key(rule, "count", &c.per, event).map(Some),
-                            None => Ok(None),
-                        },
-                        once: match &rule.limits {
-                            Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
-                            None => Ok(None),
-                        },
-                    })
-                    .collect()
-            })
-            .collect();
-        Plan { events }
+        let mut matched = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            for (index, rule) in rules.matching(event) {
+                matched.push(Matched {
+                    event: i,
+                    rule: index,
+                    count: match &rule.count {
+                        Some(c) => state_key(rule, "count", &c.per, event).map(Some),
+                        None => Ok(None),
+                    },
+                    once: match &rule.limits {
+                        Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
+                        None => Ok(None),
+                    },
+                });
+            }
+        }
+        Plan { matched }
     }
 
     /// Adds the state this plan reads to `wants`: the ids of the events some rule wants (only
     /// those are deduplicated) and the keys their rules count and limit by.
-    pub fn add_wants(&self, rules: &RuleSet, events: &[Event], wants: &mut Wants) {
-        for (event, matched) in events.iter().zip(&self.events) {
-            if let (Some(uuid), false) = (event.uuid(), matched.is_empty()) {
-                wants.uuids.insert(uuid.to_string());
+    pub fn add_wants<'a>(&'a self, rules: &RuleSet, events: &'a [Event], wants: &mut Wants<'a>) {
+        for m in &self.matched {
+            if let Some(uuid) = events[m.event].uuid() {
+                wants.uuids.push(uuid);
             }
-            for m in matched {
-                if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
-                    match count.within {
-                        Some(_) => wants.windows.insert(key.clone()),
-                        None => wants.counters.insert(key.clone()),
-                    };
-                }
-                if let Ok(Some(key)) = &m.once {
-                    wants.acted.insert(key.clone());
-                }
+            if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
+                match count.within {
+                    Some(_) => wants.windows.push(key),
+                    None => wants.counters.push(key),
+                };
+            }
+            if let Ok(Some(key)) = &m.once {
+                wants.acted.push(key);
             }
         }
     }
@@ -204,11 +202,10 @@ impl Plan {
         effects: &mut Vec<Effect>,
     ) -> Report {
         let mut report = Report::default();
-        for (event, matched) in events.iter().zip(&self.events) {
-            // An event no rule wants has no effect to make durable, so nothing records it either.
-            if matched.is_empty() {
-                continue;
-            }
+        // An event no rule wants has no effect to make durable, so nothing records it either:
+        // only events with a match are in the plan.
+        for matched in self.matched.chunk_by(|a, b| a.event == b.event) {
+            let event = &events[matched[0].event];
             let _span = info_span!(
                 "event",
                 event.uuid = event.uuid().unwrap_or("-"),

@@ -409,7 +409,6 @@ impl Worker {
         let forgotten = self.forget(txn.as_mut(), now)?;
         // The whole batch's rule state is loaded at once, decided on, and saved at once.
         let mut plans = Vec::with_capacity(batch.len());
-        let mut wants = Wants::default();
         for job in batch {
             let _request = job.span.enter();
             if let Some(d) = &job.delivery
@@ -422,9 +421,13 @@ impl Worker {
                 plans.push(None);
                 continue;
             }
-            let plan = Plan::new(&job.rules, &job.events);
-            plan.add_wants(&job.rules, &job.events, &mut wants);
-            plans.push(Some(plan));
+            plans.push(Some(Plan::new(&job.rules, &job.events)));
+        }
+        let mut wants = Wants::default();
+        for (job, plan) in batch.iter().zip(&plans) {
+            if let Some(plan) = plan {
+                plan.add_wants(&job.rules, &job.events, &mut wants);
+            }
         }
         let mut state = txn.load(&wants)?;
         let env = Env {

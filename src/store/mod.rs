@@ -95,18 +95,19 @@ pub trait Backend: Send + Sync {
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    state: State,
+    /// `None` until the first save, and while the state is lent out.
+    state: Option<State>,
 }
 
 impl RuleState for MemoryStore {
     /// Everything is in memory already: the whole state is lent out until it is saved.
     fn load(&mut self, _wants: &Wants) -> Result<State, StoreError> {
-        Ok(std::mem::take(&mut self.state))
+        Ok(self.state.take().unwrap_or_default())
     }
 
     fn save(&mut self, mut state: State, _now_unix: u64) -> Result<(), StoreError> {
         state.saved();
-        self.state = state;
+        self.state = Some(state);
         Ok(())
     }
 }

@@ -5,44 +5,51 @@
 //! one write per batch is what a networked database can afford; for the embedded one it means
 //! each table is opened once per batch instead of once per operation.
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 
 use crate::store::StateKey;
 
 /// The state a batch of events may read: the keys its rules count or limit by, and the ids of
-/// its events.
+/// its events (borrowed from the batch; a key named twice is loaded twice, harmlessly).
 #[derive(Debug, Default)]
-pub struct Wants {
+pub struct Wants<'a> {
     /// Plain counters (`[count]` without `within`).
-    pub counters: HashSet<StateKey>,
+    pub counters: Vec<&'a StateKey>,
     /// Time windows (`[count]` with `within`).
-    pub windows: HashSet<StateKey>,
+    pub windows: Vec<&'a StateKey>,
     /// When a rule with `[limits]` last acted.
-    pub acted: HashSet<StateKey>,
+    pub acted: Vec<&'a StateKey>,
     /// Event uuids, to skip those handled before.
-    pub uuids: HashSet<String>,
+    pub uuids: Vec<&'a str>,
 }
 
 /// Loaded rule state and what the engine changed in it. A key that was not loaded reads as
 /// never used (a zero count, an empty window, never acted).
+///
+/// Two maps in all, so that a batch's state costs two hash tables however many kinds of state
+/// it touches: one slot per key, and the event ids.
 #[derive(Debug, Default)]
 pub struct State {
-    counters: HashMap<StateKey, u64>,
-    windows: HashMap<StateKey, Vec<i64>>,
-    acted: HashMap<StateKey, i64>,
-    seen: HashSet<String>,
-    changed: Changed,
+    keys: HashMap<StateKey, Slot>,
+    /// Event uuids handled before (`false`) or first handled since the state was loaded (`true`).
+    seen: HashMap<String, bool>,
 }
 
-/// What changed since the state was loaded.
+/// What one key holds: a `count` key its counter or window, a `once` key when the rule acted.
 #[derive(Debug, Default)]
-struct Changed {
-    counters: HashSet<StateKey>,
-    windows: HashSet<StateKey>,
-    acted: HashSet<StateKey>,
-    seen: Vec<String>,
-    touched: HashSet<StateKey>,
+struct Slot {
+    count: u64,
+    window: Vec<i64>,
+    acted: Option<i64>,
+    /// Which of the above changed since the state was loaded ([`CHANGED_COUNT`]...).
+    changed: u8,
+    /// Whether an event used the key since the state was loaded.
+    touched: bool,
 }
+
+const CHANGED_COUNT: u8 = 1;
+const CHANGED_WINDOW: u8 = 2;
+const CHANGED_ACTED: u8 = 4;
 
 /// What a store writes back after a batch: see [`State::changes`].
 pub struct Changes<'a> {
@@ -50,98 +57,118 @@ pub struct Changes<'a> {
     pub windows: Vec<(&'a StateKey, &'a [i64])>,
     pub acted: Vec<(&'a StateKey, i64)>,
     /// Event uuids handled for the first time.
-    pub seen: &'a [String],
+    pub seen: Vec<&'a str>,
     /// Keys an event used, so that they are kept while in use and forgotten once idle.
     pub touched: Vec<&'a StateKey>,
 }
 
 impl State {
+    fn slot(&mut self, key: &StateKey) -> &mut Slot {
+        // Looked up first: most keys of a batch are there already, and need no copy.
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.clone(), Slot::default());
+        }
+        self.keys.get_mut(key).expect("inserted above")
+    }
+
     /// Sets a counter as loaded from the store.
-    pub fn load_counter(&mut self, key: StateKey, count: u64) {
-        self.counters.insert(key, count);
+    pub fn load_counter(&mut self, key: &StateKey, count: u64) {
+        self.slot(key).count = count;
     }
 
     /// Sets a window's event times (sorted) as loaded from the store.
-    pub fn load_window(&mut self, key: StateKey, times: Vec<i64>) {
-        self.windows.insert(key, times);
+    pub fn load_window(&mut self, key: &StateKey, times: Vec<i64>) {
+        self.slot(key).window = times;
     }
 
     /// Sets when a rule last acted for `key`, as loaded from the store.
-    pub fn load_acted(&mut self, key: StateKey, t_ms: i64) {
-        self.acted.insert(key, t_ms);
+    pub fn load_acted(&mut self, key: &StateKey, t_ms: i64) {
+        self.slot(key).acted = Some(t_ms);
     }
 
     /// Notes that the event `uuid` was handled before, as loaded from the store.
-    pub fn load_seen(&mut self, uuid: String) {
-        self.seen.insert(uuid);
+    pub fn load_seen(&mut self, uuid: &str) {
+        self.seen.insert(uuid.to_string(), false);
     }
 
     /// Records that the event `uuid` is being handled now; `false` if it was handled before.
     pub fn first_delivery(&mut self, uuid: &str) -> bool {
-        if self.seen.contains(uuid) {
+        if self.seen.contains_key(uuid) {
             return false;
         }
-        self.seen.insert(uuid.to_string());
-        self.changed.seen.push(uuid.to_string());
+        self.seen.insert(uuid.to_string(), true);
         true
     }
 
     /// Adds one to the counter at `key` and returns its new value.
     pub fn increment(&mut self, key: &StateKey) -> u64 {
-        let n = self.counters.entry(key.clone()).or_default();
-        *n += 1;
-        let n = *n;
-        self.changed.counters.insert(key.clone());
-        n
+        let slot = self.slot(key);
+        slot.count += 1;
+        slot.changed |= CHANGED_COUNT;
+        slot.count
     }
 
     /// Records an event at `t_ms` in the window at `key` and returns how many recorded events
     /// fall within `window_ms` up to `t_ms` (see [`record_in_window`]).
     pub fn count_within(&mut self, key: &StateKey, t_ms: i64, window_ms: i64, keep: usize) -> u64 {
-        let times = self.windows.entry(key.clone()).or_default();
-        let n = record_in_window(times, t_ms, window_ms, keep);
-        self.changed.windows.insert(key.clone());
-        n
+        let slot = self.slot(key);
+        slot.changed |= CHANGED_WINDOW;
+        record_in_window(&mut slot.window, t_ms, window_ms, keep)
     }
 
     /// When the rule last acted for `key`, if it ever did.
     pub fn last_acted(&self, key: &StateKey) -> Option<i64> {
-        self.acted.get(key).copied()
+        self.keys.get(key).and_then(|slot| slot.acted)
     }
 
     /// Records that the rule acted for `key` at `t_ms`.
     pub fn mark_acted(&mut self, key: &StateKey, t_ms: i64) {
-        self.acted.insert(key.clone(), t_ms);
-        self.changed.acted.insert(key.clone());
+        let slot = self.slot(key);
+        slot.acted = Some(t_ms);
+        slot.changed |= CHANGED_ACTED;
     }
 
     /// Records that an event used `key`, so that the store keeps it while in use.
     pub fn touch(&mut self, key: &StateKey) {
-        if !self.changed.touched.contains(key) {
-            self.changed.touched.insert(key.clone());
-        }
+        self.slot(key).touched = true;
     }
 
     /// What changed since the state was loaded (or since [`State::saved`]).
     pub fn changes(&self) -> Changes<'_> {
-        Changes {
-            counters: (self.changed.counters.iter())
-                .map(|k| (k, self.counters[k]))
+        let mut changes = Changes {
+            counters: Vec::new(),
+            windows: Vec::new(),
+            acted: Vec::new(),
+            seen: (self.seen.iter())
+                .filter(|(_, new)| **new)
+                .map(|(uuid, _)| uuid.as_str())
                 .collect(),
-            windows: (self.changed.windows.iter())
-                .map(|k| (k, self.windows[k].as_slice()))
-                .collect(),
-            acted: (self.changed.acted.iter())
-                .map(|k| (k, self.acted[k]))
-                .collect(),
-            seen: &self.changed.seen,
-            touched: self.changed.touched.iter().collect(),
+            touched: Vec::new(),
+        };
+        for (key, slot) in &self.keys {
+            if slot.changed & CHANGED_COUNT != 0 {
+                changes.counters.push((key, slot.count));
+            }
+            if slot.changed & CHANGED_WINDOW != 0 {
+                changes.windows.push((key, &slot.window));
+            }
+            if let (true, Some(t)) = (slot.changed & CHANGED_ACTED != 0, slot.acted) {
+                changes.acted.push((key, t));
+            }
+            if slot.touched {
+                changes.touched.push(key);
+            }
         }
+        changes
     }
 
     /// Marks every change as written.
     pub fn saved(&mut self) {
-        self.changed = Changed::default();
+        for slot in self.keys.values_mut() {
+            slot.changed = 0;
+            slot.touched = false;
+        }
+        self.seen.values_mut().for_each(|new| *new = false);
     }
 }
 
@@ -197,9 +224,9 @@ mod tests {
             StateKey::new("r", "count", &[]),
             StateKey::new("r", "once", &[]),
         );
-        state.load_counter(a.clone(), 4);
-        state.load_acted(b.clone(), 9);
-        state.load_seen("old".into());
+        state.load_counter(&a, 4);
+        state.load_acted(&b, 9);
+        state.load_seen("old");
         assert!(!state.first_delivery("old"));
         assert!(state.first_delivery("new"));
         assert!(!state.first_delivery("new"), "twice in one batch");

@@ -34,33 +34,33 @@ impl RuleState for WriteTxn {
         let mut state = State::default();
         if !wants.uuids.is_empty() {
             let seen = self.txn.open_table(SEEN).map_err(err)?;
-            for uuid in &wants.uuids {
-                if seen.get(uuid.as_str()).map_err(err)?.is_some() {
-                    state.load_seen(uuid.clone());
+            for &uuid in &wants.uuids {
+                if seen.get(uuid).map_err(err)?.is_some() {
+                    state.load_seen(uuid);
                 }
             }
         }
         if !wants.counters.is_empty() {
             let table = self.txn.open_table(COUNTERS).map_err(err)?;
-            for key in &wants.counters {
+            for &key in &wants.counters {
                 if let Some(n) = table.get(key.as_str()).map_err(err)? {
-                    state.load_counter(key.clone(), n.value());
+                    state.load_counter(key, n.value());
                 }
             }
         }
         if !wants.windows.is_empty() {
             let table = self.txn.open_table(WINDOWS).map_err(err)?;
-            for key in &wants.windows {
+            for &key in &wants.windows {
                 if let Some(bytes) = table.get(key.as_str()).map_err(err)? {
-                    state.load_window(key.clone(), decode_window(bytes.value()));
+                    state.load_window(key, decode_window(bytes.value()));
                 }
             }
         }
         if !wants.acted.is_empty() {
             let table = self.txn.open_table(ACTED).map_err(err)?;
-            for key in &wants.acted {
+            for &key in &wants.acted {
                 if let Some(t) = table.get(key.as_str()).map_err(err)? {
-                    state.load_acted(key.clone(), t.value());
+                    state.load_acted(key, t.value());
                 }
             }
         }
@@ -73,8 +73,8 @@ impl RuleState for WriteTxn {
             let mut seen = self.txn.open_table(SEEN).map_err(err)?;
             let mut by_time = self.txn.open_table(SEEN_BY_TIME).map_err(err)?;
             for uuid in changes.seen {
-                seen.insert(uuid.as_str(), now_unix).map_err(err)?;
-                by_time.insert((now_unix, uuid.as_str()), ()).map_err(err)?;
+                seen.insert(uuid, now_unix).map_err(err)?;
+                by_time.insert((now_unix, uuid), ()).map_err(err)?;
             }
         }
         if !changes.counters.is_empty() {

@@ -423,7 +423,7 @@ mod tests {
         }
         fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
             let mut wants = Wants::default();
-            wants.counters.insert(key.clone());
+            wants.counters.push(key);
             self.with(wants, 0, |s| s.increment(key))
         }
         fn count_within(
@@ -434,12 +434,12 @@ mod tests {
             keep: usize,
         ) -> Result<u64, StoreError> {
             let mut wants = Wants::default();
-            wants.windows.insert(key.clone());
+            wants.windows.push(key);
             self.with(wants, 0, |s| s.count_within(key, t, window, keep))
         }
         fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
             let mut wants = Wants::default();
-            wants.acted.insert(key.clone());
+            wants.acted.push(key);
             self.with(wants, 0, |s| s.last_acted(key))
         }
         fn mark_acted(&mut self, key: &StateKey, t: i64) -> Result<(), StoreError> {
@@ -447,7 +447,7 @@ mod tests {
         }
         fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError> {
             let mut wants = Wants::default();
-            wants.uuids.insert(uuid.to_string());
+            wants.uuids.push(uuid);
             self.with(wants, now_unix, |s| s.first_delivery(uuid))
         }
         fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError> {
