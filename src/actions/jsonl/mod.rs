@@ -15,7 +15,7 @@ pub mod path;
 use indexmap::IndexMap;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -219,30 +219,41 @@ impl Action for JsonlAction {
 }
 
 impl JsonlAction {
-    /// The line this event becomes, newline included.
+    /// The line this event becomes, newline included. Written straight from the event's
+    /// values, in the rule's order, without building an object first (this runs for every
+    /// event a `[jsonl]` rule takes).
     pub fn project(&self, event: &Event) -> String {
-        let mut out = Map::with_capacity(self.fields.len());
-        for field in &self.fields {
-            let value = match field.from.lookup(event) {
-                Some(Value::String(s)) => Value::String(field.shape_text(s)),
-                Some(other) => other.clone(),
-                None => field.default.clone(),
-            };
-            out.insert(field.key.clone(), value);
+        let mut line = Vec::with_capacity(128);
+        line.push(b'{');
+        for (i, field) in self.fields.iter().enumerate() {
+            if i > 0 {
+                line.push(b',');
+            }
+            write_json(&mut line, &field.key);
+            line.push(b':');
+            match field.from.lookup(event) {
+                Some(Value::String(s)) => write_json(&mut line, field.shape_text(s)),
+                Some(other) => write_json(&mut line, other),
+                None => write_json(&mut line, &field.default),
+            }
         }
-        let mut line = Value::Object(out).to_string();
-        line.push('\n');
-        line
+        line.extend_from_slice(b"}\n");
+        String::from_utf8(line).expect("serde_json writes UTF-8")
     }
+}
+
+/// Appends `value` as compact JSON.
+fn write_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+    serde_json::to_writer(out, value).expect("text and JSON values always serialize");
 }
 
 impl OutputField {
     /// Trims, then cuts to `max_chars` characters (Unicode scalar values; never half of one).
-    fn shape_text(&self, s: &str) -> String {
+    fn shape_text<'a>(&self, s: &'a str) -> &'a str {
         let s = if self.trim { s.trim() } else { s };
         match self.max_chars.and_then(|max| s.char_indices().nth(max)) {
-            Some((cut, _)) => s[..cut].to_string(),
-            None => s.to_string(),
+            Some((cut, _)) => &s[..cut],
+            None => s,
         }
     }
 }
@@ -288,6 +299,49 @@ mod tests {
         assert_eq!(
             action.project(&event),
             "{\"who\":\"d\",\"reason\":\"héllo w\",\"missing\":null,\"gone\":\"n/a\"}\n"
+        );
+    }
+
+    #[test]
+    fn a_line_is_exactly_the_json_object_of_its_fields() {
+        let properties = json!({
+            "nested": {"b": [1, 2.5, -0.0, 1e300, null], "a": "\"quoted\" \\ \n\t\u{1}"},
+            "big": 18446744073709551615u64,
+            "neg": -9223372036854775808i64,
+            "flag": false,
+            "emoji": "👩🏽‍💻 \u{2028}",
+        });
+        let event = Event {
+            name: json!("x"),
+            uuid: Value::Null,
+            distinct_id: json!("d"),
+            timestamp: json!("2025-01-01T00:00:00Z"),
+            time: "2025-01-01T00:00:00Z".parse().unwrap(),
+            properties: properties.clone(),
+            person_properties: json!({}),
+            source: Value::Null,
+        };
+        let keys = ["nested", "big", "neg", "flag", "emoji", "k\"ey"];
+        let action = JsonlAction {
+            file: "x.jsonl".into(),
+            fields: keys
+                .iter()
+                .map(|k| field(k, &format!("properties.{k}"), false, None))
+                .collect(),
+        };
+        // What building the object and printing it gives, field by field in the rule's order.
+        let mut object = serde_json::Map::new();
+        for k in keys {
+            object.insert(
+                k.to_string(),
+                properties.get(k).cloned().unwrap_or(Value::Null),
+            );
+        }
+        let line = action.project(&event);
+        assert_eq!(line, format!("{}\n", Value::Object(object)));
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).unwrap()["nested"],
+            properties["nested"]
         );
     }
 
