@@ -6,11 +6,6 @@
 //! and, for kinds delivered after the commit, its [`Sender`]. The kinds are listed once, in the
 //! `kinds!` list below: adding a kind is a folder and one line there.
 
-pub mod email;
-pub mod jsonl;
-#[cfg(test)]
-mod log;
-
 use lettre::message::Mailbox;
 use serde::de::MapAccess;
 use serde_json::Value;
@@ -33,10 +28,12 @@ use email::template_check::Known;
 use email::templates::Templates;
 use jsonl::Unwritable;
 
-/// The action list: each kind's table name in a rule file, and the type that implements [`Kind`]
-/// for it. Everything else about a kind is in its folder.
+/// The action list: each kind's table name in a rule file, its folder (declared here) and the
+/// type there that implements [`Kind`]. Everything else about a kind is in its folder.
 macro_rules! kinds {
-    ($($(#[$attr:meta])* $table:literal => $kind:ty,)*) => {
+    ($($(#[$attr:meta])* $table:literal => $module:ident::$kind:ident,)*) => {
+        $($(#[$attr])* pub mod $module;)*
+
         /// The table names of every kind, as a rule file writes them.
         // Pushed one by one because a kind may be left out (`#[cfg(test)]`).
         #[allow(clippy::vec_init_then_push)]
@@ -53,11 +50,11 @@ macro_rules! kinds {
         ) -> Result<Option<Table>, A::Error> {
             $($(#[$attr])*
             if table == $table {
-                let config: Spanned<<$kind as Kind>::Config> = map.next_value()?;
+                let config: Spanned<<$module::$kind as Kind>::Config> = map.next_value()?;
                 return Ok(Some(Table {
                     name: $table,
                     span: config.span(),
-                    compile: Box::new(move |cx| <$kind as Kind>::compile(config, cx)),
+                    compile: Box::new(move |cx| <$module::$kind as Kind>::compile(config, cx)),
                 }));
             })*
             Ok(None)
@@ -67,7 +64,7 @@ macro_rules! kinds {
         pub fn senders(to: &Destinations) -> anyhow::Result<Senders> {
             let mut senders = Senders::default();
             $($(#[$attr])*
-            if let Some(sender) = <$kind as Kind>::sender(to)? {
+            if let Some(sender) = <$module::$kind as Kind>::sender(to)? {
                 senders.0.insert($table, sender);
             })*
             Ok(senders)

@@ -1,6 +1,7 @@
 //! The `[log]` action, for tests only: the smallest kind there can be, to show what adding a kind
-//! takes. Its files are this folder and one line in the action list of `actions/mod.rs`; the
-//! rule file, the engine, the committer, the outbox and the status endpoints need no change.
+//! takes. Its files are this folder and one line in the action list of `actions/mod.rs` (with
+//! `#[cfg(test)]` above it); the rule file's parser, the engine, the committer, the outbox and the
+//! status endpoints need no change.
 //!
 //! `[log] message = "..."` queues the message as a delivery; its sender appends it to `log.txt`
 //! in the folder deliveries go to.
