@@ -300,6 +300,58 @@ fn replay_of_100000_events_gives_the_known_counts() {
 }
 
 #[test]
+fn replaying_history_longer_than_the_retention_again_adds_nothing() {
+    // The replay's clock follows the events' times: ids of the file's early events must not be
+    // forgotten by the time its late ones are replayed.
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let mut text = String::new();
+    // Each dated event in a batch of its own: replay reads 1,024 lines at a time.
+    let filler = format!("{}\n", json!({"event": "$pageview", "distinct_id": "u"})).repeat(1100);
+    for (i, day) in ["2026-01-01", "2026-01-20", "2026-02-10", "2027-06-01"]
+        .iter()
+        .enumerate()
+    {
+        let event = json!({"event": "generation_failed", "uuid": format!("h{i}"), "distinct_id": "u",
+                           "timestamp": format!("{day}T00:00:00Z"), "properties": {"failure_reason": "timeout"}});
+        text.push_str(&format!("{event}\n"));
+        text.push_str(&filler);
+    }
+    std::fs::write(&events, text).unwrap();
+    let out_dir = dir.path().join("out");
+    let run = || {
+        let args = [
+            "replay",
+            events.to_str().unwrap(),
+            "--execute-into",
+            out_dir.to_str().unwrap(),
+        ];
+        let out = tripline(&root(), &args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        out
+    };
+    run();
+    let lines = std::fs::read_to_string(out_dir.join("training_data.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    let again = run();
+    assert!(
+        stdout(&again).contains("4 repeated event ids skipped"),
+        "{}",
+        stdout(&again)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("training_data.jsonl")).unwrap(),
+        lines
+    );
+}
+
+#[test]
 fn replay_can_execute_into_a_separate_folder_once() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");

@@ -197,9 +197,12 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
         db.clone(),
         JsonlFiles::new(dir),
         from.clone(),
+        // Nothing is forgotten during a replay: its clock follows history, so a retention
+        // would forget the ids (and state) of the file's own earlier events, and replaying the
+        // same file again would act on them twice.
         Retention {
-            event_ids: Duration::from_secs(7 * 86_400),
-            idle_state: Duration::from_secs(365 * 86_400),
+            event_ids: Duration::MAX,
+            idle_state: Duration::MAX,
         },
         Arc::new(tokio::sync::Notify::new()),
         clock.clone(),
@@ -334,10 +337,10 @@ impl Run<'_> {
                 Outcome::Counting { .. } => s.counting += 1,
                 Outcome::Suppressed => s.held_back += 1,
                 Outcome::NoKey { .. } => s.no_key += 1,
-                Outcome::Failed { reason } => {
+                Outcome::Failed { reasons } => {
                     s.failed += 1;
                     if s.examples.len() < examples {
-                        s.examples.push(format!("failed: {reason}"));
+                        s.examples.push(format!("failed: {}", reasons.join("; ")));
                     }
                 }
             }
