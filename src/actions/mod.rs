@@ -218,4 +218,9 @@ impl Senders {
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Sender>> {
         self.0.get(kind)
     }
+
+    /// Every kind's sender.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Arc<dyn Sender>)> {
+        self.0.iter().map(|(kind, sender)| (*kind, sender))
+    }
 }

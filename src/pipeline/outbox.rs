@@ -13,7 +13,7 @@
 //! outcome is recorded, so shutdown drops the attempts in flight at once: those deliveries are
 //! still pending and are tried again at the next start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::actions::{Attempt, Senders};
 use crate::clock::Clock;
-use crate::store::queue::{OutboxRecord, Status};
+use crate::store::queue::{OutboxRecord, Skip, Status};
 use crate::store::{Backend, StoreError};
 use crate::telemetry;
 
@@ -70,27 +70,28 @@ impl Deliveries {
     }
 
     /// Starts an attempt at each due delivery not in flight, at most one per free slot and as
-    /// many of a kind as its sender allows; returns when the next one not started is due. `None`
-    /// when nothing else waits, or when a kind's bound held one back (an attempt's end wakes the
-    /// sender then).
+    /// many of a kind as its sender allows; returns when the next one not started is due (a
+    /// delivery left out because its kind has no room waits for an attempt of that kind to end,
+    /// which wakes the sender).
     async fn start_due(&mut self) -> Result<Option<u64>, StoreError> {
+        let mut skip = Skip::default();
+        for (kind, sender) in self.senders.iter() {
+            skip.room.insert(kind.to_string(), sender.max_in_flight());
+        }
+        for (id, kind) in self.in_flight.values() {
+            skip.in_flight.insert(*id);
+            if let Some(left) = skip.room.get_mut(kind) {
+                *left = left.saturating_sub(1);
+            }
+        }
         let free = self.free_slots();
-        let busy: HashSet<u64> = self.in_flight.values().map(|(id, _)| *id).collect();
         let db = self.db.clone();
         let now = self.clock.unix();
-        let due = tokio::task::spawn_blocking(move || db.due(now, free, &busy))
+        let due = tokio::task::spawn_blocking(move || db.due(now, free, &skip))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-        let mut held = false;
         for (id, record) in due.deliveries {
             let sender = self.senders.get(&record.kind).cloned();
-            if let Some(sender) = &sender {
-                let of_kind = self.in_flight.values().filter(|(_, k)| *k == record.kind);
-                if of_kind.count() >= sender.max_in_flight() {
-                    held = true;
-                    continue;
-                }
-            }
             let kind = record.kind.clone();
             let task = self.attempts.spawn(async move {
                 let attempt = match sender {
@@ -108,7 +109,7 @@ impl Deliveries {
             });
             self.in_flight.insert(task.id(), (id, kind));
         }
-        Ok(if held { None } else { due.next_due_unix })
+        Ok(due.next_due_unix)
     }
 
     /// Records how `first` and every other attempt already over ended, in one transaction.

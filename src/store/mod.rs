@@ -13,10 +13,8 @@ pub mod queue;
 pub mod redb;
 pub mod state;
 
-use std::collections::HashSet;
-
 pub use key::StateKey;
-use queue::{Due, OutboxRecord, OutboxStatus};
+use queue::{Due, OutboxRecord, OutboxStatus, Skip};
 pub use state::{State, Wants, record_in_window};
 
 /// The store could not do what was asked.
@@ -82,8 +80,9 @@ pub trait Backend: Send + Sync {
     /// Every output file's committed length.
     fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// At most `max` pending deliveries due by `now_unix`, soonest due first, leaving out those
-    /// `in_flight`; and when the next one left is due.
-    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>) -> Result<Due, StoreError>;
+    /// in flight and more of a kind than it has room for (see [`Skip`]); and when the next one
+    /// left is due.
+    fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError>;
     /// How many deliveries wait.
     fn pending_count(&self) -> Result<u64, StoreError>;
     /// The queue at a glance, with the oldest `shown` waiting and the newest `shown` finished.

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
 
 /// A delivery of some kind, as an action makes it, before it is queued.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +32,9 @@ pub struct OutboxRecord {
     /// The kind of action, whose sender delivers it. Records from before kinds were emails.
     #[serde(default = "email")]
     pub kind: String,
-    /// Where it goes, masked, for logs and `GET /outbox`.
-    #[serde(alias = "to_masked")]
+    /// Where it goes, masked, for logs and `GET /outbox`. Stored under its name from before
+    /// kinds existed, so that the tripline before this one can still deliver a queued email.
+    #[serde(rename = "to_masked")]
     pub destination: String,
     /// What the kind's sender needs (for an email: `from`, `to`, `message`...), stored beside
     /// the fields above, as records from before kinds existed had them.
@@ -85,6 +87,15 @@ impl OutboxRecord {
     }
 }
 
+/// What [`crate::store::Backend::due`] leaves out: deliveries in flight, and more of a kind than
+/// its destination takes now.
+#[derive(Debug, Default)]
+pub struct Skip {
+    pub in_flight: HashSet<u64>,
+    /// How many more attempts each kind takes now; a kind not listed takes any number.
+    pub room: HashMap<String, usize>,
+}
+
 /// See [`crate::store::Backend::due`].
 #[derive(Debug, Default)]
 pub struct Due {
@@ -114,9 +125,12 @@ mod tests {
         assert_eq!(record.payload["to"], json!(["b@x.io"]));
         assert_eq!(record.payload["message"], json!("Subject: s\r\n\r\nhi"));
         assert_eq!((record.attempts, record.next_attempt_unix), (2, 3));
-        // Written again, it keeps what the email sender reads, beside the new names.
+        // Written again, it keeps every field the tripline before kinds read, beside `kind`.
         let again: Value = serde_json::to_value(&record).unwrap();
-        assert_eq!(again["from"], json!("a@x.io"));
+        let before: Value = serde_json::from_str(stored).unwrap();
+        for (field, value) in before.as_object().unwrap() {
+            assert_eq!(&again[field], value, "{field}");
+        }
         assert_eq!(again["kind"], json!("email"));
     }
 }

@@ -22,14 +22,13 @@ pub use batch::WriteTxn;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::store::queue::{Due, OutboxRecord, OutboxStatus};
+use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip};
 use crate::store::{Backend, Batch, StoreError};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -90,6 +89,18 @@ fn mark_existing_keys(txn: &redb::WriteTransaction, today: u64) -> Result<(), St
 #[derive(serde::Deserialize)]
 struct DueAt {
     next_attempt_unix: u64,
+}
+
+/// The part of a stored outbox record that says whose sender delivers it (records from before
+/// kinds existed are emails).
+#[derive(serde::Deserialize)]
+struct KindOf {
+    #[serde(default = "email_kind")]
+    kind: String,
+}
+
+fn email_kind() -> String {
+    "email".into()
 }
 
 /// When a stored pending email is next due.
@@ -324,16 +335,18 @@ impl Backend for Db {
         Ok(out)
     }
 
-    /// Reads only those rows of the due index and the records it returns.
-    fn due(&self, now_unix: u64, max: usize, in_flight: &HashSet<u64>) -> Result<Due, StoreError> {
+    /// Reads only the rows of the due index up to the first one not returned, and decodes in
+    /// full only the records it returns (one of a kind without room is read for its kind alone).
+    fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
         let txn = self.read()?;
         let index = txn.open_table(OUTBOX_DUE).map_err(err)?;
         let outbox = txn.open_table(OUTBOX).map_err(err)?;
         let mut due = Due::default();
+        let mut room = skip.room.clone();
         for row in index.iter().map_err(err)? {
             let (key, _) = row.map_err(err)?;
             let (at, id) = key.value();
-            if in_flight.contains(&id) {
+            if skip.in_flight.contains(&id) {
                 continue;
             }
             if at > now_unix || due.deliveries.len() == max {
@@ -342,6 +355,14 @@ impl Backend for Db {
             }
             // Written in the same transactions as the index, so the record is there.
             if let Some(json) = outbox.get(id).map_err(err)? {
+                if !room.is_empty() {
+                    let kind: KindOf = serde_json::from_str(json.value()).map_err(err)?;
+                    match room.get_mut(&kind.kind) {
+                        Some(0) => continue,
+                        Some(left) => *left -= 1,
+                        None => {}
+                    }
+                }
                 let record = serde_json::from_str(json.value()).map_err(err)?;
                 due.deliveries.push((id, record));
             }
@@ -507,6 +528,14 @@ mod tests {
         }
     }
 
+    /// Leaving out these ids.
+    fn skip(in_flight: &[u64]) -> Skip {
+        Skip {
+            in_flight: in_flight.iter().copied().collect(),
+            ..Skip::default()
+        }
+    }
+
     fn ids(due: &Due) -> Vec<u64> {
         due.deliveries.iter().map(|(id, _)| *id).collect()
     }
@@ -521,7 +550,7 @@ mod tests {
             txn.queue(&pending(due)).unwrap();
         }
         txn.commit().unwrap();
-        let none = HashSet::new();
+        let none = skip(&[]);
 
         let due = db.due(35, 2, &none).unwrap();
         assert_eq!(ids(&due), [2, 4], "due at 10 and 20");
@@ -529,10 +558,10 @@ mod tests {
         let due = db.due(35, 8, &none).unwrap();
         assert_eq!(ids(&due), [2, 4, 5]);
         assert_eq!(due.next_due_unix, Some(40), "the first one not due yet");
-        let due = db.due(35, 8, &HashSet::from([2, 5])).unwrap();
+        let due = db.due(35, 8, &skip(&[2, 5])).unwrap();
         assert_eq!(ids(&due), [4], "those in flight are left out");
         assert_eq!(due.next_due_unix, Some(40));
-        let due = db.due(35, 0, &HashSet::from([2])).unwrap();
+        let due = db.due(35, 0, &skip(&[2])).unwrap();
         assert!(due.deliveries.is_empty());
         assert_eq!(
             due.next_due_unix,
@@ -553,9 +582,30 @@ mod tests {
         assert_eq!(ids(&due), [5]);
         assert_eq!(due.next_due_unix, Some(40));
         assert_eq!(ids(&db.due(100, 8, &none).unwrap()), [5, 3, 2, 1]);
-        let nothing = db.due(100, 8, &HashSet::from([1, 2, 3, 5])).unwrap();
+        let nothing = db.due(100, 8, &skip(&[1, 2, 3, 5])).unwrap();
         assert!(nothing.deliveries.is_empty());
         assert_eq!(nothing.next_due_unix, None, "nothing else waits");
+    }
+
+    #[test]
+    fn a_kind_without_room_is_passed_over_and_the_others_still_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.begin().unwrap();
+        // Ids 1..=6, all due: email, log, email, log, email, log.
+        for n in 0..6 {
+            let mut record = pending(10 + n);
+            record.kind = if n % 2 == 0 { "email" } else { "log" }.into();
+            txn.queue(&record).unwrap();
+        }
+        txn.commit().unwrap();
+        let mut limits = skip(&[]);
+        limits.room.insert("email".into(), 1);
+        let due = db.due(100, 8, &limits).unwrap();
+        assert_eq!(ids(&due), [1, 2, 4, 6], "one email, then every log");
+        assert_eq!(due.next_due_unix, None);
+        limits.room.insert("email".into(), 0);
+        assert_eq!(ids(&db.due(100, 2, &limits).unwrap()), [2, 4]);
     }
 
     #[test]
@@ -591,13 +641,13 @@ mod tests {
             txn.commit().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        let due = db.due(250, 8, &HashSet::new()).unwrap();
+        let due = db.due(250, 8, &skip(&[])).unwrap();
         assert_eq!(ids(&due), [8, 9]);
         assert_eq!(due.next_due_unix, Some(300));
         drop(db);
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(
-            ids(&db.due(300, 8, &HashSet::new()).unwrap()),
+            ids(&db.due(300, 8, &skip(&[])).unwrap()),
             [8, 9, 7],
             "the index is kept as it is on the next open"
         );
