@@ -53,7 +53,7 @@ pub enum Outcome {
     /// None of the rule's actions could be made from this event (a field its email uses is
     /// missing...): it did not act. Retrying the same event would not help, so it is reported,
     /// not answered with an error.
-    Failed { reason: String },
+    Failed { reasons: Vec<String> },
 }
 
 impl Outcome {
@@ -100,8 +100,9 @@ impl Report {
             .iter()
             .flat_map(|(i, o)| {
                 let reasons = match o {
-                    Outcome::Failed { reason } => std::slice::from_ref(reason),
-                    Outcome::PartlyFailed { reasons } => reasons.as_slice(),
+                    Outcome::Failed { reasons } | Outcome::PartlyFailed { reasons } => {
+                        reasons.as_slice()
+                    }
                     _ => &[],
                 };
                 let name = &rules.rules()[*i].name;
@@ -285,7 +286,7 @@ fn apply(
     }
 
     // Every action runs; each one's output or failure is its own. A rule none of whose actions
-    // could be made changes no state, so a later event retries.
+    // could be made is not marked as having acted, so a later event retries.
     let input = Input {
         rule: &rule.name,
         event,
@@ -313,9 +314,7 @@ fn apply(
         }
     }
     if reasons.len() == rule.actions.len() {
-        return Outcome::Failed {
-            reason: reasons.join("; "),
-        };
+        return Outcome::Failed { reasons };
     }
     if let Some(key) = once_key {
         state.mark_acted(key, t_ms);

@@ -15,8 +15,8 @@
 //! batch whose lines could not be cut off at once), so a retried event's line is never doubled.
 //!
 //! An output file that cannot be opened because of its path (a folder in the way, a name too
-//! long) is the rule's fault, not the batch's: that rule fails on its own (reported in the reply,
-//! `GET /rules` and the metrics) while every other rule goes on. It is tried again every
+//! long) is the rule's fault, not the batch's: that action fails on its own (reported in the
+//! reply, `GET /rules` and the metrics) while the rule's other actions and every other rule go on. It is tried again every
 //! [`RETRY_UNWRITABLE`], and with every new rule set.
 
 use indexmap::IndexMap;

@@ -1,6 +1,8 @@
 //! The service run inside the test process on a manual clock, over a real socket and real files:
-//! for what depends on the time of day (ids remembered for days, keys forgotten when idle,
-//! deliveries due later), which a test then moves forward instead of waiting for.
+//! for what depends on the date (ids remembered for days, keys forgotten when idle), which a test
+//! moves forward instead of waiting for. Moving the clock wakes nothing by itself: what the
+//! service does with the new time happens at its next look (a request, a start, the committer's
+//! tick).
 
 use clap::Parser;
 use serde_json::Value;

@@ -31,8 +31,8 @@ pub use path::{UnsafePath, check_output_path, output_path, output_place};
 /// The kind's name, as its table is written.
 pub const KIND: &str = "jsonl";
 
-/// Output files that cannot be written, with why: a rule writing to one fails on its own (see
-/// the committer), changing no state, while every other rule goes on.
+/// Output files that cannot be written, with why: an action writing to one fails on its own (see
+/// the committer), while the rule's other actions and every other rule go on.
 pub type Unwritable = HashMap<PathBuf, String>;
 
 /// The `[jsonl]` kind.
