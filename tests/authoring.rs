@@ -339,12 +339,12 @@ fn replaying_history_longer_than_the_retention_again_adds_nothing() {
     run();
     let lines = std::fs::read_to_string(out_dir.join("training_data.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4);
-    let again = run();
-    assert!(
-        stdout(&again).contains("4 repeated event ids skipped"),
-        "{}",
-        stdout(&again)
-    );
+    assert_nothing_added(&run(), "4 repeated event ids skipped", &out_dir, &lines);
+}
+
+/// A second replay into `out_dir` said it skipped the ids (`skipped`) and wrote no line.
+fn assert_nothing_added(again: &std::process::Output, skipped: &str, out_dir: &Path, lines: &str) {
+    assert!(stdout(again).contains(skipped), "{}", stdout(again));
     assert_eq!(
         std::fs::read_to_string(out_dir.join("training_data.jsonl")).unwrap(),
         lines
@@ -382,16 +382,7 @@ fn replay_can_execute_into_a_separate_folder_once() {
     let emails = std::fs::read_dir(out_dir.join("outbox")).unwrap().count();
     assert_eq!(emails, 90);
     // Running it again changes nothing: every event id was handled.
-    let out = run();
-    assert!(
-        stdout(&out).contains("2,001 repeated event ids skipped"),
-        "{}",
-        stdout(&out)
-    );
-    assert_eq!(
-        std::fs::read_to_string(out_dir.join("training_data.jsonl")).unwrap(),
-        lines
-    );
+    assert_nothing_added(&run(), "2,001 repeated event ids skipped", &out_dir, &lines);
     assert_eq!(
         std::fs::read_dir(out_dir.join("outbox")).unwrap().count(),
         90

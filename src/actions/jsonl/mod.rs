@@ -273,18 +273,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn projects_only_listed_fields_in_order() {
-        let event = Event {
+    /// An event by `d` with these properties.
+    fn event_with(properties: Value) -> Event {
+        Event {
             name: json!("x"),
             uuid: Value::Null,
             distinct_id: json!("d"),
             timestamp: json!("2025-01-01T00:00:00Z"),
             time: "2025-01-01T00:00:00Z".parse().unwrap(),
-            properties: json!({"r": "  héllo wörld  ", "secret": "s"}),
+            properties,
             person_properties: json!({}),
             source: Value::Null,
-        };
+        }
+    }
+
+    #[test]
+    fn projects_only_listed_fields_in_order() {
+        let event = event_with(json!({"r": "  héllo wörld  ", "secret": "s"}));
         let mut with_default = field("gone", "properties.nope", false, None);
         with_default.default = json!("n/a");
         let action = JsonlAction {
@@ -311,16 +316,7 @@ mod tests {
             "flag": false,
             "emoji": "👩🏽‍💻 \u{2028}",
         });
-        let event = Event {
-            name: json!("x"),
-            uuid: Value::Null,
-            distinct_id: json!("d"),
-            timestamp: json!("2025-01-01T00:00:00Z"),
-            time: "2025-01-01T00:00:00Z".parse().unwrap(),
-            properties: properties.clone(),
-            person_properties: json!({}),
-            source: Value::Null,
-        };
+        let event = event_with(properties.clone());
         let keys = ["nested", "big", "neg", "flag", "emoji", "k\"ey"];
         let action = JsonlAction {
             file: "x.jsonl".into(),
