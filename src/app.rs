@@ -77,11 +77,7 @@ pub async fn serve(
         clock.clone(),
     ));
 
-    let live = Arc::new(LiveRules::load(
-        &config.folders.rules,
-        &config.folders.templates,
-        &config.folders.data,
-    ));
+    let live = Arc::new(LiveRules::load(&config.folders, clock.clone()));
     let _watcher = reload::watch(live.clone()).map_err(|e| {
         anyhow::anyhow!(
             "cannot watch {} for changes: {e}",

@@ -6,15 +6,17 @@
 //! hold an `Arc` of the set they started with, so a swap never cuts one short.
 
 use arc_swap::ArcSwapOption;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
+use crate::clock::Clock;
+use crate::config::Folders;
 use crate::rules::RuleSet;
 use crate::telemetry;
 
@@ -44,23 +46,26 @@ pub struct LiveRules {
     rules_dir: PathBuf,
     templates_dir: PathBuf,
     data_dir: PathBuf,
+    /// Dates each load.
+    clock: Clock,
 }
 
 impl LiveRules {
     /// Loads the set once. If it has problems the service still starts, with no rules, and
     /// reports them.
-    pub fn load(rules_dir: &Path, templates_dir: &Path, data_dir: &Path) -> LiveRules {
+    pub fn load(folders: &Folders, clock: Clock) -> LiveRules {
         let live = LiveRules {
             current: ArcSwapOption::empty(),
             status: Mutex::new(ReloadStatus {
-                at: now(),
+                at: now(&clock),
                 ok: false,
                 errors: vec![],
                 warnings: vec![],
             }),
-            rules_dir: rules_dir.to_path_buf(),
-            templates_dir: templates_dir.to_path_buf(),
-            data_dir: data_dir.to_path_buf(),
+            rules_dir: folders.rules.clone(),
+            templates_dir: folders.templates.clone(),
+            data_dir: folders.data.clone(),
+            clock,
         };
         live.reload();
         live
@@ -88,11 +93,12 @@ impl LiveRules {
         }
         let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
         let status = match result {
-            Ok(set) => {
+            Ok(mut set) => {
                 info!(rules = set.rules().len(), "rules loaded");
+                set.loaded_at = self.clock.now();
                 self.current.store(Some(Arc::new(set)));
                 ReloadStatus {
-                    at: now(),
+                    at: now(&self.clock),
                     ok: true,
                     errors: vec![],
                     warnings,
@@ -109,7 +115,7 @@ impl LiveRules {
                 }
                 warn!(problems = problems.len(), "rules not reloaded: {keeping}");
                 ReloadStatus {
-                    at: now(),
+                    at: now(&self.clock),
                     ok: false,
                     errors: problems.iter().map(ToString::to_string).collect(),
                     warnings,
@@ -121,7 +127,7 @@ impl LiveRules {
         metrics::counter!(telemetry::RULES_RELOADS.name, "result" => result).increment(1);
         metrics::gauge!(telemetry::RULES_RELOAD_SUCCESS.name).set(if ok { 1.0 } else { 0.0 });
         metrics::gauge!(telemetry::RULES_LAST_RELOAD.name)
-            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            .set(self.clock.now().timestamp_millis() as f64 / 1000.0);
         if let Some(set) = self.current.load().as_ref() {
             metrics::gauge!(telemetry::RULES_LOADED.name).set(set.rules().len() as f64);
         }
@@ -167,7 +173,7 @@ pub fn watch(live: Arc<LiveRules>) -> notify::Result<notify::RecommendedWatcher>
     Ok(watcher)
 }
 
-fn now() -> String {
-    let t: DateTime<Utc> = Utc::now();
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+/// The clock's time as RFC 3339 text.
+fn now(clock: &Clock) -> String {
+    clock.now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
