@@ -414,6 +414,47 @@ fn an_email_missing_a_field_is_held_as_failed_visible_and_counted() {
 }
 
 #[test]
+fn a_failed_email_does_not_keep_the_same_rules_line_from_being_written() {
+    // One rule, two actions, once per user: the email cannot be made for an anonymous user.
+    let server = Server::start_with(&[], |root| {
+        std::fs::write(
+            root.join("rules/signup.toml"),
+            "name = \"signup\"\n[when]\nevent = \"signed_up\"\n[limits]\nonce_per = [\"distinct_id\"]\n\
+             [email]\nto = \"{{person.properties.email}}\"\nsubject = \"Welcome\"\ntemplate = \"welcome\"\n\
+             [jsonl]\nfile = \"signups.jsonl\"\nfields = { who = \"distinct_id\" }\n",
+        )
+        .unwrap();
+    });
+    let anonymous = json!({"event": "signed_up", "distinct_id": "anon-1"});
+    let (status, reply) = server.post_fresh(&anonymous);
+    assert_eq!(status, 200);
+    assert_eq!(
+        reply["fired"],
+        json!(["signup"]),
+        "the line was written: {reply}"
+    );
+    let failed = reply["failed"][0].as_str().unwrap();
+    assert!(failed.contains("person.properties.email"), "{reply}");
+    assert_eq!(server.jsonl("signups.jsonl"), [json!({"who": "anon-1"})]);
+    let outbox = server.outbox();
+    assert_eq!(outbox["recent"][0]["status"], json!("failed"));
+    assert_eq!(outbox["recent"][0]["kind"], json!("email"));
+    // The rule acted for anon-1: a later event for the same user is held back by [limits].
+    let with_address = json!({"event": "signed_up", "distinct_id": "anon-1",
+        "person": {"properties": {"email": "anon@example.com"}}});
+    let (_, reply) = server.post_fresh(&with_address);
+    assert_eq!(reply["fired"], json!([]), "{reply}");
+    assert_eq!(server.jsonl("signups.jsonl").len(), 1);
+    let (_, metrics) = server.get("/metrics");
+    for series in [
+        "tripline_actions_failed_total{kind=\"email\",rule=\"signup\"} 1",
+        "tripline_actions_succeeded_total{kind=\"jsonl\",rule=\"signup\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+}
+
+#[test]
 fn settings_can_come_from_the_environment() {
     let server = Server::start_with_env(&[
         ("TRIPLINE_EMAIL_FROM", "Growth <growth@example.com>"),
