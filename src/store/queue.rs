@@ -30,7 +30,7 @@ pub enum Status {
 pub struct OutboxRecord {
     pub rule: String,
     /// The kind of action, whose sender delivers it. Records from before kinds were emails.
-    #[serde(default = "email")]
+    #[serde(default = "kind_before_kinds")]
     pub kind: String,
     /// Where it goes, masked, for logs and `GET /outbox`. Stored under its name from before
     /// kinds existed, so that the tripline before this one can still deliver a queued email.
@@ -48,7 +48,8 @@ pub struct OutboxRecord {
     pub finished_unix: Option<u64>,
 }
 
-fn email() -> String {
+/// The kind of a record stored before kinds existed.
+pub(crate) fn kind_before_kinds() -> String {
     "email".into()
 }
 

@@ -95,12 +95,8 @@ struct DueAt {
 /// kinds existed are emails).
 #[derive(serde::Deserialize)]
 struct KindOf {
-    #[serde(default = "email_kind")]
+    #[serde(default = "crate::store::queue::kind_before_kinds")]
     kind: String,
-}
-
-fn email_kind() -> String {
-    "email".into()
 }
 
 /// When a stored pending email is next due.
