@@ -21,7 +21,7 @@
 
 use indexmap::IndexMap;
 use lettre::message::Mailbox;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -438,8 +438,10 @@ impl Worker {
         let mut effects = Vec::new();
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
         let mut queued = 0;
-        // (kind, rule) of each action done and each failed, for the metrics once committed.
-        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        // How many actions of each (kind, rule) were done and failed, for the metrics once
+        // committed: one counter update per pair, not per event.
+        let mut done: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut failed: HashMap<(&str, &str), u64> = HashMap::new();
         for (job, plan) in batch.iter().zip(&plans) {
             let _request = job.span.enter();
             let Some(plan) = plan else {
@@ -453,15 +455,23 @@ impl Worker {
             reports.push(plan.decide(&job.rules, &job.events, &mut state, &env, &mut effects));
             let mut files = Vec::new();
             for effect in effects.drain(..) {
-                let rule = |i: usize| job.rules.rules()[i].name.clone();
+                let name = |i: usize| job.rules.rules()[i].name.as_str();
+                let rule = |i: usize| name(i).to_string();
                 match effect {
                     Effect::Output {
                         rule: i,
                         output: Output::Line { file, line },
                     } => {
-                        lines.entry(file.clone()).or_default().push_str(&line);
-                        files.push(file);
-                        done.push((jsonl::KIND, rule(i)));
+                        match lines.get_mut(&file) {
+                            Some(text) => text.push_str(&line),
+                            None => {
+                                lines.insert(file.clone(), line);
+                            }
+                        }
+                        if !files.contains(&file) {
+                            files.push(file);
+                        }
+                        *done.entry((jsonl::KIND, name(i))).or_default() += 1;
                     }
                     // Counted once delivered, by the sender.
                     Effect::Output {
@@ -480,7 +490,7 @@ impl Worker {
                         if delivered {
                             txn.record_failed(&OutboxRecord::not_made(rule(i), kind, reason, now))?;
                         }
-                        failed.push((kind, rule(i)));
+                        *failed.entry((kind, name(i))).or_default() += 1;
                     }
                 }
             }
@@ -499,13 +509,13 @@ impl Worker {
             txn.set_jsonl_len(&name, after)?;
         }
         txn.commit()?;
-        for (kind, rule) in done {
-            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
-                .increment(1);
+        for ((kind, rule), n) in done {
+            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule.to_string())
+                .increment(n);
         }
-        for (kind, rule) in failed {
-            metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule)
-                .increment(1);
+        for ((kind, rule), n) in failed {
+            metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule.to_string())
+                .increment(n);
         }
         self.forgot(forgotten, now);
         if queued > 0 {
