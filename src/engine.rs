@@ -177,8 +177,10 @@ impl Plan {
     /// Adds the state this plan reads to `wants`: the ids of the events some rule wants (only
     /// those are deduplicated) and the keys their rules count and limit by.
     pub fn add_wants<'a>(&'a self, rules: &RuleSet, events: &'a [Event], wants: &mut Wants<'a>) {
-        for m in &self.matched {
-            if let Some(uuid) = events[m.event].uuid() {
+        for (i, m) in self.matched.iter().enumerate() {
+            // Once per event, though it may match several rules.
+            let first_of_event = i == 0 || self.matched[i - 1].event != m.event;
+            if let (true, Some(uuid)) = (first_of_event, events[m.event].uuid()) {
                 wants.uuids.push(uuid);
             }
             if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
