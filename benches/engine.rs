@@ -88,6 +88,7 @@ fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
     let env = Env {
         default_from: from,
         unwritable: &unwritable,
+        max_pending_waits: u64::MAX,
     };
     let report = engine::run(
         rules,
@@ -166,8 +167,10 @@ fn benches(c: &mut Criterion) {
     let env = Env {
         default_from: &from,
         unwritable: &unwritable,
+        max_pending_waits: u64::MAX,
     };
     let input = |event| Input {
+        waited: None,
         rule: "bench",
         event,
         count: Some(5),

@@ -18,6 +18,7 @@ use crate::ingest::event::BodyLimits;
 use crate::pipeline::committer::{Committer, Retention};
 use crate::pipeline::outbox;
 use crate::pipeline::reload::{self, LiveRules};
+use crate::pipeline::timers;
 use crate::store::Backend;
 use crate::store::redb::Db;
 use crate::telemetry;
@@ -65,6 +66,7 @@ pub async fn serve(
         JsonlFiles::new(&config.folders.data),
         config.email_from.clone(),
         retention,
+        config.waits,
         deliveries_queued.clone(),
         clock.clone(),
     )?;
@@ -85,6 +87,12 @@ pub async fn serve(
         )
     })?;
     let ticker = tokio::spawn(tick(committer.clone()));
+    let timer = tokio::spawn(timers::run(
+        committer.clone(),
+        live.clone(),
+        clock.clone(),
+        config.waits.grace,
+    ));
     let state = AppState {
         clock,
         rules: live,
@@ -139,6 +147,8 @@ pub async fn serve(
     // are gone, so the committer thread ends once its last batch is committed.
     ticker.abort();
     let _ = ticker.await;
+    timer.abort();
+    let _ = timer.await;
     // The batches already queued are committed, within the shutdown timeout too: past it the
     // process stops without them (their senders got no answer, and retry).
     let committed = tokio::task::spawn_blocking(move || committer_thread.join());

@@ -6,14 +6,15 @@
 //! `std::time::Instant` or tokio's timers instead: they never depend on the date.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// A source of the current time. Cheap to clone; clones of a manual clock share its time.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
-    /// `None` for the system's clock.
-    manual: Option<Arc<Mutex<DateTime<Utc>>>>,
+    /// `None` for the system's clock. A watch channel, so that what sleeps until a time on a
+    /// manual clock can wake when a test moves it ([`Clock::moved`]).
+    manual: Option<watch::Sender<DateTime<Utc>>>,
 }
 
 impl Clock {
@@ -25,14 +26,14 @@ impl Clock {
     /// A clock that reads `at` until it is moved with [`Clock::advance`].
     pub fn manual(at: DateTime<Utc>) -> Clock {
         Clock {
-            manual: Some(Arc::new(Mutex::new(at))),
+            manual: Some(watch::Sender::new(at)),
         }
     }
 
     /// The current time.
     pub fn now(&self) -> DateTime<Utc> {
         match &self.manual {
-            Some(at) => *at.lock().unwrap_or_else(PoisonError::into_inner),
+            Some(at) => *at.borrow(),
             None => Utc::now(),
         }
     }
@@ -45,17 +46,32 @@ impl Clock {
     /// Moves a manual clock forward by `by`; the system's clock cannot be moved and ignores it.
     pub fn advance(&self, by: Duration) {
         if let Some(at) = &self.manual {
-            let mut at = at.lock().unwrap_or_else(PoisonError::into_inner);
-            *at += TimeDelta::from_std(by).unwrap_or(TimeDelta::MAX);
+            at.send_modify(|at| *at += TimeDelta::from_std(by).unwrap_or(TimeDelta::MAX));
         }
     }
 
     /// Moves a manual clock forward to `at`, if that is later than it reads (never back).
     pub fn advance_to(&self, at: DateTime<Utc>) {
         if let Some(now) = &self.manual {
-            let mut now = now.lock().unwrap_or_else(PoisonError::into_inner);
-            *now = (*now).max(at);
+            now.send_if_modified(|now| {
+                let later = at > *now;
+                *now = (*now).max(at);
+                later
+            });
         }
+    }
+
+    /// Waits until `at` (milliseconds since 1970) by this clock: a sleep on the system's clock;
+    /// on a manual clock, until it is moved there.
+    pub async fn sleep_until_ms(&self, at: i64) {
+        let Some(manual) = &self.manual else {
+            let now = Utc::now().timestamp_millis();
+            let ms = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+            return tokio::time::sleep(Duration::from_millis(ms)).await;
+        };
+        let mut moved = manual.subscribe();
+        // Only fails when the clock is dropped, which this `&self` prevents.
+        let _ = moved.wait_for(|now| now.timestamp_millis() >= at).await;
     }
 
     /// How long until this clock reads `unix` seconds (zero if it already has).

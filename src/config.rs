@@ -132,6 +132,15 @@ pub struct ServeArgs {
     /// for this many days are forgotten [default: 365].
     #[arg(long, env = "TRIPLINE_STATE_IDLE_DAYS", value_parser = |t: &str| ranged(t, STATE_IDLE_DAYS))]
     pub state_idle_days: Option<u64>,
+    /// How long after a wait's deadline it ends, so that events stamped before the deadline
+    /// still arriving (PostHog delivers within seconds, and retries) count for it ("10s")
+    /// [default: 10s].
+    #[arg(long, env = "TRIPLINE_WAIT_GRACE", value_parser = parse_duration)]
+    pub wait_grace: Option<Duration>,
+    /// The most waits one rule may have pending; a rule at it starts no more, and says so
+    /// [default: 1000000].
+    #[arg(long, env = "TRIPLINE_MAX_PENDING_WAITS_PER_RULE", value_parser = |t: &str| ranged(t, PENDING_WAITS))]
+    pub max_pending_waits_per_rule: Option<u64>,
     /// How emails are delivered: `file` writes <data>/outbox/<id>.eml, `smtp` sends them
     /// [default: file].
     #[arg(long, env = "TRIPLINE_EMAIL_TRANSPORT", value_enum)]
@@ -194,6 +203,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub retention: RetentionFile,
     #[serde(default)]
+    pub waits: WaitsFile,
+    #[serde(default)]
     pub email: EmailFile,
     /// Named senders and where their secrets are.
     #[serde(default)]
@@ -229,6 +240,32 @@ pub struct LimitsFile {
 pub struct RetentionFile {
     pub dedupe_days: Option<Spanned<u64>>,
     pub state_idle_days: Option<Spanned<u64>>,
+}
+
+/// `[waits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitsFile {
+    pub grace: Option<Spanned<String>>,
+    pub max_pending_per_rule: Option<Spanned<u64>>,
+}
+
+/// How rules with `[wait]` wait.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitSettings {
+    /// How long after its deadline a wait ends.
+    pub grace: Duration,
+    /// The most waits one rule may have pending.
+    pub max_pending_per_rule: u64,
+}
+
+impl Default for WaitSettings {
+    fn default() -> Self {
+        WaitSettings {
+            grace: Duration::from_secs(10),
+            max_pending_per_rule: 1_000_000,
+        }
+    }
 }
 
 /// `[email]`.
@@ -286,6 +323,7 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub dedupe_retention_days: u64,
     pub state_idle_days: u64,
+    pub waits: WaitSettings,
     pub email_from: Mailbox,
     pub email_transport: EmailTransport,
     pub smtp_host: Option<String>,
@@ -529,6 +567,17 @@ impl ServeArgs {
             STATE_IDLE_DAYS,
             "state_idle_days",
         );
+        let defaults = WaitSettings::default();
+        let waits = WaitSettings {
+            grace: check.duration(self.wait_grace, file.waits.grace.as_ref(), defaults.grace),
+            max_pending_per_rule: check.number(
+                self.max_pending_waits_per_rule,
+                file.waits.max_pending_per_rule.as_ref(),
+                defaults.max_pending_per_rule,
+                PENDING_WAITS,
+                "max_pending_per_rule",
+            ),
+        };
         let listen = self
             .listen
             .clone()
@@ -557,6 +606,7 @@ impl ServeArgs {
             },
             dedupe_retention_days,
             state_idle_days,
+            waits,
             email_from: paths.email_from,
             email_transport: self
                 .email_transport
@@ -741,6 +791,7 @@ const RATE_LIMIT_BURST: RangeInclusive<u32> = 1..=u32::MAX;
 /// 0 forgets event ids at the next hourly pass.
 const DEDUPE_DAYS: RangeInclusive<u64> = 0..=36_500;
 const STATE_IDLE_DAYS: RangeInclusive<u64> = 1..=36_500;
+const PENDING_WAITS: RangeInclusive<u64> = 1..=100_000_000;
 
 /// `n`, if `range` holds it.
 fn in_range<T: PartialOrd + std::fmt::Display>(

@@ -15,11 +15,11 @@
 
 use tracing::{debug, info, info_span, warn};
 
-use crate::actions::{Env, Input, Output};
+use crate::actions::{Env, Input, Output, Waited};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
-use crate::rules::{Rule, RuleSet};
-use crate::store::{RuleState, State, StateKey, StoreError, Wants};
+use crate::rules::{Ends, IfPending, Rule, RuleSet, Wait};
+use crate::store::{Pending, RuleState, State, StateKey, StoreError, Wants};
 
 /// Something a rule did, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,9 +51,18 @@ pub enum Outcome {
     /// reasons; the others were.
     PartlyFailed { reasons: Vec<String> },
     /// None of the rule's actions could be made from this event (a field its email uses is
-    /// missing...): it did not act. Retrying the same event would not help, so it is reported,
-    /// not answered with an error.
+    /// missing...), or its `[wait]` could not start: it did not act. Retrying the same event
+    /// would not help, so it is reported, not answered with an error.
     Failed { reasons: Vec<String> },
+    /// `[wait]`: the rule waits (a wait started, started again, or goes on: see `if_pending`)
+    /// and ends at this time (milliseconds since 1970).
+    Waiting { until_ms: i64 },
+    /// `[wait] unless`: the event cancelled the rule's pending wait.
+    Cancelled,
+    /// A wait ended without acting: no `until` event came in time, or `then` did not hold.
+    Expired { why: &'static str },
+    /// `[wait]`: no wait could start (the rule has as many pending as it may).
+    WaitRefused { reason: String },
 }
 
 impl Outcome {
@@ -71,6 +80,9 @@ pub struct Report {
     pub outcomes: Vec<(usize, Outcome)>,
     /// Events skipped because their `uuid` was handled before (a retried delivery).
     pub duplicates: usize,
+    /// Pending waits ended unfired because their rule no longer waits (deleted, renamed, or
+    /// without `[wait]` now), by rule name.
+    pub dropped: Vec<String>,
 }
 
 impl Report {
@@ -78,6 +90,7 @@ impl Report {
     pub fn append(&mut self, later: Report) {
         self.outcomes.extend(later.outcomes);
         self.duplicates += later.duplicates;
+        self.dropped.extend(later.dropped);
     }
 
     /// The names of the rules that acted, once per event they acted on.
@@ -103,6 +116,7 @@ impl Report {
                     Outcome::Failed { reasons } | Outcome::PartlyFailed { reasons } => {
                         reasons.as_slice()
                     }
+                    Outcome::WaitRefused { reason } => std::slice::from_ref(reason),
                     _ => &[],
                 };
                 let name = &rules.rules()[*i].name;
@@ -128,7 +142,32 @@ pub fn run(
     let mut wants = Wants::default();
     plan.add_wants(rules, events, &mut wants);
     let mut state = store.load(&wants)?;
+    let later = plan.limits_of_waits(rules, &state);
+    if !later.is_empty() {
+        state.merge(store.load(&Wants::acted(&later))?);
+    }
     let report = plan.decide(rules, events, &mut state, env, effects);
+    store.save(state, now_unix)?;
+    Ok(report)
+}
+
+/// Ends the pending waits due by `until_ms` (at most `max`): loads what they need from `store`,
+/// decides, and saves, pushing effects onto `effects`. What `tripline test` and `replay` do as
+/// their clock passes deadlines; the service does the same in its committer.
+pub fn end_due_waits(
+    rules: &RuleSet,
+    store: &mut dyn RuleState,
+    until_ms: i64,
+    max: usize,
+    env: &Env,
+    now_unix: u64,
+    effects: &mut Vec<Effect>,
+) -> Result<Report, StoreError> {
+    let due = DuePlan::new(rules, store.due_waits(until_ms, max)?);
+    let mut wants = Wants::default();
+    due.add_wants(&mut wants);
+    let mut state = store.load(&wants)?;
+    let report = due.decide(rules, &mut state, until_ms, env, effects);
     store.save(state, now_unix)?;
     Ok(report)
 }
@@ -141,14 +180,25 @@ pub struct Plan {
     matched: Vec<Matched>,
 }
 
-/// One rule an event matched, with the keys of its `[count]` and `[limits]`, or why the event
-/// has none (a missing field).
+/// One rule an event matched, with the keys of its `[count]`, `[limits]` and `[wait]`, or why
+/// the event has none (a missing field).
 struct Matched {
     /// The event's index in the batch.
     event: usize,
     rule: usize,
+    /// Whether the rule's `[when]` held, or the event only matters to a pending wait.
+    role: Role,
     count: Result<Option<StateKey>, Outcome>,
     once: Result<Option<StateKey>, Outcome>,
+    wait: Result<Option<StateKey>, Outcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `[when]` held: the rule counts, acts or starts waiting.
+    Trigger,
+    /// The event may cancel, complete or (for `then`) update the rule's pending wait.
+    Watch,
 }
 
 impl Plan {
@@ -156,18 +206,28 @@ impl Plan {
     pub fn new(rules: &RuleSet, events: &[Event]) -> Plan {
         let mut matched = Vec::new();
         for (i, event) in events.iter().enumerate() {
+            // A pending wait sees the event before the rule may start a new one with it.
+            for (index, rule) in rules.watching(event) {
+                matched.push(Matched {
+                    event: i,
+                    rule: index,
+                    role: Role::Watch,
+                    count: Ok(None),
+                    once: Ok(None),
+                    wait: wait_key(rule, event),
+                });
+            }
             for (index, rule) in rules.matching(event) {
                 matched.push(Matched {
                     event: i,
                     rule: index,
+                    role: Role::Trigger,
                     count: match &rule.count {
                         Some(c) => state_key(rule, "count", &c.per, event).map(Some),
                         None => Ok(None),
                     },
-                    once: match &rule.limits {
-                        Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
-                        None => Ok(None),
-                    },
+                    once: once_key(rule, event),
+                    wait: wait_key(rule, event),
                 });
             }
         }
@@ -176,7 +236,7 @@ impl Plan {
 
     /// Adds the state this plan reads to `wants`: the ids of the events some rule wants (only
     /// those are deduplicated) and the keys their rules count and limit by.
-    pub fn add_wants<'a>(&'a self, rules: &RuleSet, events: &'a [Event], wants: &mut Wants<'a>) {
+    pub fn add_wants<'a>(&'a self, rules: &'a RuleSet, events: &'a [Event], wants: &mut Wants<'a>) {
         for (i, m) in self.matched.iter().enumerate() {
             // Once per event, though it may match several rules.
             let first_of_event = i == 0 || self.matched[i - 1].event != m.event;
@@ -192,7 +252,24 @@ impl Plan {
             if let Ok(Some(key)) = &m.once {
                 wants.acted.push(key);
             }
+            if let Ok(Some(key)) = &m.wait {
+                wants.waits.push(key);
+                wants.waiting.push(&rules.rules()[m.rule].name);
+            }
         }
+    }
+
+    /// The `[limits]` keys of the pending waits this plan's events may end (an `until` event,
+    /// or a trigger after a wait's end): they come from each wait's triggering event, so they
+    /// are known once the waits are loaded.
+    pub fn limits_of_waits(&self, rules: &RuleSet, state: &State) -> Vec<StateKey> {
+        (self.matched.iter())
+            .filter_map(|m| {
+                let key = m.wait.as_ref().ok()?.as_ref()?;
+                let rule = &rules.rules()[m.rule];
+                once_key(rule, &state.wait(key)?.trigger).ok()?
+            })
+            .collect()
     }
 
     /// Decides what `events` do, changing `state` and pushing effects onto `effects`.
@@ -225,9 +302,18 @@ impl Plan {
             for m in matched {
                 let rule = &rules.rules()[m.rule];
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
-                let outcome = apply(rules, m, event, state, env, effects);
-                if outcome == Outcome::Fired {
-                    info!("rule fired");
+                let mut ended = None;
+                let outcome = match m.role {
+                    Role::Trigger => Some(apply(rules, m, event, state, env, effects, &mut ended)),
+                    Role::Watch => watch(rules, m, event, state, env, effects),
+                };
+                report.outcomes.extend(ended.map(|o| (m.rule, o)));
+                let Some(outcome) = outcome else { continue };
+                match outcome {
+                    Outcome::Fired => info!("rule fired"),
+                    Outcome::Waiting { .. } => debug!("waiting"),
+                    Outcome::Cancelled => info!("wait cancelled"),
+                    _ => {}
                 }
                 report.outcomes.push((m.rule, outcome));
             }
@@ -236,7 +322,8 @@ impl Plan {
     }
 }
 
-/// Applies one matching rule.
+/// Applies one matching rule. A pending wait the event comes after the end of ends first, its
+/// outcome in `ended`.
 fn apply(
     rules: &RuleSet,
     matched: &Matched,
@@ -244,6 +331,7 @@ fn apply(
     state: &mut State,
     env: &Env,
     effects: &mut Vec<Effect>,
+    ended: &mut Option<Outcome>,
 ) -> Outcome {
     let index = matched.rule;
     let rule = &rules.rules()[index];
@@ -269,30 +357,82 @@ fn apply(
         }
         count = Some(n);
     }
-    let once_key = match &matched.once {
-        Ok(key) => key,
+    let once = match &matched.once {
+        Ok(key) => key.as_ref(),
         Err(no_key) => return no_key.clone(),
     };
-    if let (Some(limits), Some(key)) = (&rule.limits, once_key) {
-        state.touch(key);
-        if let Some(last) = state.last_acted(key) {
-            let again = limits.again_after.is_some_and(|after| {
-                let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-                t_ms.saturating_sub(last) >= after_ms
-            });
-            if !again {
-                debug!("held back by [limits]: already acted for these values");
-                return Outcome::Suppressed;
-            }
-        }
+    if held_back(rule, once, t_ms, state) {
+        debug!("held back by [limits]: already acted for these values");
+        return Outcome::Suppressed;
     }
+    match &rule.wait {
+        Some(wait) => match &matched.wait {
+            Ok(Some(key)) => {
+                // A wait this event comes after the end of is over: it ends first, as it would
+                // have if the timer had come before this event.
+                let over = state.wait(key).filter(|p| p.deadline_ms < t_ms).is_some();
+                if over {
+                    let pending = state.end_wait(key).expect("there is a wait");
+                    let its_once = once_key(rule, &pending.trigger).ok().flatten();
+                    *ended = Some(at_deadline(
+                        index,
+                        rules,
+                        pending,
+                        its_once.as_ref(),
+                        state,
+                        env,
+                        effects,
+                    ));
+                }
+                start_wait(rule, wait, key, event, count, state, env)
+            }
+            Ok(None) => unreachable!("a rule with [wait] has a wait key"),
+            Err(no_key) => no_key.clone(),
+        },
+        None => act(
+            index, rule, rules, event, count, None, once, t_ms, state, env, effects,
+        ),
+    }
+}
 
-    // Every action runs; each one's output or failure is its own. A rule none of whose actions
-    // could be made is not marked as having acted, so a later event retries.
+/// Whether `[limits]` holds the rule back at `t_ms`: it acted for `once_key` before, and not
+/// `again_after` ago.
+fn held_back(rule: &Rule, once_key: Option<&StateKey>, t_ms: i64, state: &mut State) -> bool {
+    let (Some(limits), Some(key)) = (&rule.limits, once_key) else {
+        return false;
+    };
+    state.touch(key);
+    let Some(last) = state.last_acted(key) else {
+        return false;
+    };
+    let again = limits.again_after.is_some_and(|after| {
+        let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        t_ms.saturating_sub(last) >= after_ms
+    });
+    !again
+}
+
+/// Runs every action of the rule on `event`; each one's output or failure is its own. A rule
+/// none of whose actions could be made is not marked as having acted, so a later event retries.
+#[allow(clippy::too_many_arguments)]
+fn act(
+    index: usize,
+    rule: &Rule,
+    rules: &RuleSet,
+    event: &Event,
+    count: Option<u64>,
+    waited: Option<Waited>,
+    once_key: Option<&StateKey>,
+    t_ms: i64,
+    state: &mut State,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Outcome {
     let input = Input {
         rule: &rule.name,
         event,
         count,
+        waited,
         templates: &rules.templates,
         env,
     };
@@ -324,6 +464,273 @@ fn apply(
     match reasons.is_empty() {
         true => Outcome::Fired,
         false => Outcome::PartlyFailed { reasons },
+    }
+}
+
+/// A triggering event for a rule with `[wait]`: starts a wait for its values, or, if one is
+/// pending, starts it again from this event (`if_pending = "restart"`, unless the event is older
+/// than the one that started it) or lets it go on with this event as the latest seen (`keep`).
+fn start_wait(
+    rule: &Rule,
+    wait: &Wait,
+    key: &StateKey,
+    event: &Event,
+    count: Option<u64>,
+    state: &mut State,
+    env: &Env,
+) -> Outcome {
+    let t_ms = event.time.timestamp_millis();
+    if let Some(pending) = state.wait(key) {
+        let older = event.time < pending.trigger.time;
+        if wait.if_pending == IfPending::Keep || older {
+            let mut pending = pending.clone();
+            if wait.then.is_some() {
+                see(&mut pending, event);
+            }
+            let until_ms = pending.deadline_ms;
+            state.set_wait(key, pending);
+            return Outcome::Waiting { until_ms };
+        }
+    } else if state.waiting(&rule.name) >= env.max_pending_waits {
+        let reason = format!(
+            "no wait started: the rule already has {} pending waits, the most one rule may have (max_pending_waits_per_rule)",
+            env.max_pending_waits
+        );
+        warn!(%reason);
+        return Outcome::WaitRefused { reason };
+    }
+    let for_ms = i64::try_from(wait.for_.as_millis()).unwrap_or(i64::MAX);
+    let until_ms = t_ms.saturating_add(for_ms);
+    state.set_wait(
+        key,
+        Pending {
+            rule: rule.name.clone(),
+            deadline_ms: until_ms,
+            trigger: event.clone(),
+            latest: None,
+            count,
+        },
+    );
+    Outcome::Waiting { until_ms }
+}
+
+/// Keeps `event` as the latest one seen by a pending wait, if it is (by its own time).
+fn see(pending: &mut Pending, event: &Event) {
+    if event.time >= pending.latest().time {
+        pending.latest = Some(event.clone());
+    }
+}
+
+/// An event that may matter to the rule's pending wait for its values: `unless` cancels it,
+/// `until` completes it (the rule acts now), and with `then` it becomes the latest seen. An
+/// event stamped after the wait's end is ignored, as is one with no pending wait: `None`.
+fn watch(
+    rules: &RuleSet,
+    matched: &Matched,
+    event: &Event,
+    state: &mut State,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Option<Outcome> {
+    let rule = &rules.rules()[matched.rule];
+    let wait = rule.wait.as_ref()?;
+    let key = matched.wait.as_ref().ok()?.as_ref()?;
+    let pending = state.wait(key)?;
+    let t_ms = event.time.timestamp_millis();
+    if t_ms > pending.deadline_ms {
+        debug!("stamped after the wait ended: it does not count for it");
+        return None;
+    }
+    match &wait.ends {
+        Ends::Unless(c) if c.holds(event) => {
+            state.end_wait(key);
+            Some(Outcome::Cancelled)
+        }
+        Ends::Until(c) if c.holds(event) => {
+            let pending = state.end_wait(key)?;
+            if wait.then.as_ref().is_some_and(|then| !then.holds(event)) {
+                return Some(Outcome::Expired { why: THEN_FAILED });
+            }
+            let once = once_key(rule, &pending.trigger);
+            let once = match &once {
+                Ok(key) => key.as_ref(),
+                Err(no_key) => return Some(no_key.clone()),
+            };
+            if held_back(rule, once, t_ms, state) {
+                return Some(Outcome::Suppressed);
+            }
+            let waited = Waited {
+                until: Some(event),
+                after: (event.time - pending.trigger.time)
+                    .to_std()
+                    .unwrap_or_default(),
+            };
+            Some(act(
+                matched.rule,
+                rule,
+                rules,
+                &pending.trigger,
+                pending.count,
+                Some(waited),
+                once,
+                t_ms,
+                state,
+                env,
+                effects,
+            ))
+        }
+        _ => {
+            if wait.then.is_some() {
+                let mut pending = pending.clone();
+                see(&mut pending, event);
+                state.set_wait(key, pending);
+            }
+            None
+        }
+    }
+}
+
+/// Why a wait ended without acting.
+const THEN_FAILED: &str = "`then` did not hold on the latest event";
+const UNTIL_MISSED: &str = "no `until` event came in time";
+
+/// Pending waits that are due, and the `[limits]` keys of their rules.
+pub struct DuePlan {
+    due: Vec<(StateKey, Pending, Option<StateKey>)>,
+}
+
+impl DuePlan {
+    /// The waits `due` (as a store listed them), with their `[limits]` keys.
+    pub fn new(rules: &RuleSet, due: Vec<(StateKey, Pending)>) -> DuePlan {
+        let due = due
+            .into_iter()
+            .map(|(key, pending)| {
+                let once = rules
+                    .named(&pending.rule)
+                    .and_then(|(_, rule)| once_key(rule, &pending.trigger).ok().flatten());
+                (key, pending, once)
+            })
+            .collect();
+        DuePlan { due }
+    }
+
+    /// The waits and when each was due (milliseconds since 1970).
+    pub fn deadlines(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.due
+            .iter()
+            .map(|(_, p, _)| (p.rule.as_str(), p.deadline_ms))
+    }
+
+    /// Adds the state this plan reads to `wants`.
+    pub fn add_wants<'a>(&'a self, wants: &mut Wants<'a>) {
+        for (key, pending, once) in &self.due {
+            wants.waits.push(key);
+            wants.waiting.push(&pending.rule);
+            wants.acted.extend(once);
+        }
+    }
+
+    /// Ends each due wait that is still due by `until_ms` in `state` (a batch may have cancelled
+    /// or restarted it meanwhile): the rule acts at the wait's deadline if its `then` holds on
+    /// the latest event seen, unless it waited for an `until` event that never came. A wait
+    /// whose rule no longer waits is dropped.
+    pub fn decide(
+        &self,
+        rules: &RuleSet,
+        state: &mut State,
+        until_ms: i64,
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Report {
+        let mut report = Report::default();
+        for (key, _, once) in &self.due {
+            let Some(pending) = state.wait(key).filter(|p| p.deadline_ms <= until_ms) else {
+                continue;
+            };
+            let rule_name = pending.rule.clone();
+            let pending = state.end_wait(key).expect("there is a wait");
+            let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| r.wait.is_some()) else {
+                info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
+                report.dropped.push(rule_name);
+                continue;
+            };
+            let outcome = at_deadline(index, rules, pending, once.as_ref(), state, env, effects);
+            report.outcomes.push((index, outcome));
+        }
+        report
+    }
+}
+
+/// Ends a wait at its deadline: the rule acts then, on the triggering event, if `then` holds on
+/// the latest event seen and `[limits]` lets it, unless it waited for an `until` event that
+/// never came. `once` is the `[limits]` key of the wait's triggering event.
+fn at_deadline(
+    index: usize,
+    rules: &RuleSet,
+    pending: Pending,
+    once: Option<&StateKey>,
+    state: &mut State,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Outcome {
+    let rule = &rules.rules()[index];
+    let wait = rule.wait.as_ref().expect("a rule with [wait]");
+    let _span = info_span!(
+        "wait",
+        rule.id = %rule.name,
+        event.uuid = pending.trigger.uuid().unwrap_or("-")
+    )
+    .entered();
+    let t_ms = pending.deadline_ms;
+    let outcome = if matches!(wait.ends, Ends::Until(_)) {
+        Outcome::Expired { why: UNTIL_MISSED }
+    } else if wait
+        .then
+        .as_ref()
+        .is_some_and(|c| !c.holds(pending.latest()))
+    {
+        Outcome::Expired { why: THEN_FAILED }
+    } else if held_back(rule, once, t_ms, state) {
+        Outcome::Suppressed
+    } else {
+        let waited = Waited {
+            until: None,
+            after: wait.for_,
+        };
+        act(
+            index,
+            rule,
+            rules,
+            &pending.trigger,
+            pending.count,
+            Some(waited),
+            once,
+            t_ms,
+            state,
+            env,
+            effects,
+        )
+    };
+    match &outcome {
+        Outcome::Fired => info!("wait ended: rule fired"),
+        other => debug!(?other, "wait ended"),
+    }
+    outcome
+}
+
+/// The `[limits]` key of `rule` for `event`, if it limits.
+fn once_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
+    match &rule.limits {
+        Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The `[wait]` key of `rule` for `event` (its `same` fields), if it waits.
+fn wait_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
+    match &rule.wait {
+        Some(w) => state_key(rule, "wait", &w.same, event).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -413,6 +820,7 @@ fields = { who = "distinct_id" }
             let env = Env {
                 default_from: &from,
                 unwritable: &unwritable,
+                max_pending_waits: 3,
             };
             run(
                 &self.set,

@@ -50,6 +50,33 @@ pub const EVENTS_CLOCK_CLAMPED: Metric = counter(
     "tripline_events_clock_clamped_total",
     "Events stamped later than their receipt plus max_clock_skew, timed at that limit for windows and limits, by source",
 );
+pub const WAITS_PENDING: Metric =
+    gauge("tripline_waits_pending", "Waits pending, by rule ([wait])");
+pub const WAITS_STARTED: Metric = counter(
+    "tripline_waits_started_total",
+    "Waits started (or started again by a new triggering event), by rule",
+);
+pub const WAITS_CANCELLED: Metric = counter(
+    "tripline_waits_cancelled_total",
+    "Waits cancelled by an `unless` event, by rule",
+);
+pub const WAITS_FIRED: Metric = counter(
+    "tripline_waits_fired_total",
+    "Waits that ended with the rule acting (at the deadline, or on an `until` event), by rule",
+);
+pub const WAITS_EXPIRED: Metric = counter(
+    "tripline_waits_expired_total",
+    "Waits that ended without the rule acting (no `until` event, `then` did not hold, [limits] held it back, or no action could be made), by rule",
+);
+pub const WAITS_DROPPED: Metric = counter(
+    "tripline_waits_dropped_total",
+    "Waits dropped unfired, by rule and reason: rule_gone (the rule was deleted, renamed or lost [wait]) or max_pending (none started: the rule had as many pending as allowed)",
+);
+pub const WAIT_LATENESS: Metric = Metric {
+    name: "tripline_wait_lateness_seconds",
+    kind: Kind::Seconds,
+    help: "How long after its deadline plus the grace period each wait ended (late after a restart, or under load)",
+};
 pub const REQUESTS_REJECTED: Metric = counter(
     "tripline_requests_rejected_total",
     "Requests to /webhook refused, by reason; a refused body changes nothing",
@@ -114,6 +141,13 @@ const ALL: &[&Metric] = &[
     &RULES_RELOAD_SUCCESS,
     &RULES_LAST_RELOAD,
     &RULES_RELOADS,
+    &WAITS_PENDING,
+    &WAITS_STARTED,
+    &WAITS_CANCELLED,
+    &WAITS_FIRED,
+    &WAITS_EXPIRED,
+    &WAITS_DROPPED,
+    &WAIT_LATENESS,
 ];
 
 /// Counts a request to `/webhook` that was refused, by why.
@@ -135,6 +169,13 @@ pub fn recorder() -> anyhow::Result<PrometheusHandle> {
             ],
         )
         .map_err(|e| anyhow::anyhow!("cannot set up the latency histogram: {e}"))?
+        .set_buckets_for_metric(
+            Matcher::Full(WAIT_LATENESS.name.into()),
+            &[
+                0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
+            ],
+        )
+        .map_err(|e| anyhow::anyhow!("cannot set up the lateness histogram: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("cannot start the metrics recorder: {e}"))?;
     for metric in ALL {

@@ -185,6 +185,7 @@ fn handle(body: &[u8]) -> bool {
             let env = Env {
                 default_from: &from,
                 unwritable: &unwritable,
+                max_pending_waits: u64::MAX,
             };
             engine::run(shipped_rules(), &events, &mut store, &env, 0, &mut effects).unwrap();
             true

@@ -159,8 +159,19 @@ pub struct Input<'a> {
     pub event: &'a Event,
     /// The rule's count when it acted, for `{{count}}`, if it counts.
     pub count: Option<u64>,
+    /// How the rule's `[wait]` ended, if it has one.
+    pub waited: Option<Waited<'a>>,
     pub templates: &'a Templates,
     pub env: &'a Env<'a>,
+}
+
+/// How a wait ended when its rule acts (see `[wait]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Waited<'a> {
+    /// The event that completed it (`until`), if one did.
+    pub until: Option<&'a Event>,
+    /// How long after the triggering event it ended.
+    pub after: std::time::Duration,
 }
 
 /// What actions need from the service when they run.
@@ -169,6 +180,8 @@ pub struct Env<'a> {
     pub default_from: &'a Mailbox,
     /// Output files that cannot be written now, with why.
     pub unwritable: &'a Unwritable,
+    /// The most waits one rule may have pending; a rule at it starts no more.
+    pub max_pending_waits: u64,
 }
 
 /// What an action made of an event, to be made durable by the committer.

@@ -106,6 +106,30 @@ pub struct Expect {
     pub lines: Option<Vec<ExpectLine>>,
     /// The rules whose action failed (an email that could not be filled in).
     pub failed: Option<Vec<String>>,
+    /// The rules with a wait still pending at the end, one entry per wait, by name.
+    pub pending: Option<Vec<String>>,
+    /// The rules whose wait an `unless` event cancelled, one entry per time, in order.
+    pub cancelled: Option<Vec<String>>,
+    /// The rules whose wait ended without acting (no `until` event came in time, or `then` did
+    /// not hold), one entry per time, in order.
+    pub expired: Option<Vec<String>>,
+}
+
+impl Expect {
+    /// Whether it expects nothing at all.
+    fn is_empty(&self) -> bool {
+        [
+            &self.fired,
+            &self.failed,
+            &self.pending,
+            &self.cancelled,
+            &self.expired,
+        ]
+        .iter()
+        .all(|e| e.is_none())
+            && self.emails.is_none()
+            && self.lines.is_none()
+    }
 }
 
 /// One expected email.
@@ -137,6 +161,8 @@ pub struct Case {
     pub start: DateTime<Utc>,
     /// The events, each sent when the case's clock reaches its time.
     pub events: Vec<Event>,
+    /// Where the clock is at the end: the last event's time, or later after an `after` alone.
+    pub end: DateTime<Utc>,
     pub expect: Expect,
 }
 
@@ -190,8 +216,7 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
             ));
             continue;
         }
-        let e = &case.expect;
-        if e.fired.is_none() && e.emails.is_none() && e.lines.is_none() && e.failed.is_none() {
+        if case.expect.is_empty() {
             problems.push(
                 Diagnostic::at(
                     file,
@@ -203,19 +228,34 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
             );
         }
         let mut clock = start;
+        let mut end = start;
         let mut events = Vec::new();
         for entry in case.events {
             match entry_events(file, entry.get_ref(), &mut clock, index, events.len()) {
-                Ok(mut more) => events.append(&mut more),
+                Ok(more) if more.is_empty() => end = clock,
+                Ok(mut more) => {
+                    end = more.last().map_or(end, |e| e.time);
+                    events.append(&mut more);
+                }
                 Err(message) => problems.push(
                     Diagnostic::at(file, &source, entry.span(), message.0).with_hint(message.1),
                 ),
             }
         }
+        if events.is_empty() && problems.is_empty() {
+            problems.push(Diagnostic::at(
+                file,
+                &source,
+                span,
+                format!("test \"{}\" sends no events", case.name),
+            ));
+            continue;
+        }
         cases.push(Case {
             name: case.name,
             start,
             events,
+            end,
             expect: case.expect,
         });
     }
@@ -273,6 +313,15 @@ fn entry_events(
             ),
         };
         return Err((format!("unknown key `{key}` in this event"), hint));
+    }
+    // `after` alone moves the clock: waits due meanwhile end.
+    if entry.after.is_some()
+        && entry.file.is_none()
+        && entry.event.is_empty()
+        && entry.repeat.is_none()
+        && entry.source.is_none()
+    {
+        return Ok(Vec::new());
     }
     let repeat = entry.repeat.unwrap_or(1);
     if !(1..=MAX_REPEAT).contains(&repeat) {
@@ -379,21 +428,76 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
     let env = Env {
         default_from,
         unwritable: &unwritable,
+        max_pending_waits: u64::MAX,
     };
     // Each event arrives when the case's clock reads its time: what depends on the time of
-    // handling sees the case's time, never the machine's, and nothing waits.
+    // handling sees the case's time, never the machine's, and nothing waits. Waits end as the
+    // clock passes their deadline (no grace period: the case's events come in order).
     let clock = Clock::manual(case.start);
     let mut report = Report::default();
-    for event in &case.events {
-        clock.advance_to(event.time);
-        let events = std::slice::from_ref(event);
-        match engine::run(rules, events, &mut store, &env, clock.unix(), &mut effects) {
-            Ok(r) => report.append(r),
-            Err(e) => return vec![e.to_string()],
+    let mut run = |store: &mut MemoryStore, until: DateTime<Utc>, event: Option<&Event>| {
+        let until_ms = until.timestamp_millis();
+        // A wait ending at the event's own time still sees it: those due before it end first.
+        let due_by = if event.is_some() {
+            until_ms - 1
+        } else {
+            until_ms
+        };
+        clock.advance_to(until);
+        let now = clock.unix();
+        report.append(engine::end_due_waits(
+            rules,
+            store,
+            due_by,
+            usize::MAX,
+            &env,
+            now,
+            &mut effects,
+        )?);
+        if let Some(event) = event {
+            let events = std::slice::from_ref(event);
+            report.append(engine::run(rules, events, store, &env, now, &mut effects)?);
         }
+        Ok::<_, crate::store::StoreError>(())
+    };
+    for event in &case.events {
+        if let Err(e) = run(&mut store, event.time, Some(event)) {
+            return vec![e.to_string()];
+        }
+    }
+    if let Err(e) = run(&mut store, case.end.max(clock.now()), None) {
+        return vec![e.to_string()];
     }
     let mut problems = Vec::new();
     let e = &case.expect;
+    if let Some(pending) = &e.pending {
+        let actual: Vec<String> = (store.waiting().into_iter())
+            .flat_map(|(rule, n)| std::iter::repeat_n(rule, n as usize))
+            .collect();
+        let mut wanted = pending.clone();
+        wanted.sort();
+        compare_rule_names("be waiting", &wanted, &actual, rules, &mut problems);
+    }
+    if let Some(cancelled) = &e.cancelled {
+        let actual = report.rules_where(rules, |o| *o == Outcome::Cancelled);
+        compare_rule_names(
+            "have a wait cancelled",
+            cancelled,
+            &actual,
+            rules,
+            &mut problems,
+        );
+    }
+    if let Some(expired) = &e.expired {
+        let actual = report.rules_where(rules, |o| matches!(o, Outcome::Expired { .. }));
+        compare_rule_names(
+            "have a wait end without acting",
+            expired,
+            &actual,
+            rules,
+            &mut problems,
+        );
+    }
     if let Some(fired) = &e.fired {
         let actual = report.fired(rules);
         compare_rule_names("act", fired, &actual, rules, &mut problems);

@@ -24,7 +24,7 @@ use crate::actions::email::{Queued, mask_email};
 use crate::actions::jsonl::{JsonlFiles, Unwritable};
 use crate::actions::{self, Destinations, Env, Output};
 use crate::clock::Clock;
-use crate::config::{FolderArgs, Paths};
+use crate::config::{FolderArgs, Paths, WaitSettings};
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::pipeline::committer::{Committer, Retention};
@@ -64,6 +64,11 @@ struct RuleStats {
     held_back: u64,
     no_key: u64,
     failed: u64,
+    /// `[wait]`: started (or started again), cancelled, ended without acting, still pending.
+    waiting: u64,
+    cancelled: u64,
+    expired: u64,
+    pending: u64,
     examples: Vec<String>,
 }
 
@@ -164,11 +169,16 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let elapsed = started.elapsed();
     let Run {
-        stats,
+        mut stats,
         totals,
         sink,
         ..
     } = run;
+    for (rule, n) in sink.waiting()? {
+        if let Some((i, _)) = rules.named(&rule) {
+            stats[i].pending = n;
+        }
+    }
     let written = sink.finish()?;
 
     print_summary(args, &rules, &stats, &totals, elapsed, written.as_deref());
@@ -204,6 +214,11 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             event_ids: Duration::MAX,
             idle_state: Duration::MAX,
         },
+        // Waits end as the history clock passes them: events come in order, no grace needed.
+        WaitSettings {
+            grace: Duration::ZERO,
+            max_pending_per_rule: u64::MAX,
+        },
         Arc::new(tokio::sync::Notify::new()),
         clock.clone(),
     )?;
@@ -227,31 +242,66 @@ impl Sink {
         from: &Mailbox,
         effects: &mut Vec<Effect>,
     ) -> anyhow::Result<Report> {
-        if events.is_empty() {
+        let (Some(earliest), Some(latest)) = (
+            events.iter().map(|e| e.time).min(),
+            events.iter().map(|e| e.time).max(),
+        ) else {
             return Ok(Report::default());
-        }
-        let latest = events.iter().map(|e| e.time).max();
+        };
+        // The waits due before the batch end first (a trigger in the batch after a wait's end
+        // ends that wait itself, so none is restarted instead of ending).
         match self {
             Sink::DryRun { store, clock } => {
-                clock.advance_to(latest.expect("not empty"));
-                let now = clock.unix();
                 let unwritable = Unwritable::new();
                 let env = Env {
                     default_from: from,
                     unwritable: &unwritable,
+                    max_pending_waits: u64::MAX,
                 };
-                Ok(engine::run(rules, &events, store, &env, now, effects)?)
+                clock.advance_to(earliest);
+                let due_by = earliest.timestamp_millis() - 1;
+                let mut report = engine::end_due_waits(
+                    rules,
+                    store,
+                    due_by,
+                    usize::MAX,
+                    &env,
+                    clock.unix(),
+                    effects,
+                )?;
+                clock.advance_to(latest);
+                let now = clock.unix();
+                report.append(engine::run(rules, &events, store, &env, now, effects)?);
+                Ok(report)
             }
             Sink::Execute {
                 runtime,
                 committer,
                 clock,
                 ..
-            } => {
-                clock.advance_to(latest.expect("not empty"));
-                Ok(runtime.block_on(committer.submit(rules.clone(), events, None))?)
-            }
+            } => runtime.block_on(async {
+                clock.advance_to(earliest - chrono::TimeDelta::milliseconds(1));
+                let mut report = Report::default();
+                loop {
+                    let (ended, more) = committer.end_waits(rules.clone()).await?;
+                    report.append(ended);
+                    if !more {
+                        break;
+                    }
+                }
+                clock.advance_to(latest);
+                report.append(committer.submit(rules.clone(), events, None).await?);
+                Ok(report)
+            }),
         }
+    }
+
+    /// The rules with waits still pending, and how many.
+    fn waiting(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        Ok(match self {
+            Sink::DryRun { store, .. } => store.waiting(),
+            Sink::Execute { db, .. } => db.waiting()?,
+        })
     }
 
     /// Ends the run; with `--execute-into`, writes the queued emails and says where things went.
@@ -343,6 +393,15 @@ impl Run<'_> {
                         s.examples.push(format!("failed: {}", reasons.join("; ")));
                     }
                 }
+                Outcome::WaitRefused { reason } => {
+                    s.failed += 1;
+                    if s.examples.len() < examples {
+                        s.examples.push(format!("failed: {reason}"));
+                    }
+                }
+                Outcome::Waiting { .. } => s.waiting += 1,
+                Outcome::Cancelled => s.cancelled += 1,
+                Outcome::Expired { .. } => s.expired += 1,
             }
         }
         for effect in self.effects.drain(..) {
@@ -440,6 +499,30 @@ fn print_summary(
     println!(
         "matched: [when] held · counting: below [count] at_least · held back: by [limits] · no key: the event lacked a `per`/`once_per` field"
     );
+    if rules.rules().iter().any(|r| r.wait.is_some()) {
+        println!();
+        println!(
+            "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+            "waits", "started", "cancelled", "fired", "ended", "pending"
+        );
+        for (rule, s) in rules.rules().iter().zip(stats) {
+            if rule.wait.is_some() {
+                println!(
+                    "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+                    rule.name,
+                    thousands(s.waiting),
+                    thousands(s.cancelled),
+                    thousands(s.fired),
+                    thousands(s.expired),
+                    thousands(s.pending)
+                );
+            }
+        }
+        println!();
+        println!(
+            "started: by a triggering event (again, if one was pending) · ended: without acting (no `until` event in time, or `then` did not hold) · pending: still waiting at the end of the file"
+        );
+    }
     if stats.iter().any(|s| !s.examples.is_empty()) {
         println!();
         println!("Examples:");

@@ -116,6 +116,15 @@ pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppErr
 pub async fn rules(State(state): State<AppState>) -> Json<Value> {
     let set = state.rules.snapshot();
     let unwritable = state.committer.unwritable();
+    let store = state.store.clone();
+    // The page still shows the rules when the store cannot be read (a full disk): the counts
+    // are then unknown (null).
+    let waiting: Option<std::collections::HashMap<String, u64>> =
+        match tokio::task::spawn_blocking(move || store.waiting()).await {
+            Ok(Ok(rows)) => Some(rows.into_iter().collect()),
+            _ => None,
+        };
+    let late = state.committer.wait_lateness();
     let running: Vec<Value> = set
         .as_ref()
         .map(|set| {
@@ -129,15 +138,27 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
                             "its output file cannot be written, so the rule does nothing: {why}"
                         ));
                     }
+                    if r.wait.is_some() {
+                        summary["waits"] = json!({
+                            "pending": waiting.as_ref().map(|w| w.get(&r.name).copied().unwrap_or(0)),
+                            "last_late_seconds": late.get(&r.name),
+                        });
+                    }
                     summary
                 })
                 .collect()
         })
         .unwrap_or_default();
+    // Waits of rules no longer loaded are dropped at the next reload; until then they show.
+    let orphans: Vec<Value> = (waiting.iter().flatten())
+        .filter(|(rule, _)| set.as_ref().is_none_or(|s| s.named(rule).is_none()))
+        .map(|(rule, n)| json!({ "rule": rule, "pending": n }))
+        .collect();
     Json(json!({
         "hash": set.as_ref().map(|s| s.hash.clone()),
         "loaded_at": set.as_ref().map(|s| s.loaded_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         "rules": running,
+        "waits_of_other_rules": orphans,
         "last_reload": state.rules.status(),
     }))
 }

@@ -59,7 +59,7 @@ pub async fn webhook(
     );
     // Events no rule wants (not even decoded past their fields' kinds) have no effect to make
     // durable: answered at once, without a commit.
-    let report = if events.iter().any(|e| rules.matching(e).next().is_some()) {
+    let report = if events.iter().any(|e| rules.involves(e)) {
         state
             .committer
             .submit(
@@ -80,6 +80,8 @@ pub async fn webhook(
         "accepted": count,
         "duplicates": report.duplicates,
         "fired": report.fired(&rules),
+        "waiting": report.rules_where(&rules, |o| matches!(o, Outcome::Waiting { .. })),
+        "cancelled": report.rules_where(&rules, |o| *o == Outcome::Cancelled),
         "failed": report.failures(&rules),
     })))
 }
@@ -99,7 +101,14 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
             Outcome::Suppressed => {
                 metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule).increment(1);
             }
-            Outcome::Counting { .. } | Outcome::NoKey { .. } | Outcome::Failed { .. } => {}
+            // Waits are counted by the committer, with those that end on the timer.
+            Outcome::Counting { .. }
+            | Outcome::NoKey { .. }
+            | Outcome::Failed { .. }
+            | Outcome::Waiting { .. }
+            | Outcome::Cancelled
+            | Outcome::Expired { .. }
+            | Outcome::WaitRefused { .. } => {}
         }
     }
 }

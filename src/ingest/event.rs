@@ -19,7 +19,7 @@ use crate::units::parse_timestamp;
 
 /// One event, normalized. Every field holds a JSON value so that rule paths can point at any of
 /// them without copying; the decoder guarantees the kinds documented on each field.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// The event name: always a non-empty string.
     pub name: Value,

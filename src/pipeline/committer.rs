@@ -26,13 +26,14 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
 use crate::actions::{Env, Output};
 use crate::clock::Clock;
-use crate::engine::{Effect, Plan, Report};
+use crate::config::WaitSettings;
+use crate::engine::{DuePlan, Effect, Outcome, Plan, Report};
 use crate::ingest::event::Event;
 use crate::rules::RuleSet;
 use crate::store::queue::OutboxRecord;
@@ -47,6 +48,9 @@ const EXPIRE_EVERY: u64 = 3600;
 const EXPIRE_PER_COMMIT: usize = 1000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
+/// Most due waits ended in one transaction, and most waits of removed rules dropped: more are
+/// left to the next one, so that requests in between are never held up for long.
+const WAITS_PER_COMMIT: usize = 500;
 
 /// Why a batch was not made durable. The request should be retried.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,6 +94,18 @@ enum Job {
     /// Do the housekeeping that time makes due (forget expired ids and idle keys), even when no
     /// request comes.
     Tick(oneshot::Sender<Result<(), CommitError>>),
+    /// End the waits that are due under these rules, and drop those of rules that no longer
+    /// wait; answered with whether more are left.
+    EndWaits(
+        Arc<RuleSet>,
+        oneshot::Sender<Result<(Report, bool), CommitError>>,
+    ),
+}
+
+/// Ending waits in a batch: under which rules, and who to tell.
+struct EndWaits {
+    rules: Arc<RuleSet>,
+    reply: Option<oneshot::Sender<Result<(Report, bool), CommitError>>>,
 }
 
 struct Request {
@@ -107,6 +123,7 @@ struct Request {
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    next_wait: watch::Receiver<Option<i64>>,
 }
 
 /// What the committer thread shows the rest of the service.
@@ -116,6 +133,8 @@ struct Shared {
     panicked: Mutex<Option<String>>,
     /// Output files that cannot be opened, with why.
     unwritable: Mutex<Unwritable>,
+    /// For each rule, how late its last wait ended (seconds past its deadline and the grace).
+    wait_lateness: Mutex<HashMap<String, f64>>,
 }
 
 /// What the committer thread owns.
@@ -136,6 +155,9 @@ struct Worker {
     last_retry: u64,
     shared: Arc<Shared>,
     clock: Clock,
+    waits: WaitSettings,
+    /// The soonest deadline of a pending wait, for the timer (`pipeline/timers.rs`).
+    next_wait: watch::Sender<Option<i64>>,
 }
 
 /// What one round of housekeeping forgot.
@@ -151,14 +173,20 @@ impl Committer {
     /// Recovers the output files, then starts the committer thread. `deliveries_queued` is notified
     /// after each commit that queued emails; `clock` dates what is handled. The thread ends once
     /// every `Committer` is dropped.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<dyn Backend>,
         files: JsonlFiles,
         default_from: Mailbox,
         retention: Retention,
+        waits: WaitSettings,
         deliveries_queued: Arc<Notify>,
         clock: Clock,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
+        let next_wait = watch::Sender::new(store.next_wait_due()?);
+        for (rule, n) in store.waiting()? {
+            metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
+        }
         let mut worker = Worker {
             store,
             files,
@@ -173,9 +201,12 @@ impl Committer {
             last_retry: clock.unix(),
             shared: Arc::new(Shared::default()),
             clock,
+            waits,
+            next_wait,
         };
         worker.recover()?;
         let shared = worker.shared.clone();
+        let next_wait = worker.next_wait.subscribe();
         let (tx, mut rx) = mpsc::channel::<Job>(4 * MAX_BATCH);
         let handle = std::thread::Builder::new()
             .name("committer".into())
@@ -183,18 +214,29 @@ impl Committer {
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = Vec::new();
                     let mut ticks = Vec::new();
+                    let mut end_waits: Option<EndWaits> = None;
                     let mut next = Some(first);
                     while let Some(job) = next {
                         match job {
                             Job::Request(request) => batch.push(request),
                             Job::Tick(reply) => ticks.push(reply),
+                            // The newest rules; an older asker is answered as done.
+                            Job::EndWaits(rules, reply) => {
+                                if let Some(older) = end_waits.take().and_then(|e| e.reply) {
+                                    let _ = older.send(Ok((Report::default(), true)));
+                                }
+                                end_waits = Some(EndWaits {
+                                    rules,
+                                    reply: Some(reply),
+                                });
+                            }
                         }
                         next = (batch.len() < MAX_BATCH)
                             .then(|| rx.try_recv().ok())
                             .flatten();
                     }
-                    if !batch.is_empty() {
-                        worker.process(batch);
+                    if !batch.is_empty() || end_waits.is_some() {
+                        worker.process(batch, end_waits);
                     }
                     for reply in ticks {
                         let _ = reply.send(worker.tick());
@@ -203,7 +245,41 @@ impl Committer {
                 info!("committer stopped");
             })
             .map_err(|e| CommitError::Store(format!("cannot start the committer thread: {e}")))?;
-        Ok((Committer { jobs: tx, shared }, handle))
+        Ok((
+            Committer {
+                jobs: tx,
+                shared,
+                next_wait,
+            },
+            handle,
+        ))
+    }
+
+    /// Ends the waits due now under `rules` (at most a transaction's worth) and drops those of
+    /// rules that no longer wait; returns what the ended waits did, and whether more are left
+    /// for another call.
+    pub async fn end_waits(&self, rules: Arc<RuleSet>) -> Result<(Report, bool), CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::EndWaits(rules, reply))
+            .await
+            .map_err(|_| CommitError::Stopped)?;
+        answer.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// The soonest deadline of a pending wait (milliseconds since 1970), kept up to date by each
+    /// commit.
+    pub fn next_wait(&self) -> watch::Receiver<Option<i64>> {
+        self.next_wait.clone()
+    }
+
+    /// For each rule, how late its last wait ended, in seconds (for `GET /rules`).
+    pub fn wait_lateness(&self) -> HashMap<String, f64> {
+        self.shared
+            .wait_lateness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Makes the effects of `events` durable; returns once they are. A `delivery` already
@@ -317,14 +393,15 @@ impl Worker {
             .unwrap_or_else(PoisonError::into_inner) = self.unwritable.clone();
     }
 
-    fn process(&mut self, mut batch: Vec<Request>) {
+    fn process(&mut self, mut batch: Vec<Request>, mut end_waits: Option<EndWaits>) {
         loop {
             let mut written = Vec::new();
             let mut files_of = Vec::new();
             // A panic must not take the committer (and so the whole service) down: the batch
             // fails like any other failed batch, and the next one starts afresh.
+            let rules = end_waits.as_ref().map(|e| e.rules.clone());
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.commit_batch(&batch, &mut written, &mut files_of)
+                self.commit_batch(&batch, rules.as_ref(), &mut written, &mut files_of)
             }))
             .unwrap_or_else(|panic| {
                 let why = panic
@@ -344,15 +421,22 @@ impl Worker {
                 _ => None,
             };
             let e = match result {
-                Ok(reports) => {
+                Ok((reports, ended, more)) => {
                     for (job, report) in batch.into_iter().zip(reports) {
                         let _ = job.reply.send(Ok(report));
+                    }
+                    if let Some(reply) = end_waits.and_then(|e| e.reply) {
+                        let _ = reply.send(Ok((ended.unwrap_or_default(), more)));
                     }
                     return;
                 }
                 Err(e) => e,
             };
             error!("batch of {} requests not committed: {e}", batch.len());
+            // Ending waits is not retried here: the timer asks again.
+            if let Some(reply) = end_waits.take().and_then(|e| e.reply) {
+                let _ = reply.send(Err(e.clone()));
+            }
             for (file, before) in written {
                 if let Err(t) = self.files.truncate(&file, before) {
                     error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
@@ -387,14 +471,17 @@ impl Worker {
         }
     }
 
-    /// Runs the batch in one transaction. `written` collects (file, length before) for each file
-    /// appended to, so a failure can undo it; `files_of` the files each request's lines go to.
+    /// Runs the batch in one transaction, and with `end_waits` ends the waits due under those
+    /// rules too. `written` collects (file, length before) for each file appended to, so a
+    /// failure can undo it; `files_of` the files each request's lines go to. Returns each
+    /// request's report, what the ended waits did, and whether waits are left to end or drop.
     fn commit_batch(
         &mut self,
         batch: &[Request],
+        end_waits: Option<&Arc<RuleSet>>,
         written: &mut Vec<(PathBuf, u64)>,
         files_of: &mut Vec<Vec<PathBuf>>,
-    ) -> Result<Vec<Report>, CommitError> {
+    ) -> Result<(Vec<Report>, Option<Report>, bool), CommitError> {
         #[cfg(test)]
         if batch.iter().any(|job| {
             job.events
@@ -423,25 +510,48 @@ impl Worker {
             }
             plans.push(Some(Plan::new(&job.rules, &job.events)));
         }
+        // Waits due by the clock, less the grace period for events still on their way.
+        let now_ms = self.clock.now().timestamp_millis();
+        let grace_ms = i64::try_from(self.waits.grace.as_millis()).unwrap_or(i64::MAX);
+        let due_by = now_ms.saturating_sub(grace_ms);
+        let (due, dropped) = match end_waits {
+            Some(rules) => (
+                Some(DuePlan::new(
+                    rules,
+                    txn.due_waits(due_by, WAITS_PER_COMMIT)?,
+                )),
+                drop_waits_of_gone_rules(txn.as_mut(), rules)?,
+            ),
+            None => (None, Vec::new()),
+        };
         let mut wants = Wants::default();
         for (job, plan) in batch.iter().zip(&plans) {
             if let Some(plan) = plan {
                 plan.add_wants(&job.rules, &job.events, &mut wants);
             }
         }
+        if let Some(due) = &due {
+            due.add_wants(&mut wants);
+        }
         let mut state = txn.load(&wants)?;
+        let mut later = Vec::new();
+        for (job, plan) in batch.iter().zip(&plans) {
+            if let Some(plan) = plan {
+                later.extend(plan.limits_of_waits(&job.rules, &state));
+            }
+        }
+        if !later.is_empty() {
+            state.merge(txn.load(&Wants::acted(&later))?);
+        }
         let env = Env {
             default_from: &self.default_from,
             unwritable: &self.unwritable,
+            max_pending_waits: self.waits.max_pending_per_rule,
         };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         let mut lines: IndexMap<PathBuf, String> = IndexMap::new();
-        let mut queued = 0;
-        // How many actions of each (kind, rule) were done and failed, for the metrics once
-        // committed: one counter update per pair, not per event.
-        let mut done: HashMap<(&str, &str), u64> = HashMap::new();
-        let mut failed: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut tally = Tally::default();
         for (job, plan) in batch.iter().zip(&plans) {
             let _request = job.span.enter();
             let Some(plan) = plan else {
@@ -453,49 +563,32 @@ impl Worker {
                 continue;
             };
             reports.push(plan.decide(&job.rules, &job.events, &mut state, &env, &mut effects));
-            let mut files = Vec::new();
-            for effect in effects.drain(..) {
-                let name = |i: usize| job.rules.rules()[i].name.as_str();
-                let rule = |i: usize| name(i).to_string();
-                match effect {
-                    Effect::Output {
-                        rule: i,
-                        output: Output::Line { file, line },
-                    } => {
-                        match lines.get_mut(&file) {
-                            Some(text) => text.push_str(&line),
-                            None => {
-                                lines.insert(file.clone(), line);
-                            }
-                        }
-                        if !files.contains(&file) {
-                            files.push(file);
-                        }
-                        *done.entry((jsonl::KIND, name(i))).or_default() += 1;
-                    }
-                    // Counted once delivered, by the sender.
-                    Effect::Output {
-                        rule: i,
-                        output: Output::Delivery(delivery),
-                    } => {
-                        txn.queue(&OutboxRecord::new(rule(i), delivery, now))?;
-                        queued += 1;
-                    }
-                    Effect::Failed {
-                        rule: i,
-                        kind,
-                        delivered,
-                        reason,
-                    } => {
-                        if delivered {
-                            txn.record_failed(&OutboxRecord::not_made(rule(i), kind, reason, now))?;
-                        }
-                        *failed.entry((kind, name(i))).or_default() += 1;
-                    }
-                }
-            }
-            files_of.push(files);
+            files_of.push(take_effects(
+                &mut effects,
+                &job.rules,
+                txn.as_mut(),
+                now,
+                &mut lines,
+                &mut tally,
+            )?);
         }
+        // Waits end after the batch's events: one stamped before a deadline still counts.
+        let ended = match (&due, end_waits) {
+            (Some(due), Some(rules)) => {
+                let report = due.decide(rules, &mut state, due_by, &env, &mut effects);
+                take_effects(
+                    &mut effects,
+                    rules,
+                    txn.as_mut(),
+                    now,
+                    &mut lines,
+                    &mut tally,
+                )?;
+                Some(report)
+            }
+            _ => None,
+        };
+        let (soonest, waiting) = state.wait_changes();
         txn.save(state, now)?;
         for (file, text) in &lines {
             let name = file.to_string_lossy();
@@ -509,19 +602,77 @@ impl Worker {
             txn.set_jsonl_len(&name, after)?;
         }
         txn.commit()?;
-        for ((kind, rule), n) in done {
-            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule.to_string())
+        for ((kind, rule), n) in tally.done {
+            metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
                 .increment(n);
         }
-        for ((kind, rule), n) in failed {
-            metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule.to_string())
+        for ((kind, rule), n) in tally.failed {
+            metrics::counter!(telemetry::ACTIONS_FAILED.name, "kind" => kind, "rule" => rule)
                 .increment(n);
         }
         self.forgot(forgotten, now);
-        if queued > 0 {
+        if tally.queued > 0 {
             self.deliveries_queued.notify_one();
         }
-        Ok(reports)
+        for (job, report) in batch.iter().zip(&reports) {
+            record_wait_outcomes(&job.rules, report);
+        }
+        for (rule, n) in waiting {
+            metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
+        }
+        let mut more = false;
+        if let (Some(report), Some(due), Some(rules)) = (&ended, &due, end_waits) {
+            record_wait_outcomes(rules, report);
+            self.ended_late(due, now_ms, grace_ms);
+            more = due.deadlines().count() == WAITS_PER_COMMIT;
+        }
+        for (rule, n) in &dropped {
+            warn!(
+                rule,
+                dropped = n,
+                "dropped pending waits: their rule no longer waits (deleted, renamed or without [wait])"
+            );
+            metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => rule.clone(), "reason" => "rule_gone")
+                .increment(*n);
+            more |= *n == WAITS_PER_COMMIT as u64;
+        }
+        if let Some(report) = &ended {
+            for rule in &report.dropped {
+                metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => rule.clone(), "reason" => "rule_gone")
+                    .increment(1);
+            }
+        }
+        // The timer sleeps until the soonest deadline: read again once waits ended or were
+        // dropped, else lowered by any earlier deadline this batch set.
+        if ended.is_some() {
+            self.next_wait.send_replace(self.store.next_wait_due()?);
+        } else if let Some(at) = soonest {
+            self.next_wait.send_if_modified(|next| {
+                let sooner = next.is_none_or(|n| at < n);
+                if sooner {
+                    *next = Some(at);
+                }
+                sooner
+            });
+        }
+        Ok((reports, ended, more))
+    }
+
+    /// Records how late each ended wait was: past its deadline and the grace period.
+    fn ended_late(&self, due: &DuePlan, now_ms: i64, grace_ms: i64) {
+        let mut lateness = self
+            .shared
+            .wait_lateness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (rule, deadline) in due.deadlines() {
+            let late = now_ms
+                .saturating_sub(deadline.saturating_add(grace_ms))
+                .max(0) as f64
+                / 1000.0;
+            metrics::histogram!(telemetry::WAIT_LATENESS.name).record(late);
+            lateness.insert(rule.to_string(), late);
+        }
     }
 
     /// Forgets, in `txn`, what time has made due: expired ids (when it is time to look, at most
@@ -675,6 +826,128 @@ impl Worker {
     }
 }
 
+/// What a batch's actions did, for the metrics once committed: one counter update per (kind,
+/// rule), not per event.
+#[derive(Default)]
+struct Tally {
+    done: HashMap<(&'static str, String), u64>,
+    failed: HashMap<(&'static str, String), u64>,
+    queued: usize,
+}
+
+/// Makes the effects of one request (or of the waits that ended) part of the transaction:
+/// lines gathered per file for one append, deliveries queued, failed deliveries recorded.
+/// Returns the files the lines go to.
+fn take_effects(
+    effects: &mut Vec<Effect>,
+    rules: &RuleSet,
+    txn: &mut dyn Batch,
+    now: u64,
+    lines: &mut IndexMap<PathBuf, String>,
+    tally: &mut Tally,
+) -> Result<Vec<PathBuf>, CommitError> {
+    let mut files = Vec::new();
+    for effect in effects.drain(..) {
+        let name = |i: usize| rules.rules()[i].name.as_str();
+        match effect {
+            Effect::Output {
+                rule: i,
+                output: Output::Line { file, line },
+            } => {
+                match lines.get_mut(&file) {
+                    Some(text) => text.push_str(&line),
+                    None => {
+                        lines.insert(file.clone(), line);
+                    }
+                }
+                if !files.contains(&file) {
+                    files.push(file);
+                }
+                count(&mut tally.done, jsonl::KIND, name(i));
+            }
+            // Counted once delivered, by the sender.
+            Effect::Output {
+                rule: i,
+                output: Output::Delivery(delivery),
+            } => {
+                txn.queue(&OutboxRecord::new(name(i).to_string(), delivery, now))?;
+                tally.queued += 1;
+            }
+            Effect::Failed {
+                rule: i,
+                kind,
+                delivered,
+                reason,
+            } => {
+                if delivered {
+                    txn.record_failed(&OutboxRecord::not_made(
+                        name(i).to_string(),
+                        kind,
+                        reason,
+                        now,
+                    ))?;
+                }
+                count(&mut tally.failed, kind, name(i));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Adds one to the tally of (kind, rule), copying the rule's name only the first time.
+fn count(tally: &mut HashMap<(&'static str, String), u64>, kind: &'static str, rule: &str) {
+    match tally.iter_mut().find(|((k, r), _)| *k == kind && r == rule) {
+        Some((_, n)) => *n += 1,
+        None => {
+            tally.insert((kind, rule.to_string()), 1);
+        }
+    }
+}
+
+/// Drops, in `txn`, the pending waits of rules that no longer wait under `rules` (deleted,
+/// renamed, or without `[wait]` now), at most [`WAITS_PER_COMMIT`] per rule; returns how many
+/// per rule.
+fn drop_waits_of_gone_rules(
+    txn: &mut dyn Batch,
+    rules: &RuleSet,
+) -> Result<Vec<(String, u64)>, CommitError> {
+    let mut dropped = Vec::new();
+    for (rule, _) in txn.waiting()? {
+        if rules.named(&rule).is_some_and(|(_, r)| r.wait.is_some()) {
+            continue;
+        }
+        let n = txn.drop_waits(&rule, WAITS_PER_COMMIT)?;
+        dropped.push((rule, n));
+    }
+    Ok(dropped)
+}
+
+/// Counts what the rules' waits did in `report`: started, cancelled, ended by acting or not,
+/// refused. A rule with `[wait]` only acts when a wait ends.
+fn record_wait_outcomes(rules: &RuleSet, report: &Report) {
+    for (index, outcome) in &report.outcomes {
+        let rule = &rules.rules()[*index];
+        if rule.wait.is_none() {
+            continue;
+        }
+        let metric = match outcome {
+            Outcome::Waiting { .. } => telemetry::WAITS_STARTED.name,
+            Outcome::Cancelled => telemetry::WAITS_CANCELLED.name,
+            o if o.acted() => telemetry::WAITS_FIRED.name,
+            Outcome::Expired { .. } | Outcome::Suppressed | Outcome::Failed { .. } => {
+                telemetry::WAITS_EXPIRED.name
+            }
+            Outcome::WaitRefused { .. } => {
+                metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => rule.name.clone(), "reason" => "max_pending")
+                    .increment(1);
+                continue;
+            }
+            _ => continue,
+        };
+        metrics::counter!(metric, "rule" => rule.name.clone()).increment(1);
+    }
+}
+
 fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
     CommitError::Output {
         file: file.to_path_buf(),
@@ -707,6 +980,7 @@ mod tests {
                 event_ids: Duration::from_secs(60),
                 idle_state: Duration::from_secs(86_400),
             },
+            crate::config::WaitSettings::default(),
             Arc::new(Notify::new()),
             Clock::wall(),
         );
@@ -754,6 +1028,7 @@ mod tests {
                     event_ids: Duration::from_secs(60),
                     idle_state: Duration::from_secs(86_400),
                 },
+                crate::config::WaitSettings::default(),
                 Arc::new(Notify::new()),
                 clock.clone(),
             )

@@ -1,6 +1,8 @@
 //! What runs beside the requests: the committer that makes their effects durable in batches,
-//! the sender that delivers queued emails, and the reload of the rules when files change.
+//! the sender that delivers queued emails, the reload of the rules when files change, and the
+//! timer that ends pending waits when they are due.
 
 pub mod committer;
 pub mod outbox;
 pub mod reload;
+pub mod timers;

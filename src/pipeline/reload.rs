@@ -48,6 +48,8 @@ pub struct LiveRules {
     data_dir: PathBuf,
     /// Dates each load.
     clock: Clock,
+    /// How many sets have been swapped in, for those who act on a new set (`timers.rs`).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl LiveRules {
@@ -66,6 +68,7 @@ impl LiveRules {
             templates_dir: folders.templates.clone(),
             data_dir: folders.data.clone(),
             clock,
+            generation: tokio::sync::watch::Sender::new(0),
         };
         live.reload();
         live
@@ -74,6 +77,11 @@ impl LiveRules {
     /// The rule set to use for one request, or `None` if no good set has loaded yet.
     pub fn snapshot(&self) -> Option<Arc<RuleSet>> {
         self.current.load_full()
+    }
+
+    /// Changes each time a new set is swapped in.
+    pub fn reloaded(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The last load's outcome.
@@ -97,6 +105,7 @@ impl LiveRules {
                 info!(rules = set.rules().len(), "rules loaded");
                 set.loaded_at = self.clock.now();
                 self.current.store(Some(Arc::new(set)));
+                self.generation.send_modify(|n| *n += 1);
                 ReloadStatus {
                     at: now(&self.clock),
                     ok: true,

@@ -14,7 +14,7 @@ use crate::diag::{Diagnostic, Problems, toml_diagnostic};
 use crate::ingest::path::FieldPath;
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::rules::{Count, Limits, Rule};
+use crate::rules::{Count, Ends, Limits, Rule, Wait};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp, toml_to_json_value};
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
@@ -115,7 +115,11 @@ impl Compiler<'_> {
 
         let when_span = f.when.span();
         let when = f.when.into_inner();
-        let events = self.event_selector(&when, when_span);
+        let events = self.event_selector(
+            &when,
+            when_span,
+            "[when] must say which event the rule is about",
+        );
         let condition = self.when(when, true);
 
         let count = f.count.map(|count| {
@@ -141,6 +145,8 @@ impl Compiler<'_> {
             again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
         });
 
+        let wait = f.wait.map(|w| self.wait(w));
+
         let no_action = f.actions.is_empty();
         let mut actions = Vec::new();
         let mut cx = Compile {
@@ -163,8 +169,17 @@ impl Compiler<'_> {
         let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
         paths.extend(count.iter().flat_map(|c| &c.per));
         paths.extend(limits.iter().flat_map(|l| &l.once_per));
+        let wait_paths: Vec<&FieldPath> = match &wait {
+            Some(Some(w)) => w.paths(),
+            _ => Vec::new(),
+        };
+        paths.extend(wait_paths);
         paths.extend(actions.iter().flat_map(|a| a.fields()));
-        let known = Known::new(paths, count.is_some());
+        let mut known = Known::new(paths, count.is_some());
+        if let Some(Some(w)) = &wait {
+            known = known.waiting(matches!(w.ends, Ends::Until(_)));
+        }
+        let known = known;
         for action in &actions {
             action.check(&known, &mut cx);
         }
@@ -173,7 +188,7 @@ impl Compiler<'_> {
             "name": name,
             "description": f.description,
             "file": self.p.file.display().to_string(),
-            "when": when_as_written(self.p.source),
+            "when": table_as_written(self.p.source, "when"),
             "count": count.as_ref().map(|c| {
                 let mut summary = json!({
                     "per": c.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
@@ -193,6 +208,7 @@ impl Compiler<'_> {
                 }
                 summary
             }),
+            "wait": table_as_written(self.p.source, "wait"),
             "actions": actions.iter().map(|a| a.summary()).collect::<Vec<_>>(),
         });
         Some(Rule {
@@ -202,8 +218,70 @@ impl Compiler<'_> {
             when: condition?,
             count,
             limits,
+            wait: wait.map_or(Some(None), |w| w.map(Some))?,
             actions,
             summary,
+        })
+    }
+
+    /// Compiles `[wait]`.
+    fn wait(&mut self, config: Spanned<WaitConfig>) -> Option<Wait> {
+        let span = config.span();
+        let w = config.into_inner();
+        let for_ = self.duration(&w.for_);
+        let same = match &w.same {
+            None => vec![FieldPath::parse("distinct_id").expect("a valid path")],
+            Some(list) if list.is_empty() => {
+                self.problem(
+                    span.clone(),
+                    "`same` is empty: every event would belong to one single wait",
+                    Some(
+                        "list the fields later events must share, like same = [\"distinct_id\"]"
+                            .into(),
+                    ),
+                );
+                Vec::new()
+            }
+            Some(list) => self.paths(list),
+        };
+        // `unless` or `until`: compiled whole (event name included), indexed by event name.
+        let mut watches = Some(Some(Vec::new()));
+        let mut ending = |c: Spanned<WhenConfig>, this: &mut Self| {
+            let span = c.span();
+            let c = c.into_inner();
+            watches = this.event_selector(
+                &c,
+                span,
+                "`unless` and `until` must say which event they wait for",
+            );
+            this.when(c, false)
+        };
+        let ends = match (w.unless, w.until) {
+            (Some(_), Some(until)) => {
+                self.problem(
+                    until.span(),
+                    "a wait has `unless` or `until`, not both",
+                    Some("`unless`: act when no such event comes in time; `until`: act when one does".into()),
+                );
+                None
+            }
+            (Some(c), None) => ending(c, self).map(Ends::Unless),
+            (None, Some(c)) => ending(c, self).map(Ends::Until),
+            (None, None) => Some(Ends::AtTime),
+        };
+        let then = w.then.map(|t| self.when(t.into_inner(), false));
+        // A `then` is checked on the latest event of the wait's values, whatever its name.
+        let watches = match &then {
+            Some(_) => Some(None),
+            None => watches,
+        };
+        Some(Wait {
+            for_: for_?,
+            same,
+            ends: ends?,
+            then: then.map_or(Some(None), |t| t.map(Some))?,
+            if_pending: w.if_pending.unwrap_or_default(),
+            watches: watches?,
         })
     }
 
@@ -213,11 +291,12 @@ impl Compiler<'_> {
         &mut self,
         when: &WhenConfig,
         when_span: Range<usize>,
+        missing: &str,
     ) -> Option<Option<Vec<String>>> {
         let Some((_, entry)) = when.entries.iter().find(|(k, _)| k.get_ref() == "event") else {
             self.problem(
                 when_span,
-                "[when] must say which event the rule is about",
+                missing,
                 Some("add event = \"feature_used\", a list like event = [\"a\", \"b\"], or event = \"*\" for every event".into()),
             );
             return None;
@@ -463,11 +542,11 @@ fn one_of(tables: &[&str]) -> String {
     }
 }
 
-/// The `[when]` table as the author wrote it, for `GET /rules`.
-fn when_as_written(source: &str) -> Value {
+/// A table (`[when]`, `[wait]`) as the author wrote it, for `GET /rules`.
+fn table_as_written(source: &str, table: &str) -> Value {
     toml::from_str::<toml::Table>(source)
         .ok()
-        .and_then(|t| t.get("when").map(toml_to_json_value))
+        .and_then(|t| t.get(table).map(toml_to_json_value))
         .unwrap_or(Value::Null)
 }
 

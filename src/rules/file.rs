@@ -25,12 +25,14 @@ pub struct RuleFile {
     pub count: Option<CountConfig>,
     /// Limits on how often the rule acts.
     pub limits: Option<LimitsConfig>,
+    /// Act later: after a while, unless or once another event comes.
+    pub wait: Option<Spanned<WaitConfig>>,
     /// What the rule does: one table per kind of action (`[email]`, `[jsonl]`), in file order.
     pub actions: Vec<Table>,
 }
 
 /// The keys of a rule file that are not actions.
-const RULE_KEYS: &[&str] = &["name", "description", "when", "count", "limits"];
+const RULE_KEYS: &[&str] = &["name", "description", "when", "count", "limits", "wait"];
 
 /// Every key a rule file may have, for "unknown key" messages.
 static ALL_KEYS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
@@ -72,8 +74,8 @@ impl<'de> Deserialize<'de> for RuleFile {
                 f.write_str("a rule")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleFile, A::Error> {
-                let (mut name, mut description, mut when, mut count, mut limits) =
-                    (None, None, None, None, None);
+                let (mut name, mut description, mut when, mut count, mut limits, mut wait) =
+                    (None, None, None, None, None, None);
                 let mut actions = Vec::new();
                 while let Some(Key(key)) = map.next_key()? {
                     match key.as_str() {
@@ -82,6 +84,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                         "when" => when = Some(map.next_value()?),
                         "count" => count = Some(map.next_value()?),
                         "limits" => limits = Some(map.next_value()?),
+                        "wait" => wait = Some(map.next_value()?),
                         other => match actions::parse_table(other, &mut map)? {
                             Some(table) => actions.push(table),
                             None => {
@@ -96,6 +99,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                     when: when.ok_or_else(|| de::Error::missing_field("when"))?,
                     count,
                     limits,
+                    wait,
                     actions,
                 })
             }
@@ -190,6 +194,41 @@ pub struct LimitsConfig {
     /// Allow acting again for the same values this long after the last time ("7 days").
     #[serde(default)]
     pub again_after: Option<Spanned<String>>,
+}
+
+/// `[wait]`: the rule acts some time after its triggering event, or when a later event comes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitConfig {
+    /// How long after the triggering event ("30 minutes").
+    #[serde(rename = "for")]
+    pub for_: Spanned<String>,
+    /// The fields whose values a later event must share to belong to the same wait.
+    #[serde(default)]
+    pub same: Option<Vec<Spanned<String>>>,
+    /// An event that cancels the wait (absence): the actions run when it ends without one.
+    #[serde(default)]
+    pub unless: Option<Spanned<WhenConfig>>,
+    /// An event that completes the wait (sequence): the actions run when it comes in time.
+    #[serde(default)]
+    pub until: Option<Spanned<WhenConfig>>,
+    /// A check on the latest event seen when the wait ends: act only if it holds.
+    #[serde(default)]
+    pub then: Option<Spanned<WhenConfig>>,
+    /// What a triggering event does while a wait is already pending for its values.
+    #[serde(default)]
+    pub if_pending: Option<IfPending>,
+}
+
+/// What a triggering event does while a wait is pending for the same values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfPending {
+    /// The wait starts again from this event (what abandonment needs: the latest checkout counts).
+    #[default]
+    Restart,
+    /// The first wait goes on; this event only counts as the latest one seen.
+    Keep,
 }
 
 impl<'de> Deserialize<'de> for WhenConfig {

@@ -23,6 +23,7 @@ use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::user_file::{self, Listing};
 use condition::Condition;
+pub use file::IfPending;
 
 /// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
 pub const TEST_SUFFIX: &str = ".test.toml";
@@ -41,6 +42,8 @@ pub struct Rule {
     pub when: Condition,
     pub count: Option<Count>,
     pub limits: Option<Limits>,
+    /// `[wait]`: act later rather than on the event.
+    pub wait: Option<Wait>,
     /// What it does when it acts, in file order.
     pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.
@@ -63,6 +66,52 @@ pub struct Limits {
     pub again_after: Option<Duration>,
 }
 
+/// `[wait]`: act `for` after the triggering event, unless or once a later event of the same
+/// values (`same`) comes, and if `then` holds.
+#[derive(Debug)]
+pub struct Wait {
+    pub for_: Duration,
+    pub same: Vec<FieldPath>,
+    pub ends: Ends,
+    pub then: Option<Condition>,
+    pub if_pending: IfPending,
+    /// The event names of `unless` or `until`, which the rule set indexes it under; `None`
+    /// means every event (a `then` looks at every event of its values).
+    pub watches: Option<Vec<String>>,
+}
+
+/// What a later event does to a pending wait.
+#[derive(Debug)]
+pub enum Ends {
+    /// Nothing: the wait ends at its time (a plain delay, perhaps with `then`).
+    AtTime,
+    /// `unless`: an event that meets this cancels it.
+    Unless(Condition),
+    /// `until`: an event that meets this completes it, and the rule acts then.
+    Until(Condition),
+}
+
+impl Wait {
+    /// Every field path it names.
+    pub fn paths(&self) -> Vec<&FieldPath> {
+        let mut paths: Vec<&FieldPath> = self.same.iter().collect();
+        if let Ends::Unless(c) | Ends::Until(c) = &self.ends {
+            paths.extend(c.paths());
+        }
+        paths.extend(self.then.iter().flat_map(|c| c.paths()));
+        paths
+    }
+
+    /// Whether `event` matters to a pending wait of this rule (cancels, completes or, with
+    /// `then`, is the latest one seen): the name index settled part of it already.
+    pub fn watches(&self, event: &Event) -> bool {
+        match &self.ends {
+            Ends::Unless(c) | Ends::Until(c) if c.holds(event) => true,
+            _ => self.then.is_some(),
+        }
+    }
+}
+
 /// Every rule of a rules folder, compiled, with the templates they use.
 pub struct RuleSet {
     rules: Vec<Rule>,
@@ -71,6 +120,9 @@ pub struct RuleSet {
     by_event: foldhash::HashMap<String, Vec<usize>>,
     /// The rules for every event: what an event whose name no rule names is tried against.
     any_event: Vec<usize>,
+    /// The same two for the events that matter to pending waits (see [`Wait::watches`]).
+    waits_by_event: foldhash::HashMap<String, Vec<usize>>,
+    waits_any_event: Vec<usize>,
     /// The templates, including each rule's `to` and `subject` lines.
     pub templates: Templates,
     /// A short hash of every rule and template file's name and text: the same files give the
@@ -158,24 +210,15 @@ impl RuleSet {
     }
 
     fn index(rules: Vec<Rule>, templates: Templates, hash: String) -> RuleSet {
-        let any_event: Vec<usize> = (0..rules.len())
-            .filter(|&i| rules[i].events.is_none())
-            .collect();
-        let mut by_event: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
-        for (i, rule) in rules.iter().enumerate() {
-            for name in rule.events.iter().flatten() {
-                by_event.entry(name.clone()).or_default().push(i);
-            }
-        }
-        for list in by_event.values_mut() {
-            list.extend(&any_event);
-            list.sort_unstable();
-            list.dedup();
-        }
+        let (by_event, any_event) = by_name(&rules, |r| Some(&r.events));
+        let (waits_by_event, waits_any_event) =
+            by_name(&rules, |r| r.wait.as_ref().map(|w| &w.watches));
         RuleSet {
             rules,
             by_event,
             any_event,
+            waits_by_event,
+            waits_any_event,
             templates,
             hash,
             loaded_at: Utc::now(),
@@ -185,6 +228,11 @@ impl RuleSet {
     /// Every rule, in file-name order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The rule named `name`, with its index.
+    pub fn named(&self, name: &str) -> Option<(usize, &Rule)> {
+        self.rules.iter().enumerate().find(|(_, r)| r.name == name)
     }
 
     /// The rules for an event named `name` with their indices in [`rules`](Self::rules), in
@@ -199,9 +247,31 @@ impl RuleSet {
     }
 
     /// Whether some rule is tried on events called `name` (whatever its `[when]` says of the
-    /// rest): events no rule is tried on need not be decoded.
+    /// rest), or some pending wait may care: events no rule is tried on need not be decoded.
     pub fn wants(&self, name: &str) -> bool {
         self.candidates(name).next().is_some()
+            || !self.waits_any_event.is_empty()
+            || self.waits_by_event.contains_key(name)
+    }
+
+    /// The rules with `[wait]` to which `event` matters if a wait is pending for its values
+    /// (see [`Wait::watches`]), with their indices, in file-name order.
+    pub fn watching<'s>(
+        &'s self,
+        event: &'s Event,
+    ) -> impl Iterator<Item = (usize, &'s Rule)> + 's {
+        self.waits_by_event
+            .get(event.name())
+            .unwrap_or(&self.waits_any_event)
+            .iter()
+            .map(|&i| (i, &self.rules[i]))
+            .filter(|(_, rule)| rule.wait.as_ref().is_some_and(|w| w.watches(event)))
+    }
+
+    /// Whether some rule does something with `event`: starts a wait or acts on it, or cares for
+    /// it while waiting. Only such events need the committer.
+    pub fn involves(&self, event: &Event) -> bool {
+        self.matching(event).next().is_some() || self.watching(event).next().is_some()
     }
 
     /// The rules whose `[when]` holds for `event`, with their indices, in file-name order.
@@ -212,6 +282,31 @@ impl RuleSet {
         self.candidates(event.name())
             .filter(|(_, rule)| rule.when.holds(event))
     }
+}
+
+/// An index of `rules` by event name: for each name some rule lists, the rules to try (those for
+/// every event included), and the rules for every event. `names` gives a rule's list (`None`
+/// inside: every event), or `None` when the rule is not to be indexed at all.
+#[allow(clippy::type_complexity)]
+fn by_name<'r>(
+    rules: &'r [Rule],
+    names: impl Fn(&'r Rule) -> Option<&'r Option<Vec<String>>>,
+) -> (foldhash::HashMap<String, Vec<usize>>, Vec<usize>) {
+    let any: Vec<usize> = (0..rules.len())
+        .filter(|&i| matches!(names(&rules[i]), Some(None)))
+        .collect();
+    let mut by: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
+    for (i, rule) in rules.iter().enumerate() {
+        for name in names(rule).into_iter().flatten().flatten() {
+            by.entry(name.clone()).or_default().push(i);
+        }
+    }
+    for list in by.values_mut() {
+        list.extend(&any);
+        list.sort_unstable();
+        list.dedup();
+    }
+    (by, any)
 }
 
 /// A warning for each rule whose output file cannot be written because of what is in the data

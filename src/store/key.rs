@@ -3,7 +3,7 @@
 use sha2::{Digest, Sha256};
 
 /// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StateKey(String);
 
 /// Field values longer than this (encoded) are kept as their SHA-256 digest, so a sender cannot
@@ -34,6 +34,17 @@ impl StateKey {
     /// The encoded key.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A key as a store gave it back (made by [`StateKey::new`] before).
+    pub fn stored(encoded: &str) -> StateKey {
+        StateKey(encoded.to_string())
+    }
+
+    /// What every key of `kind` of `rule` starts with (long values' kind `KIND#sha256` too), to
+    /// find them all in a sorted store.
+    pub fn prefix(rule: &str, kind: &str) -> String {
+        format!("[{},\"{kind}", serde_json::Value::from(rule))
     }
 }
 

@@ -9,13 +9,16 @@
 //! [`MemoryStore`], rule state that lives as long as a command (`tripline test`, `replay`).
 
 pub mod key;
+pub mod pending;
 pub mod queue;
 pub mod redb;
 pub mod state;
 
 pub use key::StateKey;
+pub use pending::Pending;
 use queue::{Due, OutboxRecord, OutboxStatus, Skip};
 pub use state::{State, Wants, record_in_window};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The store could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +40,13 @@ pub trait RuleState {
     fn load(&mut self, wants: &Wants) -> Result<State, StoreError>;
     /// Writes back what changed in `state` (see [`State::changes`]).
     fn save(&mut self, state: State, now_unix: u64) -> Result<(), StoreError>;
+    /// At most `max` pending waits whose deadline is at or before `until_ms`, soonest first.
+    /// Read from a due index: the cost follows what is due, not how many waits are pending.
+    fn due_waits(
+        &mut self,
+        until_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(StateKey, Pending)>, StoreError>;
 }
 
 /// Changes made together: nothing is visible or durable until [`Batch::commit`], and a batch
@@ -69,6 +79,11 @@ pub trait Batch: RuleState + Send {
     /// Forgets the rule state of at most `max` keys no event has used since before
     /// `cutoff_unix`; returns how many keys.
     fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
+    /// Every rule with pending waits, and how many.
+    fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Ends at most `max` pending waits of `rule` (a rule that no longer waits); returns how
+    /// many.
+    fn drop_waits(&mut self, rule: &str, max: usize) -> Result<u64, StoreError>;
     /// Makes every change durable.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -89,6 +104,10 @@ pub trait Backend: Send + Sync {
     fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError>;
     /// Whether a batch can commit now (for `/readyz`).
     fn check(&self) -> Result<(), StoreError>;
+    /// Every rule with pending waits, and how many.
+    fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// The soonest deadline of a pending wait (milliseconds since 1970), if any.
+    fn next_wait_due(&self) -> Result<Option<i64>, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).
@@ -96,6 +115,21 @@ pub trait Backend: Send + Sync {
 pub struct MemoryStore {
     /// `None` until the first save, and while the state is lent out.
     state: Option<State>,
+    /// Every pending wait by deadline.
+    due: BTreeSet<(i64, StateKey)>,
+}
+
+impl MemoryStore {
+    /// Every rule with pending waits, and how many, by name.
+    pub fn waiting(&self) -> Vec<(String, u64)> {
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, key) in &self.due {
+            if let Some(w) = self.state.as_ref().and_then(|s| s.wait(key)) {
+                *counts.entry(w.rule.clone()).or_default() += 1;
+            }
+        }
+        counts.into_iter().collect()
+    }
 }
 
 impl RuleState for MemoryStore {
@@ -105,9 +139,32 @@ impl RuleState for MemoryStore {
     }
 
     fn save(&mut self, mut state: State, _now_unix: u64) -> Result<(), StoreError> {
+        for change in state.changes().waits {
+            if let Some(before) = change.stored_deadline {
+                self.due.remove(&(before, change.key.clone()));
+            }
+            if let Some(now) = change.now {
+                self.due.insert((now.deadline_ms, change.key.clone()));
+            }
+        }
         state.saved();
         self.state = Some(state);
         Ok(())
+    }
+
+    fn due_waits(
+        &mut self,
+        until_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(StateKey, Pending)>, StoreError> {
+        let Some(state) = &self.state else {
+            return Ok(Vec::new());
+        };
+        Ok((self.due.iter())
+            .take_while(|(at, _)| *at <= until_ms)
+            .take(max)
+            .filter_map(|(_, key)| Some((key.clone(), state.wait(key)?.clone())))
+            .collect())
     }
 }
 

@@ -8,6 +8,7 @@
 use foldhash::HashMap;
 
 use crate::store::StateKey;
+use crate::store::pending::Pending;
 
 /// The state a batch of events may read: the keys its rules count or limit by, and the ids of
 /// its events (borrowed from the batch; a key named twice is loaded twice, harmlessly).
@@ -21,6 +22,20 @@ pub struct Wants<'a> {
     pub acted: Vec<&'a StateKey>,
     /// Event uuids, to skip those handled before.
     pub uuids: Vec<&'a str>,
+    /// Pending waits.
+    pub waits: Vec<&'a StateKey>,
+    /// Rules whose number of pending waits may change (their cap is checked).
+    pub waiting: Vec<&'a str>,
+}
+
+impl<'a> Wants<'a> {
+    /// Only when rules last acted for `keys`.
+    pub fn acted(keys: &'a [StateKey]) -> Wants<'a> {
+        Wants {
+            acted: keys.iter().collect(),
+            ..Wants::default()
+        }
+    }
 }
 
 /// Loaded rule state and what the engine changed in it. A key that was not loaded reads as
@@ -33,6 +48,8 @@ pub struct State {
     keys: HashMap<StateKey, Slot>,
     /// Event uuids handled before (`false`) or first handled since the state was loaded (`true`).
     seen: HashMap<String, bool>,
+    /// Pending waits per rule, and whether the number changed since the state was loaded.
+    waiting: HashMap<String, (u64, bool)>,
 }
 
 /// What one key holds: a `count` key its counter or window, a `once` key when the rule acted.
@@ -41,6 +58,10 @@ struct Slot {
     count: u64,
     window: Vec<i64>,
     acted: Option<i64>,
+    /// A `wait` key's pending wait.
+    wait: Option<Pending>,
+    /// Its deadline as the store has it (so that the store can move its due index).
+    stored_deadline: Option<i64>,
     /// Which of the above changed since the state was loaded ([`CHANGED_COUNT`]...).
     changed: u8,
     /// Whether an event used the key since the state was loaded.
@@ -50,12 +71,26 @@ struct Slot {
 const CHANGED_COUNT: u8 = 1;
 const CHANGED_WINDOW: u8 = 2;
 const CHANGED_ACTED: u8 = 4;
+const CHANGED_WAIT: u8 = 8;
+
+/// A pending wait set or ended: see [`Changes::waits`].
+pub struct WaitChange<'a> {
+    pub key: &'a StateKey,
+    /// Its deadline in the store before, to move or remove it in a due index.
+    pub stored_deadline: Option<i64>,
+    /// The wait now; `None` once it ended.
+    pub now: Option<&'a Pending>,
+}
 
 /// What a store writes back after a batch: see [`State::changes`].
 pub struct Changes<'a> {
     pub counters: Vec<(&'a StateKey, u64)>,
     pub windows: Vec<(&'a StateKey, &'a [i64])>,
     pub acted: Vec<(&'a StateKey, i64)>,
+    /// Pending waits set or ended: the key, the deadline the store had for it, and the wait now.
+    pub waits: Vec<WaitChange<'a>>,
+    /// Rules whose number of pending waits changed, with the number now.
+    pub waiting: Vec<(&'a str, u64)>,
     /// Event uuids handled for the first time.
     pub seen: Vec<&'a str>,
     /// Keys an event used, so that they are kept while in use and forgotten once idle.
@@ -71,6 +106,19 @@ impl State {
         self.keys.get_mut(key).expect("inserted above")
     }
 
+    /// Adds state loaded later in the same batch: keys this state does not hold yet.
+    pub fn merge(&mut self, later: State) {
+        for (key, slot) in later.keys {
+            self.keys.entry(key).or_insert(slot);
+        }
+        for (uuid, new) in later.seen {
+            self.seen.entry(uuid).or_insert(new);
+        }
+        for (rule, n) in later.waiting {
+            self.waiting.entry(rule).or_insert(n);
+        }
+    }
+
     /// Sets a counter as loaded from the store.
     pub fn load_counter(&mut self, key: &StateKey, count: u64) {
         self.slot(key).count = count;
@@ -84,6 +132,58 @@ impl State {
     /// Sets when a rule last acted for `key`, as loaded from the store.
     pub fn load_acted(&mut self, key: &StateKey, t_ms: i64) {
         self.slot(key).acted = Some(t_ms);
+    }
+
+    /// Sets a pending wait as loaded from the store.
+    pub fn load_wait(&mut self, key: &StateKey, wait: Pending) {
+        let slot = self.slot(key);
+        slot.stored_deadline = Some(wait.deadline_ms);
+        slot.wait = Some(wait);
+    }
+
+    /// Sets a rule's number of pending waits as loaded from the store.
+    pub fn load_waiting(&mut self, rule: &str, n: u64) {
+        self.waiting.insert(rule.to_string(), (n, false));
+    }
+
+    /// The pending wait at `key`, if any.
+    pub fn wait(&self, key: &StateKey) -> Option<&Pending> {
+        self.keys.get(key).and_then(|slot| slot.wait.as_ref())
+    }
+
+    /// How many waits `rule` has pending (as loaded, if it was, and changed since).
+    pub fn waiting(&self, rule: &str) -> u64 {
+        self.waiting.get(rule).map_or(0, |(n, _)| *n)
+    }
+
+    /// Sets the pending wait at `key` (a new one, or a changed one).
+    pub fn set_wait(&mut self, key: &StateKey, wait: Pending) {
+        let rule = wait.rule.clone();
+        let slot = self.slot(key);
+        let new = slot.wait.is_none();
+        slot.wait = Some(wait);
+        slot.changed |= CHANGED_WAIT;
+        if new {
+            self.add_waiting(&rule, 1);
+        }
+    }
+
+    /// Ends the pending wait at `key`, returning it.
+    pub fn end_wait(&mut self, key: &StateKey) -> Option<Pending> {
+        let slot = self.keys.get_mut(key)?;
+        let wait = slot.wait.take()?;
+        slot.changed |= CHANGED_WAIT;
+        self.add_waiting(&wait.rule, -1);
+        Some(wait)
+    }
+
+    fn add_waiting(&mut self, rule: &str, by: i64) {
+        if !self.waiting.contains_key(rule) {
+            self.waiting.insert(rule.to_string(), (0, false));
+        }
+        let (n, changed) = self.waiting.get_mut(rule).expect("inserted above");
+        *n = n.saturating_add_signed(by);
+        *changed = true;
     }
 
     /// Notes that the event `uuid` was handled before, as loaded from the store.
@@ -139,6 +239,11 @@ impl State {
             counters: Vec::new(),
             windows: Vec::new(),
             acted: Vec::new(),
+            waits: Vec::new(),
+            waiting: (self.waiting.iter())
+                .filter(|(_, (_, changed))| *changed)
+                .map(|(rule, (n, _))| (rule.as_str(), *n))
+                .collect(),
             seen: (self.seen.iter())
                 .filter(|(_, new)| **new)
                 .map(|(uuid, _)| uuid.as_str())
@@ -155,6 +260,13 @@ impl State {
             if let (true, Some(t)) = (slot.changed & CHANGED_ACTED != 0, slot.acted) {
                 changes.acted.push((key, t));
             }
+            if slot.changed & CHANGED_WAIT != 0 {
+                changes.waits.push(WaitChange {
+                    key,
+                    stored_deadline: slot.stored_deadline,
+                    now: slot.wait.as_ref(),
+                });
+            }
             if slot.touched {
                 changes.touched.push(key);
             }
@@ -162,12 +274,30 @@ impl State {
         changes
     }
 
+    /// What changed in the waits, cheaply: the soonest deadline set, and each rule's number of
+    /// pending waits that changed.
+    pub fn wait_changes(&self) -> (Option<i64>, Vec<(String, u64)>) {
+        let soonest = (self.keys.values())
+            .filter(|slot| slot.changed & CHANGED_WAIT != 0)
+            .filter_map(|slot| slot.wait.as_ref().map(|w| w.deadline_ms))
+            .min();
+        let waiting = (self.waiting.iter())
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(rule, (n, _))| (rule.clone(), *n))
+            .collect();
+        (soonest, waiting)
+    }
+
     /// Marks every change as written.
     pub fn saved(&mut self) {
         for slot in self.keys.values_mut() {
             slot.changed = 0;
             slot.touched = false;
+            slot.stored_deadline = slot.wait.as_ref().map(|w| w.deadline_ms);
         }
+        self.waiting
+            .values_mut()
+            .for_each(|(_, changed)| *changed = false);
         self.seen.values_mut().for_each(|new| *new = false);
     }
 }

@@ -186,6 +186,12 @@ impl Action for EmailAction {
     fn run(&self, input: &Input) -> Result<Output, String> {
         let mut data = input.event.template_context();
         data["count"] = input.count.map_or(Value::Null, Value::from);
+        if let Some(waited) = &input.waited {
+            data["waited"] = crate::units::format_duration(waited.after).into();
+            if let Some(until) = waited.until {
+                data["until"] = until.template_context();
+            }
+        }
         let built = build(self, input.templates, &data, input.env.default_from)
             .map_err(|e| format!("email not sent: {e}"))?;
         let envelope = built.message.envelope();

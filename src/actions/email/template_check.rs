@@ -20,7 +20,7 @@ fn roots() -> impl Iterator<Item = &'static str> {
     Field::ALL
         .into_iter()
         .filter_map(|f| f.name().split('.').next())
-        .chain(["count"])
+        .chain(["count", "until", "waited"])
 }
 
 /// Person properties PostHog users commonly set: typos of these are caught.
@@ -60,6 +60,8 @@ pub struct Known {
     event: BTreeSet<String>,
     person: BTreeSet<String>,
     has_count: bool,
+    /// `[wait]`: `waited` is filled in; with `until`, the completing event too.
+    wait: Option<bool>,
 }
 
 impl Known {
@@ -69,6 +71,7 @@ impl Known {
             event: EVENT_PROPERTIES.iter().map(|s| s.to_string()).collect(),
             person: PERSON_PROPERTIES.iter().map(|s| s.to_string()).collect(),
             has_count,
+            wait: None,
         };
         for path in paths {
             match path.property() {
@@ -78,6 +81,12 @@ impl Known {
             };
         }
         known
+    }
+
+    /// For a rule with `[wait]` (`until`: whether it completes on an event).
+    pub fn waiting(mut self, until: bool) -> Known {
+        self.wait = Some(until);
+        self
     }
 }
 
@@ -142,6 +151,30 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
             "remove {{count}} from the template, or add [count] to the rule".into(),
         )),
         "count" => None,
+        "waited" if known.wait.is_none() => Some((
+            "`waited` is only filled in for rules with a [wait] table".into(),
+            "remove {{waited}} from the template, or add [wait] to the rule".into(),
+        )),
+        "waited" if rest.is_empty() => None,
+        "until" if known.wait != Some(true) => Some((
+            "`until` is only filled in for rules whose [wait] has `until`".into(),
+            "the event that completed the wait is under until. (until.properties.x)".into(),
+        )),
+        "until" => match rest.first() {
+            Some(_) => problem(
+                &Reference {
+                    kind: ReferenceKind::Field(rest.to_vec()),
+                    text: r.text.trim_start_matches("until.").to_string(),
+                    line: r.line,
+                    column: r.column,
+                },
+                known,
+            ),
+            None => Some((
+                "`until` holds the event that completed the wait: name one of its fields".into(),
+                "write {{until.properties.role}} or {{until.timestamp}}".into(),
+            )),
+        },
         "properties" => typo(rest, &known.event, "properties"),
         "person" => match rest.first().map(String::as_str) {
             Some("properties") => typo(&rest[1..], &known.person, "person.properties"),

@@ -130,6 +130,7 @@ mod tests {
                 event_ids: Duration::from_secs(60),
                 idle_state: Duration::from_secs(60),
             },
+            crate::config::WaitSettings::default(),
             Arc::new(tokio::sync::Notify::new()),
             Clock::wall(),
         )

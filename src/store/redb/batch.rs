@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
     ACTED, COUNTERS, DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, JSONL_LEN, KEEP_FINISHED, META,
-    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, TOUCHED, TOUCHED_BY_DAY, WINDOWS,
-    due_unix, err,
+    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, TOUCHED, TOUCHED_BY_DAY, WAITING, WAITS,
+    WAITS_DUE, WINDOWS, due_unix, err,
 };
 use crate::store::queue::OutboxRecord;
-use crate::store::{Batch, RuleState, State, StoreError, Wants};
+use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
 
 /// One write transaction.
 pub struct WriteTxn {
@@ -64,7 +64,48 @@ impl RuleState for WriteTxn {
                 }
             }
         }
+        if !wants.waits.is_empty() {
+            let table = self.txn.open_table(WAITS).map_err(err)?;
+            for &key in &wants.waits {
+                if let Some(json) = table.get(key.as_str()).map_err(err)? {
+                    state.load_wait(key, serde_json::from_str(json.value()).map_err(err)?);
+                }
+            }
+        }
+        if !wants.waiting.is_empty() {
+            let table = self.txn.open_table(WAITING).map_err(err)?;
+            for &rule in &wants.waiting {
+                if let Some(n) = table.get(rule).map_err(err)? {
+                    state.load_waiting(rule, n.value());
+                }
+            }
+        }
         Ok(state)
+    }
+
+    fn due_waits(
+        &mut self,
+        until_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(StateKey, Pending)>, StoreError> {
+        let due = self.txn.open_table(WAITS_DUE).map_err(err)?;
+        let waits = self.txn.open_table(WAITS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in due.iter().map_err(err)?.take(max) {
+            let (k, _) = row.map_err(err)?;
+            let (at, key) = k.value();
+            if at > until_ms {
+                break;
+            }
+            // Written in the same transactions as the index, so the wait is there.
+            if let Some(json) = waits.get(key).map_err(err)? {
+                out.push((
+                    StateKey::stored(key),
+                    serde_json::from_str(json.value()).map_err(err)?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     fn save(&mut self, state: State, now_unix: u64) -> Result<(), StoreError> {
@@ -94,6 +135,35 @@ impl RuleState for WriteTxn {
             let mut table = self.txn.open_table(ACTED).map_err(err)?;
             for (key, t) in &changes.acted {
                 table.insert(key.as_str(), t).map_err(err)?;
+            }
+        }
+        if !changes.waits.is_empty() {
+            let mut waits = self.txn.open_table(WAITS).map_err(err)?;
+            let mut due = self.txn.open_table(WAITS_DUE).map_err(err)?;
+            for change in &changes.waits {
+                let key = change.key.as_str();
+                if let Some(before) = change.stored_deadline {
+                    due.remove((before, key)).map_err(err)?;
+                }
+                match change.now {
+                    Some(wait) => {
+                        let json = serde_json::to_string(wait).map_err(err)?;
+                        waits.insert(key, json.as_str()).map_err(err)?;
+                        due.insert((wait.deadline_ms, key), ()).map_err(err)?;
+                    }
+                    None => {
+                        waits.remove(key).map_err(err)?;
+                    }
+                }
+            }
+        }
+        if !changes.waiting.is_empty() {
+            let mut table = self.txn.open_table(WAITING).map_err(err)?;
+            for (rule, n) in &changes.waiting {
+                match n {
+                    0 => table.remove(*rule).map_err(err)?,
+                    n => table.insert(*rule, n).map_err(err)?,
+                };
             }
         }
         if !changes.touched.is_empty() {
@@ -244,6 +314,41 @@ impl Batch for WriteTxn {
             acted.remove(key.as_str()).map_err(err)?;
         }
         Ok(idle.len())
+    }
+
+    fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        super::waiting(&self.txn.open_table(WAITING).map_err(err)?)
+    }
+
+    fn drop_waits(&mut self, rule: &str, max: usize) -> Result<u64, StoreError> {
+        let prefix = StateKey::prefix(rule, "wait");
+        let mut waits = self.txn.open_table(WAITS).map_err(err)?;
+        let mut dropped = Vec::new();
+        for row in waits.range(prefix.as_str()..).map_err(err)?.take(max) {
+            let (k, v) = row.map_err(err)?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            let wait: Pending = serde_json::from_str(v.value()).map_err(err)?;
+            dropped.push((k.value().to_string(), wait.deadline_ms));
+        }
+        let mut due = self.txn.open_table(WAITS_DUE).map_err(err)?;
+        for (key, deadline) in &dropped {
+            waits.remove(key.as_str()).map_err(err)?;
+            due.remove((*deadline, key.as_str())).map_err(err)?;
+        }
+        let mut waiting = self.txn.open_table(WAITING).map_err(err)?;
+        let left = waiting
+            .get(rule)
+            .map_err(err)?
+            .map_or(0, |n| n.value())
+            .saturating_sub(dropped.len() as u64);
+        // Counted from the waits themselves once none is left, so a count can never stay stuck.
+        match left == 0 || dropped.len() < max {
+            true => waiting.remove(rule).map_err(err)?,
+            false => waiting.insert(rule, left).map_err(err)?,
+        };
+        Ok(dropped.len() as u64)
     }
 
     /// redb syncs before returning.

@@ -13,7 +13,9 @@
 //!   acknowledged and are cut off at start-up);
 //! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
 //!   [`KEEP_FINISHED`]; `outbox_due`: `(next attempt, id)` of every pending email, so that the
-//!   sender reads only the emails that are due; `meta`: the next email id.
+//!   sender reads only the emails that are due; `meta`: the next email id;
+//! - `waits`: state key → a pending wait (JSON); `waits_due`: `(deadline, key)` of each, so that
+//!   the waits due are read from its start; `waiting`: rule → how many waits it has pending.
 
 mod batch;
 
@@ -47,6 +49,12 @@ const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_don
 /// in the same transactions.
 const OUTBOX_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("outbox_due");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Pending waits: state key → the wait (JSON, see `store/pending.rs`).
+const WAITS: TableDefinition<&str, &str> = TableDefinition::new("waits");
+/// Every pending wait by deadline, `(deadline ms, state key)`: written with `waits`.
+const WAITS_DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("waits_due");
+/// How many waits each rule has pending: rule name → count (no row at zero).
+const WAITING: TableDefinition<&str, u64> = TableDefinition::new("waiting");
 /// For each key of `counters`, `windows` and `acted`: the day (since 1970) an event last used it.
 const TOUCHED: TableDefinition<&str, u64> = TableDefinition::new("touched");
 /// The same, by day, to find idle keys without a full scan.
@@ -222,6 +230,9 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(META).map_err(err)?;
         txn.open_table(TOUCHED).map_err(err)?;
         txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+        txn.open_table(WAITS).map_err(err)?;
+        txn.open_table(WAITS_DUE).map_err(err)?;
+        txn.open_table(WAITING).map_err(err)?;
         migrate_once_marks(&txn)?;
         mark_existing_keys(&txn, Clock::wall().unix() / DAY)?;
         index_pending_emails(&txn)?;
@@ -387,6 +398,17 @@ impl Backend for Db {
         self.pending_count().map(|_| ())
     }
 
+    fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.read()?;
+        waiting(&txn.open_table(WAITING).map_err(err)?)
+    }
+
+    fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
+        let txn = self.read()?;
+        let due = txn.open_table(WAITS_DUE).map_err(err)?;
+        Ok(due.first().map_err(err)?.map(|(k, _)| k.value().0))
+    }
+
     /// Only the rows shown are decoded.
     fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
         let txn = self.read()?;
@@ -399,6 +421,20 @@ impl Backend for Db {
             recent: outbox_rows(done.iter().map_err(err)?.rev().take(shown))?,
         })
     }
+}
+
+/// Every row of the `waiting` table.
+fn waiting(
+    table: &impl ReadableTable<&'static str, u64>,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    table
+        .iter()
+        .map_err(err)?
+        .map(|row| {
+            let (k, v) = row.map_err(err)?;
+            Ok((k.value().to_string(), v.value()))
+        })
+        .collect()
 }
 
 /// Decodes rows of an outbox table.
