@@ -34,6 +34,29 @@ pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// A length of time in words, to the second, for people: "3 days 2 hours", "30 minutes",
+/// "1 second" ("0 seconds" under a second).
+pub fn duration_in_words(d: Duration) -> String {
+    let mut left = d.as_secs();
+    let mut parts = Vec::new();
+    for (unit, secs) in [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ] {
+        let n = left / secs;
+        left %= secs;
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    match parts.is_empty() {
+        true => "0 seconds".into(),
+        false => parts.join(" "),
+    }
+}
+
 /// Parses the timestamp forms PostHog is known to send: RFC 3339 with 0–9 fractional digits and
 /// `Z` or an offset, the same without an offset (taken as UTC), ClickHouse's `YYYY-MM-DD HH:MM:SS`,
 /// and a bare date.
@@ -89,5 +112,11 @@ mod tests {
             Err(DurationError::Unreadable(_))
         ));
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h 30m");
+        assert_eq!(
+            duration_in_words(Duration::from_millis(90_061_500)),
+            "1 day 1 hour 1 minute 1 second"
+        );
+        assert_eq!(duration_in_words(Duration::from_secs(7200)), "2 hours");
+        assert_eq!(duration_in_words(Duration::from_millis(300)), "0 seconds");
     }
 }

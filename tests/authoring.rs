@@ -451,8 +451,13 @@ fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fir
             let test_file = rule.file.with_extension("test.toml");
             let tests = std::fs::read_to_string(&test_file)
                 .unwrap_or_else(|e| panic!("{}: {e}", test_file.display()));
+            // A rule acting with others (a welcome email at the same sign-up) is one entry of
+            // the list.
+            let quoted = format!("\"{}\"", rule.name);
             assert!(
-                tests.contains(&format!("fired = [\"{}\"", rule.name)),
+                tests
+                    .lines()
+                    .any(|l| l.starts_with("fired = [") && l.contains(&quoted)),
                 "{} has no test where {} fires",
                 test_file.display(),
                 rule.name

@@ -187,7 +187,7 @@ impl Action for EmailAction {
         let mut data = input.event.template_context();
         data["count"] = input.count.map_or(Value::Null, Value::from);
         if let Some(waited) = &input.waited {
-            data["waited"] = crate::units::format_duration(waited.after).into();
+            data["waited"] = crate::units::duration_in_words(waited.after).into();
             if let Some(until) = waited.until {
                 data["until"] = until.template_context();
             }
