@@ -6,7 +6,7 @@
 //! every metric is described.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// One metric.
 pub struct Metric {
@@ -158,6 +158,9 @@ pub fn rejected(reason: &'static str) {
 /// The process's Prometheus recorder, installed (and every metric described) on first use.
 pub fn recorder() -> anyhow::Result<PrometheusHandle> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    // Two services started at once in one process (tests) must not both install one.
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }

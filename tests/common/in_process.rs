@@ -1,8 +1,8 @@
 //! The service run inside the test process on a manual clock, over a real socket and real files:
 //! for what depends on the date (ids remembered for days, keys forgotten when idle), which a test
-//! moves forward instead of waiting for. Moving the clock wakes nothing by itself: what the
-//! service does with the new time happens at its next look (a request, a start, the committer's
-//! tick).
+//! moves forward instead of waiting for. Moving the clock wakes the timer of pending waits;
+//! anything else the service does with the new time happens at its next look (a request, a
+//! start, the committer's tick).
 
 use clap::Parser;
 use serde_json::Value;
@@ -35,9 +35,20 @@ impl InProcess {
     /// Starts on copies of the shipped rules and templates, with these extra flags, on a manual
     /// clock that reads `start`.
     pub fn start(args: &[&str], start: chrono::DateTime<chrono::Utc>) -> InProcess {
+        InProcess::start_with(args, start, |_| {})
+    }
+
+    /// [`InProcess::start`], after `setup` has changed the copied folders (it gets the
+    /// temporary root, holding `rules/` and `templates/`).
+    pub fn start_with(
+        args: &[&str],
+        start: chrono::DateTime<chrono::Utc>,
+        setup: impl FnOnce(&std::path::Path),
+    ) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&root().join("rules"), &dir.path().join("rules"));
         copy_dir(&root().join("templates"), &dir.path().join("templates"));
+        setup(dir.path());
         let data = dir.path().join("data");
         let mut all: Vec<String> = vec!["tripline".into()];
         for (flag, folder) in [
@@ -62,7 +73,8 @@ impl InProcess {
         server
     }
 
-    fn launch(&mut self) {
+    /// Starts the (stopped) service on the same folders, settings and clock.
+    pub fn launch(&mut self) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -102,7 +114,8 @@ impl InProcess {
         self.launch();
     }
 
-    fn stop(&mut self) {
+    /// Stops the service in order.
+    pub fn stop(&mut self) {
         if let Some((stop, thread)) = self.running.take() {
             let _ = stop.send(());
             thread.join().expect("the service stopped cleanly");
@@ -116,6 +129,26 @@ impl InProcess {
     /// The lines of a JSONL file in the data folder.
     pub fn jsonl(&self, file: &str) -> Vec<Value> {
         jsonl_lines(&self.data.join(file))
+    }
+
+    /// GET a path, parsed as JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Waits (up to 30 s) until `done` holds: what a moved clock makes due happens on the
+    /// service's own tasks, a moment later.
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut(&InProcess) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
