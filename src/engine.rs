@@ -978,6 +978,162 @@ fields = { who = "distinct_id" }
         assert!(email.message.contains("count 3"), "{}", email.message);
     }
 
+    const WAIT: &str = r#"
+name = "w"
+[when]
+event = "started"
+[wait]
+for = "10 minutes"
+same = ["properties.k"]
+unless = { event = "stopped" }
+[jsonl]
+file = "out.jsonl"
+fields = { k = "properties.k", at = "timestamp" }
+"#;
+
+    /// An event `name` for key `k` at minute `minute` of 2026-01-01.
+    fn at(name: &str, k: &str, minute: i64) -> Event {
+        let t = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH + chrono::TimeDelta::minutes(minute);
+        let uuid = format!("{name}-{k}-{minute}");
+        decoded(&format!(
+            r#"{{"event":"{name}","uuid":"{uuid}","distinct_id":"d","timestamp":"{}","properties":{{"k":"{k}"}}}}"#,
+            t.to_rfc3339()
+        ))
+        .remove(0)
+    }
+
+    impl Runs {
+        /// Ends the waits due by `minute`.
+        fn end_due(&mut self, minute: i64) -> Report {
+            let from: Mailbox = "t <t@localhost>".parse().unwrap();
+            let unwritable = Unwritable::new();
+            let env = Env {
+                default_from: &from,
+                unwritable: &unwritable,
+                max_pending_waits: 3,
+            };
+            let until_ms = minute * 60_000;
+            end_due_waits(
+                &self.set,
+                &mut self.store,
+                until_ms,
+                usize::MAX,
+                &env,
+                0,
+                &mut self.effects,
+            )
+            .unwrap()
+        }
+
+        /// The `at` of every line written, in order.
+        fn lines_at(&self) -> Vec<String> {
+            (self.effects.iter())
+                .filter_map(|e| match e {
+                    Effect::Output {
+                        output: Output::Line { line, .. },
+                        ..
+                    } => {
+                        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                        Some(format!("{}@{}", v["k"].as_str()?, v["at"].as_str()?))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_wait_restarts_on_a_newer_trigger_but_not_on_an_older_one() {
+        let mut r = Runs::new(WAIT);
+        assert_eq!(
+            r.run(&[at("started", "a", 0)]).outcomes,
+            [(
+                0,
+                Outcome::Waiting {
+                    until_ms: 10 * 60_000
+                }
+            )]
+        );
+        assert_eq!(
+            r.run(&[at("started", "a", 5)]).outcomes,
+            [(
+                0,
+                Outcome::Waiting {
+                    until_ms: 15 * 60_000
+                }
+            )],
+            "restarted"
+        );
+        assert_eq!(
+            r.run(&[at("started", "a", 3)]).outcomes,
+            [(
+                0,
+                Outcome::Waiting {
+                    until_ms: 15 * 60_000
+                }
+            )],
+            "an older event (a late delivery) does not move it back"
+        );
+        assert!(r.end_due(14).outcomes.is_empty());
+        assert_eq!(r.end_due(15).outcomes, [(0, Outcome::Fired)]);
+        assert_eq!(
+            r.lines_at(),
+            ["a@1970-01-01T00:05:00Z"],
+            "acts on the newest trigger"
+        );
+    }
+
+    #[test]
+    fn a_trigger_after_a_waits_end_ends_it_first_then_starts_the_next() {
+        let mut r = Runs::new(WAIT);
+        r.run(&[at("started", "a", 0)]);
+        // Minute 12: the timer has not come yet (grace); the old wait ends, a new one starts.
+        let report = r.run(&[at("started", "a", 12)]);
+        assert_eq!(
+            report.outcomes,
+            [
+                (0, Outcome::Fired),
+                (
+                    0,
+                    Outcome::Waiting {
+                        until_ms: 22 * 60_000
+                    }
+                )
+            ]
+        );
+        // A stop stamped after the first wait's end only cancels the second.
+        assert_eq!(
+            r.run(&[at("stopped", "a", 13)]).outcomes,
+            [(0, Outcome::Cancelled)]
+        );
+        assert!(r.end_due(60).outcomes.is_empty());
+        assert_eq!(r.lines_at(), ["a@1970-01-01T00:00:00Z"]);
+    }
+
+    #[test]
+    fn a_rule_at_its_cap_of_pending_waits_starts_no_more_and_says_so() {
+        let mut r = Runs::new(WAIT);
+        for k in ["a", "b", "c"] {
+            r.run(&[at("started", k, 0)]);
+        }
+        let report = r.run(&[at("started", "d", 0)]);
+        assert!(
+            matches!(&report.outcomes[..], [(0, Outcome::WaitRefused { reason })] if reason.contains("3 pending waits")),
+            "{report:?}"
+        );
+        assert_eq!(
+            report.failures(&r.set).len(),
+            1,
+            "shown in the reply's `failed`"
+        );
+        // Once one ends, there is room again.
+        r.run(&[at("stopped", "a", 1)]);
+        assert!(matches!(
+            r.run(&[at("started", "d", 2)]).outcomes[..],
+            [(0, Outcome::Waiting { .. })]
+        ));
+    }
+
     #[test]
     fn an_event_no_rule_matches_records_nothing() {
         let mut r = Runs::new(RULE);

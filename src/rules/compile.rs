@@ -665,6 +665,62 @@ mod tests {
     }
 
     #[test]
+    fn wait_tables_are_checked_like_every_other() {
+        let rule =
+            |wait: &str| format!("name = \"r\"\n[when]\nevent = \"x\"\n[wait]\n{wait}\n{JSONL}");
+        assert_eq!(
+            problems(&rule("for = \"30 minutes\"\nunless = { event = \"y\" }")),
+            Vec::<String>::new()
+        );
+        let p = problems(&rule("for = \"30 minutes\"\nunles = { event = \"y\" }"));
+        assert!(
+            p[0].contains("unknown key `unles` (did you mean `unless`?"),
+            "{p:?}"
+        );
+        let p = problems(&rule("for = \"soon\""));
+        assert!(p[0].contains("not a length of time"), "{p:?}");
+        let p = problems(&rule(
+            "for = \"1h\"\nunless = { event = \"y\" }\nuntil = { event = \"z\" }",
+        ));
+        assert!(p[0].contains("`unless` or `until`, not both"), "{p:?}");
+        let p = problems(&rule("for = \"1h\"\nuntil = { \"properties.a\" = 1 }"));
+        assert!(p[0].contains("must say which event they wait for"), "{p:?}");
+        let p = problems(&rule(
+            "for = \"1h\"\nthen = { \"propreties.plan\" = \"free\" }",
+        ));
+        assert!(p[0].contains("`propreties.plan` is not a field"), "{p:?}");
+        let p = problems(&rule("for = \"1h\"\nif_pending = \"again\""));
+        assert!(p[0].contains("unknown variant `again`"), "{p:?}");
+    }
+
+    #[test]
+    fn templates_of_a_waiting_rule_know_until_and_waited() {
+        let email = |wait: &str, subject: &str| {
+            format!(
+                "name = \"r\"\n[when]\nevent = \"x\"\n{wait}[email]\nto = \"a@b.c\"\nsubject = \"{subject}\"\ntemplate = \"hello\"\n"
+            )
+        };
+        let until = "[wait]\nfor = \"1h\"\nuntil = { event = \"y\" }\n";
+        assert_eq!(
+            problems(&email(until, "{{until.properties.role}} after {{waited}}")),
+            Vec::<String>::new()
+        );
+        let p = problems(&email(until, "{{until.propreties.role}}"));
+        assert!(p[0].contains("not a field"), "{p:?}");
+        let delay = "[wait]\nfor = \"1h\"\n";
+        let p = problems(&email(delay, "{{until.properties.role}}"));
+        assert!(
+            p[0].contains("only filled in for rules whose [wait] has `until`"),
+            "{p:?}"
+        );
+        let p = problems(&email("", "{{waited}}"));
+        assert!(
+            p[0].contains("only filled in for rules with a [wait] table"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn event_is_required_and_an_action_too() {
         let p = problems("name = \"r\"\n[when]\n\"properties.a\" = 1\n");
         assert_eq!(p.len(), 2, "{p:?}");
