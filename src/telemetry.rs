@@ -54,7 +54,7 @@ pub const WAITS_PENDING: Metric =
     gauge("tripline_waits_pending", "Waits pending, by rule ([wait])");
 pub const WAITS_STARTED: Metric = counter(
     "tripline_waits_started_total",
-    "Waits started (or started again by a new triggering event), by rule",
+    "Triggering events a rule with [wait] waited on: a wait started, started again, or (if_pending = \"keep\") already pending, by rule",
 );
 pub const WAITS_CANCELLED: Metric = counter(
     "tripline_waits_cancelled_total",

@@ -282,12 +282,11 @@ impl Sink {
             } => runtime.block_on(async {
                 clock.advance_to(earliest - chrono::TimeDelta::milliseconds(1));
                 let mut report = Report::default();
-                loop {
-                    let (ended, more) = committer.end_waits(rules.clone()).await?;
+                let mut more = rules.rules().iter().any(|r| r.wait.is_some());
+                while more {
+                    let ended;
+                    (ended, more) = committer.end_waits(rules.clone()).await?;
                     report.append(ended);
-                    if !more {
-                        break;
-                    }
                 }
                 clock.advance_to(latest);
                 report.append(committer.submit(rules.clone(), events, None).await?);

@@ -524,6 +524,24 @@ impl Worker {
             ),
             None => (None, Vec::new()),
         };
+        // Asked to end waits, with nothing to end or drop, nothing else to do and nothing
+        // forgotten: no commit (and no sync) at all. (The waits the timer expected may have
+        // been ended by requests meanwhile: it is told the soonest deadline again. One the store
+        // says is due but could not read is a stale index entry, removed by committing.)
+        let idle = batch.is_empty()
+            && due.as_ref().is_none_or(|d| d.deadlines().next().is_none())
+            && dropped.is_empty()
+            && forgotten.idle_keys == 0
+            && forgotten.expired.is_none_or(|n| n == 0);
+        if idle {
+            let next = self.store.next_wait_due()?;
+            if next.is_none_or(|at| at > due_by) {
+                drop(txn);
+                self.forgot(forgotten, now);
+                self.next_wait.send_replace(next);
+                return Ok((Vec::new(), Some(Report::default()), false));
+            }
+        }
         let mut wants = Wants::default();
         for (job, plan) in batch.iter().zip(&plans) {
             if let Some(plan) = plan {

@@ -42,7 +42,11 @@ pub async fn run(committer: Committer, live: Arc<LiveRules>, clock: Clock, grace
         if woken == Wake::Time && !time_is_up {
             continue;
         }
+        // No rules loaded (the files had errors at start): nothing can end until a set loads.
         let Some(rules) = live.snapshot() else {
+            if reloaded.changed().await.is_err() {
+                return;
+            }
             continue;
         };
         loop {

@@ -88,22 +88,29 @@ impl RuleState for WriteTxn {
         until_ms: i64,
         max: usize,
     ) -> Result<Vec<(StateKey, Pending)>, StoreError> {
-        let due = self.txn.open_table(WAITS_DUE).map_err(err)?;
+        let mut due = self.txn.open_table(WAITS_DUE).map_err(err)?;
         let waits = self.txn.open_table(WAITS).map_err(err)?;
         let mut out = Vec::new();
+        let mut stale = Vec::new();
         for row in due.iter().map_err(err)?.take(max) {
             let (k, _) = row.map_err(err)?;
             let (at, key) = k.value();
             if at > until_ms {
                 break;
             }
-            // Written in the same transactions as the index, so the wait is there.
-            if let Some(json) = waits.get(key).map_err(err)? {
-                out.push((
+            // Written in the same transactions as the index, so the wait is there; an entry
+            // without one could never end, and would keep the timer busy: it goes.
+            match waits.get(key).map_err(err)? {
+                Some(json) => out.push((
                     StateKey::stored(key),
                     serde_json::from_str(json.value()).map_err(err)?,
-                ));
+                )),
+                None => stale.push((at, key.to_string())),
             }
+        }
+        for (at, key) in &stale {
+            tracing::warn!(key, "removed a due-index entry that had no wait");
+            due.remove((*at, key.as_str())).map_err(err)?;
         }
         Ok(out)
     }
