@@ -390,6 +390,60 @@ fn replay_can_execute_into_a_separate_folder_once() {
 }
 
 #[test]
+fn replay_ends_waits_as_history_passes_their_deadlines_and_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let checkout = |uuid: &str, who: &str, cart: &str, at: &str| {
+        format!(
+            r#"{{"event":"checkout_started","uuid":"{uuid}","distinct_id":"{who}","timestamp":"2026-01-01T{at}:00Z","properties":{{"cart_id":"{cart}","item_count":1,"total":5,"currency":"EUR"}},"person":{{"properties":{{"email":"{who}@example.com"}}}}}}"#
+        )
+    };
+    let lines = [
+        checkout("a1", "u1", "c1", "10:00"),
+        checkout("a2", "u2", "c2", "10:01"),
+        r#"{"event":"order_completed","uuid":"a3","distinct_id":"u2","timestamp":"2026-01-01T10:05:00Z","properties":{"cart_id":"c2"}}"#.to_string(),
+        // History reaches 12:00: c1's wait (due 10:30) ends before this event; c3's is pending
+        // at the end of the file.
+        checkout("a4", "u3", "c3", "12:00"),
+    ];
+    std::fs::write(&events, lines.join("\n") + "\n").unwrap();
+    let folders = [
+        "--rules",
+        "examples/rules",
+        "--templates",
+        "examples/templates",
+    ];
+    let out = tripline(
+        &root(),
+        &[&["replay", events.to_str().unwrap()][..], &folders].concat(),
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    // matched, fired, counting, held back, no key, failed
+    assert_eq!(
+        row(&text, "checkout-abandoned"),
+        [4, 1, 0, 0, 0, 0],
+        "{text}"
+    );
+    // The waits table: started, cancelled, fired, ended, pending.
+    let waits = &text[text.find("\nwaits ").expect("a table of waits")..];
+    assert_eq!(row(waits, "checkout-abandoned"), [3, 1, 1, 0, 1], "{text}");
+    let into = dir.path().join("out");
+    let args = [
+        "replay",
+        events.to_str().unwrap(),
+        "--execute-into",
+        into.to_str().unwrap(),
+    ];
+    let out = tripline(&root(), &[&args[..], &folders].concat());
+    let text = stdout(&out);
+    let waits = &text[text.find("\nwaits ").expect("a table of waits")..];
+    assert_eq!(row(waits, "checkout-abandoned"), [3, 1, 1, 0, 1], "{text}");
+    let emails: Vec<_> = std::fs::read_dir(into.join("outbox")).unwrap().collect();
+    assert_eq!(emails.len(), 1, "the one abandoned cart's reminder");
+}
+
+#[test]
 fn replay_refuses_the_service_data_folder_and_reports_a_missing_file() {
     let out = tripline(&root(), &["replay", "nope.jsonl"]);
     assert_eq!(out.status.code(), Some(1));

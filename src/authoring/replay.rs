@@ -167,6 +167,7 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
         return Err(e);
     }
     read.map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    run.end_waits()?;
     let elapsed = started.elapsed();
     let Run {
         mut stats,
@@ -234,45 +235,122 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
 }
 
 impl Sink {
-    /// Runs one batch; in a dry run, the effects are left in `effects` for the examples.
+    /// Runs one batch; in a dry run, the effects are left in `effects` for the examples. The
+    /// history clock follows the events; a wait whose deadline it passes ends before the first
+    /// event stamped after that deadline, so the batch is cut there.
     fn handle(
+        &mut self,
+        rules: &Arc<RuleSet>,
+        mut events: Vec<Event>,
+        from: &Mailbox,
+        effects: &mut Vec<Effect>,
+    ) -> anyhow::Result<Report> {
+        let mut report = Report::default();
+        while !events.is_empty() {
+            let next_due = self.next_due();
+            let mut latest = self.clock().now().timestamp_millis();
+            let cut = events.iter().position(|e| {
+                latest = latest.max(e.time.timestamp_millis());
+                next_due.is_some_and(|due| due < latest)
+            });
+            let Some(cut) = cut else {
+                report.append(self.run(rules, events, from, effects)?);
+                break;
+            };
+            let later = events.split_off(cut);
+            report.append(self.run(rules, events, from, effects)?);
+            // Everything due before the event at the cut ends, so the next round moves on.
+            report.append(self.end_waits(rules, latest - 1, from, effects)?);
+            events = later;
+        }
+        Ok(report)
+    }
+
+    /// The history clock.
+    fn clock(&self) -> &Clock {
+        match self {
+            Sink::DryRun { clock, .. } | Sink::Execute { clock, .. } => clock,
+        }
+    }
+
+    /// The soonest deadline of a pending wait.
+    fn next_due(&self) -> Option<i64> {
+        match self {
+            Sink::DryRun { store, .. } => store.next_due(),
+            Sink::Execute { committer, .. } => *committer.next_wait().borrow(),
+        }
+    }
+
+    /// Runs events through the rules, the clock moved to the latest of them.
+    fn run(
         &mut self,
         rules: &Arc<RuleSet>,
         events: Vec<Event>,
         from: &Mailbox,
         effects: &mut Vec<Effect>,
     ) -> anyhow::Result<Report> {
-        let (Some(earliest), Some(latest)) = (
-            events.iter().map(|e| e.time).min(),
-            events.iter().map(|e| e.time).max(),
-        ) else {
+        let Some(latest) = events.iter().map(|e| e.time).max() else {
             return Ok(Report::default());
         };
-        // The waits due before the batch end first (a trigger in the batch after a wait's end
-        // ends that wait itself, so none is restarted instead of ending).
         match self {
             Sink::DryRun { store, clock } => {
+                clock.advance_to(latest);
                 let unwritable = Unwritable::new();
                 let env = Env {
                     default_from: from,
                     unwritable: &unwritable,
                     max_pending_waits: u64::MAX,
                 };
-                clock.advance_to(earliest);
-                let due_by = earliest.timestamp_millis() - 1;
-                let mut report = engine::end_due_waits(
+                Ok(engine::run(
                     rules,
+                    &events,
                     store,
-                    due_by,
-                    usize::MAX,
                     &env,
                     clock.unix(),
                     effects,
-                )?;
+                )?)
+            }
+            Sink::Execute {
+                runtime,
+                committer,
+                clock,
+                ..
+            } => {
                 clock.advance_to(latest);
+                Ok(runtime.block_on(committer.submit(rules.clone(), events, None))?)
+            }
+        }
+    }
+
+    /// Ends every wait due by `until_ms` (the clock moved there: no grace, events come in
+    /// order).
+    fn end_waits(
+        &mut self,
+        rules: &Arc<RuleSet>,
+        until_ms: i64,
+        from: &Mailbox,
+        effects: &mut Vec<Effect>,
+    ) -> anyhow::Result<Report> {
+        let until = DateTime::from_timestamp_millis(until_ms).unwrap_or(DateTime::UNIX_EPOCH);
+        match self {
+            Sink::DryRun { store, clock } => {
+                clock.advance_to(until);
+                let unwritable = Unwritable::new();
+                let env = Env {
+                    default_from: from,
+                    unwritable: &unwritable,
+                    max_pending_waits: u64::MAX,
+                };
                 let now = clock.unix();
-                report.append(engine::run(rules, &events, store, &env, now, effects)?);
-                Ok(report)
+                Ok(engine::end_due_waits(
+                    rules,
+                    store,
+                    until_ms,
+                    usize::MAX,
+                    &env,
+                    now,
+                    effects,
+                )?)
             }
             Sink::Execute {
                 runtime,
@@ -280,16 +358,14 @@ impl Sink {
                 clock,
                 ..
             } => runtime.block_on(async {
-                clock.advance_to(earliest - chrono::TimeDelta::milliseconds(1));
+                clock.advance_to(until);
                 let mut report = Report::default();
-                let mut more = rules.rules().iter().any(|r| r.wait.is_some());
+                let mut more = true;
                 while more {
                     let ended;
                     (ended, more) = committer.end_waits(rules.clone()).await?;
                     report.append(ended);
                 }
-                clock.advance_to(latest);
-                report.append(committer.submit(rules.clone(), events, None).await?);
                 Ok(report)
             }),
         }
@@ -369,11 +445,37 @@ impl Run<'_> {
         let report = self
             .sink
             .handle(self.rules, batch.events, self.from, &mut self.effects)?;
+        self.record(report);
+        Ok(())
+    }
+
+    /// Ends the waits whose deadline the history clock has passed at the end of the file.
+    fn end_waits(&mut self) -> anyhow::Result<()> {
+        let now = self.sink.clock().now().timestamp_millis();
+        let report = self
+            .sink
+            .end_waits(self.rules, now, self.from, &mut self.effects)?;
+        self.record(report);
+        Ok(())
+    }
+
+    /// Adds what the rules did to the per-rule counts, and keeps the first examples.
+    fn record(&mut self, report: Report) {
         let examples = self.examples;
         self.totals.duplicates += report.duplicates as u64;
         for (index, outcome) in &report.outcomes {
             let s = &mut self.stats[*index];
-            s.matched += 1;
+            // A rule with [wait] acts (or not) when a wait ends: that is no event matching.
+            let ending = matches!(
+                outcome,
+                Outcome::Fired
+                    | Outcome::PartlyFailed { .. }
+                    | Outcome::Failed { .. }
+                    | Outcome::Expired { .. }
+            );
+            if !(ending && self.rules.rules()[*index].wait.is_some()) {
+                s.matched += 1;
+            }
             match outcome {
                 Outcome::Fired => s.fired += 1,
                 Outcome::PartlyFailed { reasons } => {
@@ -432,7 +534,6 @@ impl Run<'_> {
                 self.stats[index].examples.push(example);
             }
         }
-        Ok(())
     }
 }
 
@@ -496,7 +597,7 @@ fn print_summary(
     }
     println!();
     println!(
-        "matched: [when] held · counting: below [count] at_least · held back: by [limits] · no key: the event lacked a `per`/`once_per` field"
+        "matched: [when] held (with [wait]: the events that started or cancelled a wait) · counting: below [count] at_least · held back: by [limits] · no key: the event lacked a `per`/`once_per` field"
     );
     if rules.rules().iter().any(|r| r.wait.is_some()) {
         println!();

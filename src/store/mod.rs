@@ -120,6 +120,11 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// The soonest deadline of a pending wait.
+    pub fn next_due(&self) -> Option<i64> {
+        self.due.first().map(|(at, _)| *at)
+    }
+
     /// Every rule with pending waits, and how many, by name.
     pub fn waiting(&self) -> Vec<(String, u64)> {
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
