@@ -89,6 +89,7 @@ fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
         default_from: from,
         unwritable: &unwritable,
         max_pending_waits: u64::MAX,
+        waits_due_by_ms: i64::MAX,
     };
     let report = engine::run(
         rules,
@@ -168,6 +169,7 @@ fn benches(c: &mut Criterion) {
         default_from: &from,
         unwritable: &unwritable,
         max_pending_waits: u64::MAX,
+        waits_due_by_ms: i64::MAX,
     };
     let input = |event| Input {
         waited: None,

@@ -167,7 +167,7 @@ pub fn end_due_waits(
     let mut wants = Wants::default();
     due.add_wants(&mut wants);
     let mut state = store.load(&wants)?;
-    let report = due.decide(rules, &mut state, until_ms, env, effects);
+    let report = due.decide(rules, &mut state, until_ms, env, effects, &mut Vec::new());
     store.save(state, now_unix)?;
     Ok(report)
 }
@@ -368,9 +368,17 @@ fn apply(
     match &rule.wait {
         Some(wait) => match &matched.wait {
             Ok(Some(key)) => {
-                // A wait this event comes after the end of is over: it ends first, as it would
-                // have if the timer had come before this event.
-                let over = state.wait(key).filter(|p| p.deadline_ms < t_ms).is_some();
+                // A wait this event comes after the end of, and that is due by the clock, is
+                // over: it ends first, as it would have if the timer had come before this event.
+                // One not due yet (within the grace period, or the event's clock is ahead) goes
+                // on, and ends first when the timer comes; this event starts no other.
+                let past = state.wait(key).filter(|p| p.deadline_ms < t_ms);
+                if let Some(pending) = past.filter(|p| p.deadline_ms > env.waits_due_by_ms) {
+                    return Outcome::Waiting {
+                        until_ms: pending.deadline_ms,
+                    };
+                }
+                let over = past.is_some();
                 if over {
                     let pending = state.end_wait(key).expect("there is a wait");
                     let its_once = once_key(rule, &pending.trigger).ok().flatten();
@@ -541,6 +549,10 @@ fn watch(
         debug!("stamped after the wait ended: it does not count for it");
         return None;
     }
+    if event.time < pending.trigger.time {
+        debug!("stamped before the event that started the wait: it belongs to an earlier one");
+        return None;
+    }
     match &wait.ends {
         Ends::Unless(c) if c.holds(event) => {
             state.end_wait(key);
@@ -614,11 +626,14 @@ impl DuePlan {
         DuePlan { due }
     }
 
-    /// The waits and when each was due (milliseconds since 1970).
-    pub fn deadlines(&self) -> impl Iterator<Item = (&str, i64)> {
-        self.due
-            .iter()
-            .map(|(_, p, _)| (p.rule.as_str(), p.deadline_ms))
+    /// How many waits were due.
+    pub fn len(&self) -> usize {
+        self.due.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.due.is_empty()
     }
 
     /// Adds the state this plan reads to `wants`.
@@ -634,6 +649,7 @@ impl DuePlan {
     /// or restarted it meanwhile): the rule acts at the wait's deadline if its `then` holds on
     /// the latest event seen, unless it waited for an `until` event that never came. A wait
     /// whose rule no longer waits is dropped.
+    /// `ended` gets each ended wait's rule and deadline.
     pub fn decide(
         &self,
         rules: &RuleSet,
@@ -641,6 +657,7 @@ impl DuePlan {
         until_ms: i64,
         env: &Env,
         effects: &mut Vec<Effect>,
+        ended: &mut Vec<(usize, i64)>,
     ) -> Report {
         let mut report = Report::default();
         for (key, _, once) in &self.due {
@@ -654,6 +671,7 @@ impl DuePlan {
                 report.dropped.push(rule_name);
                 continue;
             };
+            ended.push((index, pending.deadline_ms));
             let outcome = at_deadline(index, rules, pending, once.as_ref(), state, env, effects);
             report.outcomes.push((index, outcome));
         }
@@ -693,9 +711,13 @@ fn at_deadline(
     } else if held_back(rule, once, t_ms, state) {
         Outcome::Suppressed
     } else {
+        // As long as the wait was when it started (the rule may have been edited since).
         let waited = Waited {
             until: None,
-            after: wait.for_,
+            after: (pending.deadline_ms - pending.trigger.time.timestamp_millis())
+                .try_into()
+                .map(std::time::Duration::from_millis)
+                .unwrap_or_default(),
         };
         act(
             index,
@@ -791,6 +813,8 @@ fields = { who = "distinct_id" }
         set: RuleSet,
         store: MemoryStore,
         effects: Vec<Effect>,
+        /// What the clock says is due (see `Env::waits_due_by_ms`).
+        due_by: i64,
     }
 
     impl Runs {
@@ -811,6 +835,7 @@ fields = { who = "distinct_id" }
                 set,
                 store: MemoryStore::default(),
                 effects: Vec::new(),
+                due_by: i64::MAX,
             }
         }
 
@@ -821,6 +846,7 @@ fields = { who = "distinct_id" }
                 default_from: &from,
                 unwritable: &unwritable,
                 max_pending_waits: 3,
+                waits_due_by_ms: self.due_by,
             };
             run(
                 &self.set,
@@ -1011,6 +1037,7 @@ fields = { k = "properties.k", at = "timestamp" }
                 default_from: &from,
                 unwritable: &unwritable,
                 max_pending_waits: 3,
+                waits_due_by_ms: i64::MAX,
             };
             let until_ms = minute * 60_000;
             end_due_waits(
@@ -1108,6 +1135,39 @@ fields = { k = "properties.k", at = "timestamp" }
         );
         assert!(r.end_due(60).outcomes.is_empty());
         assert_eq!(r.lines_at(), ["a@1970-01-01T00:00:00Z"]);
+    }
+
+    #[test]
+    fn an_unless_event_older_than_the_waits_trigger_belongs_to_an_earlier_wait() {
+        let mut r = Runs::new(WAIT);
+        r.run(&[at("started", "a", 20)]);
+        // A stop that happened at minute 15 (delivered late) was about an earlier start.
+        assert!(r.run(&[at("stopped", "a", 15)]).outcomes.is_empty());
+        assert_eq!(r.end_due(30).outcomes, [(0, Outcome::Fired)]);
+    }
+
+    #[test]
+    fn a_trigger_after_a_waits_end_but_before_the_timer_is_due_leaves_the_wait_to_the_timer() {
+        let mut r = Runs::new(WAIT);
+        r.run(&[at("started", "a", 0)]);
+        // Minute 11 by the event (a client clock ahead, or within the grace period), but the
+        // clock less the grace says minute 9: the first wait is not due, and goes on.
+        r.due_by = 9 * 60_000;
+        assert_eq!(
+            r.run(&[at("started", "a", 11)]).outcomes,
+            [(
+                0,
+                Outcome::Waiting {
+                    until_ms: 10 * 60_000
+                }
+            )]
+        );
+        // An order stamped before its end still cancels it, until the timer comes.
+        assert_eq!(
+            r.run(&[at("stopped", "a", 9)]).outcomes,
+            [(0, Outcome::Cancelled)]
+        );
+        assert!(r.end_due(60).outcomes.is_empty());
     }
 
     #[test]

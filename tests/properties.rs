@@ -186,6 +186,7 @@ fn handle(body: &[u8]) -> bool {
                 default_from: &from,
                 unwritable: &unwritable,
                 max_pending_waits: u64::MAX,
+                waits_due_by_ms: i64::MAX,
             };
             engine::run(shipped_rules(), &events, &mut store, &env, 0, &mut effects).unwrap();
             true

@@ -182,6 +182,9 @@ pub struct Env<'a> {
     pub unwritable: &'a Unwritable,
     /// The most waits one rule may have pending; a rule at it starts no more.
     pub max_pending_waits: u64,
+    /// Pending waits whose deadline is at or before this (milliseconds since 1970) are due by
+    /// the clock (less the grace period): a triggering event may end one (see `engine.rs`).
+    pub waits_due_by_ms: i64,
 }
 
 /// What an action made of an event, to be made durable by the committer.

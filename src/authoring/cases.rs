@@ -429,6 +429,7 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         default_from,
         unwritable: &unwritable,
         max_pending_waits: u64::MAX,
+        waits_due_by_ms: i64::MAX,
     };
     // Each event arrives when the case's clock reads its time: what depends on the time of
     // handling sees the case's time, never the machine's, and nothing waits. Waits end as the

@@ -300,6 +300,7 @@ impl Sink {
                     default_from: from,
                     unwritable: &unwritable,
                     max_pending_waits: u64::MAX,
+                    waits_due_by_ms: i64::MAX,
                 };
                 Ok(engine::run(
                     rules,
@@ -340,6 +341,7 @@ impl Sink {
                     default_from: from,
                     unwritable: &unwritable,
                     max_pending_waits: u64::MAX,
+                    waits_due_by_ms: i64::MAX,
                 };
                 let now = clock.unix();
                 Ok(engine::end_due_waits(

@@ -158,6 +158,8 @@ struct Worker {
     waits: WaitSettings,
     /// The soonest deadline of a pending wait, for the timer (`pipeline/timers.rs`).
     next_wait: watch::Sender<Option<i64>>,
+    /// The newest rule set seen (see [`Worker::newest_rules`]).
+    newest: Option<Arc<RuleSet>>,
 }
 
 /// What one round of housekeeping forgot.
@@ -203,6 +205,7 @@ impl Committer {
             clock,
             waits,
             next_wait,
+            newest: None,
         };
         worker.recover()?;
         let shared = worker.shared.clone();
@@ -399,7 +402,9 @@ impl Worker {
             let mut files_of = Vec::new();
             // A panic must not take the committer (and so the whole service) down: the batch
             // fails like any other failed batch, and the next one starts afresh.
-            let rules = end_waits.as_ref().map(|e| e.rules.clone());
+            let rules = end_waits
+                .as_ref()
+                .map(|e| self.newest_rules(&batch, &e.rules));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 self.commit_batch(&batch, rules.as_ref(), &mut written, &mut files_of)
             }))
@@ -433,14 +438,22 @@ impl Worker {
                 Err(e) => e,
             };
             error!("batch of {} requests not committed: {e}", batch.len());
-            // Ending waits is not retried here: the timer asks again.
-            if let Some(reply) = end_waits.take().and_then(|e| e.reply) {
-                let _ = reply.send(Err(e.clone()));
-            }
             for (file, before) in written {
                 if let Err(t) = self.files.truncate(&file, before) {
                     error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
                 }
+            }
+            // Ending waits is not retried here (the timer asks again), and whatever failed, the
+            // requests are tried once more without it: a wait that cannot end (its file is
+            // full, its record unreadable) never holds up the requests.
+            if let Some(waits) = end_waits.take() {
+                if let Some(reply) = waits.reply {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                if batch.is_empty() {
+                    return;
+                }
+                continue;
             }
             // A file that cannot be written (its disk is full, say) fails the requests with lines
             // for it; the others of the batch are committed without them.
@@ -471,6 +484,23 @@ impl Worker {
         }
     }
 
+    /// The rules to end waits under: the newest set the committer has seen, in this batch's
+    /// requests, the timer's ask or before. A set older than one a request already used must
+    /// never decide that a rule is gone (its waits would be dropped).
+    fn newest_rules(&mut self, batch: &[Request], asked: &Arc<RuleSet>) -> Arc<RuleSet> {
+        let sets = batch.iter().map(|job| &job.rules).chain([asked]);
+        for set in sets {
+            if self
+                .newest
+                .as_ref()
+                .is_none_or(|n| set.generation > n.generation)
+            {
+                self.newest = Some(set.clone());
+            }
+        }
+        self.newest.clone().unwrap_or_else(|| asked.clone())
+    }
+
     /// Runs the batch in one transaction, and with `end_waits` ends the waits due under those
     /// rules too. `written` collects (file, length before) for each file appended to, so a
     /// failure can undo it; `files_of` the files each request's lines go to. Returns each
@@ -490,7 +520,12 @@ impl Worker {
         }) {
             panic!("asked to by a test");
         }
-        self.register_new_files(batch)?;
+        let sets: Vec<&Arc<RuleSet>> = batch
+            .iter()
+            .map(|job| &job.rules)
+            .chain(end_waits)
+            .collect();
+        self.register_new_files(&sets)?;
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
         let forgotten = self.forget(txn.as_mut(), now)?;
@@ -529,7 +564,7 @@ impl Worker {
         // been ended by requests meanwhile: it is told the soonest deadline again. One the store
         // says is due but could not read is a stale index entry, removed by committing.)
         let idle = batch.is_empty()
-            && due.as_ref().is_none_or(|d| d.deadlines().next().is_none())
+            && due.as_ref().is_none_or(|d| d.is_empty())
             && dropped.is_empty()
             && forgotten.idle_keys == 0
             && forgotten.expired.is_none_or(|n| n == 0);
@@ -565,6 +600,7 @@ impl Worker {
             default_from: &self.default_from,
             unwritable: &self.unwritable,
             max_pending_waits: self.waits.max_pending_per_rule,
+            waits_due_by_ms: due_by,
         };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
@@ -591,9 +627,10 @@ impl Worker {
             )?);
         }
         // Waits end after the batch's events: one stamped before a deadline still counts.
+        let mut late = Vec::new();
         let ended = match (&due, end_waits) {
             (Some(due), Some(rules)) => {
-                let report = due.decide(rules, &mut state, due_by, &env, &mut effects);
+                let report = due.decide(rules, &mut state, due_by, &env, &mut effects, &mut late);
                 take_effects(
                     &mut effects,
                     rules,
@@ -641,10 +678,11 @@ impl Worker {
         let mut more = false;
         if let (Some(report), Some(due), Some(rules)) = (&ended, &due, end_waits) {
             record_wait_outcomes(rules, report);
-            self.ended_late(due, now_ms, grace_ms);
-            more = due.deadlines().count() == WAITS_PER_COMMIT;
+            record_timer_fires(rules, report);
+            self.ended_late(rules, &late, now_ms, grace_ms);
+            more = due.len() == WAITS_PER_COMMIT;
         }
-        for (rule, n) in &dropped {
+        for (rule, n, left) in &dropped {
             warn!(
                 rule,
                 dropped = n,
@@ -652,6 +690,8 @@ impl Worker {
             );
             metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => rule.clone(), "reason" => "rule_gone")
                 .increment(*n);
+            metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule.clone())
+                .set(*left as f64);
             more |= *n == WAITS_PER_COMMIT as u64;
         }
         if let Some(report) = &ended {
@@ -677,19 +717,19 @@ impl Worker {
     }
 
     /// Records how late each ended wait was: past its deadline and the grace period.
-    fn ended_late(&self, due: &DuePlan, now_ms: i64, grace_ms: i64) {
+    fn ended_late(&self, rules: &RuleSet, ended: &[(usize, i64)], now_ms: i64, grace_ms: i64) {
         let mut lateness = self
             .shared
             .wait_lateness
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (rule, deadline) in due.deadlines() {
+        for (rule, deadline) in ended {
             let late = now_ms
                 .saturating_sub(deadline.saturating_add(grace_ms))
                 .max(0) as f64
                 / 1000.0;
             metrics::histogram!(telemetry::WAIT_LATENESS.name).record(late);
-            lateness.insert(rule.to_string(), late);
+            lateness.insert(rules.rules()[*rule].name.clone(), late);
         }
     }
 
@@ -770,17 +810,13 @@ impl Worker {
     /// length, in a transaction of its own, so that a crash during the batch can be undone at
     /// start-up. A file that cannot be opened because of its path is kept aside as unwritable
     /// (its rules fail alone); one that fails for the disk's sake fails the batch.
-    fn register_new_files(&mut self, batch: &[Request]) -> Result<(), CommitError> {
+    fn register_new_files(&mut self, sets: &[&Arc<RuleSet>]) -> Result<(), CommitError> {
         let mut new = Vec::new();
-        for job in batch {
-            if self
-                .checked
-                .as_ref()
-                .is_some_and(|c| Arc::ptr_eq(c, &job.rules))
-            {
+        for set in sets {
+            if self.checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, set)) {
                 continue;
             }
-            for rule in job.rules.rules() {
+            for rule in set.rules() {
                 for file in rule.actions.iter().filter_map(|a| a.file()) {
                     if !self.registered.contains(file) && !new.iter().any(|n| n == file) {
                         new.push(file.to_path_buf());
@@ -837,8 +873,8 @@ impl Worker {
                 self.registered.extend(fresh);
             }
         }
-        if let Some(last) = batch.last() {
-            self.checked = Some(last.rules.clone());
+        if let Some(last) = sets.last() {
+            self.checked = Some((*last).clone());
         }
         Ok(())
     }
@@ -924,20 +960,37 @@ fn count(tally: &mut HashMap<(&'static str, String), u64>, kind: &'static str, r
 
 /// Drops, in `txn`, the pending waits of rules that no longer wait under `rules` (deleted,
 /// renamed, or without `[wait]` now), at most [`WAITS_PER_COMMIT`] per rule; returns how many
-/// per rule.
+/// per rule, and how many are left.
 fn drop_waits_of_gone_rules(
     txn: &mut dyn Batch,
     rules: &RuleSet,
-) -> Result<Vec<(String, u64)>, CommitError> {
+) -> Result<Vec<(String, u64, u64)>, CommitError> {
     let mut dropped = Vec::new();
-    for (rule, _) in txn.waiting()? {
+    for (rule, pending) in txn.waiting()? {
         if rules.named(&rule).is_some_and(|(_, r)| r.wait.is_some()) {
             continue;
         }
         let n = txn.drop_waits(&rule, WAITS_PER_COMMIT)?;
-        dropped.push((rule, n));
+        let left = match n < WAITS_PER_COMMIT as u64 {
+            true => 0,
+            false => pending.saturating_sub(n),
+        };
+        dropped.push((rule, n, left));
     }
     Ok(dropped)
+}
+
+/// Counts the rules that acted or were held back when their waits ended on the timer (those
+/// of requests are counted where the request is answered).
+fn record_timer_fires(rules: &RuleSet, report: &Report) {
+    for (index, outcome) in &report.outcomes {
+        let rule = rules.rules()[*index].name.clone();
+        if outcome.acted() {
+            metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
+        } else if *outcome == Outcome::Suppressed {
+            metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule).increment(1);
+        }
+    }
 }
 
 /// Counts what the rules' waits did in `report`: started, cancelled, ended by acting or not,

@@ -104,8 +104,11 @@ impl LiveRules {
             Ok(mut set) => {
                 info!(rules = set.rules().len(), "rules loaded");
                 set.loaded_at = self.clock.now();
+                // Swapped in before those who watch for a new set are told.
+                set.generation = *self.generation.borrow() + 1;
+                let generation = set.generation;
                 self.current.store(Some(Arc::new(set)));
-                self.generation.send_modify(|n| *n += 1);
+                self.generation.send_replace(generation);
                 ReloadStatus {
                     at: now(&self.clock),
                     ok: true,

@@ -22,6 +22,9 @@ const AFTER_FAILURE: Duration = Duration::from_secs(1);
 pub async fn run(committer: Committer, live: Arc<LiveRules>, clock: Clock, grace: Duration) {
     let mut next = committer.next_wait();
     let mut reloaded = live.reloaded();
+    // A first round at start: waits due while the service was stopped end, and those of rules
+    // deleted meanwhile are dropped.
+    reloaded.mark_changed();
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     loop {
         let due = next
@@ -43,14 +46,15 @@ pub async fn run(committer: Committer, live: Arc<LiveRules>, clock: Clock, grace
             continue;
         }
         // No rules loaded (the files had errors at start): nothing can end until a set loads.
-        let Some(rules) = live.snapshot() else {
+        if live.snapshot().is_none() {
             if reloaded.changed().await.is_err() {
                 return;
             }
             continue;
-        };
-        loop {
-            match committer.end_waits(rules.clone()).await {
+        }
+        // The rules as they are at each round (a reload may come in between).
+        while let Some(rules) = live.snapshot() {
+            match committer.end_waits(rules).await {
                 Ok((_, true)) => continue,
                 Ok((_, false)) => break,
                 Err(CommitError::Stopped) => return,

@@ -130,6 +130,9 @@ pub struct RuleSet {
     pub hash: String,
     /// When the set was loaded.
     pub loaded_at: DateTime<Utc>,
+    /// Which load of the service this set is (the later, the higher; 0 outside the service), so
+    /// that what acts on "the rules now" never acts on an older set than one already used.
+    pub generation: u64,
 }
 
 impl RuleSet {
@@ -222,6 +225,7 @@ impl RuleSet {
             templates,
             hash,
             loaded_at: Utc::now(),
+            generation: 0,
         }
     }
 
