@@ -520,10 +520,15 @@ impl Worker {
         }) {
             panic!("asked to by a test");
         }
-        let sets: Vec<&Arc<RuleSet>> = batch
-            .iter()
-            .map(|job| &job.rules)
-            .chain(end_waits)
+        // The files of the rules under which waits end are opened (and their length recorded)
+        // like those of requests, but only when some wait is due: nothing is opened for nothing.
+        let due_now = {
+            let grace_ms = i64::try_from(self.waits.grace.as_millis()).unwrap_or(i64::MAX);
+            let due_by = self.clock.now().timestamp_millis().saturating_sub(grace_ms);
+            self.next_wait.borrow().is_some_and(|at| at <= due_by)
+        };
+        let sets: Vec<&Arc<RuleSet>> = (batch.iter().map(|job| &job.rules))
+            .chain(end_waits.filter(|_| due_now))
             .collect();
         self.register_new_files(&sets)?;
         let now = self.clock.unix();
