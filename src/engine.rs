@@ -19,7 +19,8 @@ use crate::actions::{Env, Input, Output, Waited};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::rules::{Ends, IfPending, Rule, RuleSet, Wait};
-use crate::store::{Pending, RuleState, State, StateKey, StoreError, Wants};
+use crate::store::{Distinct, Pending, RuleState, State, StateKey, StoreError, Wants};
+use sha2::{Digest, Sha256};
 
 /// Something a rule did, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -223,7 +224,7 @@ impl Plan {
                     rule: index,
                     role: Role::Trigger,
                     count: match &rule.count {
-                        Some(c) => state_key(rule, "count", &c.per, event).map(Some),
+                        Some(c) => state_key(rule, c.key_kind(), &c.per, event).map(Some),
                         None => Ok(None),
                     },
                     once: once_key(rule, event),
@@ -244,9 +245,9 @@ impl Plan {
                 wants.uuids.push(uuid);
             }
             if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
-                match count.within {
-                    Some(_) => wants.windows.push(key),
-                    None => wants.counters.push(key),
+                match count.within.is_some() || count.period.is_some() || count.distinct.is_some() {
+                    true => wants.windows.push(key),
+                    false => wants.counters.push(key),
                 };
             }
             if let Ok(Some(key)) = &m.once {
@@ -343,13 +344,28 @@ fn apply(
     };
     if let (Some(c), Some(key)) = (&rule.count, count_key) {
         state.touch(key);
-        let n = match c.within {
-            Some(window) => {
-                let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-                let keep = usize::try_from(c.at_least).unwrap_or(usize::MAX);
-                state.count_within(key, t_ms, window_ms, keep)
+        let keep = usize::try_from(c.at_least).unwrap_or(usize::MAX);
+        let window_ms = c
+            .within
+            .map(|w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
+        let n = match (&c.distinct, &c.period, window_ms) {
+            (None, None, None) => state.increment(key),
+            (None, None, Some(window_ms)) => state.count_within(key, t_ms, window_ms, keep),
+            (None, Some(cal), _) => state.count_in_period(key, cal.period_of(t_ms, event)),
+            (Some(field), period, window_ms) => {
+                let Some(value) = field.lookup(event) else {
+                    debug!(field = %field, "not counted: the event has no value for `distinct`");
+                    return Outcome::NoKey {
+                        field: field.to_string(),
+                    };
+                };
+                let how = match (period, window_ms) {
+                    (Some(cal), _) => Distinct::InPeriod(cal.period_of(t_ms, event)),
+                    (None, Some(window_ms)) => Distinct::Within(window_ms),
+                    (None, None) => Distinct::Ever,
+                };
+                state.count_distinct(key, digest(value), t_ms, how, keep)
             }
-            None => state.increment(key),
         };
         if n < c.at_least {
             debug!(count = n, at_least = c.at_least, "counted");
@@ -361,7 +377,7 @@ fn apply(
         Ok(key) => key.as_ref(),
         Err(no_key) => return no_key.clone(),
     };
-    if held_back(rule, once, t_ms, state) {
+    if held_back(rule, once, t_ms, event, state) {
         debug!("held back by [limits]: already acted for these values");
         return Outcome::Suppressed;
     }
@@ -404,8 +420,15 @@ fn apply(
 }
 
 /// Whether `[limits]` holds the rule back at `t_ms`: it acted for `once_key` before, and not
-/// `again_after` ago.
-fn held_back(rule: &Rule, once_key: Option<&StateKey>, t_ms: i64, state: &mut State) -> bool {
+/// `again_after` ago, or in the same calendar period (in the zone of `event`'s user; an event
+/// from a period before the last action's is held back too).
+fn held_back(
+    rule: &Rule,
+    once_key: Option<&StateKey>,
+    t_ms: i64,
+    event: &Event,
+    state: &mut State,
+) -> bool {
     let (Some(limits), Some(key)) = (&rule.limits, once_key) else {
         return false;
     };
@@ -413,6 +436,9 @@ fn held_back(rule: &Rule, once_key: Option<&StateKey>, t_ms: i64, state: &mut St
     let Some(last) = state.last_acted(key) else {
         return false;
     };
+    if let Some(cal) = &limits.period {
+        return cal.period_of(t_ms, event) <= cal.period_of(last, event);
+    }
     let again = limits.again_after.is_some_and(|after| {
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         t_ms.saturating_sub(last) >= after_ms
@@ -568,7 +594,7 @@ fn watch(
                 Ok(key) => key.as_ref(),
                 Err(no_key) => return Some(no_key.clone()),
             };
-            if held_back(rule, once, t_ms, state) {
+            if held_back(rule, once, t_ms, &pending.trigger, state) {
                 return Some(Outcome::Suppressed);
             }
             let waited = Waited {
@@ -708,7 +734,7 @@ fn at_deadline(
         .is_some_and(|c| !c.holds(pending.latest()))
     {
         Outcome::Expired { why: THEN_FAILED }
-    } else if held_back(rule, once, t_ms, state) {
+    } else if held_back(rule, once, t_ms, &pending.trigger, state) {
         Outcome::Suppressed
     } else {
         // As long as the wait was when it started (the rule may have been edited since).
@@ -738,6 +764,13 @@ fn at_deadline(
         other => debug!(?other, "wait ended"),
     }
     outcome
+}
+
+/// A field's value as a number for `[count] distinct`: the first 8 bytes of the SHA-256 of its
+/// JSON text, the same on every machine and version.
+fn digest(value: &serde_json::Value) -> i64 {
+    let hash = Sha256::digest(value.to_string().as_bytes());
+    i64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
 }
 
 /// The `[limits]` key of `rule` for `event`, if it limits.

@@ -10,12 +10,14 @@ use toml::Spanned;
 use crate::actions::email::template_check::Known;
 use crate::actions::email::templates::Templates;
 use crate::actions::{self, Compile};
-use crate::diag::{Diagnostic, Problems, toml_diagnostic};
+use crate::diag::{Diagnostic, Problems, did_you_mean, toml_diagnostic};
 use crate::ingest::path::FieldPath;
+use crate::rules::calendar::{Calendar, Period, Zone, zone_names};
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
 use crate::rules::{Count, Ends, Limits, Rule, Wait};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp, toml_to_json_value};
+use chrono_tz::Tz;
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -125,24 +127,53 @@ impl Compiler<'_> {
         let count = f.count.map(|count| {
             let at_least = *count.at_least.get_ref();
             let within = count.within.as_ref().and_then(|w| self.duration(w));
+            let period = count.in_.as_ref().and_then(|p| {
+                self.calendar(p, count.timezone.as_ref(), count.timezone_fallback.as_ref())
+            });
+            self.zone_without_period(count.in_.is_none(), &count.timezone, "in");
+            if let (Some(_), Some(p)) = (&count.within, &count.in_) {
+                self.problem(
+                    p.span(),
+                    "`[count]` has `within` or `in`, not both",
+                    Some("`within = \"7 days\"`: the last 7 days before each event; `in = \"week\"`: this calendar week".into()),
+                );
+            }
+            let distinct = count.distinct.as_ref().and_then(|d| self.path(d));
+            let remembered = within.is_some() || distinct.is_some();
             if at_least < 1 {
                 self.problem(count.at_least.span(), "`at_least` must be 1 or more", None);
-            } else if within.is_some() && at_least > MAX_AT_LEAST_WITHIN {
+            } else if remembered && at_least > MAX_AT_LEAST_WITHIN {
                 self.problem(
                     count.at_least.span(),
-                    format!("with `within`, `at_least` can be at most {MAX_AT_LEAST_WITHIN}"),
-                    Some("tripline remembers the time of each counted event, up to `at_least` of them per key".into()),
+                    format!("with `within` or `distinct`, `at_least` can be at most {MAX_AT_LEAST_WITHIN}"),
+                    Some("tripline remembers each counted event's time (or value), up to `at_least` of them per key".into()),
                 );
             }
             Count {
                 per: self.paths(&count.per),
                 at_least: at_least.max(1) as u64,
                 within,
+                period,
+                distinct,
             }
         });
-        let limits = f.limits.map(|l| Limits {
-            once_per: self.paths(&l.once_per),
-            again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
+        let limits = f.limits.map(|l| {
+            let period = l.once_per_period.as_ref().and_then(|p| {
+                self.calendar(p, l.timezone.as_ref(), l.timezone_fallback.as_ref())
+            });
+            self.zone_without_period(l.once_per_period.is_none(), &l.timezone, "once_per_period");
+            if let (Some(_), Some(p)) = (&l.again_after, &l.once_per_period) {
+                self.problem(
+                    p.span(),
+                    "`[limits]` has `again_after` or `once_per_period`, not both",
+                    Some("`again_after = \"24 hours\"`: a day after the last time; `once_per_period = \"day\"`: once each calendar day".into()),
+                );
+            }
+            Limits {
+                once_per: self.paths(&l.once_per),
+                again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
+                period,
+            }
         });
 
         let wait = f.wait.map(|w| self.wait(w));
@@ -197,6 +228,13 @@ impl Compiler<'_> {
                 if let Some(d) = c.within {
                     summary["within"] = units::format_duration(d).into();
                 }
+                if let Some(cal) = &c.period {
+                    summary["in"] = cal.period.name().into();
+                    summary["timezone"] = cal.zone.to_string().into();
+                }
+                if let Some(d) = &c.distinct {
+                    summary["distinct"] = d.to_string().into();
+                }
                 summary
             }),
             "limits": limits.as_ref().map(|l| {
@@ -205,6 +243,10 @@ impl Compiler<'_> {
                 });
                 if let Some(d) = l.again_after {
                     summary["again_after"] = units::format_duration(d).into();
+                }
+                if let Some(cal) = &l.period {
+                    summary["once_per_period"] = cal.period.name().into();
+                    summary["timezone"] = cal.zone.to_string().into();
                 }
                 summary
             }),
@@ -384,6 +426,94 @@ impl Compiler<'_> {
         FieldPath::parse_reporting(text, &mut self.p)
     }
 
+    /// A calendar period (`in`, `once_per_period`) in the zone `timezone` names (UTC without
+    /// one): an IANA name, or a field holding one with `timezone_fallback` for events without.
+    fn calendar(
+        &mut self,
+        period: &Spanned<String>,
+        timezone: Option<&Spanned<String>>,
+        fallback: Option<&Spanned<String>>,
+    ) -> Option<Calendar> {
+        let name = period.get_ref().trim();
+        let period = match Period::named(name) {
+            Some(p) => Some(p),
+            None => {
+                let hint = match did_you_mean(name, Period::NAMES) {
+                    Some(close) => format!("did you mean \"{close}\"?"),
+                    None => "periods are \"day\", \"week\" (Monday to Sunday) and \"month\"".into(),
+                };
+                self.problem(
+                    period.span(),
+                    format!("`{name}` is not a period"),
+                    Some(hint),
+                );
+                None
+            }
+        };
+        let field = timezone.is_some_and(|t| looks_like_a_field(t.get_ref()));
+        if let (false, Some(f)) = (field, fallback) {
+            self.problem(
+                f.span(),
+                "`timezone_fallback` is only used when `timezone` names a field",
+                Some("for example timezone = \"person.properties.$geoip_time_zone\"".into()),
+            );
+        }
+        let fallback = fallback.and_then(|f| self.zone_name(f));
+        let zone = match timezone {
+            None => Some(Zone::Fixed(chrono_tz::UTC)),
+            Some(text) if text.get_ref().parse::<Tz>().is_ok() => {
+                Some(Zone::Fixed(text.get_ref().parse().expect("checked above")))
+            }
+            Some(text) if looks_like_a_field(text.get_ref()) => {
+                self.path(text).map(|path| Zone::Field {
+                    path,
+                    fallback: fallback.unwrap_or(chrono_tz::UTC),
+                })
+            }
+            Some(text) => self.zone_name(text).map(Zone::Fixed),
+        };
+        Some(Calendar {
+            period: period?,
+            zone: zone?,
+        })
+    }
+
+    /// A time zone's IANA name, or a problem with the closest one.
+    fn zone_name(&mut self, text: &Spanned<String>) -> Option<Tz> {
+        let name = text.get_ref().trim();
+        if let Ok(tz) = name.parse::<Tz>() {
+            return Some(tz);
+        }
+        let hint = match did_you_mean(name, zone_names()) {
+            Some(close) => format!("did you mean \"{close}\"?"),
+            None => "write an IANA time-zone name like \"Europe/Paris\", \"America/New_York\" or \"UTC\", or a field holding one like \"person.properties.$geoip_time_zone\"".into(),
+        };
+        self.problem(
+            text.span(),
+            format!("`{name}` is not a time zone tripline knows"),
+            Some(hint),
+        );
+        None
+    }
+
+    /// A `timezone` given without the period it is for.
+    fn zone_without_period(
+        &mut self,
+        no_period: bool,
+        timezone: &Option<Spanned<String>>,
+        key: &str,
+    ) {
+        if let (true, Some(tz)) = (no_period, timezone) {
+            self.problem(
+                tz.span(),
+                format!("`timezone` is only used with `{key}`"),
+                Some(format!(
+                    "add {key} = \"day\" (or \"week\", \"month\"), or remove `timezone`"
+                )),
+            );
+        }
+    }
+
     /// A length of time such as "7 days", "24h" or "1h 30m".
     fn duration(&mut self, text: &Spanned<String>) -> Option<Duration> {
         match units::parse_duration(text.get_ref()) {
@@ -520,6 +650,12 @@ impl Compiler<'_> {
         }
         tests
     }
+}
+
+/// Whether a `timezone` names a field (`person.properties.$geoip_time_zone`) rather than a zone.
+fn looks_like_a_field(text: &str) -> bool {
+    let root = text.split('.').next().unwrap_or_default();
+    text.contains('.') && matches!(root, "properties" | "person")
 }
 
 /// `an [email] or a [jsonl]`: each table, the last one after "or".

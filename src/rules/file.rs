@@ -183,6 +183,18 @@ pub struct CountConfig {
     /// Count only the events within this long before each event ("7 days", "24h").
     #[serde(default)]
     pub within: Option<Spanned<String>>,
+    /// Count per calendar period instead: "day", "week" or "month".
+    #[serde(default, rename = "in")]
+    pub in_: Option<Spanned<String>>,
+    /// The time zone of the periods: an IANA name, or a field holding one.
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    /// The zone for events without one, when `timezone` names a field (UTC by default).
+    #[serde(default)]
+    pub timezone_fallback: Option<Spanned<String>>,
+    /// Count the different values of this field instead of the events.
+    #[serde(default)]
+    pub distinct: Option<Spanned<String>>,
 }
 
 /// `[limits]`.
@@ -194,6 +206,15 @@ pub struct LimitsConfig {
     /// Allow acting again for the same values this long after the last time ("7 days").
     #[serde(default)]
     pub again_after: Option<Spanned<String>>,
+    /// Act at most once per calendar period for the same values: "day", "week" or "month".
+    #[serde(default)]
+    pub once_per_period: Option<Spanned<String>>,
+    /// The time zone of the periods: an IANA name, or a field holding one.
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    /// The zone for events without one, when `timezone` names a field (UTC by default).
+    #[serde(default)]
+    pub timezone_fallback: Option<Spanned<String>>,
 }
 
 /// `[wait]`: the rule acts some time after its triggering event, or when a later event comes.

@@ -6,6 +6,7 @@
 //! `crate::diag` diagnostics. A set is loaded whole
 //! or not at all: one problem anywhere means the caller keeps whatever set it had.
 
+pub mod calendar;
 pub mod compile;
 pub mod condition;
 pub mod file;
@@ -22,6 +23,7 @@ use crate::diag::{Diagnostic, Warning};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::user_file::{self, Listing};
+use calendar::{Calendar, Period};
 use condition::Condition;
 pub use file::IfPending;
 
@@ -57,6 +59,32 @@ pub struct Count {
     pub at_least: u64,
     /// Count only the events this close before each one (by the events' own timestamps).
     pub within: Option<Duration>,
+    /// Count per calendar period instead (`in`).
+    pub period: Option<Calendar>,
+    /// Count the different values of this field instead of the events.
+    pub distinct: Option<FieldPath>,
+}
+
+impl Count {
+    /// The kind of state key it counts under: each way of counting has its own, so that
+    /// changing how a rule counts starts afresh instead of misreading what was kept.
+    pub fn key_kind(&self) -> &'static str {
+        match (&self.distinct, &self.period, self.within) {
+            (None, None, _) => "count",
+            (None, Some(c), _) => match c.period {
+                Period::Day => "count in day",
+                Period::Week => "count in week",
+                Period::Month => "count in month",
+            },
+            (Some(_), None, None) => "distinct",
+            (Some(_), None, Some(_)) => "distinct within",
+            (Some(_), Some(c), _) => match c.period {
+                Period::Day => "distinct in day",
+                Period::Week => "distinct in week",
+                Period::Month => "distinct in month",
+            },
+        }
+    }
 }
 
 /// `[limits]`: act once for each key, or again only after a while.
@@ -64,6 +92,8 @@ pub struct Count {
 pub struct Limits {
     pub once_per: Vec<FieldPath>,
     pub again_after: Option<Duration>,
+    /// Once per calendar period instead (`once_per_period`).
+    pub period: Option<Calendar>,
 }
 
 /// `[wait]`: act `for` after the triggering event, unless or once a later event of the same

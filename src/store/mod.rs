@@ -17,7 +17,7 @@ pub mod state;
 pub use key::StateKey;
 pub use pending::Pending;
 use queue::{Due, OutboxRecord, OutboxStatus, Skip};
-pub use state::{State, Wants, record_in_window};
+pub use state::{Distinct, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The store could not do what was asked.

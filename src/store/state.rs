@@ -216,6 +216,43 @@ impl State {
         record_in_window(&mut slot.window, t_ms, window_ms, keep)
     }
 
+    /// Adds one to the count of calendar period `period` at `key` and returns it. Only the
+    /// latest period is kept (as `[period, count]` in the key's window): a newer one starts
+    /// again from one; an event from an older one counts as the first of its period, unkept.
+    pub fn count_in_period(&mut self, key: &StateKey, period: i64) -> u64 {
+        let slot = self.slot(key);
+        match slot.window[..] {
+            [p, n] if p == period => {
+                slot.window[1] = n.saturating_add(1);
+                slot.changed |= CHANGED_WINDOW;
+                slot.window[1] as u64
+            }
+            [p, _] if p > period => 1,
+            _ => {
+                slot.window = vec![period, 1];
+                slot.changed |= CHANGED_WINDOW;
+                1
+            }
+        }
+    }
+
+    /// Records that `value` (a digest) was seen at `t_ms` and returns how many different values
+    /// count now, up to `keep`: ever, within `window_ms` before `t_ms`, or in calendar `period`
+    /// (see [`Distinct`]). At most `keep` values are kept per key (the most recent), so the
+    /// count is exact up to the threshold.
+    pub fn count_distinct(
+        &mut self,
+        key: &StateKey,
+        value: i64,
+        t_ms: i64,
+        how: Distinct,
+        keep: usize,
+    ) -> u64 {
+        let slot = self.slot(key);
+        slot.changed |= CHANGED_WINDOW;
+        count_distinct(&mut slot.window, value, t_ms, how, keep)
+    }
+
     /// When the rule last acted for `key`, if it ever did.
     pub fn last_acted(&self, key: &StateKey) -> Option<i64> {
         self.keys.get(key).and_then(|slot| slot.acted)
@@ -302,6 +339,57 @@ impl State {
     }
 }
 
+/// Which different values count (see [`State::count_distinct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distinct {
+    Ever,
+    Within(i64),
+    InPeriod(i64),
+}
+
+/// The different values of one key, kept in its window as numbers: `[v1, v2, ...]` (ever),
+/// `[v1, t1, v2, t2, ...]` (within: each value's latest time), `[period, v1, v2, ...]` (in a
+/// period: only the latest period's).
+fn count_distinct(kept: &mut Vec<i64>, value: i64, t: i64, how: Distinct, keep: usize) -> u64 {
+    match how {
+        Distinct::Ever => {
+            if !kept.contains(&value) && kept.len() < keep {
+                kept.push(value);
+            }
+            kept.len() as u64
+        }
+        Distinct::InPeriod(period) => {
+            match kept.first() {
+                Some(&p) if p == period => {}
+                Some(&p) if p > period => return 1,
+                _ => *kept = vec![period],
+            }
+            if !kept[1..].contains(&value) && kept.len() <= keep {
+                kept.push(value);
+            }
+            (kept.len() - 1) as u64
+        }
+        Distinct::Within(window) => {
+            let mut pairs: Vec<(i64, i64)> = kept.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+            match pairs.iter_mut().find(|(v, _)| *v == value) {
+                Some((_, seen)) => *seen = (*seen).max(t),
+                None => pairs.push((value, t)),
+            }
+            let newest = pairs.iter().map(|(_, s)| *s).max().unwrap_or(t);
+            pairs.retain(|(_, s)| *s > newest.saturating_sub(window));
+            // The most recent `keep` values are enough to know whether `keep` are in a window.
+            pairs.sort_by_key(|(_, s)| std::cmp::Reverse(*s));
+            pairs.truncate(keep);
+            let count = pairs
+                .iter()
+                .filter(|(_, s)| *s <= t && *s > t.saturating_sub(window))
+                .count() as u64;
+            *kept = pairs.iter().flat_map(|(v, s)| [*v, *s]).collect();
+            count
+        }
+    }
+}
+
 /// Adds `t` to the sorted event times of one window and returns how many fall in
 /// `(t - window, t]`, counting up to `keep`. Only what can still matter is kept: at most `keep`
 /// times (the threshold), none older than `window` before the newest, so a window's state stays
@@ -345,6 +433,72 @@ mod tests {
         // An event that arrives late counts in its own window, as far as it is remembered.
         assert_eq!(record_in_window(&mut times, 112, 10, 3), 1);
         assert_eq!(times, [117, 118, 119]);
+    }
+
+    #[test]
+    fn different_values_are_counted_ever_in_a_period_or_in_a_window() {
+        let mut kept = Vec::new();
+        let ever = Distinct::Ever;
+        assert_eq!(count_distinct(&mut kept, 7, 0, ever, 3), 1);
+        assert_eq!(
+            count_distinct(&mut kept, 7, 1, ever, 3),
+            1,
+            "the same value again"
+        );
+        assert_eq!(count_distinct(&mut kept, 8, 2, ever, 3), 2);
+        assert_eq!(count_distinct(&mut kept, 9, 3, ever, 3), 3);
+        assert_eq!(
+            count_distinct(&mut kept, 10, 4, ever, 3),
+            3,
+            "at most the threshold"
+        );
+        assert_eq!(kept, [7, 8, 9]);
+
+        let mut kept = Vec::new();
+        assert_eq!(count_distinct(&mut kept, 7, 0, Distinct::InPeriod(5), 3), 1);
+        assert_eq!(count_distinct(&mut kept, 8, 0, Distinct::InPeriod(5), 3), 2);
+        assert_eq!(
+            count_distinct(&mut kept, 8, 0, Distinct::InPeriod(6), 3),
+            1,
+            "a new week"
+        );
+        assert_eq!(
+            count_distinct(&mut kept, 9, 0, Distinct::InPeriod(5), 3),
+            1,
+            "a late one"
+        );
+        assert_eq!(kept, [6, 8]);
+
+        let mut kept = Vec::new();
+        let within = Distinct::Within(10);
+        assert_eq!(count_distinct(&mut kept, 7, 100, within, 3), 1);
+        assert_eq!(count_distinct(&mut kept, 8, 105, within, 3), 2);
+        assert_eq!(
+            count_distinct(&mut kept, 7, 108, within, 3),
+            2,
+            "7 again, later"
+        );
+        assert_eq!(
+            count_distinct(&mut kept, 9, 116, within, 3),
+            2,
+            "8 (at 105) left the window"
+        );
+        assert_eq!(count_distinct(&mut kept, 10, 117, within, 3), 3);
+    }
+
+    #[test]
+    fn a_period_count_starts_again_in_each_period() {
+        let mut state = State::default();
+        let k = StateKey::new("r", "count in day", &[]);
+        assert_eq!(state.count_in_period(&k, 100), 1);
+        assert_eq!(state.count_in_period(&k, 100), 2);
+        assert_eq!(state.count_in_period(&k, 101), 1);
+        assert_eq!(
+            state.count_in_period(&k, 100),
+            1,
+            "a late event from the day before"
+        );
+        assert_eq!(state.count_in_period(&k, 101), 2);
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! Calendar periods in a time zone: what `[count] in = "week"` and `[limits] once_per_period =
+//! "day"` count by. A period is the day, ISO week (from Monday) or month that an instant falls in
+//! where the user is, so "once a day" means the user's day, and the days the clocks change are
+//! as long as they are there (chrono-tz's copy of the IANA time-zone database).
+
+use chrono::{DateTime, Datelike, Utc, Weekday};
+use chrono_tz::Tz;
+
+use crate::ingest::event::Event;
+use crate::ingest::path::FieldPath;
+
+/// A kind of calendar period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    /// ISO week: Monday to Sunday.
+    Week,
+    Month,
+}
+
+impl Period {
+    /// The names a rule file uses.
+    pub const NAMES: [&str; 3] = ["day", "week", "month"];
+
+    pub fn named(name: &str) -> Option<Period> {
+        match name {
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+/// Where periods are counted: one time zone, or each event's own (a field holding an IANA name,
+/// like PostHog's `person.properties.$geoip_time_zone`), with a zone for events without one.
+#[derive(Debug, Clone)]
+pub enum Zone {
+    Fixed(Tz),
+    Field { path: FieldPath, fallback: Tz },
+}
+
+impl Zone {
+    /// The zone for `event`.
+    pub fn of(&self, event: &Event) -> Tz {
+        match self {
+            Zone::Fixed(tz) => *tz,
+            Zone::Field { path, fallback } => path
+                .lookup(event)
+                .and_then(|v| v.as_str())
+                .and_then(|name| name.parse().ok())
+                .unwrap_or(*fallback),
+        }
+    }
+}
+
+impl std::fmt::Display for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Zone::Fixed(tz) => f.write_str(tz.name()),
+            Zone::Field { path, fallback } => write!(f, "{path} (else {})", fallback.name()),
+        }
+    }
+}
+
+/// A kind of period in a zone.
+#[derive(Debug, Clone)]
+pub struct Calendar {
+    pub period: Period,
+    pub zone: Zone,
+}
+
+impl Calendar {
+    /// The period the instant `t_ms` falls in, where `event`'s user is: a number that grows by
+    /// one from each period to the next (days, weeks or months since the calendar's start).
+    pub fn period_of(&self, t_ms: i64, event: &Event) -> i64 {
+        let utc = DateTime::<Utc>::from_timestamp_millis(t_ms).unwrap_or_default();
+        let date = utc.with_timezone(&self.zone.of(event)).date_naive();
+        match self.period {
+            Period::Day => i64::from(date.num_days_from_ce()),
+            Period::Week => i64::from(date.week(Weekday::Mon).first_day().num_days_from_ce()) / 7,
+            Period::Month => i64::from(date.year()) * 12 + i64::from(date.month0()),
+        }
+    }
+}
+
+/// Every time-zone name tripline knows, for "did you mean".
+pub fn zone_names() -> impl Iterator<Item = &'static str> {
+    chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::event::{BodyLimits, decode};
+
+    fn event(zone: Option<&str>) -> Event {
+        let person = zone.map_or("{}".into(), |z| format!(r#"{{"$geoip_time_zone":"{z}"}}"#));
+        let body =
+            format!(r#"{{"event":"e","distinct_id":"d","person":{{"properties":{person}}}}}"#);
+        decode(body.as_bytes(), Utc::now(), &BodyLimits::LOCAL_FILES)
+            .unwrap()
+            .remove(0)
+    }
+
+    fn ms(t: &str) -> i64 {
+        t.parse::<DateTime<Utc>>().unwrap().timestamp_millis()
+    }
+
+    fn fixed(period: Period, zone: &str) -> Calendar {
+        Calendar {
+            period,
+            zone: Zone::Fixed(zone.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_day_is_the_local_day_across_the_clock_changes() {
+        let e = event(None);
+        let paris = fixed(Period::Day, "Europe/Paris");
+        // 2026-03-29: clocks go forward at 02:00 in Paris (UTC+1 → UTC+2).
+        let before = paris.period_of(ms("2026-03-28T22:59:00Z"), &e); // 23:59 on the 28th
+        let first = paris.period_of(ms("2026-03-28T23:00:00Z"), &e); // 00:00 on the 29th
+        let last = paris.period_of(ms("2026-03-29T21:59:00Z"), &e); // 23:59 (UTC+2)
+        let next = paris.period_of(ms("2026-03-29T22:00:00Z"), &e); // 00:00 on the 30th
+        assert_eq!((first - before, last - first, next - last), (1, 0, 1));
+        // 2026-11-01: New York goes back at 02:00 (UTC-4 → UTC-5): a 25-hour day.
+        let ny = fixed(Period::Day, "America/New_York");
+        let first = ny.period_of(ms("2026-11-01T04:00:00Z"), &e); // 00:00 (UTC-4)
+        let last = ny.period_of(ms("2026-11-02T04:59:00Z"), &e); // 23:59 (UTC-5)
+        let next = ny.period_of(ms("2026-11-02T05:00:00Z"), &e);
+        assert_eq!((last - first, next - last), (0, 1));
+    }
+
+    #[test]
+    fn weeks_start_on_monday_and_months_on_the_first() {
+        let e = event(None);
+        let week = fixed(Period::Week, "UTC");
+        // 2026-03-01 is a Sunday, 2026-03-02 a Monday.
+        let sunday = week.period_of(ms("2026-03-01T23:00:00Z"), &e);
+        let monday = week.period_of(ms("2026-03-02T00:00:00Z"), &e);
+        let next_sunday = week.period_of(ms("2026-03-08T23:59:00Z"), &e);
+        assert_eq!((monday - sunday, next_sunday - monday), (1, 0));
+        let month = fixed(Period::Month, "Asia/Tokyo");
+        // 2026-01-31T15:00Z is already February 1st in Tokyo (UTC+9).
+        let jan = month.period_of(ms("2026-01-31T14:59:00Z"), &e);
+        let feb = month.period_of(ms("2026-01-31T15:00:00Z"), &e);
+        let dec = month.period_of(ms("2025-12-15T00:00:00Z"), &e);
+        assert_eq!((feb - jan, jan - dec), (1, 1));
+    }
+
+    #[test]
+    fn a_zone_from_the_event_falls_back_when_missing_or_unknown() {
+        let zone = Zone::Field {
+            path: FieldPath::parse("person.properties.$geoip_time_zone").unwrap(),
+            fallback: "Europe/Paris".parse().unwrap(),
+        };
+        assert_eq!(
+            zone.of(&event(Some("America/New_York"))).name(),
+            "America/New_York"
+        );
+        assert_eq!(zone.of(&event(None)).name(), "Europe/Paris");
+        assert_eq!(zone.of(&event(Some("Mars/Olympus"))).name(), "Europe/Paris");
+    }
+}
