@@ -1,0 +1,136 @@
+//! Calendar periods through the real server: `once_per_period` in each user's own time zone
+//! (from a person property, with a fallback), across the days the clocks change in New York and
+//! in Paris, and `[count] in = "day"`.
+
+mod common;
+
+use common::in_process::InProcess;
+use common::new_uuid;
+use serde_json::{Value, json};
+
+const DAILY: &str = r#"
+name = "daily"
+[when]
+event = "opened"
+[limits]
+once_per = ["distinct_id"]
+once_per_period = "day"
+timezone = "person.properties.$geoip_time_zone"
+timezone_fallback = "Europe/Paris"
+[jsonl]
+file = "daily.jsonl"
+fields = { who = "distinct_id", at = "timestamp" }
+"#;
+
+const SECOND_TODAY: &str = r#"
+name = "second-today"
+[when]
+event = "searched"
+[count]
+per = ["distinct_id"]
+at_least = 2
+in = "day"
+timezone = "America/New_York"
+[jsonl]
+file = "second.jsonl"
+fields = { at = "timestamp" }
+"#;
+
+fn server() -> InProcess {
+    // The clock is after every event, so none is clamped as coming from the future.
+    InProcess::start_with(&[], "2026-12-01T00:00:00Z".parse().unwrap(), |root| {
+        std::fs::write(root.join("rules/daily.toml"), DAILY).unwrap();
+        std::fs::write(root.join("rules/second.toml"), SECOND_TODAY).unwrap();
+    })
+}
+
+fn send(s: &InProcess, name: &str, who: &str, zone: Option<&str>, at: &str) -> Value {
+    let person = zone.map_or(json!({}), |z| json!({ "$geoip_time_zone": z }));
+    let (status, reply) = s.post_json(&json!({
+        "event": name, "uuid": new_uuid(), "distinct_id": who, "timestamp": at,
+        "person": { "properties": person },
+    }));
+    assert_eq!(status, 200, "{reply}");
+    reply["fired"].clone()
+}
+
+#[test]
+fn once_a_day_is_once_in_each_users_own_day_across_the_clock_changes() {
+    let s = server();
+    let ny = Some("America/New_York");
+    // New York leaves daylight saving on 2026-11-01 at 06:00 UTC: that day has 25 hours.
+    assert_eq!(
+        send(&s, "opened", "ann", ny, "2026-11-01T03:30:00Z"),
+        json!(["daily"])
+    ); // Oct 31, 23:30
+    assert_eq!(
+        send(&s, "opened", "ann", ny, "2026-11-01T04:30:00Z"),
+        json!(["daily"])
+    ); // Nov 1, 00:30
+    assert_eq!(
+        send(&s, "opened", "ann", ny, "2026-11-02T04:30:00Z"),
+        json!([])
+    ); // Nov 1, 23:30
+    assert_eq!(
+        send(&s, "opened", "ann", ny, "2026-11-02T05:30:00Z"),
+        json!(["daily"])
+    ); // Nov 2, 00:30
+    // No zone on the person: the fallback, Paris, which starts daylight saving on 2026-03-29.
+    assert_eq!(
+        send(&s, "opened", "bo", None, "2026-03-28T22:30:00Z"),
+        json!(["daily"])
+    ); // Mar 28, 23:30
+    assert_eq!(
+        send(&s, "opened", "bo", None, "2026-03-28T23:30:00Z"),
+        json!(["daily"])
+    ); // Mar 29, 00:30
+    assert_eq!(
+        send(&s, "opened", "bo", None, "2026-03-29T21:30:00Z"),
+        json!([])
+    ); // Mar 29, 23:30 (23 h day)
+    // A zone that is not one: the fallback too.
+    assert_eq!(
+        send(
+            &s,
+            "opened",
+            "cy",
+            Some("Mars/Base"),
+            "2026-03-29T21:30:00Z"
+        ),
+        json!(["daily"])
+    );
+    assert_eq!(
+        send(
+            &s,
+            "opened",
+            "cy",
+            Some("Mars/Base"),
+            "2026-03-29T22:30:00Z"
+        ),
+        json!(["daily"])
+    ); // Mar 30 in Paris
+    assert_eq!(s.jsonl("daily.jsonl").len(), 7);
+}
+
+#[test]
+fn a_count_in_a_day_starts_again_at_midnight_where_the_rule_says() {
+    let s = server();
+    // 23:00 and 23:50 on Nov 1 in New York (UTC-5): the second fires.
+    assert_eq!(
+        send(&s, "searched", "di", None, "2026-11-02T04:00:00Z"),
+        json!([])
+    );
+    assert_eq!(
+        send(&s, "searched", "di", None, "2026-11-02T04:50:00Z"),
+        json!(["second-today"])
+    );
+    // 00:10 on Nov 2: a new day, the first again.
+    assert_eq!(
+        send(&s, "searched", "di", None, "2026-11-02T05:10:00Z"),
+        json!([])
+    );
+    assert_eq!(
+        s.jsonl("second.jsonl"),
+        [json!({"at": "2026-11-02T04:50:00Z"})]
+    );
+}
