@@ -74,6 +74,20 @@ fn rule_set(
     RuleSet::load(&rules, &templates, &dir.path().join("data")).unwrap_or_else(|p| panic!("{p:?}"))
 }
 
+/// A rule set of this one rule.
+fn one_rule(text: &str) -> RuleSet {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("r.toml"), text).unwrap();
+    RuleSet::load(
+        &rules,
+        &dir.path().join("templates"),
+        &dir.path().join("data"),
+    )
+    .unwrap_or_else(|p| panic!("{p:?}"))
+}
+
 fn shipped_rules() -> RuleSet {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().unwrap();
@@ -154,6 +168,35 @@ fn benches(c: &mut Criterion) {
         );
         group.bench_with_input(BenchmarkId::from_parameter(n), &rules, |b, rules| {
             b.iter(|| run_once(rules, black_box(&event), &from))
+        });
+    }
+    group.finish();
+
+    // The cost of counting one event (a fresh state each time): a plain [count] and [limits],
+    // then the same per calendar week and day in each user's zone, then distinct values.
+    let used = event_without_uuid("feature_used.json");
+    let mut group = c.benchmark_group("counting");
+    for (name, count, limits) in [
+        ("count", "", ""),
+        (
+            "count_in_week",
+            "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
+            "once_per_period = \"day\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
+        ),
+        (
+            "distinct_in_week",
+            "distinct = \"properties.feature_name\"\nin = \"week\"\ntimezone = \"Europe/Paris\"\n",
+            "",
+        ),
+    ] {
+        let rules = one_rule(&format!(
+            "name = \"r\"\n[when]\nevent = \"feature_used\"\n\
+             [count]\nper = [\"distinct_id\"]\nat_least = 5\n{count}\
+             [limits]\nonce_per = [\"distinct_id\"]\n{limits}\
+             [jsonl]\nfile = \"o.jsonl\"\nfields = {{ who = \"distinct_id\" }}\n"
+        ));
+        group.bench_with_input(BenchmarkId::from_parameter(name), &rules, |b, rules| {
+            b.iter(|| run_once(rules, black_box(&used), &from))
         });
     }
     group.finish();
