@@ -71,6 +71,15 @@ impl Outcome {
     pub fn acted(&self) -> bool {
         matches!(self, Outcome::Fired | Outcome::PartlyFailed { .. })
     }
+
+    /// Why the rule was held back when it would have acted, if it was: never silent, this is
+    /// counted per rule and reason, and shown in the reply and at `GET /rules`.
+    pub fn suppressed(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Suppressed => Some("limits"),
+            _ => None,
+        }
+    }
 }
 
 /// What happened to a batch of events.

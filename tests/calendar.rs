@@ -134,3 +134,26 @@ fn a_count_in_a_day_starts_again_at_midnight_where_the_rule_says() {
         [json!({"at": "2026-11-02T04:50:00Z"})]
     );
 }
+
+#[test]
+fn a_held_back_action_is_never_silent() {
+    let s = server();
+    let at = "2026-06-01T10:00:00Z";
+    send(&s, "opened", "eve", None, at);
+    let (_, reply) = s.post_json(&json!({
+        "event": "opened", "uuid": new_uuid(), "distinct_id": "eve", "timestamp": at,
+    }));
+    assert_eq!(reply["fired"], json!([]), "{reply}");
+    assert_eq!(reply["suppressed"], json!(["daily"]), "{reply}");
+    let rules = s.get_json("/rules");
+    let daily = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "daily");
+    assert_eq!(
+        daily.unwrap()["suppressed"],
+        json!({ "limits": 1 }),
+        "{rules}"
+    );
+}

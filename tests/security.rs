@@ -430,7 +430,7 @@ fn metrics_after_a_known_sequence_of_events() {
             1.0,
         ),
         (
-            r#"tripline_rule_suppressions_total{rule="power-user-discount"}"#,
+            r#"tripline_rule_suppressions_total{rule="power-user-discount",reason="limits"}"#,
             1.0,
         ),
         (r#"tripline_rule_fires_total{rule="training-data"}"#, 1.0),

@@ -108,6 +108,9 @@ pub struct Expect {
     pub failed: Option<Vec<String>>,
     /// The rules with a wait still pending at the end, one entry per wait, by name.
     pub pending: Option<Vec<String>>,
+    /// The rules held back when they would have acted (`[limits]`), one entry per time, in
+    /// order.
+    pub suppressed: Option<Vec<String>>,
     /// The rules whose wait an `unless` event cancelled, one entry per time, in order.
     pub cancelled: Option<Vec<String>>,
     /// The rules whose wait ended without acting (no `until` event came in time, or `then` did
@@ -122,6 +125,7 @@ impl Expect {
             &self.fired,
             &self.failed,
             &self.pending,
+            &self.suppressed,
             &self.cancelled,
             &self.expired,
         ]
@@ -478,6 +482,10 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
         let mut wanted = pending.clone();
         wanted.sort();
         compare_rule_names("be waiting", &wanted, &actual, rules, &mut problems);
+    }
+    if let Some(suppressed) = &e.suppressed {
+        let actual = report.rules_where(rules, |o| o.suppressed().is_some());
+        compare_rule_names("be held back", suppressed, &actual, rules, &mut problems);
     }
     if let Some(cancelled) = &e.cancelled {
         let actual = report.rules_where(rules, |o| *o == Outcome::Cancelled);

@@ -125,6 +125,7 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
             _ => None,
         };
     let late = state.committer.wait_lateness();
+    let suppressed = state.committer.suppressed();
     let running: Vec<Value> = set
         .as_ref()
         .map(|set| {
@@ -138,6 +139,12 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
                             "its output file cannot be written, so the rule does nothing: {why}"
                         ));
                     }
+                    // Never silent: how often it was held back since start, and why.
+                    let held: serde_json::Map<String, Value> = (suppressed.iter())
+                        .filter(|((rule, _), _)| *rule == r.name)
+                        .map(|((_, reason), n)| (reason.to_string(), json!(n)))
+                        .collect();
+                    summary["suppressed"] = Value::Object(held);
                     if r.wait.is_some() {
                         summary["waits"] = json!({
                             "pending": waiting.as_ref().map(|w| w.get(&r.name).copied().unwrap_or(0)),

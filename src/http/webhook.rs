@@ -82,6 +82,7 @@ pub async fn webhook(
         "fired": report.fired(&rules),
         "waiting": report.rules_where(&rules, |o| matches!(o, Outcome::Waiting { .. })),
         "cancelled": report.rules_where(&rules, |o| *o == Outcome::Cancelled),
+        "suppressed": report.rules_where(&rules, |o| o.suppressed().is_some()),
         "failed": report.failures(&rules),
     })))
 }
@@ -98,11 +99,9 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
             Outcome::Fired | Outcome::PartlyFailed { .. } => {
                 metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
             }
-            Outcome::Suppressed => {
-                metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule).increment(1);
-            }
-            // Waits are counted by the committer, with those that end on the timer.
-            Outcome::Counting { .. }
+            // Suppressions and waits are counted by the committer, with those of the timer.
+            Outcome::Suppressed
+            | Outcome::Counting { .. }
             | Outcome::NoKey { .. }
             | Outcome::Failed { .. }
             | Outcome::Waiting { .. }

@@ -135,6 +135,8 @@ struct Shared {
     unwritable: Mutex<Unwritable>,
     /// For each rule, how late its last wait ended (seconds past its deadline and the grace).
     wait_lateness: Mutex<HashMap<String, f64>>,
+    /// For each rule and reason, how many times it was held back since start.
+    suppressed: Mutex<HashMap<(String, &'static str), u64>>,
 }
 
 /// What the committer thread owns.
@@ -274,6 +276,16 @@ impl Committer {
     /// commit.
     pub fn next_wait(&self) -> watch::Receiver<Option<i64>> {
         self.next_wait.clone()
+    }
+
+    /// For each rule, how many times it was held back since start, per reason (for
+    /// `GET /rules`).
+    pub fn suppressed(&self) -> HashMap<(String, &'static str), u64> {
+        self.shared
+            .suppressed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// For each rule, how late its last wait ended, in seconds (for `GET /rules`).
@@ -676,6 +688,7 @@ impl Worker {
         }
         for (job, report) in batch.iter().zip(&reports) {
             record_wait_outcomes(&job.rules, report);
+            self.record_suppressions(&job.rules, report);
         }
         for (rule, n) in waiting {
             metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
@@ -684,6 +697,7 @@ impl Worker {
         if let (Some(report), Some(due), Some(rules)) = (&ended, &due, end_waits) {
             record_wait_outcomes(rules, report);
             record_timer_fires(rules, report);
+            self.record_suppressions(rules, report);
             self.ended_late(rules, &late, now_ms, grace_ms);
             more = due.len() == WAITS_PER_COMMIT;
         }
@@ -719,6 +733,26 @@ impl Worker {
             });
         }
         Ok((reports, ended, more))
+    }
+
+    /// Counts each time a rule was held back, per reason: in the metrics and for `GET /rules`.
+    fn record_suppressions(&self, rules: &RuleSet, report: &Report) {
+        let mut held = None;
+        for (index, outcome) in &report.outcomes {
+            let Some(reason) = outcome.suppressed() else {
+                continue;
+            };
+            let rule = rules.rules()[*index].name.clone();
+            metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule.clone(), "reason" => reason)
+                .increment(1);
+            let held = held.get_or_insert_with(|| {
+                self.shared
+                    .suppressed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            });
+            *held.entry((rule, reason)).or_default() += 1;
+        }
     }
 
     /// Records how late each ended wait was: past its deadline and the grace period.
@@ -985,15 +1019,13 @@ fn drop_waits_of_gone_rules(
     Ok(dropped)
 }
 
-/// Counts the rules that acted or were held back when their waits ended on the timer (those
-/// of requests are counted where the request is answered).
+/// Counts the rules that acted when their waits ended on the timer (those of requests are
+/// counted where the request is answered).
 fn record_timer_fires(rules: &RuleSet, report: &Report) {
     for (index, outcome) in &report.outcomes {
-        let rule = rules.rules()[*index].name.clone();
         if outcome.acted() {
+            let rule = rules.rules()[*index].name.clone();
             metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
-        } else if *outcome == Outcome::Suppressed {
-            metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule).increment(1);
         }
     }
 }
