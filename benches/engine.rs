@@ -74,12 +74,15 @@ fn rule_set(
     RuleSet::load(&rules, &templates, &dir.path().join("data")).unwrap_or_else(|p| panic!("{p:?}"))
 }
 
-/// A rule set of this one rule.
+/// A rule set of this one rule (and a "marketing" cap group it may name).
 fn one_rule(text: &str) -> RuleSet {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules");
     std::fs::create_dir_all(&rules).unwrap();
     std::fs::write(rules.join("r.toml"), text).unwrap();
+    let caps = "[marketing]\nat_most = 2\nper_period = \"week\"\n\
+                timezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"UTC\"\n";
+    std::fs::write(rules.join("_caps.toml"), caps).unwrap();
     RuleSet::load(
         &rules,
         &dir.path().join("templates"),
@@ -178,6 +181,11 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("counting");
     for (name, count, limits) in [
         ("count", "", ""),
+        (
+            "count_in_week_capped",
+            "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
+            "cap_group = \"marketing\"\n",
+        ),
         (
             "count_in_week",
             "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",

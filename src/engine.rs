@@ -46,6 +46,9 @@ pub enum Outcome {
     Counting { count: u64 },
     /// `[limits]` held the rule back: it already acted for these values.
     Suppressed,
+    /// `[limits] cap_group`: the group has had as many actions for this recipient this period
+    /// as it allows.
+    Capped { group: String },
     /// The event has no value for a field the rule counts or limits by (`per`, `once_per`).
     NoKey { field: String },
     /// The rule acted, but some of its actions could not be made from this event, for these
@@ -77,6 +80,7 @@ impl Outcome {
     pub fn suppressed(&self) -> Option<&'static str> {
         match self {
             Outcome::Suppressed => Some("limits"),
+            Outcome::Capped { .. } => Some("cap"),
             _ => None,
         }
     }
@@ -152,9 +156,9 @@ pub fn run(
     let mut wants = Wants::default();
     plan.add_wants(rules, events, &mut wants);
     let mut state = store.load(&wants)?;
-    let later = plan.limits_of_waits(rules, &state);
-    if !later.is_empty() {
-        state.merge(store.load(&Wants::acted(&later))?);
+    let (once, caps) = plan.limits_of_waits(rules, &state);
+    if !once.is_empty() || !caps.is_empty() {
+        state.merge(store.load(&Wants::limits(&once, &caps))?);
     }
     let report = plan.decide(rules, events, &mut state, env, effects);
     store.save(state, now_unix)?;
@@ -199,8 +203,15 @@ struct Matched {
     /// Whether the rule's `[when]` held, or the event only matters to a pending wait.
     role: Role,
     count: Result<Option<StateKey>, Outcome>,
-    once: Result<Option<StateKey>, Outcome>,
+    limits: Result<LimitKeys, Outcome>,
     wait: Result<Option<StateKey>, Outcome>,
+}
+
+/// The `[limits]` keys of a rule for one event: its once-key and its cap group's key.
+#[derive(Debug, Default, Clone)]
+struct LimitKeys {
+    once: Option<StateKey>,
+    cap: Option<StateKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +234,7 @@ impl Plan {
                     rule: index,
                     role: Role::Watch,
                     count: Ok(None),
-                    once: Ok(None),
+                    limits: Ok(LimitKeys::default()),
                     wait: wait_key(rule, event),
                 });
             }
@@ -233,10 +244,10 @@ impl Plan {
                     rule: index,
                     role: Role::Trigger,
                     count: match &rule.count {
-                        Some(c) => state_key(rule, c.key_kind(), &c.per, event).map(Some),
+                        Some(c) => state_key(&rule.name, c.key_kind(), &c.per, event).map(Some),
                         None => Ok(None),
                     },
-                    once: once_key(rule, event),
+                    limits: limit_keys(rule, event),
                     wait: wait_key(rule, event),
                 });
             }
@@ -259,8 +270,9 @@ impl Plan {
                     false => wants.counters.push(key),
                 };
             }
-            if let Ok(Some(key)) = &m.once {
-                wants.acted.push(key);
+            if let Ok(keys) = &m.limits {
+                wants.acted.extend(&keys.once);
+                wants.windows.extend(&keys.cap);
             }
             if let Ok(Some(key)) = &m.wait {
                 wants.waits.push(key);
@@ -271,15 +283,26 @@ impl Plan {
 
     /// The `[limits]` keys of the pending waits this plan's events may end (an `until` event,
     /// or a trigger after a wait's end): they come from each wait's triggering event, so they
-    /// are known once the waits are loaded.
-    pub fn limits_of_waits(&self, rules: &RuleSet, state: &State) -> Vec<StateKey> {
-        (self.matched.iter())
-            .filter_map(|m| {
-                let key = m.wait.as_ref().ok()?.as_ref()?;
-                let rule = &rules.rules()[m.rule];
-                once_key(rule, &state.wait(key)?.trigger).ok()?
-            })
-            .collect()
+    /// are known once the waits are loaded. Once-keys first, cap keys second.
+    pub fn limits_of_waits(
+        &self,
+        rules: &RuleSet,
+        state: &State,
+    ) -> (Vec<StateKey>, Vec<StateKey>) {
+        let (mut once, mut caps) = (Vec::new(), Vec::new());
+        for m in &self.matched {
+            let Some(key) = m.wait.as_ref().ok().and_then(Option::as_ref) else {
+                continue;
+            };
+            let Some(pending) = state.wait(key) else {
+                continue;
+            };
+            if let Ok(keys) = limit_keys(&rules.rules()[m.rule], &pending.trigger) {
+                once.extend(keys.once);
+                caps.extend(keys.cap);
+            }
+        }
+        (once, caps)
     }
 
     /// Decides what `events` do, changing `state` and pushing effects onto `effects`.
@@ -382,13 +405,13 @@ fn apply(
         }
         count = Some(n);
     }
-    let once = match &matched.once {
-        Ok(key) => key.as_ref(),
+    let keys = match &matched.limits {
+        Ok(keys) => keys,
         Err(no_key) => return no_key.clone(),
     };
-    if held_back(rule, once, t_ms, event, state) {
-        debug!("held back by [limits]: already acted for these values");
-        return Outcome::Suppressed;
+    if let Some(held) = held_back(rule, keys, t_ms, event, state) {
+        debug!(?held, "held back by [limits]");
+        return held;
     }
     match &rule.wait {
         Some(wait) => match &matched.wait {
@@ -406,15 +429,9 @@ fn apply(
                 let over = past.is_some();
                 if over {
                     let pending = state.end_wait(key).expect("there is a wait");
-                    let its_once = once_key(rule, &pending.trigger).ok().flatten();
+                    let its_keys = limit_keys(rule, &pending.trigger).unwrap_or_default();
                     *ended = Some(at_deadline(
-                        index,
-                        rules,
-                        pending,
-                        its_once.as_ref(),
-                        state,
-                        env,
-                        effects,
+                        index, rules, pending, &its_keys, state, env, effects,
                     ));
                 }
                 start_wait(rule, wait, key, event, count, state, env)
@@ -423,36 +440,49 @@ fn apply(
             Err(no_key) => no_key.clone(),
         },
         None => act(
-            index, rule, rules, event, count, None, once, t_ms, state, env, effects,
+            index, rule, rules, event, count, None, keys, t_ms, state, env, effects,
         ),
     }
 }
 
-/// Whether `[limits]` holds the rule back at `t_ms`: it acted for `once_key` before, and not
-/// `again_after` ago, or in the same calendar period (in the zone of `event`'s user; an event
-/// from a period before the last action's is held back too).
+/// Whether `[limits]` holds the rule back at `t_ms`, and how: `Suppressed` when it acted for
+/// the once-key before, and not `again_after` ago, or in the same calendar period (in the zone
+/// of `event`'s user; an event from a period before the last action's is held back too);
+/// `Capped` when its cap group has had `at_most` actions for the recipient this period.
 fn held_back(
     rule: &Rule,
-    once_key: Option<&StateKey>,
+    keys: &LimitKeys,
     t_ms: i64,
     event: &Event,
     state: &mut State,
-) -> bool {
-    let (Some(limits), Some(key)) = (&rule.limits, once_key) else {
-        return false;
-    };
-    state.touch(key);
-    let Some(last) = state.last_acted(key) else {
-        return false;
-    };
-    if let Some(cal) = &limits.period {
-        return cal.period_of(t_ms, event) <= cal.period_of(last, event);
+) -> Option<Outcome> {
+    let limits = rule.limits.as_ref()?;
+    if let Some(key) = &keys.once {
+        state.touch(key);
+        if let Some(last) = state.last_acted(key) {
+            let held = match (&limits.period, limits.again_after) {
+                (Some(cal), _) => cal.period_of(t_ms, event) <= cal.period_of(last, event),
+                (None, Some(after)) => {
+                    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+                    t_ms.saturating_sub(last) < after_ms
+                }
+                (None, None) => true,
+            };
+            if held {
+                return Some(Outcome::Suppressed);
+            }
+        }
     }
-    let again = limits.again_after.is_some_and(|after| {
-        let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-        t_ms.saturating_sub(last) >= after_ms
-    });
-    !again
+    if let (Some(cap), Some(key)) = (&limits.cap, &keys.cap) {
+        state.touch(key);
+        let period = cap.period.period_of(t_ms, event);
+        if state.period_count(key, period) >= cap.at_most {
+            return Some(Outcome::Capped {
+                group: cap.name.clone(),
+            });
+        }
+    }
+    None
 }
 
 /// Runs every action of the rule on `event`; each one's output or failure is its own. A rule
@@ -465,7 +495,7 @@ fn act(
     event: &Event,
     count: Option<u64>,
     waited: Option<Waited>,
-    once_key: Option<&StateKey>,
+    keys: &LimitKeys,
     t_ms: i64,
     state: &mut State,
     env: &Env,
@@ -501,8 +531,11 @@ fn act(
     if reasons.len() == rule.actions.len() {
         return Outcome::Failed { reasons };
     }
-    if let Some(key) = once_key {
+    if let Some(key) = &keys.once {
         state.mark_acted(key, t_ms);
+    }
+    if let (Some(cap), Some(key)) = (rule.limits.as_ref().and_then(|l| l.cap.as_ref()), &keys.cap) {
+        state.count_in_period(key, cap.period.period_of(t_ms, event));
     }
     match reasons.is_empty() {
         true => Outcome::Fired,
@@ -598,13 +631,12 @@ fn watch(
             if wait.then.as_ref().is_some_and(|then| !then.holds(event)) {
                 return Some(Outcome::Expired { why: THEN_FAILED });
             }
-            let once = once_key(rule, &pending.trigger);
-            let once = match &once {
-                Ok(key) => key.as_ref(),
-                Err(no_key) => return Some(no_key.clone()),
+            let keys = match limit_keys(rule, &pending.trigger) {
+                Ok(keys) => keys,
+                Err(no_key) => return Some(no_key),
             };
-            if held_back(rule, once, t_ms, &pending.trigger, state) {
-                return Some(Outcome::Suppressed);
+            if let Some(held) = held_back(rule, &keys, t_ms, &pending.trigger, state) {
+                return Some(held);
             }
             let waited = Waited {
                 until: Some(event),
@@ -619,7 +651,7 @@ fn watch(
                 &pending.trigger,
                 pending.count,
                 Some(waited),
-                once,
+                &keys,
                 t_ms,
                 state,
                 env,
@@ -643,7 +675,7 @@ const UNTIL_MISSED: &str = "no `until` event came in time";
 
 /// Pending waits that are due, and the `[limits]` keys of their rules.
 pub struct DuePlan {
-    due: Vec<(StateKey, Pending, Option<StateKey>)>,
+    due: Vec<(StateKey, Pending, LimitKeys)>,
 }
 
 impl DuePlan {
@@ -652,10 +684,11 @@ impl DuePlan {
         let due = due
             .into_iter()
             .map(|(key, pending)| {
-                let once = rules
+                let keys = rules
                     .named(&pending.rule)
-                    .and_then(|(_, rule)| once_key(rule, &pending.trigger).ok().flatten());
-                (key, pending, once)
+                    .and_then(|(_, rule)| limit_keys(rule, &pending.trigger).ok())
+                    .unwrap_or_default();
+                (key, pending, keys)
             })
             .collect();
         DuePlan { due }
@@ -673,10 +706,11 @@ impl DuePlan {
 
     /// Adds the state this plan reads to `wants`.
     pub fn add_wants<'a>(&'a self, wants: &mut Wants<'a>) {
-        for (key, pending, once) in &self.due {
+        for (key, pending, keys) in &self.due {
             wants.waits.push(key);
             wants.waiting.push(&pending.rule);
-            wants.acted.extend(once);
+            wants.acted.extend(&keys.once);
+            wants.windows.extend(&keys.cap);
         }
     }
 
@@ -695,7 +729,7 @@ impl DuePlan {
         ended: &mut Vec<(usize, i64)>,
     ) -> Report {
         let mut report = Report::default();
-        for (key, _, once) in &self.due {
+        for (key, _, keys) in &self.due {
             let Some(pending) = state.wait(key).filter(|p| p.deadline_ms <= until_ms) else {
                 continue;
             };
@@ -707,7 +741,7 @@ impl DuePlan {
                 continue;
             };
             ended.push((index, pending.deadline_ms));
-            let outcome = at_deadline(index, rules, pending, once.as_ref(), state, env, effects);
+            let outcome = at_deadline(index, rules, pending, keys, state, env, effects);
             report.outcomes.push((index, outcome));
         }
         report
@@ -721,7 +755,7 @@ fn at_deadline(
     index: usize,
     rules: &RuleSet,
     pending: Pending,
-    once: Option<&StateKey>,
+    keys: &LimitKeys,
     state: &mut State,
     env: &Env,
     effects: &mut Vec<Effect>,
@@ -743,8 +777,8 @@ fn at_deadline(
         .is_some_and(|c| !c.holds(pending.latest()))
     {
         Outcome::Expired { why: THEN_FAILED }
-    } else if held_back(rule, once, t_ms, &pending.trigger, state) {
-        Outcome::Suppressed
+    } else if let Some(held) = held_back(rule, keys, t_ms, &pending.trigger, state) {
+        held
     } else {
         // As long as the wait was when it started (the rule may have been edited since).
         let waited = Waited {
@@ -761,7 +795,7 @@ fn at_deadline(
             &pending.trigger,
             pending.count,
             Some(waited),
-            once,
+            keys,
             t_ms,
             state,
             env,
@@ -782,18 +816,30 @@ fn digest(value: &serde_json::Value) -> i64 {
     i64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
 }
 
-/// The `[limits]` key of `rule` for `event`, if it limits.
-fn once_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
-    match &rule.limits {
-        Some(l) => state_key(rule, "once", &l.once_per, event).map(Some),
-        None => Ok(None),
-    }
+/// The `[limits]` keys of `rule` for `event`: its once-key, and its cap group's key for the
+/// recipient (the group's own state, shared by every rule that names it).
+fn limit_keys(rule: &Rule, event: &Event) -> Result<LimitKeys, Outcome> {
+    let Some(limits) = &rule.limits else {
+        return Ok(LimitKeys::default());
+    };
+    let once = match &limits.once_per {
+        Some(once_per) => Some(state_key(&rule.name, "once", once_per, event)?),
+        None => None,
+    };
+    let cap = match &limits.cap {
+        Some(cap) => {
+            let (owner, kind) = cap.key_parts();
+            Some(state_key(owner, kind, &cap.per, event)?)
+        }
+        None => None,
+    };
+    Ok(LimitKeys { once, cap })
 }
 
 /// The `[wait]` key of `rule` for `event` (its `same` fields), if it waits.
 fn wait_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
     match &rule.wait {
-        Some(w) => state_key(rule, "wait", &w.same, event).map(Some),
+        Some(w) => state_key(&rule.name, "wait", &w.same, event).map(Some),
         None => Ok(None),
     }
 }
@@ -801,7 +847,7 @@ fn wait_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
 /// The state key for `rule` at the values of `paths` in `event`, or [`Outcome::NoKey`] when the
 /// event lacks one of them (the rule then does not act on it).
 fn state_key(
-    rule: &Rule,
+    owner: &str,
     kind: &str,
     paths: &[FieldPath],
     event: &Event,
@@ -818,7 +864,7 @@ fn state_key(
             }
         }
     }
-    Ok(StateKey::new(&rule.name, kind, &values))
+    Ok(StateKey::new(owner, kind, &values))
 }
 
 #[cfg(test)]

@@ -36,11 +36,29 @@ file = "second.jsonl"
 fields = { at = "timestamp" }
 "#;
 
+const CAPS: &str = r#"
+[marketing]
+at_most = 2
+per_period = "week"
+timezone = "Europe/Paris"
+"#;
+
+/// Two rules in the "marketing" cap group.
+fn marketing(name: &str, event: &str) -> String {
+    format!(
+        "name = \"{name}\"\n[when]\nevent = \"{event}\"\n[limits]\ncap_group = \"marketing\"\n\
+         [jsonl]\nfile = \"marketing.jsonl\"\nfields = {{ rule = \"event\", who = \"distinct_id\" }}\n"
+    )
+}
+
 fn server() -> InProcess {
     // The clock is after every event, so none is clamped as coming from the future.
     InProcess::start_with(&[], "2026-12-01T00:00:00Z".parse().unwrap(), |root| {
         std::fs::write(root.join("rules/daily.toml"), DAILY).unwrap();
         std::fs::write(root.join("rules/second.toml"), SECOND_TODAY).unwrap();
+        std::fs::write(root.join("rules/_caps.toml"), CAPS).unwrap();
+        std::fs::write(root.join("rules/promo_a.toml"), marketing("promo-a", "a")).unwrap();
+        std::fs::write(root.join("rules/promo_b.toml"), marketing("promo-b", "b")).unwrap();
     })
 }
 
@@ -155,5 +173,54 @@ fn a_held_back_action_is_never_silent() {
         daily.unwrap()["suppressed"],
         json!({ "limits": 1 }),
         "{rules}"
+    );
+}
+
+#[test]
+fn a_cap_shared_by_two_rules_holds_both_back_for_the_rest_of_the_week() {
+    let s = server();
+    // Wednesday and Thursday of the week of 2026-06-01 (a Monday), Paris time.
+    assert_eq!(
+        send(&s, "a", "fay", None, "2026-06-03T10:00:00Z"),
+        json!(["promo-a"])
+    );
+    assert_eq!(
+        send(&s, "b", "fay", None, "2026-06-03T11:00:00Z"),
+        json!(["promo-b"])
+    );
+    assert_eq!(
+        send(&s, "a", "fay", None, "2026-06-04T10:00:00Z"),
+        json!([])
+    );
+    let (_, reply) = s.post_json(&json!({
+        "event": "b", "uuid": new_uuid(), "distinct_id": "fay", "timestamp": "2026-06-07T21:30:00Z",
+    }));
+    assert_eq!(
+        reply["suppressed"],
+        json!(["promo-b"]),
+        "Sunday 23:30 in Paris: {reply}"
+    );
+    // Another user is not held back; the next week (Monday 00:30 in Paris) neither.
+    assert_eq!(
+        send(&s, "b", "gus", None, "2026-06-04T10:00:00Z"),
+        json!(["promo-b"])
+    );
+    assert_eq!(
+        send(&s, "b", "fay", None, "2026-06-07T22:30:00Z"),
+        json!(["promo-b"])
+    );
+    assert_eq!(s.jsonl("marketing.jsonl").len(), 4);
+    let rules = s.get_json("/rules");
+    let held = |name: &str| {
+        let rule = rules["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name);
+        rule.unwrap()["suppressed"].clone()
+    };
+    assert_eq!(
+        (held("promo-a"), held("promo-b")),
+        (json!({"cap": 1}), json!({"cap": 1}))
     );
 }

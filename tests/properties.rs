@@ -233,7 +233,7 @@ proptest! {
 /// Compiles `text` as a rule file and checks every diagnostic points inside it.
 fn compile_checked(file: &Path, text: &str) {
     let (mut templates, _) = Templates::load(&root().join("templates"));
-    if let Err(problems) = compile(file, text, &mut templates) {
+    if let Err(problems) = compile(file, text, &mut templates, &Default::default()) {
         assert!(!problems.is_empty(), "an error has at least one diagnostic");
         let lines = text.lines().count().max(1);
         for p in &problems {

@@ -488,7 +488,7 @@ impl Run<'_> {
                     }
                 }
                 Outcome::Counting { .. } => s.counting += 1,
-                Outcome::Suppressed => s.held_back += 1,
+                Outcome::Suppressed | Outcome::Capped { .. } => s.held_back += 1,
                 Outcome::NoKey { .. } => s.no_key += 1,
                 Outcome::Failed { reasons } => {
                     s.failed += 1;
@@ -599,7 +599,7 @@ fn print_summary(
     }
     println!();
     println!(
-        "matched: [when] held (with [wait]: the events that started or cancelled a wait) · counting: below [count] at_least · held back: by [limits] · no key: the event lacked a `per`/`once_per` field"
+        "matched: [when] held (with [wait]: the events that started or cancelled a wait) · counting: below [count] at_least · held back: by [limits] (once, or its cap group) · no key: the event lacked a `per`/`once_per` field"
     );
     if rules.rules().iter().any(|r| r.wait.is_some()) {
         println!();

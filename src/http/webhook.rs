@@ -101,6 +101,7 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
             }
             // Suppressions and waits are counted by the committer, with those of the timer.
             Outcome::Suppressed
+            | Outcome::Capped { .. }
             | Outcome::Counting { .. }
             | Outcome::NoKey { .. }
             | Outcome::Failed { .. }

@@ -604,14 +604,16 @@ impl Worker {
             due.add_wants(&mut wants);
         }
         let mut state = txn.load(&wants)?;
-        let mut later = Vec::new();
+        let (mut once, mut caps) = (Vec::new(), Vec::new());
         for (job, plan) in batch.iter().zip(&plans) {
             if let Some(plan) = plan {
-                later.extend(plan.limits_of_waits(&job.rules, &state));
+                let (o, c) = plan.limits_of_waits(&job.rules, &state);
+                once.extend(o);
+                caps.extend(c);
             }
         }
-        if !later.is_empty() {
-            state.merge(txn.load(&Wants::acted(&later))?);
+        if !once.is_empty() || !caps.is_empty() {
+            state.merge(txn.load(&Wants::limits(&once, &caps))?);
         }
         let env = Env {
             default_from: &self.default_from,

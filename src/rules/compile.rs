@@ -15,9 +15,10 @@ use crate::ingest::path::FieldPath;
 use crate::rules::calendar::{Calendar, Period, Zone, zone_names};
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::rules::{Count, Ends, Limits, Rule, Wait};
+use crate::rules::{Cap, Caps, Count, Ends, Limits, Rule, Wait};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp, toml_to_json_value};
 use chrono_tz::Tz;
+use std::sync::Arc;
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -31,17 +32,66 @@ pub fn compile(
     file: &Path,
     source: &str,
     templates: &mut Templates,
+    caps: &Caps,
 ) -> Result<Rule, Vec<Diagnostic>> {
     let mut c = Compiler {
         p: Problems::new(file, source),
     };
     let parsed = parse_reporting_every_unknown_key(file, source, &mut c.p.list)
         .ok_or_else(|| c.p.list.clone())?;
-    let rule = c.rule(parsed, templates);
+    let rule = c.rule(parsed, templates, caps);
     match rule {
         Some(rule) if c.p.list.is_empty() => Ok(rule),
         _ => Err(c.p.list),
     }
+}
+
+/// Compiles `rules/_caps.toml` (the text of `file`): one table per cap group.
+/// Returns the groups, and every problem (the groups are named even when one has a problem).
+pub fn caps(file: &Path, source: &str) -> (Caps, Vec<Diagnostic>) {
+    let mut c = Compiler {
+        p: Problems::new(file, source),
+    };
+    let parsed: std::collections::BTreeMap<String, Spanned<CapConfig>> =
+        match toml::from_str(source) {
+            Ok(parsed) => parsed,
+            Err(e) => return (Caps::new(), vec![toml_diagnostic(file, source, &e)]),
+        };
+    let mut caps = Caps::new();
+    for (name, config) in parsed {
+        let span = config.span();
+        let config = config.into_inner();
+        let at_most = *config.at_most.get_ref();
+        if at_most < 1 {
+            c.problem(config.at_most.span(), "`at_most` must be 1 or more", None);
+        }
+        let per = match &config.per {
+            None => vec![FieldPath::parse("distinct_id").expect("a valid path")],
+            Some(list) => c.paths(list),
+        };
+        let period = c.calendar(
+            &config.per_period,
+            config.timezone.as_ref(),
+            config.timezone_fallback.as_ref(),
+        );
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            c.problem(span, "a cap group needs a name, like [marketing]", None);
+        }
+        // A group with a problem is still named, so that rules naming it are not reported as
+        // naming an unknown group on top (nothing loads until the problem is fixed anyway).
+        let period = period.unwrap_or(Calendar {
+            period: Period::Day,
+            zone: Zone::Fixed(chrono_tz::UTC),
+        });
+        let cap = Cap {
+            name: name.clone(),
+            at_most: at_most.max(1) as u64,
+            per,
+            period,
+        };
+        caps.insert(name, Arc::new(cap));
+    }
+    (caps, c.p.list)
 }
 
 /// Parses the file. serde stops at its first error; so that a file with several misspelled keys
@@ -105,7 +155,7 @@ impl Compiler<'_> {
         self.p.add(span, message, hint);
     }
 
-    fn rule(&mut self, f: RuleFile, templates: &mut Templates) -> Option<Rule> {
+    fn rule(&mut self, f: RuleFile, templates: &mut Templates, caps: &Caps) -> Option<Rule> {
         let name = f.name.get_ref().trim().to_string();
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             self.problem(
@@ -158,6 +208,8 @@ impl Compiler<'_> {
             }
         });
         let limits = f.limits.map(|l| {
+            let limits_span = l.span();
+            let l = l.into_inner();
             let period = l.once_per_period.as_ref().and_then(|p| {
                 self.calendar(p, l.timezone.as_ref(), l.timezone_fallback.as_ref())
             });
@@ -169,8 +221,30 @@ impl Compiler<'_> {
                     Some("`again_after = \"24 hours\"`: a day after the last time; `once_per_period = \"day\"`: once each calendar day".into()),
                 );
             }
+            if l.once_per.is_none() {
+                let without = [
+                    l.again_after.as_ref().map(|a| ("again_after", a.span())),
+                    l.once_per_period.as_ref().map(|p| ("once_per_period", p.span())),
+                ];
+                for (key, span) in without.into_iter().flatten() {
+                    self.problem(
+                        span,
+                        format!("`{key}` needs `once_per`: once per what?"),
+                        Some("add once_per = [\"distinct_id\"] (once per user)".into()),
+                    );
+                }
+                if l.cap_group.is_none() {
+                    self.problem(
+                        limits_span.clone(),
+                        "[limits] needs `once_per` or `cap_group`",
+                        Some("once_per = [\"distinct_id\"]: once per user; cap_group = \"marketing\": a cap from rules/_caps.toml".into()),
+                    );
+                }
+            }
+            let cap = l.cap_group.as_ref().and_then(|g| self.cap(g, caps));
             Limits {
-                once_per: self.paths(&l.once_per),
+                once_per: l.once_per.as_ref().map(|o| self.paths(o)),
+                cap,
                 again_after: l.again_after.as_ref().and_then(|a| self.duration(a)),
                 period,
             }
@@ -199,7 +273,7 @@ impl Compiler<'_> {
         // problem shows): templates may use the fields the rule deals with anywhere.
         let mut paths: Vec<&FieldPath> = condition.iter().flat_map(|c| c.paths()).collect();
         paths.extend(count.iter().flat_map(|c| &c.per));
-        paths.extend(limits.iter().flat_map(|l| &l.once_per));
+        paths.extend(limits.iter().flat_map(|l| l.once_per.iter().flatten()));
         let wait_paths: Vec<&FieldPath> = match &wait {
             Some(Some(w)) => w.paths(),
             _ => Vec::new(),
@@ -239,7 +313,7 @@ impl Compiler<'_> {
             }),
             "limits": limits.as_ref().map(|l| {
                 let mut summary = json!({
-                    "once_per": l.once_per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "once_per": l.once_per.as_ref().map(|o| o.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
                 });
                 if let Some(d) = l.again_after {
                     summary["again_after"] = units::format_duration(d).into();
@@ -247,6 +321,15 @@ impl Compiler<'_> {
                 if let Some(cal) = &l.period {
                     summary["once_per_period"] = cal.period.name().into();
                     summary["timezone"] = cal.zone.to_string().into();
+                }
+                if let Some(cap) = &l.cap {
+                    summary["cap_group"] = json!({
+                        "name": cap.name,
+                        "at_most": cap.at_most,
+                        "per_period": cap.period.period.name(),
+                        "per": cap.per.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                        "timezone": cap.period.zone.to_string(),
+                    });
                 }
                 summary
             }),
@@ -478,6 +561,27 @@ impl Compiler<'_> {
         })
     }
 
+    /// The cap group `name` names, from `rules/_caps.toml`.
+    fn cap(&mut self, name: &Spanned<String>, caps: &Caps) -> Option<Arc<Cap>> {
+        if let Some(cap) = caps.get(name.get_ref()) {
+            return Some(cap.clone());
+        }
+        let hint = match did_you_mean(name.get_ref(), caps.keys().map(String::as_str)) {
+            Some(close) => format!("did you mean \"{close}\"?"),
+            None if caps.is_empty() => "declare it in rules/_caps.toml, like [marketing] at_most = 2, per_period = \"week\"".into(),
+            None => format!(
+                "the groups of rules/_caps.toml are: {}",
+                caps.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        self.problem(
+            name.span(),
+            format!("there is no cap group \"{}\"", name.get_ref()),
+            Some(hint),
+        );
+        None
+    }
+
     /// A time zone's IANA name, or a problem with the closest one.
     fn zone_name(&mut self, text: &Spanned<String>) -> Option<Tz> {
         let name = text.get_ref().trim();
@@ -707,7 +811,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hello.text.hbs"), "Hi").unwrap();
         let (mut templates, _) = Templates::load(dir.path());
-        match compile(Path::new("r.toml"), source, &mut templates) {
+        match compile(Path::new("r.toml"), source, &mut templates, &Caps::new()) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),
         }
@@ -722,7 +826,8 @@ mod tests {
         let (mut templates, template_problems) = Templates::load(dir.path());
         assert_eq!(template_problems.len(), 1);
         let source = "name = \"r\"\n[when]\nevent = \"x\"\n[email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"hello\"\n";
-        let problems = compile(Path::new("r.toml"), source, &mut templates).unwrap_err();
+        let problems =
+            compile(Path::new("r.toml"), source, &mut templates, &Caps::new()).unwrap_err();
         let message = problems[0].to_string();
         assert!(
             message.contains("the template \"hello\" cannot be used: hello.text.hbs has a problem"),
@@ -854,6 +959,42 @@ mod tests {
             p[0].contains("only filled in for rules with a [wait] table"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn limits_need_once_per_or_a_cap_group_that_exists() {
+        let rule = |limits: &str| {
+            format!("name = \"r\"\n[when]\nevent = \"x\"\n[limits]\n{limits}\n{JSONL}")
+        };
+        let p = problems(&rule("again_after = \"1 day\""));
+        assert!(p[0].contains("`again_after` needs `once_per`"), "{p:?}");
+        assert!(
+            p[1].contains("[limits] needs `once_per` or `cap_group`"),
+            "{p:?}"
+        );
+        let p = problems(&rule("cap_group = \"marketing\""));
+        assert!(
+            p[0].contains("there is no cap group \"marketing\""),
+            "{p:?}"
+        );
+        let (caps, list) = caps(
+            Path::new("_caps.toml"),
+            "[marketing]\nat_most = 2\nper_period = \"week\"\n",
+        );
+        assert!(list.is_empty(), "{list:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let (mut templates, _) = Templates::load(dir.path());
+        let mut problems =
+            |text: &str| match compile(Path::new("r.toml"), text, &mut templates, &caps) {
+                Ok(_) => vec![],
+                Err(p) => p.iter().map(|d| d.to_string()).collect(),
+            };
+        assert_eq!(
+            problems(&rule("cap_group = \"marketing\"")),
+            Vec::<String>::new()
+        );
+        let p = problems(&rule("cap_group = \"marketting\""));
+        assert!(p[0].contains("did you mean \"marketing\"?"), "{p:?}");
     }
 
     #[test]

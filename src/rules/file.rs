@@ -24,7 +24,7 @@ pub struct RuleFile {
     /// Act only once a counter reaches a threshold.
     pub count: Option<CountConfig>,
     /// Limits on how often the rule acts.
-    pub limits: Option<LimitsConfig>,
+    pub limits: Option<Spanned<LimitsConfig>>,
     /// Act later: after a while, unless or once another event comes.
     pub wait: Option<Spanned<WaitConfig>>,
     /// What the rule does: one table per kind of action (`[email]`, `[jsonl]`), in file order.
@@ -202,7 +202,11 @@ pub struct CountConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Act at most once for each combination of these fields' values.
-    pub once_per: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub once_per: Option<Vec<Spanned<String>>>,
+    /// Count the rule's actions against this frequency cap (declared in `rules/_caps.toml`).
+    #[serde(default)]
+    pub cap_group: Option<Spanned<String>>,
     /// Allow acting again for the same values this long after the last time ("7 days").
     #[serde(default)]
     pub again_after: Option<Spanned<String>>,
@@ -309,4 +313,22 @@ impl<'de> Deserialize<'de> for ConditionConfig {
         }
         deserializer.deserialize_any(ConditionVisitor)
     }
+}
+
+/// One group of `rules/_caps.toml`: at most `at_most` actions per period per recipient, shared
+/// by every rule whose `[limits]` names the group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapConfig {
+    /// The most actions per period and recipient.
+    pub at_most: Spanned<i64>,
+    /// "day", "week" or "month".
+    pub per_period: Spanned<String>,
+    /// The fields that say who the recipient is (default `["distinct_id"]`).
+    #[serde(default)]
+    pub per: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timezone_fallback: Option<Spanned<String>>,
 }

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actions::Action;
@@ -90,7 +91,10 @@ impl Count {
 /// `[limits]`: act once for each key, or again only after a while.
 #[derive(Debug)]
 pub struct Limits {
-    pub once_per: Vec<FieldPath>,
+    /// `None`: no once-limit (a rule limited by its cap group only).
+    pub once_per: Option<Vec<FieldPath>>,
+    /// The frequency cap its actions count against.
+    pub cap: Option<Arc<Cap>>,
     pub again_after: Option<Duration>,
     /// Once per calendar period instead (`once_per_period`).
     pub period: Option<Calendar>,
@@ -141,6 +145,36 @@ impl Wait {
         }
     }
 }
+
+/// A frequency cap shared by rules (`rules/_caps.toml`): at most `at_most` actions per period
+/// per recipient (the values of `per`), across every rule that names it.
+#[derive(Debug)]
+pub struct Cap {
+    pub name: String,
+    pub at_most: u64,
+    pub per: Vec<FieldPath>,
+    pub period: Calendar,
+}
+
+impl Cap {
+    /// The owner and kind of the group's state keys: its name, and a kind no rule's state has
+    /// (so a rule named like the group never shares a key with it), with the period, so that a
+    /// group whose period changes starts afresh.
+    pub fn key_parts(&self) -> (&str, &'static str) {
+        let kind = match self.period.period {
+            Period::Day => "cap in day",
+            Period::Week => "cap in week",
+            Period::Month => "cap in month",
+        };
+        (&self.name, kind)
+    }
+}
+
+/// The caps of a rules folder, by name.
+pub type Caps = std::collections::BTreeMap<String, Arc<Cap>>;
+
+/// The file of a rules folder that declares the cap groups.
+pub const CAPS_FILE: &str = "_caps.toml";
 
 /// Every rule of a rules folder, compiled, with the templates they use.
 pub struct RuleSet {
@@ -202,6 +236,25 @@ impl RuleSet {
         };
         let mut rules: Vec<Rule> = Vec::new();
         let mut hasher = Sha256::new();
+        let caps_file = rules_dir.join(CAPS_FILE);
+        let caps = match user_file::read_text(&caps_file, user_file::RULE_FILE) {
+            Ok(source) => {
+                hash_file(&mut hasher, "caps", &caps_file, &source);
+                let (caps, mut p) = compile::caps(&caps_file, &source);
+                problems.append(&mut p);
+                caps
+            }
+            Err(user_file::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Caps::new()
+            }
+            Err(e) => {
+                problems.push(Diagnostic::whole_file(
+                    &caps_file,
+                    format!("cannot read this file: {e}"),
+                ));
+                Caps::new()
+            }
+        };
         for file in files {
             let source = match user_file::read_text(&file, user_file::RULE_FILE) {
                 Ok(s) => s,
@@ -214,7 +267,7 @@ impl RuleSet {
                 }
             };
             hash_file(&mut hasher, "rule", &file, &source);
-            match compile::compile(&file, &source, &mut templates) {
+            match compile::compile(&file, &source, &mut templates, &caps) {
                 Ok(rule) => {
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                         problems.push(duplicate_name(&file, &source, &rule.name, &first.file));
@@ -382,7 +435,7 @@ fn hash_file(hasher: &mut Sha256, kind: &str, file: &Path, source: &str) {
 /// and test files (`*.test.toml`).
 fn rule_files(dir: &Path) -> std::io::Result<Listing> {
     user_file::list(dir, |name| {
-        name.ends_with(".toml") && !name.ends_with(TEST_SUFFIX)
+        name.ends_with(".toml") && !name.ends_with(TEST_SUFFIX) && name != CAPS_FILE
     })
 }
 

@@ -1,6 +1,7 @@
 //! The key of one piece of rule state: a rule's name, a kind of state and field values.
 
 use sha2::{Digest, Sha256};
+use std::fmt::Write;
 
 /// A key in the store: a rule name, a kind of state and field values, encoded unambiguously.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,18 +16,24 @@ impl StateKey {
     /// Long values are replaced by their digest under the kind `KIND#sha256`, which no short key
     /// has, so the two forms never collide.
     pub fn new(rule: &str, kind: &str, values: &[&serde_json::Value]) -> StateKey {
-        let encoded: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        let length: usize = encoded.iter().map(|e| e.len() + 1).sum();
-        let rule = serde_json::Value::from(rule);
-        if length > MAX_VALUES_BYTES {
-            let digest = Sha256::digest(encoded.join(",").as_bytes());
-            return StateKey(format!("[{rule},\"{kind}#sha256\",\"{digest:x}\"]"));
+        // One buffer for the values (each after a comma), written straight from the values.
+        let mut encoded = String::with_capacity(32);
+        for v in values {
+            encoded.push(',');
+            let _ = write!(encoded, "{v}");
         }
-        let mut key = format!("[{rule},{}", serde_json::Value::from(kind));
-        for e in &encoded {
-            key.push(',');
-            key.push_str(e);
+        let mut key = String::with_capacity(rule.len() + kind.len() + encoded.len().min(80) + 12);
+        key.push('[');
+        push_json_str(&mut key, rule);
+        key.push(',');
+        if encoded.len() > MAX_VALUES_BYTES {
+            let digest = Sha256::digest(&encoded.as_bytes()[1..]);
+            push_json_str(&mut key, &format!("{kind}#sha256"));
+            let _ = write!(key, ",\"{digest:x}\"]");
+            return StateKey(key);
         }
+        push_json_str(&mut key, kind);
+        key.push_str(&encoded);
         key.push(']');
         StateKey(key)
     }
@@ -45,6 +52,18 @@ impl StateKey {
     /// find them all in a sorted store.
     pub fn prefix(rule: &str, kind: &str) -> String {
         format!("[{},\"{kind}", serde_json::Value::from(rule))
+    }
+}
+
+/// Appends `s` as a JSON string: as it is between quotes when nothing in it needs escaping (rule
+/// names and kinds, nearly always), else escaped by serde_json.
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::Value::from(s).to_string());
     }
 }
 
@@ -78,6 +97,17 @@ mod tests {
         assert_eq!(
             StateKey::new("r", "once", &[&json!("a"), &json!(1)]).as_str(),
             r#"["r","once","a",1]"#
+        );
+        assert_eq!(
+            StateKey::new("say \"hi\"\n", "count", &[&json!({"a": [1, "é"]})]).as_str(),
+            r#"["say \"hi\"\n","count",{"a":[1,"é"]}]"#
+        );
+        // And long ones too (the digest of the values, comma-separated).
+        let long = json!("y".repeat(200));
+        let digest = Sha256::digest(format!("{long},1").as_bytes());
+        assert_eq!(
+            StateKey::new("r", "count", &[&long, &json!(1)]).as_str(),
+            format!("[\"r\",\"count#sha256\",\"{digest:x}\"]")
         );
     }
 }

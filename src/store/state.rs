@@ -29,10 +29,11 @@ pub struct Wants<'a> {
 }
 
 impl<'a> Wants<'a> {
-    /// Only when rules last acted for `keys`.
-    pub fn acted(keys: &'a [StateKey]) -> Wants<'a> {
+    /// Only what `[limits]` reads: when rules last acted for `once`, and the caps' periods.
+    pub fn limits(once: &'a [StateKey], caps: &'a [StateKey]) -> Wants<'a> {
         Wants {
-            acted: keys.iter().collect(),
+            acted: once.iter().collect(),
+            windows: caps.iter().collect(),
             ..Wants::default()
         }
     }
@@ -233,6 +234,14 @@ impl State {
                 slot.changed |= CHANGED_WINDOW;
                 1
             }
+        }
+    }
+
+    /// The count of calendar period `period` at `key` (0 if it holds another period's).
+    pub fn period_count(&self, key: &StateKey, period: i64) -> u64 {
+        match self.keys.get(key).map(|slot| &slot.window[..]) {
+            Some([p, n]) if *p == period => *n as u64,
+            _ => 0,
         }
     }
 
