@@ -19,7 +19,7 @@ use crate::actions::{Env, Input, Output, Waited};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::rules::{Ends, IfPending, Rule, RuleSet, Wait};
-use crate::store::{Distinct, Pending, RuleState, State, StateKey, StoreError, Wants};
+use crate::store::{Distinct, Held, Pending, RuleState, State, StateKey, StoreError, Wants};
 use sha2::{Digest, Sha256};
 
 /// Something a rule did, to be made durable.
@@ -67,6 +67,9 @@ pub enum Outcome {
     Expired { why: &'static str },
     /// `[wait]`: no wait could start (the rule has as many pending as it may).
     WaitRefused { reason: String },
+    /// `[send_window]`: the rule acted outside its window; its actions are held until it opens
+    /// (milliseconds since 1970), and run then.
+    Held { until_ms: i64 },
 }
 
 impl Outcome {
@@ -278,6 +281,10 @@ impl Plan {
                 wants.waits.push(key);
                 wants.waiting.push(&rules.rules()[m.rule].name);
             }
+            let rule = &rules.rules()[m.rule];
+            if rule.send_window.is_some() {
+                wants.waiting.push(&rule.name);
+            }
         }
     }
 
@@ -439,9 +446,11 @@ fn apply(
             Ok(None) => unreachable!("a rule with [wait] has a wait key"),
             Err(no_key) => no_key.clone(),
         },
-        None => act(
-            index, rule, rules, event, count, None, keys, t_ms, state, env, effects,
-        ),
+        None => hold(rule, event, count, None, keys, t_ms, state).unwrap_or_else(|| {
+            act(
+                index, rule, rules, event, count, None, keys, t_ms, state, env, effects,
+            )
+        }),
     }
 }
 
@@ -509,9 +518,18 @@ fn act(
         templates: &rules.templates,
         env,
     };
+    let outcome = run_actions(index, rule, &input, effects);
+    if outcome.acted() {
+        mark_acted(rule, keys, t_ms, event, state);
+    }
+    outcome
+}
+
+/// Runs every action of the rule; each one's output or failure is its own.
+fn run_actions(index: usize, rule: &Rule, input: &Input, effects: &mut Vec<Effect>) -> Outcome {
     let mut reasons = Vec::new();
     for action in &rule.actions {
-        match action.run(&input) {
+        match action.run(input) {
             Ok(output) => effects.push(Effect::Output {
                 rule: index,
                 output,
@@ -531,16 +549,60 @@ fn act(
     if reasons.len() == rule.actions.len() {
         return Outcome::Failed { reasons };
     }
+    match reasons.is_empty() {
+        true => Outcome::Fired,
+        false => Outcome::PartlyFailed { reasons },
+    }
+}
+
+/// Records that the rule acted at `t_ms`: for `[limits]` (the once-key) and its cap group.
+fn mark_acted(rule: &Rule, keys: &LimitKeys, t_ms: i64, event: &Event, state: &mut State) {
     if let Some(key) = &keys.once {
         state.mark_acted(key, t_ms);
     }
     if let (Some(cap), Some(key)) = (rule.limits.as_ref().and_then(|l| l.cap.as_ref()), &keys.cap) {
         state.count_in_period(key, cap.period.period_of(t_ms, event));
     }
-    match reasons.is_empty() {
-        true => Outcome::Fired,
-        false => Outcome::PartlyFailed { reasons },
-    }
+}
+
+/// If the rule's `[send_window]` is closed at `t_ms` where `event`'s user is: holds the action
+/// (a pending record, due when the window opens, that runs it then), and counts it as the
+/// rule acting now for `[limits]` and its cap, so that a second event before the window opens
+/// is held back rather than held twice. `None` when the rule may act now.
+fn hold(
+    rule: &Rule,
+    event: &Event,
+    count: Option<u64>,
+    waited: Option<Waited>,
+    keys: &LimitKeys,
+    t_ms: i64,
+    state: &mut State,
+) -> Option<Outcome> {
+    let until_ms = rule.send_window.as_ref()?.next_open(t_ms, event)?;
+    // One record per decision: the event (its id, or its time) and the moment decided.
+    let key = StateKey::new(
+        &rule.name,
+        "held",
+        &[&event.uuid, &serde_json::Value::from(t_ms)],
+    );
+    let held = Held {
+        until: waited.and_then(|w| w.until.cloned()),
+        waited_ms: waited.map(|w| u64::try_from(w.after.as_millis()).unwrap_or(u64::MAX)),
+    };
+    state.set_wait(
+        &key,
+        Pending {
+            rule: rule.name.clone(),
+            deadline_ms: until_ms,
+            trigger: event.clone(),
+            latest: None,
+            count,
+            held: Some(held),
+        },
+    );
+    mark_acted(rule, keys, t_ms, event, state);
+    info!(until_ms, "held until the send window opens");
+    Some(Outcome::Held { until_ms })
 }
 
 /// A triggering event for a rule with `[wait]`: starts a wait for its values, or, if one is
@@ -585,6 +647,7 @@ fn start_wait(
             trigger: event.clone(),
             latest: None,
             count,
+            held: None,
         },
     );
     Outcome::Waiting { until_ms }
@@ -644,19 +707,17 @@ fn watch(
                     .to_std()
                     .unwrap_or_default(),
             };
-            Some(act(
-                matched.rule,
-                rule,
-                rules,
-                &pending.trigger,
-                pending.count,
-                Some(waited),
-                &keys,
-                t_ms,
-                state,
-                env,
-                effects,
-            ))
+            let trigger = &pending.trigger;
+            let count = pending.count;
+            Some(
+                hold(rule, trigger, count, Some(waited), &keys, t_ms, state).unwrap_or_else(|| {
+                    let (index, waited) = (matched.rule, Some(waited));
+                    act(
+                        index, rule, rules, trigger, count, waited, &keys, t_ms, state, env,
+                        effects,
+                    )
+                }),
+            )
         }
         _ => {
             if wait.then.is_some() {
@@ -735,17 +796,47 @@ impl DuePlan {
             };
             let rule_name = pending.rule.clone();
             let pending = state.end_wait(key).expect("there is a wait");
-            let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| r.wait.is_some()) else {
+            let goes_on = |r: &Rule| r.wait.is_some() || pending.held.is_some();
+            let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| goes_on(r)) else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
                 report.dropped.push(rule_name);
                 continue;
             };
             ended.push((index, pending.deadline_ms));
-            let outcome = at_deadline(index, rules, pending, keys, state, env, effects);
+            let outcome = match &pending.held {
+                Some(held) => release(index, rules, &pending, held, env, effects),
+                None => at_deadline(index, rules, pending, keys, state, env, effects),
+            };
             report.outcomes.push((index, outcome));
         }
         report
     }
+}
+
+/// Runs a held action now that its send window is open: as decided, once ([limits] and the cap
+/// counted it when it was held).
+fn release(
+    index: usize,
+    rules: &RuleSet,
+    pending: &Pending,
+    held: &Held,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Outcome {
+    let rule = &rules.rules()[index];
+    let waited = held.waited_ms.map(|ms| Waited {
+        until: held.until.as_ref(),
+        after: std::time::Duration::from_millis(ms),
+    });
+    let input = Input {
+        rule: &rule.name,
+        event: &pending.trigger,
+        count: pending.count,
+        waited,
+        templates: &rules.templates,
+        env,
+    };
+    run_actions(index, rule, &input, effects)
 }
 
 /// Ends a wait at its deadline: the rule acts then, on the triggering event, if `then` holds on
@@ -788,19 +879,13 @@ fn at_deadline(
                 .map(std::time::Duration::from_millis)
                 .unwrap_or_default(),
         };
-        act(
-            index,
-            rule,
-            rules,
-            &pending.trigger,
-            pending.count,
-            Some(waited),
-            keys,
-            t_ms,
-            state,
-            env,
-            effects,
-        )
+        let (trigger, count) = (&pending.trigger, pending.count);
+        hold(rule, trigger, count, Some(waited), keys, t_ms, state).unwrap_or_else(|| {
+            let waited = Some(waited);
+            act(
+                index, rule, rules, trigger, count, waited, keys, t_ms, state, env, effects,
+            )
+        })
     };
     match &outcome {
         Outcome::Fired => info!("wait ended: rule fired"),

@@ -72,6 +72,10 @@ pub const WAITS_DROPPED: Metric = counter(
     "tripline_waits_dropped_total",
     "Waits dropped unfired, by rule and reason: rule_gone (the rule was deleted, renamed or lost [wait]) or max_pending (none started: the rule had as many pending as allowed)",
 );
+pub const ACTIONS_HELD: Metric = counter(
+    "tripline_actions_held_total",
+    "Times a rule acted outside its [send_window]: its actions were held until the window opened, by rule",
+);
 pub const WAIT_LATENESS: Metric = Metric {
     name: "tripline_wait_lateness_seconds",
     kind: Kind::Seconds,
@@ -148,6 +152,7 @@ const ALL: &[&Metric] = &[
     &WAITS_EXPIRED,
     &WAITS_DROPPED,
     &WAIT_LATENESS,
+    &ACTIONS_HELD,
 ];
 
 /// Counts a request to `/webhook` that was refused, by why.

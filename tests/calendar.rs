@@ -51,9 +51,27 @@ fn marketing(name: &str, event: &str) -> String {
     )
 }
 
+const OFFICE: &str = r#"
+name = "office"
+[when]
+event = "payment_failed"
+[send_window]
+days = ["mon", "tue", "wed", "thu", "fri"]
+hours = "09:00-18:00"
+timezone = "Europe/Paris"
+[jsonl]
+file = "office.jsonl"
+fields = { who = "distinct_id" }
+"#;
+
 fn server() -> InProcess {
+    server_at("2026-12-01T00:00:00Z")
+}
+
+fn server_at(now: &str) -> InProcess {
     // The clock is after every event, so none is clamped as coming from the future.
-    InProcess::start_with(&[], "2026-12-01T00:00:00Z".parse().unwrap(), |root| {
+    InProcess::start_with(&[], now.parse().unwrap(), |root| {
+        std::fs::write(root.join("rules/office.toml"), OFFICE).unwrap();
         std::fs::write(root.join("rules/daily.toml"), DAILY).unwrap();
         std::fs::write(root.join("rules/second.toml"), SECOND_TODAY).unwrap();
         std::fs::write(root.join("rules/_caps.toml"), CAPS).unwrap();
@@ -223,4 +241,36 @@ fn a_cap_shared_by_two_rules_holds_both_back_for_the_rest_of_the_week() {
         (held("promo-a"), held("promo-b")),
         (json!({"cap": 1}), json!({"cap": 1}))
     );
+}
+
+#[test]
+fn an_action_outside_its_send_window_is_held_and_runs_once_when_it_opens() {
+    // Saturday 2026-03-07, 11:00 in Paris.
+    let mut s = server_at("2026-03-07T10:00:00Z");
+    let (_, reply) = s.post_json(&json!({
+        "event": "payment_failed", "uuid": new_uuid(), "distinct_id": "hal",
+        "timestamp": "2026-03-07T10:00:00Z",
+    }));
+    assert_eq!(reply["held"], json!(["office"]), "{reply}");
+    assert_eq!(reply["fired"], json!([]), "{reply}");
+    // Kept across a restart; Sunday evening, still held.
+    s.restart();
+    s.clock.advance(std::time::Duration::from_secs(30 * 3600));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(s.jsonl("office.jsonl").is_empty());
+    // Monday 09:00 in Paris (08:00 UTC) and the grace period: sent, once.
+    s.clock.advance_to("2026-03-09T08:00:11Z".parse().unwrap());
+    s.wait_for("the held action to run", |s| {
+        let rules = s.get_json("/rules");
+        let office = rules["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "office");
+        office.unwrap()["waits"]["pending"] == 0
+    });
+    assert_eq!(s.jsonl("office.jsonl"), [json!({"who": "hal"})]);
+    s.restart();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(s.jsonl("office.jsonl").len(), 1);
 }

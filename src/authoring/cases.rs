@@ -111,6 +111,9 @@ pub struct Expect {
     /// The rules held back when they would have acted (`[limits]`), one entry per time, in
     /// order.
     pub suppressed: Option<Vec<String>>,
+    /// The rules that acted outside their `[send_window]` (their actions held until it opened),
+    /// one entry per time, in order.
+    pub held: Option<Vec<String>>,
     /// The rules whose wait an `unless` event cancelled, one entry per time, in order.
     pub cancelled: Option<Vec<String>>,
     /// The rules whose wait ended without acting (no `until` event came in time, or `then` did
@@ -126,6 +129,7 @@ impl Expect {
             &self.failed,
             &self.pending,
             &self.suppressed,
+            &self.held,
             &self.cancelled,
             &self.expired,
         ]
@@ -486,6 +490,16 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
     if let Some(suppressed) = &e.suppressed {
         let actual = report.rules_where(rules, |o| o.suppressed().is_some());
         compare_rule_names("be held back", suppressed, &actual, rules, &mut problems);
+    }
+    if let Some(held) = &e.held {
+        let actual = report.rules_where(rules, |o| matches!(o, Outcome::Held { .. }));
+        compare_rule_names(
+            "be held for their send window",
+            held,
+            &actual,
+            rules,
+            &mut problems,
+        );
     }
     if let Some(cancelled) = &e.cancelled {
         let actual = report.rules_where(rules, |o| *o == Outcome::Cancelled);

@@ -69,6 +69,8 @@ struct RuleStats {
     cancelled: u64,
     expired: u64,
     pending: u64,
+    /// `[send_window]`: actions held until the window opened.
+    held: u64,
     examples: Vec<String>,
 }
 
@@ -503,6 +505,7 @@ impl Run<'_> {
                     }
                 }
                 Outcome::Waiting { .. } => s.waiting += 1,
+                Outcome::Held { .. } => s.held += 1,
                 Outcome::Cancelled => s.cancelled += 1,
                 Outcome::Expired { .. } => s.expired += 1,
             }
@@ -601,28 +604,30 @@ fn print_summary(
     println!(
         "matched: [when] held (with [wait]: the events that started or cancelled a wait) · counting: below [count] at_least · held back: by [limits] (once, or its cap group) · no key: the event lacked a `per`/`once_per` field"
     );
-    if rules.rules().iter().any(|r| r.wait.is_some()) {
+    let later = |r: &crate::rules::Rule| r.wait.is_some() || r.send_window.is_some();
+    if rules.rules().iter().any(later) {
         println!();
         println!(
-            "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
-            "waits", "started", "cancelled", "fired", "ended", "pending"
+            "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+            "waits", "started", "cancelled", "fired", "ended", "held", "pending"
         );
         for (rule, s) in rules.rules().iter().zip(stats) {
-            if rule.wait.is_some() {
+            if later(rule) {
                 println!(
-                    "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+                    "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
                     rule.name,
                     thousands(s.waiting),
                     thousands(s.cancelled),
                     thousands(s.fired),
                     thousands(s.expired),
+                    thousands(s.held),
                     thousands(s.pending)
                 );
             }
         }
         println!();
         println!(
-            "started: by a triggering event (again, if one was pending) · ended: without acting (no `until` event in time, or `then` did not hold) · pending: still waiting at the end of the file"
+            "started: by a triggering event (again, if one was pending) · ended: without acting (no `until` event in time, or `then` did not hold) · held: decided outside the [send_window], run when it opened · pending: waits and held actions left at the end of the file"
         );
     }
     if stats.iter().any(|s| !s.examples.is_empty()) {

@@ -145,7 +145,8 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
                         .map(|((_, reason), n)| (reason.to_string(), json!(n)))
                         .collect();
                     summary["suppressed"] = Value::Object(held);
-                    if r.wait.is_some() {
+                    // Pending waits and held actions (`[send_window]`) alike.
+                    if r.wait.is_some() || r.send_window.is_some() {
                         summary["waits"] = json!({
                             "pending": waiting.as_ref().map(|w| w.get(&r.name).copied().unwrap_or(0)),
                             "last_late_seconds": late.get(&r.name),

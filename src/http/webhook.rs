@@ -82,6 +82,7 @@ pub async fn webhook(
         "fired": report.fired(&rules),
         "waiting": report.rules_where(&rules, |o| matches!(o, Outcome::Waiting { .. })),
         "cancelled": report.rules_where(&rules, |o| *o == Outcome::Cancelled),
+        "held": report.rules_where(&rules, |o| matches!(o, Outcome::Held { .. })),
         "suppressed": report.rules_where(&rules, |o| o.suppressed().is_some()),
         "failed": report.failures(&rules),
     })))
@@ -108,7 +109,8 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
             | Outcome::Waiting { .. }
             | Outcome::Cancelled
             | Outcome::Expired { .. }
-            | Outcome::WaitRefused { .. } => {}
+            | Outcome::WaitRefused { .. }
+            | Outcome::Held { .. } => {}
         }
     }
 }

@@ -999,8 +999,8 @@ fn count(tally: &mut HashMap<(&'static str, String), u64>, kind: &'static str, r
     }
 }
 
-/// Drops, in `txn`, the pending waits of rules that no longer wait under `rules` (deleted,
-/// renamed, or without `[wait]` now), at most [`WAITS_PER_COMMIT`] per rule; returns how many
+/// Drops, in `txn`, the pending waits (and held actions) of rules that no longer wait under
+/// `rules` (deleted, renamed, or without `[wait]` and `[send_window]` now), at most [`WAITS_PER_COMMIT`] per rule; returns how many
 /// per rule, and how many are left.
 fn drop_waits_of_gone_rules(
     txn: &mut dyn Batch,
@@ -1008,7 +1008,10 @@ fn drop_waits_of_gone_rules(
 ) -> Result<Vec<(String, u64, u64)>, CommitError> {
     let mut dropped = Vec::new();
     for (rule, pending) in txn.waiting()? {
-        if rules.named(&rule).is_some_and(|(_, r)| r.wait.is_some()) {
+        if rules
+            .named(&rule)
+            .is_some_and(|(_, r)| r.wait.is_some() || r.send_window.is_some())
+        {
             continue;
         }
         let n = txn.drop_waits(&rule, WAITS_PER_COMMIT)?;
@@ -1037,6 +1040,11 @@ fn record_timer_fires(rules: &RuleSet, report: &Report) {
 fn record_wait_outcomes(rules: &RuleSet, report: &Report) {
     for (index, outcome) in &report.outcomes {
         let rule = &rules.rules()[*index];
+        if let Outcome::Held { .. } = outcome {
+            metrics::counter!(telemetry::ACTIONS_HELD.name, "rule" => rule.name.clone())
+                .increment(1);
+            continue;
+        }
         if rule.wait.is_none() {
             continue;
         }

@@ -3,7 +3,7 @@
 //! where the user is, so "once a day" means the user's day, and the days the clocks change are
 //! as long as they are there (chrono-tz's copy of the IANA time-zone database).
 
-use chrono::{DateTime, Datelike, Utc, Weekday};
+use chrono::{DateTime, Datelike, NaiveTime, TimeDelta, TimeZone, Utc, Weekday};
 use chrono_tz::Tz;
 
 use crate::ingest::event::Event;
@@ -92,6 +92,53 @@ impl Calendar {
     }
 }
 
+/// `[send_window]`: the days and hours, in a zone, when a rule's actions may run.
+#[derive(Debug, Clone)]
+pub struct SendWindow {
+    /// The days it is open, Monday first.
+    pub days: [bool; 7],
+    /// From (included) and until (excluded), local time.
+    pub from: NaiveTime,
+    pub until: NaiveTime,
+    pub zone: Zone,
+}
+
+impl SendWindow {
+    /// The day names a rule file uses, Monday first.
+    pub const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+    /// `None` if `t_ms` is inside the window where `event`'s user is; else when it next opens
+    /// (milliseconds since 1970).
+    pub fn next_open(&self, t_ms: i64, event: &Event) -> Option<i64> {
+        let tz = self.zone.of(event);
+        let now = DateTime::<Utc>::from_timestamp_millis(t_ms)
+            .unwrap_or_default()
+            .with_timezone(&tz);
+        let open_on = |day: Weekday| self.days[day.num_days_from_monday() as usize];
+        let time = now.time();
+        if open_on(now.weekday()) && time >= self.from && time < self.until {
+            return None;
+        }
+        // The first opening after now: today's, if still to come, else a later day's (a week
+        // at most). A start that does not exist that day (clocks going forward) is taken an
+        // hour later.
+        (0..=7)
+            .filter_map(|d| {
+                let date = now.date_naive() + TimeDelta::days(d);
+                if !open_on(date.weekday()) {
+                    return None;
+                }
+                let local = date.and_time(self.from);
+                let at = tz.from_local_datetime(&local).earliest().or_else(|| {
+                    tz.from_local_datetime(&(local + TimeDelta::hours(1)))
+                        .earliest()
+                })?;
+                (at > now).then(|| at.timestamp_millis())
+            })
+            .next()
+    }
+}
+
 /// Every time-zone name tripline knows, for "did you mean".
 pub fn zone_names() -> impl Iterator<Item = &'static str> {
     chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())
@@ -155,6 +202,34 @@ mod tests {
         let feb = month.period_of(ms("2026-01-31T15:00:00Z"), &e);
         let dec = month.period_of(ms("2025-12-15T00:00:00Z"), &e);
         assert_eq!((feb - jan, jan - dec), (1, 1));
+    }
+
+    #[test]
+    fn a_send_window_opens_on_its_next_day_and_hour_in_its_zone() {
+        let window = SendWindow {
+            days: [true, true, true, true, true, false, false],
+            from: NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+            until: NaiveTime::from_hms_opt(18, 0, 0).unwrap(),
+            zone: Zone::Fixed("Europe/Paris".parse().unwrap()),
+        };
+        let e = event(None);
+        // Tuesday 2026-03-03 10:00 in Paris (09:00 UTC): open.
+        assert_eq!(window.next_open(ms("2026-03-03T09:00:00Z"), &e), None);
+        // Tuesday 07:30 in Paris: today at 09:00 (08:00 UTC).
+        assert_eq!(
+            window.next_open(ms("2026-03-03T06:30:00Z"), &e),
+            Some(ms("2026-03-03T08:00:00Z"))
+        );
+        // Friday 18:00 in Paris: closed until Monday 09:00.
+        assert_eq!(
+            window.next_open(ms("2026-03-06T17:00:00Z"), &e),
+            Some(ms("2026-03-09T08:00:00Z"))
+        );
+        // Saturday 2026-03-28, and the clocks go forward on Sunday: Monday 09:00 is 07:00 UTC.
+        assert_eq!(
+            window.next_open(ms("2026-03-28T12:00:00Z"), &e),
+            Some(ms("2026-03-30T07:00:00Z"))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::actions::email::templates::Templates;
 use crate::actions::{self, Compile};
 use crate::diag::{Diagnostic, Problems, did_you_mean, toml_diagnostic};
 use crate::ingest::path::FieldPath;
-use crate::rules::calendar::{Calendar, Period, Zone, zone_names};
+use crate::rules::calendar::{Calendar, Period, SendWindow, Zone, zone_names};
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
 use crate::rules::{Cap, Caps, Count, Ends, Limits, Rule, Wait};
@@ -251,6 +251,7 @@ impl Compiler<'_> {
         });
 
         let wait = f.wait.map(|w| self.wait(w));
+        let send_window = f.send_window.map(|w| self.send_window(w));
 
         let no_action = f.actions.is_empty();
         let mut actions = Vec::new();
@@ -334,6 +335,7 @@ impl Compiler<'_> {
                 summary
             }),
             "wait": table_as_written(self.p.source, "wait"),
+            "send_window": table_as_written(self.p.source, "send_window"),
             "actions": actions.iter().map(|a| a.summary()).collect::<Vec<_>>(),
         });
         Some(Rule {
@@ -344,6 +346,7 @@ impl Compiler<'_> {
             count,
             limits,
             wait: wait.map_or(Some(None), |w| w.map(Some))?,
+            send_window: send_window.map_or(Some(None), |w| w.map(Some))?,
             actions,
             summary,
         })
@@ -533,6 +536,20 @@ impl Compiler<'_> {
                 None
             }
         };
+        let zone = self.zone(timezone, fallback);
+        Some(Calendar {
+            period: period?,
+            zone: zone?,
+        })
+    }
+
+    /// The zone `timezone` names (UTC without one): an IANA name, or a field holding one with
+    /// `timezone_fallback` for events without.
+    fn zone(
+        &mut self,
+        timezone: Option<&Spanned<String>>,
+        fallback: Option<&Spanned<String>>,
+    ) -> Option<Zone> {
         let field = timezone.is_some_and(|t| looks_like_a_field(t.get_ref()));
         if let (false, Some(f)) = (field, fallback) {
             self.problem(
@@ -542,7 +559,7 @@ impl Compiler<'_> {
             );
         }
         let fallback = fallback.and_then(|f| self.zone_name(f));
-        let zone = match timezone {
+        match timezone {
             None => Some(Zone::Fixed(chrono_tz::UTC)),
             Some(text) if text.get_ref().parse::<Tz>().is_ok() => {
                 Some(Zone::Fixed(text.get_ref().parse().expect("checked above")))
@@ -554,9 +571,65 @@ impl Compiler<'_> {
                 })
             }
             Some(text) => self.zone_name(text).map(Zone::Fixed),
+        }
+    }
+
+    /// `[send_window]`.
+    fn send_window(&mut self, config: Spanned<SendWindowConfig>) -> Option<SendWindow> {
+        let w = config.into_inner();
+        let mut days = [w.days.is_none(); 7];
+        let mut unknown = false;
+        for day in w.days.iter().flat_map(|d| d.get_ref()) {
+            match SendWindow::DAYS
+                .iter()
+                .position(|d| *d == day.trim().to_lowercase())
+            {
+                Some(i) => days[i] = true,
+                None => {
+                    unknown = true;
+                    let hint = match did_you_mean(day, SendWindow::DAYS) {
+                        Some(close) => format!("did you mean \"{close}\"?"),
+                        None => "days are \"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\" and \"sun\"".into(),
+                    };
+                    let span = w.days.as_ref().map_or(0..0, |d| d.span());
+                    self.problem(span, format!("`{day}` is not a day"), Some(hint));
+                }
+            }
+        }
+        if days.iter().all(|d| !d) && !unknown {
+            let span = w.days.as_ref().map_or(0..0, |d| d.span());
+            self.problem(span, "a send window needs at least one day", None);
+        }
+        let hours = w.hours.get_ref().trim();
+        let parse = |t: &str| chrono::NaiveTime::parse_from_str(t.trim(), "%H:%M").ok();
+        let times = hours
+            .split_once('-')
+            .and_then(|(from, until)| Some((parse(from)?, parse(until)?)));
+        let times = match times {
+            Some((from, until)) if from < until => Some((from, until)),
+            Some(_) => {
+                self.problem(
+                    w.hours.span(),
+                    "the window must end after it starts, the same day",
+                    Some("for quiet hours at night, give the day's open hours: hours = \"08:00-22:00\"".into()),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    w.hours.span(),
+                    format!("`{hours}` is not a range of hours"),
+                    Some("write hours = \"09:00-18:00\" (24-hour clock, local time)".into()),
+                );
+                None
+            }
         };
-        Some(Calendar {
-            period: period?,
+        let zone = self.zone(w.timezone.as_ref(), w.timezone_fallback.as_ref());
+        let (from, until) = times?;
+        Some(SendWindow {
+            days,
+            from,
+            until,
             zone: zone?,
         })
     }
@@ -995,6 +1068,26 @@ mod tests {
         );
         let p = problems(&rule("cap_group = \"marketting\""));
         assert!(p[0].contains("did you mean \"marketing\"?"), "{p:?}");
+    }
+
+    #[test]
+    fn send_windows_are_checked() {
+        let rule =
+            |w: &str| format!("name = \"r\"\n[when]\nevent = \"x\"\n[send_window]\n{w}\n{JSONL}");
+        assert_eq!(
+            problems(&rule(
+                "days = [\"mon\"]\nhours = \"09:00-18:00\"\ntimezone = \"Europe/Paris\""
+            )),
+            Vec::<String>::new()
+        );
+        let p = problems(&rule("days = [\"mnd\"]\nhours = \"9-18\""));
+        assert!(
+            p[0].contains("`mnd` is not a day (did you mean \"mon\"?"),
+            "{p:?}"
+        );
+        assert!(p[1].contains("`9-18` is not a range of hours"), "{p:?}");
+        let p = problems(&rule("hours = \"22:00-06:00\""));
+        assert!(p[0].contains("must end after it starts"), "{p:?}");
     }
 
     #[test]

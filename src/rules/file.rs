@@ -27,12 +27,22 @@ pub struct RuleFile {
     pub limits: Option<Spanned<LimitsConfig>>,
     /// Act later: after a while, unless or once another event comes.
     pub wait: Option<Spanned<WaitConfig>>,
+    /// Run the actions only on these days and hours; hold them until then otherwise.
+    pub send_window: Option<Spanned<SendWindowConfig>>,
     /// What the rule does: one table per kind of action (`[email]`, `[jsonl]`), in file order.
     pub actions: Vec<Table>,
 }
 
 /// The keys of a rule file that are not actions.
-const RULE_KEYS: &[&str] = &["name", "description", "when", "count", "limits", "wait"];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "when",
+    "count",
+    "limits",
+    "wait",
+    "send_window",
+];
 
 /// Every key a rule file may have, for "unknown key" messages.
 static ALL_KEYS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
@@ -76,6 +86,7 @@ impl<'de> Deserialize<'de> for RuleFile {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleFile, A::Error> {
                 let (mut name, mut description, mut when, mut count, mut limits, mut wait) =
                     (None, None, None, None, None, None);
+                let mut send_window = None;
                 let mut actions = Vec::new();
                 while let Some(Key(key)) = map.next_key()? {
                     match key.as_str() {
@@ -85,6 +96,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                         "count" => count = Some(map.next_value()?),
                         "limits" => limits = Some(map.next_value()?),
                         "wait" => wait = Some(map.next_value()?),
+                        "send_window" => send_window = Some(map.next_value()?),
                         other => match actions::parse_table(other, &mut map)? {
                             Some(table) => actions.push(table),
                             None => {
@@ -100,6 +112,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                     count,
                     limits,
                     wait,
+                    send_window,
                     actions,
                 })
             }
@@ -327,6 +340,21 @@ pub struct CapConfig {
     /// The fields that say who the recipient is (default `["distinct_id"]`).
     #[serde(default)]
     pub per: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timezone_fallback: Option<Spanned<String>>,
+}
+
+/// `[send_window]`: the days and hours when the rule's actions may run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendWindowConfig {
+    /// "mon" ... "sun" (every day when absent).
+    #[serde(default)]
+    pub days: Option<Spanned<Vec<String>>>,
+    /// "09:00-18:00", local time.
+    pub hours: Spanned<String>,
     #[serde(default)]
     pub timezone: Option<Spanned<String>>,
     #[serde(default)]

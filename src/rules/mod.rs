@@ -24,7 +24,7 @@ use crate::diag::{Diagnostic, Warning};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 use crate::user_file::{self, Listing};
-use calendar::{Calendar, Period};
+use calendar::{Calendar, Period, SendWindow};
 use condition::Condition;
 pub use file::IfPending;
 
@@ -47,6 +47,8 @@ pub struct Rule {
     pub limits: Option<Limits>,
     /// `[wait]`: act later rather than on the event.
     pub wait: Option<Wait>,
+    /// `[send_window]`: actions decided outside it are held until it opens.
+    pub send_window: Option<SendWindow>,
     /// What it does when it acts, in file order.
     pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.

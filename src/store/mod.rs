@@ -15,7 +15,7 @@ pub mod redb;
 pub mod state;
 
 pub use key::StateKey;
-pub use pending::Pending;
+pub use pending::{Held, Pending};
 use queue::{Due, OutboxRecord, OutboxStatus, Skip};
 pub use state::{Distinct, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,5 +1,5 @@
-//! A pending wait, as kept until it ends: see `[wait]` in `rules/` and its decisions in
-//! `engine.rs`.
+//! A pending wait, as kept until it ends (see `[wait]` in `rules/` and its decisions in
+//! `engine.rs`), or an action held until the rule's send window opens (`[send_window]`).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,21 @@ pub struct Pending {
     /// The rule's count when the wait started (`{{count}}`), if it counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Set for actions the rule decided outside its `[send_window]`: held until the window
+    /// opens (the deadline), then run as they are, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+}
+
+/// What a held action needs beyond its event: how the rule's wait ended, if it had one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    /// The event that completed the wait (`until`), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Event>,
+    /// How long the wait lasted, in milliseconds, if the rule waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 impl Pending {
