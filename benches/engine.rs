@@ -224,6 +224,7 @@ fn benches(c: &mut Criterion) {
     };
     let input = |event| Input {
         waited: None,
+        digest: None,
         rule: "bench",
         event,
         count: Some(5),

@@ -15,12 +15,13 @@
 
 use tracing::{debug, info, info_span, warn};
 
-use crate::actions::{Env, Input, Output, Waited};
+use crate::actions::{DigestInput, Env, Input, Output, Waited};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
-use crate::rules::{Ends, IfPending, Rule, RuleSet, Wait};
+use crate::rules::{Digest, Ends, IfPending, Rule, RuleSet, Wait};
+use crate::store::pending::Collected;
 use crate::store::{Distinct, Held, Pending, RuleState, State, StateKey, StoreError, Wants};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 /// Something a rule did, to be made durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +71,8 @@ pub enum Outcome {
     /// `[send_window]`: the rule acted outside its window; its actions are held until it opens
     /// (milliseconds since 1970), and run then.
     Held { until_ms: i64 },
+    /// `[digest]`: the event was added to the digest sent at this time.
+    Collected { until_ms: i64 },
 }
 
 impl Outcome {
@@ -420,6 +423,9 @@ fn apply(
         debug!(?held, "held back by [limits]");
         return held;
     }
+    if let (Some(digest), Ok(Some(key))) = (&rule.digest, &matched.wait) {
+        return collect(rule, digest, key, event, count, state);
+    }
     match &rule.wait {
         Some(wait) => match &matched.wait {
             Ok(Some(key)) => {
@@ -515,6 +521,7 @@ fn act(
         event,
         count,
         waited,
+        digest: None,
         templates: &rules.templates,
         env,
     };
@@ -598,6 +605,7 @@ fn hold(
             latest: None,
             count,
             held: Some(held),
+            digest: None,
         },
     );
     mark_acted(rule, keys, t_ms, event, state);
@@ -648,6 +656,7 @@ fn start_wait(
             latest: None,
             count,
             held: None,
+            digest: None,
         },
     );
     Outcome::Waiting { until_ms }
@@ -796,16 +805,23 @@ impl DuePlan {
             };
             let rule_name = pending.rule.clone();
             let pending = state.end_wait(key).expect("there is a wait");
-            let goes_on = |r: &Rule| r.wait.is_some() || pending.held.is_some();
+            let goes_on = |r: &Rule| {
+                r.wait.is_some()
+                    || pending.held.is_some()
+                    || (r.digest.is_some() && pending.digest.is_some())
+            };
             let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| goes_on(r)) else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
                 report.dropped.push(rule_name);
                 continue;
             };
             ended.push((index, pending.deadline_ms));
-            let outcome = match &pending.held {
-                Some(held) => release(index, rules, &pending, held, env, effects),
-                None => at_deadline(index, rules, pending, keys, state, env, effects),
+            let outcome = match (&pending.held, &pending.digest) {
+                (Some(held), _) => release(index, rules, &pending, held, env, effects),
+                (None, Some(collected)) => {
+                    send_digest(index, rules, &pending, collected, env, effects)
+                }
+                (None, None) => at_deadline(index, rules, pending, keys, state, env, effects),
             };
             report.outcomes.push((index, outcome));
         }
@@ -833,10 +849,73 @@ fn release(
         event: &pending.trigger,
         count: pending.count,
         waited,
+        digest: None,
         templates: &rules.templates,
         env,
     };
     run_actions(index, rule, &input, effects)
+}
+
+/// Sends a digest at its time: the rule's actions run once, on the first event collected,
+/// with the events listed (`{{#each events}}`) and counted (`{{events_count}}`).
+fn send_digest(
+    index: usize,
+    rules: &RuleSet,
+    pending: &Pending,
+    collected: &Collected,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Outcome {
+    let rule = &rules.rules()[index];
+    let input = Input {
+        rule: &rule.name,
+        event: &pending.trigger,
+        count: pending.count,
+        waited: None,
+        digest: Some(DigestInput {
+            events: &collected.events,
+            total: collected.total,
+        }),
+        templates: &rules.templates,
+        env,
+    };
+    run_actions(index, rule, &input, effects)
+}
+
+/// Adds `event` to the rule's digest for its values (`per`), starting one if none is being
+/// collected: sent at the digest's next time after the event.
+fn collect(
+    rule: &Rule,
+    digest: &Digest,
+    key: &StateKey,
+    event: &Event,
+    count: Option<u64>,
+    state: &mut State,
+) -> Outcome {
+    let mut pending = match state.wait(key) {
+        Some(pending) => pending.clone(),
+        None => Pending {
+            rule: rule.name.clone(),
+            deadline_ms: digest.next_send(event.time.timestamp_millis(), event),
+            trigger: event.clone(),
+            latest: None,
+            count,
+            held: None,
+            digest: Some(Collected {
+                events: Vec::new(),
+                total: 0,
+            }),
+        },
+    };
+    let until_ms = pending.deadline_ms;
+    if let Some(collected) = &mut pending.digest {
+        collected.total += 1;
+        if collected.events.len() < digest.keep {
+            collected.events.push(event.clone());
+        }
+    }
+    state.set_wait(key, pending);
+    Outcome::Collected { until_ms }
 }
 
 /// Ends a wait at its deadline: the rule acts then, on the triggering event, if `then` holds on
@@ -923,9 +1002,10 @@ fn limit_keys(rule: &Rule, event: &Event) -> Result<LimitKeys, Outcome> {
 
 /// The `[wait]` key of `rule` for `event` (its `same` fields), if it waits.
 fn wait_key(rule: &Rule, event: &Event) -> Result<Option<StateKey>, Outcome> {
-    match &rule.wait {
-        Some(w) => state_key(&rule.name, "wait", &w.same, event).map(Some),
-        None => Ok(None),
+    match (&rule.wait, &rule.digest) {
+        (Some(w), _) => state_key(&rule.name, "wait", &w.same, event).map(Some),
+        (None, Some(d)) => state_key(&rule.name, "digest", &d.per, event).map(Some),
+        (None, None) => Ok(None),
     }
 }
 

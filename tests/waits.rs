@@ -453,3 +453,45 @@ fn a_sigkill_while_waits_are_ending_sends_nothing_twice() {
     assert_each_once(&s, 2000);
     eprintln!("{ended_before} of 2000 waits had ended at the SIGKILL");
 }
+
+#[test]
+fn a_digest_collected_before_a_sigkill_is_sent_once_after_restart_with_every_event() {
+    // Sent a few seconds from now (UTC), so the test waits for the real clock.
+    let at = (chrono::Utc::now() + chrono::TimeDelta::seconds(4)).format("%H:%M:%S");
+    let rule = format!(
+        "name = \"digest\"\n[when]\nevent = \"order_completed\"\n\
+         [digest]\nevery = \"1 day\"\nat = \"{at}\"\nkeep = 2\n\
+         [jsonl]\nfile = \"digest.jsonl\"\nfields = {{ first = \"distinct_id\" }}\n"
+    );
+    let mut s = Server::start_with(&["--wait-grace", "100ms"], |root: &Path| {
+        std::fs::write(root.join("rules/digest.toml"), &rule).unwrap();
+    });
+    for who in ["a", "b", "c"] {
+        let (status, reply) = s.post_json(&json!({
+            "event": "order_completed", "uuid": new_uuid(), "distinct_id": who,
+        }));
+        assert_eq!(
+            (status, &reply["collected"]),
+            (200, &json!(["digest"])),
+            "{reply}"
+        );
+    }
+    s.kill();
+    std::thread::sleep(Duration::from_secs(5));
+    s.relaunch();
+    s.wait_for("the digest to be sent", |s| {
+        let rules = s.rules_status();
+        let rules = rules["rules"].as_array().unwrap().clone();
+        let rule = rules.iter().find(|r| r["name"] == "digest");
+        rule.unwrap()["waits"]["pending"] == 0
+    });
+    assert_eq!(
+        s.jsonl("digest.jsonl"),
+        [json!({"first": "a"})],
+        "once, on the first event"
+    );
+    s.kill();
+    s.relaunch();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.jsonl("digest.jsonl").len(), 1);
+}

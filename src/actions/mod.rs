@@ -161,8 +161,17 @@ pub struct Input<'a> {
     pub count: Option<u64>,
     /// How the rule's `[wait]` ended, if it has one.
     pub waited: Option<Waited<'a>>,
+    /// The events of a `[digest]`, when one is sent.
+    pub digest: Option<DigestInput<'a>>,
     pub templates: &'a Templates,
     pub env: &'a Env<'a>,
+}
+
+/// The events of a digest being sent: the first ones kept, and how many there were.
+#[derive(Debug, Clone, Copy)]
+pub struct DigestInput<'a> {
+    pub events: &'a [Event],
+    pub total: u64,
 }
 
 /// How a wait ended when its rule acts (see `[wait]`).

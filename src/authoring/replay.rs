@@ -505,7 +505,7 @@ impl Run<'_> {
                     }
                 }
                 Outcome::Waiting { .. } => s.waiting += 1,
-                Outcome::Held { .. } => s.held += 1,
+                Outcome::Held { .. } | Outcome::Collected { .. } => s.held += 1,
                 Outcome::Cancelled => s.cancelled += 1,
                 Outcome::Expired { .. } => s.expired += 1,
             }

@@ -83,6 +83,7 @@ pub async fn webhook(
         "waiting": report.rules_where(&rules, |o| matches!(o, Outcome::Waiting { .. })),
         "cancelled": report.rules_where(&rules, |o| *o == Outcome::Cancelled),
         "held": report.rules_where(&rules, |o| matches!(o, Outcome::Held { .. })),
+        "collected": report.rules_where(&rules, |o| matches!(o, Outcome::Collected { .. })),
         "suppressed": report.rules_where(&rules, |o| o.suppressed().is_some()),
         "failed": report.failures(&rules),
     })))
@@ -110,7 +111,8 @@ fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet
             | Outcome::Cancelled
             | Outcome::Expired { .. }
             | Outcome::WaitRefused { .. }
-            | Outcome::Held { .. } => {}
+            | Outcome::Held { .. }
+            | Outcome::Collected { .. } => {}
         }
     }
 }

@@ -1010,7 +1010,7 @@ fn drop_waits_of_gone_rules(
     for (rule, pending) in txn.waiting()? {
         if rules
             .named(&rule)
-            .is_some_and(|(_, r)| r.wait.is_some() || r.send_window.is_some())
+            .is_some_and(|(_, r)| r.wait.is_some() || r.send_window.is_some() || r.digest.is_some())
         {
             continue;
         }

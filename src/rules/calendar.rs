@@ -119,24 +119,32 @@ impl SendWindow {
         if open_on(now.weekday()) && time >= self.from && time < self.until {
             return None;
         }
-        // The first opening after now: today's, if still to come, else a later day's (a week
-        // at most). A start that does not exist that day (clocks going forward) is taken an
-        // hour later.
-        (0..=7)
-            .filter_map(|d| {
-                let date = now.date_naive() + TimeDelta::days(d);
-                if !open_on(date.weekday()) {
-                    return None;
-                }
-                let local = date.and_time(self.from);
-                let at = tz.from_local_datetime(&local).earliest().or_else(|| {
-                    tz.from_local_datetime(&(local + TimeDelta::hours(1)))
-                        .earliest()
-                })?;
-                (at > now).then(|| at.timestamp_millis())
-            })
-            .next()
+        Some(next_time(&self.days, self.from, tz, t_ms))
     }
+}
+
+/// The first moment strictly after `t_ms` that is `at` local time in `tz` on one of `days`
+/// (Monday first; a week ahead at most). A time that does not exist that day (clocks going
+/// forward) is taken an hour later.
+pub fn next_time(days: &[bool; 7], at: NaiveTime, tz: chrono_tz::Tz, t_ms: i64) -> i64 {
+    let now = DateTime::<Utc>::from_timestamp_millis(t_ms)
+        .unwrap_or_default()
+        .with_timezone(&tz);
+    (0..=7)
+        .filter_map(|d| {
+            let date = now.date_naive() + TimeDelta::days(d);
+            if !days[date.weekday().num_days_from_monday() as usize] {
+                return None;
+            }
+            let local = date.and_time(at);
+            let at = tz.from_local_datetime(&local).earliest().or_else(|| {
+                tz.from_local_datetime(&(local + TimeDelta::hours(1)))
+                    .earliest()
+            })?;
+            (at > now).then(|| at.timestamp_millis())
+        })
+        .next()
+        .unwrap_or(t_ms.saturating_add(7 * 86_400_000))
 }
 
 /// Every time-zone name tripline knows, for "did you mean".

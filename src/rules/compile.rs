@@ -15,13 +15,16 @@ use crate::ingest::path::FieldPath;
 use crate::rules::calendar::{Calendar, Period, SendWindow, Zone, zone_names};
 use crate::rules::condition::{Condition, Test};
 use crate::rules::file::*;
-use crate::rules::{Cap, Caps, Count, Ends, Limits, Rule, Wait};
+use crate::rules::{Cap, Caps, Count, Digest, Ends, Limits, Rule, Wait};
 use crate::units::{self, DURATION_EXAMPLES, DurationError, parse_timestamp, toml_to_json_value};
 use chrono_tz::Tz;
 use std::sync::Arc;
 
 /// The largest compiled size of one regular expression, so a rule cannot eat the server's memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The most events one digest lists.
+const MAX_DIGEST_KEEP: i64 = 100;
 
 /// The largest threshold of a `[count]` with `within`: its state holds one time per counted event.
 const MAX_AT_LEAST_WITHIN: i64 = 1000;
@@ -252,6 +255,17 @@ impl Compiler<'_> {
 
         let wait = f.wait.map(|w| self.wait(w));
         let send_window = f.send_window.map(|w| self.send_window(w));
+        let digest_span = f.digest.as_ref().map(|d| d.span());
+        let digest = f.digest.map(|d| self.digest(d));
+        if let Some(span) = digest_span
+            && (wait.is_some() || send_window.is_some())
+        {
+            self.problem(
+                span,
+                "a rule with [digest] cannot also have [wait] or [send_window]",
+                Some("a digest is sent at its own time (`at`): split the rule in two".into()),
+            );
+        }
 
         let no_action = f.actions.is_empty();
         let mut actions = Vec::new();
@@ -284,6 +298,10 @@ impl Compiler<'_> {
         let mut known = Known::new(paths, count.is_some());
         if let Some(Some(w)) = &wait {
             known = known.waiting(matches!(w.ends, Ends::Until(_)));
+        }
+        // Even a [digest] with a problem: its templates are checked as a digest's.
+        if digest.is_some() {
+            known = known.digest();
         }
         let known = known;
         for action in &actions {
@@ -336,6 +354,7 @@ impl Compiler<'_> {
             }),
             "wait": table_as_written(self.p.source, "wait"),
             "send_window": table_as_written(self.p.source, "send_window"),
+            "digest": table_as_written(self.p.source, "digest"),
             "actions": actions.iter().map(|a| a.summary()).collect::<Vec<_>>(),
         });
         Some(Rule {
@@ -347,6 +366,7 @@ impl Compiler<'_> {
             limits,
             wait: wait.map_or(Some(None), |w| w.map(Some))?,
             send_window: send_window.map_or(Some(None), |w| w.map(Some))?,
+            digest: digest.map_or(Some(None), |d| d.map(Some))?,
             actions,
             summary,
         })
@@ -572,6 +592,57 @@ impl Compiler<'_> {
             }
             Some(text) => self.zone_name(text).map(Zone::Fixed),
         }
+    }
+
+    /// `[digest]`.
+    fn digest(&mut self, config: Spanned<DigestConfig>) -> Option<Digest> {
+        let d = config.into_inner();
+        let every = self.duration(&d.every);
+        let days = match every.map(|e| e.as_secs()) {
+            Some(86_400) => Some([true; 7]),
+            Some(604_800) => Some([true, false, false, false, false, false, false]),
+            Some(_) => {
+                self.problem(
+                    d.every.span(),
+                    "a digest is sent every day or every week",
+                    Some("write every = \"1 day\" or every = \"1 week\" (on Mondays)".into()),
+                );
+                None
+            }
+            None => None,
+        };
+        let text = d.at.get_ref().trim();
+        let at = chrono::NaiveTime::parse_from_str(text, "%H:%M")
+            .or_else(|_| chrono::NaiveTime::parse_from_str(text, "%H:%M:%S"))
+            .ok();
+        if at.is_none() {
+            self.problem(
+                d.at.span(),
+                format!("`{text}` is not a time of day"),
+                Some("write at = \"09:00\" (24-hour clock, local time)".into()),
+            );
+        }
+        let keep = d.keep.as_ref().map_or(Some(20), |k| {
+            let n = *k.get_ref();
+            if !(1..=MAX_DIGEST_KEEP).contains(&n) {
+                self.problem(
+                    k.span(),
+                    format!("`keep` must be between 1 and {MAX_DIGEST_KEEP}"),
+                    Some("the digest lists the first `keep` events and counts them all".into()),
+                );
+                return None;
+            }
+            Some(n as usize)
+        });
+        let per = d.per.as_ref().map_or(Vec::new(), |p| self.paths(p));
+        let zone = self.zone(d.timezone.as_ref(), d.timezone_fallback.as_ref());
+        Some(Digest {
+            days: days?,
+            at: at?,
+            zone: zone?,
+            per,
+            keep: keep?,
+        })
     }
 
     /// `[send_window]`.
@@ -1088,6 +1159,23 @@ mod tests {
         assert!(p[1].contains("`9-18` is not a range of hours"), "{p:?}");
         let p = problems(&rule("hours = \"22:00-06:00\""));
         assert!(p[0].contains("must end after it starts"), "{p:?}");
+    }
+
+    #[test]
+    fn digests_are_checked() {
+        let rule = |d: &str| format!("name = \"r\"\n[when]\nevent = \"x\"\n[digest]\n{d}\n{JSONL}");
+        assert_eq!(
+            problems(&rule("every = \"1 day\"\nat = \"09:00\"")),
+            Vec::<String>::new()
+        );
+        let p = problems(&rule("every = \"2 days\"\nat = \"25:00\"\nkeep = 0"));
+        assert!(p[0].contains("every day or every week"), "{p:?}");
+        assert!(p[1].contains("`25:00` is not a time of day"), "{p:?}");
+        assert!(p[2].contains("`keep` must be between 1 and 100"), "{p:?}");
+        let p = problems(&format!(
+            "name = \"r\"\n[when]\nevent = \"x\"\n[wait]\nfor = \"1h\"\n[digest]\nevery = \"1 day\"\nat = \"09:00\"\n{JSONL}"
+        ));
+        assert!(p[0].contains("cannot also have [wait]"), "{p:?}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct RuleFile {
     pub wait: Option<Spanned<WaitConfig>>,
     /// Run the actions only on these days and hours; hold them until then otherwise.
     pub send_window: Option<Spanned<SendWindowConfig>>,
+    /// Collect the matching events and act once per period with all of them.
+    pub digest: Option<Spanned<DigestConfig>>,
     /// What the rule does: one table per kind of action (`[email]`, `[jsonl]`), in file order.
     pub actions: Vec<Table>,
 }
@@ -42,6 +44,7 @@ const RULE_KEYS: &[&str] = &[
     "limits",
     "wait",
     "send_window",
+    "digest",
 ];
 
 /// Every key a rule file may have, for "unknown key" messages.
@@ -86,7 +89,7 @@ impl<'de> Deserialize<'de> for RuleFile {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RuleFile, A::Error> {
                 let (mut name, mut description, mut when, mut count, mut limits, mut wait) =
                     (None, None, None, None, None, None);
-                let mut send_window = None;
+                let (mut send_window, mut digest) = (None, None);
                 let mut actions = Vec::new();
                 while let Some(Key(key)) = map.next_key()? {
                     match key.as_str() {
@@ -97,6 +100,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                         "limits" => limits = Some(map.next_value()?),
                         "wait" => wait = Some(map.next_value()?),
                         "send_window" => send_window = Some(map.next_value()?),
+                        "digest" => digest = Some(map.next_value()?),
                         other => match actions::parse_table(other, &mut map)? {
                             Some(table) => actions.push(table),
                             None => {
@@ -113,6 +117,7 @@ impl<'de> Deserialize<'de> for RuleFile {
                     limits,
                     wait,
                     send_window,
+                    digest,
                     actions,
                 })
             }
@@ -359,4 +364,25 @@ pub struct SendWindowConfig {
     pub timezone: Option<Spanned<String>>,
     #[serde(default)]
     pub timezone_fallback: Option<Spanned<String>>,
+}
+
+/// `[digest]`: the matching events are collected, and the actions run once per period with all
+/// of them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestConfig {
+    /// "1 day" or "1 week" (on Mondays).
+    pub every: Spanned<String>,
+    /// The local time it is sent: "09:00" (or "09:00:30").
+    pub at: Spanned<String>,
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timezone_fallback: Option<Spanned<String>>,
+    /// One digest per combination of these fields' values (one for the whole rule without).
+    #[serde(default)]
+    pub per: Option<Vec<Spanned<String>>>,
+    /// How many events a digest lists at most (the total counts them all).
+    #[serde(default)]
+    pub keep: Option<Spanned<i64>>,
 }

@@ -13,7 +13,7 @@ pub mod file;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +49,8 @@ pub struct Rule {
     pub wait: Option<Wait>,
     /// `[send_window]`: actions decided outside it are held until it opens.
     pub send_window: Option<SendWindow>,
+    /// `[digest]`: the matching events are collected and the actions run once per period.
+    pub digest: Option<Digest>,
     /// What it does when it acts, in file order.
     pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.
@@ -145,6 +147,25 @@ impl Wait {
             Ends::Unless(c) | Ends::Until(c) if c.holds(event) => true,
             _ => self.then.is_some(),
         }
+    }
+}
+
+/// `[digest]`: collect the matching events per key (`per`) and act once a day or week at `at`
+/// (local time in `zone`), with the first `keep` of them listed and all of them counted.
+#[derive(Debug)]
+pub struct Digest {
+    /// Every day, or every Monday.
+    pub days: [bool; 7],
+    pub at: chrono::NaiveTime,
+    pub zone: calendar::Zone,
+    pub per: Vec<FieldPath>,
+    pub keep: usize,
+}
+
+impl Digest {
+    /// When the digest of an event at `t_ms` is sent: the next `at` after it.
+    pub fn next_send(&self, t_ms: i64, event: &Event) -> i64 {
+        calendar::next_time(&self.days, self.at, self.zone.of(event), t_ms)
     }
 }
 

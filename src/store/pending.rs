@@ -26,6 +26,16 @@ pub struct Pending {
     /// opens (the deadline), then run as they are, once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Held>,
+    /// Set for a `[digest]` being collected: its events, sent at the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Collected>,
+}
+
+/// The events of a digest so far: the first ones (at most the rule's `keep`), and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Collected {
+    pub events: Vec<Event>,
+    pub total: u64,
 }
 
 /// What a held action needs beyond its event: how the rule's wait ended, if it had one.

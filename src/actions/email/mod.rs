@@ -164,6 +164,16 @@ impl EmailAction {
                 &mut cx.problems.list,
             );
         }
+        if known.digest
+            && let Some((file, source)) = cx.templates.file_of(&self.template, false)
+            && !source.contains("{{#each events}}")
+        {
+            let file = file.clone();
+            cx.problems.list.push(
+                crate::diag::Diagnostic::whole_file(&file, "this digest's email never lists its events")
+                    .with_hint("add {{#each events}} ... {{/each}} to the template, with the fields of each event inside"),
+            );
+        }
         for html in [false, true] {
             if let Some((file, source)) = cx.templates.file_of(&self.template, html) {
                 let place = Place::File { file, source };
@@ -186,6 +196,11 @@ impl Action for EmailAction {
     fn run(&self, input: &Input) -> Result<Output, String> {
         let mut data = input.event.template_context();
         data["count"] = input.count.map_or(Value::Null, Value::from);
+        if let Some(digest) = &input.digest {
+            let events = digest.events.iter();
+            data["events"] = events.map(|e| e.template_context()).collect();
+            data["events_count"] = digest.total.into();
+        }
         if let Some(waited) = &input.waited {
             data["waited"] = crate::units::duration_in_words(waited.after).into();
             if let Some(until) = waited.until {

@@ -20,7 +20,7 @@ fn roots() -> impl Iterator<Item = &'static str> {
     Field::ALL
         .into_iter()
         .filter_map(|f| f.name().split('.').next())
-        .chain(["count", "until", "waited"])
+        .chain(["count", "until", "waited", "events", "events_count"])
 }
 
 /// Person properties PostHog users commonly set: typos of these are caught.
@@ -62,6 +62,8 @@ pub struct Known {
     has_count: bool,
     /// `[wait]`: `waited` is filled in; with `until`, the completing event too.
     wait: Option<bool>,
+    /// `[digest]`: `events` and `events_count` are filled in.
+    pub digest: bool,
 }
 
 impl Known {
@@ -72,6 +74,7 @@ impl Known {
             person: PERSON_PROPERTIES.iter().map(|s| s.to_string()).collect(),
             has_count,
             wait: None,
+            digest: false,
         };
         for path in paths {
             match path.property() {
@@ -81,6 +84,12 @@ impl Known {
             };
         }
         known
+    }
+
+    /// For a rule with `[digest]`.
+    pub fn digest(mut self) -> Known {
+        self.digest = true;
+        self
     }
 
     /// For a rule with `[wait]` (`until`: whether it completes on an event).
@@ -151,6 +160,11 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
             "remove {{count}} from the template, or add [count] to the rule".into(),
         )),
         "count" => None,
+        "events" | "events_count" if !known.digest => Some((
+            format!("`{root}` is only filled in for rules with a [digest] table"),
+            "a digest lists its events under `events` ({{#each events}}) and counts them in `events_count`".into(),
+        )),
+        "events" | "events_count" => None,
         "waited" if known.wait.is_none() => Some((
             "`waited` is only filled in for rules with a [wait] table".into(),
             "remove {{waited}} from the template, or add [wait] to the rule".into(),
