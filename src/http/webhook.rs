@@ -15,7 +15,6 @@ use super::error::AppError;
 use crate::engine::{Outcome, Report};
 use crate::ingest::event;
 use crate::pipeline::committer::Delivery;
-use crate::rules::RuleSet;
 use crate::telemetry;
 
 /// POST /webhook, once admission has settled who sent it: decode every event, run them through
@@ -75,7 +74,7 @@ pub async fn webhook(
     } else {
         Report::default()
     };
-    record_outcomes(&source, count, &report, &rules);
+    record_received(&source, count, &report);
     Ok(Json(json!({
         "accepted": count,
         "duplicates": report.duplicates,
@@ -89,30 +88,10 @@ pub async fn webhook(
     })))
 }
 
-/// Counts a committed request's events and what each rule did with them.
-fn record_outcomes(source: &str, events: usize, report: &Report, rules: &RuleSet) {
+/// Counts a committed request's events (what each rule did with them is counted by the
+/// committer, with what the timer's waits did).
+fn record_received(source: &str, events: usize, report: &Report) {
     metrics::counter!(telemetry::EVENTS_RECEIVED.name, "source" => source.to_string())
         .increment(events as u64);
     metrics::counter!(telemetry::EVENTS_DUPLICATE.name).increment(report.duplicates as u64);
-    for (index, outcome) in &report.outcomes {
-        let rule = rules.rules()[*index].name.clone();
-        metrics::counter!(telemetry::RULE_MATCHES.name, "rule" => rule.clone()).increment(1);
-        match outcome {
-            Outcome::Fired | Outcome::PartlyFailed { .. } => {
-                metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
-            }
-            // Suppressions and waits are counted by the committer, with those of the timer.
-            Outcome::Suppressed
-            | Outcome::Capped { .. }
-            | Outcome::Counting { .. }
-            | Outcome::NoKey { .. }
-            | Outcome::Failed { .. }
-            | Outcome::Waiting { .. }
-            | Outcome::Cancelled
-            | Outcome::Expired { .. }
-            | Outcome::WaitRefused { .. }
-            | Outcome::Held { .. }
-            | Outcome::Collected { .. } => {}
-        }
-    }
 }

@@ -87,6 +87,13 @@ pub struct Delivery {
     pub id: String,
 }
 
+/// Where a report's outcomes come from: the events of requests, or waits the timer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Events,
+    Timer,
+}
+
 /// What the committer is asked to do.
 enum Job {
     /// Make a request's events durable.
@@ -689,17 +696,14 @@ impl Worker {
             self.deliveries_queued.notify_one();
         }
         for (job, report) in batch.iter().zip(&reports) {
-            record_wait_outcomes(&job.rules, report);
-            self.record_suppressions(&job.rules, report);
+            self.record_outcomes(&job.rules, report, Source::Events);
         }
         for (rule, n) in waiting {
             metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
         }
         let mut more = false;
         if let (Some(report), Some(due), Some(rules)) = (&ended, &due, end_waits) {
-            record_wait_outcomes(rules, report);
-            record_timer_fires(rules, report);
-            self.record_suppressions(rules, report);
+            self.record_outcomes(rules, report, Source::Timer);
             self.ended_late(rules, &late, now_ms, grace_ms);
             more = due.len() == WAITS_PER_COMMIT;
         }
@@ -737,23 +741,51 @@ impl Worker {
         Ok((reports, ended, more))
     }
 
-    /// Counts each time a rule was held back, per reason: in the metrics and for `GET /rules`.
-    fn record_suppressions(&self, rules: &RuleSet, report: &Report) {
+    /// Counts what each rule did in a committed `report`, once, in the metrics: matches (events
+    /// only), fires, suppressions per reason (also kept for `GET /rules`), held actions, and
+    /// what waits did (started, cancelled, ended by acting or not, refused). A rule with
+    /// `[wait]` only acts when a wait ends.
+    fn record_outcomes(&self, rules: &RuleSet, report: &Report, source: Source) {
         let mut held = None;
         for (index, outcome) in &report.outcomes {
-            let Some(reason) = outcome.suppressed() else {
-                continue;
+            let rule = &rules.rules()[*index];
+            let name = || rule.name.clone();
+            if source == Source::Events {
+                metrics::counter!(telemetry::RULE_MATCHES.name, "rule" => name()).increment(1);
+            }
+            if outcome.acted() {
+                metrics::counter!(telemetry::RULE_FIRES.name, "rule" => name()).increment(1);
+            }
+            if let Some(reason) = outcome.suppressed() {
+                metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => name(), "reason" => reason)
+                    .increment(1);
+                let held = held.get_or_insert_with(|| {
+                    self.shared
+                        .suppressed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                });
+                *held.entry((name(), reason)).or_default() += 1;
+            }
+            let wait_metric = match outcome {
+                Outcome::Held { .. } => Some(telemetry::ACTIONS_HELD.name),
+                _ if rule.wait.is_none() => None,
+                Outcome::Waiting { .. } => Some(telemetry::WAITS_STARTED.name),
+                Outcome::Cancelled => Some(telemetry::WAITS_CANCELLED.name),
+                o if o.acted() => Some(telemetry::WAITS_FIRED.name),
+                Outcome::Expired { .. } | Outcome::Suppressed | Outcome::Failed { .. } => {
+                    Some(telemetry::WAITS_EXPIRED.name)
+                }
+                Outcome::WaitRefused { .. } => {
+                    metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => name(), "reason" => "max_pending")
+                        .increment(1);
+                    None
+                }
+                _ => None,
             };
-            let rule = rules.rules()[*index].name.clone();
-            metrics::counter!(telemetry::RULE_SUPPRESSIONS.name, "rule" => rule.clone(), "reason" => reason)
-                .increment(1);
-            let held = held.get_or_insert_with(|| {
-                self.shared
-                    .suppressed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-            });
-            *held.entry((rule, reason)).or_default() += 1;
+            if let Some(metric) = wait_metric {
+                metrics::counter!(metric, "rule" => name()).increment(1);
+            }
         }
     }
 
@@ -1022,48 +1054,6 @@ fn drop_waits_of_gone_rules(
         dropped.push((rule, n, left));
     }
     Ok(dropped)
-}
-
-/// Counts the rules that acted when their waits ended on the timer (those of requests are
-/// counted where the request is answered).
-fn record_timer_fires(rules: &RuleSet, report: &Report) {
-    for (index, outcome) in &report.outcomes {
-        if outcome.acted() {
-            let rule = rules.rules()[*index].name.clone();
-            metrics::counter!(telemetry::RULE_FIRES.name, "rule" => rule).increment(1);
-        }
-    }
-}
-
-/// Counts what the rules' waits did in `report`: started, cancelled, ended by acting or not,
-/// refused. A rule with `[wait]` only acts when a wait ends.
-fn record_wait_outcomes(rules: &RuleSet, report: &Report) {
-    for (index, outcome) in &report.outcomes {
-        let rule = &rules.rules()[*index];
-        if let Outcome::Held { .. } = outcome {
-            metrics::counter!(telemetry::ACTIONS_HELD.name, "rule" => rule.name.clone())
-                .increment(1);
-            continue;
-        }
-        if rule.wait.is_none() {
-            continue;
-        }
-        let metric = match outcome {
-            Outcome::Waiting { .. } => telemetry::WAITS_STARTED.name,
-            Outcome::Cancelled => telemetry::WAITS_CANCELLED.name,
-            o if o.acted() => telemetry::WAITS_FIRED.name,
-            Outcome::Expired { .. } | Outcome::Suppressed | Outcome::Failed { .. } => {
-                telemetry::WAITS_EXPIRED.name
-            }
-            Outcome::WaitRefused { .. } => {
-                metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => rule.name.clone(), "reason" => "max_pending")
-                    .increment(1);
-                continue;
-            }
-            _ => continue,
-        };
-        metrics::counter!(metric, "rule" => rule.name.clone()).increment(1);
-    }
 }
 
 fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
