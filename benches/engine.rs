@@ -20,7 +20,6 @@ use lettre::message::Mailbox;
 use serde_json::Value;
 use std::hint::black_box;
 use std::path::Path;
-use tripline::actions::jsonl::Unwritable;
 use tripline::actions::{Action, Env, Input};
 use tripline::engine;
 use tripline::ingest::event::{self, BodyLimits, Event};
@@ -101,13 +100,7 @@ fn shipped_rules() -> RuleSet {
 fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {
     let mut store = MemoryStore::default();
     let mut effects = Vec::new();
-    let unwritable = Unwritable::new();
-    let env = Env {
-        default_from: from,
-        unwritable: &unwritable,
-        max_pending_waits: u64::MAX,
-        waits_due_by_ms: i64::MAX,
-    };
+    let env = Env::offline(from);
     let report = engine::run(
         rules,
         std::slice::from_ref(event),
@@ -215,13 +208,7 @@ fn benches(c: &mut Criterion) {
         .iter()
         .find(|r| r.name == "training-data")
         .unwrap();
-    let unwritable = Unwritable::new();
-    let env = Env {
-        default_from: &from,
-        unwritable: &unwritable,
-        max_pending_waits: u64::MAX,
-        waits_due_by_ms: i64::MAX,
-    };
+    let env = Env::offline(&from);
     let input = |event| Input {
         waited: None,
         digest: None,

@@ -1036,7 +1036,6 @@ fn state_key(
 mod tests {
     use super::*;
     use crate::actions::email::Queued;
-    use crate::actions::jsonl::Unwritable;
     use crate::ingest::event::decode;
     use crate::store::MemoryStore;
     use lettre::message::Mailbox;
@@ -1094,12 +1093,10 @@ fields = { who = "distinct_id" }
 
         fn run(&mut self, events: &[Event]) -> Report {
             let from: Mailbox = "t <t@localhost>".parse().unwrap();
-            let unwritable = Unwritable::new();
             let env = Env {
-                default_from: &from,
-                unwritable: &unwritable,
                 max_pending_waits: 3,
                 waits_due_by_ms: self.due_by,
+                ..Env::offline(&from)
             };
             run(
                 &self.set,
@@ -1285,12 +1282,9 @@ fields = { k = "properties.k", at = "timestamp" }
         /// Ends the waits due by `minute`.
         fn end_due(&mut self, minute: i64) -> Report {
             let from: Mailbox = "t <t@localhost>".parse().unwrap();
-            let unwritable = Unwritable::new();
             let env = Env {
-                default_from: &from,
-                unwritable: &unwritable,
                 max_pending_waits: 3,
-                waits_due_by_ms: i64::MAX,
+                ..Env::offline(&from)
             };
             let until_ms = minute * 60_000;
             end_due_waits(

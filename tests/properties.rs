@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tripline::actions::Env;
 use tripline::actions::email::templates::Templates;
-use tripline::actions::jsonl::Unwritable;
 use tripline::engine;
 use tripline::ingest::event::{self, BodyLimits};
 use tripline::rules::RuleSet;
@@ -181,13 +180,7 @@ fn handle(body: &[u8]) -> bool {
             let mut store = MemoryStore::default();
             let from = "t <t@localhost>".parse().unwrap();
             let mut effects = Vec::new();
-            let unwritable = Unwritable::new();
-            let env = Env {
-                default_from: &from,
-                unwritable: &unwritable,
-                max_pending_waits: u64::MAX,
-                waits_due_by_ms: i64::MAX,
-            };
+            let env = Env::offline(&from);
             engine::run(shipped_rules(), &events, &mut store, &env, 0, &mut effects).unwrap();
             true
         }

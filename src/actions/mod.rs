@@ -196,6 +196,22 @@ pub struct Env<'a> {
     pub waits_due_by_ms: i64,
 }
 
+impl<'a> Env<'a> {
+    /// For running rules outside the service (`tripline test`, `replay`, benchmarks): every
+    /// output file may be written, no cap on pending waits, and waits are ended by the caller
+    /// as its clock passes them (so any wait a trigger comes after is due).
+    pub fn offline(default_from: &'a Mailbox) -> Env<'a> {
+        static NONE_UNWRITABLE: std::sync::LazyLock<Unwritable> =
+            std::sync::LazyLock::new(Unwritable::new);
+        Env {
+            default_from,
+            unwritable: &NONE_UNWRITABLE,
+            max_pending_waits: u64::MAX,
+            waits_due_by_ms: i64::MAX,
+        }
+    }
+}
+
 /// What an action made of an event, to be made durable by the committer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::actions::email::Queued;
-use crate::actions::jsonl::Unwritable;
 use crate::actions::{Env, Output};
 use crate::authoring::event_file;
 use crate::clock::Clock;
@@ -432,13 +431,7 @@ pub fn decode_any(bytes: &[u8], now: DateTime<Utc>) -> Result<Vec<Event>, String
 pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> {
     let mut store = MemoryStore::default();
     let mut effects = Vec::new();
-    let unwritable = Unwritable::new();
-    let env = Env {
-        default_from,
-        unwritable: &unwritable,
-        max_pending_waits: u64::MAX,
-        waits_due_by_ms: i64::MAX,
-    };
+    let env = Env::offline(default_from);
     // Each event arrives when the case's clock reads its time: what depends on the time of
     // handling sees the case's time, never the machine's, and nothing waits. Waits end as the
     // clock passes their deadline (no grace period: the case's events come in order).

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::event_file::{Position, read_items};
 use super::load_rules;
 use crate::actions::email::{Queued, mask_email};
-use crate::actions::jsonl::{JsonlFiles, Unwritable};
+use crate::actions::jsonl::JsonlFiles;
 use crate::actions::{self, Destinations, Env, Output};
 use crate::clock::Clock;
 use crate::config::{FolderArgs, Paths, WaitSettings};
@@ -297,13 +297,7 @@ impl Sink {
         match self {
             Sink::DryRun { store, clock } => {
                 clock.advance_to(latest);
-                let unwritable = Unwritable::new();
-                let env = Env {
-                    default_from: from,
-                    unwritable: &unwritable,
-                    max_pending_waits: u64::MAX,
-                    waits_due_by_ms: i64::MAX,
-                };
+                let env = Env::offline(from);
                 Ok(engine::run(
                     rules,
                     &events,
@@ -338,13 +332,7 @@ impl Sink {
         match self {
             Sink::DryRun { store, clock } => {
                 clock.advance_to(until);
-                let unwritable = Unwritable::new();
-                let env = Env {
-                    default_from: from,
-                    unwritable: &unwritable,
-                    max_pending_waits: u64::MAX,
-                    waits_due_by_ms: i64::MAX,
-                };
+                let env = Env::offline(from);
                 let now = clock.unix();
                 Ok(engine::end_due_waits(
                     rules,
