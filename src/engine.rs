@@ -476,7 +476,10 @@ fn held_back(
         state.touch(key);
         if let Some(last) = state.last_acted(key) {
             let held = match (&limits.period, limits.again_after) {
-                (Some(cal), _) => cal.period_of(t_ms, event) <= cal.period_of(last, event),
+                (Some(cal), _) => {
+                    let tz = cal.zone.of(event);
+                    cal.period_in(tz, t_ms) <= cal.period_in(tz, last)
+                }
                 (None, Some(after)) => {
                     let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
                     t_ms.saturating_sub(last) < after_ms

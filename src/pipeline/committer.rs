@@ -539,13 +539,13 @@ impl Worker {
         }) {
             panic!("asked to by a test");
         }
+        // Waits due by the clock, less the grace period for events still on their way.
+        let now_ms = self.clock.now().timestamp_millis();
+        let grace_ms = i64::try_from(self.waits.grace.as_millis()).unwrap_or(i64::MAX);
+        let due_by = now_ms.saturating_sub(grace_ms);
         // The files of the rules under which waits end are opened (and their length recorded)
         // like those of requests, but only when some wait is due: nothing is opened for nothing.
-        let due_now = {
-            let grace_ms = i64::try_from(self.waits.grace.as_millis()).unwrap_or(i64::MAX);
-            let due_by = self.clock.now().timestamp_millis().saturating_sub(grace_ms);
-            self.next_wait.borrow().is_some_and(|at| at <= due_by)
-        };
+        let due_now = self.next_wait.borrow().is_some_and(|at| at <= due_by);
         let sets: Vec<&Arc<RuleSet>> = (batch.iter().map(|job| &job.rules))
             .chain(end_waits.filter(|_| due_now))
             .collect();
@@ -569,10 +569,6 @@ impl Worker {
             }
             plans.push(Some(Plan::new(&job.rules, &job.events)));
         }
-        // Waits due by the clock, less the grace period for events still on their way.
-        let now_ms = self.clock.now().timestamp_millis();
-        let grace_ms = i64::try_from(self.waits.grace.as_millis()).unwrap_or(i64::MAX);
-        let due_by = now_ms.saturating_sub(grace_ms);
         let (due, dropped) = match end_waits {
             Some(rules) => (
                 Some(DuePlan::new(

@@ -82,8 +82,13 @@ impl Calendar {
     /// The period the instant `t_ms` falls in, where `event`'s user is: a number that grows by
     /// one from each period to the next (days, weeks or months since the calendar's start).
     pub fn period_of(&self, t_ms: i64, event: &Event) -> i64 {
+        self.period_in(self.zone.of(event), t_ms)
+    }
+
+    /// The period the instant `t_ms` falls in, in `tz` (see [`Calendar::period_of`]).
+    pub fn period_in(&self, tz: chrono_tz::Tz, t_ms: i64) -> i64 {
         let utc = DateTime::<Utc>::from_timestamp_millis(t_ms).unwrap_or_default();
-        let date = utc.with_timezone(&self.zone.of(event)).date_naive();
+        let date = utc.with_timezone(&tz).date_naive();
         match self.period {
             Period::Day => i64::from(date.num_days_from_ce()),
             Period::Week => i64::from(date.week(Weekday::Mon).first_day().num_days_from_ce()) / 7,
