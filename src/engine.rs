@@ -18,7 +18,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::actions::{DigestInput, Env, Input, Output, Waited};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
-use crate::rules::{Digest, Ends, IfPending, Rule, RuleSet, Wait};
+use crate::rules::{Digest, Ends, IfPending, Rule, RuleSet, SUPPRESSED_EVENT, Wait};
 use crate::store::pending::Collected;
 use crate::store::{Distinct, Held, Pending, RuleState, State, StateKey, StoreError, Wants};
 use sha2::{Digest as _, Sha256};
@@ -103,6 +103,9 @@ pub struct Report {
     /// Pending waits ended unfired because their rule no longer waits (deleted, renamed, or
     /// without `[wait]` now), by rule name.
     pub dropped: Vec<String>,
+    /// The `$tripline_suppressed` events made for rules held back, when some rule is about them:
+    /// [`follow_suppressions`] runs them, in the same transaction.
+    pub suppressions: Vec<Event>,
 }
 
 impl Report {
@@ -111,6 +114,22 @@ impl Report {
         self.outcomes.extend(later.outcomes);
         self.duplicates += later.duplicates;
         self.dropped.extend(later.dropped);
+        self.suppressions.extend(later.suppressions);
+    }
+
+    /// Records `outcome` of the rule at `index` for `event` (at `t_ms`), with the
+    /// `$tripline_suppressed` event it makes if it held the rule back and some rule heeds that.
+    fn push(&mut self, rules: &RuleSet, index: usize, outcome: Outcome, event: &Event, t_ms: i64) {
+        if let (Some(reason), true) = (outcome.suppressed(), rules.heeds_suppressions()) {
+            let group = match &outcome {
+                Outcome::Capped { group } => Some(group.as_str()),
+                _ => None,
+            };
+            let rule = &rules.rules()[index].name;
+            self.suppressions
+                .push(suppression_event(rule, reason, group, event, t_ms));
+        }
+        self.outcomes.push((index, outcome));
     }
 
     /// The names of the rules that acted, once per event they acted on.
@@ -166,7 +185,15 @@ pub fn run(
     if !once.is_empty() || !caps.is_empty() {
         state.merge(store.load(&Wants::limits(&once, &caps))?);
     }
-    let report = plan.decide(rules, events, &mut state, env, effects);
+    let mut report = plan.decide(rules, events, &mut state, env, effects);
+    follow_suppressions(
+        rules,
+        &mut report,
+        &mut state,
+        |w| store.load(w),
+        env,
+        effects,
+    )?;
     store.save(state, now_unix)?;
     Ok(report)
 }
@@ -187,9 +214,81 @@ pub fn end_due_waits(
     let mut wants = Wants::default();
     due.add_wants(&mut wants);
     let mut state = store.load(&wants)?;
-    let report = due.decide(rules, &mut state, until_ms, env, effects, &mut Vec::new());
+    let mut report = due.decide(rules, &mut state, until_ms, env, effects, &mut Vec::new());
+    follow_suppressions(
+        rules,
+        &mut report,
+        &mut state,
+        |w| store.load(w),
+        env,
+        effects,
+    )?;
     store.save(state, now_unix)?;
     Ok(report)
+}
+
+/// Runs the `$tripline_suppressed` events in `report` (made when rules were held back) through
+/// the rules about them, as a second step on the same `state`: loads what they need with `load`
+/// (from the same transaction), decides, and adds what they did to `report`. A rule about them
+/// that is held back in turn makes no further event.
+pub fn follow_suppressions(
+    rules: &RuleSet,
+    report: &mut Report,
+    state: &mut State,
+    mut load: impl FnMut(&Wants) -> Result<State, StoreError>,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Result<(), StoreError> {
+    if report.suppressions.is_empty() {
+        return Ok(());
+    }
+    let events = std::mem::take(&mut report.suppressions);
+    let plan = Plan::of_suppressions(rules, &events);
+    let mut wants = Wants::default();
+    plan.add_wants(rules, &events, &mut wants);
+    // What is in `state` already was loaded and may have changed: it is kept as it is.
+    state.merge(load(&wants)?);
+    let (once, caps) = plan.limits_of_waits(rules, state);
+    if !once.is_empty() || !caps.is_empty() {
+        state.merge(load(&Wants::limits(&once, &caps))?);
+    }
+    let mut more = plan.decide(rules, &events, state, env, effects);
+    more.suppressions.clear();
+    report.append(more);
+    Ok(())
+}
+
+/// The `$tripline_suppressed` event for `rule` held back for `reason` (and cap `group`) on
+/// `event` at `t_ms`: the same person, and what happened in its properties. It has no uuid of its
+/// own: it is made once, with the event that caused it, which is deduplicated.
+fn suppression_event(
+    rule: &str,
+    reason: &str,
+    group: Option<&str>,
+    event: &Event,
+    t_ms: i64,
+) -> Event {
+    use serde_json::{Value, json};
+    let time = chrono::DateTime::from_timestamp_millis(t_ms).unwrap_or(event.time);
+    let mut properties = json!({
+        "rule": rule,
+        "reason": reason,
+        "event": event.name,
+        "event_uuid": event.uuid,
+    });
+    if let Some(group) = group {
+        properties["cap_group"] = Value::from(group);
+    }
+    Event {
+        name: Value::from(SUPPRESSED_EVENT),
+        uuid: Value::Null,
+        distinct_id: event.distinct_id.clone(),
+        timestamp: Value::String(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+        time,
+        properties,
+        person_properties: event.person_properties.clone(),
+        source: event.source.clone(),
+    }
 }
 
 /// The rules each event of a batch matched, and the state keys each of them counts and limits
@@ -220,6 +319,23 @@ struct LimitKeys {
     cap: Option<StateKey>,
 }
 
+impl Matched {
+    /// The rule at `index` whose `[when]` holds for the event at `i`, with its keys.
+    fn trigger(i: usize, index: usize, rule: &Rule, event: &Event) -> Matched {
+        Matched {
+            event: i,
+            rule: index,
+            role: Role::Trigger,
+            count: match &rule.count {
+                Some(c) => state_key(&rule.name, c.key_kind(), &c.per, event).map(Some),
+                None => Ok(None),
+            },
+            limits: limit_keys(rule, event),
+            wait: wait_key(rule, event),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     /// `[when]` held: the rule counts, acts or starts waiting.
@@ -245,17 +361,19 @@ impl Plan {
                 });
             }
             for (index, rule) in rules.matching(event) {
-                matched.push(Matched {
-                    event: i,
-                    rule: index,
-                    role: Role::Trigger,
-                    count: match &rule.count {
-                        Some(c) => state_key(&rule.name, c.key_kind(), &c.per, event).map(Some),
-                        None => Ok(None),
-                    },
-                    limits: limit_keys(rule, event),
-                    wait: wait_key(rule, event),
-                });
+                matched.push(Matched::trigger(i, index, rule, event));
+            }
+        }
+        Plan { matched }
+    }
+
+    /// Matches `$tripline_suppressed` events (see [`follow_suppressions`]) against the rules
+    /// about them. They end no waits.
+    fn of_suppressions(rules: &RuleSet, events: &[Event]) -> Plan {
+        let mut matched = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            for (index, rule) in rules.on_suppression(event) {
+                matched.push(Matched::trigger(i, index, rule, event));
             }
         }
         Plan { matched }
@@ -350,7 +468,10 @@ impl Plan {
                     Role::Trigger => Some(apply(rules, m, event, state, env, effects, &mut ended)),
                     Role::Watch => watch(rules, m, event, state, env, effects),
                 };
-                report.outcomes.extend(ended.map(|o| (m.rule, o)));
+                if let Some((outcome, pending)) = ended {
+                    let t_ms = pending.deadline_ms;
+                    report.push(rules, m.rule, outcome, &pending.trigger, t_ms);
+                }
                 let Some(outcome) = outcome else { continue };
                 match outcome {
                     Outcome::Fired => info!("rule fired"),
@@ -358,7 +479,7 @@ impl Plan {
                     Outcome::Cancelled => info!("wait cancelled"),
                     _ => {}
                 }
-                report.outcomes.push((m.rule, outcome));
+                report.push(rules, m.rule, outcome, event, event.time.timestamp_millis());
             }
         }
         report
@@ -374,7 +495,7 @@ fn apply(
     state: &mut State,
     env: &Env,
     effects: &mut Vec<Effect>,
-    ended: &mut Option<Outcome>,
+    ended: &mut Option<(Outcome, Pending)>,
 ) -> Outcome {
     let index = matched.rule;
     let rule = &rules.rules()[index];
@@ -443,9 +564,9 @@ fn apply(
                 if over {
                     let pending = state.end_wait(key).expect("there is a wait");
                     let its_keys = limit_keys(rule, &pending.trigger).unwrap_or_default();
-                    *ended = Some(at_deadline(
-                        index, rules, pending, &its_keys, state, env, effects,
-                    ));
+                    let outcome =
+                        at_deadline(index, rules, &pending, &its_keys, state, env, effects);
+                    *ended = Some((outcome, pending));
                 }
                 start_wait(rule, wait, key, event, count, state, env)
             }
@@ -824,9 +945,9 @@ impl DuePlan {
                 (None, Some(collected)) => {
                     send_digest(index, rules, &pending, collected, env, effects)
                 }
-                (None, None) => at_deadline(index, rules, pending, keys, state, env, effects),
+                (None, None) => at_deadline(index, rules, &pending, keys, state, env, effects),
             };
-            report.outcomes.push((index, outcome));
+            report.push(rules, index, outcome, &pending.trigger, pending.deadline_ms);
         }
         report
     }
@@ -927,7 +1048,7 @@ fn collect(
 fn at_deadline(
     index: usize,
     rules: &RuleSet,
-    pending: Pending,
+    pending: &Pending,
     keys: &LimitKeys,
     state: &mut State,
     env: &Env,

@@ -243,6 +243,55 @@ fn a_cap_shared_by_two_rules_holds_both_back_for_the_rest_of_the_week() {
     );
 }
 
+const HELD_BACK: &str = r#"
+name = "held-back"
+[when]
+event = "$tripline_suppressed"
+[jsonl]
+file = "held_back.jsonl"
+fields = { rule = "properties.rule", reason = "properties.reason", group = "properties.cap_group", event = "properties.event", who = "distinct_id", at = "timestamp" }
+"#;
+
+#[test]
+fn a_rule_about_held_back_rules_sees_each_time_once_and_only_tripline_makes_those_events() {
+    let s = InProcess::start_with(&[], "2026-12-01T00:00:00Z".parse().unwrap(), |root| {
+        std::fs::write(root.join("rules/_caps.toml"), CAPS).unwrap();
+        std::fs::write(root.join("rules/promo_a.toml"), marketing("promo-a", "a")).unwrap();
+        std::fs::write(root.join("rules/daily.toml"), DAILY).unwrap();
+        std::fs::write(root.join("rules/held_back.toml"), HELD_BACK).unwrap();
+    });
+    let at = "2026-06-03T10:00:00Z";
+    send(&s, "a", "ivy", None, at);
+    send(&s, "a", "ivy", None, at);
+    send(&s, "opened", "ivy", None, at);
+    // The third "a" of the week is capped, the second "opened" of the day held back by [limits]:
+    // each makes one event for the rule about them, in the same reply.
+    let capped = json!({"event": "a", "uuid": new_uuid(), "distinct_id": "ivy", "timestamp": at});
+    let (_, reply) = s.post_json(&capped);
+    assert_eq!(reply["suppressed"], json!(["promo-a"]), "{reply}");
+    assert_eq!(reply["fired"], json!(["held-back"]), "{reply}");
+    let (_, reply) = s.post_json(&json!([
+        {"event": "opened", "uuid": new_uuid(), "distinct_id": "ivy", "timestamp": at},
+    ]));
+    assert_eq!(reply["fired"], json!(["held-back"]), "{reply}");
+    // A retried delivery is not held back a second time, so it makes no second event.
+    let (_, reply) = s.post_json(&capped);
+    assert_eq!(reply["fired"], json!([]), "{reply}");
+    // One a sender posts under that name is not tripline's: the rule does not act on it.
+    let (status, reply) = s.post_json(&json!({
+        "event": "$tripline_suppressed", "uuid": new_uuid(), "distinct_id": "ivy",
+        "properties": {"rule": "promo-a", "reason": "cap"},
+    }));
+    assert_eq!((status, &reply["fired"]), (200, &json!([])), "{reply}");
+    assert_eq!(
+        s.jsonl("held_back.jsonl"),
+        [
+            json!({"rule": "promo-a", "reason": "cap", "group": "marketing", "event": "a", "who": "ivy", "at": at}),
+            json!({"rule": "daily", "reason": "limits", "group": null, "event": "opened", "who": "ivy", "at": at}),
+        ]
+    );
+}
+
 #[test]
 fn an_action_outside_its_send_window_is_held_and_runs_once_when_it_opens() {
     // Saturday 2026-03-07, 11:00 in Paris.

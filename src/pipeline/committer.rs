@@ -33,7 +33,7 @@ use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
 use crate::actions::{Env, Output};
 use crate::clock::Clock;
 use crate::config::WaitSettings;
-use crate::engine::{DuePlan, Effect, Outcome, Plan, Report};
+use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};
 use crate::ingest::event::Event;
 use crate::rules::RuleSet;
 use crate::store::queue::OutboxRecord;
@@ -638,7 +638,17 @@ impl Worker {
                 files_of.push(Vec::new());
                 continue;
             };
-            reports.push(plan.decide(&job.rules, &job.events, &mut state, &env, &mut effects));
+            let mut report = plan.decide(&job.rules, &job.events, &mut state, &env, &mut effects);
+            let load = |wants: &Wants| txn.load(wants);
+            engine::follow_suppressions(
+                &job.rules,
+                &mut report,
+                &mut state,
+                load,
+                &env,
+                &mut effects,
+            )?;
+            reports.push(report);
             files_of.push(take_effects(
                 &mut effects,
                 &job.rules,
@@ -652,7 +662,17 @@ impl Worker {
         let mut late = Vec::new();
         let ended = match (&due, end_waits) {
             (Some(due), Some(rules)) => {
-                let report = due.decide(rules, &mut state, due_by, &env, &mut effects, &mut late);
+                let mut report =
+                    due.decide(rules, &mut state, due_by, &env, &mut effects, &mut late);
+                let load = |wants: &Wants| txn.load(wants);
+                engine::follow_suppressions(
+                    rules,
+                    &mut report,
+                    &mut state,
+                    load,
+                    &env,
+                    &mut effects,
+                )?;
                 take_effects(
                     &mut effects,
                     rules,

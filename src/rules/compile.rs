@@ -461,6 +461,15 @@ impl Compiler<'_> {
                 if names.is_none() {
                     self.problem(condition.span(), "event names must be text", None);
                 }
+                if names.as_ref().is_some_and(|n| {
+                    n.len() > 1 && n.iter().any(|name| name == super::SUPPRESSED_EVENT)
+                }) {
+                    self.problem(
+                        condition.span(),
+                        "a rule about `$tripline_suppressed` (tripline's own event: another rule was held back) is about that event only",
+                        Some("write event = \"$tripline_suppressed\", and the other events in another rule".into()),
+                    );
+                }
                 names
             }
             ConditionConfig::Equals(_) => {
@@ -984,6 +993,20 @@ mod tests {
         let src = format!(
             "name = \"r\"\n[when]\nevent = \"x\"\n\"properties.a\" = {{ gt = 1, lt = 9 }}\n{JSONL}"
         );
+        assert_eq!(problems(&src), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_rule_about_held_back_rules_is_about_nothing_else() {
+        let src =
+            format!("name = \"r\"\n[when]\nevent = [\"$tripline_suppressed\", \"x\"]\n{JSONL}");
+        let p = problems(&src);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("r.toml:3:9: a rule about `$tripline_suppressed`"),
+            "{p:?}"
+        );
+        let src = format!("name = \"r\"\n[when]\nevent = \"$tripline_suppressed\"\n{JSONL}");
         assert_eq!(problems(&src), Vec::<String>::new());
     }
 

@@ -31,6 +31,12 @@ pub use file::IfPending;
 /// How a test file's name ends: `power_user_email.test.toml` tests `power_user_email.toml`.
 pub const TEST_SUFFIX: &str = ".test.toml";
 
+/// The name of the event tripline makes each time a rule is held back (by `[limits]` or a cap),
+/// when some rule is about it: it has the held-back rule's `distinct_id` and person, and says
+/// which rule, why and on what event in its properties. Only tripline makes such events: one a
+/// sender posts starts none of these rules.
+pub const SUPPRESSED_EVENT: &str = "$tripline_suppressed";
+
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -55,6 +61,13 @@ pub struct Rule {
     pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.
     pub summary: Value,
+}
+
+impl Rule {
+    /// Whether the rule is about [`SUPPRESSED_EVENT`], tripline's own event.
+    pub fn is_about_suppressions(&self) -> bool {
+        matches!(self.events.as_deref(), Some([name]) if name == SUPPRESSED_EVENT)
+    }
 }
 
 /// `[count]`: act from the `at_least`-th matching event for each key on.
@@ -210,6 +223,8 @@ pub struct RuleSet {
     /// The same two for the events that matter to pending waits (see [`Wait::watches`]).
     waits_by_event: foldhash::HashMap<String, Vec<usize>>,
     waits_any_event: Vec<usize>,
+    /// The rules about [`SUPPRESSED_EVENT`]: only tripline's own such events start them.
+    on_suppressed: Vec<usize>,
     /// The templates, including each rule's `to` and `subject` lines.
     pub templates: Templates,
     /// A short hash of every rule and template file's name and text: the same files give the
@@ -319,7 +334,12 @@ impl RuleSet {
     }
 
     fn index(rules: Vec<Rule>, templates: Templates, hash: String) -> RuleSet {
-        let (by_event, any_event) = by_name(&rules, |r| Some(&r.events));
+        let on_suppressed: Vec<usize> = (0..rules.len())
+            .filter(|&i| rules[i].is_about_suppressions())
+            .collect();
+        let (by_event, any_event) = by_name(&rules, |r| {
+            Some(&r.events).filter(|_| !r.is_about_suppressions())
+        });
         let (waits_by_event, waits_any_event) =
             by_name(&rules, |r| r.wait.as_ref().map(|w| &w.watches));
         RuleSet {
@@ -328,6 +348,7 @@ impl RuleSet {
             any_event,
             waits_by_event,
             waits_any_event,
+            on_suppressed,
             templates,
             hash,
             loaded_at: Utc::now(),
@@ -382,6 +403,24 @@ impl RuleSet {
     /// it while waiting. Only such events need the committer.
     pub fn involves(&self, event: &Event) -> bool {
         self.matching(event).next().is_some() || self.watching(event).next().is_some()
+    }
+
+    /// Whether some rule is about [`SUPPRESSED_EVENT`]: only then does the engine make one
+    /// each time a rule is held back.
+    pub fn heeds_suppressions(&self) -> bool {
+        !self.on_suppressed.is_empty()
+    }
+
+    /// The rules about [`SUPPRESSED_EVENT`] whose `[when]` holds for `event`, one tripline made,
+    /// with their indices, in file-name order.
+    pub fn on_suppression<'s>(
+        &'s self,
+        event: &'s Event,
+    ) -> impl Iterator<Item = (usize, &'s Rule)> + 's {
+        self.on_suppressed
+            .iter()
+            .map(|&i| (i, &self.rules[i]))
+            .filter(|(_, rule)| rule.when.holds(event))
     }
 
     /// The rules whose `[when]` holds for `event`, with their indices, in file-name order.
