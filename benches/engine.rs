@@ -10,6 +10,9 @@
 //!   this flat in N.
 //! - `same_event/N`: N rules on the *same* event name, each with a different property filter, one
 //!   matching: every one of them is tried, so this grows with N (what the index cannot help).
+//! - `counting/*`: one event counted by one rule (fresh state), below `at_least`: today's
+//!   `[count]` with `[limits] once_per` (`count`), against the calendar issue's rule, a count per
+//!   week in the user's zone with a cap (`count_in_week_capped`), and variants.
 //! - `project`: the shipped `training-data` rule's JSONL line for that event.
 //! - `render_email`: the shipped `power-user-discount` email (subject, text and HTML bodies,
 //!   then the whole message as queued).
@@ -168,32 +171,32 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
-    // The cost of counting one event (a fresh state each time): a plain [count] and [limits],
-    // then the same per calendar week and day in each user's zone, then distinct values.
+    // The cost of counting one event (a fresh state each time): today's [count] with
+    // [limits] once_per, then the same per calendar week in each user's zone with a cap instead
+    // (the rule of the calendar issue's target), with both, with once a day, and distinct values.
     let used = event_without_uuid("feature_used.json");
     let mut group = c.benchmark_group("counting");
+    let week = "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n";
+    let once = "once_per = [\"distinct_id\"]\n";
+    let cap = "cap_group = \"marketing\"\n";
+    let daily = format!(
+        "{once}once_per_period = \"day\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n"
+    );
     for (name, count, limits) in [
-        ("count", "", ""),
-        (
-            "count_in_week_capped",
-            "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
-            "cap_group = \"marketing\"\n",
-        ),
-        (
-            "count_in_week",
-            "in = \"week\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
-            "once_per_period = \"day\"\ntimezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"Europe/Paris\"\n",
-        ),
+        ("count", "", once.to_string()),
+        ("count_in_week_capped", week, cap.to_string()),
+        ("count_in_week_capped_once", week, format!("{once}{cap}")),
+        ("count_in_week", week, daily),
         (
             "distinct_in_week",
             "distinct = \"properties.feature_name\"\nin = \"week\"\ntimezone = \"Europe/Paris\"\n",
-            "",
+            once.to_string(),
         ),
     ] {
         let rules = one_rule(&format!(
             "name = \"r\"\n[when]\nevent = \"feature_used\"\n\
              [count]\nper = [\"distinct_id\"]\nat_least = 5\n{count}\
-             [limits]\nonce_per = [\"distinct_id\"]\n{limits}\
+             [limits]\n{limits}\
              [jsonl]\nfile = \"o.jsonl\"\nfields = {{ who = \"distinct_id\" }}\n"
         ));
         group.bench_with_input(BenchmarkId::from_parameter(name), &rules, |b, rules| {

@@ -20,7 +20,13 @@ impl StateKey {
         let mut encoded = String::with_capacity(32);
         for v in values {
             encoded.push(',');
-            let _ = write!(encoded, "{v}");
+            match v {
+                // The same text as `{v}`, without the formatting machinery: most values are.
+                serde_json::Value::String(s) => push_json_str(&mut encoded, s),
+                _ => {
+                    let _ = write!(encoded, "{v}");
+                }
+            }
         }
         let mut key = String::with_capacity(rule.len() + kind.len() + encoded.len().min(80) + 12);
         key.push('[');
@@ -101,6 +107,10 @@ mod tests {
         assert_eq!(
             StateKey::new("say \"hi\"\n", "count", &[&json!({"a": [1, "é"]})]).as_str(),
             r#"["say \"hi\"\n","count",{"a":[1,"é"]}]"#
+        );
+        assert_eq!(
+            StateKey::new("r", "once", &[&json!("tab\tquote\"é")]).as_str(),
+            r#"["r","once","tab\tquote\"é"]"#
         );
         // And long ones too (the digest of the values, comma-separated).
         let long = json!("y".repeat(200));
