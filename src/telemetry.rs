@@ -107,6 +107,18 @@ pub const ACTIONS_FAILED: Metric = counter(
     "tripline_actions_failed_total",
     "Actions that failed: emails that could not be made from an event or that the mail server refused for good, lines whose file cannot be written, by kind and rule",
 );
+pub const LINES_WAITING_BYTES: Metric = gauge(
+    "tripline_lines_waiting_bytes",
+    "Bytes of JSONL lines acknowledged (durable in the store) and not yet written into their file, by file",
+);
+pub const LINES_LAG: Metric = gauge(
+    "tripline_lines_lag_seconds",
+    "How long the oldest line waiting for its file has waited (at most), by file: 0 when the file is up to date",
+);
+pub const LINES_WRITE_ERRORS: Metric = counter(
+    "tripline_lines_write_errors_total",
+    "Failed writes of acknowledged lines into their file (a full disk...), by file: the lines wait in the store and are tried again every second",
+);
 pub const BATCHES_PANICKED: Metric = counter(
     "tripline_batches_panicked_total",
     "Batches stopped by an internal error: answered 503, nothing applied, the next batch goes on",
@@ -139,6 +151,9 @@ const ALL: &[&Metric] = &[
     &RULE_SUPPRESSIONS,
     &ACTIONS_SUCCEEDED,
     &ACTIONS_FAILED,
+    &LINES_WAITING_BYTES,
+    &LINES_LAG,
+    &LINES_WRITE_ERRORS,
     &BATCHES_PANICKED,
     &OUTBOX_PENDING,
     &RULES_LOADED,

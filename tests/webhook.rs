@@ -132,6 +132,7 @@ fn an_email_that_cannot_be_filled_in_is_not_sent_and_a_later_event_retries() {
 fn generation_failed_becomes_exactly_one_sanitized_line() {
     let server = Server::start();
     assert_eq!(server.post(fixture("generation_failed.json")).0, 200);
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 1);
     let text = std::fs::read_to_string(server.data.join("training_data.jsonl")).unwrap();
     assert_eq!(
         text,

@@ -58,12 +58,28 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Lines acknowledged and not yet in their file: shown, but events are still taken (they
+    // wait in the store, up to a bound per file).
+    let now_ms = state.clock.now().timestamp_millis();
+    let lines: serde_json::Map<String, serde_json::Value> = state
+        .committer
+        .lines_waiting()
+        .into_iter()
+        .map(|(file, w)| {
+            let seconds = w
+                .since_ms
+                .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+            let shown = json!({ "bytes": w.bytes, "waiting_seconds": seconds, "error": w.error });
+            (file, shown)
+        })
+        .collect();
     let body = json!({
         "ready": ready,
         "store": show(&store),
         "committer": show(&committer),
         "rules": show(&rules),
         "data_folder": show(&writable),
+        "lines_waiting": lines,
     });
     (status, Json(body)).into_response()
 }

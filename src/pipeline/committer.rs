@@ -3,16 +3,17 @@
 //! Requests hand their decoded events to the committer and wait. The committer takes every
 //! request waiting at that moment (a batch), and in one database transaction: skips events whose
 //! `uuid` was handled before, runs the rules (counters, once-keys), queues emails in the outbox,
-//! appends the batch's JSONL lines and syncs each file, records each file's new length, and
-//! commits (redb syncs). Only then does any request of the batch get its answer. One sync per
-//! batch instead of one per event is what keeps throughput high with durable acknowledgements.
+//! queues the batch's JSONL lines for their files, and commits (redb syncs). Only then does any
+//! request of the batch get its answer. One sync per batch instead of one per event is what keeps
+//! throughput high with durable acknowledgements. The appender (`appender.rs`) then writes the
+//! lines into their files, off the acknowledgement path; the committer records how far it got
+//! in its next transaction.
 //!
-//! If anything fails, the transaction is dropped (no state change), lines written by the batch
-//! are cut off again, and every request of the batch gets an error (503: PostHog retries). A
-//! panic while a batch runs is caught and handled the same way, so one bad batch never stops the
-//! committer. Lines past a file's recorded length can only come from a batch that never
-//! committed: they are cut off at start-up (after a crash) and before each append (after a failed
-//! batch whose lines could not be cut off at once), so a retried event's line is never doubled.
+//! If anything fails, the transaction is dropped (no state change, no line queued), and every
+//! request of the batch gets an error (503: PostHog retries). A panic while a batch runs is
+//! caught and handled the same way, so one bad batch never stops the committer. A file whose
+//! lines cannot be written (its disk is full) holds them in the store up to [`MAX_BACKLOG`];
+//! past that, the requests with lines for it get a 503 and the others of the batch go on.
 //!
 //! An output file that cannot be opened because of its path (a folder in the way, a name too
 //! long) is the rule's fault, not the batch's: that action fails on its own (reported in the
@@ -35,6 +36,7 @@ use crate::clock::Clock;
 use crate::config::WaitSettings;
 use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};
 use crate::ingest::event::Event;
+use crate::pipeline::appender::{Appender, Backlog, Waiting};
 use crate::rules::RuleSet;
 use crate::store::queue::OutboxRecord;
 use crate::store::{Backend, Batch, StoreError, Wants};
@@ -48,6 +50,9 @@ const EXPIRE_EVERY: u64 = 3600;
 const EXPIRE_PER_COMMIT: usize = 1000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
+/// Most bytes of lines waiting for one output file (the appender cannot write it): past this,
+/// requests with more lines for it are refused (503) rather than filling the store.
+const MAX_BACKLOG: u64 = 64 << 20;
 /// Most due waits ended in one transaction, and most waits of removed rules dropped: more are
 /// left to the next one, so that requests in between are never held up for long.
 const WAITS_PER_COMMIT: usize = 500;
@@ -107,6 +112,8 @@ enum Job {
         Arc<RuleSet>,
         oneshot::Sender<Result<(Report, bool), CommitError>>,
     ),
+    /// The appender wrote lines into their files: record how far.
+    Written,
 }
 
 /// Ending waits in a batch: under which rules, and who to tell.
@@ -130,6 +137,7 @@ struct Request {
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    lines: Backlog,
     next_wait: watch::Receiver<Option<i64>>,
 }
 
@@ -149,7 +157,9 @@ struct Shared {
 /// What the committer thread owns.
 struct Worker {
     store: Arc<dyn Backend>,
+    /// To check that the rules' output files can be opened (the appender writes them).
     files: JsonlFiles,
+    appender: Appender,
     registered: HashSet<PathBuf>,
     /// The last rule set whose files are all registered.
     checked: Option<Arc<RuleSet>>,
@@ -181,7 +191,8 @@ struct Forgotten {
 }
 
 impl Committer {
-    /// Recovers the output files, then starts the committer thread. `deliveries_queued` is notified
+    /// Starts the appender (which first brings the output files back to what was committed),
+    /// then the committer thread. `deliveries_queued` is notified
     /// after each commit that queued emails; `clock` dates what is handled. The thread ends once
     /// every `Committer` is dropped.
     #[allow(clippy::too_many_arguments)]
@@ -198,9 +209,23 @@ impl Committer {
         for (rule, n) in store.waiting()? {
             metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
         }
+        let (tx, mut rx) = mpsc::channel::<Job>(4 * MAX_BATCH);
+        let jobs = tx.downgrade();
+        let written = Box::new(move || {
+            if let Some(jobs) = jobs.upgrade() {
+                let _ = jobs.try_send(Job::Written);
+            }
+        });
+        let appender = Appender::start(
+            store.clone(),
+            JsonlFiles::new(files.data_dir()),
+            clock.clone(),
+            written,
+        )?;
         let mut worker = Worker {
             store,
             files,
+            appender,
             registered: HashSet::new(),
             checked: None,
             default_from,
@@ -216,10 +241,10 @@ impl Committer {
             next_wait,
             newest: None,
         };
-        worker.recover()?;
+        worker.share_unwritable();
         let shared = worker.shared.clone();
+        let lines = worker.appender.view();
         let next_wait = worker.next_wait.subscribe();
-        let (tx, mut rx) = mpsc::channel::<Job>(4 * MAX_BATCH);
         let handle = std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
@@ -227,10 +252,12 @@ impl Committer {
                     let mut batch = Vec::new();
                     let mut ticks = Vec::new();
                     let mut end_waits: Option<EndWaits> = None;
+                    let mut written = false;
                     let mut next = Some(first);
                     while let Some(job) = next {
                         match job {
                             Job::Request(request) => batch.push(request),
+                            Job::Written => written = true,
                             Job::Tick(reply) => ticks.push(reply),
                             // The newest rules; an older asker is answered as done.
                             Job::EndWaits(rules, reply) => {
@@ -247,13 +274,16 @@ impl Committer {
                             .then(|| rx.try_recv().ok())
                             .flatten();
                     }
-                    if !batch.is_empty() || end_waits.is_some() {
+                    if !batch.is_empty() || end_waits.is_some() || written {
                         worker.process(batch, end_waits);
                     }
                     for reply in ticks {
                         let _ = reply.send(worker.tick());
                     }
                 }
+                // What is committed is written into the files, and recorded, before stopping.
+                worker.appender.stop();
+                worker.process(Vec::new(), None);
                 info!("committer stopped");
             })
             .map_err(|e| CommitError::Store(format!("cannot start the committer thread: {e}")))?;
@@ -261,6 +291,7 @@ impl Committer {
             Committer {
                 jobs: tx,
                 shared,
+                lines,
                 next_wait,
             },
             handle,
@@ -352,6 +383,11 @@ impl Committer {
         }
     }
 
+    /// The output files with acknowledged lines not yet written into them (for `/readyz`).
+    pub fn lines_waiting(&self) -> HashMap<String, Waiting> {
+        self.lines.waiting()
+    }
+
     /// Output files that cannot be opened now, with why (for `GET /rules`).
     pub fn unwritable(&self) -> Unwritable {
         self.shared
@@ -363,49 +399,6 @@ impl Committer {
 }
 
 impl Worker {
-    /// Cuts every output file back to its committed length.
-    fn recover(&mut self) -> Result<(), CommitError> {
-        for (file, committed) in self.store.jsonl_lengths()? {
-            let path = PathBuf::from(&file);
-            // A file whose path cannot be a file any more (something else is in its way) must not
-            // stop the service: its rules fail alone until it can be written again, and it is
-            // recovered then.
-            if let Err(e) = self.files.open(&path) {
-                if !jsonl::is_path_error(&e) {
-                    return Err(output_error(&path, e));
-                }
-                warn!(
-                    file,
-                    "cannot open this output file: its rules fail until it can be ({e})"
-                );
-                self.unwritable.insert(path, e.to_string());
-                continue;
-            }
-            self.resume(&path, committed)?;
-        }
-        self.share_unwritable();
-        Ok(())
-    }
-
-    /// Makes an output file that has a recorded length match it before lines are appended:
-    /// lines past it were never acknowledged (a crash, or a failed batch that could not cut them
-    /// off) and are cut off; a file shorter than recorded was cut by someone else, and is taken as
-    /// it is.
-    fn resume(&mut self, file: &std::path::Path, recorded: u64) -> Result<(), CommitError> {
-        let actual = self.cut_to_recorded(file, Some(recorded))?;
-        if actual < recorded {
-            warn!(
-                file = %file.display(),
-                "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
-            );
-            let mut txn = self.store.begin()?;
-            txn.set_jsonl_len(&file.to_string_lossy(), actual)?;
-            txn.commit()?;
-        }
-        self.registered.insert(file.to_path_buf());
-        Ok(())
-    }
-
     /// Shows the unwritable files to the rest of the service.
     fn share_unwritable(&self) {
         *self
@@ -417,7 +410,6 @@ impl Worker {
 
     fn process(&mut self, mut batch: Vec<Request>, mut end_waits: Option<EndWaits>) {
         loop {
-            let mut written = Vec::new();
             let mut files_of = Vec::new();
             // A panic must not take the committer (and so the whole service) down: the batch
             // fails like any other failed batch, and the next one starts afresh.
@@ -425,7 +417,7 @@ impl Worker {
                 .as_ref()
                 .map(|e| self.newest_rules(&batch, &e.rules));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.commit_batch(&batch, rules.as_ref(), &mut written, &mut files_of)
+                self.commit_batch(&batch, rules.as_ref(), &mut files_of)
             }))
             .unwrap_or_else(|panic| {
                 let why = panic
@@ -457,11 +449,6 @@ impl Worker {
                 Err(e) => e,
             };
             error!("batch of {} requests not committed: {e}", batch.len());
-            for (file, before) in written {
-                if let Err(t) = self.files.truncate(&file, before) {
-                    error!(file = %file.display(), "cannot cut off the lines of the failed batch ({t}); they are cut off before the next append, or at the next start");
-                }
-            }
             // Ending waits is not retried here (the timer asks again), and whatever failed, the
             // requests are tried once more without it: a wait that cannot end (its file is
             // full, its record unreadable) never holds up the requests.
@@ -474,8 +461,8 @@ impl Worker {
                 }
                 continue;
             }
-            // A file that cannot be written (its disk is full, say) fails the requests with lines
-            // for it; the others of the batch are committed without them.
+            // A file with too many lines waiting (its disk is full, say) fails the requests with
+            // lines for it; the others of the batch are committed without them.
             let blocked = match &e {
                 CommitError::Output { file, .. } => Some(file.clone()),
                 _ => None,
@@ -521,14 +508,13 @@ impl Worker {
     }
 
     /// Runs the batch in one transaction, and with `end_waits` ends the waits due under those
-    /// rules too. `written` collects (file, length before) for each file appended to, so a
-    /// failure can undo it; `files_of` the files each request's lines go to. Returns each
-    /// request's report, what the ended waits did, and whether waits are left to end or drop.
+    /// rules too; records how far the appender wrote. `files_of` collects the files each
+    /// request's lines go to. Returns each request's report, what the ended waits did, and
+    /// whether waits are left to end or drop.
     fn commit_batch(
         &mut self,
         batch: &[Request],
         end_waits: Option<&Arc<RuleSet>>,
-        written: &mut Vec<(PathBuf, u64)>,
         files_of: &mut Vec<Vec<PathBuf>>,
     ) -> Result<(Vec<Report>, Option<Report>, bool), CommitError> {
         #[cfg(test)]
@@ -553,6 +539,10 @@ impl Worker {
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
         let forgotten = self.forget(txn.as_mut(), now)?;
+        let written = self.appender.written();
+        for (file, applied, len) in &written {
+            txn.applied(file, *applied, *len)?;
+        }
         // The whole batch's rule state is loaded at once, decided on, and saved at once.
         let mut plans = Vec::with_capacity(batch.len());
         for job in batch {
@@ -586,6 +576,7 @@ impl Worker {
         let idle = batch.is_empty()
             && due.as_ref().is_none_or(|d| d.is_empty())
             && dropped.is_empty()
+            && written.is_empty()
             && forgotten.idle_keys == 0
             && forgotten.expired.is_none_or(|n| n == 0);
         if idle {
@@ -689,16 +680,26 @@ impl Worker {
         txn.save(state, now)?;
         for (file, text) in &lines {
             let name = file.to_string_lossy();
-            let recorded = txn.jsonl_len(&name)?;
-            self.cut_to_recorded(file, recorded)?;
-            let (before, after) = self
-                .files
-                .append_durably(file, text)
-                .map_err(|e| output_error(file, e))?;
-            written.push((file.clone(), before));
-            txn.set_jsonl_len(&name, after)?;
+            if let Some(w) = self.appender.backlog(&name)
+                && w.bytes + text.len() as u64 > MAX_BACKLOG
+            {
+                let why = w.error.unwrap_or_else(|| "it is being written".into());
+                return Err(CommitError::Output {
+                    file: file.clone(),
+                    reason: format!(
+                        "{} MB of lines already wait to be written into it ({why})",
+                        w.bytes >> 20
+                    ),
+                });
+            }
+            txn.queue_lines(&name, text, now_ms)?;
         }
         txn.commit()?;
+        self.appender.recorded(&written);
+        let queued = lines
+            .iter()
+            .map(|(file, text)| (file.to_string_lossy().into_owned(), text.len() as u64));
+        self.appender.queued(queued, now_ms);
         for ((kind, rule), n) in tally.done {
             metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
                 .increment(n);
@@ -871,30 +872,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Cuts `file` back to its `recorded` length if it is longer: lines past it were never
-    /// acknowledged (a crash, or a failed batch that could not cut them off at once). Returns the
-    /// file's length as it was found.
-    fn cut_to_recorded(
-        &mut self,
-        file: &std::path::Path,
-        recorded: Option<u64>,
-    ) -> Result<u64, CommitError> {
-        let actual = self.files.len(file).map_err(|e| output_error(file, e))?;
-        if let Some(recorded) = recorded
-            && actual > recorded
-        {
-            warn!(
-                file = %file.display(),
-                bytes = actual - recorded,
-                "removing lines that were never acknowledged (a crash, or a failed write)"
-            );
-            self.files
-                .truncate(file, recorded)
-                .map_err(|e| output_error(file, e))?;
-        }
-        Ok(actual)
-    }
-
     /// Opens the output files this batch may write for the first time and records their current
     /// length, in a transaction of its own, so that a crash during the batch can be undone at
     /// start-up. A file that cannot be opened because of its path is kept aside as unwritable
@@ -942,25 +919,14 @@ impl Worker {
         }
         self.share_unwritable();
         if !opened.is_empty() {
-            let recorded: std::collections::HashMap<String, u64> =
-                self.store.jsonl_lengths()?.into_iter().collect();
-            let mut fresh = Vec::new();
-            for file in opened {
-                match recorded.get(file.to_string_lossy().as_ref()) {
-                    // Written before (then unwritable for a while): recovered like at start-up.
-                    Some(&length) => self.resume(&file, length)?,
-                    None => fresh.push(file),
-                }
+            // A file written before keeps its record; a new one's lines go after what it holds.
+            let mut txn = self.store.begin()?;
+            for file in &opened {
+                let len = self.files.len(file).map_err(|e| output_error(file, e))?;
+                txn.start_file(&file.to_string_lossy(), len)?;
             }
-            if !fresh.is_empty() {
-                let mut txn = self.store.begin()?;
-                for file in &fresh {
-                    let len = self.files.len(file).map_err(|e| output_error(file, e))?;
-                    txn.set_jsonl_len(&file.to_string_lossy(), len)?;
-                }
-                txn.commit()?;
-                self.registered.extend(fresh);
-            }
+            txn.commit()?;
+            self.registered.extend(opened);
         }
         if let Some(last) = sets.last() {
             self.checked = Some((*last).clone());
@@ -1083,42 +1049,6 @@ fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
 mod tests {
     use super::*;
     use crate::store::redb::Db;
-    use std::collections::HashMap;
-
-    #[test]
-    fn start_up_cuts_off_lines_that_were_never_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Db::open(dir.path()).unwrap());
-        let mut txn = db.begin().unwrap();
-        txn.set_jsonl_len("out.jsonl", 6).unwrap();
-        txn.set_jsonl_len("gone.jsonl", 10).unwrap();
-        txn.commit().unwrap();
-        // A crash after the lines were synced but before the commit leaves them behind.
-        std::fs::write(dir.path().join("out.jsonl"), "{\"a\"}\n{\"b\"}\n{\"c").unwrap();
-        let from: Mailbox = "t <t@localhost>".parse().unwrap();
-        let started = Committer::start(
-            db.clone(),
-            JsonlFiles::new(dir.path()),
-            from,
-            Retention {
-                event_ids: Duration::from_secs(60),
-                idle_state: Duration::from_secs(86_400),
-            },
-            crate::config::WaitSettings::default(),
-            Arc::new(Notify::new()),
-            Clock::wall(),
-        );
-        let (committer, thread) = started.unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
-            "{\"a\"}\n"
-        );
-        // A file that is shorter than recorded (truncated by someone) is taken as it is.
-        let lengths: HashMap<String, u64> = db.jsonl_lengths().unwrap().into_iter().collect();
-        assert_eq!(lengths["gone.jsonl"], 0);
-        drop(committer);
-        thread.join().unwrap();
-    }
 
     /// A committer over one rule that writes every event's name to `out.jsonl`.
     struct Running {
@@ -1200,6 +1130,16 @@ mod tests {
             self.dir.path().join("out.jsonl")
         }
 
+        /// The output file once the appender has written every line acknowledged.
+        fn written(&self) -> String {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !self.committer.lines_waiting().is_empty() {
+                assert!(std::time::Instant::now() < deadline, "lines still wait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::fs::read_to_string(self.out()).unwrap_or_default()
+        }
+
         fn stop(self) {
             drop(self.committer);
             self.thread.join().unwrap();
@@ -1220,7 +1160,7 @@ mod tests {
         assert!(ok.is_ok(), "{ok:?}");
         assert_eq!(running.committer.health(), Ok(()));
         assert_eq!(
-            std::fs::read_to_string(running.out()).unwrap(),
+            running.written(),
             "{\"e\":\"a\"}\n",
             "nothing of the failed batch"
         );
@@ -1231,15 +1171,12 @@ mod tests {
     fn lines_past_the_recorded_length_are_cut_off_before_the_next_append() {
         let running = Running::start();
         running.submit(&["a"], None).unwrap();
-        // A failed batch whose lines could not be cut off at once left them behind.
-        let mut text = std::fs::read_to_string(running.out()).unwrap();
+        // Someone else appended to the file.
+        let mut text = running.written();
         text.push_str("{\"e\":\"never acknowledged\"}\n");
         std::fs::write(running.out(), text).unwrap();
         running.submit(&["b"], None).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(running.out()).unwrap(),
-            "{\"e\":\"a\"}\n{\"e\":\"b\"}\n"
-        );
+        assert_eq!(running.written(), "{\"e\":\"a\"}\n{\"e\":\"b\"}\n");
         running.stop();
     }
 
@@ -1257,8 +1194,7 @@ mod tests {
         let again = running.submit(&["a", "b"], delivery()).unwrap();
         assert_eq!(again.duplicates, 2);
         assert!(again.outcomes.is_empty());
-        let lines = std::fs::read_to_string(running.out()).unwrap();
-        assert_eq!(lines.lines().count(), 2);
+        assert_eq!(running.written().lines().count(), 2);
         running.stop();
     }
 
@@ -1275,8 +1211,7 @@ mod tests {
         running.clock.advance(Duration::from_secs(3600));
         running.runtime.block_on(running.committer.tick()).unwrap();
         assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 0);
-        let lines = std::fs::read_to_string(running.out()).unwrap();
-        assert_eq!(lines.lines().count(), 2);
+        assert_eq!(running.written().lines().count(), 2);
         running.stop();
     }
 }

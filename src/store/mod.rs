@@ -1,4 +1,5 @@
-//! Everything the service keeps: rule state, the delivery queue, handled ids, output lengths.
+//! Everything the service keeps: rule state, the delivery queue, handled ids, and the output
+//! lines not yet appended to their files.
 //!
 //! One seam, [`Backend`], with its write side [`Batch`]: the committer, the sender and the status
 //! endpoints hold a `dyn Backend`, never a particular database. A batch of events loads the rule
@@ -60,10 +61,15 @@ pub trait Batch: RuleState + Send {
         id: &str,
         now_unix: u64,
     ) -> Result<bool, StoreError>;
-    /// The committed length of an output file, if it is known.
-    fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError>;
-    /// Records an output file's length as of this batch.
-    fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError>;
+    /// Records a new output file, `len` bytes long now, if it is not known yet: lines are
+    /// appended after that.
+    fn start_file(&mut self, file: &str, len: u64) -> Result<(), StoreError>;
+    /// Queues `text` (whole lines) to be appended to `file` after the lines queued before,
+    /// committed at `at_ms`; returns its number in the file's sequence.
+    fn queue_lines(&mut self, file: &str, text: &str, at_ms: i64) -> Result<u64, StoreError>;
+    /// Records that `file` holds every queued text up to number `applied` and is `len` bytes
+    /// long, and forgets those texts.
+    fn applied(&mut self, file: &str, applied: u64, len: u64) -> Result<(), StoreError>;
     /// Adds a delivery to the queue; returns its id.
     fn queue(&mut self, record: &OutboxRecord) -> Result<u64, StoreError>;
     /// Records a delivery that could not be made, as finished and failed; returns its id.
@@ -88,12 +94,39 @@ pub trait Batch: RuleState + Send {
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
+/// How far an output file is written: the file is `len` bytes long once the texts queued for it
+/// up to number `applied` are appended (see `pipeline/appender.rs`); the next one gets `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileProgress {
+    pub len: u64,
+    pub applied: u64,
+    pub next: u64,
+}
+
+/// Lines committed for a file and not yet appended to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedLines {
+    /// Its number in the file's sequence.
+    pub seq: u64,
+    /// When it was committed (milliseconds since 1970).
+    pub at_ms: i64,
+    pub text: String,
+}
+
 /// A store the service runs on.
 pub trait Backend: Send + Sync {
     /// Starts a batch of changes. One exists at a time; others wait.
     fn begin(&self) -> Result<Box<dyn Batch>, StoreError>;
-    /// Every output file's committed length.
-    fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Every output file and how far it is written.
+    fn files(&self) -> Result<Vec<(String, FileProgress)>, StoreError>;
+    /// The texts queued for `file` after number `after`, in order, as many as fit in
+    /// `max_bytes` (at least one).
+    fn queued_lines(
+        &self,
+        file: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedLines>, StoreError>;
     /// At most `max` pending deliveries due by `now_unix`, soonest due first, leaving out those
     /// in flight and more of a kind than it has room for (see [`Skip`]); and when the next one
     /// left is due.

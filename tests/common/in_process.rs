@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tripline::clock::Clock;
 use tripline::config::ServeArgs;
 
-use super::{copy_dir, jsonl_lines, post_to, root};
+use super::{copy_dir, jsonl_lines, lines_written, post_to, root};
 
 /// `tripline serve`'s settings, read from flags as the binary reads them.
 #[derive(Parser)]
@@ -126,8 +126,9 @@ impl InProcess {
         post_to(&self.http, &self.base, body.to_string().into())
     }
 
-    /// The lines of a JSONL file in the data folder.
+    /// The lines of a JSONL file in the data folder, once every line acknowledged is written.
     pub fn jsonl(&self, file: &str) -> Vec<Value> {
+        lines_written(&self.http, &self.base);
         jsonl_lines(&self.data.join(file))
     }
 

@@ -232,8 +232,10 @@ impl Server {
             .collect()
     }
 
-    /// The lines of a JSONL output file, each parsed.
+    /// The lines of a JSONL output file, each parsed, once every line acknowledged is written
+    /// into its file (or the file cannot be written: see `lines_written`).
     pub fn jsonl(&self, file: &str) -> Vec<Value> {
+        lines_written(&self.http, &self.base);
         jsonl_lines(&self.data.join(file))
     }
 
@@ -360,6 +362,25 @@ fn post_to(http: &reqwest::blocking::Client, base: &str, body: Vec<u8>) -> (u16,
 }
 
 /// The lines of a JSONL file, parsed (none if it does not exist).
+/// Waits (up to 10 s) until `/readyz` shows no acknowledged line waiting for its file, unless a
+/// file cannot be written (its lines wait until it can) or the service is not running.
+fn lines_written(http: &reqwest::blocking::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Ok(response) = http.get(format!("{base}/readyz")).send() else {
+            return;
+        };
+        let ready: Value = response.json().unwrap_or_default();
+        let Some(waiting) = ready["lines_waiting"].as_object() else {
+            return;
+        };
+        if waiting.is_empty() || waiting.values().any(|w| !w["error"].is_null()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn jsonl_lines(file: &Path) -> Vec<Value> {
     match std::fs::read_to_string(file) {
         Ok(text) => text

@@ -23,7 +23,8 @@ pub fn is_path_error(e: &io::Error) -> bool {
 }
 
 /// Open JSONL files, shared by every rule set so that a reload never reopens or loses a file.
-/// Used by the committer thread only.
+/// The committer opens them to check that its rules' files can be written; the appender
+/// (`pipeline/appender.rs`), with its own, writes them.
 pub struct JsonlFiles {
     data_dir: PathBuf,
     files: HashMap<PathBuf, File>,
@@ -41,6 +42,11 @@ impl JsonlFiles {
             files: HashMap::new(),
             names: HashMap::new(),
         }
+    }
+
+    /// The data folder the files are in.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// The current length of `file` (0 if it does not exist yet).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
-    ACTED, COUNTERS, DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, JSONL_LEN, KEEP_FINISHED, META,
+    ACTED, COUNTERS, DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, LINES, META,
     OUTBOX, OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, TOUCHED, TOUCHED_BY_DAY, WAITING, WAITS,
     WAITS_DUE, WINDOWS, due_unix, err,
 };
@@ -214,14 +214,39 @@ impl Batch for WriteTxn {
         Ok(true)
     }
 
-    fn jsonl_len(&self, file: &str) -> Result<Option<u64>, StoreError> {
-        let table = self.txn.open_table(JSONL_LEN).map_err(err)?;
-        Ok(table.get(file).map_err(err)?.map(|v| v.value()))
+    fn start_file(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(FILES).map_err(err)?;
+        if table.get(file).map_err(err)?.is_none() {
+            table.insert(file, (len, 0, 1)).map_err(err)?;
+        }
+        Ok(())
     }
 
-    fn set_jsonl_len(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
-        let mut table = self.txn.open_table(JSONL_LEN).map_err(err)?;
-        table.insert(file, len).map_err(err)?;
+    fn queue_lines(&mut self, file: &str, text: &str, at_ms: i64) -> Result<u64, StoreError> {
+        let mut files = self.txn.open_table(FILES).map_err(err)?;
+        let (len, applied, seq) = files
+            .get(file)
+            .map_err(err)?
+            .map_or((0, 0, 1), |v| v.value());
+        files.insert(file, (len, applied, seq + 1)).map_err(err)?;
+        let mut lines = self.txn.open_table(LINES).map_err(err)?;
+        lines.insert((file, seq), (at_ms, text)).map_err(err)?;
+        Ok(seq)
+    }
+
+    fn applied(&mut self, file: &str, applied: u64, len: u64) -> Result<(), StoreError> {
+        let mut files = self.txn.open_table(FILES).map_err(err)?;
+        let next = files
+            .get(file)
+            .map_err(err)?
+            .map_or(applied + 1, |v| v.value().2);
+        files
+            .insert(file, (len, applied, next.max(applied + 1)))
+            .map_err(err)?;
+        let mut lines = self.txn.open_table(LINES).map_err(err)?;
+        lines
+            .retain_in((file, 0)..=(file, applied), |_, _| false)
+            .map_err(err)?;
         Ok(())
     }
 

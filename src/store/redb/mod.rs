@@ -9,8 +9,9 @@
 //!   `within` (little-endian i64 milliseconds); `acted`: state key → when a rule with `[limits]`
 //!   last acted (i64 milliseconds);
 //! - `seen`: event uuid → unix seconds first handled, and `seen_by_time` to expire them;
-//! - `jsonl_len`: output file → its length as of the last commit (lines past it were never
-//!   acknowledged and are cut off at start-up);
+//! - `jsonl_lines`: (output file, number) → lines committed and not yet appended to the file, and
+//!   when; `jsonl_files`: output file → its length once the lines up to a number were appended,
+//!   and the next number (see `pipeline/appender.rs`);
 //! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
 //!   [`KEEP_FINISHED`]; `outbox_due`: `(next attempt, id)` of every pending email, so that the
 //!   sender reads only the emails that are due; `meta`: the next email id;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip};
-use crate::store::{Backend, Batch, StoreError};
+use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
@@ -42,7 +43,12 @@ const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("see
 const DELIVERY_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("delivery_ids");
 const DELIVERY_IDS_BY_TIME: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("delivery_ids_by_time");
+/// Before the appender: output file → its length as of the last commit (migrated to `FILES`).
 const JSONL_LEN: TableDefinition<&str, u64> = TableDefinition::new("jsonl_len");
+/// Output file → (length, last text applied, next text's number): see [`FileProgress`].
+const FILES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("jsonl_files");
+/// Lines committed and not yet appended: (file, number) → (committed at ms, text).
+const LINES: TableDefinition<(&str, u64), (i64, &str)> = TableDefinition::new("jsonl_lines");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
 /// Every pending email by when it is next due, `(next_attempt_unix, id)`: written with `outbox`,
@@ -59,6 +65,29 @@ const WAITING: TableDefinition<&str, u64> = TableDefinition::new("waiting");
 const TOUCHED: TableDefinition<&str, u64> = TableDefinition::new("touched");
 /// The same, by day, to find idle keys without a full scan.
 const TOUCHED_BY_DAY: TableDefinition<(u64, &str), ()> = TableDefinition::new("touched_by_day");
+
+/// Moves the output files' lengths of a database from before the appender into `FILES`: the
+/// files held exactly what was committed, with nothing queued.
+fn migrate_file_lengths(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let old: Vec<(String, u64)> = {
+        let Ok(table) = txn.open_table(JSONL_LEN) else {
+            return Ok(());
+        };
+        let rows = table.iter().map_err(err)?;
+        rows.map(|row| row.map(|(k, v)| (k.value().to_string(), v.value())))
+            .collect::<Result<_, _>>()
+            .map_err(err)?
+    };
+    let mut files = txn.open_table(FILES).map_err(err)?;
+    for (file, len) in old {
+        if files.get(file.as_str()).map_err(err)?.is_none() {
+            files.insert(file.as_str(), (len, 0, 1)).map_err(err)?;
+        }
+    }
+    drop(files);
+    txn.delete_table(JSONL_LEN).map_err(err)?;
+    Ok(())
+}
 
 /// Marks every key of `counters`, `windows` and `acted` as used today, when no key has a mark yet:
 /// a database from before idle keys were forgotten starts their clock at the upgrade.
@@ -223,7 +252,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(SEEN_BY_TIME).map_err(err)?;
         txn.open_table(DELIVERY_IDS).map_err(err)?;
         txn.open_table(DELIVERY_IDS_BY_TIME).map_err(err)?;
-        txn.open_table(JSONL_LEN).map_err(err)?;
+        txn.open_table(FILES).map_err(err)?;
+        txn.open_table(LINES).map_err(err)?;
         txn.open_table(OUTBOX).map_err(err)?;
         txn.open_table(OUTBOX_DONE).map_err(err)?;
         txn.open_table(OUTBOX_DUE).map_err(err)?;
@@ -234,6 +264,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(WAITS_DUE).map_err(err)?;
         txn.open_table(WAITING).map_err(err)?;
         migrate_once_marks(&txn)?;
+        migrate_file_lengths(&txn)?;
         mark_existing_keys(&txn, Clock::wall().unix() / DAY)?;
         index_pending_emails(&txn)?;
     }
@@ -331,13 +362,43 @@ impl Backend for Db {
         Ok(Box::new(self.write()?))
     }
 
-    fn jsonl_lengths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    fn files(&self) -> Result<Vec<(String, FileProgress)>, StoreError> {
         let txn = self.read()?;
-        let table = txn.open_table(JSONL_LEN).map_err(err)?;
+        let table = txn.open_table(FILES).map_err(err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
-            out.push((k.value().to_string(), v.value()));
+            let (len, applied, next) = v.value();
+            out.push((k.value().to_string(), FileProgress { len, applied, next }));
+        }
+        Ok(out)
+    }
+
+    fn queued_lines(
+        &self,
+        file: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedLines>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(LINES).map_err(err)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for row in table
+            .range((file, after + 1)..=(file, u64::MAX))
+            .map_err(err)?
+        {
+            let (k, v) = row.map_err(err)?;
+            let (at_ms, text) = v.value();
+            if !out.is_empty() && bytes + text.len() > max_bytes {
+                break;
+            }
+            bytes += text.len();
+            out.push(QueuedLines {
+                seq: k.value().1,
+                at_ms,
+                text: text.to_string(),
+            });
         }
         Ok(out)
     }
