@@ -7,9 +7,10 @@
 //! written (up to which queued text, and its length then). The committer records that in its
 //! next transaction and the store forgets those lines.
 //!
-//! A crash between an append and that record leaves a file longer than recorded. At start, each
-//! file is cut back to its recorded length and the lines after it are appended again, so no line
-//! is lost, doubled or partial. A write that fails (a full disk) is cut off at once and tried
+//! A crash between an append and that record leaves a file longer than recorded. At start, the
+//! queued lines found whole after the recorded length are kept (and recorded), what follows them
+//! (part of a write) is cut off, and the rest of the queue is appended: no line is lost, doubled
+//! or partial, and a reader of the file never sees a line go away and come back. A write that fails (a full disk) is cut off at once and tried
 //! again every [`RETRY`]; the lines wait in the store meanwhile, visible in `/readyz` and the
 //! metrics.
 
@@ -22,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::actions::jsonl::JsonlFiles;
 use crate::clock::Clock;
-use crate::store::{Backend, FileProgress, StoreError};
+use crate::store::{Backend, FileProgress, QueuedLines, StoreError};
 use crate::telemetry;
 
 /// How often a file that could not be written is tried again.
@@ -84,33 +85,38 @@ impl Appender {
     ) -> Result<Appender, StoreError> {
         let shared = Arc::new(Shared::default());
         let mut progress = HashMap::new();
-        let mut shorter = Vec::new();
-        for (file, p) in store.files()? {
-            let queued = store.queued_lines(&file, p.applied, usize::MAX)?;
-            if let Some(first) = queued.first() {
+        let mut found = Vec::new();
+        for (file, recorded) in store.files()? {
+            let queued = store.queued_lines(&file, recorded.applied, usize::MAX)?;
+            // A file that cannot be opened now is brought back when it can, before its next
+            // write (see `Thread::append`).
+            let p = match recover(&mut files, &file, recorded, &queued) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(file, "cannot open this output file yet: {e}");
+                    recorded
+                }
+            };
+            let left: Vec<_> = queued.iter().filter(|q| q.seq > p.applied).collect();
+            if let Some(first) = left.first() {
                 lock(&shared.waiting).insert(
                     file.clone(),
                     Waiting {
-                        bytes: queued.iter().map(|q| q.text.len() as u64).sum(),
+                        bytes: left.iter().map(|q| q.text.len() as u64).sum(),
                         since_ms: Some(first.at_ms),
                         error: None,
                     },
                 );
             }
-            // A file that cannot be opened now is brought back when it can, before its next
-            // write (see `Thread::append`).
-            match cut_to(&mut files, &file, p.len) {
-                Ok(actual) if actual < p.len => shorter.push((file.clone(), p, actual)),
-                Ok(_) => {}
-                Err(e) => warn!(file, "cannot open this output file yet: {e}"),
+            if p != recorded {
+                found.push((file.clone(), p));
             }
             progress.insert(file, p);
         }
-        if !shorter.is_empty() {
+        if !found.is_empty() {
             let mut txn = store.begin()?;
-            for (file, p, actual) in shorter {
-                txn.applied(&file, p.applied, actual)?;
-                progress.insert(file, FileProgress { len: actual, ..p });
+            for (file, p) in found {
+                txn.applied(&file, p.applied, p.len)?;
             }
             txn.commit()?;
         }
@@ -340,6 +346,45 @@ impl Thread {
     }
 }
 
+/// How far `file` really is written at start, from what was `recorded` and the texts `queued`
+/// after it. A crash between a write and its record leaves those texts in the file already:
+/// they are recognised and kept (a reader of the file never sees a line twice), and only what
+/// follows them, which can only be part of a write, is cut off. A file shorter than recorded
+/// was cut or replaced by someone else, and is taken as it is.
+fn recover(
+    files: &mut JsonlFiles,
+    file: &str,
+    recorded: FileProgress,
+    queued: &[QueuedLines],
+) -> std::io::Result<FileProgress> {
+    let path = Path::new(file);
+    files.open(path)?;
+    let actual = files.len(path)?;
+    if actual <= recorded.len {
+        return cut_to(files, file, recorded.len).map(|len| FileProgress { len, ..recorded });
+    }
+    let tail = files.read_from(path, recorded.len)?;
+    let mut found = recorded;
+    let mut rest = tail.as_slice();
+    for q in queued {
+        let Some(after) = rest.strip_prefix(q.text.as_bytes()) else {
+            break;
+        };
+        rest = after;
+        found.applied = q.seq;
+        found.len += q.text.len() as u64;
+    }
+    if found.applied > recorded.applied {
+        info!(
+            file,
+            bytes = found.len - recorded.len,
+            "lines written before a stop and not yet recorded are in the file: kept"
+        );
+    }
+    cut_to(files, file, found.len)?;
+    Ok(found)
+}
+
 /// Makes `file` as long as recorded before more is appended, and returns the length it has
 /// then: what is past `recorded` was appended before a crash and not recorded (it is in the
 /// queue still, and is appended again) and is cut off; a file shorter than recorded was cut or
@@ -352,7 +397,7 @@ fn cut_to(files: &mut JsonlFiles, file: &str, recorded: u64) -> std::io::Result<
         warn!(
             file,
             bytes = actual - recorded,
-            "removing lines written before a crash and not recorded; they are written again"
+            "removing the end of the file: part of a write cut short, or lines tripline did not write"
         );
         files.truncate(path, recorded)?;
         return Ok(recorded);
@@ -381,7 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn start_up_cuts_off_what_a_crash_left_and_writes_the_queued_lines_again() {
+    fn start_up_keeps_whole_lines_a_crash_left_unrecorded_and_cuts_off_a_partial_one() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Backend> = Arc::new(Db::open(dir.path()).unwrap());
         let mut txn = db.begin().unwrap();
@@ -390,9 +435,10 @@ mod tests {
         txn.queue_lines("out.jsonl", "{\"b\"}\n", 2).unwrap();
         txn.applied("out.jsonl", 1, 6).unwrap();
         txn.start_file("gone.jsonl", 10).unwrap();
+        txn.queue_lines("out.jsonl", "{\"c\"}\n", 3).unwrap();
         txn.commit().unwrap();
-        // The crash came after `b` was written (and part of a line after it), before the
-        // committer recorded it.
+        // The crash came after `b` was written, and part of `c`, before the committer recorded
+        // either: `b` is kept as it is, the part of `c` cut off and `c` written again.
         std::fs::write(dir.path().join("out.jsonl"), "{\"a\"}\n{\"b\"}\n{\"c").unwrap();
         let mut appender = Appender::start(
             db.clone(),
@@ -404,14 +450,19 @@ mod tests {
         settled(&appender);
         assert_eq!(
             std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
-            "{\"a\"}\n{\"b\"}\n"
+            "{\"a\"}\n{\"b\"}\n{\"c\"}\n"
         );
-        assert_eq!(appender.written(), [("out.jsonl".to_string(), 2, 12)]);
+        assert_eq!(appender.written(), [("out.jsonl".to_string(), 3, 18)]);
         appender.stop();
-        // A file shorter than recorded (cut by someone) is taken as it is.
+        // What was found in the file was recorded at start; a file shorter than recorded (cut
+        // by someone) is taken as it is.
         let files: HashMap<String, FileProgress> = db.files().unwrap().into_iter().collect();
+        assert_eq!(
+            (files["out.jsonl"].applied, files["out.jsonl"].len),
+            (2, 12)
+        );
+        assert_eq!(files["out.jsonl"].next, 4);
         assert_eq!(files["gone.jsonl"].len, 0);
-        assert_eq!(files["out.jsonl"].next, 3);
     }
 
     #[test]

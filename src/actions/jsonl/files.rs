@@ -78,6 +78,16 @@ impl JsonlFiles {
         }
     }
 
+    /// The bytes of `file` from `offset` to its end.
+    pub fn read_from(&mut self, file: &Path, offset: u64) -> io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = File::open(self.data_dir.join(file))?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// Cuts `file` back to `len` bytes (lines past it were never acknowledged).
     pub fn truncate(&mut self, file: &Path, len: u64) -> io::Result<()> {
         let f = self.open(file)?;
