@@ -35,6 +35,32 @@ fn a_restart_keeps_counts_and_once_marks() {
 }
 
 #[test]
+fn a_clean_stop_leaves_every_line_in_its_file_and_recorded() {
+    let mut server = Server::start();
+    let sent: Vec<Value> = (0..20)
+        .map(|_| fresh(fixture_json("generation_failed.json")))
+        .collect();
+    for event in &sent {
+        assert_eq!(server.post_json(event).0, 200);
+    }
+    // Straight to SIGTERM, without waiting for the lines.
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+    let text = std::fs::read_to_string(server.data.join("training_data.jsonl")).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        20,
+        "written before the service stopped"
+    );
+    server.relaunch();
+    assert_eq!(server.jsonl("training_data.jsonl").len(), 20);
+    let log = server.log();
+    assert!(
+        !log.contains("not yet recorded") && !log.contains("removing the end of the file"),
+        "the stop recorded how far the file is written: {log}"
+    );
+}
+
+#[test]
 fn the_same_uuid_ten_times_counts_once_and_writes_one_line() {
     let server = Server::start();
     let failed = fresh(fixture_json("generation_failed.json"));

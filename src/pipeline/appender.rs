@@ -4,21 +4,26 @@
 //! The committer makes a batch's JSONL lines durable in the store, in the same transaction as
 //! the batch's state: that one sync is all an acknowledgement waits for. This thread then
 //! appends the lines to their files and syncs each file, and hands back how far each file is
-//! written (up to which queued text, and its length then). The committer records that in its
-//! next transaction and the store forgets those lines.
+//! written (up to which queued text, and its length then). The committer records that in a later
+//! transaction (its next batch, its minute tick, or when it stops) and the store forgets those
+//! lines.
 //!
-//! A crash between an append and that record leaves a file longer than recorded. At start, the
-//! queued lines found whole after the recorded length are kept (and recorded), what follows them
-//! (part of a write) is cut off, and the rest of the queue is appended: no line is lost, doubled
-//! or partial, and a reader of the file never sees a line go away and come back. A write that fails (a full disk) is cut off at once and tried
-//! again every [`RETRY`]; the lines wait in the store meanwhile, visible in `/readyz` and the
-//! metrics.
+//! A crash between an append and that record leaves a file longer than recorded. Before a file
+//! is first written after a start, the queued lines found whole after the recorded length are
+//! kept (synced, then recorded), what follows them (part of a write) is cut off, and the rest of
+//! the queue is appended: no line is lost, doubled or partial, and a reader of the file never
+//! sees a line go away and come back. A write that fails (a full disk) is cut off at once and
+//! tried again every [`RETRY`]; the lines wait in the store meanwhile, visible in `/readyz` and
+//! the metrics. One file's trouble never holds up the others.
+//!
+//! One case is not caught: a file cut shorter by someone else (a copy-and-truncate rotation)
+//! while lines are written and not yet recorded, then a crash, gets those lines again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use crate::actions::jsonl::JsonlFiles;
@@ -34,18 +39,58 @@ const MAX_WRITE: usize = 8 << 20;
 /// What the appender and the committer share.
 #[derive(Default)]
 struct Shared {
-    /// For each output file with lines waiting: how many bytes, since when, and why the last
-    /// write failed.
-    waiting: Mutex<HashMap<String, Waiting>>,
+    files: Mutex<HashMap<String, FileState>>,
     /// How far each file was written and synced, not yet recorded by the committer.
     written: Mutex<HashMap<String, (u64, u64)>>,
+    /// Why the thread stopped on its own (a panic).
+    stopped: Mutex<Option<String>>,
+}
+
+/// One file's lines between the committer and the appender.
+#[derive(Debug, Default)]
+struct FileState {
+    /// The texts committed and not yet written, in order: (number, bytes, committed at ms).
+    waiting: VecDeque<(u64, u64, i64)>,
+    /// The last text written: a number at or below it is done, even if the committer tells of
+    /// it only afterwards.
+    applied: u64,
+    /// Why the last write failed, until one succeeds.
+    error: Option<String>,
+}
+
+impl FileState {
+    fn add(&mut self, seq: u64, bytes: u64, at_ms: i64) {
+        if seq > self.applied {
+            self.waiting.push_back((seq, bytes, at_ms));
+        }
+    }
+
+    fn done_through(&mut self, seq: u64) {
+        self.applied = self.applied.max(seq);
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(s, _, _)| *s <= self.applied)
+        {
+            self.waiting.pop_front();
+        }
+    }
+
+    fn view(&self) -> Option<Waiting> {
+        let (_, _, since) = self.waiting.front()?;
+        Some(Waiting {
+            bytes: self.waiting.iter().map(|(_, b, _)| b).sum(),
+            since_ms: Some(*since),
+            error: self.error.clone(),
+        })
+    }
 }
 
 /// Lines committed for a file and not yet in it.
 #[derive(Debug, Clone, Default)]
 pub struct Waiting {
     pub bytes: u64,
-    /// When the oldest of them was committed (at most: milliseconds since 1970).
+    /// When the oldest of them was committed (milliseconds since 1970).
     pub since_ms: Option<i64>,
     /// Why the last write failed, until one succeeds.
     pub error: Option<String>,
@@ -62,7 +107,21 @@ pub struct Backlog(Arc<Shared>);
 impl Backlog {
     /// Every file with lines waiting.
     pub fn waiting(&self) -> HashMap<String, Waiting> {
-        lock(&self.0.waiting).clone()
+        let files = lock(&self.0.files);
+        files
+            .iter()
+            .filter_map(|(f, state)| Some((f.clone(), state.view()?)))
+            .collect()
+    }
+
+    /// `Ok` while the appender runs; otherwise why it stopped.
+    pub fn health(&self) -> Result<(), String> {
+        match &*lock(&self.0.stopped) {
+            None => Ok(()),
+            Some(why) => Err(format!(
+                "the appender stopped on an internal error ({why}): acknowledged lines wait in the store and are written at the next start; restart the service"
+            )),
+        }
     }
 }
 
@@ -74,64 +133,48 @@ pub struct Appender {
 }
 
 impl Appender {
-    /// Brings every output file back to what was recorded (cutting off what a crash left after
-    /// it), then starts the thread, which appends the lines still queued at once. `written` is
-    /// called after each write the committer should record.
+    /// Starts the thread, which brings each file to what was committed before it first writes
+    /// it, and appends the lines still queued at once.
     pub fn start(
         store: Arc<dyn Backend>,
-        mut files: JsonlFiles,
+        files: JsonlFiles,
         clock: Clock,
-        written: Box<dyn Fn() + Send>,
     ) -> Result<Appender, StoreError> {
         let shared = Arc::new(Shared::default());
-        let mut progress = HashMap::new();
-        let mut found = Vec::new();
         for (file, recorded) in store.files()? {
-            let queued = store.queued_lines(&file, recorded.applied, usize::MAX)?;
-            // A file that cannot be opened now is brought back when it can, before its next
-            // write (see `Thread::append`).
-            let p = match recover(&mut files, &file, recorded, &queued) {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(file, "cannot open this output file yet: {e}");
-                    recorded
-                }
+            let mut state = FileState {
+                applied: recorded.applied,
+                ..FileState::default()
             };
-            let left: Vec<_> = queued.iter().filter(|q| q.seq > p.applied).collect();
-            if let Some(first) = left.first() {
-                lock(&shared.waiting).insert(
-                    file.clone(),
-                    Waiting {
-                        bytes: left.iter().map(|q| q.text.len() as u64).sum(),
-                        since_ms: Some(first.at_ms),
-                        error: None,
-                    },
-                );
+            for q in store.queued_lines(&file, recorded.applied, usize::MAX)? {
+                state.add(q.seq, q.text.len() as u64, q.at_ms);
             }
-            if p != recorded {
-                found.push((file.clone(), p));
-            }
-            progress.insert(file, p);
-        }
-        if !found.is_empty() {
-            let mut txn = store.begin()?;
-            for (file, p) in found {
-                txn.applied(&file, p.applied, p.len)?;
-            }
-            txn.commit()?;
+            lock(&shared.files).insert(file, state);
         }
         let (wake, woken) = sync_channel(1);
         let mut thread = Thread {
             store,
             files,
-            progress,
+            progress: HashMap::new(),
+            failed: HashMap::new(),
             shared: shared.clone(),
             clock,
-            written,
         };
+        let on_panic = shared.clone();
         let thread = std::thread::Builder::new()
             .name("appender".into())
-            .spawn(move || thread.run(woken))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| thread.run(woken));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    error!("the appender stopped: {why}");
+                    *lock(&on_panic.stopped) = Some(why);
+                }
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the appender: {e}")))?;
         let appender = Appender {
             shared,
@@ -142,22 +185,20 @@ impl Appender {
         Ok(appender)
     }
 
-    /// Lines were committed for these files (bytes each) at `at_ms`: append them.
-    pub fn queued(&self, texts: impl IntoIterator<Item = (String, u64)>, at_ms: i64) {
+    /// Texts were committed at `at_ms`, each (file, number, bytes): append them.
+    pub fn queued(&self, texts: impl IntoIterator<Item = (String, u64, u64)>, at_ms: i64) {
         {
-            let mut waiting = lock(&self.shared.waiting);
-            for (file, bytes) in texts {
-                let w = waiting.entry(file).or_default();
-                w.bytes += bytes;
-                w.since_ms.get_or_insert(at_ms);
+            let mut files = lock(&self.shared.files);
+            for (file, seq, bytes) in texts {
+                files.entry(file).or_default().add(seq, bytes, at_ms);
             }
         }
         self.wake();
     }
 
-    /// The bytes committed for `file` and not yet written to it.
+    /// What waits for `file`.
     pub fn backlog(&self, file: &str) -> Option<Waiting> {
-        lock(&self.shared.waiting).get(file).cloned()
+        lock(&self.shared.files).get(file)?.view()
     }
 
     /// A view of the lines waiting, for the rest of the service.
@@ -190,9 +231,7 @@ impl Appender {
             let _ = wake.try_send(());
         }
     }
-}
 
-impl Appender {
     /// Lets the thread append what is committed, then waits for it to end.
     pub fn stop(&mut self) {
         self.wake.take();
@@ -213,11 +252,12 @@ struct Thread {
     store: Arc<dyn Backend>,
     files: JsonlFiles,
     /// How far each file is written, as this thread knows it (ahead of the store until the
-    /// committer records it).
+    /// committer records it); a file not in it is brought to what was committed first.
     progress: HashMap<String, FileProgress>,
+    /// When each file whose last write failed may be tried again.
+    failed: HashMap<String, Instant>,
     shared: Arc<Shared>,
     clock: Clock,
-    written: Box<dyn Fn() + Send>,
 }
 
 impl Thread {
@@ -239,103 +279,136 @@ impl Thread {
         info!("appender stopped");
     }
 
-    /// Appends what waits for every file; returns when to try again if a file failed.
+    /// Appends what waits, a write per file in turn, until nothing waits or only files that
+    /// failed are left; returns when to try those again.
     fn round(&mut self) -> Option<Duration> {
-        let files: Vec<String> = lock(&self.shared.waiting).keys().cloned().collect();
-        let mut retry = None;
-        for file in files {
-            loop {
-                match self.append(&file) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        let mut waiting = lock(&self.shared.waiting);
-                        let w = waiting.entry(file.clone()).or_default();
-                        if w.error.as_deref() != Some(&e) {
-                            error!(
-                                file,
-                                "cannot write the lines committed for this file; they wait and are tried again every second: {e}"
-                            );
-                        }
-                        w.error = Some(e);
-                        metrics::counter!(telemetry::LINES_WRITE_ERRORS.name, "file" => file.clone())
-                            .increment(1);
-                        retry = Some(RETRY);
-                        break;
+        loop {
+            let now = Instant::now();
+            let files: Vec<String> = {
+                let files = lock(&self.shared.files);
+                files
+                    .iter()
+                    .filter(|(_, state)| !state.waiting.is_empty())
+                    .map(|(f, _)| f.clone())
+                    .collect()
+            };
+            let mut wrote = false;
+            for file in &files {
+                if self.failed.get(file).is_some_and(|at| *at > now) {
+                    continue;
+                }
+                match self.append(file) {
+                    Ok(()) => {
+                        wrote = true;
+                        self.failed.remove(file);
                     }
+                    Err(e) => self.failed_to_write(file, e),
                 }
             }
+            self.show_lag();
+            if !wrote {
+                let soonest = self.failed.values().min()?;
+                return Some(soonest.saturating_duration_since(Instant::now()));
+            }
         }
-        self.show_lag();
-        retry
     }
 
-    /// Appends the next texts queued for `file`; returns whether more wait.
-    fn append(&mut self, file: &str) -> Result<bool, String> {
-        // A file first written since the start: as the committer recorded it.
+    fn failed_to_write(&mut self, file: &str, e: String) {
+        let mut files = lock(&self.shared.files);
+        let state = files.entry(file.to_string()).or_default();
+        if state.error.as_deref() != Some(&e) {
+            error!(
+                file,
+                "cannot write the lines committed for this file; they wait and are tried again every second: {e}"
+            );
+        }
+        state.error = Some(e);
+        drop(files);
+        metrics::counter!(telemetry::LINES_WRITE_ERRORS.name, "file" => file.to_string())
+            .increment(1);
+        self.failed.insert(file.to_string(), Instant::now() + RETRY);
+    }
+
+    /// Appends the next texts queued for `file` (as many as fit in one write).
+    fn append(&mut self, file: &str) -> Result<(), String> {
         let progress = match self.progress.get(file) {
             Some(p) => *p,
-            None => {
-                let files = self.store.files().map_err(|e| e.to_string())?;
-                let found = files.into_iter().find(|(f, _)| f == file);
-                found.map_or(
-                    FileProgress {
-                        len: 0,
-                        applied: 0,
-                        next: 1,
-                    },
-                    |(_, p)| p,
-                )
-            }
+            None => self.recover(file)?,
         };
         let queued = self
             .store
             .queued_lines(file, progress.applied, MAX_WRITE)
             .map_err(|e| e.to_string())?;
         let Some(last) = queued.last() else {
-            lock(&self.shared.waiting).remove(file);
-            return Ok(false);
+            // Nothing in the store after what is written: what was waiting is done.
+            let mut files = lock(&self.shared.files);
+            let state = files.entry(file.to_string()).or_default();
+            state.done_through(progress.applied);
+            if !state.waiting.is_empty() {
+                warn!(
+                    file,
+                    "lines counted as waiting are not in the store: not counted any more"
+                );
+                state.waiting.clear();
+            }
+            return Ok(());
         };
         cut_to(&mut self.files, file, progress.len).map_err(|e| e.to_string())?;
         let text: String = queued.iter().map(|q| q.text.as_str()).collect();
-        let (_, after) = self
+        let (_, len) = self
             .files
             .append_durably(Path::new(file), &text)
             .map_err(|e| e.to_string())?;
         let done = FileProgress {
-            len: after,
+            len,
             applied: last.seq,
-            next: progress.next,
+            ..progress
         };
         self.progress.insert(file.to_string(), done);
         lock(&self.shared.written).insert(file.to_string(), (done.applied, done.len));
-        let more = {
-            let mut waiting = lock(&self.shared.waiting);
-            let w = waiting.entry(file.to_string()).or_default();
-            w.bytes = w.bytes.saturating_sub(text.len() as u64);
-            if w.error.take().is_some() {
-                info!(file, "the lines waiting for this file are written");
-            }
-            // The next text waiting was committed after this one.
-            w.since_ms = (w.bytes > 0).then_some(last.at_ms);
-            if w.bytes == 0 {
-                waiting.remove(file);
-                false
-            } else {
-                true
-            }
-        };
-        (self.written)();
-        Ok(more)
+        self.done(file, done.applied);
+        Ok(())
+    }
+
+    /// Brings `file` to what was committed before it is first written (see [`recover`]).
+    fn recover(&mut self, file: &str) -> Result<FileProgress, String> {
+        let files = self.store.files().map_err(|e| e.to_string())?;
+        let recorded = files.into_iter().find(|(f, _)| f == file).map_or(
+            FileProgress {
+                len: 0,
+                applied: 0,
+                next: 1,
+            },
+            |(_, p)| p,
+        );
+        let queued = (self.store)
+            .queued_lines(file, recorded.applied, usize::MAX)
+            .map_err(|e| e.to_string())?;
+        let found = recover(&mut self.files, file, recorded, &queued).map_err(|e| e.to_string())?;
+        if found != recorded {
+            lock(&self.shared.written).insert(file.to_string(), (found.applied, found.len));
+            self.done(file, found.applied);
+        }
+        self.progress.insert(file.to_string(), found);
+        Ok(found)
+    }
+
+    /// Texts up to `seq` are in `file`.
+    fn done(&self, file: &str, seq: u64) {
+        let mut files = lock(&self.shared.files);
+        let state = files.entry(file.to_string()).or_default();
+        state.done_through(seq);
+        if state.error.take().is_some() {
+            info!(file, "the lines waiting for this file are written");
+        }
     }
 
     /// Sets the gauges of what waits: bytes and seconds, per file.
     fn show_lag(&self) {
         let now_ms = self.clock.now().timestamp_millis();
-        let waiting = lock(&self.shared.waiting);
-        let files = self.progress.keys().chain(waiting.keys());
-        for file in files {
-            let w = waiting.get(file).cloned().unwrap_or_default();
+        let files = lock(&self.shared.files);
+        for (file, state) in files.iter() {
+            let w = state.view().unwrap_or_default();
             let lag = w
                 .since_ms
                 .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
@@ -346,9 +419,9 @@ impl Thread {
     }
 }
 
-/// How far `file` really is written at start, from what was `recorded` and the texts `queued`
-/// after it. A crash between a write and its record leaves those texts in the file already:
-/// they are recognised and kept (a reader of the file never sees a line twice), and only what
+/// How far `file` really is written, from what was `recorded` and the texts `queued` after it.
+/// A crash between a write and its record leaves those texts in the file already: they are
+/// recognised, synced and kept (a reader of the file never sees a line twice), and only what
 /// follows them, which can only be part of a write, is cut off. A file shorter than recorded
 /// was cut or replaced by someone else, and is taken as it is.
 fn recover(
@@ -363,7 +436,9 @@ fn recover(
     if actual <= recorded.len {
         return cut_to(files, file, recorded.len).map(|len| FileProgress { len, ..recorded });
     }
-    let tail = files.read_from(path, recorded.len)?;
+    // No more than the queue could have written is read.
+    let most: u64 = queued.iter().map(|q| q.text.len() as u64).sum();
+    let tail = files.read_from(path, recorded.len, most)?;
     let mut found = recorded;
     let mut rest = tail.as_slice();
     for q in queued {
@@ -375,6 +450,8 @@ fn recover(
         found.len += q.text.len() as u64;
     }
     if found.applied > recorded.applied {
+        // The write may not have been synced before the crash.
+        files.open(path)?.sync_data()?;
         info!(
             file,
             bytes = found.len - recorded.len,
@@ -386,9 +463,9 @@ fn recover(
 }
 
 /// Makes `file` as long as recorded before more is appended, and returns the length it has
-/// then: what is past `recorded` was appended before a crash and not recorded (it is in the
-/// queue still, and is appended again) and is cut off; a file shorter than recorded was cut or
-/// replaced by someone else, and is taken as it is.
+/// then: what is past `recorded` is cut off (part of a write cut short, or lines someone else
+/// added); a file shorter than recorded was cut or replaced by someone else, and is taken as it
+/// is.
 fn cut_to(files: &mut JsonlFiles, file: &str, recorded: u64) -> std::io::Result<u64> {
     let path = Path::new(file);
     files.open(path)?;
@@ -426,7 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn start_up_keeps_whole_lines_a_crash_left_unrecorded_and_cuts_off_a_partial_one() {
+    fn start_up_brings_a_file_to_what_was_committed_and_writes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let db: Arc<dyn Backend> = Arc::new(Db::open(dir.path()).unwrap());
         let mut txn = db.begin().unwrap();
@@ -438,31 +515,53 @@ mod tests {
         txn.queue_lines("out.jsonl", "{\"c\"}\n", 3).unwrap();
         txn.commit().unwrap();
         // The crash came after `b` was written, and part of `c`, before the committer recorded
-        // either: `b` is kept as it is, the part of `c` cut off and `c` written again.
+        // either: `b` is kept as it is, the part of `c` cut off and `c` written again. The file
+        // recorded 10 bytes long is gone: taken as it is.
         std::fs::write(dir.path().join("out.jsonl"), "{\"a\"}\n{\"b\"}\n{\"c").unwrap();
-        let mut appender = Appender::start(
-            db.clone(),
-            JsonlFiles::new(dir.path()),
-            Clock::wall(),
-            Box::new(|| {}),
-        )
-        .unwrap();
+        let mut appender =
+            Appender::start(db.clone(), JsonlFiles::new(dir.path()), Clock::wall()).unwrap();
         settled(&appender);
         assert_eq!(
             std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
             "{\"a\"}\n{\"b\"}\n{\"c\"}\n"
         );
+        // For the committer to record.
         assert_eq!(appender.written(), [("out.jsonl".to_string(), 3, 18)]);
         appender.stop();
-        // What was found in the file was recorded at start; a file shorter than recorded (cut
-        // by someone) is taken as it is.
-        let files: HashMap<String, FileProgress> = db.files().unwrap().into_iter().collect();
+    }
+
+    #[test]
+    fn recovery_keeps_the_queued_lines_found_whole_and_cuts_off_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = JsonlFiles::new(dir.path());
+        let queued = |seq: u64, text: &str| QueuedLines {
+            seq,
+            at_ms: 0,
+            text: text.into(),
+        };
+        let recorded = FileProgress {
+            len: 4,
+            applied: 1,
+            next: 4,
+        };
+        let b_and_c = [queued(2, "bb\n"), queued(3, "cc\n")];
+        std::fs::write(dir.path().join("f"), "aaa\nbb\ncc").unwrap();
+        let found = recover(&mut files, "f", recorded, &b_and_c).unwrap();
         assert_eq!(
-            (files["out.jsonl"].applied, files["out.jsonl"].len),
-            (2, 12)
+            (found.applied, found.len),
+            (2, 7),
+            "b kept, part of c cut off"
         );
-        assert_eq!(files["out.jsonl"].next, 4);
-        assert_eq!(files["gone.jsonl"].len, 0);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"aaa\nbb\n");
+        // Something else after the record: cut off, nothing kept.
+        std::fs::write(dir.path().join("f"), "aaa\nxx\n").unwrap();
+        let found = recover(&mut files, "f", recorded, &b_and_c).unwrap();
+        assert_eq!(found, recorded);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"aaa\n");
+        // Shorter than recorded (cut by someone): taken as it is.
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        let found = recover(&mut files, "f", recorded, &b_and_c).unwrap();
+        assert_eq!((found.applied, found.len), (1, 0));
     }
 
     #[test]

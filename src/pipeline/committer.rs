@@ -112,8 +112,6 @@ enum Job {
         Arc<RuleSet>,
         oneshot::Sender<Result<(Report, bool), CommitError>>,
     ),
-    /// The appender wrote lines into their files: record how far.
-    Written,
 }
 
 /// Ending waits in a batch: under which rules, and who to tell.
@@ -210,17 +208,10 @@ impl Committer {
             metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
         }
         let (tx, mut rx) = mpsc::channel::<Job>(4 * MAX_BATCH);
-        let jobs = tx.downgrade();
-        let written = Box::new(move || {
-            if let Some(jobs) = jobs.upgrade() {
-                let _ = jobs.try_send(Job::Written);
-            }
-        });
         let appender = Appender::start(
             store.clone(),
             JsonlFiles::new(files.data_dir()),
             clock.clone(),
-            written,
         )?;
         let mut worker = Worker {
             store,
@@ -252,12 +243,10 @@ impl Committer {
                     let mut batch = Vec::new();
                     let mut ticks = Vec::new();
                     let mut end_waits: Option<EndWaits> = None;
-                    let mut written = false;
                     let mut next = Some(first);
                     while let Some(job) = next {
                         match job {
                             Job::Request(request) => batch.push(request),
-                            Job::Written => written = true,
                             Job::Tick(reply) => ticks.push(reply),
                             // The newest rules; an older asker is answered as done.
                             Job::EndWaits(rules, reply) => {
@@ -274,7 +263,7 @@ impl Committer {
                             .then(|| rx.try_recv().ok())
                             .flatten();
                     }
-                    if !batch.is_empty() || end_waits.is_some() || written {
+                    if !batch.is_empty() || end_waits.is_some() {
                         worker.process(batch, end_waits);
                     }
                     for reply in ticks {
@@ -283,7 +272,9 @@ impl Committer {
                 }
                 // What is committed is written into the files, and recorded, before stopping.
                 worker.appender.stop();
-                worker.process(Vec::new(), None);
+                if let Err(e) = worker.tick() {
+                    warn!("could not record how far the output files are written ({e}); the next start finds it in the files");
+                }
                 info!("committer stopped");
             })
             .map_err(|e| CommitError::Store(format!("cannot start the committer thread: {e}")))?;
@@ -372,6 +363,7 @@ impl Committer {
         if self.jobs.is_closed() {
             return Err("the committer has stopped: restart the service".into());
         }
+        self.lines.health()?;
         match &*self
             .shared
             .panicked
@@ -678,6 +670,7 @@ impl Worker {
         };
         let (soonest, waiting) = state.wait_changes();
         txn.save(state, now)?;
+        let mut queued = Vec::with_capacity(lines.len());
         for (file, text) in &lines {
             let name = file.to_string_lossy();
             if let Some(w) = self.appender.backlog(&name)
@@ -692,13 +685,11 @@ impl Worker {
                     ),
                 });
             }
-            txn.queue_lines(&name, text, now_ms)?;
+            let seq = txn.queue_lines(&name, text, now_ms)?;
+            queued.push((name.into_owned(), seq, text.len() as u64));
         }
         txn.commit()?;
         self.appender.recorded(&written);
-        let queued = lines
-            .iter()
-            .map(|(file, text)| (file.to_string_lossy().into_owned(), text.len() as u64));
         self.appender.queued(queued, now_ms);
         for ((kind, rule), n) in tally.done {
             metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
@@ -865,8 +856,16 @@ impl Worker {
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
         let forgotten = self.forget(txn.as_mut(), now)?;
-        if forgotten.idle_keys > 0 || forgotten.expired.is_some_and(|n| n > 0) {
+        let written = self.appender.written();
+        for (file, applied, len) in &written {
+            txn.applied(file, *applied, *len)?;
+        }
+        if forgotten.idle_keys > 0
+            || forgotten.expired.is_some_and(|n| n > 0)
+            || !written.is_empty()
+        {
             txn.commit()?;
+            self.appender.recorded(&written);
         }
         self.forgot(forgotten, now);
         Ok(())

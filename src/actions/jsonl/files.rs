@@ -78,13 +78,13 @@ impl JsonlFiles {
         }
     }
 
-    /// The bytes of `file` from `offset` to its end.
-    pub fn read_from(&mut self, file: &Path, offset: u64) -> io::Result<Vec<u8>> {
+    /// At most `max` bytes of `file` from `offset` on.
+    pub fn read_from(&mut self, file: &Path, offset: u64, max: u64) -> io::Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = File::open(self.data_dir.join(file))?;
         f.seek(SeekFrom::Start(offset))?;
         let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
+        f.take(max).read_to_end(&mut bytes)?;
         Ok(bytes)
     }
 
