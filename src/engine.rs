@@ -388,15 +388,11 @@ impl Plan {
             if let (true, Some(uuid)) = (first_of_event, events[m.event].uuid()) {
                 wants.uuids.push(uuid);
             }
-            if let (Ok(Some(key)), Some(count)) = (&m.count, &rules.rules()[m.rule].count) {
-                match count.within.is_some() || count.period.is_some() || count.distinct.is_some() {
-                    true => wants.windows.push(key),
-                    false => wants.counters.push(key),
-                };
+            if let Ok(Some(key)) = &m.count {
+                wants.keys.push(key);
             }
             if let Ok(keys) = &m.limits {
-                wants.acted.extend(&keys.once);
-                wants.windows.extend(&keys.cap);
+                wants.keys.extend(keys.once.iter().chain(&keys.cap));
             }
             if let Ok(Some(key)) = &m.wait {
                 wants.waits.push(key);
@@ -903,8 +899,7 @@ impl DuePlan {
         for (key, pending, keys) in &self.due {
             wants.waits.push(key);
             wants.waiting.push(&pending.rule);
-            wants.acted.extend(&keys.once);
-            wants.windows.extend(&keys.cap);
+            wants.keys.extend(keys.once.iter().chain(&keys.cap));
         }
     }
 

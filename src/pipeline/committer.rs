@@ -48,6 +48,10 @@ const MAX_BATCH: usize = 512;
 const EXPIRE_EVERY: u64 = 3600;
 /// Most expired ids forgotten per batch; while more remain, every batch forgets this many.
 const EXPIRE_PER_COMMIT: usize = 1000;
+/// Keys of rule state looked at for idleness with each batch, and with each minute's tick: a
+/// million keys are all looked at within 100 minutes of a quiet service, sooner under load.
+const KEYS_LOOKED_AT_PER_BATCH: usize = 256;
+const KEYS_LOOKED_AT_PER_TICK: usize = 10_000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
 /// Most bytes of lines waiting for one output file (the appender cannot write it): past this,
@@ -530,7 +534,7 @@ impl Worker {
         self.register_new_files(&sets)?;
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
-        let forgotten = self.forget(txn.as_mut(), now)?;
+        let forgotten = self.forget(txn.as_mut(), now, KEYS_LOOKED_AT_PER_BATCH)?;
         let written = self.appender.written();
         for (file, applied, len) in &written {
             txn.applied(file, *applied, *len)?;
@@ -815,9 +819,14 @@ impl Worker {
     }
 
     /// Forgets, in `txn`, what time has made due: expired ids (when it is time to look, at most
-    /// [`EXPIRE_PER_COMMIT`]) and a few idle keys: a steady trickle with every batch rather than
-    /// one long transaction.
-    fn forget(&mut self, txn: &mut dyn Batch, now: u64) -> Result<Forgotten, CommitError> {
+    /// [`EXPIRE_PER_COMMIT`]) and the idle keys among the next `look_at`: a steady trickle with
+    /// every batch rather than one long transaction.
+    fn forget(
+        &mut self,
+        txn: &mut dyn Batch,
+        now: u64,
+        look_at: usize,
+    ) -> Result<Forgotten, CommitError> {
         let look = self.expiring
             || self
                 .last_expiry
@@ -829,7 +838,7 @@ impl Worker {
             None
         };
         let cutoff = now.saturating_sub(self.retention.idle_state.as_secs());
-        let idle_keys = txn.forget_idle(cutoff, 64)?;
+        let idle_keys = txn.forget_idle(cutoff, look_at)?;
         Ok(Forgotten { expired, idle_keys })
     }
 
@@ -855,7 +864,7 @@ impl Worker {
     fn tick(&mut self) -> Result<(), CommitError> {
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
-        let forgotten = self.forget(txn.as_mut(), now)?;
+        let forgotten = self.forget(txn.as_mut(), now, KEYS_LOOKED_AT_PER_TICK)?;
         let written = self.appender.written();
         for (file, applied, len) in &written {
             txn.applied(file, *applied, *len)?;

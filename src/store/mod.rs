@@ -18,7 +18,7 @@ pub mod state;
 pub use key::StateKey;
 pub use pending::{Held, Pending};
 use queue::{Due, OutboxRecord, OutboxStatus, Skip};
-pub use state::{Distinct, State, Wants, record_in_window};
+pub use state::{Distinct, KeyRecord, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The store could not do what was asked.
@@ -82,9 +82,10 @@ pub trait Batch: RuleState + Send {
     /// Forgets at most `max` event and delivery ids first handled before `cutoff_unix`;
     /// returns how many.
     fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
-    /// Forgets the rule state of at most `max` keys no event has used since before
-    /// `cutoff_unix`; returns how many keys.
-    fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
+    /// Looks at the next `look_at` keys of rule state (going on from where the last call
+    /// stopped, and from the start again after the end) and forgets those no event has used
+    /// since before `cutoff_unix`; returns how many.
+    fn forget_idle(&mut self, cutoff_unix: u64, look_at: usize) -> Result<usize, StoreError>;
     /// Every rule with pending waits, and how many.
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Ends at most `max` pending waits of `rule` (a rule that no longer waits); returns how

@@ -14,12 +14,9 @@ use crate::store::pending::Pending;
 /// its events (borrowed from the batch; a key named twice is loaded twice, harmlessly).
 #[derive(Debug, Default)]
 pub struct Wants<'a> {
-    /// Plain counters (`[count]` without `within`).
-    pub counters: Vec<&'a StateKey>,
-    /// Time windows (`[count]` with `within`).
-    pub windows: Vec<&'a StateKey>,
-    /// When a rule with `[limits]` last acted.
-    pub acted: Vec<&'a StateKey>,
+    /// Keys of `[count]` (a counter or a window) and `[limits]` (when the rule last acted, a
+    /// cap's period count).
+    pub keys: Vec<&'a StateKey>,
     /// Event uuids, to skip those handled before.
     pub uuids: Vec<&'a str>,
     /// Pending waits.
@@ -32,8 +29,7 @@ impl<'a> Wants<'a> {
     /// Only what `[limits]` reads: when rules last acted for `once`, and the caps' periods.
     pub fn limits(once: &'a [StateKey], caps: &'a [StateKey]) -> Wants<'a> {
         Wants {
-            acted: once.iter().collect(),
-            windows: caps.iter().collect(),
+            keys: once.iter().chain(caps).collect(),
             ..Wants::default()
         }
     }
@@ -67,6 +63,18 @@ struct Slot {
     changed: u8,
     /// Whether an event used the key since the state was loaded.
     touched: bool,
+    /// The day (since 1970) the store last had an event use the key, as loaded.
+    day: Option<u64>,
+}
+
+/// What the store keeps for one key of `[count]` or `[limits]`: see [`State::load_key`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub count: u64,
+    pub window: Vec<i64>,
+    pub acted: Option<i64>,
+    /// The day (since 1970) an event last used the key.
+    pub day: u64,
 }
 
 const CHANGED_COUNT: u8 = 1;
@@ -83,19 +91,28 @@ pub struct WaitChange<'a> {
     pub now: Option<&'a Pending>,
 }
 
+/// A key of `[count]` or `[limits]` that changed or that an event used: what it holds now.
+pub struct KeyChange<'a> {
+    pub key: &'a StateKey,
+    pub count: u64,
+    pub window: &'a [i64],
+    pub acted: Option<i64>,
+    /// Whether its count, window or last action changed (else an event only used it).
+    pub changed: bool,
+    /// The day the store had for it, if it had it.
+    pub day: Option<u64>,
+}
+
 /// What a store writes back after a batch: see [`State::changes`].
 pub struct Changes<'a> {
-    pub counters: Vec<(&'a StateKey, u64)>,
-    pub windows: Vec<(&'a StateKey, &'a [i64])>,
-    pub acted: Vec<(&'a StateKey, i64)>,
+    /// Keys of `[count]` and `[limits]` changed or used.
+    pub keys: Vec<KeyChange<'a>>,
     /// Pending waits set or ended: the key, the deadline the store had for it, and the wait now.
     pub waits: Vec<WaitChange<'a>>,
     /// Rules whose number of pending waits changed, with the number now.
     pub waiting: Vec<(&'a str, u64)>,
     /// Event uuids handled for the first time.
     pub seen: Vec<&'a str>,
-    /// Keys an event used, so that they are kept while in use and forgotten once idle.
-    pub touched: Vec<&'a StateKey>,
 }
 
 impl State {
@@ -120,19 +137,15 @@ impl State {
         }
     }
 
-    /// Sets a counter as loaded from the store.
-    pub fn load_counter(&mut self, key: &StateKey, count: u64) {
-        self.slot(key).count = count;
-    }
-
-    /// Sets a window's event times (sorted) as loaded from the store.
-    pub fn load_window(&mut self, key: &StateKey, times: Vec<i64>) {
-        self.slot(key).window = times;
-    }
-
-    /// Sets when a rule last acted for `key`, as loaded from the store.
-    pub fn load_acted(&mut self, key: &StateKey, t_ms: i64) {
-        self.slot(key).acted = Some(t_ms);
+    /// Sets a key of `[count]` or `[limits]` as loaded from the store: its counter, its window
+    /// (event times, sorted; or a period and its count; or value digests), when the rule last
+    /// acted for it, and the day an event last used it.
+    pub fn load_key(&mut self, key: &StateKey, record: KeyRecord) {
+        let slot = self.slot(key);
+        slot.count = record.count;
+        slot.window = record.window;
+        slot.acted = record.acted;
+        slot.day = Some(record.day);
     }
 
     /// Sets a pending wait as loaded from the store.
@@ -282,9 +295,7 @@ impl State {
     /// What changed since the state was loaded (or since [`State::saved`]).
     pub fn changes(&self) -> Changes<'_> {
         let mut changes = Changes {
-            counters: Vec::new(),
-            windows: Vec::new(),
-            acted: Vec::new(),
+            keys: Vec::new(),
             waits: Vec::new(),
             waiting: (self.waiting.iter())
                 .filter(|(_, (_, changed))| *changed)
@@ -294,17 +305,18 @@ impl State {
                 .filter(|(_, new)| **new)
                 .map(|(uuid, _)| uuid.as_str())
                 .collect(),
-            touched: Vec::new(),
         };
         for (key, slot) in &self.keys {
-            if slot.changed & CHANGED_COUNT != 0 {
-                changes.counters.push((key, slot.count));
-            }
-            if slot.changed & CHANGED_WINDOW != 0 {
-                changes.windows.push((key, &slot.window));
-            }
-            if let (true, Some(t)) = (slot.changed & CHANGED_ACTED != 0, slot.acted) {
-                changes.acted.push((key, t));
+            let changed = slot.changed & (CHANGED_COUNT | CHANGED_WINDOW | CHANGED_ACTED) != 0;
+            if changed || slot.touched {
+                changes.keys.push(KeyChange {
+                    key,
+                    count: slot.count,
+                    window: &slot.window,
+                    acted: slot.acted,
+                    changed,
+                    day: slot.day,
+                });
             }
             if slot.changed & CHANGED_WAIT != 0 {
                 changes.waits.push(WaitChange {
@@ -312,9 +324,6 @@ impl State {
                     stored_deadline: slot.stored_deadline,
                     now: slot.wait.as_ref(),
                 });
-            }
-            if slot.touched {
-                changes.touched.push(key);
             }
         }
         changes
@@ -517,8 +526,14 @@ mod tests {
             StateKey::new("r", "count", &[]),
             StateKey::new("r", "once", &[]),
         );
-        state.load_counter(&a, 4);
-        state.load_acted(&b, 9);
+        let loaded = |count, acted| KeyRecord {
+            count,
+            acted,
+            day: 3,
+            ..KeyRecord::default()
+        };
+        state.load_key(&a, loaded(4, None));
+        state.load_key(&b, loaded(0, Some(9)));
         state.load_seen("old");
         assert!(!state.first_delivery("old"));
         assert!(state.first_delivery("new"));
@@ -527,12 +542,19 @@ mod tests {
         state.touch(&a);
         assert_eq!(state.last_acted(&b), Some(9));
         let changes = state.changes();
-        assert_eq!(changes.counters, [(&a, 5)]);
-        assert!(changes.acted.is_empty() && changes.windows.is_empty());
+        let keys: Vec<_> = (changes.keys.iter())
+            .map(|c| (c.key, c.count, c.changed, c.day))
+            .collect();
+        assert_eq!(keys, [(&a, 5, true, Some(3))], "`b` was only read");
         assert_eq!(changes.seen, ["new"]);
-        assert_eq!(changes.touched, [&a]);
+        // Used only: written for its day (the store skips it if the day is the same).
         state.saved();
-        assert!(state.changes().counters.is_empty());
+        state.touch(&b);
+        let changes = state.changes();
+        let keys: Vec<_> = (changes.keys.iter()).map(|c| (c.key, c.changed)).collect();
+        assert_eq!(keys, [(&b, false)]);
+        state.saved();
+        assert!(state.changes().keys.is_empty());
         assert_eq!(
             state.increment(&a),
             6,

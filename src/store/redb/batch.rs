@@ -7,26 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{
-    ACTED, COUNTERS, DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, LINES, META,
-    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, TOUCHED, TOUCHED_BY_DAY, WAITING, WAITS,
-    WAITS_DUE, WINDOWS, due_unix, err,
+    DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, KEYS, LINES, META, OUTBOX,
+    OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE, due_unix, err, record,
 };
 use crate::store::queue::OutboxRecord;
 use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
+use std::ops::Bound;
 
 /// One write transaction.
 pub struct WriteTxn {
     pub(super) txn: redb::WriteTransaction,
     /// Set when the commit fails, so that the database is reopened before the next one.
     pub(super) failed: Arc<AtomicBool>,
-}
-
-/// A window's event times as stored: little-endian i64 milliseconds.
-fn decode_window(bytes: &[u8]) -> Vec<i64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8 bytes")))
-        .collect()
+    /// The last key looked at for idleness (see `forget_idle`), shared by every transaction.
+    pub(super) idle_cursor: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RuleState for WriteTxn {
@@ -40,27 +34,11 @@ impl RuleState for WriteTxn {
                 }
             }
         }
-        if !wants.counters.is_empty() {
-            let table = self.txn.open_table(COUNTERS).map_err(err)?;
-            for &key in &wants.counters {
-                if let Some(n) = table.get(key.as_str()).map_err(err)? {
-                    state.load_counter(key, n.value());
-                }
-            }
-        }
-        if !wants.windows.is_empty() {
-            let table = self.txn.open_table(WINDOWS).map_err(err)?;
-            for &key in &wants.windows {
+        if !wants.keys.is_empty() {
+            let table = self.txn.open_table(KEYS).map_err(err)?;
+            for &key in &wants.keys {
                 if let Some(bytes) = table.get(key.as_str()).map_err(err)? {
-                    state.load_window(key, decode_window(bytes.value()));
-                }
-            }
-        }
-        if !wants.acted.is_empty() {
-            let table = self.txn.open_table(ACTED).map_err(err)?;
-            for &key in &wants.acted {
-                if let Some(t) = table.get(key.as_str()).map_err(err)? {
-                    state.load_acted(key, t.value());
+                    state.load_key(key, record::decode(bytes.value())?);
                 }
             }
         }
@@ -125,23 +103,21 @@ impl RuleState for WriteTxn {
                 by_time.insert((now_unix, uuid), ()).map_err(err)?;
             }
         }
-        if !changes.counters.is_empty() {
-            let mut table = self.txn.open_table(COUNTERS).map_err(err)?;
-            for (key, n) in &changes.counters {
-                table.insert(key.as_str(), n).map_err(err)?;
-            }
-        }
-        if !changes.windows.is_empty() {
-            let mut table = self.txn.open_table(WINDOWS).map_err(err)?;
-            for (key, times) in &changes.windows {
-                let bytes: Vec<u8> = times.iter().flat_map(|t| t.to_le_bytes()).collect();
-                table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
-            }
-        }
-        if !changes.acted.is_empty() {
-            let mut table = self.txn.open_table(ACTED).map_err(err)?;
-            for (key, t) in &changes.acted {
-                table.insert(key.as_str(), t).map_err(err)?;
+        if !changes.keys.is_empty() {
+            // One record per key, written when it changed, or at most once a day when an event
+            // only used it (the day keeps it from being forgotten as idle).
+            let today = now_unix / DAY;
+            let mut table = self.txn.open_table(KEYS).map_err(err)?;
+            let mut bytes = Vec::new();
+            for change in &changes.keys {
+                if !change.changed && change.day == Some(today) {
+                    continue;
+                }
+                let (count, window, acted) = (change.count, change.window, change.acted);
+                record::encode(count, window, acted, today, &mut bytes);
+                table
+                    .insert(change.key.as_str(), bytes.as_slice())
+                    .map_err(err)?;
             }
         }
         if !changes.waits.is_empty() {
@@ -171,23 +147,6 @@ impl RuleState for WriteTxn {
                     0 => table.remove(*rule).map_err(err)?,
                     n => table.insert(*rule, n).map_err(err)?,
                 };
-            }
-        }
-        if !changes.touched.is_empty() {
-            // Written at most once a day per key: the day, and the day's index entry.
-            let today = now_unix / DAY;
-            let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
-            let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
-            for key in &changes.touched {
-                let before = touched.get(key.as_str()).map_err(err)?.map(|d| d.value());
-                if before == Some(today) {
-                    continue;
-                }
-                touched.insert(key.as_str(), today).map_err(err)?;
-                if let Some(day) = before {
-                    by_day.remove((day, key.as_str())).map_err(err)?;
-                }
-                by_day.insert((today, key.as_str()), ()).map_err(err)?;
             }
         }
         Ok(())
@@ -322,28 +281,36 @@ impl Batch for WriteTxn {
         Ok(expired.len() + deliveries.len())
     }
 
-    fn forget_idle(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError> {
-        let mut by_day = self.txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
+    fn forget_idle(&mut self, cutoff_unix: u64, look_at: usize) -> Result<usize, StoreError> {
+        let cutoff_day = cutoff_unix / DAY;
+        let mut cursor = self
+            .idle_cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut table = self.txn.open_table(KEYS).map_err(err)?;
         let mut idle = Vec::new();
-        for row in by_day
-            .range((0u64, "")..(cutoff_unix / DAY, ""))
+        let mut looked = 0;
+        let mut last = None;
+        let after = match cursor.as_deref() {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        for row in table
+            .range::<&str>((after, Bound::Unbounded))
             .map_err(err)?
-            .take(max)
+            .take(look_at)
         {
-            let (k, _) = row.map_err(err)?;
-            let (day, key) = k.value();
-            idle.push((day, key.to_string()));
+            let (k, v) = row.map_err(err)?;
+            looked += 1;
+            last = Some(k.value().to_string());
+            if record::day(v.value())? < cutoff_day {
+                idle.push(k.value().to_string());
+            }
         }
-        let mut touched = self.txn.open_table(TOUCHED).map_err(err)?;
-        let mut counters = self.txn.open_table(COUNTERS).map_err(err)?;
-        let mut windows = self.txn.open_table(WINDOWS).map_err(err)?;
-        let mut acted = self.txn.open_table(ACTED).map_err(err)?;
-        for (day, key) in &idle {
-            by_day.remove((*day, key.as_str())).map_err(err)?;
-            touched.remove(key.as_str()).map_err(err)?;
-            counters.remove(key.as_str()).map_err(err)?;
-            windows.remove(key.as_str()).map_err(err)?;
-            acted.remove(key.as_str()).map_err(err)?;
+        // From the start again once the end is reached.
+        *cursor = if looked < look_at { None } else { last };
+        for key in &idle {
+            table.remove(key.as_str()).map_err(err)?;
         }
         Ok(idle.len())
     }

@@ -19,6 +19,7 @@
 //!   the waits due are read from its start; `waiting`: rule → how many waits it has pending.
 
 mod batch;
+mod record;
 
 pub use batch::WriteTxn;
 
@@ -34,9 +35,8 @@ use crate::clock::Clock;
 use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip};
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
-const ACTED: TableDefinition<&str, i64> = TableDefinition::new("acted");
+/// Rule state: state key → its record (`record.rs`): counter, window, last action, last day used.
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("seen_by_time");
 /// Standard Webhooks deliveries handled: (source, `webhook-id`) → unix seconds, and by time.
@@ -61,9 +61,11 @@ const WAITS: TableDefinition<&str, &str> = TableDefinition::new("waits");
 const WAITS_DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("waits_due");
 /// How many waits each rule has pending: rule name → count (no row at zero).
 const WAITING: TableDefinition<&str, u64> = TableDefinition::new("waiting");
-/// For each key of `counters`, `windows` and `acted`: the day (since 1970) an event last used it.
+/// Rule state before one record per key: merged into `KEYS` at open.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
+const ACTED: TableDefinition<&str, i64> = TableDefinition::new("acted");
 const TOUCHED: TableDefinition<&str, u64> = TableDefinition::new("touched");
-/// The same, by day, to find idle keys without a full scan.
 const TOUCHED_BY_DAY: TableDefinition<(u64, &str), ()> = TableDefinition::new("touched_by_day");
 
 /// Moves the output files' lengths of a database from before the appender into `FILES`: the
@@ -89,36 +91,86 @@ fn migrate_file_lengths(txn: &redb::WriteTransaction) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Marks every key of `counters`, `windows` and `acted` as used today, when no key has a mark yet:
-/// a database from before idle keys were forgotten starts their clock at the upgrade.
-fn mark_existing_keys(txn: &redb::WriteTransaction, today: u64) -> Result<(), StoreError> {
-    if !txn
-        .open_table(TOUCHED)
+/// Merges the rule state of a database from before one record per key (`counters`, `windows`,
+/// `acted`, `touched` and its index by day) into `keys`, and removes those tables. A key never
+/// marked as used (from before idle keys were forgotten) starts its idle clock at the upgrade.
+fn merge_state_tables(txn: &redb::WriteTransaction, today: u64) -> Result<(), StoreError> {
+    let before = [
+        COUNTERS.name(),
+        WINDOWS.name(),
+        ACTED.name(),
+        TOUCHED.name(),
+        TOUCHED_BY_DAY.name(),
+    ];
+    let present: Vec<String> = txn
+        .list_tables()
         .map_err(err)?
-        .is_empty()
-        .map_err(err)?
-    {
+        .map(|t| t.name().to_string())
+        .filter(|name| before.contains(&name.as_str()))
+        .collect();
+    if present.is_empty() {
         return Ok(());
     }
-    fn keys<V: redb::Value + 'static>(
+    #[derive(Default)]
+    struct Parts {
+        count: u64,
+        window: Vec<i64>,
+        acted: Option<i64>,
+        day: Option<u64>,
+        state: bool,
+    }
+    let mut keys: std::collections::BTreeMap<String, Parts> = Default::default();
+    fn rows<V: redb::Value + 'static>(
         txn: &redb::WriteTransaction,
         table: TableDefinition<&str, V>,
-    ) -> Result<Vec<String>, StoreError> {
+        mut each: impl FnMut(String, V::SelfType<'_>),
+    ) -> Result<(), StoreError> {
         let t = txn.open_table(table).map_err(err)?;
-        t.iter()
-            .map_err(err)?
-            .map(|row| row.map(|(k, _)| k.value().to_string()).map_err(err))
-            .collect()
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            each(k.value().to_string(), v.value());
+        }
+        Ok(())
     }
-    let mut all = keys(txn, COUNTERS)?;
-    all.extend(keys(txn, WINDOWS)?);
-    all.extend(keys(txn, ACTED)?);
-    let mut touched = txn.open_table(TOUCHED).map_err(err)?;
-    let mut by_day = txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
-    for key in &all {
-        touched.insert(key.as_str(), today).map_err(err)?;
-        by_day.insert((today, key.as_str()), ()).map_err(err)?;
+    rows(txn, COUNTERS, |k, n| {
+        let p = keys.entry(k).or_default();
+        (p.count, p.state) = (n, true);
+    })?;
+    rows(txn, WINDOWS, |k, bytes| {
+        let p = keys.entry(k).or_default();
+        p.window = (bytes.chunks_exact(8))
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        p.state = true;
+    })?;
+    rows(txn, ACTED, |k, t| {
+        let p = keys.entry(k).or_default();
+        (p.acted, p.state) = (Some(t), true);
+    })?;
+    rows(txn, TOUCHED, |k, day| {
+        keys.entry(k).or_default().day = Some(day)
+    })?;
+    let mut table = txn.open_table(KEYS).map_err(err)?;
+    let mut bytes = Vec::new();
+    let mut merged = 0;
+    for (key, p) in keys.iter().filter(|(_, p)| p.state) {
+        record::encode(
+            p.count,
+            &p.window,
+            p.acted,
+            p.day.unwrap_or(today),
+            &mut bytes,
+        );
+        table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+        merged += 1;
     }
+    drop(table);
+    txn.delete_table(COUNTERS).map_err(err)?;
+    txn.delete_table(WINDOWS).map_err(err)?;
+    txn.delete_table(ACTED).map_err(err)?;
+    txn.delete_table(TOUCHED).map_err(err)?;
+    txn.delete_table(TOUCHED_BY_DAY).map_err(err)?;
+    tracing::info!(keys = merged, "rule state moved to one record per key");
     Ok(())
 }
 
@@ -228,6 +280,8 @@ pub struct Db {
     db: RwLock<Option<Database>>,
     failed: Arc<AtomicBool>,
     last_reopen: Mutex<Option<Instant>>,
+    /// Where the look for idle keys goes on from (see `Batch::forget_idle`).
+    idle_cursor: Arc<Mutex<Option<String>>>,
 }
 
 /// How often a failed database is tried again.
@@ -245,9 +299,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         })?;
     let txn = db.begin_write().map_err(err)?;
     {
-        txn.open_table(COUNTERS).map_err(err)?;
-        txn.open_table(WINDOWS).map_err(err)?;
-        txn.open_table(ACTED).map_err(err)?;
+        txn.open_table(KEYS).map_err(err)?;
         txn.open_table(SEEN).map_err(err)?;
         txn.open_table(SEEN_BY_TIME).map_err(err)?;
         txn.open_table(DELIVERY_IDS).map_err(err)?;
@@ -258,14 +310,12 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX_DONE).map_err(err)?;
         txn.open_table(OUTBOX_DUE).map_err(err)?;
         txn.open_table(META).map_err(err)?;
-        txn.open_table(TOUCHED).map_err(err)?;
-        txn.open_table(TOUCHED_BY_DAY).map_err(err)?;
         txn.open_table(WAITS).map_err(err)?;
         txn.open_table(WAITS_DUE).map_err(err)?;
         txn.open_table(WAITING).map_err(err)?;
         migrate_once_marks(&txn)?;
         migrate_file_lengths(&txn)?;
-        mark_existing_keys(&txn, Clock::wall().unix() / DAY)?;
+        merge_state_tables(&txn, Clock::wall().unix() / DAY)?;
         index_pending_emails(&txn)?;
     }
     txn.commit().map_err(err)?;
@@ -282,6 +332,7 @@ impl Db {
             db: RwLock::new(Some(db)),
             failed: Arc::new(AtomicBool::new(false)),
             last_reopen: Mutex::new(None),
+            idle_cursor: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -294,6 +345,7 @@ impl Db {
         Ok(WriteTxn {
             txn: txn?,
             failed: self.failed.clone(),
+            idle_cursor: self.idle_cursor.clone(),
         })
     }
 
@@ -536,9 +588,7 @@ mod tests {
             Ok(out)
         }
         fn increment(&mut self, key: &StateKey) -> Result<u64, StoreError> {
-            let mut wants = Wants::default();
-            wants.counters.push(key);
-            self.with(wants, 0, |s| s.increment(key))
+            self.with(one(key), 0, |s| s.increment(key))
         }
         fn count_within(
             &mut self,
@@ -547,17 +597,13 @@ mod tests {
             window: i64,
             keep: usize,
         ) -> Result<u64, StoreError> {
-            let mut wants = Wants::default();
-            wants.windows.push(key);
-            self.with(wants, 0, |s| s.count_within(key, t, window, keep))
+            self.with(one(key), 0, |s| s.count_within(key, t, window, keep))
         }
         fn last_acted(&mut self, key: &StateKey) -> Result<Option<i64>, StoreError> {
-            let mut wants = Wants::default();
-            wants.acted.push(key);
-            self.with(wants, 0, |s| s.last_acted(key))
+            self.with(one(key), 0, |s| s.last_acted(key))
         }
         fn mark_acted(&mut self, key: &StateKey, t: i64) -> Result<(), StoreError> {
-            self.with(Wants::default(), 0, |s| s.mark_acted(key, t))
+            self.with(one(key), 0, |s| s.mark_acted(key, t))
         }
         fn first_delivery(&mut self, uuid: &str, now_unix: u64) -> Result<bool, StoreError> {
             let mut wants = Wants::default();
@@ -565,7 +611,15 @@ mod tests {
             self.with(wants, now_unix, |s| s.first_delivery(uuid))
         }
         fn touch(&mut self, key: &StateKey, now_unix: u64) -> Result<(), StoreError> {
-            self.with(Wants::default(), now_unix, |s| s.touch(key))
+            self.with(one(key), now_unix, |s| s.touch(key))
+        }
+    }
+
+    /// The wants of one key (a key is always loaded before it is changed).
+    fn one(key: &StateKey) -> Wants<'_> {
+        Wants {
+            keys: vec![key],
+            ..Wants::default()
         }
     }
 
@@ -829,25 +883,37 @@ mod tests {
         let busy = StateKey::new("r", "once", &[&serde_json::json!("busy")]);
         let mut txn = db.begin().unwrap();
         for (key, day) in [(&idle, 10), (&busy, 10), (&busy, 20), (&busy, 20)] {
-            txn.touch(key, day * DAY).unwrap();
-            txn.increment(key).unwrap();
-            txn.mark_acted(key, 1).unwrap();
+            txn.with(one(key), day * DAY, |s| {
+                s.touch(key);
+                s.increment(key);
+                s.mark_acted(key, 1);
+            })
+            .unwrap();
         }
-        txn.count_within(&idle, 5, 10, 3).unwrap();
         assert_eq!(txn.forget_idle(15 * DAY, 100).unwrap(), 1, "only `idle`");
         assert_eq!(txn.forget_idle(15 * DAY, 100).unwrap(), 0);
         assert_eq!(txn.last_acted(&idle).unwrap(), None);
         assert_eq!(txn.increment(&idle).unwrap(), 1, "counted from zero again");
-        assert_eq!(txn.count_within(&idle, 5, 10, 3).unwrap(), 1);
         assert_eq!(txn.last_acted(&busy).unwrap(), Some(1));
         assert_eq!(txn.increment(&busy).unwrap(), 4);
-        // At most `max` keys per call.
+        // At most `look_at` keys are looked at per call, going on from where the last stopped.
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.begin().unwrap();
         for i in 0..5 {
             txn.touch(&StateKey::new("r", "count", &[&i.into()]), DAY)
                 .unwrap();
         }
+        txn.touch(&busy, 20 * DAY).unwrap();
         assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 3);
-        assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 2);
+        assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 2, "and `busy` kept");
+        assert_eq!(
+            txn.forget_idle(2 * DAY, 3).unwrap(),
+            0,
+            "the end: from the start again"
+        );
+        txn.touch(&idle, DAY).unwrap();
+        assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 1);
     }
 
     #[test]
@@ -864,16 +930,39 @@ mod tests {
                 .unwrap()
                 .insert("[\"r\",\"once\",\"a\"]", 0)
                 .unwrap();
+            let times: Vec<u8> = [5i64, 7].iter().flat_map(|t| t.to_le_bytes()).collect();
+            txn.open_table(WINDOWS)
+                .unwrap()
+                .insert("[\"w\",\"count within\",\"a\"]", times.as_slice())
+                .unwrap();
+            txn.open_table(TOUCHED)
+                .unwrap()
+                .insert("[\"w\",\"count within\",\"a\"]", 3)
+                .unwrap();
             txn.commit().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
         let mut txn = db.begin().unwrap();
+        let counter = StateKey::stored("[\"r\",\"count\",\"a\"]");
+        let window = StateKey::stored("[\"w\",\"count within\",\"a\"]");
+        assert_eq!(
+            txn.last_acted(&StateKey::stored("[\"r\",\"once\",\"a\"]"))
+                .unwrap(),
+            Some(0)
+        );
+        // The window's record keeps its last day (3): idle since then.
+        assert_eq!(txn.forget_idle(4 * DAY, 100).unwrap(), 1);
         let today = Clock::wall().unix() / DAY;
+        let n = txn.with(one(&window), today * DAY, |s| {
+            s.count_within(&window, 8, 100, 5)
+        });
+        assert_eq!(n.unwrap(), 1, "forgotten");
         assert_eq!(
             txn.forget_idle(today * DAY, 100).unwrap(),
             0,
             "marked today"
         );
-        assert_eq!(txn.forget_idle((today + 1) * DAY, 100).unwrap(), 2);
+        assert_eq!(txn.increment(&counter).unwrap(), 4, "the counter kept");
+        assert_eq!(txn.forget_idle((today + 1) * DAY, 100).unwrap(), 3);
     }
 }
