@@ -42,7 +42,9 @@ end
 function response(status, headers, body)
   if status >= 200 and status < 300 then
     acked = acked + 1
-    if fired_rule and body:find('"' .. fired_rule .. '"', 1, true) then fired = fired + 1 end
+    -- Only the "fired" list: the reply also names rules held back ("suppressed").
+    local list = fired_rule and body:match('"fired":%[(.-)%]')
+    if list and list:find('"' .. fired_rule .. '"', 1, true) then fired = fired + 1 end
   end
 end
 
