@@ -67,6 +67,7 @@ pub async fn serve(
         config.email_from.clone(),
         retention,
         config.waits,
+        config.limits.max_lines_waiting_bytes as u64,
         deliveries_queued.clone(),
         clock.clone(),
     )?;

@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger ones get 413 [default: 1048576].
     #[arg(long, env = "TRIPLINE_MAX_BODY_BYTES", value_parser = |t: &str| ranged(t, BODY_BYTES))]
     pub max_body_bytes: Option<usize>,
+    /// Most bytes of acknowledged JSONL lines that may wait for one output file that cannot be
+    /// written (a full disk); past it, requests with more lines for that file get 503
+    /// [default: 67108864].
+    #[arg(long, env = "TRIPLINE_MAX_LINES_WAITING_BYTES", value_parser = |t: &str| ranged(t, LINES_WAITING_BYTES))]
+    pub max_lines_waiting_bytes: Option<usize>,
     /// Deepest JSON nesting accepted in a body (at most 128) [default: 32].
     #[arg(long, env = "TRIPLINE_MAX_JSON_DEPTH", value_parser = |t: &str| ranged(t, JSON_DEPTH))]
     pub max_json_depth: Option<usize>,
@@ -220,6 +225,7 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     pub max_body_bytes: Option<Spanned<usize>>,
+    pub max_lines_waiting_bytes: Option<Spanned<usize>>,
     pub max_json_depth: Option<Spanned<usize>>,
     pub max_events_per_body: Option<Spanned<usize>>,
     pub max_concurrent_requests: Option<Spanned<usize>>,
@@ -300,6 +306,8 @@ pub struct LogFile {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Most bytes of lines waiting for one output file (see `pipeline/appender.rs`).
+    pub max_lines_waiting_bytes: usize,
     pub max_json_depth: usize,
     pub max_events_per_body: usize,
     pub max_concurrent_requests: usize,
@@ -472,6 +480,13 @@ impl ServeArgs {
             BODY_BYTES,
             "max_body_bytes",
         );
+        let max_lines_waiting_bytes = check.number(
+            self.max_lines_waiting_bytes,
+            limits.max_lines_waiting_bytes.as_ref(),
+            64 << 20,
+            LINES_WAITING_BYTES,
+            "max_lines_waiting_bytes",
+        );
         let max_json_depth = check.number(
             self.max_json_depth,
             limits.max_json_depth.as_ref(),
@@ -591,6 +606,7 @@ impl ServeArgs {
             folders: paths.folders,
             limits: Limits {
                 max_body_bytes,
+                max_lines_waiting_bytes,
                 max_json_depth,
                 max_events_per_body,
                 max_concurrent_requests,
@@ -780,6 +796,7 @@ impl Checker<'_> {
 
 /// The values each number setting may take: the same for its flag, variable and file key.
 const BODY_BYTES: RangeInclusive<usize> = 1..=1 << 30;
+const LINES_WAITING_BYTES: RangeInclusive<usize> = 1..=1 << 40;
 const JSON_DEPTH: RangeInclusive<usize> = 1..=JSON_DEPTH_CEILING;
 const EVENTS_PER_BODY: RangeInclusive<usize> = 1..=1_000_000;
 const CONCURRENT_REQUESTS: RangeInclusive<usize> = 1..=1_000_000;

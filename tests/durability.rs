@@ -404,6 +404,71 @@ fn a_full_disk_under_the_database_heals_once_space_returns() {
 }
 
 #[test]
+fn past_its_bound_of_lines_waiting_a_full_file_refuses_only_the_requests_writing_there() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");
+        return;
+    }
+    let views_rule = "name = \"views\"\n[when]\nevent = \"$pageview\"\n[jsonl]\nfile = \"full/views.jsonl\"\nfields = { uuid = \"uuid\" }\n";
+    let server = Server::start_with(&["--max-lines-waiting-bytes", "400"], |root| {
+        std::fs::write(root.join("rules/views.toml"), views_rule).unwrap();
+    });
+    let fs = TinyFs::mount(&server.data.join("full"), "64k");
+    let filler = fs.0.join("filler");
+    let _ = std::fs::write(&filler, vec![b'.'; 64 * 1024]);
+    // Each line is about 50 bytes: some are acknowledged and wait, then the bound is reached.
+    let sent: Vec<Value> = (0..20)
+        .map(|_| fresh(fixture_json("pageview.json")))
+        .collect();
+    let statuses: Vec<u16> = sent.iter().map(|e| server.post_json(e).0).collect();
+    let acked: Vec<&Value> = (sent.iter().zip(&statuses))
+        .filter(|(_, s)| **s == 200)
+        .map(|(e, _)| e)
+        .collect();
+    assert!(
+        (1..20).contains(&acked.len()) && statuses.iter().all(|s| [200, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let (status, reply) = server.post_json(&sent[19]);
+    assert_eq!(status, 503, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("try again"),
+        "{reply}"
+    );
+    // Requests for another file are not refused.
+    assert_eq!(
+        server.post_fresh(&fixture_json("generation_failed.json")).0,
+        200
+    );
+    // Space again: the waiting lines are written, and the refused events, sent again, too.
+    std::fs::remove_file(&filler).unwrap();
+    server.wait_for("the waiting lines to be written", |s| {
+        let ready: Value = serde_json::from_str(&s.get("/readyz").1).unwrap();
+        ready["lines_waiting"] == json!({})
+    });
+    for (event, status) in sent.iter().zip(&statuses) {
+        if *status != 200 {
+            assert_eq!(server.post_json(event).0, 200);
+        }
+    }
+    let uuids: Vec<Value> = (server.jsonl("full/views.jsonl").into_iter())
+        .map(|l| l["uuid"].clone())
+        .collect();
+    assert_eq!(uuids.len(), 20);
+    for event in &sent {
+        assert_eq!(
+            uuids
+                .iter()
+                .filter(|u| **u == event["event"]["uuid"])
+                .count(),
+            1
+        );
+    }
+    drop(server);
+    drop(fs);
+}
+
+#[test]
 fn sigkill_while_lines_wait_for_their_file_writes_each_once_after_restart() {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");

@@ -222,6 +222,8 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
             grace: Duration::ZERO,
             max_pending_per_rule: u64::MAX,
         },
+        // A replay writes into a folder of its own: its lines never wait long.
+        u64::MAX,
         Arc::new(tokio::sync::Notify::new()),
         clock.clone(),
     )?;

@@ -12,8 +12,9 @@
 //! If anything fails, the transaction is dropped (no state change, no line queued), and every
 //! request of the batch gets an error (503: PostHog retries). A panic while a batch runs is
 //! caught and handled the same way, so one bad batch never stops the committer. A file whose
-//! lines cannot be written (its disk is full) holds them in the store up to [`MAX_BACKLOG`];
-//! past that, the requests with lines for it get a 503 and the others of the batch go on.
+//! lines cannot be written (its disk is full) holds them in the store up to
+//! `max_lines_waiting_bytes`; past that, the requests with more lines for it get a 503 and the
+//! others of the batch go on.
 //!
 //! An output file that cannot be opened because of its path (a folder in the way, a name too
 //! long) is the rule's fault, not the batch's: that action fails on its own (reported in the
@@ -54,9 +55,6 @@ const KEYS_LOOKED_AT_PER_BATCH: usize = 256;
 const KEYS_LOOKED_AT_PER_TICK: usize = 10_000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
-/// Most bytes of lines waiting for one output file (the appender cannot write it): past this,
-/// requests with more lines for it are refused (503) rather than filling the store.
-const MAX_BACKLOG: u64 = 64 << 20;
 /// Most due waits ended in one transaction, and most waits of removed rules dropped: more are
 /// left to the next one, so that requests in between are never held up for long.
 const WAITS_PER_COMMIT: usize = 500;
@@ -162,6 +160,8 @@ struct Worker {
     /// To check that the rules' output files can be opened (the appender writes them).
     files: JsonlFiles,
     appender: Appender,
+    /// Most bytes of lines that may wait for one file.
+    max_lines_waiting: u64,
     registered: HashSet<PathBuf>,
     /// The last rule set whose files are all registered.
     checked: Option<Arc<RuleSet>>,
@@ -204,6 +204,7 @@ impl Committer {
         default_from: Mailbox,
         retention: Retention,
         waits: WaitSettings,
+        max_lines_waiting: u64,
         deliveries_queued: Arc<Notify>,
         clock: Clock,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
@@ -221,6 +222,7 @@ impl Committer {
             store,
             files,
             appender,
+            max_lines_waiting,
             registered: HashSet::new(),
             checked: None,
             default_from,
@@ -678,7 +680,7 @@ impl Worker {
         for (file, text) in &lines {
             let name = file.to_string_lossy();
             if let Some(w) = self.appender.backlog(&name)
-                && w.bytes + text.len() as u64 > MAX_BACKLOG
+                && w.bytes + text.len() as u64 > self.max_lines_waiting
             {
                 let why = w.error.unwrap_or_else(|| "it is being written".into());
                 return Err(CommitError::Output {
@@ -1091,6 +1093,7 @@ mod tests {
                     idle_state: Duration::from_secs(86_400),
                 },
                 crate::config::WaitSettings::default(),
+                64 << 20,
                 Arc::new(Notify::new()),
                 clock.clone(),
             )

@@ -131,6 +131,7 @@ mod tests {
                 idle_state: Duration::from_secs(60),
             },
             crate::config::WaitSettings::default(),
+            64 << 20,
             Arc::new(tokio::sync::Notify::new()),
             Clock::wall(),
         )
