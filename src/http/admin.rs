@@ -8,6 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::AppState;
@@ -18,7 +19,7 @@ use crate::telemetry;
 /// Lets a request to the read-only endpoints through when no source is configured (loopback
 /// only), or when it carries the admin token.
 pub async fn admin_only(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
@@ -34,7 +35,7 @@ pub async fn admin_only(
 
 /// GET /readyz: 200 when events can be taken (a write to the store can commit, the committer
 /// runs, rules are loaded, the data folder is writable), else 503 with what is wrong.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let store = state.store.clone();
     let data_dir = state.data_dir.clone();
     let checks = tokio::task::spawn_blocking(move || {
@@ -107,7 +108,7 @@ fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
 
 /// The email queue: how many wait and the oldest 50 of them (with the last error), and what was
 /// recently sent or gave up.
-pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+pub async fn outbox(State(state): State<Arc<AppState>>) -> Result<Json<Value>, AppError> {
     let store = state.store.clone();
     let status = tokio::task::spawn_blocking(move || store.outbox_status(50))
         .await
@@ -129,7 +130,7 @@ pub async fn outbox(State(state): State<AppState>) -> Result<Json<Value>, AppErr
 
 /// The running rules with their files, the running set's content hash and load time, and the
 /// outcome of the last reload.
-pub async fn rules(State(state): State<AppState>) -> Json<Value> {
+pub async fn rules(State(state): State<Arc<AppState>>) -> Json<Value> {
     let set = state.rules.snapshot();
     let unwritable = state.committer.unwritable();
     let store = state.store.clone();
@@ -188,7 +189,7 @@ pub async fn rules(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let store = state.store.clone();
     if let Ok(Ok(pending)) = tokio::task::spawn_blocking(move || store.pending_count()).await {
         metrics::gauge!(telemetry::OUTBOX_PENDING.name).set(pending as f64);

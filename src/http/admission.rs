@@ -33,7 +33,7 @@ pub struct Sender {
 
 /// Admits a request to `/webhook` (see the module's documentation).
 pub async fn admit(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, AppError> {

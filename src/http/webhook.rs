@@ -7,6 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use tracing::{Instrument, info_span, warn};
 
 use super::AppState;
@@ -20,7 +21,7 @@ use crate::telemetry;
 /// POST /webhook, once admission has settled who sent it: decode every event, run them through
 /// one snapshot of the rules, and answer once their effects are durable.
 pub async fn webhook(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(sender): Extension<Sender>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, AppError> {
