@@ -39,12 +39,18 @@ impl<'a> Wants<'a> {
 /// never used (a zero count, an empty window, never acted).
 ///
 /// Two maps in all, so that a batch's state costs two hash tables however many kinds of state
-/// it touches: one slot per key, and the event ids.
+/// it touches: one slot per key, and the event ids. What changed is listed apart, so that
+/// writing it back costs what changed, not what is held (`tripline test` and `replay` hold the
+/// whole state in one).
 #[derive(Debug, Default)]
 pub struct State {
     keys: HashMap<StateKey, Slot>,
-    /// Event uuids handled before (`false`) or first handled since the state was loaded (`true`).
-    seen: HashMap<String, bool>,
+    /// The keys changed or used since the state was loaded (or saved).
+    dirty: Vec<StateKey>,
+    /// Event uuids handled before, or since the state was loaded.
+    seen: foldhash::HashSet<String>,
+    /// Event uuids first handled since the state was loaded (or saved).
+    fresh: Vec<String>,
     /// Pending waits per rule, and whether the number changed since the state was loaded.
     waiting: HashMap<String, (u64, bool)>,
 }
@@ -55,8 +61,8 @@ struct Slot {
     count: u64,
     window: Vec<i64>,
     acted: Option<i64>,
-    /// A `wait` key's pending wait.
-    wait: Option<Pending>,
+    /// A `wait` key's pending wait (boxed: it holds an event, and most slots have none).
+    wait: Option<Box<Pending>>,
     /// Its deadline as the store has it (so that the store can move its due index).
     stored_deadline: Option<i64>,
     /// Which of the above changed since the state was loaded ([`CHANGED_COUNT`]...).
@@ -124,14 +130,24 @@ impl State {
         self.keys.get_mut(key).expect("inserted above")
     }
 
+    /// The slot at `key`, about to change (or be used): listed as dirty the first time.
+    fn slot_to_change(&mut self, key: &StateKey) -> &mut Slot {
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.clone(), Slot::default());
+        }
+        let slot = self.keys.get_mut(key).expect("inserted above");
+        if slot.changed == 0 && !slot.touched {
+            self.dirty.push(key.clone());
+        }
+        slot
+    }
+
     /// Adds state loaded later in the same batch: keys this state does not hold yet.
     pub fn merge(&mut self, later: State) {
         for (key, slot) in later.keys {
             self.keys.entry(key).or_insert(slot);
         }
-        for (uuid, new) in later.seen {
-            self.seen.entry(uuid).or_insert(new);
-        }
+        self.seen.extend(later.seen);
         for (rule, n) in later.waiting {
             self.waiting.entry(rule).or_insert(n);
         }
@@ -152,7 +168,7 @@ impl State {
     pub fn load_wait(&mut self, key: &StateKey, wait: Pending) {
         let slot = self.slot(key);
         slot.stored_deadline = Some(wait.deadline_ms);
-        slot.wait = Some(wait);
+        slot.wait = Some(Box::new(wait));
     }
 
     /// Sets a rule's number of pending waits as loaded from the store.
@@ -162,7 +178,7 @@ impl State {
 
     /// The pending wait at `key`, if any.
     pub fn wait(&self, key: &StateKey) -> Option<&Pending> {
-        self.keys.get(key).and_then(|slot| slot.wait.as_ref())
+        self.keys.get(key).and_then(|slot| slot.wait.as_deref())
     }
 
     /// How many waits `rule` has pending (as loaded, if it was, and changed since).
@@ -173,9 +189,9 @@ impl State {
     /// Sets the pending wait at `key` (a new one, or a changed one).
     pub fn set_wait(&mut self, key: &StateKey, wait: Pending) {
         let rule = wait.rule.clone();
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         let new = slot.wait.is_none();
-        slot.wait = Some(wait);
+        slot.wait = Some(Box::new(wait));
         slot.changed |= CHANGED_WAIT;
         if new {
             self.add_waiting(&rule, 1);
@@ -184,8 +200,9 @@ impl State {
 
     /// Ends the pending wait at `key`, returning it.
     pub fn end_wait(&mut self, key: &StateKey) -> Option<Pending> {
-        let slot = self.keys.get_mut(key)?;
-        let wait = slot.wait.take()?;
+        self.keys.get(key)?.wait.as_ref()?;
+        let slot = self.slot_to_change(key);
+        let wait = *slot.wait.take().expect("looked at above");
         slot.changed |= CHANGED_WAIT;
         self.add_waiting(&wait.rule, -1);
         Some(wait)
@@ -202,21 +219,22 @@ impl State {
 
     /// Notes that the event `uuid` was handled before, as loaded from the store.
     pub fn load_seen(&mut self, uuid: &str) {
-        self.seen.insert(uuid.to_string(), false);
+        self.seen.insert(uuid.to_string());
     }
 
     /// Records that the event `uuid` is being handled now; `false` if it was handled before.
     pub fn first_delivery(&mut self, uuid: &str) -> bool {
-        if self.seen.contains_key(uuid) {
+        if self.seen.contains(uuid) {
             return false;
         }
-        self.seen.insert(uuid.to_string(), true);
+        self.seen.insert(uuid.to_string());
+        self.fresh.push(uuid.to_string());
         true
     }
 
     /// Adds one to the counter at `key` and returns its new value.
     pub fn increment(&mut self, key: &StateKey) -> u64 {
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         slot.count += 1;
         slot.changed |= CHANGED_COUNT;
         slot.count
@@ -225,7 +243,7 @@ impl State {
     /// Records an event at `t_ms` in the window at `key` and returns how many recorded events
     /// fall within `window_ms` up to `t_ms` (see [`record_in_window`]).
     pub fn count_within(&mut self, key: &StateKey, t_ms: i64, window_ms: i64, keep: usize) -> u64 {
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         slot.changed |= CHANGED_WINDOW;
         record_in_window(&mut slot.window, t_ms, window_ms, keep)
     }
@@ -234,7 +252,7 @@ impl State {
     /// latest period is kept (as `[period, count]` in the key's window): a newer one starts
     /// again from one; an event from an older one counts as the first of its period, unkept.
     pub fn count_in_period(&mut self, key: &StateKey, period: i64) -> u64 {
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         match slot.window[..] {
             [p, n] if p == period => {
                 slot.window[1] = n.saturating_add(1);
@@ -270,7 +288,7 @@ impl State {
         how: Distinct,
         keep: usize,
     ) -> u64 {
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         slot.changed |= CHANGED_WINDOW;
         count_distinct(&mut slot.window, value, t_ms, how, keep)
     }
@@ -282,14 +300,14 @@ impl State {
 
     /// Records that the rule acted for `key` at `t_ms`.
     pub fn mark_acted(&mut self, key: &StateKey, t_ms: i64) {
-        let slot = self.slot(key);
+        let slot = self.slot_to_change(key);
         slot.acted = Some(t_ms);
         slot.changed |= CHANGED_ACTED;
     }
 
     /// Records that an event used `key`, so that the store keeps it while in use.
     pub fn touch(&mut self, key: &StateKey) {
-        self.slot(key).touched = true;
+        self.slot_to_change(key).touched = true;
     }
 
     /// What changed since the state was loaded (or since [`State::saved`]).
@@ -301,12 +319,10 @@ impl State {
                 .filter(|(_, (_, changed))| *changed)
                 .map(|(rule, (n, _))| (rule.as_str(), *n))
                 .collect(),
-            seen: (self.seen.iter())
-                .filter(|(_, new)| **new)
-                .map(|(uuid, _)| uuid.as_str())
-                .collect(),
+            seen: self.fresh.iter().map(String::as_str).collect(),
         };
-        for (key, slot) in &self.keys {
+        for key in &self.dirty {
+            let slot = &self.keys[key];
             let changed = slot.changed & (CHANGED_COUNT | CHANGED_WINDOW | CHANGED_ACTED) != 0;
             if changed || slot.touched {
                 changes.keys.push(KeyChange {
@@ -322,7 +338,7 @@ impl State {
                 changes.waits.push(WaitChange {
                     key,
                     stored_deadline: slot.stored_deadline,
-                    now: slot.wait.as_ref(),
+                    now: slot.wait.as_deref(),
                 });
             }
         }
@@ -332,7 +348,7 @@ impl State {
     /// What changed in the waits, cheaply: the soonest deadline set, and each rule's number of
     /// pending waits that changed.
     pub fn wait_changes(&self) -> (Option<i64>, Vec<(String, u64)>) {
-        let soonest = (self.keys.values())
+        let soonest = (self.dirty.iter().map(|key| &self.keys[key]))
             .filter(|slot| slot.changed & CHANGED_WAIT != 0)
             .filter_map(|slot| slot.wait.as_ref().map(|w| w.deadline_ms))
             .min();
@@ -345,7 +361,8 @@ impl State {
 
     /// Marks every change as written.
     pub fn saved(&mut self) {
-        for slot in self.keys.values_mut() {
+        for key in self.dirty.drain(..) {
+            let slot = self.keys.get_mut(&key).expect("a dirty key has a slot");
             slot.changed = 0;
             slot.touched = false;
             slot.stored_deadline = slot.wait.as_ref().map(|w| w.deadline_ms);
@@ -353,7 +370,7 @@ impl State {
         self.waiting
             .values_mut()
             .for_each(|(_, changed)| *changed = false);
-        self.seen.values_mut().for_each(|new| *new = false);
+        self.fresh.clear();
     }
 }
 
