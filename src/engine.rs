@@ -918,7 +918,7 @@ impl DuePlan {
         ended: &mut Vec<(usize, i64)>,
     ) -> Report {
         let mut report = Report::default();
-        for (key, _, keys) in &self.due {
+        for (key, listed, keys) in &self.due {
             let Some(pending) = state.wait(key).filter(|p| p.deadline_ms <= until_ms) else {
                 continue;
             };
@@ -940,7 +940,19 @@ impl DuePlan {
                 (None, Some(collected)) => {
                     send_digest(index, rules, &pending, collected, env, effects)
                 }
-                (None, None) => at_deadline(index, rules, &pending, keys, state, env, effects),
+                (None, None) => {
+                    // A wait started again in this batch has another trigger than the one listed:
+                    // its keys (loaded with that batch's event) are the ones that count.
+                    let restarted = (pending.trigger.uuid != listed.trigger.uuid)
+                        || (pending.trigger.time != listed.trigger.time);
+                    let keys = match restarted {
+                        true => {
+                            &limit_keys(&rules.rules()[index], &pending.trigger).unwrap_or_default()
+                        }
+                        false => keys,
+                    };
+                    at_deadline(index, rules, &pending, keys, state, env, effects)
+                }
             };
             report.push(rules, index, outcome, &pending.trigger, pending.deadline_ms);
         }

@@ -246,13 +246,32 @@ impl Committer {
         let handle = std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    let mut batch = Vec::new();
+                // A request for another rule set than the batch's waits for the next batch.
+                let mut carried: Option<Job> = None;
+                loop {
+                    let first = match carried.take() {
+                        Some(job) => job,
+                        None => match rx.blocking_recv() {
+                            Some(job) => job,
+                            None => break,
+                        },
+                    };
+                    let mut batch: Vec<Request> = Vec::new();
                     let mut ticks = Vec::new();
                     let mut end_waits: Option<EndWaits> = None;
                     let mut next = Some(first);
                     while let Some(job) = next {
                         match job {
+                            // One rule set per batch: every key is worked out, loaded and
+                            // changed under the same rules.
+                            Job::Request(request)
+                                if batch
+                                    .first()
+                                    .is_some_and(|b| !Arc::ptr_eq(&b.rules, &request.rules)) =>
+                            {
+                                carried = Some(Job::Request(request));
+                                break;
+                            }
                             Job::Request(request) => batch.push(request),
                             Job::Tick(reply) => ticks.push(reply),
                             // The newest rules; an older asker is answered as done.
@@ -408,6 +427,14 @@ impl Worker {
     }
 
     fn process(&mut self, mut batch: Vec<Request>, mut end_waits: Option<EndWaits>) {
+        // Waits end under the newest rules; if those are not the requests' rules, apart from
+        // them, so that each commit decides under one rule set.
+        if let (Some(first), Some(waits)) = (batch.first(), &end_waits) {
+            let newest = self.newest_rules(&batch, &waits.rules);
+            if !Arc::ptr_eq(&newest, &first.rules) {
+                self.process(std::mem::take(&mut batch), None);
+            }
+        }
         loop {
             let mut files_of = Vec::new();
             // A panic must not take the committer (and so the whole service) down: the batch
@@ -1189,6 +1216,32 @@ mod tests {
         std::fs::write(running.out(), text).unwrap();
         running.submit(&["b"], None).unwrap();
         assert_eq!(running.written(), "{\"e\":\"a\"}\n{\"e\":\"b\"}\n");
+        running.stop();
+    }
+
+    #[test]
+    fn requests_under_two_rule_sets_at_once_are_each_committed() {
+        let running = Running::start();
+        let root = running.dir.path();
+        let reloaded =
+            Arc::new(RuleSet::load(&root.join("rules"), &root.join("templates"), root).unwrap());
+        let events = |name: &str| {
+            let body = format!(r#"{{"event":"{name}"}}"#);
+            let limits = &crate::ingest::event::BodyLimits::LOCAL_FILES;
+            crate::ingest::event::decode(body.as_bytes(), running.clock.now(), limits).unwrap()
+        };
+        let c = &running.committer;
+        // Queued together: the second set's request waits for a batch of its own, and the one
+        // after it is not lost.
+        let (a, b, d) = running.runtime.block_on(async {
+            tokio::join!(
+                c.submit(running.rules.clone(), events("a"), None),
+                c.submit(reloaded.clone(), events("b"), None),
+                c.submit(running.rules.clone(), events("d"), None),
+            )
+        });
+        assert!(a.is_ok() && b.is_ok() && d.is_ok(), "{a:?} {b:?} {d:?}");
+        assert_eq!(running.written().lines().count(), 3);
         running.stop();
     }
 

@@ -144,6 +144,10 @@ impl State {
 
     /// Adds state loaded later in the same batch: keys this state does not hold yet.
     pub fn merge(&mut self, later: State) {
+        debug_assert!(
+            later.dirty.is_empty() && later.fresh.is_empty(),
+            "merged as loaded"
+        );
         for (key, slot) in later.keys {
             self.keys.entry(key).or_insert(slot);
         }
@@ -259,7 +263,10 @@ impl State {
                 slot.changed |= CHANGED_WINDOW;
                 slot.window[1] as u64
             }
-            [p, _] if p > period => 1,
+            [p, _] if p > period => {
+                slot.touched = true;
+                1
+            }
             _ => {
                 slot.window = vec![period, 1];
                 slot.changed |= CHANGED_WINDOW;

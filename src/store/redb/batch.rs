@@ -38,7 +38,12 @@ impl RuleState for WriteTxn {
             let table = self.txn.open_table(KEYS).map_err(err)?;
             for &key in &wants.keys {
                 if let Some(bytes) = table.get(key.as_str()).map_err(err)? {
-                    state.load_key(key, record::decode(bytes.value())?);
+                    // One unreadable record must not stop every batch that reaches its key: it
+                    // is read as a key never used, and said so.
+                    match record::decode(bytes.value()) {
+                        Ok(record) => state.load_key(key, record),
+                        Err(e) => tracing::error!(key = key.as_str(), "{e}; counting afresh"),
+                    }
                 }
             }
         }
@@ -303,7 +308,8 @@ impl Batch for WriteTxn {
             let (k, v) = row.map_err(err)?;
             looked += 1;
             last = Some(k.value().to_string());
-            if record::day(v.value())? < cutoff_day {
+            // An unreadable record goes too (it reads as never used anyway).
+            if record::day(v.value()).map_or(true, |day| day < cutoff_day) {
                 idle.push(k.value().to_string());
             }
         }

@@ -154,6 +154,10 @@ fn merge_state_tables(txn: &redb::WriteTransaction, today: u64) -> Result<(), St
     let mut bytes = Vec::new();
     let mut merged = 0;
     for (key, p) in keys.iter().filter(|(_, p)| p.state) {
+        // Newer than the old tables (an older build ran on this database since): kept.
+        if table.get(key.as_str()).map_err(err)?.is_some() {
+            continue;
+        }
         record::encode(
             p.count,
             &p.window,
@@ -914,6 +918,38 @@ mod tests {
         );
         txn.touch(&idle, DAY).unwrap();
         assert_eq!(txn.forget_idle(2 * DAY, 3).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_record_counts_afresh_and_stops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let key = StateKey::new("r", "count", &[]);
+        {
+            let txn = db.write().unwrap();
+            txn.txn
+                .open_table(KEYS)
+                .unwrap()
+                .insert(key.as_str(), &b"not a record"[..])
+                .unwrap();
+            Box::new(txn).commit().unwrap();
+        }
+        let mut txn = db.begin().unwrap();
+        assert_eq!(txn.increment(&key).unwrap(), 1, "read as never used");
+        assert_eq!(txn.increment(&key).unwrap(), 2, "and written whole again");
+        txn.commit().unwrap();
+        let txn = db.write().unwrap();
+        txn.txn
+            .open_table(KEYS)
+            .unwrap()
+            .insert("[\"r\",\"count\",\"x\"]", &b"?"[..])
+            .unwrap();
+        let mut txn: Box<dyn Batch> = Box::new(txn);
+        assert_eq!(
+            txn.forget_idle(0, 100).unwrap(),
+            1,
+            "the unreadable one goes"
+        );
     }
 
     #[test]

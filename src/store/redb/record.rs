@@ -1,7 +1,8 @@
 //! How one key of `[count]` and `[limits]` is stored: one record per key, so that an event
 //! writes one row for it, not one per kind of state.
 //!
-//! Little-endian: the day an event last used the key (u32, days since 1970), the counter (u64),
+//! Little-endian: the day an event last used the key (u32, days since 1970: enough for eleven
+//! million years), the counter (u64),
 //! when the rule last acted (i64 milliseconds; `i64::MIN` for never), then the window's values
 //! (i64 each: event times, a period and its count, or value digests).
 
