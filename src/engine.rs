@@ -541,7 +541,7 @@ fn apply(
         return held;
     }
     if let (Some(digest), Ok(Some(key))) = (&rule.digest, &matched.wait) {
-        return collect(rule, digest, key, event, count, state);
+        return collect(rule, digest, key, event, count, state, env);
     }
     match &rule.wait {
         Some(wait) => match &matched.wait {
@@ -569,7 +569,7 @@ fn apply(
             Ok(None) => unreachable!("a rule with [wait] has a wait key"),
             Err(no_key) => no_key.clone(),
         },
-        None => hold(rule, event, count, None, keys, t_ms, state).unwrap_or_else(|| {
+        None => hold(rule, event, count, None, keys, t_ms, state, env).unwrap_or_else(|| {
             act(
                 index, rule, rules, event, count, None, keys, t_ms, state, env, effects,
             )
@@ -696,6 +696,7 @@ fn mark_acted(rule: &Rule, keys: &LimitKeys, t_ms: i64, event: &Event, state: &m
 /// (a pending record, due when the window opens, that runs it then), and counts it as the
 /// rule acting now for `[limits]` and its cap, so that a second event before the window opens
 /// is held back rather than held twice. `None` when the rule may act now.
+#[allow(clippy::too_many_arguments)]
 fn hold(
     rule: &Rule,
     event: &Event,
@@ -704,8 +705,12 @@ fn hold(
     keys: &LimitKeys,
     t_ms: i64,
     state: &mut State,
+    env: &Env,
 ) -> Option<Outcome> {
     let until_ms = rule.send_window.as_ref()?.next_open(t_ms, event)?;
+    if let Err(refused) = room_for_pending(rule, state, env) {
+        return Some(refused);
+    }
     // One record per decision: the event (its id, or its time) and the moment decided.
     let key = StateKey::new(
         &rule.name,
@@ -757,13 +762,8 @@ fn start_wait(
             state.set_wait(key, pending);
             return Outcome::Waiting { until_ms };
         }
-    } else if state.waiting(&rule.name) >= env.max_pending_waits {
-        let reason = format!(
-            "no wait started: the rule already has {} pending waits, the most one rule may have (max_pending_waits_per_rule)",
-            env.max_pending_waits
-        );
-        warn!(%reason);
-        return Outcome::WaitRefused { reason };
+    } else if let Err(refused) = room_for_pending(rule, state, env) {
+        return refused;
     }
     let for_ms = i64::try_from(wait.for_.as_millis()).unwrap_or(i64::MAX);
     let until_ms = t_ms.saturating_add(for_ms);
@@ -780,6 +780,20 @@ fn start_wait(
         },
     );
     Outcome::Waiting { until_ms }
+}
+
+/// Whether `rule` may keep one more pending record (a wait, a held action, a digest being
+/// collected): at most `[waits] max_pending_per_rule` of them, together.
+fn room_for_pending(rule: &Rule, state: &State, env: &Env) -> Result<(), Outcome> {
+    if state.waiting(&rule.name) < env.max_pending_waits {
+        return Ok(());
+    }
+    let reason = format!(
+        "not kept for later: the rule already has {} pending waits, held actions or digests, the most one rule may have ([waits] max_pending_per_rule)",
+        env.max_pending_waits
+    );
+    warn!(%reason);
+    Err(Outcome::WaitRefused { reason })
 }
 
 /// Keeps `event` as the latest one seen by a pending wait, if it is (by its own time).
@@ -839,13 +853,15 @@ fn watch(
             let trigger = &pending.trigger;
             let count = pending.count;
             Some(
-                hold(rule, trigger, count, Some(waited), &keys, t_ms, state).unwrap_or_else(|| {
-                    let (index, waited) = (matched.rule, Some(waited));
-                    act(
-                        index, rule, rules, trigger, count, waited, &keys, t_ms, state, env,
-                        effects,
-                    )
-                }),
+                hold(rule, trigger, count, Some(waited), &keys, t_ms, state, env).unwrap_or_else(
+                    || {
+                        let (index, waited) = (matched.rule, Some(waited));
+                        act(
+                            index, rule, rules, trigger, count, waited, &keys, t_ms, state, env,
+                            effects,
+                        )
+                    },
+                ),
             )
         }
         _ => {
@@ -924,10 +940,12 @@ impl DuePlan {
             };
             let rule_name = pending.rule.clone();
             let pending = state.end_wait(key).expect("there is a wait");
-            let goes_on = |r: &Rule| {
-                r.wait.is_some()
-                    || pending.held.is_some()
-                    || (r.digest.is_some() && pending.digest.is_some())
+            // A held action runs as decided while its rule keeps pending records at all (as the
+            // reload's sweep keeps them); a wait or a digest needs its table.
+            let goes_on = |r: &Rule| match (&pending.held, &pending.digest) {
+                (Some(_), _) => r.keeps_pending(),
+                (None, Some(_)) => r.digest.is_some(),
+                (None, None) => r.wait.is_some(),
             };
             let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| goes_on(r)) else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
@@ -1022,9 +1040,11 @@ fn collect(
     event: &Event,
     count: Option<u64>,
     state: &mut State,
+    env: &Env,
 ) -> Outcome {
     let mut pending = match state.wait(key) {
         Some(pending) => pending.clone(),
+        None if let Err(refused) = room_for_pending(rule, state, env) => return refused,
         None => Pending {
             rule: rule.name.clone(),
             deadline_ms: digest.next_send(event.time.timestamp_millis(), event),
@@ -1090,7 +1110,7 @@ fn at_deadline(
                 .unwrap_or_default(),
         };
         let (trigger, count) = (&pending.trigger, pending.count);
-        hold(rule, trigger, count, Some(waited), keys, t_ms, state).unwrap_or_else(|| {
+        hold(rule, trigger, count, Some(waited), keys, t_ms, state, env).unwrap_or_else(|| {
             let waited = Some(waited);
             act(
                 index, rule, rules, trigger, count, waited, keys, t_ms, state, env, effects,
@@ -1570,6 +1590,26 @@ fields = { k = "properties.k", at = "timestamp" }
             r.run(&[at("started", "d", 2)]).outcomes[..],
             [(0, Outcome::Waiting { .. })]
         ));
+    }
+
+    #[test]
+    fn held_actions_count_against_the_cap_of_pending_records() {
+        // 1970-01-01 was a Thursday: the window, on Mondays, is closed.
+        let mut r = Runs::new(
+            "name = \"office\"\n[when]\nevent = \"started\"\n[send_window]\ndays = [\"mon\"]\n\
+             hours = \"09:00-10:00\"\n[jsonl]\nfile = \"o.jsonl\"\nfields = { e = \"event\" }\n",
+        );
+        for k in ["a", "b", "c"] {
+            assert!(matches!(
+                r.run(&[at("started", k, 0)]).outcomes[..],
+                [(0, Outcome::Held { .. })]
+            ));
+        }
+        let report = r.run(&[at("started", "d", 0)]);
+        assert!(
+            matches!(&report.outcomes[..], [(0, Outcome::WaitRefused { reason })] if reason.contains("held actions")),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub const RULE_MATCHES: Metric = counter(
 pub const RULE_FIRES: Metric = counter("tripline_rule_fires_total", "Events the rule acted on");
 pub const RULE_SUPPRESSIONS: Metric = counter(
     "tripline_rule_suppressions_total",
-    "Times the rule would have acted and was held back, by reason (limits: its [limits])",
+    "Times the rule would have acted and was held back, by reason (limits: its [limits] once-keys; cap: its cap group)",
 );
 pub const ACTIONS_SUCCEEDED: Metric = counter(
     "tripline_actions_succeeded_total",

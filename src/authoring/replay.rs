@@ -594,15 +594,14 @@ fn print_summary(
     println!(
         "matched: [when] held (with [wait]: the events that started or cancelled a wait) · counting: below [count] at_least · held back: by [limits] (once, or its cap group) · no key: the event lacked a `per`/`once_per` field"
     );
-    let later = |r: &crate::rules::Rule| r.wait.is_some() || r.send_window.is_some();
-    if rules.rules().iter().any(later) {
+    if rules.rules().iter().any(crate::rules::Rule::keeps_pending) {
         println!();
         println!(
             "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
             "waits", "started", "cancelled", "fired", "ended", "held", "pending"
         );
         for (rule, s) in rules.rules().iter().zip(stats) {
-            if later(rule) {
+            if rule.keeps_pending() {
                 println!(
                     "{:width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
                     rule.name,

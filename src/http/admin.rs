@@ -163,7 +163,7 @@ pub async fn rules(State(state): State<Arc<AppState>>) -> Json<Value> {
                         .collect();
                     summary["suppressed"] = Value::Object(held);
                     // Pending waits and held actions (`[send_window]`) alike.
-                    if r.wait.is_some() || r.send_window.is_some() || r.digest.is_some() {
+                    if r.keeps_pending() {
                         summary["waits"] = json!({
                             "pending": waiting.as_ref().map(|w| w.get(&r.name).copied().unwrap_or(0)),
                             "last_late_seconds": late.get(&r.name),

@@ -811,18 +811,19 @@ impl Worker {
             }
             let wait_metric = match outcome {
                 Outcome::Held { .. } => Some(telemetry::ACTIONS_HELD.name),
-                _ if rule.wait.is_none() => None,
-                Outcome::Waiting { .. } => Some(telemetry::WAITS_STARTED.name),
-                Outcome::Cancelled => Some(telemetry::WAITS_CANCELLED.name),
-                o if o.acted() => Some(telemetry::WAITS_FIRED.name),
-                Outcome::Expired { .. } | Outcome::Suppressed | Outcome::Failed { .. } => {
-                    Some(telemetry::WAITS_EXPIRED.name)
-                }
                 Outcome::WaitRefused { .. } => {
                     metrics::counter!(telemetry::WAITS_DROPPED.name, "rule" => name(), "reason" => "max_pending")
                         .increment(1);
                     None
                 }
+                _ if rule.wait.is_none() => None,
+                Outcome::Waiting { .. } => Some(telemetry::WAITS_STARTED.name),
+                Outcome::Cancelled => Some(telemetry::WAITS_CANCELLED.name),
+                o if o.acted() => Some(telemetry::WAITS_FIRED.name),
+                Outcome::Expired { .. } | Outcome::Failed { .. } => {
+                    Some(telemetry::WAITS_EXPIRED.name)
+                }
+                o if o.suppressed().is_some() => Some(telemetry::WAITS_EXPIRED.name),
                 _ => None,
             };
             if let Some(metric) = wait_metric {
@@ -1060,10 +1061,7 @@ fn drop_waits_of_gone_rules(
 ) -> Result<Vec<(String, u64, u64)>, CommitError> {
     let mut dropped = Vec::new();
     for (rule, pending) in txn.waiting()? {
-        if rules
-            .named(&rule)
-            .is_some_and(|(_, r)| r.wait.is_some() || r.send_window.is_some() || r.digest.is_some())
-        {
+        if rules.named(&rule).is_some_and(|(_, r)| r.keeps_pending()) {
             continue;
         }
         let n = txn.drop_waits(&rule, WAITS_PER_COMMIT)?;

@@ -68,6 +68,12 @@ impl Rule {
     pub fn is_about_suppressions(&self) -> bool {
         matches!(self.events.as_deref(), Some([name]) if name == SUPPRESSED_EVENT)
     }
+
+    /// Whether the rule keeps pending records: waits, actions held for its send window, or a
+    /// digest being collected. Those of a rule that no longer does are dropped.
+    pub fn keeps_pending(&self) -> bool {
+        self.wait.is_some() || self.send_window.is_some() || self.digest.is_some()
+    }
 }
 
 /// `[count]`: act from the `at_least`-th matching event for each key on.
