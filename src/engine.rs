@@ -181,9 +181,9 @@ pub fn run(
     let mut wants = Wants::default();
     plan.add_wants(rules, events, &mut wants);
     let mut state = store.load(&wants)?;
-    let (once, caps) = plan.limits_of_waits(rules, &state);
-    if !once.is_empty() || !caps.is_empty() {
-        state.merge(store.load(&Wants::limits(&once, &caps))?);
+    let limits = plan.limits_of_waits(rules, &state);
+    if !limits.is_empty() {
+        state.merge(store.load(&Wants::keys(&limits))?);
     }
     let mut report = plan.decide(rules, events, &mut state, env, effects);
     follow_suppressions(
@@ -248,9 +248,9 @@ pub fn follow_suppressions(
     plan.add_wants(rules, &events, &mut wants);
     // What is in `state` already was loaded and may have changed: it is kept as it is.
     state.merge(load(&wants)?);
-    let (once, caps) = plan.limits_of_waits(rules, state);
-    if !once.is_empty() || !caps.is_empty() {
-        state.merge(load(&Wants::limits(&once, &caps))?);
+    let limits = plan.limits_of_waits(rules, state);
+    if !limits.is_empty() {
+        state.merge(load(&Wants::keys(&limits))?);
     }
     let mut more = plan.decide(rules, &events, state, env, effects);
     more.suppressions.clear();
@@ -396,24 +396,20 @@ impl Plan {
             }
             if let Ok(Some(key)) = &m.wait {
                 wants.waits.push(key);
-                wants.waiting.push(&rules.rules()[m.rule].name);
+                wants.waiting(&rules.rules()[m.rule].name);
             }
             let rule = &rules.rules()[m.rule];
             if rule.send_window.is_some() {
-                wants.waiting.push(&rule.name);
+                wants.waiting(&rule.name);
             }
         }
     }
 
     /// The `[limits]` keys of the pending waits this plan's events may end (an `until` event,
     /// or a trigger after a wait's end): they come from each wait's triggering event, so they
-    /// are known once the waits are loaded. Once-keys first, cap keys second.
-    pub fn limits_of_waits(
-        &self,
-        rules: &RuleSet,
-        state: &State,
-    ) -> (Vec<StateKey>, Vec<StateKey>) {
-        let (mut once, mut caps) = (Vec::new(), Vec::new());
+    /// are known once the waits are loaded.
+    pub fn limits_of_waits(&self, rules: &RuleSet, state: &State) -> Vec<StateKey> {
+        let mut keys = Vec::new();
         for m in &self.matched {
             let Some(key) = m.wait.as_ref().ok().and_then(Option::as_ref) else {
                 continue;
@@ -421,12 +417,11 @@ impl Plan {
             let Some(pending) = state.wait(key) else {
                 continue;
             };
-            if let Ok(keys) = limit_keys(&rules.rules()[m.rule], &pending.trigger) {
-                once.extend(keys.once);
-                caps.extend(keys.cap);
+            if let Ok(its) = limit_keys(&rules.rules()[m.rule], &pending.trigger) {
+                keys.extend(its.once.into_iter().chain(its.cap));
             }
         }
-        (once, caps)
+        keys
     }
 
     /// Decides what `events` do, changing `state` and pushing effects onto `effects`.
@@ -914,7 +909,7 @@ impl DuePlan {
     pub fn add_wants<'a>(&'a self, wants: &mut Wants<'a>) {
         for (key, pending, keys) in &self.due {
             wants.waits.push(key);
-            wants.waiting.push(&pending.rule);
+            wants.waiting(&pending.rule);
             wants.keys.extend(keys.once.iter().chain(&keys.cap));
         }
     }

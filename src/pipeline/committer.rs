@@ -558,7 +558,8 @@ impl Worker {
         // The files of the rules under which waits end are opened (and their length recorded)
         // like those of requests, but only when some wait is due: nothing is opened for nothing.
         let due_now = self.next_wait.borrow().is_some_and(|at| at <= due_by);
-        let sets: Vec<&Arc<RuleSet>> = (batch.iter().map(|job| &job.rules))
+        // A batch is of one rule set.
+        let sets: Vec<&Arc<RuleSet>> = (batch.first().map(|job| &job.rules).into_iter())
             .chain(end_waits.filter(|_| due_now))
             .collect();
         self.register_new_files(&sets)?;
@@ -624,16 +625,14 @@ impl Worker {
             due.add_wants(&mut wants);
         }
         let mut state = txn.load(&wants)?;
-        let (mut once, mut caps) = (Vec::new(), Vec::new());
+        let mut limits = Vec::new();
         for (job, plan) in batch.iter().zip(&plans) {
             if let Some(plan) = plan {
-                let (o, c) = plan.limits_of_waits(&job.rules, &state);
-                once.extend(o);
-                caps.extend(c);
+                limits.extend(plan.limits_of_waits(&job.rules, &state));
             }
         }
-        if !once.is_empty() || !caps.is_empty() {
-            state.merge(txn.load(&Wants::limits(&once, &caps))?);
+        if !limits.is_empty() {
+            state.merge(txn.load(&Wants::keys(&limits))?);
         }
         let env = Env {
             default_from: &self.default_from,

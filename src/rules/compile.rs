@@ -997,6 +997,38 @@ mod tests {
     }
 
     #[test]
+    fn a_digests_email_must_use_its_events() {
+        let digest = |body: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("d.text.hbs"), body).unwrap();
+            let (mut templates, _) = Templates::load(dir.path());
+            let source = "name = \"r\"\n[when]\nevent = \"x\"\n[digest]\nevery = \"1 day\"\nat = \"09:00\"\n\
+                          [email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"d\"\n";
+            match compile(Path::new("r.toml"), source, &mut templates, &Caps::new()) {
+                Ok(_) => vec![],
+                Err(p) => p.iter().map(|d| d.to_string()).collect(),
+            }
+        };
+        let none = digest("{{events_count}} orders");
+        assert!(
+            none.len() == 1 && none[0].contains("never lists its events"),
+            "{none:?}"
+        );
+        assert_eq!(
+            digest("{{#each events}}- {{distinct_id}}\n{{/each}}"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            digest("{{#each events as |e|}}- {{e.distinct_id}}\n{{/each}}"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            digest("{{#each events~}} x {{~/each}}"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
     fn a_rule_about_held_back_rules_is_about_nothing_else() {
         let src =
             format!("name = \"r\"\n[when]\nevent = [\"$tripline_suppressed\", \"x\"]\n{JSONL}");

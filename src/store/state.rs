@@ -26,11 +26,18 @@ pub struct Wants<'a> {
 }
 
 impl<'a> Wants<'a> {
-    /// Only what `[limits]` reads: when rules last acted for `once`, and the caps' periods.
-    pub fn limits(once: &'a [StateKey], caps: &'a [StateKey]) -> Wants<'a> {
+    /// Only these keys of `[count]` and `[limits]`.
+    pub fn keys(keys: &'a [StateKey]) -> Wants<'a> {
         Wants {
-            keys: once.iter().chain(caps).collect(),
+            keys: keys.iter().collect(),
             ..Wants::default()
+        }
+    }
+
+    /// Adds a rule whose number of pending records is read, once however many events name it.
+    pub fn waiting(&mut self, rule: &'a str) {
+        if !self.waiting.contains(&rule) {
+            self.waiting.push(rule);
         }
     }
 }

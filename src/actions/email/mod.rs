@@ -26,7 +26,7 @@ use toml::Spanned;
 use super::{Action, Compile, Delivery, Destinations, Input, Kind, Output, Sender};
 use crate::diag::did_you_mean;
 use template_check::{Known, Place};
-use templates::{Templates, template_diagnostic};
+use templates::{ReferenceKind, Templates, template_diagnostic};
 
 /// The kind's name, as its table is written.
 pub const KIND: &str = "email";
@@ -164,9 +164,16 @@ impl EmailAction {
                 &mut cx.problems.list,
             );
         }
+        // The body's own references (`{{#each events as |e|}}`, `{{events.0.x}}`, in the text or
+        // the HTML body), not its text: a digest's email must use the events it collects.
+        let lists_events = [false, true].into_iter().any(|html| {
+            (cx.templates.references(&self.template, html).iter()).any(|r| {
+                matches!(&r.kind, ReferenceKind::Field(f) if f.first().is_some_and(|s| s == "events"))
+            })
+        });
         if known.digest
-            && let Some((file, source)) = cx.templates.file_of(&self.template, false)
-            && !source.contains("{{#each events}}")
+            && !lists_events
+            && let Some((file, _)) = cx.templates.file_of(&self.template, false)
         {
             let file = file.clone();
             cx.problems.list.push(
