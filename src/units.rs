@@ -3,7 +3,7 @@
 //! events themselves (`timestamp`). One reader for each, so that every place accepts the same
 //! forms and explains them with the same examples.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use std::time::Duration;
 
 /// How a length of time is written, for messages.
@@ -74,6 +74,14 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc())
+}
+
+/// A local time of day as rules write it: `09:00`, or `09:00:30` (24-hour clock).
+pub fn parse_time_of_day(text: &str) -> Option<NaiveTime> {
+    let text = text.trim();
+    NaiveTime::parse_from_str(text, "%H:%M")
+        .or_else(|_| NaiveTime::parse_from_str(text, "%H:%M:%S"))
+        .ok()
 }
 
 /// A TOML value as JSON (dates become RFC 3339 text).

@@ -621,9 +621,7 @@ impl Compiler<'_> {
             None => None,
         };
         let text = d.at.get_ref().trim();
-        let at = chrono::NaiveTime::parse_from_str(text, "%H:%M")
-            .or_else(|_| chrono::NaiveTime::parse_from_str(text, "%H:%M:%S"))
-            .ok();
+        let at = crate::units::parse_time_of_day(text);
         if at.is_none() {
             self.problem(
                 d.at.span(),
@@ -681,7 +679,7 @@ impl Compiler<'_> {
             self.problem(span, "a send window needs at least one day", None);
         }
         let hours = w.hours.get_ref().trim();
-        let parse = |t: &str| chrono::NaiveTime::parse_from_str(t.trim(), "%H:%M").ok();
+        let parse = crate::units::parse_time_of_day;
         let times = hours
             .split_once('-')
             .and_then(|(from, until)| Some((parse(from)?, parse(until)?)));
