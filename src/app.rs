@@ -70,6 +70,7 @@ pub async fn serve(
         config.limits.max_lines_waiting_bytes as u64,
         deliveries_queued.clone(),
         clock.clone(),
+        config.durability,
     )?;
     let (stop_sender, stopped) = watch::channel(false);
     let sender = tokio::spawn(outbox::run_sender(

@@ -163,6 +163,33 @@ pub struct ServeArgs {
     /// Log lines as readable text or as JSON objects [default: text].
     #[arg(long, env = "TRIPLINE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// What a 2xx promises. `sync`: the event's effects are synced to disk. `interval`: they are
+    /// written to the operating system, which a killed process cannot lose, and synced at least
+    /// every --sync-interval, which a machine crash (power loss) can lose [default: sync].
+    #[arg(long, env = "TRIPLINE_DURABILITY", value_enum)]
+    pub durability: Option<DurabilityMode>,
+    /// With --durability interval, how often what was acknowledged is synced ("100ms", at most
+    /// 10s) [default: 100ms].
+    #[arg(long, env = "TRIPLINE_SYNC_INTERVAL", value_parser = parse_sync_interval)]
+    pub sync_interval: Option<Duration>,
+}
+
+/// What a 2xx promises, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    Sync,
+    Interval,
+}
+
+/// What a 2xx promises (see `docs/ARCHITECTURE.md`, "Durability modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Each batch is synced before its requests are answered.
+    Sync,
+    /// Each batch is written to the operating system before its requests are answered, and
+    /// everything is synced at least this often.
+    Interval(Duration),
 }
 
 /// Where emails go.
@@ -199,6 +226,10 @@ pub enum LogFormat {
 pub struct ConfigFile {
     /// Address and port to listen on.
     pub listen: Option<Spanned<String>>,
+    /// What a 2xx promises: `sync` or `interval`.
+    pub durability: Option<DurabilityMode>,
+    /// With `durability = "interval"`, how often everything is synced.
+    pub sync_interval: Option<Spanned<String>>,
     /// Folders, relative to the configuration file's folder.
     pub rules: Option<PathBuf>,
     pub templates: Option<PathBuf>,
@@ -338,6 +369,7 @@ pub struct ServeConfig {
     pub smtp_port: Option<u16>,
     pub smtp_tls: SmtpTls,
     pub log_format: LogFormat,
+    pub durability: Durability,
     /// The senders, with their secrets; empty when requests are not authenticated.
     pub sources: Arc<Sources>,
     /// The admin token (held as a source of its own), if any: it unlocks /rules, /outbox and
@@ -598,6 +630,20 @@ impl ServeArgs {
             .clone()
             .or_else(|| file.listen.as_ref().map(|l| l.get_ref().clone()))
             .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let sync_interval = self.sync_interval.unwrap_or_else(|| {
+            let default = Duration::from_millis(100);
+            let Some(text) = file.sync_interval.as_ref() else {
+                return default;
+            };
+            parse_sync_interval(text.get_ref()).unwrap_or_else(|e| {
+                check.report(text.span(), format!("`sync_interval`: {e}"));
+                default
+            })
+        });
+        let durability = match self.durability.or(file.durability) {
+            Some(DurabilityMode::Interval) => Durability::Interval(sync_interval),
+            Some(DurabilityMode::Sync) | None => Durability::Sync,
+        };
         let sources = check.sources(file, signature_tolerance);
         let admin = check.admin(file.admin.as_ref());
         let config = ServeConfig {
@@ -638,6 +684,7 @@ impl ServeArgs {
                 .log_format
                 .or(file.log.format)
                 .unwrap_or(LogFormat::Text),
+            durability,
             sources: Arc::new(sources?),
             admin: admin?.map(Arc::new),
         };
@@ -866,6 +913,17 @@ fn parse_clock_skew(text: &str) -> Result<Duration, String> {
 }
 
 /// A positive length of time written in a flag, a variable or the file ("10s", "5 minutes").
+/// A sync interval: a duration of at most ten seconds.
+fn parse_sync_interval(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > Duration::from_secs(10) {
+        return Err(format!(
+            "`{text}` is longer than 10s: a machine crash would lose that much"
+        ));
+    }
+    Ok(d)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     units::parse_duration(text).map_err(|e| match e {
         DurationError::Zero => "the duration must be longer than zero".to_string(),

@@ -24,7 +24,7 @@ use crate::actions::email::{Queued, mask_email};
 use crate::actions::jsonl::JsonlFiles;
 use crate::actions::{self, Destinations, Env, Output};
 use crate::clock::Clock;
-use crate::config::{FolderArgs, Paths, WaitSettings};
+use crate::config::{Durability, FolderArgs, Paths, WaitSettings};
 use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::pipeline::committer::{Committer, Retention};
@@ -226,6 +226,7 @@ fn open_sink(dir: &Path, service_data: &Path, from: &Mailbox) -> anyhow::Result<
         u64::MAX,
         Arc::new(tokio::sync::Notify::new()),
         clock.clone(),
+        Durability::Sync,
     )?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     Ok(Sink::Execute {

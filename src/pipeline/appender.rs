@@ -54,15 +54,33 @@ struct FileState {
     /// The last text written: a number at or below it is done, even if the committer tells of
     /// it only afterwards.
     applied: u64,
+    /// The last text whose commit is durable: only those are written (with `--durability
+    /// interval`, a commit becomes durable at the next sync).
+    durable: u64,
     /// Why the last write failed, until one succeeds.
     error: Option<String>,
 }
 
 impl FileState {
     fn add(&mut self, seq: u64, bytes: u64, at_ms: i64) {
-        if seq > self.applied {
+        let newer = self.waiting.back().is_none_or(|(last, _, _)| seq > *last);
+        if seq > self.applied && newer {
             self.waiting.push_back((seq, bytes, at_ms));
         }
+    }
+
+    /// Every text told of is durable.
+    fn all_durable(&mut self) {
+        if let Some((last, _, _)) = self.waiting.back() {
+            self.durable = self.durable.max(*last);
+        }
+    }
+
+    /// Whether a text waits that may be written.
+    fn ready(&self) -> bool {
+        self.waiting
+            .front()
+            .is_some_and(|(seq, _, _)| *seq <= self.durable)
     }
 
     fn done_through(&mut self, seq: u64) {
@@ -141,16 +159,7 @@ impl Appender {
         clock: Clock,
     ) -> Result<Appender, StoreError> {
         let shared = Arc::new(Shared::default());
-        for (file, recorded) in store.files()? {
-            let mut state = FileState {
-                applied: recorded.applied,
-                ..FileState::default()
-            };
-            for q in store.queued_lines(&file, recorded.applied, usize::MAX)? {
-                state.add(q.seq, q.text.len() as u64, q.at_ms);
-            }
-            lock(&shared.files).insert(file, state);
-        }
+        seed(&shared, store.as_ref())?;
         let (wake, woken) = sync_channel(1);
         let mut thread = Thread {
             store,
@@ -185,15 +194,45 @@ impl Appender {
         Ok(appender)
     }
 
-    /// Texts were committed at `at_ms`, each (file, number, bytes): append them.
-    pub fn queued(&self, texts: impl IntoIterator<Item = (String, u64, u64)>, at_ms: i64) {
+    /// Texts were committed at `at_ms`, each (file, number, bytes): append them once their
+    /// commit is `durable` (else once [`synced`](Self::synced) says so).
+    pub fn queued(
+        &self,
+        texts: impl IntoIterator<Item = (String, u64, u64)>,
+        at_ms: i64,
+        durable: bool,
+    ) {
         {
             let mut files = lock(&self.shared.files);
             for (file, seq, bytes) in texts {
-                files.entry(file).or_default().add(seq, bytes, at_ms);
+                let state = files.entry(file).or_default();
+                state.add(seq, bytes, at_ms);
+                if durable {
+                    state.all_durable();
+                }
             }
         }
+        if durable {
+            self.wake();
+        }
+    }
+
+    /// Every commit so far is durable: its texts may be written.
+    pub fn synced(&self) {
+        lock(&self.shared.files)
+            .values_mut()
+            .for_each(FileState::all_durable);
         self.wake();
+    }
+
+    /// Every commit so far is durable, and some that were told of were lost (the database was
+    /// reopened after a failed write, and the journal run again): what waits is read again
+    /// from the store.
+    pub fn reseed(&self, store: &dyn Backend) -> Result<(), StoreError> {
+        lock(&self.shared.files).clear();
+        seed(&self.shared, store)?;
+        self.wake();
+        Ok(())
     }
 
     /// What waits for `file`.
@@ -247,6 +286,22 @@ impl Drop for Appender {
     }
 }
 
+/// Tells `shared` of every text the store holds for a file and that the file may not hold yet;
+/// all of them durable (the store is read at a start or after a sync).
+fn seed(shared: &Shared, store: &dyn Backend) -> Result<(), StoreError> {
+    for (file, recorded) in store.files()? {
+        let mut files = lock(&shared.files);
+        let state = files.entry(file.clone()).or_default();
+        // Written further than recorded, as this run knows: `applied` is kept.
+        state.applied = state.applied.max(recorded.applied);
+        for q in store.queued_lines(&file, state.applied, usize::MAX)? {
+            state.add(q.seq, q.text.len() as u64, q.at_ms);
+        }
+        state.all_durable();
+    }
+    Ok(())
+}
+
 /// The appender's thread.
 struct Thread {
     store: Arc<dyn Backend>,
@@ -288,7 +343,7 @@ impl Thread {
                 let files = lock(&self.shared.files);
                 files
                     .iter()
-                    .filter(|(_, state)| !state.waiting.is_empty())
+                    .filter(|(_, state)| state.ready())
                     .map(|(f, _)| f.clone())
                     .collect()
             };
@@ -335,21 +390,27 @@ impl Thread {
             Some(p) => *p,
             None => self.recover(file)?,
         };
-        let queued = self
+        let durable = lock(&self.shared.files)
+            .get(file)
+            .map_or(0, |state| state.durable);
+        let mut queued = self
             .store
             .queued_lines(file, progress.applied, MAX_WRITE)
             .map_err(|e| e.to_string())?;
+        queued.retain(|q| q.seq <= durable);
         let Some(last) = queued.last() else {
-            // Nothing in the store after what is written: what was waiting is done.
+            // Nothing durable in the store after what is written: what was waiting is done.
             let mut files = lock(&self.shared.files);
             let state = files.entry(file.to_string()).or_default();
             state.done_through(progress.applied);
-            if !state.waiting.is_empty() {
+            if state.ready() {
                 warn!(
                     file,
                     "lines counted as waiting are not in the store: not counted any more"
                 );
-                state.waiting.clear();
+                while state.ready() {
+                    state.waiting.pop_front();
+                }
             }
             return Ok(());
         };

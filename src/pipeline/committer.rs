@@ -27,17 +27,18 @@ use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
 use crate::actions::{Env, Output};
 use crate::clock::Clock;
-use crate::config::WaitSettings;
+use crate::config::{Durability, WaitSettings};
 use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};
 use crate::ingest::event::Event;
 use crate::pipeline::appender::{Appender, Backlog, Waiting};
+use crate::pipeline::journal::{self, Journal};
 use crate::rules::RuleSet;
 use crate::store::queue::OutboxRecord;
 use crate::store::{Backend, Batch, StoreError, Wants};
@@ -71,6 +72,10 @@ pub enum CommitError {
     Stopped,
     #[error("an internal error stopped this batch (it changed nothing): {0}")]
     Panicked(String),
+    /// The store holds fewer batches than were committed (see `journal.rs`): they are run again
+    /// from the journal first.
+    #[error("the state store lost batches committed without a sync; they are run again first")]
+    Behind,
 }
 
 impl From<StoreError> for CommitError {
@@ -89,7 +94,7 @@ pub struct Retention {
 }
 
 /// A signed request's Standard Webhooks delivery: its source and `webhook-id`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Delivery {
     pub source: String,
     pub id: String,
@@ -115,6 +120,8 @@ enum Job {
         Arc<RuleSet>,
         oneshot::Sender<Result<(Report, bool), CommitError>>,
     ),
+    /// With `--durability interval`: sync what was committed without a sync.
+    Sync,
 }
 
 /// Ending waits in a batch: under which rules, and who to tell.
@@ -131,12 +138,17 @@ struct Request {
     reply: oneshot::Sender<Result<Report, CommitError>>,
     /// The request's span, entered while its events run, so their log lines carry it.
     span: tracing::Span,
+    /// The request as the journal keeps it (`--durability interval`), made by the request's
+    /// task.
+    journal: Option<Vec<u8>>,
 }
 
 /// The handle requests use.
 #[derive(Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
+    /// Whether requests are journaled (`--durability interval`).
+    journaling: bool,
     shared: Arc<Shared>,
     lines: Backlog,
     next_wait: watch::Receiver<Option<i64>>,
@@ -182,6 +194,27 @@ struct Worker {
     next_wait: watch::Sender<Option<i64>>,
     /// The newest rule set seen (see [`Worker::newest_rules`]).
     newest: Option<Arc<RuleSet>>,
+    /// The journal of batches, and the number of the last one committed (durable or not).
+    journal: Journal,
+    committed: u64,
+    /// While the journal runs again: the entry running.
+    replaying: Option<u64>,
+    /// With `--durability interval`: what waits for the next sync.
+    unsynced: Option<Unsynced>,
+}
+
+/// What `--durability interval` keeps between two syncs.
+struct Unsynced {
+    /// How often to sync.
+    every: Duration,
+    /// When the oldest commit not yet synced was made.
+    since: Option<Instant>,
+    /// Deliveries were queued since the last sync: the sender is told once they are durable.
+    deliveries: bool,
+    /// The last sync failed: every batch syncs until one succeeds.
+    failing: bool,
+    /// Commits told to the appender were lost: it reads what waits again at the next sync.
+    reseed: bool,
 }
 
 /// What one round of housekeeping forgot.
@@ -208,8 +241,34 @@ impl Committer {
         max_lines_waiting: u64,
         deliveries_queued: Arc<Notify>,
         clock: Clock,
+        durability: Durability,
     ) -> Result<(Committer, std::thread::JoinHandle<()>), CommitError> {
         let next_wait = watch::Sender::new(store.next_wait_due()?);
+        // A journal left by a run in interval mode is run again in either mode.
+        let journal = Journal::open(files.data_dir()).map_err(|e| {
+            CommitError::Store(format!(
+                "cannot open the journal in {}: {e}",
+                files.data_dir().display()
+            ))
+        })?;
+        let in_store = store.begin()?.journaled()?;
+        if journal.last() > in_store {
+            info!(
+                entries = journal.last() - in_store,
+                "batches acknowledged before a stop and not synced are run again from the journal"
+            );
+        }
+        let committed = journal.last().max(in_store);
+        let unsynced = match durability {
+            Durability::Sync => None,
+            Durability::Interval(every) => Some(Unsynced {
+                every,
+                since: None,
+                deliveries: false,
+                failing: false,
+                reseed: false,
+            }),
+        };
         for (rule, n) in store.waiting()? {
             metrics::gauge!(telemetry::WAITS_PENDING.name, "rule" => rule).set(n as f64);
         }
@@ -238,6 +297,10 @@ impl Committer {
             waits,
             next_wait,
             newest: None,
+            journal,
+            committed,
+            replaying: None,
+            unsynced,
         };
         worker.share_unwritable();
         let shared = worker.shared.clone();
@@ -259,6 +322,7 @@ impl Committer {
                     let mut batch: Vec<Request> = Vec::new();
                     let mut ticks = Vec::new();
                     let mut end_waits: Option<EndWaits> = None;
+                    let mut sync = false;
                     let mut next = Some(first);
                     while let Some(job) = next {
                         match job {
@@ -284,6 +348,7 @@ impl Committer {
                                     reply: Some(reply),
                                 });
                             }
+                            Job::Sync => sync = true,
                         }
                         next = (batch.len() < MAX_BATCH)
                             .then(|| rx.try_recv().ok())
@@ -295,18 +360,38 @@ impl Committer {
                     for reply in ticks {
                         let _ = reply.send(worker.tick());
                     }
+                    worker.sync_if_due(sync);
                 }
-                // What is committed is written into the files, and recorded, before stopping.
+                // What is committed is synced, written into the files, and recorded, before
+                // stopping.
+                worker.sync_if_due(true);
                 worker.appender.stop();
                 if let Err(e) = worker.tick() {
                     warn!("could not record how far the output files are written ({e}); the next start finds it in the files");
                 }
+                worker.sync_if_due(true);
                 info!("committer stopped");
             })
             .map_err(|e| CommitError::Store(format!("cannot start the committer thread: {e}")))?;
+        if let Durability::Interval(every) = durability {
+            // Asks for a sync every interval, for as long as the committer runs.
+            let jobs = tx.downgrade();
+            std::thread::Builder::new()
+                .name("sync-ticker".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        let Some(jobs) = jobs.upgrade() else { break };
+                        // A full queue means batches are flowing, and each one syncs when due.
+                        let _ = jobs.try_send(Job::Sync);
+                    }
+                })
+                .map_err(|e| CommitError::Store(format!("cannot start the sync ticker: {e}")))?;
+        }
         Ok((
             Committer {
                 jobs: tx,
+                journaling: matches!(durability, Durability::Interval(_)),
                 shared,
                 lines,
                 next_wait,
@@ -361,6 +446,9 @@ impl Committer {
         delivery: Option<Delivery>,
     ) -> Result<Report, CommitError> {
         let (reply, answer) = oneshot::channel();
+        let journal = self
+            .journaling
+            .then(|| journal::record(&events, delivery.as_ref()));
         self.jobs
             .send(Job::Request(Request {
                 rules,
@@ -368,6 +456,7 @@ impl Committer {
                 delivery,
                 reply,
                 span: tracing::Span::current(),
+                journal,
             }))
             .await
             .map_err(|_| CommitError::Stopped)?;
@@ -443,7 +532,16 @@ impl Worker {
                 .as_ref()
                 .map(|e| self.newest_rules(&batch, &e.rules));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.commit_batch(&batch, rules.as_ref(), &mut files_of)
+                match self.commit_batch(&batch, rules.as_ref(), &mut files_of) {
+                    Err(CommitError::Behind) => {
+                        // Under the rules of this batch, the newest.
+                        let newest = batch.first().map(|b| &b.rules).or(rules.as_ref());
+                        self.catch_up(newest.expect("a batch has requests or waits"))?;
+                        files_of.clear();
+                        self.commit_batch(&batch, rules.as_ref(), &mut files_of)
+                    }
+                    other => other,
+                }
             }))
             .unwrap_or_else(|panic| {
                 let why = panic
@@ -565,6 +663,9 @@ impl Worker {
         self.register_new_files(&sets)?;
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
+        if self.replaying.is_none() && txn.journaled()? < self.committed {
+            return Err(CommitError::Behind);
+        }
         let forgotten = self.forget(txn.as_mut(), now, KEYS_LOOKED_AT_PER_BATCH)?;
         let written = self.appender.written();
         for (file, applied, len) in &written {
@@ -721,9 +822,13 @@ impl Worker {
             let seq = txn.queue_lines(&name, text, now_ms)?;
             queued.push((name.into_owned(), seq, text.len() as u64));
         }
-        txn.commit()?;
+        let journaled = self.journal_batch(batch, txn.as_mut())?;
+        let durable = self.commit(txn, journaled.is_some())?;
+        if let Some(seq) = journaled {
+            self.committed = seq;
+        }
         self.appender.recorded(&written);
-        self.appender.queued(queued, now_ms);
+        self.appender.queued(queued, now_ms, durable);
         for ((kind, rule), n) in tally.done {
             metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => kind, "rule" => rule)
                 .increment(n);
@@ -734,7 +839,10 @@ impl Worker {
         }
         self.forgot(forgotten, now);
         if tally.queued > 0 {
-            self.deliveries_queued.notify_one();
+            match &mut self.unsynced {
+                Some(unsynced) if !durable => unsynced.deliveries = true,
+                _ => self.deliveries_queued.notify_one(),
+            }
         }
         for (job, report) in batch.iter().zip(&reports) {
             self.record_outcomes(&job.rules, report, Source::Events);
@@ -780,6 +888,157 @@ impl Worker {
             });
         }
         Ok((reports, ended, more))
+    }
+
+    /// Writes the batch's requests into the journal (`--durability interval`) and records its
+    /// number in `txn`; while the journal runs again, records the entry's number. Returns the
+    /// number, if any.
+    fn journal_batch(
+        &mut self,
+        batch: &[Request],
+        txn: &mut dyn Batch,
+    ) -> Result<Option<u64>, CommitError> {
+        let seq = match self.replaying {
+            Some(seq) => seq,
+            None => {
+                let records: Vec<&[u8]> =
+                    batch.iter().filter_map(|r| r.journal.as_deref()).collect();
+                if records.is_empty() {
+                    return Ok(None);
+                }
+                let seq = self.committed + 1;
+                self.journal
+                    .append(seq, &records)
+                    .map_err(|e| CommitError::Store(format!("cannot write the journal: {e}")))?;
+                seq
+            }
+        };
+        txn.set_journaled(seq)?;
+        Ok(Some(seq))
+    }
+
+    /// Commits `txn`: without a sync in interval mode (unless syncs are failing), else durably.
+    /// A batch written into the journal (`journaled`) that fails to commit is taken out of it
+    /// again. Returns whether the commit is durable.
+    fn commit(&mut self, txn: Box<dyn Batch>, journaled: bool) -> Result<bool, CommitError> {
+        let unsynced = self.unsynced.as_ref().is_some_and(|u| !u.failing);
+        let committed = match unsynced {
+            true => txn.commit_unsynced(),
+            false => txn.commit(),
+        };
+        if let Err(e) = committed {
+            if journaled && self.replaying.is_none() {
+                self.journal.retract_last().map_err(|why| {
+                    CommitError::Store(format!("{e}; and the journal cannot be cut back: {why}"))
+                })?;
+            }
+            return Err(e.into());
+        }
+        match &mut self.unsynced {
+            Some(u) if unsynced => {
+                u.since.get_or_insert_with(Instant::now);
+            }
+            _ => self.synced(),
+        }
+        Ok(!unsynced)
+    }
+
+    /// With `--durability interval`, syncs what was committed without a sync, if the oldest
+    /// such commit is an interval old or `now` asks for it.
+    fn sync_if_due(&mut self, now: bool) {
+        let Some(unsynced) = &mut self.unsynced else {
+            return;
+        };
+        let Some(since) = unsynced.since else {
+            return;
+        };
+        if !now && since.elapsed() < unsynced.every {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => self.synced(),
+            Err(e) => {
+                if !unsynced.failing {
+                    error!("cannot sync the state store, every batch is synced until it can: {e}");
+                }
+                unsynced.failing = true;
+                // What the store lost is run again from the journal by the next batch.
+                unsynced.reseed = true;
+            }
+        }
+    }
+
+    /// Everything committed is durable: the appender and the sender may act on it, and the
+    /// journal is emptied.
+    fn synced(&mut self) {
+        if let Some(unsynced) = &mut self.unsynced {
+            unsynced.since = None;
+            if unsynced.failing {
+                info!("the state store syncs again");
+                unsynced.failing = false;
+            }
+            if std::mem::take(&mut unsynced.reseed)
+                && let Err(e) = self.appender.reseed(self.store.as_ref())
+            {
+                error!("cannot read the lines waiting for their files again: {e}");
+                unsynced.reseed = true;
+            }
+            if std::mem::take(&mut unsynced.deliveries) {
+                self.deliveries_queued.notify_one();
+            }
+        }
+        self.appender.synced();
+        // Not while it runs again: its later entries are not in the store yet.
+        if self.replaying.is_none()
+            && let Err(e) = self.journal.clear()
+        {
+            // Its entries are all in the store: a start skips them.
+            warn!("cannot empty the journal: {e}");
+        }
+    }
+
+    /// The store holds fewer batches than were committed (a kill in interval mode, or the
+    /// database reopened after a failed write): runs the journal's entries after what it holds
+    /// again, in order, under `rules`.
+    fn catch_up(&mut self, rules: &Arc<RuleSet>) -> Result<(), CommitError> {
+        let held = self.store.begin()?.journaled()?;
+        let entries = self
+            .journal
+            .entries_after(held)
+            .map_err(|e| CommitError::Store(format!("cannot read the journal: {e}")))?;
+        if let Some(unsynced) = &mut self.unsynced {
+            unsynced.reseed = true;
+        }
+        info!(
+            batches = entries.len(),
+            "running again the batches acknowledged and not in the state store"
+        );
+        for entry in entries {
+            let batch: Vec<Request> = entry
+                .requests
+                .into_iter()
+                .map(|r| Request {
+                    rules: rules.clone(),
+                    events: r.events,
+                    delivery: r.delivery,
+                    reply: oneshot::channel().0,
+                    span: tracing::info_span!("journal", entry = entry.seq),
+                    journal: None,
+                })
+                .collect();
+            self.replaying = Some(entry.seq);
+            let ran = self.commit_batch(&batch, None, &mut Vec::new());
+            self.replaying = None;
+            ran?;
+        }
+        // Entries that could not be read back are given up, so that the next batch goes on.
+        let mut txn = self.store.begin()?;
+        if txn.journaled()? < self.committed {
+            error!("some acknowledged batches could not be run again from the journal (see above)");
+            txn.set_journaled(self.committed)?;
+            self.commit(txn, false)?;
+        }
+        Ok(())
     }
 
     /// Counts what each rule did in a committed `report`, once, in the metrics: matches (events
@@ -903,7 +1162,7 @@ impl Worker {
             || forgotten.expired.is_some_and(|n| n > 0)
             || !written.is_empty()
         {
-            txn.commit()?;
+            self.commit(txn, false)?;
             self.appender.recorded(&written);
         }
         self.forgot(forgotten, now);
@@ -1121,6 +1380,7 @@ mod tests {
                 64 << 20,
                 Arc::new(Notify::new()),
                 clock.clone(),
+                Durability::Sync,
             )
             .unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread()

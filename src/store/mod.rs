@@ -91,8 +91,18 @@ pub trait Batch: RuleState + Send {
     /// Ends at most `max` pending waits of `rule` (a rule that no longer waits); returns how
     /// many.
     fn drop_waits(&mut self, rule: &str, max: usize) -> Result<u64, StoreError>;
-    /// Makes every change durable.
+    /// The last entry of the committer's journal whose effects are in the store (0 for none):
+    /// see `pipeline/journal.rs`.
+    fn journaled(&mut self) -> Result<u64, StoreError>;
+    /// Records that the journal's entries up to `seq` are in the store with this batch.
+    fn set_journaled(&mut self, seq: u64) -> Result<(), StoreError>;
+    /// Makes every change durable, with every commit before it.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    /// Makes every change visible at once, and durable with the next [`Backend::sync`] or
+    /// [`Batch::commit`]. A stop of the process before that may lose it, so the caller keeps
+    /// what it needs to make it again (`pipeline/journal.rs`); deliveries it queued are not due
+    /// until it is durable.
+    fn commit_unsynced(self: Box<Self>) -> Result<(), StoreError>;
 }
 
 /// How far an output file is written: the file is `len` bytes long once the texts queued for it
@@ -129,8 +139,8 @@ pub trait Backend: Send + Sync {
         max_bytes: usize,
     ) -> Result<Vec<QueuedLines>, StoreError>;
     /// At most `max` pending deliveries due by `now_unix`, soonest due first, leaving out those
-    /// in flight and more of a kind than it has room for (see [`Skip`]); and when the next one
-    /// left is due.
+    /// in flight, more of a kind than it has room for (see [`Skip`]) and those not yet durable;
+    /// and when the next one left is due.
     fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError>;
     /// How many deliveries wait.
     fn pending_count(&self) -> Result<u64, StoreError>;
@@ -138,6 +148,8 @@ pub trait Backend: Send + Sync {
     fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError>;
     /// Whether a batch can commit now (for `/readyz`).
     fn check(&self) -> Result<(), StoreError>;
+    /// Makes every commit so far durable (see [`Batch::commit_unsynced`]).
+    fn sync(&self) -> Result<(), StoreError>;
     /// Every rule with pending waits, and how many.
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// The soonest deadline of a pending wait (milliseconds since 1970), if any.

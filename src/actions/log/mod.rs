@@ -134,6 +134,7 @@ mod tests {
             64 << 20,
             Arc::new(tokio::sync::Notify::new()),
             Clock::wall(),
+            crate::config::Durability::Sync,
         )
         .unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -4,7 +4,7 @@
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, KEYS, LINES, META, OUTBOX,
@@ -21,6 +21,8 @@ pub struct WriteTxn {
     pub(super) failed: Arc<AtomicBool>,
     /// The last key looked at for idleness (see `forget_idle`), shared by every transaction.
     pub(super) idle_cursor: Arc<std::sync::Mutex<Option<String>>>,
+    /// The first delivery id not yet durable, raised by each durable commit.
+    pub(super) durable_next_id: Arc<AtomicU64>,
 }
 
 impl RuleState for WriteTxn {
@@ -356,14 +358,41 @@ impl Batch for WriteTxn {
         Ok(dropped.len() as u64)
     }
 
-    /// redb syncs before returning.
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let failed = self.failed;
-        self.txn.commit().map_err(|e| {
-            failed.store(true, Ordering::Relaxed);
-            err(e)
-        })
+    fn journaled(&mut self) -> Result<u64, StoreError> {
+        let meta = self.txn.open_table(META).map_err(err)?;
+        Ok(meta.get(JOURNALED).map_err(err)?.map_or(0, |v| v.value()))
     }
+
+    fn set_journaled(&mut self, seq: u64) -> Result<(), StoreError> {
+        let mut meta = self.txn.open_table(META).map_err(err)?;
+        meta.insert(JOURNALED, seq).map_err(err)?;
+        Ok(())
+    }
+
+    /// redb syncs before returning; the deliveries queued so far become due.
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let next_id = next_id(&self.txn)?;
+        let durable_next_id = self.durable_next_id.clone();
+        self.commit_with(redb::Durability::Immediate)?;
+        durable_next_id.fetch_max(next_id, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// redb keeps the commit in this process's memory until a durable one follows.
+    fn commit_unsynced(self: Box<Self>) -> Result<(), StoreError> {
+        self.commit_with(redb::Durability::None)
+    }
+}
+
+/// Where the journal's last entry in the store is kept, in `meta`.
+const JOURNALED: &str = "journaled";
+/// Where the next delivery id is kept, in `meta`.
+const NEXT_ID: &str = "next_email_id";
+
+/// The id the next delivery queued in `txn` gets.
+pub(super) fn next_id(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(META).map_err(err)?;
+    Ok(meta.get(NEXT_ID).map_err(err)?.map_or(1, |v| v.value()))
 }
 
 impl WriteTxn {
@@ -379,13 +408,19 @@ impl WriteTxn {
     }
 
     fn next_id(&mut self) -> Result<u64, StoreError> {
+        let id = next_id(&self.txn)?;
         let mut meta = self.txn.open_table(META).map_err(err)?;
-        let id = meta
-            .get("next_email_id")
-            .map_err(err)?
-            .map_or(1, |v| v.value());
-        meta.insert("next_email_id", id + 1).map_err(err)?;
+        meta.insert(NEXT_ID, id + 1).map_err(err)?;
         Ok(id)
+    }
+
+    fn commit_with(mut self, durability: redb::Durability) -> Result<(), StoreError> {
+        self.txn.set_durability(durability).map_err(err)?;
+        let failed = self.failed;
+        self.txn.commit().map_err(|e| {
+            failed.store(true, Ordering::Relaxed);
+            err(e)
+        })
     }
 
     /// Writes a pending delivery and its place in the due index (moving it if it was there).

@@ -27,7 +27,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -286,6 +286,9 @@ pub struct Db {
     last_reopen: Mutex<Option<Instant>>,
     /// Where the look for idle keys goes on from (see `Batch::forget_idle`).
     idle_cursor: Arc<Mutex<Option<String>>>,
+    /// The first delivery id not yet durable: the sender leaves those out (see
+    /// `Batch::commit_unsynced`).
+    durable_next_id: Arc<AtomicU64>,
 }
 
 /// How often a failed database is tried again.
@@ -326,17 +329,28 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
     Ok(db)
 }
 
+/// The first delivery id not in the database as opened (everything opened is durable).
+fn next_id_opened(db: &Database) -> Result<u64, StoreError> {
+    let txn = db.begin_write().map_err(err)?;
+    let outbox = txn.open_table(OUTBOX).map_err(err)?;
+    let after_last = (outbox.last().map_err(err)?).map_or(1, |(id, _)| id.value() + 1);
+    drop(outbox);
+    Ok(batch::next_id(&txn)?.max(after_last))
+}
+
 impl Db {
     /// Opens (or creates) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Db, StoreError> {
         let path = data_dir.join(FILE_NAME);
         let db = open_database(&path)?;
+        let durable_next_id = Arc::new(AtomicU64::new(next_id_opened(&db)?));
         Ok(Db {
             path,
             db: RwLock::new(Some(db)),
             failed: Arc::new(AtomicBool::new(false)),
             last_reopen: Mutex::new(None),
             idle_cursor: Arc::new(Mutex::new(None)),
+            durable_next_id,
         })
     }
 
@@ -350,6 +364,7 @@ impl Db {
             txn: txn?,
             failed: self.failed.clone(),
             idle_cursor: self.idle_cursor.clone(),
+            durable_next_id: self.durable_next_id.clone(),
         })
     }
 
@@ -406,6 +421,9 @@ impl Db {
                 "a write to the database failed and it cannot be opened again yet: {why}"
             ))
         })?;
+        // What was committed without a sync is gone with the closed file.
+        let next_id = next_id_opened(&db)?;
+        self.durable_next_id.store(next_id, Ordering::Relaxed);
         *slot = Some(db);
         self.failed.store(false, Ordering::Relaxed);
         tracing::info!("the database was reopened after a failed write");
@@ -462,6 +480,7 @@ impl Backend for Db {
     /// Reads only the rows of the due index up to the first one not returned, and decodes in
     /// full only the records it returns (one of a kind without room is read for its kind alone).
     fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
+        let durable_next_id = self.durable_next_id.load(Ordering::Relaxed);
         let txn = self.read()?;
         let index = txn.open_table(OUTBOX_DUE).map_err(err)?;
         let outbox = txn.open_table(OUTBOX).map_err(err)?;
@@ -470,7 +489,7 @@ impl Backend for Db {
         for row in index.iter().map_err(err)? {
             let (key, _) = row.map_err(err)?;
             let (at, id) = key.value();
-            if skip.in_flight.contains(&id) {
+            if skip.in_flight.contains(&id) || id >= durable_next_id {
                 continue;
             }
             if at > now_unix || due.deliveries.len() == max {
@@ -513,6 +532,11 @@ impl Backend for Db {
             Box::new(txn).commit()?;
         }
         self.pending_count().map(|_| ())
+    }
+
+    /// An empty durable commit: redb makes every commit before it durable with it.
+    fn sync(&self) -> Result<(), StoreError> {
+        Box::new(self.write()?).commit()
     }
 
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
