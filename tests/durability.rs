@@ -109,9 +109,10 @@ template = "welcome"
 }
 
 /// One round: a concurrent load of distinct events, SIGKILL in the middle, a restart, and every
-/// event the client did not see acknowledged sent again, as PostHog would.
-fn crash_round(total: usize) {
-    let mut server = Server::start_with(&[], |root| {
+/// event the client did not see acknowledged sent again, as PostHog would; with `--durability`
+/// `mode`.
+fn crash_round(total: usize, mode: &str) {
+    let mut server = Server::start_with(&["--durability", mode], |root| {
         std::fs::write(root.join("rules/crash_sink.toml"), CRASH_RULES).unwrap();
         std::fs::write(
             root.join("rules/crash_milestone.toml"),
@@ -197,19 +198,31 @@ fn crash_round(total: usize) {
     if server.log().contains("not yet recorded are in the file") {
         eprintln!("this round found lines written before the kill and not recorded, and kept them");
     }
+    if server.log().contains("run again from the journal") {
+        eprintln!("this round ran batches acknowledged and not synced again from the journal");
+    }
 }
 
-#[test]
-fn sigkill_during_load_loses_nothing_and_doubles_nothing() {
-    // bench/crash_soak.sh runs many rounds; the test suite runs one.
+/// The rounds of `mode`: bench/crash_soak.sh runs many, the test suite one.
+fn crash_rounds(mode: &str) {
     let rounds: usize = std::env::var("TRIPLINE_CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
     for round in 0..rounds {
-        eprintln!("crash round {}/{rounds}", round + 1);
-        crash_round(400);
+        eprintln!("crash round {}/{rounds} ({mode})", round + 1);
+        crash_round(400, mode);
     }
+}
+
+#[test]
+fn sigkill_during_load_loses_nothing_and_doubles_nothing() {
+    crash_rounds("sync");
+}
+
+#[test]
+fn in_interval_mode_sigkill_during_load_loses_nothing_acknowledged_and_doubles_nothing() {
+    crash_rounds("interval");
 }
 
 /// A small filesystem for the output files, unmounted when dropped.
@@ -353,13 +366,24 @@ fn an_event_no_rule_wants_is_acknowledged_and_leaves_nothing_behind() {
 
 #[test]
 fn a_full_disk_under_the_database_heals_once_space_returns() {
+    full_disk_under_the_database("sync");
+}
+
+#[test]
+fn in_interval_mode_a_full_disk_under_the_database_heals_once_space_returns() {
+    full_disk_under_the_database("interval");
+}
+
+/// The data folder fills up with `--durability mode`: a request that cannot be made durable gets
+/// 503, and once space is back the service heals by itself and the retry has one effect.
+fn full_disk_under_the_database(mode: &str) {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to mount a small filesystem (CI runs as root)");
         return;
     }
     // The whole data folder, database included, on a 1 MiB filesystem.
     let mut small = None;
-    let server = Server::start_with(&[], |root| {
+    let server = Server::start_with(&["--durability", mode], |root| {
         small = Some(TinyFs::mount(&root.join("data"), "1m"));
     });
     let fs = small.unwrap();

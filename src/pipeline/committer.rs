@@ -1342,6 +1342,7 @@ fn output_error(file: &std::path::Path, e: std::io::Error) -> CommitError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::event::BodyLimits;
     use crate::store::redb::Db;
 
     /// A committer over one rule that writes every event's name to `out.jsonl`.
@@ -1356,7 +1357,14 @@ mod tests {
 
     impl Running {
         fn start() -> Running {
-            let dir = tempfile::tempdir().unwrap();
+            Running::start_in(Durability::Sync)
+        }
+
+        fn start_in(durability: Durability) -> Running {
+            Running::start_in_folder(tempfile::tempdir().unwrap(), durability)
+        }
+
+        fn start_in_folder(dir: tempfile::TempDir, durability: Durability) -> Running {
             let root = dir.path();
             std::fs::create_dir_all(root.join("rules")).unwrap();
             std::fs::write(
@@ -1380,7 +1388,7 @@ mod tests {
                 64 << 20,
                 Arc::new(Notify::new()),
                 clock.clone(),
-                Durability::Sync,
+                durability,
             )
             .unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1436,9 +1444,11 @@ mod tests {
             std::fs::read_to_string(self.out()).unwrap_or_default()
         }
 
-        fn stop(self) {
+        /// Stops the committer; returns the folder, kept until it is dropped.
+        fn stop(self) -> tempfile::TempDir {
             drop(self.committer);
             self.thread.join().unwrap();
+            self.dir
         }
     }
 
@@ -1534,6 +1544,72 @@ mod tests {
         running.runtime.block_on(running.committer.tick()).unwrap();
         assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 0);
         assert_eq!(running.written().lines().count(), 2);
+        running.stop();
+    }
+
+    #[test]
+    fn in_interval_mode_lines_wait_for_the_sync_and_a_stop_syncs_them() {
+        // No sync comes by itself during the test.
+        let running = Running::start_in(Durability::Interval(Duration::from_secs(60)));
+        running.submit(&["a#u1", "b"], None).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            std::fs::read_to_string(running.out()).unwrap_or_default(),
+            "",
+            "acknowledged, not durable: not in the file yet"
+        );
+        assert_eq!(running.committer.lines_waiting()["out.jsonl"].bytes, 20);
+        let out = running.out();
+        let dir = running.stop();
+        assert_eq!(
+            std::fs::read_to_string(out).unwrap(),
+            "{\"e\":\"a\"}\n{\"e\":\"b\"}\n"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join(journal::FILE_NAME))
+                .unwrap()
+                .len(),
+            0,
+            "synced: the journal is emptied"
+        );
+    }
+
+    #[test]
+    fn batches_of_the_journal_the_store_does_not_hold_run_again_once_before_the_next() {
+        // As a kill in interval mode leaves them: two batches in the journal, none in the store.
+        let dir = tempfile::tempdir().unwrap();
+        let events = |body: &str| {
+            let now = Clock::wall().now();
+            crate::ingest::event::decode(body.as_bytes(), now, &BodyLimits::LOCAL_FILES).unwrap()
+        };
+        let signed = Delivery {
+            source: "s".into(),
+            id: "msg_1".into(),
+        };
+        let mut journal = Journal::open(dir.path()).unwrap();
+        let ab = events(r#"[{"event":"a","uuid":"u1"},{"event":"b"}]"#);
+        let c = events(r#"{"event":"c","uuid":"u3"}"#);
+        journal.append(1, &[&journal::record(&ab, None)]).unwrap();
+        journal
+            .append(2, &[&journal::record(&c, Some(&signed))])
+            .unwrap();
+        drop(journal);
+        // Started in either mode, the first batch runs them first.
+        let running = Running::start_in_folder(dir, Durability::Sync);
+        assert_eq!(running.submit(&["d#u4"], None).unwrap().duplicates, 0);
+        assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 1);
+        assert_eq!(
+            running.submit(&["c#u3"], Some(signed)).unwrap().duplicates,
+            1
+        );
+        assert_eq!(
+            running.written(),
+            "{\"e\":\"a\"}\n{\"e\":\"b\"}\n{\"e\":\"c\"}\n{\"e\":\"d\"}\n"
+        );
+        // Once in the store, never again: not even the uuid-less `b`.
+        let running = Running::start_in_folder(running.stop(), Durability::Sync);
+        running.submit(&["e"], None).unwrap();
+        assert_eq!(running.written().lines().count(), 5);
         running.stop();
     }
 }
