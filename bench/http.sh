@@ -14,6 +14,9 @@
 # threshold  feature_used from 100,000 distinct users → count per user → email at the 5th, once
 # mixed      99% $pageview (no rule matches), 1% generation_failed
 # reload     sanitize while rules/training_data.toml is rewritten 10 times a second
+# sanitize-interval, threshold-interval
+#            the same with --durability interval (a 2xx once written to the operating system,
+#            synced every 100 ms: a killed process loses nothing, a power loss the last 100 ms)
 #
 # "acked" is the 2xx answers; "effects" the acked answers whose reply names the rule that fired;
 # "written" the lines (or emails) that appeared on disk. A request still in flight when wrk
@@ -22,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECS=10 CONNS=32 ONLY=floor,parse,durable,sanitize,threshold,mixed,reload
+SECS=10 CONNS=32 ONLY=floor,parse,durable,sanitize,threshold,mixed,reload,sanitize-interval,threshold-interval
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) SECS=$2; shift 2 ;;
@@ -66,8 +69,10 @@ start() {
   elif [ "$name" = durable ]; then
     "$FLOOR" "127.0.0.1:$port" durable "$DIR/data/lines" >"$DIR/log" 2>&1 &
   else
+    local durability=sync
+    [[ $name == *-interval ]] && durability=interval
     TRIPLINE_LOG=warn "$TRIPLINE" serve --listen "127.0.0.1:$port" --rules "$DIR/rules" \
-      --templates "$ROOT/templates" --data "$DIR/data" \
+      --templates "$ROOT/templates" --data "$DIR/data" --durability "$durability" \
       --rate-limit 1000000 --rate-limit-burst 1000000 >"$DIR/log" 2>&1 &
   fi
   PID=$!
@@ -114,7 +119,7 @@ row() {
   if [ -n "$FLOOR_RPS" ] && [ "$name" != floor ]; then
     share=$(awk -v a="$rps" -v b="$FLOOR_RPS" 'BEGIN { printf "%.0f%%", 100 * a / b }')
   fi
-  ROWS+=("$(printf '%-10s %9.0f %7s %7s %8s %6s %6s %8s %8s %8s %5s %8s  %s' "$name" "$rps" \
+  ROWS+=("$(printf '%-18s %9.0f %7s %7s %8s %6s %6s %8s %8s %8s %5s %8s  %s' "$name" "$rps" \
     "$(field p50_ms "$res")" "$(field p99_ms "$res")" "$(field p999_ms "$res")" "$non2xx" "$errors" \
     "$acked" "$effects" "$written" "$verdict" "$share" "$notes")")
   echo "${ROWS[-1]}" >&2
@@ -140,7 +145,7 @@ for w in "${WANT[@]}"; do
       res=$(load "$SECS" generation_failed.json)
       row "$w" "$res" $(($(count_lines "$DIR/data/lines") - before)) "rss $(rss_mb)MB"
       stop ;;
-    sanitize | reload)
+    sanitize | reload | sanitize-interval)
       start "$w"
       out=$DIR/data/training_data.jsonl
       load 2 generation_failed.json >/dev/null
@@ -169,8 +174,8 @@ for w in "${WANT[@]}"; do
       fi
       row "$w" "$res" $(($(count_lines "$out") - before)) "$notes"
       stop ;;
-    threshold)
-      start threshold
+    threshold | threshold-interval)
+      start "$w"
       outbox=$DIR/data/outbox
       load 2 feature_used.json >/dev/null
       wait_outbox_empty
@@ -182,7 +187,7 @@ for w in "${WANT[@]}"; do
       total=$(count_emails "$outbox")
       distinct=$(find "$outbox" -maxdepth 1 -name '*.eml' -exec grep -h '^To: ' {} + | sort -u | wc -l)
       once=ok; [ "$distinct" = "$total" ] || once="FAIL: $total emails to $distinct addresses"
-      row threshold "$res" "$written" "rss $(rss_mb)MB, email once per user: $once"
+      row "$w" "$res" "$written" "rss $(rss_mb)MB, email once per user: $once"
       stop ;;
     mixed)
       start mixed
@@ -200,6 +205,6 @@ done
 
 echo
 echo "wrk -t2 -c$CONNS -d${SECS}s on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), tripline $(git rev-parse --short HEAD)"
-printf '%-10s %9s %7s %7s %8s %6s %6s %8s %8s %8s %5s %8s  %s\n' workload req/s p50_ms p99_ms p99.9_ms non2xx errors \
+printf '%-18s %9s %7s %7s %8s %6s %6s %8s %8s %8s %5s %8s  %s\n' workload req/s p50_ms p99_ms p99.9_ms non2xx errors \
   acked effects written check "of floor" notes
 printf '%s\n' "${ROWS[@]}"

@@ -24,6 +24,11 @@ sed -i 's/^local thread_tag = /math.randomseed(os.time())\nlocal thread_tag = /'
 echo "tripline $(git rev-parse --short HEAD), $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
 TRIPLINE_LOG=warn TRIPLINE_RATE_LIMIT=1000000 TRIPLINE_RATE_LIMIT_BURST=1000000 \
   "$copy/compare.sh" --tripline target/release/tripline "$@"
+# tripline again with --durability interval (a 2xx once written to the operating system, synced
+# every 100 ms), through the same kit.
+TRIPLINE_LOG=warn TRIPLINE_RATE_LIMIT=1000000 TRIPLINE_RATE_LIMIT_BURST=1000000 TRIPLINE_DURABILITY=interval \
+  "$copy/compare.sh" --tripline target/release/tripline --only tripline "$@" \
+  | sed -n "s/^tripline RESULT/tripline-interval RESULT/p"
 # The floors in tripline's place, same kit, body and load generator, same session: what any server
 # reaches here (bare: reads the body, answers 200), and any server whose 2xx means "on disk"
 # (durable: also parses it, appends a line, answers once synced; see bench/floor.rs).
