@@ -159,7 +159,7 @@ impl Appender {
         clock: Clock,
     ) -> Result<Appender, StoreError> {
         let shared = Arc::new(Shared::default());
-        seed(&shared, store.as_ref())?;
+        *lock(&shared.files) = read_waiting(store.as_ref(), &HashMap::new())?;
         let (wake, woken) = sync_channel(1);
         let mut thread = Thread {
             store,
@@ -229,8 +229,20 @@ impl Appender {
     /// reopened after a failed write, and the journal run again): what waits is read again
     /// from the store.
     pub fn reseed(&self, store: &dyn Backend) -> Result<(), StoreError> {
-        lock(&self.shared.files).clear();
-        seed(&self.shared, store)?;
+        let known = (lock(&self.shared.files).iter())
+            .map(|(file, state)| (file.clone(), state.applied))
+            .collect();
+        let mut fresh = read_waiting(store, &known)?;
+        let mut files = lock(&self.shared.files);
+        // The thread may have written more meanwhile; its errors still stand.
+        for (file, state) in &mut fresh {
+            if let Some(old) = files.get_mut(file) {
+                state.done_through(old.applied);
+                state.error = old.error.take();
+            }
+        }
+        *files = fresh;
+        drop(files);
         self.wake();
         Ok(())
     }
@@ -286,20 +298,26 @@ impl Drop for Appender {
     }
 }
 
-/// Tells `shared` of every text the store holds for a file and that the file may not hold yet;
-/// all of them durable (the store is read at a start or after a sync).
-fn seed(shared: &Shared, store: &dyn Backend) -> Result<(), StoreError> {
+/// What waits for each file: every text the store holds after what the file is known to hold
+/// (the store's record, or `known` when this run wrote further), all of them durable (the store
+/// is read at a start, or right after a sync).
+fn read_waiting(
+    store: &dyn Backend,
+    known: &HashMap<String, u64>,
+) -> Result<HashMap<String, FileState>, StoreError> {
+    let mut files = HashMap::new();
     for (file, recorded) in store.files()? {
-        let mut files = lock(&shared.files);
-        let state = files.entry(file.clone()).or_default();
-        // Written further than recorded, as this run knows: `applied` is kept.
-        state.applied = state.applied.max(recorded.applied);
+        let mut state = FileState {
+            applied: recorded.applied.max(known.get(&file).copied().unwrap_or(0)),
+            ..FileState::default()
+        };
         for q in store.queued_lines(&file, state.applied, usize::MAX)? {
             state.add(q.seq, q.text.len() as u64, q.at_ms);
         }
         state.all_durable();
+        files.insert(file, state);
     }
-    Ok(())
+    Ok(files)
 }
 
 /// The appender's thread.

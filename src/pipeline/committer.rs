@@ -552,6 +552,8 @@ impl Worker {
                 metrics::counter!(telemetry::BATCHES_PANICKED.name).increment(1);
                 Err(CommitError::Panicked(why))
             });
+            // A panic while the journal ran again must not leave later batches as if it were.
+            self.replaying = None;
             *self
                 .shared
                 .panicked
@@ -825,7 +827,8 @@ impl Worker {
         let journaled = self.journal_batch(batch, txn.as_mut())?;
         let durable = self.commit(txn, journaled.is_some())?;
         if let Some(seq) = journaled {
-            self.committed = seq;
+            // A batch run again from the journal never lowers it.
+            self.committed = self.committed.max(seq);
         }
         self.appender.recorded(&written);
         self.appender.queued(queued, now_ms, durable);
@@ -898,22 +901,21 @@ impl Worker {
         batch: &[Request],
         txn: &mut dyn Batch,
     ) -> Result<Option<u64>, CommitError> {
-        let seq = match self.replaying {
-            Some(seq) => seq,
-            None => {
-                let records: Vec<&[u8]> =
-                    batch.iter().filter_map(|r| r.journal.as_deref()).collect();
-                if records.is_empty() {
-                    return Ok(None);
-                }
-                let seq = self.committed + 1;
-                self.journal
-                    .append(seq, &records)
-                    .map_err(|e| CommitError::Store(format!("cannot write the journal: {e}")))?;
-                seq
-            }
-        };
+        if let Some(seq) = self.replaying {
+            txn.set_journaled(seq)?;
+            return Ok(Some(seq));
+        }
+        let records: Vec<&[u8]> = batch.iter().filter_map(|r| r.journal.as_deref()).collect();
+        if records.is_empty() {
+            return Ok(None);
+        }
+        // In the transaction first: an entry in the journal is always followed by its commit
+        // (or taken back out).
+        let seq = self.committed + 1;
         txn.set_journaled(seq)?;
+        self.journal
+            .append(seq, &records)
+            .map_err(|e| CommitError::Store(format!("cannot write the journal: {e}")))?;
         Ok(Some(seq))
     }
 
@@ -969,19 +971,32 @@ impl Worker {
     }
 
     /// Everything committed is durable: the appender and the sender may act on it, and the
-    /// journal is emptied.
+    /// journal is emptied. Unless the store lost commits on the way (reopened after a failed
+    /// write, by this thread or the sender's): then nothing is released and the journal is
+    /// kept, for the next batch to run again.
     fn synced(&mut self) {
+        if self.replaying.is_none() && !self.journal.is_empty() {
+            let held = self.store.begin().and_then(|mut txn| txn.journaled());
+            if held.is_err() || held.is_ok_and(|held| held < self.committed) {
+                if let Some(unsynced) = &mut self.unsynced {
+                    unsynced.reseed = true;
+                }
+                return;
+            }
+        }
         if let Some(unsynced) = &mut self.unsynced {
             unsynced.since = None;
             if unsynced.failing {
                 info!("the state store syncs again");
                 unsynced.failing = false;
             }
-            if std::mem::take(&mut unsynced.reseed)
-                && let Err(e) = self.appender.reseed(self.store.as_ref())
-            {
-                error!("cannot read the lines waiting for their files again: {e}");
-                unsynced.reseed = true;
+            if unsynced.reseed {
+                if let Err(e) = self.appender.reseed(self.store.as_ref()) {
+                    // Lines told of may have been lost: none is released until it is read.
+                    error!("cannot read the lines waiting for their files again: {e}");
+                    return;
+                }
+                unsynced.reseed = false;
             }
             if std::mem::take(&mut unsynced.deliveries) {
                 self.deliveries_queued.notify_one();
@@ -1576,8 +1591,11 @@ mod tests {
 
     #[test]
     fn batches_of_the_journal_the_store_does_not_hold_run_again_once_before_the_next() {
-        // As a kill in interval mode leaves them: two batches in the journal, none in the store.
-        let dir = tempfile::tempdir().unwrap();
+        // An event id to expire, so that the first job after the next start (a tick) commits.
+        let earlier = Running::start();
+        earlier.submit(&["z#u0"], None).unwrap();
+        let dir = earlier.stop();
+        // As a kill in interval mode leaves them: two batches in the journal, not in the store.
         let events = |body: &str| {
             let now = Clock::wall().now();
             crate::ingest::event::decode(body.as_bytes(), now, &BodyLimits::LOCAL_FILES).unwrap()
@@ -1594,8 +1612,16 @@ mod tests {
             .append(2, &[&journal::record(&c, Some(&signed))])
             .unwrap();
         drop(journal);
-        // Started in either mode, the first batch runs them first.
+        // Started in either mode. A tick's commit comes first and must not empty the journal;
+        // the first batch runs its entries first.
         let running = Running::start_in_folder(dir, Durability::Sync);
+        running.clock.advance(Duration::from_secs(7200));
+        running.runtime.block_on(running.committer.tick()).unwrap();
+        assert_eq!(
+            running.submit(&["z#u0"], None).unwrap().duplicates,
+            0,
+            "expired"
+        );
         assert_eq!(running.submit(&["d#u4"], None).unwrap().duplicates, 0);
         assert_eq!(running.submit(&["a#u1"], None).unwrap().duplicates, 1);
         assert_eq!(
@@ -1604,12 +1630,12 @@ mod tests {
         );
         assert_eq!(
             running.written(),
-            "{\"e\":\"a\"}\n{\"e\":\"b\"}\n{\"e\":\"c\"}\n{\"e\":\"d\"}\n"
+            "{\"e\":\"z\"}\n{\"e\":\"a\"}\n{\"e\":\"b\"}\n{\"e\":\"c\"}\n{\"e\":\"z\"}\n{\"e\":\"d\"}\n"
         );
         // Once in the store, never again: not even the uuid-less `b`.
         let running = Running::start_in_folder(running.stop(), Durability::Sync);
         running.submit(&["e"], None).unwrap();
-        assert_eq!(running.written().lines().count(), 5);
+        assert_eq!(running.written().lines().count(), 7);
         running.stop();
     }
 }

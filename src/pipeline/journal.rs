@@ -112,6 +112,11 @@ impl Journal {
         self.last
     }
 
+    /// Whether it holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The entries numbered after `seq`, in order. An entry that cannot be read back (written
     /// by another version) is skipped and logged.
     pub fn entries_after(&mut self, seq: u64) -> std::io::Result<Vec<Entry>> {
