@@ -268,9 +268,12 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// The database's page cache. redb's default (1 GiB) would let a large state grow the process
-/// to that size; beyond this, pages come from the operating system's file cache instead.
-const CACHE_BYTES: usize = 64 << 20;
+/// The database's page cache (read cache and write buffer). redb's default (1 GiB) would let a
+/// large state grow the process to that size; beyond this, pages come from the operating
+/// system's file cache instead. 64 MiB filled up under the threshold workload (RSS 142 MB after
+/// 20 s) with no more throughput than 16 MiB (RSS 78 MB, flat from 20 to 40 s): the pages a
+/// batch needs are found in the operating system's cache all the same.
+const CACHE_BYTES: usize = 16 << 20;
 
 /// The database, and whether it must be reopened.
 ///
