@@ -136,7 +136,8 @@ struct Request {
     /// Remembered once committed, so that a replay of the same signed request has no effect.
     delivery: Option<Delivery>,
     /// The report, with the events handed back: freeing them is the request's work, not the
-    /// committer's (in replay's profile, dropping events was a tenth of its thread).
+    /// committer's (in replay's profile, dropping events was 5% of the samples, all on the
+    /// committer thread, which bounds it).
     reply: oneshot::Sender<Result<(Report, Vec<Event>), CommitError>>,
     /// The request's span, entered while its events run, so their log lines carry it.
     span: tracing::Span,
