@@ -912,7 +912,6 @@ fn parse_clock_skew(text: &str) -> Result<Duration, String> {
     Ok(skew)
 }
 
-/// A positive length of time written in a flag, a variable or the file ("10s", "5 minutes").
 /// A sync interval: a duration of at most ten seconds.
 fn parse_sync_interval(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
@@ -924,6 +923,7 @@ fn parse_sync_interval(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A positive length of time written in a flag, a variable or the file ("10s", "5 minutes").
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     units::parse_duration(text).map_err(|e| match e {
         DurationError::Zero => "the duration must be longer than zero".to_string(),

@@ -127,8 +127,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// A long-running service gives the memory it frees back to the system at once, instead of
 /// after mimalloc's default second: under the threshold workload its RSS after 20 s was 76–79 MB
 /// with the default and 64–68 MB with this, at the same throughput (docs/PERFORMANCE.md). The
-/// commands that run to an end (`replay`) keep the default.
-/// An operator's `MIMALLOC_PURGE_DELAY` is kept.
+/// commands that run to an end (`replay`) keep the default, and so does an operator who sets
+/// `MIMALLOC_PURGE_DELAY`.
 fn return_freed_memory_promptly() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;

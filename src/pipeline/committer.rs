@@ -669,7 +669,10 @@ impl Worker {
         self.register_new_files(&sets)?;
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
-        if self.replaying.is_none() && txn.journaled()? < self.committed {
+        // Only commits without a sync, or a journal left from before, can leave the store
+        // behind: in sync mode, once caught up, no batch reads it.
+        let may_be_behind = self.unsynced.is_some() || !self.journal.is_empty();
+        if may_be_behind && self.replaying.is_none() && txn.journaled()? < self.committed {
             return Err(CommitError::Behind);
         }
         let forgotten = self.forget(txn.as_mut(), now, KEYS_LOOKED_AT_PER_BATCH)?;
@@ -1005,8 +1008,9 @@ impl Worker {
             if std::mem::take(&mut unsynced.deliveries) {
                 self.deliveries_queued.notify_one();
             }
+            // (In sync mode each commit's lines are told of as durable already.)
+            self.appender.synced();
         }
-        self.appender.synced();
         // Not while it runs again: its later entries are not in the store yet.
         if self.replaying.is_none()
             && let Err(e) = self.journal.clear()
