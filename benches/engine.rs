@@ -73,7 +73,12 @@ fn rule_set(
         );
         std::fs::write(rules.join(format!("rule-{i:05}.toml")), text).unwrap();
     }
-    RuleSet::load(&rules, &templates, &dir.path().join("data")).unwrap_or_else(|p| panic!("{p:?}"))
+    RuleSet::load(&tripline::config::Declared::folders(
+        &rules,
+        &templates,
+        &dir.path().join("data"),
+    ))
+    .unwrap_or_else(|p| panic!("{p:?}"))
 }
 
 /// A rule set of this one rule (and a "marketing" cap group it may name).
@@ -85,19 +90,23 @@ fn one_rule(text: &str) -> RuleSet {
     let caps = "[marketing]\nat_most = 2\nper_period = \"week\"\n\
                 timezone = \"person.properties.$geoip_time_zone\"\ntimezone_fallback = \"UTC\"\n";
     std::fs::write(rules.join("_caps.toml"), caps).unwrap();
-    RuleSet::load(
+    RuleSet::load(&tripline::config::Declared::folders(
         &rules,
         &dir.path().join("templates"),
         &dir.path().join("data"),
-    )
+    ))
     .unwrap_or_else(|p| panic!("{p:?}"))
 }
 
 fn shipped_rules() -> RuleSet {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().unwrap();
-    RuleSet::load(&root.join("rules"), &root.join("templates"), data.path())
-        .unwrap_or_else(|p| panic!("{p:?}"))
+    RuleSet::load(&tripline::config::Declared::folders(
+        &root.join("rules"),
+        &root.join("templates"),
+        data.path(),
+    ))
+    .unwrap_or_else(|p| panic!("{p:?}"))
 }
 
 fn run_once(rules: &RuleSet, event: &Event, from: &Mailbox) -> usize {

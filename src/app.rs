@@ -35,23 +35,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        config.folders.rules.is_dir(),
+        config.declared.folders.rules.is_dir(),
         "the rules folder {} does not exist (set it with --rules or TRIPLINE_RULES)",
-        config.folders.rules.display()
+        config.declared.folders.rules.display()
     );
-    std::fs::create_dir_all(&config.folders.data).map_err(|e| {
+    std::fs::create_dir_all(&config.declared.folders.data).map_err(|e| {
         anyhow::anyhow!(
             "cannot create the data folder {}: {e}",
-            config.folders.data.display()
+            config.declared.folders.data.display()
         )
     })?;
     let metrics = telemetry::recorder()?;
-    let store: Arc<dyn Backend> = Arc::new(Db::open(&config.folders.data).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the state database in {}: {e}",
-            config.folders.data.display()
-        )
-    })?);
+    let store: Arc<dyn Backend> =
+        Arc::new(Db::open(&config.declared.folders.data).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the state database in {}: {e}",
+                config.declared.folders.data.display()
+            )
+        })?);
     let senders = actions::senders(&Destinations::Settings(&config))?;
     let deliveries_queued = Arc::new(Notify::new());
     let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));
@@ -63,7 +64,7 @@ pub async fn serve(
     };
     let (committer, committer_thread) = Committer::start(
         store.clone(),
-        JsonlFiles::new(&config.folders.data),
+        JsonlFiles::new(&config.declared.folders.data),
         config.email_from.clone(),
         retention,
         config.waits,
@@ -81,11 +82,11 @@ pub async fn serve(
         clock.clone(),
     ));
 
-    let live = Arc::new(LiveRules::load(&config.folders, clock.clone()));
+    let live = Arc::new(LiveRules::load(&config.declared, clock.clone()));
     let _watcher = reload::watch(live.clone()).map_err(|e| {
         anyhow::anyhow!(
             "cannot watch {} for changes: {e}",
-            config.folders.rules.display()
+            config.declared.folders.rules.display()
         )
     })?;
     let ticker = tokio::spawn(tick(committer.clone()));
@@ -112,7 +113,7 @@ pub async fn serve(
         max_body_bytes: config.limits.max_body_bytes,
         request_timeout: config.limits.request_timeout,
         unverified: Arc::new(Semaphore::new(config.limits.max_unverified_requests)),
-        data_dir: config.folders.data.clone(),
+        data_dir: config.declared.folders.data.clone(),
     };
     let connection_limits = ConnectionLimits {
         max_connections: connections::connection_capacity(config.limits.max_connections),

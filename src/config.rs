@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use indexmap::IndexMap;
 use lettre::message::Mailbox;
 use serde::Deserialize;
+use std::collections::BTreeSet;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,10 +56,33 @@ pub struct Folders {
     pub data: PathBuf,
 }
 
-/// What the authoring commands need: the folders and the default sender.
+/// What rules compile against that the operator declares, not the rule author: the folders,
+/// and the names of the HTTP endpoints a rule may send to.
+#[derive(Debug, Clone)]
+pub struct Declared {
+    pub folders: Folders,
+    /// The endpoints of the configuration file's `[endpoints]`, by name.
+    pub endpoints: BTreeSet<String>,
+}
+
+impl Declared {
+    /// These folders, and no endpoint.
+    pub fn folders(rules: &Path, templates: &Path, data: &Path) -> Declared {
+        Declared {
+            folders: Folders {
+                rules: rules.to_path_buf(),
+                templates: templates.to_path_buf(),
+                data: data.to_path_buf(),
+            },
+            endpoints: BTreeSet::new(),
+        }
+    }
+}
+
+/// What the authoring commands need: what rules compile against, and the default sender.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    pub folders: Folders,
+    pub declared: Declared,
     pub email_from: Mailbox,
 }
 
@@ -358,7 +382,7 @@ pub struct Limits {
 pub struct ServeConfig {
     pub listen: String,
     pub accept_unauthenticated: bool,
-    pub folders: Folders,
+    pub declared: Declared,
     pub limits: Limits,
     pub dedupe_retention_days: u64,
     pub state_idle_days: u64,
@@ -458,14 +482,17 @@ impl FolderArgs {
             (None, None) => default_sender(),
         };
         Paths {
-            folders: Folders {
-                rules: folder(&self.rules, file.and_then(|f| f.rules.as_ref()), "rules"),
-                templates: folder(
-                    &self.templates,
-                    file.and_then(|f| f.templates.as_ref()),
-                    "templates",
-                ),
-                data: folder(&self.data, file.and_then(|f| f.data.as_ref()), "data"),
+            declared: Declared {
+                folders: Folders {
+                    rules: folder(&self.rules, file.and_then(|f| f.rules.as_ref()), "rules"),
+                    templates: folder(
+                        &self.templates,
+                        file.and_then(|f| f.templates.as_ref()),
+                        "templates",
+                    ),
+                    data: folder(&self.data, file.and_then(|f| f.data.as_ref()), "data"),
+                },
+                endpoints: BTreeSet::new(),
             },
             email_from,
         }
@@ -649,7 +676,7 @@ impl ServeArgs {
         let config = ServeConfig {
             listen,
             accept_unauthenticated: self.dangerously_accept_unauthenticated_events,
-            folders: paths.folders,
+            declared: paths.declared,
             limits: Limits {
                 max_body_bytes,
                 max_lines_waiting_bytes,

@@ -1222,11 +1222,11 @@ fields = { who = "distinct_id" }
             std::fs::create_dir(dir.path().join("templates")).unwrap();
             std::fs::write(dir.path().join("rules/r.toml"), rule).unwrap();
             std::fs::write(dir.path().join("templates/t.text.hbs"), "count {{count}}").unwrap();
-            let set = RuleSet::load(
+            let set = RuleSet::load(&crate::config::Declared::folders(
                 &dir.path().join("rules"),
                 &dir.path().join("templates"),
                 dir.path(),
-            )
+            ))
             .unwrap();
             Runs {
                 _dir: dir,

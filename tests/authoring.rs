@@ -503,11 +503,11 @@ fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fir
             stderr(&out)
         );
 
-        let set = tripline::rules::RuleSet::load(
+        let set = tripline::rules::RuleSet::load(&tripline::config::Declared::folders(
             &root().join(rules),
             &root().join(templates),
             Path::new("data"),
-        )
+        ))
         .unwrap_or_else(|p| panic!("{p:#?}"));
         for rule in set.rules() {
             let test_file = rule.file.with_extension("test.toml");

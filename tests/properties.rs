@@ -157,11 +157,11 @@ fn shipped_rules() -> &'static RuleSet {
     static RULES: OnceLock<RuleSet> = OnceLock::new();
     RULES.get_or_init(|| {
         let data = tempfile::tempdir().unwrap();
-        RuleSet::load(
+        RuleSet::load(&tripline::config::Declared::folders(
             &root().join("rules"),
             &root().join("templates"),
             data.path(),
-        )
+        ))
         .unwrap_or_else(|p| panic!("{p:?}"))
     })
 }
@@ -226,7 +226,13 @@ proptest! {
 /// Compiles `text` as a rule file and checks every diagnostic points inside it.
 fn compile_checked(file: &Path, text: &str) {
     let (mut templates, _) = Templates::load(&root().join("templates"));
-    if let Err(problems) = compile(file, text, &mut templates, &Default::default()) {
+    if let Err(problems) = compile(
+        file,
+        text,
+        &mut templates,
+        &Default::default(),
+        &Default::default(),
+    ) {
         assert!(!problems.is_empty(), "an error has at least one diagnostic");
         let lines = text.lines().count().max(1);
         for p in &problems {

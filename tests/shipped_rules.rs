@@ -9,11 +9,11 @@ use tripline::rules::RuleSet;
 #[test]
 fn shipped_rules_and_templates_load() {
     let data = tempfile::tempdir().unwrap();
-    let set = RuleSet::load(
+    let set = RuleSet::load(&tripline::config::Declared::folders(
         &root().join("rules"),
         &root().join("templates"),
         data.path(),
-    )
+    ))
     .unwrap_or_else(|problems| panic!("{problems:#?}"));
     let mut names: Vec<&str> = set.rules().iter().map(|r| r.name.as_str()).collect();
     names.sort();
@@ -112,12 +112,16 @@ fn every_rule_in_the_docs_loads() {
         }
     }
     assert!(complete >= 2, "found {complete} complete rules");
-    let set =
-        RuleSet::load(&rules, &root().join("templates"), dir.path()).unwrap_or_else(|problems| {
-            panic!(
-                "{:#?}",
-                problems.iter().map(ToString::to_string).collect::<Vec<_>>()
-            )
-        });
+    let set = RuleSet::load(&tripline::config::Declared::folders(
+        &rules,
+        &root().join("templates"),
+        dir.path(),
+    ))
+    .unwrap_or_else(|problems| {
+        panic!(
+            "{:#?}",
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+        )
+    });
     assert_eq!(set.rules().len(), complete);
 }

@@ -9,7 +9,7 @@
 use lettre::message::Mailbox;
 use serde::de::MapAccess;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
@@ -123,6 +123,8 @@ pub struct Compile<'a, 'f> {
     pub problems: &'a mut Problems<'f>,
     /// The templates, to which the action may add its own one-line ones.
     pub templates: &'a mut Templates,
+    /// The HTTP endpoints the operator declared, by name.
+    pub endpoints: &'a BTreeSet<String>,
 }
 
 /// A compiled action, as a rule runs it.

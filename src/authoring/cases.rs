@@ -723,7 +723,12 @@ fields = { who = "distinct_id", at = "timestamp" }
         std::fs::create_dir(&rules).unwrap();
         std::fs::write(rules.join("weekly.toml"), RULE).unwrap();
         std::fs::write(rules.join("weekly.test.toml"), tests).unwrap();
-        let set = RuleSet::load(&rules, &dir.path().join("t"), dir.path()).unwrap();
+        let set = RuleSet::load(&crate::config::Declared::folders(
+            &rules,
+            &dir.path().join("t"),
+            dir.path(),
+        ))
+        .unwrap();
         let cases = load(&rules.join("weekly.test.toml"));
         (dir, set, cases)
     }

@@ -15,13 +15,13 @@ use crate::rules::{RuleSet, unwritable_outputs};
 
 /// Runs the check.
 pub fn run(args: &FolderArgs) -> ExitCode {
-    let folders = match super::paths(args) {
-        Ok(paths) => paths.folders,
+    let declared = match super::paths(args) {
+        Ok(paths) => paths.declared,
         Err(code) => return code,
     };
+    let folders = &declared.folders;
     let mut problems = Vec::new();
-    let (rules, mut warnings) =
-        RuleSet::load_with_warnings(&folders.rules, &folders.templates, &folders.data);
+    let (rules, mut warnings) = RuleSet::load_with_warnings(&declared);
     let rules = match rules {
         Ok(set) => Some(set),
         Err(mut p) => {

@@ -9,7 +9,7 @@ pub mod test;
 
 use std::process::ExitCode;
 
-use crate::config::{ConfigError, FolderArgs, Folders, Paths};
+use crate::config::{ConfigError, Declared, FolderArgs, Paths};
 use crate::diag::{Diagnostic, Warning};
 use crate::rules::RuleSet;
 
@@ -28,10 +28,9 @@ pub fn report_config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Loads the rule set of `folders`, or prints every problem. Warnings are printed either way.
-fn load_rules(folders: &Folders) -> Option<RuleSet> {
-    let (result, warnings) =
-        RuleSet::load_with_warnings(&folders.rules, &folders.templates, &folders.data);
+/// Loads the rule set of `declared`, or prints every problem. Warnings are printed either way.
+fn load_rules(declared: &Declared) -> Option<RuleSet> {
+    let (result, warnings) = RuleSet::load_with_warnings(declared);
     print_warnings(&warnings);
     match result {
         Ok(set) => Some(set),

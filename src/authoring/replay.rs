@@ -113,7 +113,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
 }
 
 fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
-    let Some(rules) = load_rules(&paths.folders) else {
+    let Some(rules) = load_rules(&paths.declared) else {
         anyhow::bail!("the rules have problems, so nothing was replayed (see `tripline check`)");
     };
     let rules = Arc::new(rules);
@@ -133,7 +133,7 @@ fn replay(args: &ReplayArgs, paths: &Paths) -> anyhow::Result<()> {
             store: MemoryStore::default(),
             clock: history_clock(),
         },
-        Some(dir) => open_sink(dir, &paths.folders.data, &paths.email_from)?,
+        Some(dir) => open_sink(dir, &paths.declared.folders.data, &paths.email_from)?,
     };
     let mut run = Run {
         rules: &rules,

@@ -37,14 +37,14 @@ pub fn run(args: &TestArgs) -> ExitCode {
         Ok(paths) => paths,
         Err(code) => return code,
     };
-    let Some(rules) = load_rules(&paths.folders) else {
+    let Some(rules) = load_rules(&paths.declared) else {
         eprintln!("the rules have problems, so no test was run (see `tripline check`)");
         return ExitCode::FAILURE;
     };
     let mut files = Vec::new();
     let mut problems = Vec::new();
     let wanted = if args.paths.is_empty() {
-        vec![paths.folders.rules.clone()]
+        vec![paths.declared.folders.rules.clone()]
     } else {
         args.paths.clone()
     };

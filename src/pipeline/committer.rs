@@ -1396,7 +1396,12 @@ mod tests {
             )
             .unwrap();
             let rules = Arc::new(
-                RuleSet::load(&root.join("rules"), &root.join("templates"), root).unwrap(),
+                RuleSet::load(&crate::config::Declared::folders(
+                    &root.join("rules"),
+                    &root.join("templates"),
+                    root,
+                ))
+                .unwrap(),
             );
             let clock = Clock::manual("2026-01-01T00:00:00Z".parse().unwrap());
             let (committer, thread) = Committer::start(
@@ -1513,8 +1518,14 @@ mod tests {
     fn requests_under_two_rule_sets_at_once_are_each_committed() {
         let running = Running::start();
         let root = running.dir.path();
-        let reloaded =
-            Arc::new(RuleSet::load(&root.join("rules"), &root.join("templates"), root).unwrap());
+        let reloaded = Arc::new(
+            RuleSet::load(&crate::config::Declared::folders(
+                &root.join("rules"),
+                &root.join("templates"),
+                root,
+            ))
+            .unwrap(),
+        );
         let events = |name: &str| {
             let body = format!(r#"{{"event":"{name}"}}"#);
             let limits = &crate::ingest::event::BodyLimits::LOCAL_FILES;

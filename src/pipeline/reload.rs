@@ -9,14 +9,13 @@ use arc_swap::ArcSwapOption;
 use chrono::SecondsFormat;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::Folders;
+use crate::config::Declared;
 use crate::rules::RuleSet;
 use crate::telemetry;
 
@@ -43,9 +42,8 @@ pub struct ReloadStatus {
 pub struct LiveRules {
     current: ArcSwapOption<RuleSet>,
     status: Mutex<ReloadStatus>,
-    rules_dir: PathBuf,
-    templates_dir: PathBuf,
-    data_dir: PathBuf,
+    /// What the rules compile against.
+    declared: Declared,
     /// Dates each load.
     clock: Clock,
     /// How many sets have been swapped in, for those who act on a new set (`timers.rs`).
@@ -55,7 +53,7 @@ pub struct LiveRules {
 impl LiveRules {
     /// Loads the set once. If it has problems the service still starts, with no rules, and
     /// reports them.
-    pub fn load(folders: &Folders, clock: Clock) -> LiveRules {
+    pub fn load(declared: &Declared, clock: Clock) -> LiveRules {
         let live = LiveRules {
             current: ArcSwapOption::empty(),
             status: Mutex::new(ReloadStatus {
@@ -64,9 +62,7 @@ impl LiveRules {
                 errors: vec![],
                 warnings: vec![],
             }),
-            rules_dir: folders.rules.clone(),
-            templates_dir: folders.templates.clone(),
-            data_dir: folders.data.clone(),
+            declared: declared.clone(),
             clock,
             generation: tokio::sync::watch::Sender::new(0),
         };
@@ -94,8 +90,7 @@ impl LiveRules {
 
     /// Loads the files again; swaps the new set in if it has no problems. Returns whether it did.
     pub fn reload(&self) -> bool {
-        let (result, warnings) =
-            RuleSet::load_with_warnings(&self.rules_dir, &self.templates_dir, &self.data_dir);
+        let (result, warnings) = RuleSet::load_with_warnings(&self.declared);
         for w in &warnings {
             warn!("{w}");
         }
@@ -160,11 +155,14 @@ pub fn watch(live: Arc<LiveRules>) -> notify::Result<notify::RecommendedWatcher>
             Ok(_) => signal.notify_one(),
             Err(e) => warn!("file watcher: {e}"),
         })?;
-    watcher.watch(&live.rules_dir, RecursiveMode::NonRecursive)?;
-    if live.templates_dir.is_dir() {
-        watcher.watch(&live.templates_dir, RecursiveMode::NonRecursive)?;
+    watcher.watch(&live.declared.folders.rules, RecursiveMode::NonRecursive)?;
+    if live.declared.folders.templates.is_dir() {
+        watcher.watch(
+            &live.declared.folders.templates,
+            RecursiveMode::NonRecursive,
+        )?;
     } else {
-        warn!(dir = %live.templates_dir.display(), "templates folder not found; not watching it");
+        warn!(dir = %live.declared.folders.templates.display(), "templates folder not found; not watching it");
     }
     tokio::spawn(async move {
         loop {

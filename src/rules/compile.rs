@@ -2,6 +2,7 @@
 
 use regex::RegexBuilder;
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -36,13 +37,14 @@ pub fn compile(
     source: &str,
     templates: &mut Templates,
     caps: &Caps,
+    endpoints: &BTreeSet<String>,
 ) -> Result<Rule, Vec<Diagnostic>> {
     let mut c = Compiler {
         p: Problems::new(file, source),
     };
     let parsed = parse_reporting_every_unknown_key(file, source, &mut c.p.list)
         .ok_or_else(|| c.p.list.clone())?;
-    let rule = c.rule(parsed, templates, caps);
+    let rule = c.rule(parsed, templates, caps, endpoints);
     match rule {
         Some(rule) if c.p.list.is_empty() => Ok(rule),
         _ => Err(c.p.list),
@@ -158,7 +160,13 @@ impl Compiler<'_> {
         self.p.add(span, message, hint);
     }
 
-    fn rule(&mut self, f: RuleFile, templates: &mut Templates, caps: &Caps) -> Option<Rule> {
+    fn rule(
+        &mut self,
+        f: RuleFile,
+        templates: &mut Templates,
+        caps: &Caps,
+        endpoints: &BTreeSet<String>,
+    ) -> Option<Rule> {
         let name = f.name.get_ref().trim().to_string();
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             self.problem(
@@ -273,6 +281,7 @@ impl Compiler<'_> {
             rule: &name,
             problems: &mut self.p,
             templates,
+            endpoints,
         };
         for table in f.actions {
             actions.extend((table.compile)(&mut cx));
@@ -962,7 +971,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hello.text.hbs"), "Hi").unwrap();
         let (mut templates, _) = Templates::load(dir.path());
-        match compile(Path::new("r.toml"), source, &mut templates, &Caps::new()) {
+        match compile(
+            Path::new("r.toml"),
+            source,
+            &mut templates,
+            &Caps::new(),
+            &BTreeSet::new(),
+        ) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),
         }
@@ -977,8 +992,14 @@ mod tests {
         let (mut templates, template_problems) = Templates::load(dir.path());
         assert_eq!(template_problems.len(), 1);
         let source = "name = \"r\"\n[when]\nevent = \"x\"\n[email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"hello\"\n";
-        let problems =
-            compile(Path::new("r.toml"), source, &mut templates, &Caps::new()).unwrap_err();
+        let problems = compile(
+            Path::new("r.toml"),
+            source,
+            &mut templates,
+            &Caps::new(),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
         let message = problems[0].to_string();
         assert!(
             message.contains("the template \"hello\" cannot be used: hello.text.hbs has a problem"),
@@ -1002,7 +1023,13 @@ mod tests {
             let (mut templates, _) = Templates::load(dir.path());
             let source = "name = \"r\"\n[when]\nevent = \"x\"\n[digest]\nevery = \"1 day\"\nat = \"09:00\"\n\
                           [email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"d\"\n";
-            match compile(Path::new("r.toml"), source, &mut templates, &Caps::new()) {
+            match compile(
+                Path::new("r.toml"),
+                source,
+                &mut templates,
+                &Caps::new(),
+                &BTreeSet::new(),
+            ) {
                 Ok(_) => vec![],
                 Err(p) => p.iter().map(|d| d.to_string()).collect(),
             }
@@ -1181,11 +1208,16 @@ mod tests {
         assert!(list.is_empty(), "{list:?}");
         let dir = tempfile::tempdir().unwrap();
         let (mut templates, _) = Templates::load(dir.path());
-        let mut problems =
-            |text: &str| match compile(Path::new("r.toml"), text, &mut templates, &caps) {
-                Ok(_) => vec![],
-                Err(p) => p.iter().map(|d| d.to_string()).collect(),
-            };
+        let mut problems = |text: &str| match compile(
+            Path::new("r.toml"),
+            text,
+            &mut templates,
+            &caps,
+            &BTreeSet::new(),
+        ) {
+            Ok(_) => vec![],
+            Err(p) => p.iter().map(|d| d.to_string()).collect(),
+        };
         assert_eq!(
             problems(&rule("cap_group = \"marketing\"")),
             Vec::<String>::new()

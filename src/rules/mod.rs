@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use crate::actions::Action;
 use crate::actions::email::templates::Templates;
+use crate::config::{Declared, Folders};
 use crate::diag::{Diagnostic, Warning};
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
@@ -244,25 +245,24 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    /// Loads every `*.toml` file of `rules_dir` and every template of `templates_dir`.
-    /// `data_dir` is where output files go (used to check their paths). Warnings (entries that
-    /// are skipped) are dropped: use [`load_with_warnings`](Self::load_with_warnings) where a
-    /// person will see the outcome.
-    pub fn load(
-        rules_dir: &Path,
-        templates_dir: &Path,
-        data_dir: &Path,
-    ) -> Result<RuleSet, Vec<Diagnostic>> {
-        Self::load_with_warnings(rules_dir, templates_dir, data_dir).0
+    /// Loads every `*.toml` file of the rules folder and every template of the templates
+    /// folder, against the endpoints the operator declared. The data folder is where output
+    /// files go (used to check their paths). Warnings (entries that are skipped) are dropped:
+    /// use [`load_with_warnings`](Self::load_with_warnings) where a person will see the outcome.
+    pub fn load(declared: &Declared) -> Result<RuleSet, Vec<Diagnostic>> {
+        Self::load_with_warnings(declared).0
     }
 
     /// [`load`](Self::load), with what the load noticed that does not stop it, whether it
     /// succeeded or not.
     pub fn load_with_warnings(
-        rules_dir: &Path,
-        templates_dir: &Path,
-        data_dir: &Path,
+        declared: &Declared,
     ) -> (Result<RuleSet, Vec<Diagnostic>>, Vec<Warning>) {
+        let Folders {
+            rules: rules_dir,
+            templates: templates_dir,
+            data: data_dir,
+        } = &declared.folders;
         let (mut templates, mut problems) = Templates::load(templates_dir);
         let mut warnings = templates.warnings().to_vec();
         let files = match rule_files(rules_dir) {
@@ -311,7 +311,7 @@ impl RuleSet {
                 }
             };
             hash_file(&mut hasher, "rule", &file, &source);
-            match compile::compile(&file, &source, &mut templates, &caps) {
+            match compile::compile(&file, &source, &mut templates, &caps, &declared.endpoints) {
                 Ok(rule) => {
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                         problems.push(duplicate_name(&file, &source, &rule.name, &first.file));
@@ -540,8 +540,12 @@ mod tests {
             );
             std::fs::write(dir.path().join(format!("rules/{name}.toml")), rule).unwrap();
         }
-        let set =
-            RuleSet::load(&dir.path().join("rules"), &dir.path().join("t"), dir.path()).unwrap();
+        let set = RuleSet::load(&crate::config::Declared::folders(
+            &dir.path().join("rules"),
+            &dir.path().join("t"),
+            dir.path(),
+        ))
+        .unwrap();
         (dir, set)
     }
 

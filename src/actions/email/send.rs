@@ -50,7 +50,7 @@ impl Transport {
     /// Builds the transport from the server settings.
     pub fn from_config(config: &ServeConfig) -> anyhow::Result<Transport> {
         match config.email_transport {
-            EmailTransport::File => Ok(Transport::files_in(&config.folders.data)?),
+            EmailTransport::File => Ok(Transport::files_in(&config.declared.folders.data)?),
             EmailTransport::Smtp => {
                 let host = config.smtp_host.as_deref().ok_or_else(|| {
                     anyhow::anyhow!(

@@ -118,7 +118,7 @@ mod tests {
             "name = \"hello\"\n[when]\nevent = \"signed_up\"\n[log]\nmessage = \"someone signed up\"\n",
         )
         .unwrap();
-        let rules = Arc::new(RuleSet::load(&root.join("rules"), &root.join("t"), root).unwrap());
+        let rules = Arc::new(RuleSet::load(&crate::config::Declared::folders(&root.join("rules"), &root.join("t"), root)).unwrap());
         assert_eq!(rules.rules()[0].summary["actions"][0]["kind"], "log");
 
         let db: Arc<dyn Backend> = Arc::new(Db::open(root).unwrap());
