@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need that is not Rust, then runs every test.
-# - aiosmtpd (PyPI): the real SMTP server the email tests deliver to. It goes into a virtual
-#   environment under target/, so nothing is installed into the system's Python.
+# - aiosmtpd (PyPI): the real SMTP server the email tests deliver to;
+# - standardwebhooks (PyPI): the Standard Webhooks reference library, which checks the signatures
+#   of tripline's HTTP deliveries.
+# Both go into a virtual environment under target/, so nothing is installed into the system's
+# Python.
 # The durability tests also mount a small tmpfs to fill a disk; that needs root (CI is root;
 # elsewhere that one test says it is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/test-python
-if ! "$venv/bin/python" -c "import aiosmtpd" 2>/dev/null; then
-  echo "installing aiosmtpd (a real SMTP server for the email tests) into $venv"
+if ! "$venv/bin/python" -c "import aiosmtpd, standardwebhooks" 2>/dev/null; then
+  echo "installing aiosmtpd (a real SMTP server) and standardwebhooks (the reference signature check) into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check aiosmtpd
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check aiosmtpd standardwebhooks
 fi
 export TRIPLINE_TEST_PYTHON="$PWD/$venv/bin/python"
 exec cargo test "$@"

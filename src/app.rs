@@ -76,8 +76,8 @@ pub async fn serve(
     let (stop_sender, stopped) = watch::channel(false);
     let sender = tokio::spawn(outbox::run_sender(
         store.clone(),
-        senders,
-        deliveries_queued,
+        senders.clone(),
+        deliveries_queued.clone(),
         stopped,
         clock.clone(),
     ));
@@ -114,6 +114,8 @@ pub async fn serve(
         request_timeout: config.limits.request_timeout,
         unverified: Arc::new(Semaphore::new(config.limits.max_unverified_requests)),
         data_dir: config.declared.folders.data.clone(),
+        senders,
+        deliveries_queued,
     };
     let connection_limits = ConnectionLimits {
         max_connections: connections::connection_capacity(config.limits.max_connections),

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
+use crate::actions::http::endpoint::{Endpoint, EndpointConfig, Endpoints};
 use crate::diag::Diagnostic;
 use crate::diag::toml_diagnostic;
 use crate::ingest::auth::{SecretRef, Source, SourceConfig, Sources};
@@ -269,6 +270,9 @@ pub struct ConfigFile {
     /// Named senders and where their secrets are.
     #[serde(default)]
     pub sources: IndexMap<String, Spanned<SourceConfig>>,
+    /// Where HTTP deliveries may go, by name (see `actions/http/endpoint.rs`).
+    #[serde(default)]
+    pub endpoints: IndexMap<String, Spanned<EndpointConfig>>,
     /// The token that unlocks /rules, /outbox and /metrics.
     pub admin: Option<AdminFile>,
     #[serde(default)]
@@ -399,6 +403,8 @@ pub struct ServeConfig {
     /// The admin token (held as a source of its own), if any: it unlocks /rules, /outbox and
     /// /metrics once sources are configured.
     pub admin: Option<Arc<Source>>,
+    /// The HTTP endpoints, with their secrets.
+    pub endpoints: Arc<Endpoints>,
 }
 
 /// Why the settings cannot be used.
@@ -492,7 +498,8 @@ impl FolderArgs {
                     ),
                     data: folder(&self.data, file.and_then(|f| f.data.as_ref()), "data"),
                 },
-                endpoints: BTreeSet::new(),
+                endpoints: file
+                    .map_or_else(BTreeSet::new, |f| f.endpoints.keys().cloned().collect()),
             },
             email_from,
         }
@@ -673,6 +680,7 @@ impl ServeArgs {
         };
         let sources = check.sources(file, signature_tolerance);
         let admin = check.admin(file.admin.as_ref());
+        let endpoints = check.endpoints(file);
         let config = ServeConfig {
             listen,
             accept_unauthenticated: self.dangerously_accept_unauthenticated_events,
@@ -714,6 +722,7 @@ impl ServeArgs {
             durability,
             sources: Arc::new(sources?),
             admin: admin?.map(Arc::new),
+            endpoints: Arc::new(endpoints),
         };
         if problems.is_empty() && config.sources.is_empty() && !config.accept_unauthenticated {
             loopback_only(&config.listen)?;
@@ -781,6 +790,24 @@ impl Checker<'_> {
             list.push(default);
         }
         Ok(Sources::new(list, tolerance))
+    }
+
+    /// The endpoints of the file's `[endpoints.*]`, with their secrets read.
+    fn endpoints(&mut self, file: &ConfigFile) -> Endpoints {
+        let mut endpoints = Endpoints::new();
+        for (name, written) in &file.endpoints {
+            let mut config = written.get_ref().clone();
+            config.relative_to(|p| self.relative(p));
+            match Endpoint::load(name, &config) {
+                Ok(endpoint) => {
+                    endpoints.insert(name.clone(), endpoint);
+                }
+                Err(message) => {
+                    self.report(written.span(), format!("[endpoints.{name}]: {message}"))
+                }
+            }
+        }
+        endpoints
     }
 
     /// The admin token of `TRIPLINE_ADMIN_TOKEN`, else of the file's `[admin]`.

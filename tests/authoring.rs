@@ -120,7 +120,7 @@ fn check_exit_code_is_zero_for_good_files_and_prints_the_hash() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.starts_with("ok: 1 rules, 0 tests; rule set hash "),
+        text.starts_with("ok: 1 rules, 0 tests; no HTTP endpoints declared; rule set hash "),
         "{text}"
     );
     // The hash changes with the files.
@@ -408,6 +408,8 @@ fn replay_ends_waits_as_history_passes_their_deadlines_and_reports_them() {
     ];
     std::fs::write(&events, lines.join("\n") + "\n").unwrap();
     let folders = [
+        "--config",
+        "examples/tripline.toml",
         "--rules",
         "examples/rules",
         "--templates",
@@ -487,11 +489,17 @@ fn replay_refuses_the_service_data_folder_and_reports_a_missing_file() {
 
 #[test]
 fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fire() {
-    for (rules, templates) in [
-        ("rules", "templates"),
-        ("examples/rules", "examples/templates"),
+    // The examples name HTTP endpoints, declared in their configuration file.
+    for (rules, templates, config) in [
+        ("rules", "templates", None),
+        (
+            "examples/rules",
+            "examples/templates",
+            Some("examples/tripline.toml"),
+        ),
     ] {
-        let args = ["--rules", rules, "--templates", templates];
+        let mut args = vec!["--rules", rules, "--templates", templates];
+        args.extend(config.iter().flat_map(|c| ["--config", c]));
         let out = tripline(&root(), &[&["check"][..], &args].concat());
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         let out = tripline(&root(), &[&["test"][..], &args].concat());
@@ -503,12 +511,17 @@ fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fir
             stderr(&out)
         );
 
-        let set = tripline::rules::RuleSet::load(&tripline::config::Declared::folders(
-            &root().join(rules),
-            &root().join(templates),
-            Path::new("data"),
-        ))
-        .unwrap_or_else(|p| panic!("{p:#?}"));
+        let declared = tripline::config::FolderArgs {
+            config: config.map(|c| root().join(c)),
+            rules: Some(root().join(rules)),
+            templates: Some(root().join(templates)),
+            data: Some("data".into()),
+            email_from: None,
+        }
+        .resolve()
+        .unwrap()
+        .declared;
+        let set = tripline::rules::RuleSet::load(&declared).unwrap_or_else(|p| panic!("{p:#?}"));
         for rule in set.rules() {
             let test_file = rule.file.with_extension("test.toml");
             let tests = std::fs::read_to_string(&test_file)

@@ -129,7 +129,7 @@ fn crash_round(total: usize, mode: &str) {
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
-                let client = reqwest::blocking::Client::new();
+                let client = common::client();
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= total || killed.load(Ordering::SeqCst) {

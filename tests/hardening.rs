@@ -323,7 +323,7 @@ fn a_client_that_never_reads_its_answers_loses_its_connection() {
     // Both connections are taken; once their answers have made no progress for the header
     // timeout, they are closed and a new client is served.
     server.wait_for("a free connection", |s| {
-        let reply = reqwest::blocking::Client::new()
+        let reply = common::client()
             .get(format!("{}/healthz", s.base))
             .timeout(Duration::from_secs(2))
             .send();

@@ -265,9 +265,12 @@ fn the_read_only_endpoints_need_the_admin_token_once_sources_exist() {
         |_| {},
     );
     assert_eq!(server.get("/metrics").0, 200, "with the admin token");
-    let anonymous = reqwest::blocking::get(format!("{}/rules", server.base)).unwrap();
+    let anonymous = common::client()
+        .get(format!("{}/rules", server.base))
+        .send()
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
-    let with_sender_token = reqwest::blocking::Client::new()
+    let with_sender_token = common::client()
         .get(format!("{}/outbox", server.base))
         .bearer_auth(TOKEN)
         .send()

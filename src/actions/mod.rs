@@ -74,6 +74,7 @@ macro_rules! kinds {
 
 kinds! {
     "email" => email::Email,
+    "http" => http::Http,
     "jsonl" => jsonl::Jsonl,
     #[cfg(test)]
     "log" => log::Log,
@@ -169,6 +170,39 @@ pub struct Input<'a> {
     pub env: &'a Env<'a>,
 }
 
+impl Input<'_> {
+    /// What templates see: the event's fields, `count`, and for a digest `events` and
+    /// `events_count`, for a wait `waited` and `until`.
+    pub fn template_data(&self) -> Value {
+        let mut data = self.event.template_context();
+        data["count"] = self.count.map_or(Value::Null, Value::from);
+        if let Some(digest) = &self.digest {
+            let events = digest.events.iter();
+            data["events"] = events.map(|e| e.template_context()).collect();
+            data["events_count"] = digest.total.into();
+        }
+        if let Some(waited) = &self.waited {
+            data["waited"] = crate::units::duration_in_words(waited.after).into();
+            if let Some(until) = waited.until {
+                data["until"] = until.template_context();
+            }
+        }
+        data
+    }
+}
+
+/// Writes `bytes` to `dir/name` through a temporary file, synced and renamed, so that a
+/// delivery written again after a crash replaces the same file whole (`replay --execute-into`).
+pub fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The events of a digest being sent: the first ones kept, and how many there were.
 #[derive(Debug, Clone, Copy)]
 pub struct DigestInput<'a> {
@@ -227,8 +261,10 @@ pub enum Output {
 #[derive(Debug)]
 pub enum Attempt {
     Delivered,
-    /// Try again later.
+    /// Try again later, after the usual backoff.
     Temporary(String),
+    /// Try again after this long: the destination said when (`Retry-After`).
+    RetryAfter(String, std::time::Duration),
     /// Give up: the destination refused it for good.
     Permanent(String),
 }
@@ -242,8 +278,23 @@ pub trait Sender: Send + Sync {
         id: u64,
         record: &'a OutboxRecord,
     ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
-    /// How many attempts of this kind may run at once: its destination's bound.
-    fn max_in_flight(&self) -> usize;
+    /// How many attempts of this kind may run at once: its destinations' bounds.
+    fn max_in_flight(&self) -> Bound;
+    /// The destinations that take no deliveries now (an endpoint that answered 410 Gone), with
+    /// why, for `GET /outbox`.
+    fn disabled(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// How many attempts of one kind may run at once.
+#[derive(Debug, Clone)]
+pub enum Bound {
+    /// This many, whatever the destination (one mail server).
+    Kind(usize),
+    /// So many to each destination (an HTTP endpoint), so that one that hangs holds only its own
+    /// slots. A destination not listed has no bound of its own.
+    PerDestination(Vec<(String, usize)>),
 }
 
 /// The senders of the delivered kinds, by kind.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::actions::email::Queued;
+use crate::actions::http::Request;
 use crate::actions::{Env, Output};
 use crate::authoring::event_file;
 use crate::clock::Clock;
@@ -103,6 +104,8 @@ pub struct Expect {
     pub emails: Option<Vec<ExpectEmail>>,
     /// Every JSONL line, in order.
     pub lines: Option<Vec<ExpectLine>>,
+    /// Every HTTP request (`[http]`), in order.
+    pub requests: Option<Vec<ExpectRequest>>,
     /// The rules whose action failed (an email that could not be filled in).
     pub failed: Option<Vec<String>>,
     /// The rules with a wait still pending at the end, one entry per wait, by name.
@@ -136,6 +139,7 @@ impl Expect {
         .all(|e| e.is_none())
             && self.emails.is_none()
             && self.lines.is_none()
+            && self.requests.is_none()
     }
 }
 
@@ -158,6 +162,22 @@ pub struct ExpectLine {
     pub file: Option<String>,
     /// A table: the line's JSON has exactly these keys and values. Text: the exact line.
     pub line: toml::Value,
+}
+
+/// One expected HTTP request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectRequest {
+    /// The endpoint's name.
+    pub endpoint: Option<String>,
+    /// `POST` or `PUT`.
+    pub method: Option<String>,
+    /// The path added to the endpoint's address, as sent (`/v3/example.com/messages`).
+    pub path: Option<String>,
+    /// The JSON body: exactly these keys and values.
+    pub json: Option<toml::Value>,
+    /// The form body: exactly these fields and values.
+    pub form: Option<toml::Table>,
 }
 
 /// A case ready to run.
@@ -231,7 +251,7 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
                     span.clone(),
                     format!("test \"{}\" expects nothing, so it could never fail", case.name),
                 )
-                .with_hint("under [test.expect], say what should happen: fired = [\"rule-name\"], emails = [...], lines = [...] or fired = [] for nothing"),
+                .with_hint("under [test.expect], say what should happen: fired = [\"rule-name\"], emails = [...], lines = [...], requests = [...] or fired = [] for nothing"),
             );
         }
         let mut clock = start;
@@ -530,6 +550,9 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
     if let Some(wanted) = &e.lines {
         compare_lines(wanted, &effects, &mut problems);
     }
+    if let Some(wanted) = &e.requests {
+        compare_requests(wanted, &effects, &mut problems);
+    }
     if !problems.is_empty() {
         let failures = report.failures(rules);
         if !failures.is_empty() {
@@ -616,6 +639,92 @@ fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec
                 problems.push(format!(
                     "email {n}: the body does not contain {piece:?}; it is:\n{}",
                     indent(&got.text)
+                ));
+            }
+        }
+    }
+}
+
+fn compare_requests(wanted: &[ExpectRequest], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<Request> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Output {
+                output: Output::Delivery(d),
+                ..
+            } => Request::of(d),
+            _ => None,
+        })
+        .collect();
+    if actual.len() != wanted.len() {
+        let sent: Vec<String> = actual
+            .iter()
+            .map(|r| format!("to {}: {}", r.endpoint, r.body))
+            .collect();
+        problems.push(format!(
+            "expected {} request(s), got {}{}",
+            wanted.len(),
+            actual.len(),
+            if sent.is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", indent(&sent.join("\n")))
+            }
+        ));
+        return;
+    }
+    for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
+        let n = n + 1;
+        let path = format!("/{}", got.path.join("/"));
+        let method = serde_json::to_value(got.method).unwrap_or_default();
+        let checks = [
+            ("endpoint", want.endpoint.as_deref(), got.endpoint.as_str()),
+            (
+                "method",
+                want.method.as_deref(),
+                method.as_str().unwrap_or_default(),
+            ),
+            ("path", want.path.as_deref(), path.as_str()),
+        ];
+        for (what, want, got) in checks {
+            if let Some(want) = want
+                && !want.eq_ignore_ascii_case(got)
+            {
+                problems.push(format!(
+                    "request {n}: expected the {what} {want:?}, but it is {got:?}"
+                ));
+            }
+        }
+        if let Some(json) = &want.json {
+            let expected = toml_to_json_value(json);
+            if serde_json::from_str::<Value>(&got.body).ok() != Some(expected.clone()) {
+                problems.push(format!(
+                    "request {n}: expected the JSON body\n    {expected}\n  but it is\n    {}",
+                    got.body
+                ));
+            }
+        }
+        if let Some(form) = &want.form {
+            let mut expected: Vec<(String, String)> = Vec::new();
+            for (name, value) in form {
+                let values = match value {
+                    toml::Value::Array(items) => items.clone(),
+                    one => vec![one.clone()],
+                };
+                for v in values {
+                    let text = match v {
+                        toml::Value::String(s) => s,
+                        other => toml_to_json_value(&other).to_string(),
+                    };
+                    expected.push((name.clone(), text));
+                }
+            }
+            let sent: Vec<(String, String)> = url::form_urlencoded::parse(got.body.as_bytes())
+                .into_owned()
+                .collect();
+            if sent != expected {
+                problems.push(format!(
+                    "request {n}: expected the form\n    {expected:?}\n  but it is\n    {sent:?}"
                 ));
             }
         }

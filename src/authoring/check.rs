@@ -59,8 +59,15 @@ pub fn run(args: &FolderArgs) -> ExitCode {
     }
     match rules {
         Some(set) if problems.is_empty() && unwritable == 0 => {
+            let endpoints = match declared.endpoints.len() {
+                0 => "no HTTP endpoints declared".to_string(),
+                _ => {
+                    let names: Vec<&str> = declared.endpoints.iter().map(String::as_str).collect();
+                    format!("HTTP endpoints: {}", names.join(", "))
+                }
+            };
             println!(
-                "ok: {} rules, {tests} tests; rule set hash {}",
+                "ok: {} rules, {tests} tests; {endpoints}; rule set hash {}",
                 set.rules().len(),
                 set.hash
             );

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::event_file::{Position, read_items};
 use super::load_rules;
 use crate::actions::email::{Queued, mask_email};
+use crate::actions::http::Request;
 use crate::actions::jsonl::JsonlFiles;
 use crate::actions::{self, Destinations, Env, Output};
 use crate::clock::Clock;
@@ -522,7 +523,13 @@ impl Run<'_> {
                             q.subject
                         ),
                     ),
-                    None => (rule, format!("{} to {}", d.kind, d.to)),
+                    None => match Request::of(&d) {
+                        Some(r) => (
+                            rule,
+                            format!("request to {}: {}", r.endpoint, clip(&r.body, 200)),
+                        ),
+                        None => (rule, format!("{} to {}", d.kind, d.to)),
+                    },
                 },
                 Effect::Failed { .. } => continue,
             };

@@ -2,7 +2,7 @@
 //! `/outbox` and `/metrics`, which need the admin token once sources are configured.
 
 use axum::Json;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::AppState;
 use super::error::AppError;
-use crate::store::queue::OutboxRecord;
+use crate::store::StoreError;
+use crate::store::queue::{OutboxRecord, Retry};
 use crate::telemetry;
+use tracing::info;
 
 /// Lets a request to the read-only endpoints through when no source is configured (loopback
 /// only), or when it carries the admin token.
@@ -120,12 +122,72 @@ pub async fn outbox(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
             "last_error": r.last_error, "created_unix": r.created_unix, "finished_unix": r.finished_unix,
         })
     };
+    let disabled: serde_json::Map<String, Value> = (state.senders.iter())
+        .flat_map(|(kind, sender)| {
+            (sender.disabled().into_iter())
+                .map(move |(to, why)| (format!("{kind} {to}"), json!(why)))
+        })
+        .collect();
     Ok(Json(json!({
+        "disabled": disabled,
         "pending": status.pending,
         "finished": status.finished,
         "waiting": status.waiting.iter().map(show).collect::<Vec<_>>(),
         "recent": status.recent.iter().map(show).collect::<Vec<_>>(),
     })))
+}
+
+/// `POST /outbox/{id}/retry`: the operator asks for a delivery that failed for good to be tried
+/// again, once, under the same id (so with the same idempotency key or Message-ID).
+pub async fn retry(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    let store = state.store.clone();
+    let now = state.clock.unix();
+    let retried = tokio::task::spawn_blocking(move || {
+        let mut txn = store.begin()?;
+        let retried = txn.retry(id, now)?;
+        if retried == Retry::Queued {
+            txn.commit()?;
+        }
+        Ok::<_, StoreError>(retried)
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e| AppError::Internal(e.to_string()))?;
+    let (status, message) = match retried {
+        Retry::Queued => {
+            state.deliveries_queued.notify_one();
+            info!(delivery.id = id, "delivery queued again by the operator");
+            (
+                StatusCode::OK,
+                "queued again: it is tried now, with the same idempotency key",
+            )
+        }
+        Retry::NotFound => (
+            StatusCode::NOT_FOUND,
+            "there is no such delivery in the outbox or its history",
+        ),
+        Retry::Pending => (
+            StatusCode::CONFLICT,
+            "this delivery is still queued: it is tried on its own",
+        ),
+        Retry::Delivered => (
+            StatusCode::CONFLICT,
+            "this delivery was delivered: trying it again would send it twice",
+        ),
+        Retry::NeverMade => (
+            StatusCode::CONFLICT,
+            "this delivery was never made (see its last_error): trying it again would fail the same way; fix the rule instead",
+        ),
+    };
+    let key = if status == StatusCode::OK {
+        "status"
+    } else {
+        "error"
+    };
+    Ok((status, Json(json!({ "id": id, key: message }))))
 }
 
 /// The running rules with their files, the running set's content hash and load time, and the

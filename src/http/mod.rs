@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::actions::Senders;
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::ingest::auth::{Source, Sources};
@@ -63,6 +64,10 @@ pub struct AppState {
     pub unverified: Arc<Semaphore>,
     /// Where /readyz checks it can write.
     pub data_dir: PathBuf,
+    /// The senders of deliveries, for what `/outbox` shows of them.
+    pub senders: Senders,
+    /// Wakes the outbox's sender when a delivery is queued again.
+    pub deliveries_queued: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -103,6 +108,7 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
     let admin = Router::new()
         .route("/rules", get(admin::rules))
         .route("/outbox", get(admin::outbox))
+        .route("/outbox/{id}/retry", post(admin::retry))
         .route("/metrics", get(admin::metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -101,6 +101,24 @@ impl SourceConfig {
     }
 }
 
+/// The HMAC key of a Standard Webhooks secret (`whsec_` + base64) read from `from`.
+pub fn signing_key(secret: &str, from: &SecretRef) -> Result<Vec<u8>, String> {
+    let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+    let key = BASE64.decode(encoded).map_err(|_| {
+        format!(
+            "the signing secret in {} is not a Standard Webhooks secret (`whsec_` followed by base64)",
+            from.describe()
+        )
+    })?;
+    if key.len() < MIN_SIGNING_KEY_BYTES {
+        return Err(format!(
+            "the signing secret in {} is too short: it must decode to at least {MIN_SIGNING_KEY_BYTES} bytes",
+            from.describe()
+        ));
+    }
+    Ok(key)
+}
+
 /// A bearer token must be at least this long: short ones can be guessed.
 pub const MIN_TOKEN_CHARS: usize = 16;
 /// A signing secret must decode to at least this many bytes (the Standard Webhooks minimum).
@@ -185,20 +203,7 @@ impl Source {
 
     /// Adds a Standard Webhooks secret (`whsec_` + base64) read from `from`.
     pub fn add_signing_secret(&mut self, secret: &str, from: &SecretRef) -> Result<(), String> {
-        let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
-        let key = BASE64.decode(encoded).map_err(|_| {
-            format!(
-                "the signing secret in {} is not a Standard Webhooks secret (`whsec_` followed by base64)",
-                from.describe()
-            )
-        })?;
-        if key.len() < MIN_SIGNING_KEY_BYTES {
-            return Err(format!(
-                "the signing secret in {} is too short: it must decode to at least {MIN_SIGNING_KEY_BYTES} bytes",
-                from.describe()
-            ));
-        }
-        self.signing_keys.push(key);
+        self.signing_keys.push(signing_key(secret, from)?);
         Ok(())
     }
 

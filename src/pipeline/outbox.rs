@@ -21,14 +21,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::actions::{Attempt, Senders};
+use crate::actions::{Attempt, Bound, Senders};
 use crate::clock::Clock;
-use crate::store::queue::{OutboxRecord, Skip, Status};
+use crate::store::queue::{Lane, OutboxRecord, Skip, Status, take_room};
 use crate::store::{Backend, StoreError};
 use crate::telemetry;
 
 /// Delivery attempts at once, of every kind together.
-pub const MAX_IN_FLIGHT: usize = 16;
+pub const MAX_IN_FLIGHT: usize = 64;
 
 /// How long the sender waits before it reads or writes the store again after that failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -49,9 +49,9 @@ struct Deliveries {
     senders: Senders,
     clock: Clock,
     attempts: JoinSet<Ended>,
-    /// The delivery and kind each running attempt is for, by task: a task that panics is known
-    /// only by its id.
-    in_flight: HashMap<tokio::task::Id, (u64, String)>,
+    /// The delivery each running attempt is for, with its kind and destination, by task: a
+    /// task that panics is known only by its id.
+    in_flight: HashMap<tokio::task::Id, (u64, String, String)>,
 }
 
 impl Deliveries {
@@ -76,13 +76,26 @@ impl Deliveries {
     async fn start_due(&mut self) -> Result<Option<u64>, StoreError> {
         let mut skip = Skip::default();
         for (kind, sender) in self.senders.iter() {
-            skip.room.insert(kind.to_string(), sender.max_in_flight());
-        }
-        for (id, kind) in self.in_flight.values() {
-            skip.in_flight.insert(*id);
-            if let Some(left) = skip.room.get_mut(kind) {
-                *left = left.saturating_sub(1);
+            let lane = |destination| Lane {
+                kind: kind.to_string(),
+                destination,
+            };
+            match sender.max_in_flight() {
+                Bound::Kind(n) => {
+                    skip.room.insert(lane(None), n);
+                }
+                Bound::PerDestination(bounds) => {
+                    for (destination, n) in bounds {
+                        skip.room.insert(lane(Some(destination)), n);
+                    }
+                }
             }
+        }
+        for (id, kind, destination) in self.in_flight.values() {
+            skip.in_flight.insert(*id);
+            // Whatever the delivery, its attempt is running: it takes its lanes' room, and one
+            // that has none left takes nothing more (so `take_room` cannot fail here).
+            take_room(&mut skip.room, kind, destination);
         }
         let free = self.free_slots();
         let db = self.db.clone();
@@ -92,7 +105,7 @@ impl Deliveries {
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         for (id, record) in due.deliveries {
             let sender = self.senders.get(&record.kind).cloned();
-            let kind = record.kind.clone();
+            let lane = (id, record.kind.clone(), record.destination.clone());
             let task = self.attempts.spawn(async move {
                 let attempt = match sender {
                     Some(sender) => sender.attempt(id, &record).await,
@@ -107,7 +120,7 @@ impl Deliveries {
                     attempt,
                 }
             });
-            self.in_flight.insert(task.id(), (id, kind));
+            self.in_flight.insert(task.id(), lane);
         }
         Ok(due.next_due_unix)
     }
@@ -127,7 +140,7 @@ impl Deliveries {
                 }
                 Err(e) => {
                     // The delivery stays pending, due as it was: it is tried again.
-                    let id = self.in_flight.remove(&e.id()).map(|(id, _)| id);
+                    let id = self.in_flight.remove(&e.id()).map(|(id, ..)| id);
                     error!(delivery.id = ?id, "a delivery attempt failed: {e}");
                 }
             }
@@ -168,6 +181,13 @@ fn record_outcomes(db: &dyn Backend, ended: Vec<Ended>, now: u64) -> Result<(), 
                 record.last_error = Some(reason.clone());
                 txn.update_pending(id, &record)?;
             }
+            Attempt::RetryAfter(reason, after) => {
+                // `now` is whole seconds, up to one behind: one more keeps the wait at least
+                // what the destination asked.
+                record.next_attempt_unix = now + after.as_secs_f64().ceil() as u64 + 1;
+                record.last_error = Some(reason.clone());
+                txn.update_pending(id, &record)?;
+            }
             Attempt::Permanent(reason) => {
                 record.status = Status::Failed;
                 record.last_error = Some(reason.clone());
@@ -186,8 +206,9 @@ fn record_outcomes(db: &dyn Backend, ended: Vec<Ended>, now: u64) -> Result<(), 
                 metrics::counter!(telemetry::ACTIONS_SUCCEEDED.name, "kind" => record.kind, "rule" => record.rule)
                     .increment(1);
             }
-            Attempt::Temporary(reason) => {
-                warn!(delivery.id = id, action.kind = kind, attempts = record.attempts, retry_in_secs = backoff_secs(record.attempts), %reason, "{kind} not delivered yet");
+            Attempt::Temporary(reason) | Attempt::RetryAfter(reason, _) => {
+                let retry_in_secs = record.next_attempt_unix.saturating_sub(now);
+                warn!(delivery.id = id, action.kind = kind, attempts = record.attempts, retry_in_secs, %reason, "{kind} not delivered yet");
             }
             Attempt::Permanent(reason) => {
                 error!(delivery.id = id, action.kind = kind, rule.id = %record.rule, to = %record.destination, %reason, "{kind} failed for good");

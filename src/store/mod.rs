@@ -17,7 +17,7 @@ pub mod state;
 
 pub use key::StateKey;
 pub use pending::{Held, Pending};
-use queue::{Due, OutboxRecord, OutboxStatus, Skip};
+use queue::{Due, OutboxRecord, OutboxStatus, Retry, Skip};
 pub use state::{Distinct, KeyRecord, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,6 +79,9 @@ pub trait Batch: RuleState + Send {
     fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError>;
     /// Moves a delivery out of the queue into the finished history (done, or failed for good).
     fn finish(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError>;
+    /// Moves the delivery `id`, failed for good, back into the queue under the same id (so
+    /// with the same idempotency key), due now, its age counted from now.
+    fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError>;
     /// Forgets at most `max` event and delivery ids first handled before `cutoff_unix`;
     /// returns how many.
     fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;

@@ -46,6 +46,9 @@ pub struct OutboxRecord {
     pub next_attempt_unix: u64,
     pub last_error: Option<String>,
     pub finished_unix: Option<u64>,
+    /// When the operator last asked for a failed delivery to be tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_unix: Option<u64>,
 }
 
 /// The kind of a record stored before kinds existed.
@@ -67,7 +70,13 @@ impl OutboxRecord {
             next_attempt_unix: now_unix,
             last_error: None,
             finished_unix: None,
+            retried_unix: None,
         }
+    }
+
+    /// When its retries started: when it was queued, or last retried by the operator.
+    pub fn age_from_unix(&self) -> u64 {
+        self.retried_unix.unwrap_or(self.created_unix)
     }
 
     /// The record of a delivery a rule could not make (a field its template uses was missing):
@@ -84,17 +93,65 @@ impl OutboxRecord {
             next_attempt_unix: now_unix,
             last_error: Some(reason),
             finished_unix: Some(now_unix),
+            retried_unix: None,
         }
     }
 }
 
-/// What [`crate::store::Backend::due`] leaves out: deliveries in flight, and more of a kind than
-/// its destination takes now.
+/// What [`crate::store::Backend::due`] leaves out: deliveries in flight, and more of a kind (or
+/// to one destination) than takes attempts now.
 #[derive(Debug, Default)]
 pub struct Skip {
     pub in_flight: HashSet<u64>,
-    /// How many more attempts each kind takes now; a kind not listed takes any number.
-    pub room: HashMap<String, usize>,
+    /// How many more attempts each lane takes now; a lane not listed takes any number.
+    pub room: HashMap<Lane, usize>,
+}
+
+/// What a bound on attempts at once applies to: a kind as a whole (`destination` `None`), or
+/// one destination of a kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lane {
+    pub kind: String,
+    pub destination: Option<String>,
+}
+
+/// Takes one attempt of `kind` to `destination` from `room` if its lanes have room; `false` if
+/// not.
+pub fn take_room(room: &mut HashMap<Lane, usize>, kind: &str, destination: &str) -> bool {
+    let lanes = [
+        Lane {
+            kind: kind.to_string(),
+            destination: None,
+        },
+        Lane {
+            kind: kind.to_string(),
+            destination: Some(destination.to_string()),
+        },
+    ];
+    if lanes.iter().any(|l| room.get(l) == Some(&0)) {
+        return false;
+    }
+    for lane in &lanes {
+        if let Some(left) = room.get_mut(lane) {
+            *left -= 1;
+        }
+    }
+    true
+}
+
+/// What became of an operator's retry (see [`crate::store::Batch::retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Back in the queue.
+    Queued,
+    /// No such delivery in the queue or the finished history.
+    NotFound,
+    /// Still in the queue: nothing to do.
+    Pending,
+    /// It was delivered.
+    Delivered,
+    /// It was never made (its template failed): trying again would fail the same way.
+    NeverMade,
 }
 
 /// See [`crate::store::Backend::due`].

@@ -67,7 +67,7 @@ impl InProcess {
             data,
             args: all,
             running: None,
-            http: reqwest::blocking::Client::new(),
+            http: super::client(),
         };
         server.launch();
         server

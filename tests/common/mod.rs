@@ -58,6 +58,13 @@ pub fn fresh(mut body: Value) -> Value {
     body
 }
 
+/// An HTTP client for the tests. reqwest is built with rustls and no crypto provider of its own
+/// (tripline uses ring, as lettre does), so the provider is installed first.
+pub fn client() -> reqwest::blocking::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::new()
+}
+
 pub struct Server {
     child: Child,
     command: Command,
@@ -131,7 +138,7 @@ impl Server {
             templates,
             data,
             log,
-            http: reqwest::blocking::Client::new(),
+            http: client(),
             admin_token: env
                 .iter()
                 .find(|(k, _)| *k == "TRIPLINE_ADMIN_TOKEN")

@@ -201,19 +201,7 @@ impl Action for EmailAction {
     }
 
     fn run(&self, input: &Input) -> Result<Output, String> {
-        let mut data = input.event.template_context();
-        data["count"] = input.count.map_or(Value::Null, Value::from);
-        if let Some(digest) = &input.digest {
-            let events = digest.events.iter();
-            data["events"] = events.map(|e| e.template_context()).collect();
-            data["events_count"] = digest.total.into();
-        }
-        if let Some(waited) = &input.waited {
-            data["waited"] = crate::units::duration_in_words(waited.after).into();
-            if let Some(until) = waited.until {
-                data["until"] = until.template_context();
-            }
-        }
+        let data = input.template_data();
         let built = build(self, input.templates, &data, input.env.default_from)
             .map_err(|e| format!("email not sent: {e}"))?;
         let envelope = built.message.envelope();

@@ -15,13 +15,12 @@ use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
 use super::{Queued, mask_addresses};
-use crate::actions::{Attempt, Sender};
+use crate::actions::{Attempt, Bound, Sender, write_file_durably};
 use crate::config::{EmailTransport, ServeConfig, SmtpTls};
 use crate::store::queue::OutboxRecord;
 
@@ -90,7 +89,7 @@ impl Transport {
         match self {
             Transport::File(dir) => {
                 let (dir, message) = (dir.clone(), email.message);
-                match tokio::task::spawn_blocking(move || write_eml(&dir, id, &message)).await {
+                match tokio::task::spawn_blocking(move || write_file_durably(&dir, &format!("{id}.eml"), message.as_bytes())).await {
                     Ok(Ok(())) => Attempt::Delivered,
                     Ok(Err(e)) => Attempt::Temporary(format!("cannot write the .eml file: {e}")),
                     Err(e) => Attempt::Temporary(format!("the .eml file writer stopped: {e}")),
@@ -136,16 +135,6 @@ fn envelope(email: &Queued) -> Result<Envelope, String> {
     Envelope::new(Some(from), to).map_err(|e| e.to_string())
 }
 
-/// Writes `<dir>/<id>.eml` atomically and durably.
-fn write_eml(dir: &Path, id: u64, message: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{id}.eml.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(message.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(format!("{id}.eml")))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl Sender for Transport {
     fn attempt<'a>(
         &'a self,
@@ -155,7 +144,7 @@ impl Sender for Transport {
         Box::pin(self.deliver(id, record))
     }
 
-    fn max_in_flight(&self) -> usize {
-        MAX_IN_FLIGHT
+    fn max_in_flight(&self) -> Bound {
+        Bound::Kind(MAX_IN_FLIGHT)
     }
 }

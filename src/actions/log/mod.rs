@@ -90,8 +90,8 @@ impl Sender for LogFile {
         })
     }
 
-    fn max_in_flight(&self) -> usize {
-        1
+    fn max_in_flight(&self) -> super::Bound {
+        super::Bound::Kind(1)
     }
 }
 

@@ -10,7 +10,7 @@ use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, KEYS, LINES, META, OUTBOX,
     OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE, due_unix, err, record,
 };
-use crate::store::queue::OutboxRecord;
+use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
 use std::ops::Bound;
 
@@ -246,6 +246,45 @@ impl Batch for WriteTxn {
         drop(outbox);
         self.put_record(OUTBOX_DONE, id, record)?;
         self.trim_finished()
+    }
+
+    fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError> {
+        if self
+            .txn
+            .open_table(OUTBOX)
+            .map_err(err)?
+            .get(id)
+            .map_err(err)?
+            .is_some()
+        {
+            return Ok(Retry::Pending);
+        }
+        let stored = {
+            let done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
+            let json = done.get(id).map_err(err)?;
+            match json {
+                Some(json) => serde_json::from_str::<OutboxRecord>(json.value()).map_err(err)?,
+                None => return Ok(Retry::NotFound),
+            }
+        };
+        let mut record = stored;
+        match record.status {
+            Status::Sent => return Ok(Retry::Delivered),
+            Status::Pending => return Ok(Retry::Pending),
+            Status::Failed if record.payload.is_empty() => return Ok(Retry::NeverMade),
+            Status::Failed => {}
+        }
+        self.txn
+            .open_table(OUTBOX_DONE)
+            .map_err(err)?
+            .remove(id)
+            .map_err(err)?;
+        record.status = Status::Pending;
+        record.finished_unix = None;
+        record.next_attempt_unix = now_unix;
+        record.retried_unix = Some(now_unix);
+        self.put_pending(id, &record)?;
+        Ok(Retry::Queued)
     }
 
     /// Called with every batch while there are any, so a large backlog is a steady trickle, not

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip};
+use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip, take_room};
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 
 /// Rule state: state key → its record (`record.rs`): counter, window, last action, last day used.
@@ -184,12 +184,14 @@ struct DueAt {
     next_attempt_unix: u64,
 }
 
-/// The part of a stored outbox record that says whose sender delivers it (records from before
-/// kinds existed are emails).
+/// The part of a stored outbox record that says whose sender delivers it and where (records
+/// from before kinds existed are emails).
 #[derive(serde::Deserialize)]
-struct KindOf {
+struct LaneOf {
     #[serde(default = "crate::store::queue::kind_before_kinds")]
     kind: String,
+    #[serde(default)]
+    to_masked: String,
 }
 
 /// When a stored pending email is next due.
@@ -502,11 +504,9 @@ impl Backend for Db {
             // Written in the same transactions as the index, so the record is there.
             if let Some(json) = outbox.get(id).map_err(err)? {
                 if !room.is_empty() {
-                    let kind: KindOf = serde_json::from_str(json.value()).map_err(err)?;
-                    match room.get_mut(&kind.kind) {
-                        Some(0) => continue,
-                        Some(left) => *left -= 1,
-                        None => {}
+                    let lane: LaneOf = serde_json::from_str(json.value()).map_err(err)?;
+                    if !take_room(&mut room, &lane.kind, &lane.to_masked) {
+                        continue;
                     }
                 }
                 let record = serde_json::from_str(json.value()).map_err(err)?;
@@ -603,6 +603,7 @@ fn outbox_rows<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::queue::Lane;
     use crate::store::{RuleState, State, StateKey, Wants};
 
     /// Rule state one operation at a time, each a load and a save, for tests that look at one key.
@@ -778,11 +779,23 @@ mod tests {
         }
         txn.commit().unwrap();
         let mut limits = skip(&[]);
-        limits.room.insert("email".into(), 1);
+        limits.room.insert(
+            Lane {
+                kind: "email".into(),
+                destination: None,
+            },
+            1,
+        );
         let due = db.due(100, 8, &limits).unwrap();
         assert_eq!(ids(&due), [1, 2, 4, 6], "one email, then every log");
         assert_eq!(due.next_due_unix, None);
-        limits.room.insert("email".into(), 0);
+        limits.room.insert(
+            Lane {
+                kind: "email".into(),
+                destination: None,
+            },
+            0,
+        );
         assert_eq!(ids(&db.due(100, 2, &limits).unwrap()), [2, 4]);
     }
 
