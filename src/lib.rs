@@ -21,6 +21,7 @@
 //!   [`store::redb`].
 //! - [`authoring`]: `check`, `test` (rule test cases run in memory on a virtual clock) and
 //!   `replay`, for rule authors.
+//! - [`redact`]: personal data in text replaced by placeholders, and ids by a keyed hash.
 //! - [`clock`]: the time of day, from the system or set by tests.
 //! - [`config`]: settings from `tripline.toml`, environment and flags (in that rising order).
 //! - [`telemetry`]: every metric, named and described once.
@@ -39,6 +40,7 @@ pub mod engine;
 pub mod http;
 pub mod ingest;
 pub mod pipeline;
+pub mod redact;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
