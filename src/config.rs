@@ -23,6 +23,7 @@ use crate::actions::http::endpoint::{Endpoint, EndpointConfig, Endpoints};
 use crate::diag::Diagnostic;
 use crate::diag::toml_diagnostic;
 use crate::ingest::auth::{SecretRef, Source, SourceConfig, Sources};
+use crate::redact::{HASH_KEY_ENV, HashKey};
 use crate::units::{self, DURATION_EXAMPLES, DurationError};
 use std::sync::Arc;
 
@@ -50,7 +51,7 @@ pub struct FolderArgs {
 }
 
 /// The folders in use.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Folders {
     pub rules: PathBuf,
     pub templates: PathBuf,
@@ -58,12 +59,14 @@ pub struct Folders {
 }
 
 /// What rules compile against that the operator declares, not the rule author: the folders,
-/// and the names of the HTTP endpoints a rule may send to.
-#[derive(Debug, Clone)]
+/// the names of the HTTP endpoints a rule may send to, and the key of `hash = true`.
+#[derive(Debug, Clone, Default)]
 pub struct Declared {
     pub folders: Folders,
     /// The endpoints of the configuration file's `[endpoints]`, by name.
     pub endpoints: BTreeSet<String>,
+    /// The key of `hash = true` (`TRIPLINE_HASH_KEY`), if the operator set one.
+    pub hash_key: Option<HashKey>,
 }
 
 impl Declared {
@@ -76,6 +79,7 @@ impl Declared {
                 data: data.to_path_buf(),
             },
             endpoints: BTreeSet::new(),
+            hash_key: None,
         }
     }
 }
@@ -500,6 +504,10 @@ impl FolderArgs {
                 },
                 endpoints: file
                     .map_or_else(BTreeSet::new, |f| f.endpoints.keys().cloned().collect()),
+                hash_key: HashKey::from_env().unwrap_or_else(|e| {
+                    problems.push(Diagnostic::whole_file(Path::new(HASH_KEY_ENV), e));
+                    None
+                }),
             },
             email_from,
         }

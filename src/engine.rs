@@ -287,6 +287,7 @@ fn suppression_event(
         time,
         properties,
         person_properties: event.person_properties.clone(),
+        elements_chain: Value::Null,
         source: event.source.clone(),
     }
 }

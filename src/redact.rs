@@ -154,12 +154,94 @@ impl Redactor {
         out
     }
 
+    /// Whether it replaces nothing.
+    pub fn is_empty(&self) -> bool {
+        self.kinds == 0
+    }
+
+    /// `value` with every text inside it redacted (a list or an object of texts too); borrowed
+    /// when nothing was replaced.
+    pub fn redact_value<'a>(&self, value: &'a serde_json::Value) -> Cow<'a, serde_json::Value> {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => match self.redact(text) {
+                Cow::Borrowed(_) => Cow::Borrowed(value),
+                Cow::Owned(text) => Cow::Owned(Value::String(text)),
+            },
+            Value::Array(items) => {
+                let redacted: Vec<Cow<Value>> =
+                    items.iter().map(|v| self.redact_value(v)).collect();
+                if redacted.iter().all(|v| matches!(v, Cow::Borrowed(_))) {
+                    return Cow::Borrowed(value);
+                }
+                Cow::Owned(Value::Array(
+                    redacted.into_iter().map(Cow::into_owned).collect(),
+                ))
+            }
+            Value::Object(map) => {
+                let redacted: Vec<(&String, Cow<Value>)> =
+                    map.iter().map(|(k, v)| (k, self.redact_value(v))).collect();
+                if redacted.iter().all(|(_, v)| matches!(v, Cow::Borrowed(_))) {
+                    return Cow::Borrowed(value);
+                }
+                Cow::Owned(Value::Object(
+                    redacted
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), v.into_owned()))
+                        .collect(),
+                ))
+            }
+            _ => Cow::Borrowed(value),
+        }
+    }
+
     fn has(&self, kind: Pii) -> bool {
         self.kinds & kind.bit() != 0
     }
 
     fn passes(&self) -> impl Iterator<Item = &'static Pass> + '_ {
         PASSES.iter().filter(|p| self.has(p.kind))
+    }
+}
+
+/// The environment variable holding the key of `hash = true`.
+pub const HASH_KEY_ENV: &str = "TRIPLINE_HASH_KEY";
+
+/// The shortest key `hash = true` takes: a short one could be guessed, and then every hashed
+/// id with it.
+pub const MIN_HASH_KEY_CHARS: usize = 16;
+
+/// The key of `hash = true`, set by the operator ([`HASH_KEY_ENV`]). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashKey(std::sync::Arc<[u8]>);
+
+impl fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HashKey(..)")
+    }
+}
+
+impl HashKey {
+    /// The key `tripline test` hashes with, so that a test file's expected hashes are the same
+    /// on every machine; never the key of a running service.
+    pub fn for_tests() -> HashKey {
+        HashKey(b"tripline test key".as_slice().into())
+    }
+
+    /// The key of [`HASH_KEY_ENV`], if set; an error if it is too short.
+    pub fn from_env() -> Result<Option<HashKey>, String> {
+        match std::env::var(HASH_KEY_ENV) {
+            Err(_) => Ok(None),
+            Ok(key) if key.trim().chars().count() < MIN_HASH_KEY_CHARS => Err(format!(
+                "{HASH_KEY_ENV} is shorter than {MIN_HASH_KEY_CHARS} characters; make a long random one, for example with `openssl rand -hex 32`"
+            )),
+            Ok(key) => Ok(Some(HashKey(key.trim().as_bytes().into()))),
+        }
+    }
+
+    /// `value` hashed with this key (see [`hash`]).
+    pub fn hash(&self, value: &str) -> String {
+        hash(&self.0, value)
     }
 }
 

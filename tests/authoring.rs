@@ -441,7 +441,22 @@ fn replay_ends_waits_as_history_passes_their_deadlines_and_reports_them() {
         "--execute-into",
         into.to_str().unwrap(),
     ];
+    // Written files need the operator's key for the example that hashes ids; without it the
+    // replay refuses to start (checked first).
     let out = tripline(&root(), &[&args[..], &folders].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("TRIPLINE_HASH_KEY is not set"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .current_dir(root())
+        .args([&args[..], &folders].concat())
+        .env_remove("TRIPLINE_LOG")
+        .env("TRIPLINE_HASH_KEY", "a-key-for-this-replay-only")
+        .output()
+        .unwrap();
     let text = stdout(&out);
     let waits = &text[text.find("\nwaits ").expect("a table of waits")..];
     assert_eq!(
@@ -511,7 +526,7 @@ fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fir
             stderr(&out)
         );
 
-        let declared = tripline::config::FolderArgs {
+        let mut declared = tripline::config::FolderArgs {
             config: config.map(|c| root().join(c)),
             rules: Some(root().join(rules)),
             templates: Some(root().join(templates)),
@@ -521,6 +536,8 @@ fn every_recipe_passes_check_and_its_tests_and_each_test_file_makes_its_rule_fir
         .resolve()
         .unwrap()
         .declared;
+        // As `tripline test` runs them: hashed with the test key.
+        declared.hash_key = Some(tripline::redact::HashKey::for_tests());
         let set = tripline::rules::RuleSet::load(&declared).unwrap_or_else(|p| panic!("{p:#?}"));
         for rule in set.rules() {
             let test_file = rule.file.with_extension("test.toml");

@@ -9,7 +9,7 @@
 use lettre::message::Mailbox;
 use serde::de::MapAccess;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use toml::Spanned;
 
-use crate::config::ServeConfig;
+use crate::config::{Declared, ServeConfig};
 use crate::diag::Problems;
 use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
@@ -124,8 +124,8 @@ pub struct Compile<'a, 'f> {
     pub problems: &'a mut Problems<'f>,
     /// The templates, to which the action may add its own one-line ones.
     pub templates: &'a mut Templates,
-    /// The HTTP endpoints the operator declared, by name.
-    pub endpoints: &'a BTreeSet<String>,
+    /// What the operator declared: the HTTP endpoints, the key of `hash = true`.
+    pub declared: &'a Declared,
 }
 
 /// A compiled action, as a rule runs it.

@@ -30,6 +30,7 @@ use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::pipeline::committer::{Committer, Retention};
 use crate::pipeline::outbox;
+use crate::redact::HashKey;
 use crate::rules::RuleSet;
 use crate::store::Backend;
 use crate::store::MemoryStore;
@@ -100,10 +101,18 @@ fn history_clock() -> Clock {
 
 /// Runs the replay.
 pub fn run(args: &ReplayArgs) -> ExitCode {
-    let paths = match super::paths(&args.folders) {
+    let mut paths = match super::paths(&args.folders) {
         Ok(paths) => paths,
         Err(code) => return code,
     };
+    // A dry run writes nothing, so hashing with the test key changes nothing that lasts; files
+    // written with --execute-into need the operator's key, like the service's.
+    if args.execute_into.is_none() {
+        paths
+            .declared
+            .hash_key
+            .get_or_insert_with(HashKey::for_tests);
+    }
     match replay(args, &paths) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -35,6 +35,10 @@ pub struct Event {
     pub properties: Value,
     /// The person's properties as PostHog knew them: always an object (empty without a person).
     pub person_properties: Value,
+    /// The clicked element and its ancestors, as PostHog's autocapture sends them (`""` or null
+    /// for other events): see `ingest/elements.rs`.
+    #[serde(default)]
+    pub elements_chain: Value,
     /// The configured source that sent it (see `ingest/auth.rs`): a string, or null when requests are
     /// not authenticated or the event comes from a file.
     pub source: Value,
@@ -61,6 +65,8 @@ impl Event {
             "timestamp": self.timestamp,
             "properties": self.properties,
             "person": { "properties": self.person_properties },
+            "elements_chain": self.elements_chain,
+            "elements": self.elements_chain.as_str().map_or(json!([]), super::elements::parse),
             "source": self.source,
         })
     }
@@ -76,18 +82,20 @@ pub enum Field {
     Timestamp,
     Properties,
     PersonProperties,
+    ElementsChain,
     Source,
 }
 
 impl Field {
     /// Every field, in the order messages list them.
-    pub const ALL: [Field; 7] = [
+    pub const ALL: [Field; 8] = [
         Field::Event,
         Field::Uuid,
         Field::DistinctId,
         Field::Timestamp,
         Field::Properties,
         Field::PersonProperties,
+        Field::ElementsChain,
         Field::Source,
     ];
 
@@ -100,6 +108,7 @@ impl Field {
             Field::Timestamp => "timestamp",
             Field::Properties => "properties",
             Field::PersonProperties => "person.properties",
+            Field::ElementsChain => "elements_chain",
             Field::Source => "source",
         }
     }
@@ -123,6 +132,7 @@ impl Field {
             Field::Timestamp => &event.timestamp,
             Field::Properties => &event.properties,
             Field::PersonProperties => &event.person_properties,
+            Field::ElementsChain => &event.elements_chain,
             Field::Source => &event.source,
         }
     }
@@ -595,6 +605,16 @@ fn normalize(
             ));
         }
     };
+    let elements_chain = match event.get("elements_chain").map(|raw| (raw, kind(raw))) {
+        None | Some((_, Kind::Null)) => None,
+        Some((raw, Kind::Text)) => Some(text(raw, "`elements_chain`")?),
+        Some((_, other)) => {
+            return Err(format!(
+                "`elements_chain` must be text, got {}",
+                other.called()
+            ));
+        }
+    };
     if !wanted(&name) {
         return Ok(None);
     }
@@ -607,6 +627,7 @@ fn normalize(
         time,
         properties: object(properties, "properties")?,
         person_properties: object(person_properties, "person.properties")?,
+        elements_chain: text(elements_chain),
         source: Value::Null,
     }))
 }
@@ -976,6 +997,24 @@ mod tests {
                 field.name()
             );
         }
-        assert_eq!(data.as_object().unwrap().len(), Field::ALL.len());
+        // And the elements read from `elements_chain`, beside it.
+        assert_eq!(data.as_object().unwrap().len(), Field::ALL.len() + 1);
+        assert_eq!(data["elements"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn autocapture_keeps_its_elements_chain_and_refuses_one_that_is_not_text() {
+        let e = one(r#"{"event":"$autocapture","elements_chain":"button:text=\"Go\""}"#);
+        assert_eq!(e.elements_chain, "button:text=\"Go\"");
+        assert_eq!(e.template_context()["elements"][0]["text"], "Go");
+        let refused = decode(
+            br#"{"event":"$autocapture","elements_chain":["button"]}"#,
+            now(),
+            &BodyLimits::LOCAL_FILES,
+        );
+        assert!(
+            (refused.unwrap_err().to_string())
+                .contains("`elements_chain` must be text, got a list"),
+        );
     }
 }

@@ -180,6 +180,7 @@ mod tests {
             time: "2025-06-14T09:21:33.412Z".parse().unwrap(),
             properties: json!({"$lib": "web", "utm.source": "news", "$set": {"email": "a@b.c"}, "tags": ["x", "y"], "gone": null}),
             person_properties: json!({"email": "dana@example.com"}),
+            elements_chain: Value::Null,
             source: json!("posthog"),
         }
     }

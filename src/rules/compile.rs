@@ -1,8 +1,8 @@
 //! Turning one parsed rule file into a runnable [`Rule`], collecting every problem on the way.
 
+use crate::config::Declared;
 use regex::RegexBuilder;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -37,14 +37,14 @@ pub fn compile(
     source: &str,
     templates: &mut Templates,
     caps: &Caps,
-    endpoints: &BTreeSet<String>,
+    declared: &Declared,
 ) -> Result<Rule, Vec<Diagnostic>> {
     let mut c = Compiler {
         p: Problems::new(file, source),
     };
     let parsed = parse_reporting_every_unknown_key(file, source, &mut c.p.list)
         .ok_or_else(|| c.p.list.clone())?;
-    let rule = c.rule(parsed, templates, caps, endpoints);
+    let rule = c.rule(parsed, templates, caps, declared);
     match rule {
         Some(rule) if c.p.list.is_empty() => Ok(rule),
         _ => Err(c.p.list),
@@ -165,7 +165,7 @@ impl Compiler<'_> {
         f: RuleFile,
         templates: &mut Templates,
         caps: &Caps,
-        endpoints: &BTreeSet<String>,
+        declared: &Declared,
     ) -> Option<Rule> {
         let name = f.name.get_ref().trim().to_string();
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
@@ -281,7 +281,7 @@ impl Compiler<'_> {
             rule: &name,
             problems: &mut self.p,
             templates,
-            endpoints,
+            declared,
         };
         for table in f.actions {
             actions.extend((table.compile)(&mut cx));
@@ -976,7 +976,7 @@ mod tests {
             source,
             &mut templates,
             &Caps::new(),
-            &BTreeSet::new(),
+            &Declared::default(),
         ) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),
@@ -997,7 +997,7 @@ mod tests {
             source,
             &mut templates,
             &Caps::new(),
-            &BTreeSet::new(),
+            &Declared::default(),
         )
         .unwrap_err();
         let message = problems[0].to_string();
@@ -1028,7 +1028,7 @@ mod tests {
                 source,
                 &mut templates,
                 &Caps::new(),
-                &BTreeSet::new(),
+                &Declared::default(),
             ) {
                 Ok(_) => vec![],
                 Err(p) => p.iter().map(|d| d.to_string()).collect(),
@@ -1213,7 +1213,7 @@ mod tests {
             text,
             &mut templates,
             &caps,
-            &BTreeSet::new(),
+            &Declared::default(),
         ) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),

@@ -311,7 +311,7 @@ impl RuleSet {
                 }
             };
             hash_file(&mut hasher, "rule", &file, &source);
-            match compile::compile(&file, &source, &mut templates, &caps, &declared.endpoints) {
+            match compile::compile(&file, &source, &mut templates, &caps, declared) {
                 Ok(rule) => {
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                         problems.push(duplicate_name(&file, &source, &rule.name, &first.file));

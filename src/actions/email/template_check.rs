@@ -11,6 +11,7 @@ use std::path::Path;
 
 use crate::actions::email::templates::{HELPERS, Reference, ReferenceKind};
 use crate::diag::{Diagnostic, did_you_mean};
+use crate::ingest::elements::KEYS as ELEMENT_KEYS;
 use crate::ingest::event::Field;
 use crate::ingest::path::FieldPath;
 
@@ -20,7 +21,7 @@ fn roots() -> impl Iterator<Item = &'static str> {
     Field::ALL
         .into_iter()
         .filter_map(|f| f.name().split('.').next())
-        .chain(["count", "until", "waited", "events", "events_count"])
+        .chain(["elements", "count", "until", "waited", "events", "events_count"])
 }
 
 /// Person properties PostHog users commonly set: typos of these are caught.
@@ -190,6 +191,7 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
             )),
         },
         "properties" => typo(rest, &known.event, "properties"),
+        "elements" => elements_problem(rest, &r.text),
         "person" => match rest.first().map(String::as_str) {
             Some("properties") => typo(&rest[1..], &known.person, "person.properties"),
             _ => Some((
@@ -217,6 +219,30 @@ fn problem(r: &Reference, known: &Known) -> Option<(String, String)> {
             Some((format!("`{}` is not a field of an event", r.text), hint))
         }
     }
+}
+
+/// What is wrong with `elements.<rest>` (see `ingest/elements.rs`), if anything.
+fn elements_problem(rest: &[String], text: &str) -> Option<(String, String)> {
+    let example = "{{elements.0.text}} (the clicked element's text) or {{elements.1.tag_name}} (its parent's tag)";
+    let (position, key) = match rest {
+        [] => return None,
+        [position, key @ ..] => (position, key.first()),
+    };
+    if position.parse::<usize>().is_err() {
+        return Some((
+            format!("`{text}`: `elements` is a list, the clicked element first"),
+            format!("write {example}"),
+        ));
+    }
+    let key = key?;
+    if ELEMENT_KEYS.contains(&key.as_str()) {
+        return None;
+    }
+    let hint = match did_you_mean(key, ELEMENT_KEYS.iter().copied()) {
+        Some(close) => format!("did you mean `{close}`?"),
+        None => format!("an element has {}", ELEMENT_KEYS.join(", ")),
+    };
+    Some((format!("`{text}`: an element has no `{key}`"), hint))
 }
 
 /// A property name one typo away from a known one (and not itself known) is most likely that typo.

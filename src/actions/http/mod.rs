@@ -99,11 +99,11 @@ impl Kind for Http {
         let table_span = config.span();
         let h = config.into_inner();
         let endpoint = h.endpoint.get_ref().clone();
-        if !cx.endpoints.contains(&endpoint) {
-            let hint = match did_you_mean(&endpoint, cx.endpoints.iter().map(String::as_str)) {
+        if !cx.declared.endpoints.contains(&endpoint) {
+            let hint = match did_you_mean(&endpoint, cx.declared.endpoints.iter().map(String::as_str)) {
                 Some(close) => format!("did you mean \"{close}\"?"),
-                None if cx.endpoints.is_empty() => "no endpoint is declared: the operator declares them in tripline.toml as [endpoints.NAME], and the commands read that file when given --config tripline.toml".into(),
-                None => format!("the endpoints declared in tripline.toml are: {}", cx.endpoints.iter().cloned().collect::<Vec<_>>().join(", ")),
+                None if cx.declared.endpoints.is_empty() => "no endpoint is declared: the operator declares them in tripline.toml as [endpoints.NAME], and the commands read that file when given --config tripline.toml".into(),
+                None => format!("the endpoints declared in tripline.toml are: {}", cx.declared.endpoints.iter().cloned().collect::<Vec<_>>().join(", ")),
             };
             cx.problems.add(
                 h.endpoint.span(),

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::{Action, Compile, Input, Kind, Output};
-use crate::ingest::event::Event;
+use crate::actions::email::template_check::{self, Known, Place};
+use crate::actions::email::templates::template_diagnostic;
+use crate::redact::{HASH_KEY_ENV, HashKey, MIN_HASH_KEY_CHARS, Pii, Redactor};
 use crate::ingest::path::FieldPath;
 use crate::units::toml_to_json_value;
 pub use files::{JsonlFiles, is_path_error};
@@ -44,6 +46,9 @@ pub struct Jsonl;
 pub struct JsonlConfig {
     /// Output file, relative to the data directory.
     pub file: Spanned<String>,
+    /// Personal data replaced by placeholders in every field (a field's own `redact` wins).
+    #[serde(default)]
+    pub redact: Option<Spanned<Vec<Spanned<String>>>>,
     /// Output keys, in order, and where each comes from.
     pub fields: Spanned<IndexMap<String, Spanned<FieldConfig>>>,
 }
@@ -52,15 +57,26 @@ pub struct JsonlConfig {
 #[derive(Debug)]
 pub enum FieldConfig {
     Path(String),
-    Options(FieldOptions),
+    Options(Box<FieldOptions>),
 }
 
-/// `{ from = "properties.x", trim = true, max_chars = 100, default = "" }`.
+/// `{ from = "properties.x", trim = true, max_chars = 100, default = "" }`, or
+/// `{ template = "Viewed {{properties.$pathname}}" }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldOptions {
     /// Where the value comes from.
-    pub from: Spanned<String>,
+    #[serde(default)]
+    pub from: Option<Spanned<String>>,
+    /// A text made from the event's fields, instead of `from`.
+    #[serde(default)]
+    pub template: Option<Spanned<String>>,
+    /// Personal data replaced by placeholders (`["email", "phone", "card", "ip", "secret"]`).
+    #[serde(default)]
+    pub redact: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Write a keyed hash of the value instead of the value (the key is the operator's).
+    #[serde(default)]
+    pub hash: Option<Spanned<bool>>,
     /// Remove spaces and line breaks at both ends of text.
     #[serde(default)]
     pub trim: bool,
@@ -84,7 +100,7 @@ impl<'de> Deserialize<'de> for FieldConfig {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(FieldConfig::Options)
+                    .map(|o| FieldConfig::Options(Box::new(o)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 Ok(FieldConfig::Path(v.to_string()))
@@ -113,6 +129,7 @@ impl Kind for Jsonl {
                 Some("add a line like distinctId = \"distinct_id\"".into()),
             );
         }
+        let line_redact = j.redact.as_ref().map(|r| redactor(r, cx));
         let mut fields = Vec::new();
         let mut ok = true;
         for (key, spec) in j.fields.into_inner() {
@@ -122,32 +139,16 @@ impl Kind for Jsonl {
                     FieldPath::parse_reporting(&Spanned::new(span, p), cx.problems).map(|from| {
                         OutputField {
                             key,
-                            from,
+                            value: FieldValue::From(from),
                             trim: false,
                             max_chars: None,
                             default: Value::Null,
+                            redact: line_redact.unwrap_or_default(),
+                            hash: None,
                         }
                     })
                 }
-                FieldConfig::Options(o) => {
-                    let max_chars = match &o.max_chars {
-                        Some(m) if *m.get_ref() < 1 => {
-                            cx.problems
-                                .add(m.span(), "`max_chars` must be 1 or more", None);
-                            ok = false;
-                            None
-                        }
-                        Some(m) => Some(*m.get_ref() as usize),
-                        None => None,
-                    };
-                    FieldPath::parse_reporting(&o.from, cx.problems).map(|from| OutputField {
-                        key,
-                        from,
-                        trim: o.trim,
-                        max_chars,
-                        default: o.default.as_ref().map_or(Value::Null, toml_to_json_value),
-                    })
-                }
+                FieldConfig::Options(o) => compile_options(key, *o, span, line_redact, cx),
             };
             match field {
                 Some(f) => fields.push(f),
@@ -160,6 +161,112 @@ impl Kind for Jsonl {
         };
         ok.then(|| Box::new(action) as Box<dyn Action>)
     }
+}
+
+/// The kinds of personal data a `redact` list names, each unknown name a problem at its place.
+fn redactor(list: &Spanned<Vec<Spanned<String>>>, cx: &mut Compile) -> Redactor {
+    let mut kinds = Vec::new();
+    for name in list.get_ref() {
+        match name.get_ref().parse::<Pii>() {
+            Ok(kind) => kinds.push(kind),
+            Err(e) => cx.problems.add(name.span(), e.to_string(), None),
+        }
+    }
+    Redactor::new(&kinds)
+}
+
+/// One field written as a table of options.
+fn compile_options(
+    key: String,
+    o: FieldOptions,
+    span: std::ops::Range<usize>,
+    line_redact: Option<Redactor>,
+    cx: &mut Compile,
+) -> Option<OutputField> {
+    let mut ok = true;
+    let max_chars = match &o.max_chars {
+        Some(m) if *m.get_ref() < 1 => {
+            cx.problems
+                .add(m.span(), "`max_chars` must be 1 or more", None);
+            ok = false;
+            None
+        }
+        Some(m) => Some(*m.get_ref() as usize),
+        None => None,
+    };
+    let redact = match &o.redact {
+        Some(list) => redactor(list, cx),
+        None => line_redact.unwrap_or_default(),
+    };
+    let hash = match &o.hash {
+        Some(h) if *h.get_ref() => match &cx.declared.hash_key {
+            Some(key) => {
+                if o.redact.is_some() || o.max_chars.is_some() {
+                    cx.problems.add(
+                        h.span(),
+                        "`hash` replaces the whole value, so `redact` and `max_chars` beside it would do nothing",
+                        Some("keep `hash = true`, or remove it to redact or cut the text".into()),
+                    );
+                    ok = false;
+                }
+                Some(key.clone())
+            }
+            None => {
+                cx.problems.add(
+                    h.span(),
+                    format!("`hash = true` needs the operator's key, and {HASH_KEY_ENV} is not set"),
+                    Some(format!("the operator sets {HASH_KEY_ENV} (at least {MIN_HASH_KEY_CHARS} characters, for example from `openssl rand -hex 32`) where tripline runs")),
+                );
+                ok = false;
+                None
+            }
+        },
+        _ => None,
+    };
+    let value = match (&o.from, &o.template) {
+        (Some(from), None) => FieldPath::parse_reporting(from, cx.problems).map(FieldValue::From),
+        (None, Some(text)) => {
+            let template_key = format!("rule:{}:jsonl:{key}", cx.rule);
+            match cx.templates.add_inline(&template_key, text.get_ref()) {
+                Ok(()) => Some(FieldValue::Template {
+                    key: template_key,
+                    span: text.span(),
+                }),
+                Err(err) => {
+                    let d = template_diagnostic(cx.problems.file, cx.problems.source, &err);
+                    cx.problems
+                        .add(text.span(), format!("`template`: {}", d.message), d.hint);
+                    None
+                }
+            }
+        }
+        (Some(_), Some(template)) => {
+            cx.problems.add(
+                template.span(),
+                "give `from` or `template`, not both",
+                None,
+            );
+            None
+        }
+        (None, None) => {
+            cx.problems.add(
+                span,
+                format!("the field `{key}` says neither where its value comes from nor how to make it"),
+                Some("add from = \"properties.x\", or template = \"Viewed {{properties.$pathname}}\"".into()),
+            );
+            None
+        }
+    };
+    let field = OutputField {
+        key,
+        value: value?,
+        trim: o.trim,
+        max_chars,
+        default: o.default.as_ref().map_or(Value::Null, toml_to_json_value),
+        redact,
+        hash,
+    };
+    ok.then_some(field)
 }
 
 /// A compiled `[jsonl]` table.
@@ -175,11 +282,27 @@ pub struct JsonlAction {
 #[derive(Debug, Clone)]
 pub struct OutputField {
     pub key: String,
-    pub from: FieldPath,
+    pub value: FieldValue,
     pub trim: bool,
     pub max_chars: Option<usize>,
     /// Written when the event does not have the field (JSON null unless the rule says otherwise).
     pub default: Value,
+    /// Personal data replaced in its text.
+    pub redact: Redactor,
+    /// Written as a keyed hash, with this key.
+    pub hash: Option<HashKey>,
+}
+
+/// Where an output key's value comes from.
+#[derive(Debug, Clone)]
+pub enum FieldValue {
+    /// A field of the event.
+    From(FieldPath),
+    /// A template, registered under `key`; `span` is where it is written.
+    Template {
+        key: String,
+        span: std::ops::Range<usize>,
+    },
 }
 
 impl Action for JsonlAction {
@@ -195,9 +318,12 @@ impl Action for JsonlAction {
                 self.file.display()
             ));
         }
+        let line = self
+            .project(input)
+            .map_err(|e| format!("line not written: {e}"))?;
         Ok(Output::Line {
             file: self.file.clone(),
-            line: self.project(input.event),
+            line,
         })
     }
 
@@ -210,7 +336,30 @@ impl Action for JsonlAction {
     }
 
     fn fields(&self) -> Vec<&FieldPath> {
-        self.fields.iter().map(|f| &f.from).collect()
+        (self.fields.iter())
+            .filter_map(|f| match &f.value {
+                FieldValue::From(path) => Some(path),
+                FieldValue::Template { .. } => None,
+            })
+            .collect()
+    }
+
+    fn check(&self, known: &Known, cx: &mut Compile) {
+        for field in &self.fields {
+            if let FieldValue::Template { key, span } = &field.value {
+                let place = Place::Rule {
+                    file: cx.problems.file,
+                    source: cx.problems.source,
+                    span: span.clone(),
+                };
+                template_check::check(
+                    &cx.templates.references(key, false),
+                    known,
+                    &place,
+                    &mut cx.problems.list,
+                );
+            }
+        }
     }
 
     fn file(&self) -> Option<&Path> {
@@ -221,8 +370,13 @@ impl Action for JsonlAction {
 impl JsonlAction {
     /// The line this event becomes, newline included. Written straight from the event's
     /// values, in the rule's order, without building an object first (this runs for every
-    /// event a `[jsonl]` rule takes).
-    pub fn project(&self, event: &Event) -> String {
+    /// event a `[jsonl]` rule takes). Fails only when a template cannot be filled in.
+    pub fn project(&self, input: &Input) -> Result<String, String> {
+        // Only a line with a template needs what templates see.
+        let data = (self.fields.iter())
+            .any(|f| matches!(f.value, FieldValue::Template { .. }))
+            .then(|| input.template_data());
+        let rendering = data.as_ref().map(|d| input.templates.rendering(d));
         let mut line = Vec::with_capacity(128);
         line.push(b'{');
         for (i, field) in self.fields.iter().enumerate() {
@@ -231,14 +385,22 @@ impl JsonlAction {
             }
             write_json(&mut line, &field.key);
             line.push(b':');
-            match field.from.lookup(event) {
-                Some(Value::String(s)) => write_json(&mut line, field.shape_text(s)),
-                Some(other) => write_json(&mut line, other),
-                None => write_json(&mut line, &field.default),
+            match &field.value {
+                FieldValue::From(path) => match path.lookup(input.event) {
+                    Some(value) => field.write(&mut line, value),
+                    None => write_json(&mut line, &field.default),
+                },
+                FieldValue::Template { key, .. } => {
+                    let rendering = rendering.as_ref().expect("made when a field has a template");
+                    let text = rendering
+                        .text(key)
+                        .map_err(|e| format!("cannot fill in `{}`: {e}", field.key))?;
+                    field.write(&mut line, &Value::String(text));
+                }
             }
         }
         line.extend_from_slice(b"}\n");
-        String::from_utf8(line).expect("serde_json writes UTF-8")
+        Ok(String::from_utf8(line).expect("serde_json writes UTF-8"))
     }
 }
 
@@ -248,9 +410,30 @@ fn write_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
 }
 
 impl OutputField {
-    /// Trims, then cuts to `max_chars` characters (Unicode scalar values; never half of one).
-    fn shape_text<'a>(&self, s: &'a str) -> &'a str {
-        let s = if self.trim { s.trim() } else { s };
+    /// Writes `value` as the rule says: hashed, or trimmed, redacted and cut.
+    fn write(&self, out: &mut Vec<u8>, value: &Value) {
+        if let Some(key) = &self.hash {
+            let hashed = match value {
+                Value::String(s) => key.hash(if self.trim { s.trim() } else { s }),
+                Value::Null => return write_json(out, value),
+                other => key.hash(&other.to_string()),
+            };
+            return write_json(out, &hashed);
+        }
+        match value {
+            Value::String(s) => {
+                let s = if self.trim { s.trim() } else { s };
+                // Redacted before it is cut, so that a cut never leaves part of a card number
+                // that the whole would have been recognized as.
+                let s = self.redact.redact(s);
+                write_json(out, self.cut(&s));
+            }
+            other => write_json(out, self.redact.redact_value(other).as_ref()),
+        }
+    }
+
+    /// Cuts to `max_chars` characters (Unicode scalar values; never half of one).
+    fn cut<'a>(&self, s: &'a str) -> &'a str {
         match self.max_chars.and_then(|max| s.char_indices().nth(max)) {
             Some((cut, _)) => &s[..cut],
             None => s,
@@ -261,16 +444,38 @@ impl OutputField {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::Env;
+    use crate::actions::email::templates::Templates;
+    use crate::ingest::event::Event;
     use serde_json::json;
 
     fn field(key: &str, from: &str, trim: bool, max_chars: Option<usize>) -> OutputField {
         OutputField {
             key: key.into(),
-            from: FieldPath::parse(from).unwrap(),
+            value: FieldValue::From(FieldPath::parse(from).unwrap()),
             trim,
             max_chars,
             default: Value::Null,
+            redact: Redactor::default(),
+            hash: None,
         }
+    }
+
+    /// The line `action` makes of `event`.
+    fn project(action: &JsonlAction, event: &Event) -> String {
+        let from = "t <t@localhost>".parse().unwrap();
+        let env = Env::offline(&from);
+        let (templates, _) = Templates::load(Path::new("no-templates"));
+        let input = Input {
+            rule: "r",
+            event,
+            count: None,
+            waited: None,
+            digest: None,
+            templates: &templates,
+            env: &env,
+        };
+        action.project(&input).unwrap()
     }
 
     /// An event by `d` with these properties.
@@ -283,6 +488,7 @@ mod tests {
             time: "2025-01-01T00:00:00Z".parse().unwrap(),
             properties,
             person_properties: json!({}),
+            elements_chain: Value::Null,
             source: Value::Null,
         }
     }
@@ -302,7 +508,7 @@ mod tests {
             ],
         };
         assert_eq!(
-            action.project(&event),
+            project(&action, &event),
             "{\"who\":\"d\",\"reason\":\"héllo w\",\"missing\":null,\"gone\":\"n/a\"}\n"
         );
     }
@@ -333,7 +539,7 @@ mod tests {
                 properties.get(k).cloned().unwrap_or(Value::Null),
             );
         }
-        let line = action.project(&event);
+        let line = project(&action, &event);
         assert_eq!(line, format!("{}\n", Value::Object(object)));
         assert_eq!(
             serde_json::from_str::<Value>(&line).unwrap()["nested"],
@@ -344,7 +550,7 @@ mod tests {
     #[test]
     fn truncation_counts_characters_not_bytes() {
         let f = field("k", "event", false, Some(3));
-        assert_eq!(f.shape_text("🏠🛏️é"), "🏠🛏\u{fe0f}");
-        assert_eq!(f.shape_text("ab"), "ab");
+        assert_eq!(f.cut("🏠🛏️é"), "🏠🛏\u{fe0f}");
+        assert_eq!(f.cut("ab"), "ab");
     }
 }
