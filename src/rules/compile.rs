@@ -927,7 +927,8 @@ fn one_of(tables: &[&str]) -> String {
     let named: Vec<String> = tables
         .iter()
         .map(|t| {
-            let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            // `http` is read letter by letter: "an aitch...".
+            let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) || *t == "http" {
                 "an"
             } else {
                 "a"
