@@ -16,6 +16,9 @@
 //! - `project`: the shipped `training-data` rule's JSONL line for that event.
 //! - `render_email`: the shipped `power-user-discount` email (subject, text and HTML bodies,
 //!   then the whole message as queued).
+//! - `render_http`: the `big-order-slack` example's Slack request for an order (a JSON body of
+//!   one templated text, and its idempotency key), as queued; `render_http_typed` a body of
+//!   six values, four of them fields kept with their type, and a templated path.
 
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -96,6 +99,21 @@ fn one_rule(text: &str) -> RuleSet {
         &dir.path().join("data"),
     ))
     .unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+/// A rule set of this one rule, with the endpoint `chat` declared.
+fn http_rule(text: &str) -> RuleSet {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("r.toml"), text).unwrap();
+    let mut declared = tripline::config::Declared::folders(
+        &rules,
+        &dir.path().join("templates"),
+        &dir.path().join("data"),
+    );
+    declared.endpoints.insert("chat".into());
+    RuleSet::load(&declared).unwrap_or_else(|p| panic!("{p:?}"))
 }
 
 fn shipped_rules() -> RuleSet {
@@ -245,6 +263,37 @@ fn benches(c: &mut Criterion) {
     let rendering = input(&used);
     c.bench_function("render_email", |b| {
         b.iter(|| run(email.as_ref(), &rendering))
+    });
+
+    let order = decode_one(
+        br#"{"event":{"uuid":"0197a3f2-6c1e-7b4a-9d2e-3f5a8c7b1e42","event":"order_completed","distinct_id":"user_4471","properties":{"amount":1200,"currency":"EUR","plan":"enterprise","items":3,"paid":true}},"person":{"properties":{"email":"dana@example.com"}}}"#,
+    );
+    let slack = http_rule(
+        "name = \"r\"\n[when]\nevent = \"order_completed\"\n[http]\nendpoint = \"chat\"\n\
+         json = { text = \":tada: Big order: {{properties.amount}} {{properties.currency}} from {{distinct_id}} (plan: {{properties.plan}})\" }\n",
+    );
+    let ordered = input(&order);
+    let slack_action = &slack.rules()[0].actions[0];
+    let ordered = Input {
+        templates: &slack.templates,
+        ..ordered
+    };
+    c.bench_function("render_http", |b| {
+        b.iter(|| run(slack_action.as_ref(), &ordered))
+    });
+    let typed = http_rule(
+        "name = \"r\"\n[when]\nevent = \"order_completed\"\n[http]\nendpoint = \"chat\"\n\
+         path = \"/orders/{{distinct_id}}\"\n\
+         json = { amount = \"{{properties.amount}}\", items = \"{{properties.items}}\", paid = \"{{properties.paid}}\", \
+         email = \"{{person.properties.email}}\", note = \"{{properties.plan}} order\", source = \"tripline\" }\n",
+    );
+    let typed_action = &typed.rules()[0].actions[0];
+    let typed_input = Input {
+        templates: &typed.templates,
+        ..input(&order)
+    };
+    c.bench_function("render_http_typed", |b| {
+        b.iter(|| run(typed_action.as_ref(), &typed_input))
     });
 }
 

@@ -49,9 +49,9 @@ struct Deliveries {
     senders: Senders,
     clock: Clock,
     attempts: JoinSet<Ended>,
-    /// The delivery each running attempt is for, with its kind and destination, by task: a
-    /// task that panics is known only by its id.
-    in_flight: HashMap<tokio::task::Id, (u64, String, String)>,
+    /// The delivery each running attempt is for, with its lane, by task: a task that panics is
+    /// known only by its id.
+    in_flight: HashMap<tokio::task::Id, (u64, Lane)>,
 }
 
 impl Deliveries {
@@ -91,11 +91,11 @@ impl Deliveries {
                 }
             }
         }
-        for (id, kind, destination) in self.in_flight.values() {
+        for (id, lane) in self.in_flight.values() {
             skip.in_flight.insert(*id);
-            // Whatever the delivery, its attempt is running: it takes its lanes' room, and one
-            // that has none left takes nothing more (so `take_room` cannot fail here).
-            take_room(&mut skip.room, kind, destination);
+            // Its attempt is running, so it takes its lane's room (a lane with none left
+            // takes nothing more, which is all that matters here).
+            take_room(&mut skip.room, lane);
         }
         let free = self.free_slots();
         let db = self.db.clone();
@@ -105,7 +105,7 @@ impl Deliveries {
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         for (id, record) in due.deliveries {
             let sender = self.senders.get(&record.kind).cloned();
-            let lane = (id, record.kind.clone(), record.destination.clone());
+            let lane = (id, record.lane());
             let task = self.attempts.spawn(async move {
                 let attempt = match sender {
                     Some(sender) => sender.attempt(id, &record).await,
@@ -327,6 +327,7 @@ mod tests {
         let delivery = Delivery {
             kind: "email",
             to: "d***@example.com".into(),
+            lane: None,
             payload: payload.as_object().unwrap().clone(),
         };
         let mut record = OutboxRecord::new("r".into(), delivery, due_unix);

@@ -12,6 +12,9 @@ pub struct Delivery {
     pub kind: &'static str,
     /// Where it goes, for logs, `GET /outbox` and `tripline test`, with personal data masked.
     pub to: String,
+    /// The destination whose own bound on attempts at once applies (an HTTP endpoint's name);
+    /// `None` for a kind bounded as a whole (one mail server).
+    pub lane: Option<String>,
     /// What the kind's sender needs, stored as it is.
     pub payload: Map<String, Value>,
 }
@@ -36,6 +39,9 @@ pub struct OutboxRecord {
     /// kinds existed, so that the tripline before this one can still deliver a queued email.
     #[serde(rename = "to_masked")]
     pub destination: String,
+    /// See [`Delivery::lane`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
     /// What the kind's sender needs (for an email: `from`, `to`, `message`...), stored beside
     /// the fields above, as records from before kinds existed had them.
     #[serde(flatten)]
@@ -63,6 +69,7 @@ impl OutboxRecord {
             rule,
             kind: delivery.kind.to_string(),
             destination: delivery.to,
+            lane: delivery.lane,
             payload: delivery.payload,
             status: Status::Pending,
             created_unix: now_unix,
@@ -71,6 +78,14 @@ impl OutboxRecord {
             last_error: None,
             finished_unix: None,
             retried_unix: None,
+        }
+    }
+
+    /// The lane whose bound on attempts at once it counts against.
+    pub fn lane(&self) -> Lane {
+        Lane {
+            kind: self.kind.clone(),
+            destination: self.lane.clone(),
         }
     }
 
@@ -86,6 +101,7 @@ impl OutboxRecord {
             rule,
             kind: kind.to_string(),
             destination: String::new(),
+            lane: None,
             payload: Map::new(),
             status: Status::Failed,
             created_unix: now_unix,
@@ -115,23 +131,46 @@ pub struct Lane {
     pub destination: Option<String>,
 }
 
-/// Takes one attempt of `kind` to `destination` from `room` if its lanes have room; `false` if
-/// not.
-pub fn take_room(room: &mut HashMap<Lane, usize>, kind: &str, destination: &str) -> bool {
-    let lanes = [
-        Lane {
-            kind: kind.to_string(),
-            destination: None,
-        },
-        Lane {
-            kind: kind.to_string(),
-            destination: Some(destination.to_string()),
-        },
-    ];
-    if lanes.iter().any(|l| room.get(l) == Some(&0)) {
+/// The separator of a lane's key: a control character no kind or endpoint name holds.
+const LANE_KEY_SEPARATOR: char = '\u{1f}';
+
+impl Lane {
+    /// As the store's index of lanes keys it: the kind, and the destination after a separator.
+    pub fn key(&self) -> String {
+        match &self.destination {
+            Some(destination) => format!("{}{LANE_KEY_SEPARATOR}{destination}", self.kind),
+            None => self.kind.clone(),
+        }
+    }
+
+    /// The lane of a [`key`](Self::key).
+    pub fn from_key(key: &str) -> Lane {
+        match key.split_once(LANE_KEY_SEPARATOR) {
+            Some((kind, destination)) => Lane {
+                kind: kind.to_string(),
+                destination: Some(destination.to_string()),
+            },
+            None => Lane {
+                kind: key.to_string(),
+                destination: None,
+            },
+        }
+    }
+}
+
+/// Takes one attempt in `lane` from `room` if it has room (its kind's bound, and its own);
+/// `false` if not.
+pub fn take_room(room: &mut HashMap<Lane, usize>, lane: &Lane) -> bool {
+    let kind = Lane {
+        kind: lane.kind.clone(),
+        destination: None,
+    };
+    let lanes = [Some(kind), lane.destination.is_some().then(|| lane.clone())];
+    let lanes: Vec<&Lane> = lanes.iter().flatten().collect();
+    if lanes.iter().any(|l| room.get(*l) == Some(&0)) {
         return false;
     }
-    for lane in &lanes {
+    for lane in lanes {
         if let Some(left) = room.get_mut(lane) {
             *left -= 1;
         }

@@ -258,6 +258,7 @@ impl Queued {
         Delivery {
             kind: KIND,
             to,
+            lane: None,
             payload,
         }
     }

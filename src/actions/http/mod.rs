@@ -296,8 +296,10 @@ impl Request {
         let Ok(Value::Object(payload)) = serde_json::to_value(self) else {
             unreachable!("a struct of strings is a JSON object")
         };
+        // Each endpoint has its own bound on requests at once.
         Delivery {
             kind: KIND,
+            lane: Some(to.clone()),
             to,
             payload,
         }

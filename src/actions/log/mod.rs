@@ -59,6 +59,7 @@ impl Action for LogAction {
         Ok(Output::Delivery(Delivery {
             kind: "log",
             to: "log.txt".into(),
+            lane: None,
             payload,
         }))
     }

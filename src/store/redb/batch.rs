@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
-    DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, KEEP_FINISHED, KEYS, LINES, META, OUTBOX,
-    OUTBOX_DONE, OUTBOX_DUE, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE, due_unix, err, record,
+    DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FINISHED, KEYS, LINES, META,
+    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_LANES, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE,
+    err, record,
 };
 use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
@@ -235,15 +236,14 @@ impl Batch for WriteTxn {
 
     fn finish(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
         let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
-        let was_due = match outbox.remove(id).map_err(err)? {
-            Some(old) => Some(due_unix(old.value())?),
+        let was = match outbox.remove(id).map_err(err)? {
+            Some(old) => Some(Indexed::of(old.value())?),
             None => None,
         };
-        if let Some(at) = was_due {
-            let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
-            index.remove((at, id)).map_err(err)?;
-        }
         drop(outbox);
+        if let Some(was) = was {
+            self.unindex(id, &was)?;
+        }
         self.put_record(OUTBOX_DONE, id, record)?;
         self.trim_finished()
     }
@@ -462,20 +462,36 @@ impl WriteTxn {
         })
     }
 
-    /// Writes a pending delivery and its place in the due index (moving it if it was there).
+    /// Writes a pending delivery and its places in the due indexes (moving it if it was there).
     fn put_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).map_err(err)?;
         let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
-        let was_due = match outbox.insert(id, json.as_str()).map_err(err)? {
-            Some(old) => Some(due_unix(old.value())?),
+        let was = match outbox.insert(id, json.as_str()).map_err(err)? {
+            Some(old) => Some(Indexed::of(old.value())?),
             None => None,
         };
-        let mut index = self.txn.open_table(OUTBOX_DUE).map_err(err)?;
-        if let Some(at) = was_due {
-            index.remove((at, id)).map_err(err)?;
+        drop(outbox);
+        if let Some(was) = was {
+            self.unindex(id, &was)?;
         }
-        index
-            .insert((record.next_attempt_unix, id), ())
+        let at = record.next_attempt_unix;
+        (self.txn.open_table(OUTBOX_DUE).map_err(err)?)
+            .insert((at, id), ())
+            .map_err(err)?;
+        (self.txn.open_table(OUTBOX_LANES).map_err(err)?)
+            .insert((record.lane().key().as_str(), at, id), ())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Removes a pending delivery, as it was stored, from the due indexes.
+    fn unindex(&mut self, id: u64, was: &Indexed) -> Result<(), StoreError> {
+        let at = was.next_attempt_unix;
+        (self.txn.open_table(OUTBOX_DUE).map_err(err)?)
+            .remove((at, id))
+            .map_err(err)?;
+        (self.txn.open_table(OUTBOX_LANES).map_err(err)?)
+            .remove((was.lane_key().as_str(), at, id))
             .map_err(err)?;
         Ok(())
     }

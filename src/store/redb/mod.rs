@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::store::queue::{Due, OutboxRecord, OutboxStatus, Skip, take_room};
+use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 
 /// Rule state: state key → its record (`record.rs`): counter, window, last action, last day used.
@@ -54,6 +54,11 @@ const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_don
 /// Every pending email by when it is next due, `(next_attempt_unix, id)`: written with `outbox`,
 /// in the same transactions.
 const OUTBOX_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("outbox_due");
+/// Every pending delivery by lane (see `Lane::key`) and when it is next due, `(lane, next
+/// attempt, id)`: written with `outbox`, so that the sender reads each lane only as far as it
+/// has room, and a lane with none (a hung endpoint's) costs nothing however much waits in it.
+/// `outbox_due` is kept beside it for a tripline from before lanes.
+const OUTBOX_LANES: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("outbox_lanes");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Pending waits: state key → the wait (JSON, see `store/pending.rs`).
 const WAITS: TableDefinition<&str, &str> = TableDefinition::new("waits");
@@ -178,46 +183,56 @@ fn merge_state_tables(txn: &redb::WriteTransaction, today: u64) -> Result<(), St
     Ok(())
 }
 
-/// The part of a stored outbox record that the due index needs.
+/// The part of a stored outbox record the indexes need: its lane and when it is next due
+/// (records from before kinds existed are emails).
 #[derive(serde::Deserialize)]
-struct DueAt {
-    next_attempt_unix: u64,
-}
-
-/// The part of a stored outbox record that says whose sender delivers it and where (records
-/// from before kinds existed are emails).
-#[derive(serde::Deserialize)]
-struct LaneOf {
+struct Indexed {
     #[serde(default = "crate::store::queue::kind_before_kinds")]
     kind: String,
     #[serde(default)]
-    to_masked: String,
+    lane: Option<String>,
+    next_attempt_unix: u64,
 }
 
-/// When a stored pending email is next due.
-fn due_unix(json: &str) -> Result<u64, StoreError> {
-    Ok(serde_json::from_str::<DueAt>(json)
-        .map_err(err)?
-        .next_attempt_unix)
+impl Indexed {
+    fn of(json: &str) -> Result<Indexed, StoreError> {
+        serde_json::from_str(json).map_err(err)
+    }
+
+    fn lane_key(&self) -> String {
+        Lane {
+            kind: self.kind.clone(),
+            destination: self.lane.clone(),
+        }
+        .key()
+    }
 }
 
-/// Fills `outbox_due` from `outbox` when the two do not hold the same number of emails: a
-/// database from before the index existed gets every pending email indexed at the upgrade.
-fn index_pending_emails(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+/// Fills `outbox_due` and `outbox_lanes` from `outbox` when they do not hold as many
+/// deliveries: a database from before an index existed gets every pending delivery indexed at
+/// the upgrade.
+fn index_pending(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let outbox = txn.open_table(OUTBOX).map_err(err)?;
     let mut due = txn.open_table(OUTBOX_DUE).map_err(err)?;
-    if due.len().map_err(err)? == outbox.len().map_err(err)? {
+    let mut lanes = txn.open_table(OUTBOX_LANES).map_err(err)?;
+    let pending = outbox.len().map_err(err)?;
+    if due.len().map_err(err)? == pending && lanes.len().map_err(err)? == pending {
         return Ok(());
     }
     due.retain(|_, ()| false).map_err(err)?;
+    lanes.retain(|_, ()| false).map_err(err)?;
     for row in outbox.iter().map_err(err)? {
         let (id, json) = row.map_err(err)?;
-        due.insert((due_unix(json.value())?, id.value()), ())
+        let indexed = Indexed::of(json.value())?;
+        let at = indexed.next_attempt_unix;
+        due.insert((at, id.value()), ()).map_err(err)?;
+        lanes
+            .insert((indexed.lane_key().as_str(), at, id.value()), ())
             .map_err(err)?;
     }
     tracing::info!(
-        pending = outbox.len().map_err(err)?,
-        "indexed the pending emails by due time"
+        pending,
+        "indexed the pending deliveries by lane and due time"
     );
     Ok(())
 }
@@ -321,6 +336,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX).map_err(err)?;
         txn.open_table(OUTBOX_DONE).map_err(err)?;
         txn.open_table(OUTBOX_DUE).map_err(err)?;
+        txn.open_table(OUTBOX_LANES).map_err(err)?;
         txn.open_table(META).map_err(err)?;
         txn.open_table(WAITS).map_err(err)?;
         txn.open_table(WAITS_DUE).map_err(err)?;
@@ -328,7 +344,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         migrate_once_marks(&txn)?;
         migrate_file_lengths(&txn)?;
         merge_state_tables(&txn, Clock::wall().unix() / DAY)?;
-        index_pending_emails(&txn)?;
+        index_pending(&txn)?;
     }
     txn.commit().map_err(err)?;
     Ok(db)
@@ -482,35 +498,64 @@ impl Backend for Db {
         Ok(out)
     }
 
-    /// Reads only the rows of the due index up to the first one not returned, and decodes in
-    /// full only the records it returns (one of a kind without room is read for its kind alone).
+    /// Reads each lane of the index only as far as it has room (a lane with none is passed at
+    /// its first row), then decodes in full only the records it returns.
     fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
         let durable_next_id = self.durable_next_id.load(Ordering::Relaxed);
         let txn = self.read()?;
-        let index = txn.open_table(OUTBOX_DUE).map_err(err)?;
+        let lanes = txn.open_table(OUTBOX_LANES).map_err(err)?;
         let outbox = txn.open_table(OUTBOX).map_err(err)?;
-        let mut due = Due::default();
         let mut room = skip.room.clone();
-        for row in index.iter().map_err(err)? {
-            let (key, _) = row.map_err(err)?;
-            let (at, id) = key.value();
-            if skip.in_flight.contains(&id) || id >= durable_next_id {
-                continue;
+        let mut chosen: Vec<(u64, u64)> = Vec::new();
+        let mut next_due: Option<u64> = None;
+        let mut soonest = |at: u64| next_due = Some(next_due.map_or(at, |n: u64| n.min(at)));
+        // Each lane in turn: the first row after the previous lane's last is the next lane's.
+        let mut lane_key = (lanes.first().map_err(err)?).map(|(key, _)| key.value().0.to_string());
+        while let Some(key) = lane_key.take() {
+            let lane = Lane::from_key(&key);
+            let mut taken = 0;
+            for row in lanes
+                .range((key.as_str(), 0, 0)..=(key.as_str(), u64::MAX, u64::MAX))
+                .map_err(err)?
+            {
+                let (_, at, id) = row.map_err(err)?.0.value();
+                if skip.in_flight.contains(&id) || id >= durable_next_id {
+                    continue;
+                }
+                if at > now_unix || taken == max {
+                    soonest(at);
+                    break;
+                }
+                // A full lane waits for one of its attempts to end, which wakes the sender.
+                if !take_room(&mut room, &lane) {
+                    break;
+                }
+                chosen.push((at, id));
+                taken += 1;
             }
-            if at > now_unix || due.deliveries.len() == max {
-                due.next_due_unix = Some(at);
-                break;
-            }
+            let after = (
+                std::ops::Bound::Excluded((key.as_str(), u64::MAX, u64::MAX)),
+                std::ops::Bound::Unbounded,
+            );
+            lane_key = match lanes.range::<(&str, u64, u64)>(after).map_err(err)?.next() {
+                Some(row) => Some(row.map_err(err)?.0.value().0.to_string()),
+                None => None,
+            };
+        }
+        chosen.sort_unstable();
+        if let Some(&(at, _)) = chosen.get(max) {
+            soonest(at);
+        }
+        chosen.truncate(max);
+        let mut due = Due {
+            deliveries: Vec::with_capacity(chosen.len()),
+            next_due_unix: next_due,
+        };
+        for (_, id) in chosen {
             // Written in the same transactions as the index, so the record is there.
             if let Some(json) = outbox.get(id).map_err(err)? {
-                if !room.is_empty() {
-                    let lane: LaneOf = serde_json::from_str(json.value()).map_err(err)?;
-                    if !take_room(&mut room, &lane.kind, &lane.to_masked) {
-                        continue;
-                    }
-                }
-                let record = serde_json::from_str(json.value()).map_err(err)?;
-                due.deliveries.push((id, record));
+                due.deliveries
+                    .push((id, serde_json::from_str(json.value()).map_err(err)?));
             }
         }
         Ok(due)
@@ -797,6 +842,59 @@ mod tests {
             0,
         );
         assert_eq!(ids(&db.due(100, 2, &limits).unwrap()), [2, 4]);
+    }
+
+    #[test]
+    fn a_full_endpoint_holds_only_its_own_lane_and_an_older_database_is_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut txn = db.begin().unwrap();
+        // Ids 1..=50 to a hung endpoint, all due first; then one to another endpoint and an
+        // email, due later; then one due in the future.
+        let lane = |to: &str| {
+            let mut record = pending(10);
+            record.kind = "http".into();
+            record.lane = Some(to.into());
+            record
+        };
+        for _ in 0..50 {
+            txn.queue(&lane("hung")).unwrap();
+        }
+        txn.queue(&OutboxRecord {
+            next_attempt_unix: 20,
+            ..lane("chat")
+        })
+        .unwrap();
+        txn.queue(&pending(30)).unwrap();
+        txn.queue(&OutboxRecord {
+            next_attempt_unix: 500,
+            ..lane("chat")
+        })
+        .unwrap();
+        txn.commit().unwrap();
+        let endpoint = |to: &str| Lane {
+            kind: "http".into(),
+            destination: Some(to.into()),
+        };
+        let mut limits = skip(&[1, 2]);
+        limits.room.insert(endpoint("hung"), 0);
+        limits.room.insert(endpoint("chat"), 4);
+        let due = db.due(100, 8, &limits).unwrap();
+        assert_eq!(ids(&due), [51, 52], "the other endpoint's, then the email");
+        assert_eq!(due.next_due_unix, Some(500));
+        // With room, the hung endpoint's oldest come first, as many as fit.
+        limits.room.insert(endpoint("hung"), 3);
+        assert_eq!(ids(&db.due(100, 4, &limits).unwrap()), [3, 4, 5, 51]);
+
+        // A database whose lane index is missing (from before lanes) gets it at open.
+        drop(db);
+        let database = redb::Database::create(dir.path().join("tripline.redb")).unwrap();
+        let txn = database.begin_write().unwrap();
+        txn.delete_table(OUTBOX_LANES).unwrap();
+        txn.commit().unwrap();
+        drop(database);
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(ids(&db.due(100, 4, &limits).unwrap()), [3, 4, 5, 51]);
     }
 
     #[test]
