@@ -67,7 +67,8 @@ async fn answer(
         *n
     };
     match (route.as_str(), n) {
-        ("flaky", 1) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        // Twice, so that the waiting delivery is seen between tries (2 s, then 4 s).
+        ("flaky", 1 | 2) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         ("busy", 1) => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3")]).into_response(),
         ("bad", _) => (
             StatusCode::BAD_REQUEST,
@@ -210,10 +211,15 @@ fn wait_delivery(server: &Server, rule: &str, what: &str, done: impl Fn(&Value) 
 }
 
 fn post_admin(server: &Server, path: &str) -> (u16, Value) {
-    let response = common::client()
-        .post(format!("{}{path}", server.base))
-        .send()
-        .unwrap();
+    post_admin_with(server, path, &[])
+}
+
+fn post_admin_with(server: &Server, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = common::client().post(format!("{}{path}", server.base));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().unwrap();
     (response.status().as_u16(), response.json().unwrap())
 }
 
@@ -344,15 +350,13 @@ fn a_500_is_retried_with_the_same_key_and_delivered_once() {
             && (d["last_error"].as_str()).is_some_and(|e| e.contains("500 Internal Server Error"))
     });
     let sent = wait_status(&server, "flaky", "sent");
-    let got = receiver.wait_for("flaky", 2);
-    assert_eq!(sent["attempts"], 2, "{sent}");
-    assert_eq!(
-        got[0].headers["idempotency-key"],
-        got[1].headers["idempotency-key"]
-    );
-    assert_eq!(got[0].body, got[1].body);
+    let got = receiver.wait_for("flaky", 3);
+    assert_eq!(sent["attempts"], 3, "{sent}");
+    let key = &got[0].headers["idempotency-key"];
+    assert!(got.iter().all(|r| &r.headers["idempotency-key"] == key));
+    assert!(got.iter().all(|r| r.body == got[0].body));
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(receiver.wait_for("flaky", 2).len(), 2, "delivered once");
+    assert_eq!(receiver.wait_for("flaky", 3).len(), 3, "delivered once");
     assert_eq!(first[0].body, r#"{"id":"o-2"}"#);
 }
 
@@ -403,6 +407,17 @@ fn a_400_fails_for_good_visibly_and_the_operator_can_retry_it_once() {
     );
 
     let id = failed["id"].as_u64().unwrap();
+    // Listed with the failures, kept apart from what was delivered.
+    let outbox = server.outbox();
+    assert_eq!(outbox["failed"], 1);
+    assert_eq!(outbox["failures"][0]["id"], id);
+    // Not from a web page the operator happens to visit.
+    let (status, reply) = post_admin_with(
+        &server,
+        &format!("/outbox/{id}/retry"),
+        &[("origin", "https://evil.example")],
+    );
+    assert_eq!(status, 403, "{reply}");
     let (status, reply) = post_admin(&server, &format!("/outbox/{id}/retry"));
     assert_eq!(status, 200, "{reply}");
     let got = receiver.wait_for("bad", 2);
@@ -424,13 +439,15 @@ fn a_400_fails_for_good_visibly_and_the_operator_can_retry_it_once() {
 fn a_delivered_request_cannot_be_retried() {
     let receiver = Receiver::start();
     let rule = http_rule("fine", "endpoint = \"fine\"\njson = { id = \"{{uuid}}\" }");
+    // An address ending in `/` is called as written when the rule adds no path.
     let (server, _config) = start(
         &receiver,
-        "[endpoints.fine]\nurl = \"BASE/ok\"\n",
+        "[endpoints.fine]\nurl = \"BASE/ok/\"\n",
         &[("fine.toml", rule)],
     );
     server.post_json(&order("o-5"));
     let sent = wait_status(&server, "fine", "sent");
+    assert_eq!(receiver.received()[0].path, "/ok/");
     let (status, reply) = post_admin(&server, &format!("/outbox/{}/retry", sent["id"]));
     assert_eq!(status, 409, "{reply}");
     assert!(reply["error"].as_str().unwrap().contains("delivered"));
@@ -554,4 +571,73 @@ fn an_endpoint_whose_secret_is_missing_stops_the_start_with_its_place() {
         ),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_field_in_the_path_cannot_climb_out_of_the_endpoint() {
+    let receiver = Receiver::start();
+    let rule = http_rule(
+        "climb",
+        "endpoint = \"api\"\npath = \"/users/{{distinct_id}}\"\njson = { id = \"{{uuid}}\" }",
+    );
+    let (server, _config) = start(
+        &receiver,
+        "[endpoints.api]\nurl = \"BASE/ok/hooks\"\n",
+        &[("climb.toml", rule)],
+    );
+    // A URL parser drops the tab, which would leave `..`; a `/` is encoded.
+    for (n, who) in ["..\t", ".\n.", ".."].iter().enumerate() {
+        let mut event = order(&format!("o-c{n}"));
+        event["distinct_id"] = json!(who);
+        let (status, reply) = server.post_json(&event);
+        assert_eq!(status, 200, "{reply}");
+        let failed = reply["failed"][0].as_str().unwrap_or_default();
+        assert!(failed.contains("rule \"climb\""), "{reply}");
+    }
+    let mut event = order("o-c9");
+    event["distinct_id"] = json!("../admin");
+    server.post_json(&event);
+    let got = receiver.wait_for("ok", 1);
+    assert_eq!(got[0].path, "/ok/hooks/users/..%2Fadmin");
+    assert_eq!(receiver.received().len(), 1);
+    let outbox = server.outbox();
+    assert_eq!(outbox["failed"], 3);
+    for failure in outbox["failures"].as_array().unwrap() {
+        let reason = failure["last_error"].as_str().unwrap();
+        assert!(reason.contains("control character"), "{reason}");
+        assert!(
+            !reason.contains(['\t', '\n']),
+            "event data is not repeated: {reason:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_endpoint_is_retried_without_showing_its_secret_address() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let rule = http_rule("down", "endpoint = \"down\"\njson = { id = \"{{uuid}}\" }");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tripline.toml");
+    std::fs::write(&config, "[endpoints.down]\nurl_env = \"TEST_DOWN_URL\"\n").unwrap();
+    let secret_url = format!("http://127.0.0.1:{port}/services/T000/B000/SeCrEtToKeN");
+    let server = Server::launch(
+        &["--config", config.to_str().unwrap()],
+        &[("TEST_DOWN_URL", &secret_url)],
+        |root: &Path| std::fs::write(root.join("rules/down.toml"), &rule).unwrap(),
+    );
+    server.post_json(&order("o-d"));
+    let waiting = wait_delivery(&server, "down", "waiting after a refused connection", |d| {
+        d["status"] == "pending" && d["last_error"].is_string()
+    });
+    let reason = waiting["last_error"].as_str().unwrap();
+    assert!(reason.contains("cannot connect"), "{reason}");
+    for shown in [
+        reason.to_string(),
+        server.outbox().to_string(),
+        server.log(),
+    ] {
+        assert!(!shown.contains("SeCrEtToKeN"), "{shown}");
+    }
 }

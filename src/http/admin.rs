@@ -108,8 +108,9 @@ fn probe_writable(data_dir: &std::path::Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", data_dir.display()))
 }
 
-/// The email queue: how many wait and the oldest 50 of them (with the last error), and what was
-/// recently sent or gave up.
+/// The delivery queue: how many wait and the oldest 50 of them (with the last error), the 50
+/// newest finished, delivered or not, the 50 newest failures (kept apart, for retrying), and
+/// the destinations disabled.
 pub async fn outbox(State(state): State<Arc<AppState>>) -> Result<Json<Value>, AppError> {
     let store = state.store.clone();
     let status = tokio::task::spawn_blocking(move || store.outbox_status(50))
@@ -132,17 +133,32 @@ pub async fn outbox(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
         "disabled": disabled,
         "pending": status.pending,
         "finished": status.finished,
+        "failed": status.failed,
+        "failures": status.failures.iter().map(show).collect::<Vec<_>>(),
         "waiting": status.waiting.iter().map(show).collect::<Vec<_>>(),
         "recent": status.recent.iter().map(show).collect::<Vec<_>>(),
     })))
 }
 
-/// `POST /outbox/{id}/retry`: the operator asks for a delivery that failed for good to be tried
-/// again, once, under the same id (so with the same idempotency key or Message-ID).
+/// `POST /outbox/{id}/retry`: the operator asks for a delivery that failed for good to go back
+/// into the queue under the same id (so with the same idempotency key or Message-ID), to be
+/// tried again as a new one would be. A delivery queued or delivered is left alone.
 pub async fn retry(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
+    headers: axum::http::HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
+    // A browser sends `Origin` with a form posted from another page; an operator's curl or
+    // script does not. Without sources this endpoint needs no token (loopback only), so a
+    // page the operator visits must not be able to use it.
+    if headers.contains_key(header::ORIGIN) {
+        return Ok((
+            StatusCode::FORBIDDEN,
+            Json(
+                json!({ "id": id, "error": "refused from a web page: send it with curl or a script" }),
+            ),
+        ));
+    }
     let store = state.store.clone();
     let now = state.clock.unix();
     let retried = tokio::task::spawn_blocking(move || {

@@ -2,8 +2,9 @@
 //! (`button.btn.primary:attr__class="btn primary"nth-child="2"text="Upgrade";div.toolbar:...`),
 //! read into the list templates see as `{{elements.0.text}}`, `{{elements.0.tag_name}}`.
 //!
-//! The reading follows PostHog's own (`chain_to_elements` in `posthog/models/element/element.py`,
-//! whose three patterns are used here unchanged), so the names are the ones PostHog's
+//! The reading follows PostHog's own (`chainToElements`, in `plugin-server`'s
+//! `utils/db/elements-chain.ts` and the frontend's copy, whose three patterns are used here
+//! unchanged, and which also drops line breaks first), so the names are the ones PostHog's
 //! documentation and its actions use: `tag_name`, `text`, `href`, `attr_id`, `attr_class` (the
 //! list of classes), `nth_child`, `nth_of_type`, and `attributes` (`attr__data-testid`...). The
 //! first element is the one clicked.
@@ -18,9 +19,10 @@ static SPLIT_CHAIN: LazyLock<Regex> =
 /// `tag.class.class` and, after a `:`, the attributes.
 static SPLIT_CLASS_ATTRIBUTES: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(.*?)($|:([a-zA-Z\-_0-9]*=.*))").expect("a valid pattern"));
-/// `name="value"` (a value may hold `\"`).
+/// `name="value"` (a value may hold `\"`, or be empty): the pattern of PostHog's current
+/// reader, where an older one missed empty values.
 static ATTRIBUTE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r#"((.*?)="(.*?[^\\])")"#).expect("a valid pattern"));
+    LazyLock::new(|| Regex::new(r#"((.*?)="((?:\\"|[^"])*)")"#).expect("a valid pattern"));
 
 /// What each element has, as templates name it.
 pub const KEYS: &[&str] = &[
@@ -40,8 +42,10 @@ const MAX_ELEMENTS: usize = 32;
 
 /// The elements of `chain`, the clicked one first.
 pub fn parse(chain: &str) -> Value {
+    // As PostHog's own reader does: a line break in a text would stop the patterns' `.`.
+    let chain = chain.replace('\n', "");
     let elements = SPLIT_CHAIN
-        .find_iter(chain)
+        .find_iter(&chain)
         .take(MAX_ELEMENTS)
         .map(|m| element(m.as_str()))
         .collect();
@@ -118,5 +122,9 @@ mod tests {
         assert_eq!(elements[0]["text"], r#"Say "hi"; now"#);
         assert_eq!(elements[1]["tag_name"], "span");
         assert_eq!(parse(""), json!([]));
+        let multiline = parse("button:text=\"Save\nnow\"attr__title=\"\"nth-child=\"2\"");
+        assert_eq!(multiline[0]["attributes"]["attr__title"], "");
+        assert_eq!(multiline[0]["text"], "Savenow");
+        assert_eq!(multiline[0]["nth_child"], 2);
     }
 }

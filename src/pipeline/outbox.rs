@@ -27,8 +27,11 @@ use crate::store::queue::{Lane, OutboxRecord, Skip, Status, take_room};
 use crate::store::{Backend, StoreError};
 use crate::telemetry;
 
-/// Delivery attempts at once, of every kind together.
-pub const MAX_IN_FLIGHT: usize = 64;
+/// Delivery attempts at once, of every kind together: a guard on memory only. What bounds
+/// attempts is each lane's own bound (8 for the mail server, each HTTP endpoint's
+/// `max_in_flight`, at most 64), so endpoints that hang hold their own slots and never the
+/// email's: this is above what the lanes of many endpoints add up to.
+pub const MAX_IN_FLIGHT: usize = 1024;
 
 /// How long the sender waits before it reads or writes the store again after that failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -52,6 +55,10 @@ struct Deliveries {
     /// The delivery each running attempt is for, with its lane, by task: a task that panics is
     /// known only by its id.
     in_flight: HashMap<tokio::task::Id, (u64, Lane)>,
+    /// Attempts that ended and whose outcome could not be written yet (the store failed): their
+    /// deliveries are still pending in the store, so no attempt starts before they are written
+    /// (`run_sender` writes them first), or a delivered request would be sent again.
+    unrecorded: Vec<Ended>,
 }
 
 impl Deliveries {
@@ -62,6 +69,7 @@ impl Deliveries {
             clock,
             attempts: JoinSet::new(),
             in_flight: HashMap::new(),
+            unrecorded: Vec::new(),
         }
     }
 
@@ -125,12 +133,13 @@ impl Deliveries {
         Ok(due.next_due_unix)
     }
 
-    /// Records how `first` and every other attempt already over ended, in one transaction.
+    /// Records how `first` and every other attempt already over ended, in one transaction
+    /// (with any whose outcome could not be written before).
     async fn record(
         &mut self,
         first: Result<(tokio::task::Id, Ended), tokio::task::JoinError>,
     ) -> Result<(), StoreError> {
-        let mut ended = Vec::new();
+        let mut ended = std::mem::take(&mut self.unrecorded);
         let mut next = Some(first);
         while let Some(joined) = next {
             match joined {
@@ -146,30 +155,45 @@ impl Deliveries {
             }
             next = self.attempts.try_join_next_with_id();
         }
-        if ended.is_empty() {
+        self.unrecorded = ended;
+        self.write_outcomes().await
+    }
+
+    /// Writes the outcomes not written yet; on failure keeps them, to write at the next try.
+    async fn write_outcomes(&mut self) -> Result<(), StoreError> {
+        if self.unrecorded.is_empty() {
             return Ok(());
         }
+        let ended = std::mem::take(&mut self.unrecorded);
         let db = self.db.clone();
         let now = self.clock.unix();
-        tokio::task::spawn_blocking(move || record_outcomes(db.as_ref(), ended, now))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        let (ended, written) = tokio::task::spawn_blocking(move || {
+            let written = record_outcomes(db.as_ref(), &ended, now);
+            (ended, written)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if written.is_err() {
+            self.unrecorded = ended;
+        }
+        written
     }
 }
 
 /// Writes what became of each attempt: delivered or failed for good moves the delivery to the
 /// finished history; a temporary failure reschedules it with backoff.
-fn record_outcomes(db: &dyn Backend, ended: Vec<Ended>, now: u64) -> Result<(), StoreError> {
+fn record_outcomes(db: &dyn Backend, ended: &[Ended], now: u64) -> Result<(), StoreError> {
     let mut txn = db.begin()?;
     let mut recorded = Vec::with_capacity(ended.len());
     for Ended {
         id,
-        mut record,
+        record,
         attempt,
     } in ended
     {
+        let (id, mut record) = (*id, record.clone());
         record.attempts += 1;
-        match &attempt {
+        match attempt {
             Attempt::Delivered => {
                 record.status = Status::Sent;
                 record.last_error = None;
@@ -183,8 +207,10 @@ fn record_outcomes(db: &dyn Backend, ended: Vec<Ended>, now: u64) -> Result<(), 
             }
             Attempt::RetryAfter(reason, after) => {
                 // `now` is whole seconds, up to one behind: one more keeps the wait at least
-                // what the destination asked.
-                record.next_attempt_unix = now + after.as_secs_f64().ceil() as u64 + 1;
+                // what the destination asked. Never sooner than the backoff, though: a
+                // `Retry-After: 0` must not turn retries into a request a second.
+                let asked = after.as_secs_f64().ceil() as u64 + 1;
+                record.next_attempt_unix = now + asked.max(backoff_secs(record.attempts));
                 record.last_error = Some(reason.clone());
                 txn.update_pending(id, &record)?;
             }
@@ -242,6 +268,10 @@ pub async fn run_sender(
         let mut wake_at = None;
         if let Some(failed) = store_failed.filter(|t| t.elapsed() < STORE_RETRY) {
             wake_at = Some(failed + STORE_RETRY);
+        } else if let Err(e) = deliveries.write_outcomes().await {
+            error!("outbox: {e}");
+            store_failed = Some(Instant::now());
+            wake_at = Some(Instant::now() + STORE_RETRY);
         } else if deliveries.free_slots() > 0 {
             match deliveries.start_due().await {
                 Ok(next_due) => wake_at = next_due.map(|t| Instant::now() + clock.until_unix(t)),
@@ -309,6 +339,7 @@ mod tests {
     use super::*;
     use crate::actions::email::send::{self, Transport};
     use crate::actions::{Delivery, Sender};
+    use crate::store::queue::{Due, OutboxStatus};
     use crate::store::redb::Db;
     use lettre::Tokio1Executor;
     use lettre::transport::smtp::AsyncSmtpTransport;
@@ -460,5 +491,108 @@ mod tests {
             status.waiting
         );
         server.abort();
+    }
+
+    /// A store whose transactions fail while `failing` is set.
+    struct Failing {
+        db: Db,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl Backend for Failing {
+        fn begin(&self) -> Result<Box<dyn crate::store::Batch>, StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("the disk is full".into()));
+            }
+            self.db.begin()
+        }
+        fn files(&self) -> Result<Vec<(String, crate::store::FileProgress)>, StoreError> {
+            self.db.files()
+        }
+        fn queued_lines(
+            &self,
+            file: &str,
+            after: u64,
+            max_bytes: usize,
+        ) -> Result<Vec<crate::store::QueuedLines>, StoreError> {
+            self.db.queued_lines(file, after, max_bytes)
+        }
+        fn due(&self, now: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
+            self.db.due(now, max, skip)
+        }
+        fn pending_count(&self) -> Result<u64, StoreError> {
+            self.db.pending_count()
+        }
+        fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
+            self.db.outbox_status(shown)
+        }
+        fn check(&self) -> Result<(), StoreError> {
+            self.db.check()
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.db.sync()
+        }
+        fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
+            self.db.waiting()
+        }
+        fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
+            self.db.next_wait_due()
+        }
+    }
+
+    /// Delivers everything at once, counting the attempts.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Sender for Counting {
+        fn attempt<'a>(
+            &'a self,
+            _id: u64,
+            _record: &'a OutboxRecord,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attempt> + Send + 'a>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Attempt::Delivered })
+        }
+        fn max_in_flight(&self) -> Bound {
+            Bound::Kind(8)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_attempt_whose_outcome_cannot_be_written_is_not_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Failing {
+            db: Db::open(dir.path()).unwrap(),
+            failing: false.into(),
+        });
+        queue(&store.db, [Clock::wall().unix()]);
+        store
+            .failing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let counting = Arc::new(Counting(0.into()));
+        let senders = Senders::from_iter([("email", counting.clone() as Arc<dyn Sender>)]);
+        let (stop, stopped) = watch::channel(false);
+        let sender = tokio::spawn(run_sender(
+            store.clone(),
+            senders,
+            Arc::new(Notify::new()),
+            stopped,
+            Clock::wall(),
+        ));
+        // Long enough for the sender to try writing the outcome again (every second) and, if
+        // it forgot the attempt, to make it again.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(store.db.pending_count().unwrap(), 1, "not written yet");
+        store
+            .failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.send(true).unwrap();
+        sender.await.unwrap();
+        assert_eq!(
+            store.db.pending_count().unwrap(),
+            0,
+            "written once the store works"
+        );
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -204,8 +204,14 @@ pub struct Due {
 pub struct OutboxStatus {
     pub pending: u64,
     pub waiting: Vec<(u64, OutboxRecord)>,
+    /// Delivered and failed for good.
     pub finished: u64,
+    /// The newest finished, delivered or not.
     pub recent: Vec<(u64, OutboxRecord)>,
+    /// Failed for good (kept apart, so that deliveries never push them out).
+    pub failed: u64,
+    /// The newest failed for good.
+    pub failures: Vec<(u64, OutboxRecord)>,
 }
 
 #[cfg(test)]

@@ -71,6 +71,10 @@ const OWN_HEADERS: &[&str] = &[
 /// The most attempts one endpoint may have at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// The longest `timeout`: a longer one would hold the endpoint's slots (and a stop of the
+/// service's sender) for no good reason.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// One endpoint, with its secrets read.
 pub struct Endpoint {
     pub name: String,
@@ -217,6 +221,13 @@ impl Endpoint {
                 }),
             None => Ok(default),
         };
+        let timeout = duration("timeout", &config.timeout, Duration::from_secs(10))?;
+        if timeout > MAX_TIMEOUT {
+            return Err(format!(
+                "`timeout` may be at most {}",
+                crate::units::format_duration(MAX_TIMEOUT)
+            ));
+        }
         let max_in_flight = config.max_in_flight.unwrap_or(4);
         if !(1..=MAX_IN_FLIGHT).contains(&max_in_flight) {
             return Err(format!("`max_in_flight` must be from 1 to {MAX_IN_FLIGHT}"));
@@ -226,7 +237,7 @@ impl Endpoint {
             url,
             headers,
             signing_key,
-            timeout: duration("timeout", &config.timeout, Duration::from_secs(10))?,
+            timeout,
             max_in_flight,
             max_age: duration("max_age", &config.max_age, Duration::from_secs(86_400))?,
         })
@@ -268,6 +279,8 @@ mod tests {
         assert!(e.contains("max_in_flight"), "{e}");
         let e = load("url = \"https://x\"\ntimeout = \"soon\"").unwrap_err();
         assert!(e.contains("timeout"), "{e}");
+        let e = load("url = \"https://x\"\ntimeout = \"1h\"").unwrap_err();
+        assert!(e.contains("at most"), "{e}");
     }
 
     #[test]

@@ -231,10 +231,17 @@ impl Action for HttpAction {
                 Value::String(s) => s,
                 other => other.to_string(),
             };
-            if segment.is_empty() || segment == "." || segment == ".." {
-                return Err(fail(format!(
-                    "a segment of `path` came out as {segment:?}, which cannot be part of an address"
-                )));
+            // A URL parser drops tabs and line breaks, so "..\t" would climb out of the
+            // endpoint's path: such a segment is refused, not cleaned. The message does not
+            // repeat it: it is event data.
+            if segment.is_empty()
+                || segment == "."
+                || segment == ".."
+                || segment.chars().any(char::is_control)
+            {
+                return Err(fail(
+                    "a part of `path` came out empty, as `.` or `..`, or with a control character, which cannot be part of an address".into(),
+                ));
             }
             path.push(segment);
         }

@@ -103,7 +103,11 @@ impl HttpSender {
 
     async fn send(&self, endpoint: &Endpoint, request: &Request) -> Attempt {
         let mut url = endpoint.url.clone();
-        if let Ok(mut segments) = url.path_segments_mut() {
+        // The endpoint's address as the operator wrote it (a trailing `/` too) unless the rule
+        // adds a path.
+        if !request.path.is_empty()
+            && let Ok(mut segments) = url.path_segments_mut()
+        {
             segments.pop_if_empty().extend(&request.path);
         }
         let method = match request.method {
@@ -143,6 +147,8 @@ impl HttpSender {
             .await;
         let response = match sent {
             Ok(response) => response,
+            // Without its URL: the address may be a secret (a Slack webhook's), and its path
+            // holds event data.
             Err(e) if e.is_timeout() => {
                 return Attempt::Temporary(format!(
                     "no answer within {} (the endpoint's timeout)",
@@ -150,9 +156,12 @@ impl HttpSender {
                 ));
             }
             Err(e) if e.is_connect() => {
-                return Attempt::Temporary(format!("cannot connect: {}", error_chain(&e)));
+                return Attempt::Temporary(format!(
+                    "cannot connect: {}",
+                    error_chain(&e.without_url())
+                ));
             }
-            Err(e) => return Attempt::Temporary(error_chain(&e)),
+            Err(e) => return Attempt::Temporary(error_chain(&e.without_url())),
         };
         let status = response.status();
         if status.is_success() {

@@ -225,6 +225,14 @@ fn compile_options(
     };
     let value = match (&o.from, &o.template) {
         (Some(from), None) => FieldPath::parse_reporting(from, cx.problems).map(FieldValue::From),
+        (None, Some(text)) if o.default.is_some() => {
+            cx.problems.add(
+                text.span(),
+                "`default` does nothing beside `template`: a template always makes a text",
+                Some("use {{#if field}}...{{else}}...{{/if}} in the template for a missing field".into()),
+            );
+            None
+        }
         (None, Some(text)) => {
             let template_key = format!("rule:{}:jsonl:{key}", cx.rule);
             match cx.templates.add_inline(&template_key, text.get_ref()) {
@@ -428,6 +436,7 @@ impl OutputField {
                 let s = self.redact.redact(s);
                 write_json(out, self.cut(&s));
             }
+            other if self.redact.is_empty() => write_json(out, other),
             other => write_json(out, self.redact.redact_value(other).as_ref()),
         }
     }

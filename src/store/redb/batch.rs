@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
-    DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FINISHED, KEYS, LINES, META,
-    OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_LANES, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE,
-    err, record,
+    DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FAILED, KEEP_FINISHED, KEYS,
+    LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, SEEN, SEEN_BY_TIME,
+    WAITING, WAITS, WAITS_DUE, err, record,
 };
 use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
@@ -225,8 +225,7 @@ impl Batch for WriteTxn {
 
     fn record_failed(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
         let id = self.next_id()?;
-        self.put_record(OUTBOX_DONE, id, record)?;
-        self.trim_finished()?;
+        self.put_finished(id, record)?;
         Ok(id)
     }
 
@@ -244,8 +243,7 @@ impl Batch for WriteTxn {
         if let Some(was) = was {
             self.unindex(id, &was)?;
         }
-        self.put_record(OUTBOX_DONE, id, record)?;
-        self.trim_finished()
+        self.put_finished(id, record)
     }
 
     fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError> {
@@ -259,15 +257,19 @@ impl Batch for WriteTxn {
         {
             return Ok(Retry::Pending);
         }
-        let stored = {
-            let done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
-            let json = done.get(id).map_err(err)?;
-            match json {
-                Some(json) => serde_json::from_str::<OutboxRecord>(json.value()).map_err(err)?,
-                None => return Ok(Retry::NotFound),
+        // A failure is in `outbox_failed`, or in `outbox_done` in a database from before it.
+        let mut found = None;
+        for table in [OUTBOX_FAILED, OUTBOX_DONE] {
+            let history = self.txn.open_table(table).map_err(err)?;
+            if let Some(json) = history.get(id).map_err(err)? {
+                let record: OutboxRecord = serde_json::from_str(json.value()).map_err(err)?;
+                found = Some((table, record));
+                break;
             }
+        }
+        let Some((table, mut record)) = found else {
+            return Ok(Retry::NotFound);
         };
-        let mut record = stored;
         match record.status {
             Status::Sent => return Ok(Retry::Delivered),
             Status::Pending => return Ok(Retry::Pending),
@@ -275,7 +277,7 @@ impl Batch for WriteTxn {
             Status::Failed => {}
         }
         self.txn
-            .open_table(OUTBOX_DONE)
+            .open_table(table)
             .map_err(err)?
             .remove(id)
             .map_err(err)?;
@@ -435,12 +437,19 @@ pub(super) fn next_id(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
 }
 
 impl WriteTxn {
-    /// Keeps the newest [`KEEP_FINISHED`] finished deliveries: the history is for looking at
-    /// recent deliveries (totals are in `/metrics`), and must not grow with every event.
-    fn trim_finished(&mut self) -> Result<(), StoreError> {
-        let mut done = self.txn.open_table(OUTBOX_DONE).map_err(err)?;
-        let mut extra = done.len().map_err(err)?.saturating_sub(KEEP_FINISHED);
-        while extra > 0 && done.pop_first().map_err(err)?.is_some() {
+    /// Writes a finished delivery into its history, failed or delivered, keeping the newest of
+    /// each (see [`KEEP_FINISHED`], [`KEEP_FAILED`]): the history is for looking at recent
+    /// deliveries and retrying failures (totals are in `/metrics`), and must not grow with every
+    /// event.
+    fn put_finished(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        let (table, keep) = match record.status {
+            Status::Failed => (OUTBOX_FAILED, KEEP_FAILED),
+            _ => (OUTBOX_DONE, KEEP_FINISHED),
+        };
+        self.put_record(table, id, record)?;
+        let mut history = self.txn.open_table(table).map_err(err)?;
+        let mut extra = history.len().map_err(err)?.saturating_sub(keep);
+        while extra > 0 && history.pop_first().map_err(err)?.is_some() {
             extra -= 1;
         }
         Ok(())

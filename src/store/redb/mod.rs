@@ -12,9 +12,12 @@
 //! - `jsonl_lines`: (output file, number) → lines committed and not yet appended to the file, and
 //!   when; `jsonl_files`: output file → its length once the lines up to a number were appended,
 //!   and the next number (see `pipeline/appender.rs`);
-//! - `outbox` and `outbox_done`: email id → record (JSON), the latter trimmed to the newest
-//!   [`KEEP_FINISHED`]; `outbox_due`: `(next attempt, id)` of every pending email, so that the
-//!   sender reads only the emails that are due; `meta`: the next email id;
+//! - `outbox`, `outbox_done` and `outbox_failed`: delivery id → record (JSON), pending,
+//!   delivered (trimmed to the newest [`KEEP_FINISHED`]) and failed for good (trimmed to the
+//!   newest [`KEEP_FAILED`] on their own, so that a burst of deliveries never pushes out the
+//!   failures an operator has yet to look at); `outbox_lanes`: `(lane, next attempt, id)` of
+//!   every pending delivery, so that the sender reads only what is due and has room, and
+//!   `outbox_due`: `(next attempt, id)`, for a tripline from before lanes; `meta`: the next id;
 //! - `waits`: state key → a pending wait (JSON); `waits_due`: `(deadline, key)` of each, so that
 //!   the waits due are read from its start; `waiting`: rule → how many waits it has pending.
 
@@ -51,6 +54,7 @@ const FILES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("json
 const LINES: TableDefinition<(&str, u64), (i64, &str)> = TableDefinition::new("jsonl_lines");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const OUTBOX_DONE: TableDefinition<u64, &str> = TableDefinition::new("outbox_done");
+const OUTBOX_FAILED: TableDefinition<u64, &str> = TableDefinition::new("outbox_failed");
 /// Every pending email by when it is next due, `(next_attempt_unix, id)`: written with `outbox`,
 /// in the same transactions.
 const OUTBOX_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("outbox_due");
@@ -278,8 +282,12 @@ pub const FILE_NAME: &str = "tripline.redb";
 /// Seconds in a day.
 const DAY: u64 = 86_400;
 
-/// How many finished (sent or failed) emails the outbox history keeps.
+/// How many delivered deliveries the outbox history keeps (and failed ones of a database from
+/// before `outbox_failed`).
 pub const KEEP_FINISHED: u64 = 10_000;
+
+/// How many deliveries failed for good the outbox keeps, for the operator to see and retry.
+pub const KEEP_FAILED: u64 = 10_000;
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -335,6 +343,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(LINES).map_err(err)?;
         txn.open_table(OUTBOX).map_err(err)?;
         txn.open_table(OUTBOX_DONE).map_err(err)?;
+        txn.open_table(OUTBOX_FAILED).map_err(err)?;
         txn.open_table(OUTBOX_DUE).map_err(err)?;
         txn.open_table(OUTBOX_LANES).map_err(err)?;
         txn.open_table(META).map_err(err)?;
@@ -603,11 +612,20 @@ impl Backend for Db {
         let txn = self.read()?;
         let pending = txn.open_table(OUTBOX).map_err(err)?;
         let done = txn.open_table(OUTBOX_DONE).map_err(err)?;
+        let failed = txn.open_table(OUTBOX_FAILED).map_err(err)?;
+        let failed_rows = outbox_rows(failed.iter().map_err(err)?.rev().take(shown))?;
+        // The newest finished, delivered or not, by id.
+        let mut recent = outbox_rows(done.iter().map_err(err)?.rev().take(shown))?;
+        recent.extend(failed_rows.iter().cloned());
+        recent.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
+        recent.truncate(shown);
         Ok(OutboxStatus {
             pending: pending.len().map_err(err)?,
             waiting: outbox_rows(pending.iter().map_err(err)?.take(shown))?,
-            finished: done.len().map_err(err)?,
-            recent: outbox_rows(done.iter().map_err(err)?.rev().take(shown))?,
+            finished: done.len().map_err(err)? + failed.len().map_err(err)?,
+            recent,
+            failed: failed.len().map_err(err)?,
+            failures: failed_rows,
         })
     }
 }
@@ -727,18 +745,37 @@ mod tests {
     }
 
     #[test]
-    fn the_finished_email_history_keeps_only_the_newest() {
+    fn the_history_keeps_the_newest_and_failures_apart_from_deliveries() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
         let mut txn = db.begin().unwrap();
         let record = OutboxRecord::not_made("r".into(), "email", "no email".into(), 0);
-        for _ in 0..KEEP_FINISHED + 5 {
+        for _ in 0..KEEP_FAILED + 5 {
             txn.record_failed(&record).unwrap();
+        }
+        // Then more deliveries than the history keeps: the failures stay.
+        let sent = OutboxRecord {
+            status: crate::store::queue::Status::Sent,
+            ..pending(0)
+        };
+        for _ in 0..KEEP_FINISHED + 5 {
+            let id = txn.queue(&pending(0)).unwrap();
+            txn.finish(id, &sent).unwrap();
         }
         txn.commit().unwrap();
         let status = db.outbox_status(1).unwrap();
-        assert_eq!(status.finished, KEEP_FINISHED);
-        assert_eq!(status.recent[0].0, KEEP_FINISHED + 5, "the newest is kept");
+        assert_eq!(status.failed, KEEP_FAILED);
+        assert_eq!(status.finished, KEEP_FINISHED + KEEP_FAILED);
+        assert_eq!(
+            status.failures[0].0,
+            KEEP_FAILED + 5,
+            "the newest failure is kept"
+        );
+        assert_eq!(
+            status.recent[0].0,
+            KEEP_FAILED + 5 + KEEP_FINISHED + 5,
+            "the newest delivery is kept"
+        );
     }
 
     /// A pending email next due at `due_unix`.
