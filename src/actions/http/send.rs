@@ -300,3 +300,74 @@ impl Sender for IntoFiles {
         Bound::Kind(4)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actions::Delivery;
+    use crate::actions::http::endpoint::EndpointConfig;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_bounded() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(120)));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("999999"));
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        let in_a_minute = (Clock::wall().now() + chrono::TimeDelta::seconds(60)).to_rfc2822();
+        headers.insert(RETRY_AFTER, in_a_minute.parse().unwrap());
+        let after = retry_after(&headers).unwrap();
+        assert!((55..=60).contains(&after.as_secs()), "{after:?}");
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO), "a date gone by");
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    /// A request queued `age` ago to an endpoint at `url`, with `max_age = 1h`.
+    fn queued(url: &str, age: Duration) -> (HttpSender, OutboxRecord) {
+        let config: EndpointConfig =
+            serde_json::from_value(serde_json::json!({"url": url, "max_age": "1h"})).unwrap();
+        let mut endpoints = Endpoints::new();
+        endpoints.insert("e".into(), Endpoint::load("e", &config).unwrap());
+        let request = Request {
+            endpoint: "e".into(),
+            method: super::super::Method::Post,
+            path: vec![],
+            content_type: "application/json".into(),
+            body: "{}".into(),
+            idempotency_key: "k".into(),
+        };
+        let serde_json::Value::Object(payload) = serde_json::to_value(request).unwrap() else {
+            unreachable!()
+        };
+        let delivery = Delivery {
+            kind: "http",
+            to: "e".into(),
+            lane: Some("e".into()),
+            payload,
+        };
+        let now = Clock::wall().unix();
+        let record = OutboxRecord::new("r".into(), delivery, now - age.as_secs());
+        (HttpSender::new(Arc::new(endpoints)).unwrap(), record)
+    }
+
+    #[tokio::test]
+    async fn a_temporary_failure_older_than_max_age_fails_for_good() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", closed.local_addr().unwrap());
+        drop(closed);
+        let (sender, young) = queued(&url, Duration::from_secs(60));
+        assert!(matches!(sender.deliver(&young).await, Attempt::Temporary(_)));
+        let (sender, mut old) = queued(&url, Duration::from_secs(7200));
+        match sender.deliver(&old).await {
+            Attempt::Permanent(why) => assert!(why.contains("gave up after 1 attempts over 2h"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Retried by the operator: its age counts from then.
+        old.retried_unix = Some(Clock::wall().unix());
+        assert!(matches!(sender.deliver(&old).await, Attempt::Temporary(_)));
+    }
+}
