@@ -128,6 +128,24 @@ pub struct Compile<'a, 'f> {
     pub declared: &'a Declared,
 }
 
+impl Compile<'_, '_> {
+    /// Checks what the one-line template registered under `key` uses against the fields the
+    /// rule knows (see `email/template_check.rs`), pointing at `span` of the rule file.
+    pub fn check_inline_template(&mut self, key: &str, span: &Range<usize>, known: &Known) {
+        let place = email::template_check::Place::Rule {
+            file: self.problems.file,
+            source: self.problems.source,
+            span: span.clone(),
+        };
+        email::template_check::check(
+            &self.templates.references(key, false),
+            known,
+            &place,
+            &mut self.problems.list,
+        );
+    }
+}
+
 /// A compiled action, as a rule runs it.
 pub trait Action: Send + Sync + fmt::Debug {
     /// Its kind's table name (`email`).

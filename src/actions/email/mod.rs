@@ -152,17 +152,7 @@ impl EmailAction {
     fn check_templates(&self, known: &Known, cx: &mut Compile) {
         let inline = [&self.to_key, &self.subject_key];
         for (key, span) in inline.into_iter().zip(&self.spans) {
-            let place = Place::Rule {
-                file: cx.problems.file,
-                source: cx.problems.source,
-                span: span.clone(),
-            };
-            template_check::check(
-                &cx.templates.references(key, false),
-                known,
-                &place,
-                &mut cx.problems.list,
-            );
+            cx.check_inline_template(key, span, known);
         }
         // The body's own references (`{{#each events as |e|}}`, `{{events.0.x}}`, in the text or
         // the HTML body), not its text: a digest's email must use the events it collects.

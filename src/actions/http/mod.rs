@@ -24,7 +24,7 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::{Action, Compile, Delivery, Destinations, Input, Kind, Output, Sender};
-use crate::actions::email::template_check::{self, Known, Place};
+use crate::actions::email::template_check::Known;
 use crate::diag::did_you_mean;
 use body::{Part, Written};
 
@@ -278,17 +278,7 @@ impl Action for HttpAction {
             Body::Form(fields) => fields.iter().for_each(|(_, p)| p.templates(&mut templates)),
         }
         for (key, span) in templates {
-            let place = Place::Rule {
-                file: cx.problems.file,
-                source: cx.problems.source,
-                span: span.clone(),
-            };
-            template_check::check(
-                &cx.templates.references(key, false),
-                known,
-                &place,
-                &mut cx.problems.list,
-            );
+            cx.check_inline_template(key, span, known);
         }
     }
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::{Action, Compile, Input, Kind, Output};
-use crate::actions::email::template_check::{self, Known, Place};
+use crate::actions::email::template_check::Known;
 use crate::actions::email::templates::template_diagnostic;
 use crate::redact::{HASH_KEY_ENV, HashKey, MIN_HASH_KEY_CHARS, Pii, Redactor};
 use crate::ingest::path::FieldPath;
@@ -355,17 +355,7 @@ impl Action for JsonlAction {
     fn check(&self, known: &Known, cx: &mut Compile) {
         for field in &self.fields {
             if let FieldValue::Template { key, span } = &field.value {
-                let place = Place::Rule {
-                    file: cx.problems.file,
-                    source: cx.problems.source,
-                    span: span.clone(),
-                };
-                template_check::check(
-                    &cx.templates.references(key, false),
-                    known,
-                    &place,
-                    &mut cx.problems.list,
-                );
+                cx.check_inline_template(key, span, known);
             }
         }
     }
