@@ -72,6 +72,8 @@ macro_rules! kinds {
     };
 }
 
+pub mod fields;
+
 kinds! {
     "email" => email::Email,
     "http" => http::Http,
