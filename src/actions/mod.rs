@@ -24,6 +24,7 @@ use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 pub use crate::store::queue::Delivery;
 use crate::store::queue::OutboxRecord;
+use crate::store::remembered::Remembered;
 use email::template_check::Known;
 use email::templates::Templates;
 use jsonl::Unwritable;
@@ -78,6 +79,7 @@ kinds! {
     "email" => email::Email,
     "http" => http::Http,
     "jsonl" => jsonl::Jsonl,
+    "remember" => remember::Remember,
     #[cfg(test)]
     "log" => log::Log,
 }
@@ -275,6 +277,8 @@ pub enum Output {
     Line { file: PathBuf, line: String },
     /// Something to deliver after the commit, queued in the outbox.
     Delivery(Delivery),
+    /// An event to keep for its user (see `remember`), in the same commit.
+    Remember(Box<Remembered>),
 }
 
 /// How a delivery attempt ended.

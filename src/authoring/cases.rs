@@ -26,6 +26,7 @@ use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
 use crate::store::MemoryStore;
+use crate::store::remembered::Remembered;
 use crate::units::{self, DURATION_EXAMPLES, DurationError, toml_to_json_value};
 use crate::user_file;
 
@@ -106,6 +107,8 @@ pub struct Expect {
     pub lines: Option<Vec<ExpectLine>>,
     /// Every HTTP request (`[http]`), in order.
     pub requests: Option<Vec<ExpectRequest>>,
+    /// Every event kept by a `[remember]` rule, in order.
+    pub remembered: Option<Vec<ExpectRemembered>>,
     /// The rules whose action failed (an email that could not be filled in).
     pub failed: Option<Vec<String>>,
     /// The rules with a wait still pending at the end, one entry per wait, by name.
@@ -140,6 +143,7 @@ impl Expect {
             && self.emails.is_none()
             && self.lines.is_none()
             && self.requests.is_none()
+            && self.remembered.is_none()
     }
 }
 
@@ -178,6 +182,18 @@ pub struct ExpectRequest {
     pub json: Option<toml::Value>,
     /// The form body: exactly these fields and values.
     pub form: Option<toml::Table>,
+}
+
+/// One expected remembered event.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectRemembered {
+    /// Whose it is.
+    pub distinct_id: Option<String>,
+    /// The label, exactly.
+    pub label: Option<String>,
+    /// The fields: exactly these keys and values.
+    pub fields: Option<toml::Value>,
 }
 
 /// A case ready to run.
@@ -251,7 +267,7 @@ pub fn load(file: &Path) -> Result<Vec<Case>, Vec<Diagnostic>> {
                     span.clone(),
                     format!("test \"{}\" expects nothing, so it could never fail", case.name),
                 )
-                .with_hint("under [test.expect], say what should happen: fired = [\"rule-name\"], emails = [...], lines = [...], requests = [...] or fired = [] for nothing"),
+                .with_hint("under [test.expect], say what should happen: fired = [\"rule-name\"], emails = [...], lines = [...], requests = [...], remembered = [...] or fired = [] for nothing"),
             );
         }
         let mut clock = start;
@@ -553,6 +569,9 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
     if let Some(wanted) = &e.requests {
         compare_requests(wanted, &effects, &mut problems);
     }
+    if let Some(wanted) = &e.remembered {
+        compare_remembered(wanted, &effects, &mut problems);
+    }
     if !problems.is_empty() {
         let failures = report.failures(rules);
         if !failures.is_empty() {
@@ -725,6 +744,67 @@ fn compare_requests(wanted: &[ExpectRequest], effects: &[Effect], problems: &mut
             if sent != expected {
                 problems.push(format!(
                     "request {n}: expected the form\n    {expected:?}\n  but it is\n    {sent:?}"
+                ));
+            }
+        }
+    }
+}
+
+fn compare_remembered(wanted: &[ExpectRemembered], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<&Remembered> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Output {
+                output: Output::Remember(r),
+                ..
+            } => Some(r.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if actual.len() != wanted.len() {
+        let kept: Vec<String> = actual
+            .iter()
+            .map(|r| {
+                let label = r.entry.label.as_deref().unwrap_or("(no label)");
+                format!("for {}: {label} {}", r.distinct_id, r.entry.fields)
+            })
+            .collect();
+        problems.push(format!(
+            "expected {} remembered event(s), got {}{}",
+            wanted.len(),
+            actual.len(),
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", indent(&kept.join("\n")))
+            }
+        ));
+        return;
+    }
+    for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
+        let n = n + 1;
+        if let Some(who) = &want.distinct_id
+            && who != &got.distinct_id
+        {
+            problems.push(format!(
+                "remembered {n}: expected for {who:?}, but it is for {:?}",
+                got.distinct_id
+            ));
+        }
+        if let Some(label) = &want.label
+            && Some(label) != got.entry.label.as_ref()
+        {
+            problems.push(format!(
+                "remembered {n}: expected the label {label:?}\n  but it is {:?}",
+                got.entry.label
+            ));
+        }
+        if let Some(fields) = &want.fields {
+            let expected = toml_to_json_value(fields);
+            if expected != got.entry.fields {
+                problems.push(format!(
+                    "remembered {n}: expected the fields\n    {expected}\n  but they are\n    {}",
+                    got.entry.fields
                 ));
             }
         }

@@ -540,6 +540,17 @@ impl Run<'_> {
                         None => (rule, format!("{} to {}", d.kind, d.to)),
                     },
                 },
+                Effect::Output {
+                    rule,
+                    output: Output::Remember(r),
+                } => (
+                    rule,
+                    format!(
+                        "remembered for {}: {}",
+                        clip(&r.distinct_id, 60),
+                        clip(r.entry.label.as_deref().unwrap_or(&r.entry.event), 140)
+                    ),
+                ),
                 Effect::Failed { .. } => continue,
             };
             if self.stats[index].examples.len() < examples {

@@ -43,6 +43,9 @@ pub enum AppError {
     /// only to try again (a disk's error message is nothing it can act on).
     #[error("the events could not be stored right now; try again")]
     Commit(#[from] CommitError),
+    /// A query string this endpoint cannot use; the message says what to change.
+    #[error("{0}")]
+    BadQuery(String),
     /// An internal fault: logged once, when answered; the sender gets a generic message.
     #[error("an internal error stopped this request; try again")]
     Internal(String),
@@ -69,6 +72,7 @@ impl AppError {
             AppError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
+            AppError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             AppError::Commit(_) | AppError::Internal(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
             }

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod admission;
 pub mod connections;
 pub mod error;
+pub mod users;
 pub mod webhook;
 
 use axum::Router;
@@ -110,6 +111,7 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/outbox", get(admin::outbox))
         .route("/outbox/{id}/retry", post(admin::retry))
         .route("/metrics", get(admin::metrics))
+        .route("/users/{distinct_id}", get(users::user))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::admin_only,

@@ -32,6 +32,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
+use crate::actions::remember;
 use crate::actions::{Env, Output};
 use crate::clock::Clock;
 use crate::config::{Durability, WaitSettings};
@@ -1145,7 +1146,11 @@ impl Worker {
                 .is_none_or(|t| now.saturating_sub(t) >= EXPIRE_EVERY);
         let expired = if look {
             let cutoff = now.saturating_sub(self.retention.event_ids.as_secs());
-            Some(txn.expire_seen(cutoff, EXPIRE_PER_COMMIT)?)
+            let ids = txn.expire_seen(cutoff, EXPIRE_PER_COMMIT)?;
+            // Remembered events past their time go on the same pass, as many at most.
+            let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
+            let remembered = txn.expire_remembered(now_ms, EXPIRE_PER_COMMIT)?;
+            Some(ids.max(remembered))
         } else {
             None
         };
@@ -1293,6 +1298,13 @@ fn take_effects(
                     files.push(file);
                 }
                 count(&mut tally.done, jsonl::KIND, name(i));
+            }
+            Effect::Output {
+                rule: i,
+                output: Output::Remember(remembered),
+            } => {
+                txn.remember(&remembered)?;
+                count(&mut tally.done, remember::KIND, name(i));
             }
             // Counted once delivered, by the sender.
             Effect::Output {

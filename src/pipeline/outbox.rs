@@ -538,6 +538,12 @@ mod tests {
         fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
             self.db.next_wait_due()
         }
+        fn remembered(
+            &self,
+            distinct_id: &str,
+        ) -> Result<Vec<crate::store::remembered::Stored>, StoreError> {
+            self.db.remembered(distinct_id)
+        }
     }
 
     /// Delivers everything at once, counting the attempts.

@@ -13,11 +13,13 @@ pub mod key;
 pub mod pending;
 pub mod queue;
 pub mod redb;
+pub mod remembered;
 pub mod state;
 
 pub use key::StateKey;
 pub use pending::{Held, Pending};
 use queue::{Due, OutboxRecord, OutboxStatus, Retry, Skip};
+use remembered::{Remembered, Stored};
 pub use state::{Distinct, KeyRecord, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -82,6 +84,12 @@ pub trait Batch: RuleState + Send {
     /// Moves the delivery `id`, failed for good, back into the queue under the same id (so
     /// with the same idempotency key), due now, its age counted from now.
     fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError>;
+    /// Keeps an event a `[remember]` rule remembers for its user, forgetting the oldest of that
+    /// rule's for the user beyond `keep_last`.
+    fn remember(&mut self, remembered: &Remembered) -> Result<(), StoreError>;
+    /// Forgets at most `max` remembered events whose time ran out before `now_ms`; returns how
+    /// many.
+    fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError>;
     /// Forgets at most `max` event and delivery ids first handled before `cutoff_unix`;
     /// returns how many.
     fn expire_seen(&mut self, cutoff_unix: u64, max: usize) -> Result<usize, StoreError>;
@@ -157,6 +165,9 @@ pub trait Backend: Send + Sync {
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// The soonest deadline of a pending wait (milliseconds since 1970), if any.
     fn next_wait_due(&self) -> Result<Option<i64>, StoreError>;
+    /// Every event remembered for `distinct_id` (by every rule), in no particular order: at most
+    /// the sum of the rules' `keep_last`.
+    fn remembered(&self, distinct_id: &str) -> Result<Vec<Stored>, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

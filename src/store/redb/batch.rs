@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FAILED, KEEP_FINISHED, KEYS,
-    LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, SEEN, SEEN_BY_TIME,
-    WAITING, WAITS, WAITS_DUE, err, record,
+    LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, REMEMBERED,
+    REMEMBERED_COUNT, REMEMBERED_EXPIRY, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE, err,
+    record,
 };
 use crate::store::queue::{OutboxRecord, Retry, Status};
+use crate::store::remembered::Remembered;
 use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
 use std::ops::Bound;
 
@@ -287,6 +289,86 @@ impl Batch for WriteTxn {
         record.retried_unix = Some(now_unix);
         self.put_pending(id, &record)?;
         Ok(Retry::Queued)
+    }
+
+    fn remember(&mut self, r: &Remembered) -> Result<(), StoreError> {
+        let seq = self.next_id()?;
+        let json = serde_json::to_string(&r.entry).map_err(err)?;
+        let (user, rule) = (r.distinct_id.as_str(), r.rule.as_str());
+        let mut table = self.txn.open_table(REMEMBERED).map_err(err)?;
+        let mut expiry = self.txn.open_table(REMEMBERED_EXPIRY).map_err(err)?;
+        let mut counts = self.txn.open_table(REMEMBERED_COUNT).map_err(err)?;
+        table
+            .insert((user, rule, r.at_ms, seq), (r.expires_ms, json.as_str()))
+            .map_err(err)?;
+        expiry
+            .insert((r.expires_ms, user, rule, r.at_ms, seq), ())
+            .map_err(err)?;
+        let mut count = counts
+            .get((user, rule))
+            .map_err(err)?
+            .map_or(0, |c| c.value())
+            + 1;
+        // The oldest of this rule's for this user go first (the rule's rows are in time order).
+        while count > r.keep_last {
+            let range = (user, rule, i64::MIN, 0)..=(user, rule, i64::MAX, u64::MAX);
+            let Some((at, old_seq, expires)) = (match table.range(range).map_err(err)?.next() {
+                Some(row) => {
+                    let (key, value) = row.map_err(err)?;
+                    Some((key.value().2, key.value().3, value.value().0))
+                }
+                None => None,
+            }) else {
+                break;
+            };
+            table.remove((user, rule, at, old_seq)).map_err(err)?;
+            expiry
+                .remove((expires, user, rule, at, old_seq))
+                .map_err(err)?;
+            count -= 1;
+        }
+        counts.insert((user, rule), count).map_err(err)?;
+        Ok(())
+    }
+
+    fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
+        let mut expiry = self.txn.open_table(REMEMBERED_EXPIRY).map_err(err)?;
+        let gone: Vec<(i64, String, String, i64, u64)> = expiry
+            .range((i64::MIN, "", "", i64::MIN, 0)..(now_ms, "", "", i64::MIN, 0))
+            .map_err(err)?
+            .take(max)
+            .map(|row| {
+                let (k, _) = row.map_err(err)?;
+                let (e, user, rule, at, seq) = k.value();
+                Ok((e, user.to_string(), rule.to_string(), at, seq))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut table = self.txn.open_table(REMEMBERED).map_err(err)?;
+        let mut counts = self.txn.open_table(REMEMBERED_COUNT).map_err(err)?;
+        for (e, user, rule, at, seq) in &gone {
+            expiry
+                .remove((*e, user.as_str(), rule.as_str(), *at, *seq))
+                .map_err(err)?;
+            if table
+                .remove((user.as_str(), rule.as_str(), *at, *seq))
+                .map_err(err)?
+                .is_some()
+            {
+                let left = counts
+                    .get((user.as_str(), rule.as_str()))
+                    .map_err(err)?
+                    .map_or(0, |c| c.value())
+                    .saturating_sub(1);
+                if left == 0 {
+                    counts.remove((user.as_str(), rule.as_str())).map_err(err)?;
+                } else {
+                    counts
+                        .insert((user.as_str(), rule.as_str()), left)
+                        .map_err(err)?;
+                }
+            }
+        }
+        Ok(gone.len())
     }
 
     /// Called with every batch while there are any, so a large backlog is a steady trickle, not

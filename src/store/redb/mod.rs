@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
+use crate::store::remembered::Stored;
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 
 /// Rule state: state key → its record (`record.rs`): counter, window, last action, last day used.
@@ -64,6 +65,16 @@ const OUTBOX_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("outbox
 /// `outbox_due` is kept beside it for a tripline from before lanes.
 const OUTBOX_LANES: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("outbox_lanes");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Events `[remember]` rules keep: (distinct id, rule, time ms, sequence) → (expiry ms, the
+/// entry as JSON).
+const REMEMBERED: TableDefinition<(&str, &str, i64, u64), (i64, &str)> =
+    TableDefinition::new("remembered");
+/// How many each rule keeps for each user: (distinct id, rule) → count (no row at zero).
+const REMEMBERED_COUNT: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("remembered_count");
+/// When each is forgotten: (expiry ms, distinct id, rule, time ms, sequence).
+const REMEMBERED_EXPIRY: TableDefinition<(i64, &str, &str, i64, u64), ()> =
+    TableDefinition::new("remembered_expiry");
 /// Pending waits: state key → the wait (JSON, see `store/pending.rs`).
 const WAITS: TableDefinition<&str, &str> = TableDefinition::new("waits");
 /// Every pending wait by deadline, `(deadline ms, state key)`: written with `waits`.
@@ -347,6 +358,9 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX_DUE).map_err(err)?;
         txn.open_table(OUTBOX_LANES).map_err(err)?;
         txn.open_table(META).map_err(err)?;
+        txn.open_table(REMEMBERED).map_err(err)?;
+        txn.open_table(REMEMBERED_COUNT).map_err(err)?;
+        txn.open_table(REMEMBERED_EXPIRY).map_err(err)?;
         txn.open_table(WAITS).map_err(err)?;
         txn.open_table(WAITS_DUE).map_err(err)?;
         txn.open_table(WAITING).map_err(err)?;
@@ -605,6 +619,29 @@ impl Backend for Db {
         let txn = self.read()?;
         let due = txn.open_table(WAITS_DUE).map_err(err)?;
         Ok(due.first().map_err(err)?.map(|(k, _)| k.value().0))
+    }
+
+    fn remembered(&self, distinct_id: &str) -> Result<Vec<Stored>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(REMEMBERED).map_err(err)?;
+        // Every rule's rows of this user: rule names are text, so "" to U+10FFFF spans them.
+        let range =
+            (distinct_id, "", i64::MIN, 0)..=(distinct_id, "\u{10ffff}", i64::MAX, u64::MAX);
+        table
+            .range(range)
+            .map_err(err)?
+            .map(|row| {
+                let (key, value) = row.map_err(err)?;
+                let (_, _, at_ms, seq) = key.value();
+                let (expires_ms, json) = value.value();
+                Ok(Stored {
+                    at_ms,
+                    seq,
+                    expires_ms,
+                    entry: serde_json::from_str(json).map_err(err)?,
+                })
+            })
+            .collect()
     }
 
     /// Only the rows shown are decoded.
@@ -932,6 +969,60 @@ mod tests {
         drop(database);
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(ids(&db.due(100, 4, &limits).unwrap()), [3, 4, 5, 51]);
+    }
+
+    #[test]
+    fn remembered_events_keep_the_newest_per_user_and_rule_and_expire() {
+        use crate::store::remembered::{Entry, Remembered};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let remembered = |who: &str, rule: &str, at_ms: i64| Remembered {
+            distinct_id: who.into(),
+            rule: rule.into(),
+            at_ms,
+            expires_ms: at_ms + 1000,
+            keep_last: 3,
+            entry: Entry {
+                rule: rule.into(),
+                event: "e".into(),
+                uuid: at_ms.into(),
+                timestamp: String::new(),
+                label: None,
+                fields: serde_json::json!({}),
+            },
+        };
+        let mut txn = db.begin().unwrap();
+        for at in 1..=5 {
+            txn.remember(&remembered("dana", "a", at * 100)).unwrap();
+        }
+        txn.remember(&remembered("dana", "b", 50)).unwrap();
+        txn.remember(&remembered("sam", "a", 60)).unwrap();
+        txn.commit().unwrap();
+        let times = |who: &str| {
+            let mut t: Vec<i64> = (db.remembered(who).unwrap().iter())
+                .map(|e| e.at_ms)
+                .collect();
+            t.sort_unstable();
+            t
+        };
+        // Rule a keeps dana's 3 newest; rule b's and sam's are theirs.
+        assert_eq!(times("dana"), [50, 300, 400, 500]);
+        assert_eq!(times("sam"), [60]);
+        // Forgotten once their time is past (1 s after each), at most `max` at a time.
+        let mut txn = db.begin().unwrap();
+        assert_eq!(txn.expire_remembered(1_100, 1).unwrap(), 1);
+        assert_eq!(txn.expire_remembered(1_100, 10).unwrap(), 1);
+        txn.commit().unwrap();
+        assert_eq!(times("dana"), [300, 400, 500]);
+        assert_eq!(times("sam"), [] as [i64; 0]);
+        // The count follows: three more for rule a still leave three.
+        let mut txn = db.begin().unwrap();
+        for at in 6..=8 {
+            txn.remember(&remembered("dana", "a", at * 100)).unwrap();
+        }
+        assert_eq!(txn.expire_remembered(i64::MAX, 100).unwrap(), 3);
+        txn.commit().unwrap();
+        assert!(times("dana").is_empty());
     }
 
     #[test]

@@ -1,0 +1,179 @@
+//! `GET /users/{id}`: what `[remember]` rules keep about a person, read back over HTTP from the
+//! real service: shapes, pages, ranges, the text form, what is forgotten, and who may read it.
+
+mod common;
+
+use common::{Server, fixture_json};
+use serde_json::{Value, json};
+use std::path::Path;
+
+/// The shipped rules, and one that remembers page views and clicks (the example's).
+fn start(env: &[(&str, &str)]) -> Server {
+    let recipe =
+        std::fs::read_to_string(common::root().join("examples/rules/chatbot_context.toml"))
+            .unwrap();
+    Server::launch(&[], env, |root: &Path| {
+        std::fs::write(root.join("rules/chatbot_context.toml"), &recipe).unwrap();
+    })
+}
+
+fn pageview(uuid: &str, who: &str, page: &str, at: &str) -> Value {
+    json!({
+        "event": "$pageview", "uuid": uuid, "distinct_id": who, "timestamp": at,
+        "properties": {"$pathname": page, "$session_id": format!("s-{who}")},
+        "person": {"properties": {"email": format!("{who}@example.com")}},
+    })
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let (status, body) = server.get(path);
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+/// `minutes` ago, as RFC 3339.
+fn minutes_ago(minutes: i64) -> String {
+    (chrono::Utc::now() - chrono::TimeDelta::minutes(minutes)).to_rfc3339()
+}
+
+#[test]
+fn a_users_recent_events_come_newest_first_a_page_at_a_time_with_their_sessions() {
+    let server = start(&[]);
+    for (n, page) in [
+        "/projects",
+        "/editor",
+        "/billing",
+        "/pricing",
+        "/billing/plans",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let at = minutes_ago(50 - 10 * n as i64);
+        let (status, _) = server.post_json(&pageview(&format!("u{n}"), "dana", page, &at));
+        assert_eq!(status, 200);
+    }
+    // Someone else's, and an anonymous one, are not dana's.
+    server.post_json(&pageview("x1", "sam", "/docs", &minutes_ago(1)));
+
+    let (status, first) = get(&server, "/users/dana?limit=2");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["distinct_id"], "dana");
+    let labels = |page: &Value| -> Vec<String> {
+        (page["recent_events"].as_array().unwrap().iter())
+            .map(|e| e["label"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(labels(&first), ["Viewed /billing/plans", "Viewed /pricing"]);
+    let event = &first["recent_events"][0];
+    assert_eq!(event["event"], "$pageview");
+    assert_eq!(event["uuid"], "u4");
+    assert_eq!(event["rule"], "chatbot-context");
+    assert_eq!(
+        event["fields"],
+        json!({"session": "s-dana", "page": "/billing/plans"})
+    );
+    let next = first["next"].as_str().unwrap();
+    let (_, second) = get(&server, &format!("/users/dana?limit=2&before={next}"));
+    assert_eq!(labels(&second), ["Viewed /billing", "Viewed /editor"]);
+    let (_, last) = get(
+        &server,
+        &format!(
+            "/users/dana?limit=2&before={}",
+            second["next"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(labels(&last), ["Viewed /projects"]);
+    assert_eq!(last["next"], Value::Null);
+
+    // The session, over all of them.
+    assert_eq!(first["sessions"].as_array().unwrap().len(), 1);
+    let session = &first["sessions"][0];
+    assert_eq!(session["session_id"], "s-dana");
+    assert_eq!(session["events"], 5);
+    assert_eq!(session["duration_seconds"], 40 * 60);
+    assert_eq!(
+        (&session["first_page"], &session["last_page"]),
+        (&json!("/projects"), &json!("/billing/plans"))
+    );
+
+    // A range: the two views between 35 and 15 minutes ago.
+    let (start, end) = (minutes_ago(35), minutes_ago(15));
+    let query = format!(
+        "/users/dana?start={}&end={}",
+        urlencode(&start),
+        urlencode(&end)
+    );
+    let (_, ranged) = get(&server, &query);
+    assert_eq!(labels(&ranged), ["Viewed /pricing", "Viewed /billing"]);
+
+    // The same as text, for a prompt.
+    let (status, text) = server.get("/users/dana?format=text&limit=3");
+    assert_eq!(status, 200);
+    assert!(text.starts_with("User dana, as of "), "{text}");
+    assert!(
+        text.contains(": Viewed /billing/plans\n") && text.contains("(older activity not shown)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("5 events over 40 minutes, from /projects to /billing/plans"),
+        "{text}"
+    );
+}
+
+#[test]
+fn what_no_rule_kept_or_what_has_expired_is_not_shown_and_bad_queries_say_why() {
+    let server = start(&[]);
+    // Forty days old: kept for 30 days, so already gone when read.
+    let old = (chrono::Utc::now() - chrono::TimeDelta::days(40)).to_rfc3339();
+    server.post_json(&pageview("old", "dana", "/old", &old));
+    // The shipped rules remember nothing of a failed generation.
+    server.post_json(&fixture_json("generation_failed.json"));
+    let (_, dana) = get(&server, "/users/dana");
+    assert_eq!(dana["recent_events"], json!([]));
+    assert_eq!(dana["sessions"], json!([]));
+    let (_, user) = get(&server, "/users/user_4471");
+    assert_eq!(user["recent_events"], json!([]));
+    let (status, text) = server.get("/users/nobody?format=text");
+    assert_eq!(status, 200);
+    assert!(text.contains("No recent activity is recorded."), "{text}");
+
+    for (query, says) in [
+        ("limit=0", "`limit` must be from 1 to 500"),
+        ("start=yesterday", "is not a date"),
+        ("before=abc", "`before` is not a `next`"),
+        ("format=xml", "`format` is `json` or `text`"),
+        ("limt=5", "unknown field `limt`"),
+    ] {
+        let (status, body) = get(&server, &format!("/users/dana?{query}"));
+        assert_eq!(status, 400, "{query}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{query}: {body}");
+    }
+}
+
+#[test]
+fn once_sources_exist_a_users_data_needs_the_admin_token() {
+    let token = "a-source-token-long-enough";
+    let admin = "an-admin-token-long-enough";
+    let server = start(&[("TRIPLINE_TOKEN", token), ("TRIPLINE_ADMIN_TOKEN", admin)]);
+    let anonymous = common::client()
+        .get(format!("{}/users/dana", server.base))
+        .send()
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let with_source_token = common::client()
+        .get(format!("{}/users/dana", server.base))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert_eq!(with_source_token.status().as_u16(), 401);
+    let (status, body) = get(&server, "/users/dana");
+    assert_eq!(status, 200, "{body}");
+}
+
+fn urlencode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
