@@ -127,6 +127,7 @@ async fn tripline(url: &str, n: usize, concurrency: usize) -> anyhow::Result<f64
             kind: "http",
             to: "sink".into(),
             lane: Some("sink".into()),
+            person: None,
             payload,
         };
         txn.queue(&OutboxRecord::new("bench".into(), delivery, now))?;

@@ -452,6 +452,15 @@ impl Plan {
                 report.duplicates += 1;
                 continue;
             }
+            if let Some(who) = event.distinct_id.as_str() {
+                for m in matched.iter().filter(|m| m.role == Role::Trigger) {
+                    let limits = m.limits.as_ref().ok();
+                    let keys = (m.count.as_ref().ok().and_then(Option::as_ref).into_iter())
+                        .chain(limits.and_then(|l| l.once.as_ref()))
+                        .chain(limits.and_then(|l| l.cap.as_ref()));
+                    keys.for_each(|key| state.own(key, who));
+                }
+            }
             for m in matched {
                 let rule = &rules.rules()[m.rule];
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
@@ -653,10 +662,16 @@ fn run_actions(index: usize, rule: &Rule, input: &Input, effects: &mut Vec<Effec
     let mut reasons = Vec::new();
     for action in &rule.actions {
         match action.run(input) {
-            Ok(output) => effects.push(Effect::Output {
-                rule: index,
-                output,
-            }),
+            Ok(mut output) => {
+                // Whom a delivery is about, for `GET /users` and `DELETE /users`.
+                if let Output::Delivery(delivery) = &mut output {
+                    delivery.person = input.event.distinct_id.as_str().map(String::from);
+                }
+                effects.push(Effect::Output {
+                    rule: index,
+                    output,
+                });
+            }
             Err(reason) => {
                 warn!(%reason, action.kind = action.kind(), "action failed");
                 effects.push(Effect::Failed {

@@ -177,3 +177,130 @@ fn once_sources_exist_a_users_data_needs_the_admin_token() {
 fn urlencode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
+
+/// The shipped rules, the chatbot recipe, and the abandoned-checkout recipe (a wait).
+fn start_with_a_wait() -> Server {
+    let root = common::root();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let (chatbot, checkout, reminder) = (
+        read("examples/rules/chatbot_context.toml"),
+        read("examples/rules/checkout_abandoned.toml"),
+        read("examples/templates/cart_reminder.text.hbs"),
+    );
+    Server::launch(&[], &[], |root: &Path| {
+        std::fs::write(root.join("rules/chatbot_context.toml"), &chatbot).unwrap();
+        std::fs::write(root.join("rules/checkout_abandoned.toml"), &checkout).unwrap();
+        std::fs::write(root.join("templates/cart_reminder.text.hbs"), &reminder).unwrap();
+    })
+}
+
+/// PostHog's `feature_used` fixture, by `who`, as a new event.
+fn feature_used(who: &str) -> Value {
+    let mut body = common::fresh(fixture_json("feature_used.json"));
+    body["event"]["distinct_id"] = json!(who);
+    body["person"]["properties"]["email"] = json!(format!("{who}@example.com"));
+    body
+}
+
+fn checkout(who: &str) -> Value {
+    json!({
+        "event": "checkout_started", "uuid": common::new_uuid(), "distinct_id": who,
+        "properties": {"cart_id": format!("cart-{who}"), "item_count": 1, "total": 5, "currency": "EUR"},
+        "person": {"properties": {"email": format!("{who}@example.com")}},
+    })
+}
+
+#[test]
+fn a_persons_counters_waits_and_deliveries_are_shown_and_all_of_it_is_forgotten_on_request() {
+    let server = start_with_a_wait();
+    for who in ["dana", "sam"] {
+        for _ in 0..5 {
+            assert_eq!(server.post_json(&feature_used(who)).0, 200);
+        }
+        server.post_json(&checkout(who));
+        server.post_json(&pageview(
+            &common::new_uuid(),
+            who,
+            "/billing",
+            &minutes_ago(1),
+        ));
+    }
+    let (status, dana) = get(&server, "/users/dana");
+    assert_eq!(status, 200, "{dana}");
+    let counters = dana["counters"].as_array().unwrap();
+    let counted = counters
+        .iter()
+        .find(|c| c["rule"] == "power-user-discount" && c["count"] == 5)
+        .unwrap_or_else(|| panic!("{dana:#}"));
+    assert_eq!(counted["values"], json!(["dana", "demo_feature"]));
+    assert!(
+        counters
+            .iter()
+            .any(|c| c["rule"] == "power-user-discount" && c["last_acted"].is_string()),
+        "the once-mark: {dana:#}"
+    );
+    assert_eq!(dana["pending"][0]["rule"], "checkout-abandoned");
+    assert_eq!(dana["pending"][0]["kind"], "wait");
+    assert_eq!(dana["actions"][0]["kind"], "email");
+    assert_eq!(dana["actions"][0]["rule"], "power-user-discount");
+    assert_eq!(dana["actions"][0]["to"], "d***@example.com");
+    assert_eq!(dana["recent_events"].as_array().unwrap().len(), 1);
+    let (_, text) = server.get("/users/dana?format=text");
+    assert!(text.contains("- power-user-discount (count): 5"), "{text}");
+    assert!(
+        text.contains("- checkout-abandoned (wait) until "),
+        "{text}"
+    );
+
+    // Not from a web page.
+    let from_a_page = common::client()
+        .delete(format!("{}/users/dana", server.base))
+        .header("origin", "https://evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(from_a_page.status().as_u16(), 403);
+
+    let erased: Value = common::client()
+        .delete(format!("{}/users/dana", server.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(erased["distinct_id"], "dana");
+    assert_eq!(
+        erased["erased"],
+        // The discount's count and once-mark, the checkout's once-mark (used, not yet set).
+        json!({"rule_state": 3, "pending": 1, "deliveries": 1, "remembered": 1}),
+        "{erased}"
+    );
+    let (_, dana) = get(&server, "/users/dana");
+    for list in [
+        "counters",
+        "pending",
+        "actions",
+        "recent_events",
+        "sessions",
+    ] {
+        assert_eq!(dana[list], json!([]), "{list}: {dana}");
+    }
+    // Nothing of sam's went with it.
+    let (_, sam) = get(&server, "/users/sam");
+    assert_eq!(sam["pending"].as_array().unwrap().len(), 1, "{sam}");
+    assert_eq!(sam["actions"].as_array().unwrap().len(), 1, "{sam}");
+    assert_eq!(sam["recent_events"].as_array().unwrap().len(), 1, "{sam}");
+    // Dana's count starts again: one use is one use.
+    server.post_json(&feature_used("dana"));
+    let (_, dana) = get(&server, "/users/dana");
+    assert_eq!(dana["counters"][0]["count"], 1, "{dana}");
+    // Forgetting someone unknown forgets nothing, and says so.
+    let erased: Value = common::client()
+        .delete(format!("{}/users/nobody", server.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        erased["erased"],
+        json!({"rule_state": 0, "pending": 0, "deliveries": 0, "remembered": 0})
+    );
+}

@@ -152,12 +152,7 @@ pub async fn retry(
     // script does not. Without sources this endpoint needs no token (loopback only), so a
     // page the operator visits must not be able to use it.
     if headers.contains_key(header::ORIGIN) {
-        return Ok((
-            StatusCode::FORBIDDEN,
-            Json(
-                json!({ "id": id, "error": "refused from a web page: send it with curl or a script" }),
-            ),
-        ));
+        return Err(AppError::FromWebPage);
     }
     let store = state.store.clone();
     let now = state.clock.unix();

@@ -43,6 +43,10 @@ pub enum AppError {
     /// only to try again (a disk's error message is nothing it can act on).
     #[error("the events could not be stored right now; try again")]
     Commit(#[from] CommitError),
+    /// A request that changes something, sent from a web page (it has an `Origin` header): not
+    /// what an operator's curl or script sends, so a page they visit cannot use the endpoint.
+    #[error("refused from a web page: send it with curl or a script")]
+    FromWebPage,
     /// A query string this endpoint cannot use; the message says what to change.
     #[error("{0}")]
     BadQuery(String),
@@ -73,6 +77,7 @@ impl AppError {
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
             AppError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
+            AppError::FromWebPage => (StatusCode::FORBIDDEN, "from_web_page"),
             AppError::Commit(_) | AppError::Internal(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
             }

@@ -111,7 +111,10 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/outbox", get(admin::outbox))
         .route("/outbox/{id}/retry", post(admin::retry))
         .route("/metrics", get(admin::metrics))
-        .route("/users/{distinct_id}", get(users::user))
+        .route(
+            "/users/{distinct_id}",
+            get(users::user).delete(users::forget),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::admin_only,

@@ -1,7 +1,11 @@
 //! `GET /users/{distinct_id}`: what tripline keeps about one person, for a support chatbot's
 //! prompt or a person's recent activity: the events `[remember]` rules kept (newest first, a
-//! page at a time), and the sessions they make up. `?format=text` gives the same as a short
-//! block of text, ready to paste into a prompt.
+//! page at a time), the sessions they make up, the rule state their events made (counters,
+//! windows, when a rule last acted), what waits for them, and the deliveries made for them.
+//! `?format=text` gives the same as a short block of text, ready to paste into a prompt.
+//!
+//! `DELETE /users/{distinct_id}`: forgets all of it (a person's right to erasure), and says
+//! what it removed.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -17,7 +21,9 @@ use std::sync::Arc;
 
 use super::AppState;
 use super::error::AppError;
+use crate::store::queue::OutboxRecord;
 use crate::store::remembered::Stored;
+use crate::store::{KeyRecord, Pending, StateKey};
 use crate::units::duration_in_words;
 
 /// Events in one page, unless `limit` says otherwise.
@@ -71,10 +77,12 @@ pub async fn user(
     let before = query.before.as_deref().map(cursor).transpose()?;
     let store = state.store.clone();
     let who = distinct_id.clone();
-    let mut events = tokio::task::spawn_blocking(move || store.remembered(&who))
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let (mut events, person) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::StoreError>((store.remembered(&who)?, store.person(&who)?))
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e| AppError::Internal(e.to_string()))?;
     let as_of = state.clock.now();
     let now_ms = as_of.timestamp_millis();
     events.retain(|e| {
@@ -95,8 +103,14 @@ pub async fn user(
     let next = more
         .then(|| page.last().map(|e| format!("{}.{}", e.at_ms, e.seq)))
         .flatten();
+    let counters: Vec<Value> = person.keys.iter().map(|(k, r)| counter(k, r)).collect();
+    let pending: Vec<Value> = person.waits.iter().map(|(_, w)| waiting(w)).collect();
+    let mut deliveries = person.deliveries;
+    deliveries.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
+    let actions: Vec<Value> = deliveries.iter().map(|(id, r)| action(*id, r)).collect();
     if text {
-        let body = as_text(&distinct_id, as_of, page, &sessions, next.is_some());
+        let mut body = as_text(&distinct_id, as_of, page, &sessions, next.is_some());
+        others_as_text(&mut body, &counters, &pending, &actions);
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
     }
     let recent: Vec<Value> = page
@@ -118,8 +132,130 @@ pub async fn user(
         "recent_events": recent,
         "next": next,
         "sessions": sessions.iter().map(Session::json).collect::<Vec<_>>(),
+        "counters": counters,
+        "pending": pending,
+        "actions": actions,
     }))
     .into_response())
+}
+
+/// `DELETE /users/{distinct_id}`: forgets everything kept about the person, in one
+/// transaction, and says what.
+pub async fn forget(
+    State(state): State<Arc<AppState>>,
+    Path(distinct_id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, AppError> {
+    // As for the outbox's retry: not from a page the operator happens to visit.
+    if headers.contains_key(header::ORIGIN) {
+        return Err(AppError::FromWebPage);
+    }
+    let store = state.store.clone();
+    let who = distinct_id.clone();
+    let erased = tokio::task::spawn_blocking(move || {
+        let mut txn = store.begin()?;
+        let erased = txn.forget_person(&who)?;
+        txn.commit()?;
+        Ok::<_, crate::store::StoreError>(erased)
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e| AppError::Internal(e.to_string()))?;
+    tracing::info!(?erased, "forgot a person at the operator's request");
+    Ok(Json(json!({
+        "distinct_id": distinct_id,
+        "erased": erased,
+        "not_erased": "lines already written to JSONL files, and emails and requests already delivered, are outside tripline: remove them where they went",
+    }))
+    .into_response())
+}
+
+/// A key of rule state, as `counters` shows it: the rule, the kind of state, the values it is
+/// kept for, and what it holds.
+fn counter(key: &StateKey, record: &KeyRecord) -> Value {
+    // A key is a JSON list: the rule, the kind, then the values.
+    let parts: Vec<Value> = serde_json::from_str(key.as_str()).unwrap_or_default();
+    json!({
+        "rule": parts.first(),
+        "kind": parts.get(1),
+        "values": parts.get(2..).unwrap_or_default(),
+        "count": record.count,
+        "in_window": record.window.len(),
+        "last_acted": record.acted.map(time),
+    })
+}
+
+/// A pending wait (or held action, or digest being collected), as `pending` shows it.
+fn waiting(wait: &Pending) -> Value {
+    let kind = match (&wait.held, &wait.digest) {
+        (Some(_), _) => "held",
+        (_, Some(_)) => "digest",
+        _ => "wait",
+    };
+    json!({
+        "rule": wait.rule,
+        "kind": kind,
+        "since": wait.trigger.timestamp,
+        "event": wait.trigger.name,
+        "until": time(wait.deadline_ms),
+    })
+}
+
+/// A delivery, as `actions` shows it.
+fn action(id: u64, record: &OutboxRecord) -> Value {
+    let at = |unix: u64| time(i64::try_from(unix).unwrap_or(i64::MAX).saturating_mul(1000));
+    json!({
+        "id": id,
+        "kind": record.kind,
+        "rule": record.rule,
+        "to": record.destination,
+        "status": record.status,
+        "attempts": record.attempts,
+        "last_error": record.last_error,
+        "created": at(record.created_unix),
+        "finished": record.finished_unix.map(at),
+    })
+}
+
+/// The counters, pending waits and actions, as lines of text.
+fn others_as_text(out: &mut String, counters: &[Value], pending: &[Value], actions: &[Value]) {
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    if !counters.is_empty() {
+        out.push_str("Rule counters:\n");
+        for c in counters {
+            let _ = writeln!(
+                out,
+                "- {} ({}): {}",
+                text(&c["rule"]),
+                text(&c["kind"]),
+                c["count"]
+            );
+        }
+    }
+    if !pending.is_empty() {
+        out.push_str("Waiting:\n");
+        for p in pending {
+            let _ = writeln!(
+                out,
+                "- {} ({}) until {}",
+                text(&p["rule"]),
+                text(&p["kind"]),
+                text(&p["until"])
+            );
+        }
+    }
+    if !actions.is_empty() {
+        out.push_str("Messages and requests, newest first:\n");
+        for a in actions {
+            let _ = writeln!(
+                out,
+                "- {} by {}: {}",
+                text(&a["kind"]),
+                text(&a["rule"]),
+                text(&a["status"])
+            );
+        }
+    }
 }
 
 /// A time as the query gives it, in milliseconds: RFC 3339, or a date (its start; with `end`,

@@ -359,6 +359,7 @@ mod tests {
             kind: "email",
             to: "d***@example.com".into(),
             lane: None,
+            person: None,
             payload: payload.as_object().unwrap().clone(),
         };
         let mut record = OutboxRecord::new("r".into(), delivery, due_unix);
@@ -543,6 +544,9 @@ mod tests {
             distinct_id: &str,
         ) -> Result<Vec<crate::store::remembered::Stored>, StoreError> {
             self.db.remembered(distinct_id)
+        }
+        fn person(&self, distinct_id: &str) -> Result<crate::store::Person, StoreError> {
+            self.db.person(distinct_id)
         }
     }
 

@@ -84,6 +84,10 @@ pub trait Batch: RuleState + Send {
     /// Moves the delivery `id`, failed for good, back into the queue under the same id (so
     /// with the same idempotency key), due now, its age counted from now.
     fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError>;
+    /// Forgets everything kept about `distinct_id`: the rule state its events made, its pending
+    /// waits, its deliveries (queued or finished) and its remembered events; says how many of
+    /// each.
+    fn forget_person(&mut self, distinct_id: &str) -> Result<Erased, StoreError>;
     /// Keeps an event a `[remember]` rule remembers for its user, forgetting the oldest of that
     /// rule's for the user beyond `keep_last`.
     fn remember(&mut self, remembered: &Remembered) -> Result<(), StoreError>;
@@ -114,6 +118,26 @@ pub trait Batch: RuleState + Send {
     /// what it needs to make it again (`pipeline/journal.rs`); deliveries it queued are not due
     /// until it is durable.
     fn commit_unsynced(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// What the store keeps about one person (see [`Backend::person`]).
+#[derive(Debug, Default)]
+pub struct Person {
+    /// Rule state its events made: the key, and what it holds.
+    pub keys: Vec<(StateKey, KeyRecord)>,
+    /// Its pending waits (held actions and digests too): the key, and the wait.
+    pub waits: Vec<(StateKey, Pending)>,
+    /// Its deliveries, pending or in the history: id and record.
+    pub deliveries: Vec<(u64, OutboxRecord)>,
+}
+
+/// What [`Batch::forget_person`] forgot, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Erased {
+    pub rule_state: u64,
+    pub pending: u64,
+    pub deliveries: u64,
+    pub remembered: u64,
 }
 
 /// How far an output file is written: the file is `len` bytes long once the texts queued for it
@@ -168,6 +192,9 @@ pub trait Backend: Send + Sync {
     /// Every event remembered for `distinct_id` (by every rule), in no particular order: at most
     /// the sum of the rules' `keep_last`.
     fn remembered(&self, distinct_id: &str) -> Result<Vec<Stored>, StoreError>;
+    /// What the store keeps about `distinct_id` besides remembered events: the rule state its
+    /// events made, its pending waits, and its deliveries still in the queue or the history.
+    fn person(&self, distinct_id: &str) -> Result<Person, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

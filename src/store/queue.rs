@@ -15,6 +15,8 @@ pub struct Delivery {
     /// The destination whose own bound on attempts at once applies (an HTTP endpoint's name);
     /// `None` for a kind bounded as a whole (one mail server).
     pub lane: Option<String>,
+    /// Whose event it comes from (a distinct id), set by the engine.
+    pub person: Option<String>,
     /// What the kind's sender needs, stored as it is.
     pub payload: Map<String, Value>,
 }
@@ -42,6 +44,9 @@ pub struct OutboxRecord {
     /// See [`Delivery::lane`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<String>,
+    /// See [`Delivery::person`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<String>,
     /// What the kind's sender needs (for an email: `from`, `to`, `message`...), stored beside
     /// the fields above, as records from before kinds existed had them.
     #[serde(flatten)]
@@ -70,6 +75,7 @@ impl OutboxRecord {
             kind: delivery.kind.to_string(),
             destination: delivery.to,
             lane: delivery.lane,
+            person: delivery.person,
             payload: delivery.payload,
             status: Status::Pending,
             created_unix: now_unix,
@@ -102,6 +108,7 @@ impl OutboxRecord {
             kind: kind.to_string(),
             destination: String::new(),
             lane: None,
+            person: None,
             payload: Map::new(),
             status: Status::Failed,
             created_unix: now_unix,

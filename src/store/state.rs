@@ -60,6 +60,8 @@ pub struct State {
     fresh: Vec<String>,
     /// Pending waits per rule, and whether the number changed since the state was loaded.
     waiting: HashMap<String, (u64, bool)>,
+    /// Whose event made each key the store did not have (see [`State::own`]).
+    owners: HashMap<StateKey, String>,
 }
 
 /// What one key holds: a `count` key its counter or window, a `once` key when the rule acted.
@@ -114,6 +116,8 @@ pub struct KeyChange<'a> {
     pub changed: bool,
     /// The day the store had for it, if it had it.
     pub day: Option<u64>,
+    /// Whose event made it, when the store did not have it (see [`State::own`]).
+    pub owner: Option<&'a str>,
 }
 
 /// What a store writes back after a batch: see [`State::changes`].
@@ -319,6 +323,16 @@ impl State {
         slot.changed |= CHANGED_ACTED;
     }
 
+    /// Records that an event of `who` (a distinct id) is about to make `key`, if the store does
+    /// not have it yet: the store then lists the key as that person's (`GET /users`, and what
+    /// `DELETE /users` forgets). The first such event of a batch names the owner.
+    pub fn own(&mut self, key: &StateKey, who: &str) {
+        let stored = self.keys.get(key).is_some_and(|slot| slot.day.is_some());
+        if !stored && !self.owners.contains_key(key) {
+            self.owners.insert(key.clone(), who.to_string());
+        }
+    }
+
     /// Records that an event used `key`, so that the store keeps it while in use.
     pub fn touch(&mut self, key: &StateKey) {
         self.slot_to_change(key).touched = true;
@@ -346,6 +360,7 @@ impl State {
                     acted: slot.acted,
                     changed,
                     day: slot.day,
+                    owner: self.owners.get(key).map(String::as_str),
                 });
             }
             if slot.changed & CHANGED_WAIT != 0 {
@@ -385,6 +400,7 @@ impl State {
             .values_mut()
             .for_each(|(_, changed)| *changed = false);
         self.fresh.clear();
+        self.owners.clear();
     }
 }
 

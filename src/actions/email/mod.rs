@@ -249,6 +249,7 @@ impl Queued {
             kind: KIND,
             to,
             lane: None,
+            person: None,
             payload,
         }
     }

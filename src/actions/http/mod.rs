@@ -297,6 +297,7 @@ impl Request {
         Delivery {
             kind: KIND,
             lane: Some(to.clone()),
+            person: None,
             to,
             payload,
         }

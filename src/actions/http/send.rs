@@ -347,6 +347,7 @@ mod tests {
             kind: "http",
             to: "e".into(),
             lane: Some("e".into()),
+            person: None,
             payload,
         };
         let now = Clock::wall().unix();

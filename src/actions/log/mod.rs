@@ -60,6 +60,7 @@ impl Action for LogAction {
             kind: "log",
             to: "log.txt".into(),
             lane: None,
+            person: None,
             payload,
         }))
     }

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FAILED, KEEP_FINISHED, KEYS,
     LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, REMEMBERED,
-    REMEMBERED_COUNT, REMEMBERED_EXPIRY, SEEN, SEEN_BY_TIME, WAITING, WAITS, WAITS_DUE, err,
-    record,
+    REMEMBERED_COUNT, REMEMBERED_EXPIRY, SEEN, SEEN_BY_TIME, USER_DELIVERIES, USER_KEYS,
+    USER_RECORD, USER_WAIT, WAITING, WAITS, WAITS_DUE, err, record,
 };
 use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::remembered::Remembered;
-use crate::store::{Batch, Pending, RuleState, State, StateKey, StoreError, Wants};
+use crate::store::{Batch, Erased, Pending, RuleState, State, StateKey, StoreError, Wants};
 use std::ops::Bound;
 
 /// One write transaction.
@@ -118,10 +118,17 @@ impl RuleState for WriteTxn {
             // only used it (the day keeps it from being forgotten as idle).
             let today = now_unix / DAY;
             let mut table = self.txn.open_table(KEYS).map_err(err)?;
+            let mut people = self.txn.open_table(USER_KEYS).map_err(err)?;
             let mut bytes = Vec::new();
             for change in &changes.keys {
                 if !change.changed && change.day == Some(today) {
                     continue;
+                }
+                // A new key is listed as its person's (the store did not have it).
+                if let (None, Some(owner)) = (change.day, change.owner) {
+                    people
+                        .insert((owner, change.key.as_str()), USER_RECORD)
+                        .map_err(err)?;
                 }
                 let (count, window, acted) = (change.count, change.window, change.acted);
                 record::encode(count, window, acted, today, &mut bytes);
@@ -140,6 +147,13 @@ impl RuleState for WriteTxn {
                 }
                 match change.now {
                     Some(wait) => {
+                        if change.stored_deadline.is_none()
+                            && let Some(who) = wait.trigger.distinct_id.as_str()
+                        {
+                            (self.txn.open_table(USER_KEYS).map_err(err)?)
+                                .insert((who, key), USER_WAIT)
+                                .map_err(err)?;
+                        }
                         let json = serde_json::to_string(wait).map_err(err)?;
                         waits.insert(key, json.as_str()).map_err(err)?;
                         due.insert((wait.deadline_ms, key), ()).map_err(err)?;
@@ -222,6 +236,11 @@ impl Batch for WriteTxn {
     fn queue(&mut self, record: &OutboxRecord) -> Result<u64, StoreError> {
         let id = self.next_id()?;
         self.put_pending(id, record)?;
+        if let Some(who) = &record.person {
+            (self.txn.open_table(USER_DELIVERIES).map_err(err)?)
+                .insert((who.as_str(), id), ())
+                .map_err(err)?;
+        }
         Ok(id)
     }
 
@@ -289,6 +308,112 @@ impl Batch for WriteTxn {
         record.retried_unix = Some(now_unix);
         self.put_pending(id, &record)?;
         Ok(Retry::Queued)
+    }
+
+    fn forget_person(&mut self, who: &str) -> Result<Erased, StoreError> {
+        let mut erased = Erased::default();
+        let listed: Vec<(String, u8)> = {
+            let index = self.txn.open_table(USER_KEYS).map_err(err)?;
+            index
+                .range((who, "")..=(who, "\u{10ffff}"))
+                .map_err(err)?
+                .map(|row| {
+                    let (k, kind) = row.map_err(err)?;
+                    Ok((k.value().1.to_string(), kind.value()))
+                })
+                .collect::<Result<_, StoreError>>()?
+        };
+        for (key, kind) in &listed {
+            match *kind {
+                USER_WAIT => {
+                    let wait = (self.txn.open_table(WAITS).map_err(err)?)
+                        .remove(key.as_str())
+                        .map_err(err)?
+                        .map(|json| serde_json::from_str::<Pending>(json.value()))
+                        .transpose()
+                        .map_err(err)?;
+                    if let Some(wait) = wait {
+                        (self.txn.open_table(WAITS_DUE).map_err(err)?)
+                            .remove((wait.deadline_ms, key.as_str()))
+                            .map_err(err)?;
+                        let mut waiting = self.txn.open_table(WAITING).map_err(err)?;
+                        let rule = wait.rule.as_str();
+                        let left = (waiting.get(rule).map_err(err)?)
+                            .map_or(0, |n| n.value())
+                            .saturating_sub(1);
+                        match left {
+                            0 => waiting.remove(rule).map_err(err)?,
+                            n => waiting.insert(rule, n).map_err(err)?,
+                        };
+                        erased.pending += 1;
+                    }
+                }
+                _ => {
+                    let removed = (self.txn.open_table(KEYS).map_err(err)?)
+                        .remove(key.as_str())
+                        .map_err(err)?
+                        .is_some();
+                    erased.rule_state += u64::from(removed);
+                }
+            }
+        }
+        (self.txn.open_table(USER_KEYS).map_err(err)?)
+            .retain_in((who, "")..=(who, "\u{10ffff}"), |_, _| false)
+            .map_err(err)?;
+        let deliveries: Vec<u64> = {
+            let index = self.txn.open_table(USER_DELIVERIES).map_err(err)?;
+            index
+                .range((who, 0)..=(who, u64::MAX))
+                .map_err(err)?
+                .map(|row| Ok(row.map_err(err)?.0.value().1))
+                .collect::<Result<_, StoreError>>()?
+        };
+        for id in deliveries {
+            let pending = (self.txn.open_table(OUTBOX).map_err(err)?)
+                .remove(id)
+                .map_err(err)?
+                .map(|json| Indexed::of(json.value()))
+                .transpose()?;
+            let mut found = false;
+            if let Some(was) = pending {
+                self.unindex(id, &was)?;
+                found = true;
+            }
+            for table in [OUTBOX_FAILED, OUTBOX_DONE] {
+                found |= (self.txn.open_table(table).map_err(err)?)
+                    .remove(id)
+                    .map_err(err)?
+                    .is_some();
+            }
+            erased.deliveries += u64::from(found);
+        }
+        (self.txn.open_table(USER_DELIVERIES).map_err(err)?)
+            .retain_in((who, 0)..=(who, u64::MAX), |_, _| false)
+            .map_err(err)?;
+        let remembered: Vec<(String, i64, u64, i64)> = {
+            let table = self.txn.open_table(REMEMBERED).map_err(err)?;
+            table
+                .range((who, "", i64::MIN, 0)..=(who, "\u{10ffff}", i64::MAX, u64::MAX))
+                .map_err(err)?
+                .map(|row| {
+                    let (k, v) = row.map_err(err)?;
+                    let (_, rule, at, seq) = k.value();
+                    Ok((rule.to_string(), at, seq, v.value().0))
+                })
+                .collect::<Result<_, StoreError>>()?
+        };
+        let mut table = self.txn.open_table(REMEMBERED).map_err(err)?;
+        let mut expiry = self.txn.open_table(REMEMBERED_EXPIRY).map_err(err)?;
+        let mut counts = self.txn.open_table(REMEMBERED_COUNT).map_err(err)?;
+        for (rule, at, seq, expires) in &remembered {
+            table.remove((who, rule.as_str(), *at, *seq)).map_err(err)?;
+            expiry
+                .remove((*expires, who, rule.as_str(), *at, *seq))
+                .map_err(err)?;
+            counts.remove((who, rule.as_str())).map_err(err)?;
+        }
+        erased.remembered = remembered.len() as u64;
+        Ok(erased)
     }
 
     fn remember(&mut self, r: &Remembered) -> Result<(), StoreError> {

@@ -38,6 +38,7 @@ use crate::clock::Clock;
 use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
 use crate::store::remembered::Stored;
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
+use crate::store::{Person, StateKey};
 
 /// Rule state: state key → its record (`record.rs`): counter, window, last action, last day used.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
@@ -69,6 +70,14 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// entry as JSON).
 const REMEMBERED: TableDefinition<(&str, &str, i64, u64), (i64, &str)> =
     TableDefinition::new("remembered");
+/// What each person's events made: (distinct id, key) → [`USER_RECORD`] for a key of `keys`,
+/// [`USER_WAIT`] for one of `waits`. Written when a key is new; a row whose key is gone (an idle
+/// key forgotten, a wait ended) is passed over when read.
+const USER_KEYS: TableDefinition<(&str, &str), u8> = TableDefinition::new("user_keys");
+const USER_RECORD: u8 = 0;
+const USER_WAIT: u8 = 1;
+/// Each person's deliveries: (distinct id, delivery id).
+const USER_DELIVERIES: TableDefinition<(&str, u64), ()> = TableDefinition::new("user_deliveries");
 /// How many each rule keeps for each user: (distinct id, rule) → count (no row at zero).
 const REMEMBERED_COUNT: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("remembered_count");
@@ -359,6 +368,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX_LANES).map_err(err)?;
         txn.open_table(META).map_err(err)?;
         txn.open_table(REMEMBERED).map_err(err)?;
+        txn.open_table(USER_KEYS).map_err(err)?;
+        txn.open_table(USER_DELIVERIES).map_err(err)?;
         txn.open_table(REMEMBERED_COUNT).map_err(err)?;
         txn.open_table(REMEMBERED_EXPIRY).map_err(err)?;
         txn.open_table(WAITS).map_err(err)?;
@@ -642,6 +653,56 @@ impl Backend for Db {
                 })
             })
             .collect()
+    }
+
+    fn person(&self, distinct_id: &str) -> Result<Person, StoreError> {
+        let txn = self.read()?;
+        let index = txn.open_table(USER_KEYS).map_err(err)?;
+        let keys = txn.open_table(KEYS).map_err(err)?;
+        let waits = txn.open_table(WAITS).map_err(err)?;
+        let mut person = Person::default();
+        for row in index
+            .range((distinct_id, "")..=(distinct_id, "\u{10ffff}"))
+            .map_err(err)?
+        {
+            let (k, kind) = row.map_err(err)?;
+            let key = k.value().1;
+            match kind.value() {
+                USER_WAIT => {
+                    if let Some(json) = waits.get(key).map_err(err)? {
+                        let wait = serde_json::from_str(json.value()).map_err(err)?;
+                        person.waits.push((StateKey::stored(key), wait));
+                    }
+                }
+                _ => {
+                    if let Some(bytes) = keys.get(key).map_err(err)? {
+                        let record = record::decode(bytes.value())?;
+                        person.keys.push((StateKey::stored(key), record));
+                    }
+                }
+            }
+        }
+        let index = txn.open_table(USER_DELIVERIES).map_err(err)?;
+        let tables = [
+            txn.open_table(OUTBOX).map_err(err)?,
+            txn.open_table(OUTBOX_FAILED).map_err(err)?,
+            txn.open_table(OUTBOX_DONE).map_err(err)?,
+        ];
+        for row in index
+            .range((distinct_id, 0)..=(distinct_id, u64::MAX))
+            .map_err(err)?
+        {
+            let id = row.map_err(err)?.0.value().1;
+            for table in &tables {
+                if let Some(json) = table.get(id).map_err(err)? {
+                    person
+                        .deliveries
+                        .push((id, serde_json::from_str(json.value()).map_err(err)?));
+                    break;
+                }
+            }
+        }
+        Ok(person)
     }
 
     /// Only the rows shown are decoded.
