@@ -118,7 +118,7 @@ impl Fields {
                         }
                     })
                 }
-                FieldConfig::Options(o) => compile_options(key, *o, span, line_redact, cx),
+                FieldConfig::Options(o) => compile_options(table, key, *o, span, line_redact, cx),
             };
             match field {
                 Some(f) => compiled.push(f),
@@ -191,7 +191,7 @@ impl Fields {
 }
 
 /// The kinds of personal data a `redact` list names, each unknown name a problem at its place.
-fn redactor(list: &Spanned<Vec<Spanned<String>>>, cx: &mut Compile) -> Redactor {
+pub fn redactor(list: &Spanned<Vec<Spanned<String>>>, cx: &mut Compile) -> Redactor {
     let mut kinds = Vec::new();
     for name in list.get_ref() {
         match name.get_ref().parse::<Pii>() {
@@ -204,6 +204,7 @@ fn redactor(list: &Spanned<Vec<Spanned<String>>>, cx: &mut Compile) -> Redactor 
 
 /// One field written as a table of options.
 fn compile_options(
+    table: &str,
     key: String,
     o: FieldOptions,
     span: Range<usize>,
@@ -264,7 +265,7 @@ fn compile_options(
             None
         }
         (None, Some(text)) => {
-            let template_key = format!("rule:{}:jsonl:{key}", cx.rule);
+            let template_key = format!("rule:{}:{table}:{key}", cx.rule);
             match cx.templates.add_inline(&template_key, text.get_ref()) {
                 Ok(()) => Some(FieldValue::Template {
                     key: template_key,

@@ -175,14 +175,35 @@ pub async fn forget(
 fn counter(key: &StateKey, record: &KeyRecord) -> Value {
     // A key is a JSON list: the rule, the kind, then the values.
     let parts: Vec<Value> = serde_json::from_str(key.as_str()).unwrap_or_default();
+    let kind = parts.get(1).and_then(Value::as_str).unwrap_or_default();
     json!({
         "rule": parts.first(),
-        "kind": parts.get(1),
+        "kind": kind,
         "values": parts.get(2..).unwrap_or_default(),
-        "count": record.count,
-        "in_window": record.window.len(),
+        "count": counted(kind, record),
         "last_acted": record.acted.map(time),
     })
+}
+
+/// What a key's count is, by its kind (see `store/state.rs` for how each keeps it); `None` for
+/// a key that counts nothing (a once-mark).
+fn counted(kind: &str, record: &KeyRecord) -> Option<u64> {
+    let window = &record.window;
+    let n = |len: usize| len as u64;
+    match kind {
+        // A plain count, or (with `within`) the times in its window.
+        "count" if window.is_empty() => Some(record.count),
+        "count" => Some(n(window.len())),
+        // Of a period (a day, a week...), or a cap group's: [period, count].
+        k if k.starts_with("count in") || k.starts_with("cap") => {
+            Some(window.get(1).map_or(0, |c| u64::try_from(*c).unwrap_or(0)))
+        }
+        // Different values: kept as they are, after their period, or with when each was seen.
+        "distinct" => Some(n(window.len())),
+        k if k.starts_with("distinct in") => Some(n(window.len().saturating_sub(1))),
+        "distinct within" => Some(n(window.len() / 2)),
+        _ => None,
+    }
 }
 
 /// A pending wait (or held action, or digest being collected), as `pending` shows it.
@@ -219,7 +240,7 @@ fn action(id: u64, record: &OutboxRecord) -> Value {
 
 /// The counters, pending waits and actions, as lines of text.
 fn others_as_text(out: &mut String, counters: &[Value], pending: &[Value], actions: &[Value]) {
-    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let text = |v: &Value| one_line(&v.as_str().map_or_else(|| v.to_string(), str::to_string));
     if !counters.is_empty() {
         out.push_str("Rule counters:\n");
         for c in counters {
@@ -352,6 +373,14 @@ fn time(ms: i64) -> String {
 }
 
 /// The same, as a short block for a prompt.
+/// `text` on one line: a label or a page comes from what people sent, and a line break in it
+/// must not start a line of its own in a block meant for a prompt.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn as_text(
     who: &str,
     as_of: DateTime<Utc>,
@@ -366,7 +395,8 @@ fn as_text(
             .to_string()
     };
     let mut out = format!(
-        "User {who}, as of {}.\n",
+        "User {}, as of {}.\n",
+        one_line(who),
         as_of.format("%Y-%m-%d %H:%M UTC")
     );
     if page.is_empty() {
@@ -374,7 +404,7 @@ fn as_text(
     } else {
         out.push_str("Recent activity, newest first:\n");
         for e in page {
-            let what = e.entry.label.as_deref().unwrap_or(&e.entry.event);
+            let what = one_line(e.entry.label.as_deref().unwrap_or(&e.entry.event));
             let _ = writeln!(out, "- {}: {what}", minute(e.at_ms));
         }
         if more {
@@ -395,10 +425,10 @@ fn as_text(
             );
             match (s.first_page, s.last_page) {
                 (Some(first), Some(last)) if first != last => {
-                    let _ = write!(out, ", from {first} to {last}");
+                    let _ = write!(out, ", from {} to {}", one_line(first), one_line(last));
                 }
                 (Some(page), _) => {
-                    let _ = write!(out, ", on {page}");
+                    let _ = write!(out, ", on {}", one_line(page));
                 }
                 _ => {}
             }

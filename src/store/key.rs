@@ -44,6 +44,21 @@ impl StateKey {
         StateKey(key)
     }
 
+    /// Whether `value` is one of the key's values, as text: a key of `per = ["distinct_id"]`
+    /// holds the person's id, one of `per = ["properties.company"]` or `once_per = []` does not.
+    /// A key of long values, kept as their digest, holds none that can be told.
+    pub fn holds(&self, value: &str) -> bool {
+        let mut quoted = String::with_capacity(value.len() + 2);
+        push_json_str(&mut quoted, value);
+        // Values come after the rule and the kind, each after a comma; the last before `]`.
+        self.0.match_indices(quoted.as_str()).any(|(at, _)| {
+            let end = at + quoted.len();
+            self.0[..at].ends_with(',')
+                && matches!(self.0.as_bytes().get(end), Some(b',' | b']'))
+                && self.0[..at].matches(',').count() >= 2
+        })
+    }
+
     /// The encoded key.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -119,5 +134,16 @@ mod tests {
             StateKey::new("r", "count", &[&long, &json!(1)]).as_str(),
             format!("[\"r\",\"count#sha256\",\"{digest:x}\"]")
         );
+    }
+
+    #[test]
+    fn a_key_holds_a_value_only_as_one_of_its_values() {
+        let dana = serde_json::json!("dana");
+        let key = StateKey::new("r", "count", &[&dana, &serde_json::json!("export")]);
+        assert!(key.holds("dana") && key.holds("export"));
+        assert!(!key.holds("dan") && !key.holds("count") && !key.holds("r"));
+        // The rule's own name is not a value.
+        assert!(!StateKey::new("dana", "once", &[]).holds("dana"));
+        assert!(!StateKey::new("r", "once", &[&serde_json::json!("acme")]).holds("dana"));
     }
 }

@@ -14,7 +14,8 @@ use std::ops::Range;
 use std::time::Duration;
 use toml::Spanned;
 
-use super::fields::{FieldConfig, Fields};
+use super::fields::{FieldConfig, Fields, redactor};
+use crate::redact::Redactor;
 use super::{Action, Compile, Input, Kind, Output};
 use crate::actions::email::template_check::Known;
 use crate::actions::email::templates::template_diagnostic;
@@ -27,6 +28,9 @@ pub const KIND: &str = "remember";
 
 /// The most events one rule may keep per user.
 pub const MAX_KEEP_LAST: i64 = 1000;
+
+/// The longest label kept, in characters.
+pub const MAX_LABEL_CHARS: usize = 500;
 
 /// The longest one rule may keep an event.
 pub const MAX_KEEP_FOR: Duration = Duration::from_secs(366 * 86_400);
@@ -60,6 +64,8 @@ pub struct RememberAction {
     keep_for: Duration,
     /// The label's template key, and where it is written.
     label: Option<(String, Range<usize>)>,
+    /// What the rule's `redact` replaces in the label (its fields have their own).
+    redact: Redactor,
     fields: Fields,
 }
 
@@ -113,6 +119,10 @@ impl Kind for Remember {
             }
             None => None,
         };
+        let redact = match &r.redact {
+            Some(list) => redactor(list, cx),
+            None => Redactor::default(),
+        };
         let fields = match r.fields {
             Some(fields) => Fields::compile("[remember.fields]", fields, r.redact.as_ref(), cx),
             None => Some(Fields(Vec::new())),
@@ -121,6 +131,7 @@ impl Kind for Remember {
             keep_last: keep_last.max(1) as u64,
             keep_for: keep_for?,
             label,
+            redact,
             fields: fields?,
         };
         ok.then(|| Box::new(action) as Box<dyn Action>)
@@ -144,7 +155,9 @@ impl Action for RememberAction {
             Some((key, _)) => {
                 let data = input.template_data();
                 let text = input.templates.rendering(&data).text(key).map_err(fail)?;
-                Some(text.trim().to_string())
+                // Text typed on a page can end up in a label (a clicked element's text).
+                let text = self.redact.redact(text.trim());
+                Some(text.chars().take(MAX_LABEL_CHARS).collect())
             }
             None => None,
         };

@@ -147,8 +147,11 @@ impl RuleState for WriteTxn {
                 }
                 match change.now {
                     Some(wait) => {
-                        if change.stored_deadline.is_none()
-                            && let Some(who) = wait.trigger.distinct_id.as_str()
+                        // Only a wait that is this person's (its `same` values hold their id);
+                        // written each time it is set, so that one from before the index is
+                        // listed too.
+                        if let Some(who) = wait.trigger.distinct_id.as_str()
+                            && change.key.holds(who)
                         {
                             (self.txn.open_table(USER_KEYS).map_err(err)?)
                                 .insert((who, key), USER_WAIT)
@@ -250,11 +253,20 @@ impl Batch for WriteTxn {
         Ok(id)
     }
 
+    /// Nothing when the delivery is no longer queued: the person it was for was forgotten
+    /// (`forget_person`) while it was being attempted, and it must not come back.
     fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        if !self.is_queued(id)? {
+            return Ok(());
+        }
         self.put_pending(id, record)
     }
 
+    /// Nothing when the delivery is no longer queued (see `update_pending`).
     fn finish(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
+        if !self.is_queued(id)? {
+            return Ok(());
+        }
         let mut outbox = self.txn.open_table(OUTBOX).map_err(err)?;
         let was = match outbox.remove(id).map_err(err)? {
             Some(old) => Some(Indexed::of(old.value())?),
@@ -698,6 +710,11 @@ impl WriteTxn {
             .insert((record.lane().key().as_str(), at, id), ())
             .map_err(err)?;
         Ok(())
+    }
+
+    fn is_queued(&self, id: u64) -> Result<bool, StoreError> {
+        let outbox = self.txn.open_table(OUTBOX).map_err(err)?;
+        Ok(outbox.get(id).map_err(err)?.is_some())
     }
 
     /// Removes a pending delivery, as it was stored, from the due indexes.

@@ -1087,6 +1087,33 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_forgotten_while_it_was_attempted_does_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut record = pending(10);
+        record.person = Some("dana".into());
+        let mut txn = db.begin().unwrap();
+        let (one, two) = (txn.queue(&record).unwrap(), txn.queue(&record).unwrap());
+        txn.commit().unwrap();
+        // Both are being attempted when the person is forgotten.
+        let mut txn = db.begin().unwrap();
+        assert_eq!(txn.forget_person("dana").unwrap().deliveries, 2);
+        txn.commit().unwrap();
+        // Their attempts end: one delivered, one to try again. Neither is recorded.
+        let mut txn = db.begin().unwrap();
+        let sent = OutboxRecord {
+            status: crate::store::queue::Status::Sent,
+            ..record.clone()
+        };
+        txn.finish(one, &sent).unwrap();
+        txn.update_pending(two, &record).unwrap();
+        txn.commit().unwrap();
+        let status = db.outbox_status(10).unwrap();
+        assert_eq!((status.pending, status.finished), (0, 0));
+        assert!(db.due(100, 10, &skip(&[])).unwrap().deliveries.is_empty());
+    }
+
+    #[test]
     fn the_outbox_status_counts_every_pending_email_and_shows_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
