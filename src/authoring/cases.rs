@@ -619,20 +619,11 @@ fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec
         })
         .collect();
     if actual.len() != wanted.len() {
-        let sent: Vec<String> = actual
+        let got: Vec<String> = actual
             .iter()
             .map(|q| format!("to {} \"{}\"", q.to.join(", "), q.subject))
             .collect();
-        problems.push(format!(
-            "expected {} email(s), got {}{}",
-            wanted.len(),
-            actual.len(),
-            if sent.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", sent.join("; "))
-            }
-        ));
+        problems.push(count_differs("email(s)", wanted.len(), &got, false));
         return;
     }
     for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
@@ -676,20 +667,11 @@ fn compare_requests(wanted: &[ExpectRequest], effects: &[Effect], problems: &mut
         })
         .collect();
     if actual.len() != wanted.len() {
-        let sent: Vec<String> = actual
+        let got: Vec<String> = actual
             .iter()
             .map(|r| format!("to {}: {}", r.endpoint, r.body))
             .collect();
-        problems.push(format!(
-            "expected {} request(s), got {}{}",
-            wanted.len(),
-            actual.len(),
-            if sent.is_empty() {
-                String::new()
-            } else {
-                format!(":\n{}", indent(&sent.join("\n")))
-            }
-        ));
+        problems.push(count_differs("request(s)", wanted.len(), &got, true));
         return;
     }
     for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
@@ -769,15 +751,11 @@ fn compare_remembered(wanted: &[ExpectRemembered], effects: &[Effect], problems:
                 format!("for {}: {label} {}", r.distinct_id, r.entry.fields)
             })
             .collect();
-        problems.push(format!(
-            "expected {} remembered event(s), got {}{}",
+        problems.push(count_differs(
+            "remembered event(s)",
             wanted.len(),
-            actual.len(),
-            if kept.is_empty() {
-                String::new()
-            } else {
-                format!(":\n{}", indent(&kept.join("\n")))
-            }
+            &kept,
+            true,
         ));
         return;
     }
@@ -823,20 +801,11 @@ fn compare_lines(wanted: &[ExpectLine], effects: &[Effect], problems: &mut Vec<S
         })
         .collect();
     if actual.len() != wanted.len() {
-        let written: Vec<String> = actual
+        let got: Vec<String> = actual
             .iter()
             .map(|(f, l)| format!("{}: {l}", f.display()))
             .collect();
-        problems.push(format!(
-            "expected {} line(s), got {}{}",
-            wanted.len(),
-            actual.len(),
-            if written.is_empty() {
-                String::new()
-            } else {
-                format!(":\n{}", indent(&written.join("\n")))
-            }
-        ));
+        problems.push(count_differs("line(s)", wanted.len(), &got, true));
         return;
     }
     for (n, (want, (file, line))) in wanted.iter().zip(actual).enumerate() {
@@ -863,6 +832,16 @@ fn compare_lines(wanted: &[ExpectLine], effects: &[Effect], problems: &mut Vec<S
             ));
         }
     }
+}
+
+/// "expected 2 email(s), got 1: ..." with what there was, on one line or (`lines`) one each.
+fn count_differs(what: &str, wanted: usize, got: &[String], lines: bool) -> String {
+    let listed = match (got.is_empty(), lines) {
+        (true, _) => String::new(),
+        (false, true) => format!(":\n{}", indent(&got.join("\n"))),
+        (false, false) => format!(": {}", got.join("; ")),
+    };
+    format!("expected {wanted} {what}, got {}{listed}", got.len())
 }
 
 fn list(names: &[String]) -> String {
