@@ -67,6 +67,8 @@ pub struct Declared {
     pub endpoints: BTreeSet<String>,
     /// The key of `hash = true` (`TRIPLINE_HASH_KEY`), if the operator set one.
     pub hash_key: Option<HashKey>,
+    /// The most a `[remember]` rule may keep.
+    pub remember: RememberCaps,
 }
 
 impl Declared {
@@ -80,6 +82,7 @@ impl Declared {
             },
             endpoints: BTreeSet::new(),
             hash_key: None,
+            remember: RememberCaps::default(),
         }
     }
 }
@@ -271,6 +274,9 @@ pub struct ConfigFile {
     pub waits: WaitsFile,
     #[serde(default)]
     pub email: EmailFile,
+    /// The most `[remember]` rules may keep.
+    #[serde(default)]
+    pub remember: RememberFile,
     /// Named senders and where their secrets are.
     #[serde(default)]
     pub sources: IndexMap<String, Spanned<SourceConfig>>,
@@ -318,6 +324,37 @@ pub struct WaitsFile {
     pub grace: Option<Spanned<String>>,
     pub max_pending_per_rule: Option<Spanned<u64>>,
 }
+
+/// `[remember]` in `tripline.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RememberFile {
+    pub max_keep_last: Option<Spanned<u64>>,
+    pub max_keep_for: Option<Spanned<String>>,
+}
+
+/// The most a `[remember]` rule may keep: the operator's bound on what rule authors ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberCaps {
+    /// Events per person and rule.
+    pub keep_last: u64,
+    /// How long each.
+    pub keep_for: Duration,
+}
+
+impl Default for RememberCaps {
+    fn default() -> Self {
+        RememberCaps {
+            keep_last: 1000,
+            keep_for: Duration::from_secs(366 * 86_400),
+        }
+    }
+}
+
+/// What `max_keep_last` may be set to.
+const KEEP_LAST: RangeInclusive<u64> = 1..=100_000;
+/// The longest `max_keep_for` may be: ten years.
+const MAX_KEEP_FOR: Duration = Duration::from_secs(3660 * 86_400);
 
 /// How rules with `[wait]` wait.
 #[derive(Debug, Clone, Copy)]
@@ -508,10 +545,41 @@ impl FolderArgs {
                     problems.push(Diagnostic::whole_file(Path::new(HASH_KEY_ENV), e));
                     None
                 }),
+                remember: loaded.map_or_else(RememberCaps::default, |l| remember_caps(l, problems)),
             },
             email_from,
         }
     }
+}
+
+/// The `[remember]` caps of the configuration file, each problem at its place.
+fn remember_caps(loaded: &Loaded, problems: &mut Vec<Diagnostic>) -> RememberCaps {
+    let mut caps = RememberCaps::default();
+    let file = &loaded.file.remember;
+    if let Some(n) = &file.max_keep_last {
+        match KEEP_LAST.contains(n.get_ref()) {
+            true => caps.keep_last = *n.get_ref(),
+            false => problems.push(loaded.problem(
+                n.span(),
+                format!(
+                    "`max_keep_last` must be from {} to {}",
+                    KEEP_LAST.start(),
+                    KEEP_LAST.end()
+                ),
+            )),
+        }
+    }
+    if let Some(text) = &file.max_keep_for {
+        match parse_duration(text.get_ref()) {
+            Ok(d) if !d.is_zero() && d <= MAX_KEEP_FOR => caps.keep_for = d,
+            Ok(_) => problems.push(loaded.problem(
+                text.span(),
+                "`max_keep_for` must be longer than 0 and at most ten years",
+            )),
+            Err(e) => problems.push(loaded.problem(text.span(), format!("`max_keep_for`: {e}"))),
+        }
+    }
+    caps
 }
 
 fn default_sender() -> Mailbox {

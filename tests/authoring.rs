@@ -579,3 +579,37 @@ fn every_recipe_in_rules_md_is_the_file_it_names() {
     }
     assert!(recipes >= 10, "RULES.md shows {recipes} recipe files");
 }
+
+#[test]
+fn the_operator_bounds_what_remember_rules_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("r.toml"),
+        "name = \"r\"\n[when]\nevent = \"x\"\n[remember]\nkeep_last = 50\nkeep_for = \"30 days\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("tripline.toml");
+    let check = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        tripline(dir.path(), &["check", "--config", "tripline.toml"])
+    };
+    let out = check("[remember]\nmax_keep_last = 100\nmax_keep_for = \"90 days\"\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = check("[remember]\nmax_keep_last = 20\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("r.toml:5:13: `keep_last` must be from 1 to 20"),
+        "{}",
+        stderr(&out)
+    );
+    let out = check("[remember]\nmax_keep_last = 0\nmax_keep_for = \"forever\"\n");
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("tripline.toml:2:17: `max_keep_last` must be from 1 to 100000"),
+        "{err}"
+    );
+    assert!(err.contains("tripline.toml:3:16: `max_keep_for`"), "{err}");
+}

@@ -26,14 +26,9 @@ use crate::units::{self, DURATION_EXAMPLES};
 /// The kind's name, as its table is written.
 pub const KIND: &str = "remember";
 
-/// The most events one rule may keep per user.
-pub const MAX_KEEP_LAST: i64 = 1000;
-
 /// The longest label kept, in characters.
 pub const MAX_LABEL_CHARS: usize = 500;
 
-/// The longest one rule may keep an event.
-pub const MAX_KEEP_FOR: Duration = Duration::from_secs(366 * 86_400);
 
 /// The `[remember]` kind.
 pub struct Remember;
@@ -75,22 +70,27 @@ impl Kind for Remember {
     fn compile(config: Spanned<RememberConfig>, cx: &mut Compile) -> Option<Box<dyn Action>> {
         let r = config.into_inner();
         let mut ok = true;
+        // The operator's bounds (`[remember]` in tripline.toml).
+        let caps = cx.declared.remember;
         let keep_last = *r.keep_last.get_ref();
-        if !(1..=MAX_KEEP_LAST).contains(&keep_last) {
+        if keep_last < 1 || keep_last as u64 > caps.keep_last {
             cx.problems.add(
                 r.keep_last.span(),
-                format!("`keep_last` must be from 1 to {MAX_KEEP_LAST}"),
-                Some("keep_last = 50 keeps each user's 50 newest events of this rule".into()),
+                format!("`keep_last` must be from 1 to {}", caps.keep_last),
+                Some("keep_last = 50 keeps each person's 50 newest events of this rule; the most is the operator's `max_keep_last` in tripline.toml".into()),
             );
             ok = false;
         }
         let keep_for = match units::parse_duration(r.keep_for.get_ref()) {
-            Ok(d) if !d.is_zero() && d <= MAX_KEEP_FOR => Some(d),
+            Ok(d) if !d.is_zero() && d <= caps.keep_for => Some(d),
             Ok(_) => {
                 cx.problems.add(
                     r.keep_for.span(),
-                    "`keep_for` must be longer than 0 and at most a year",
-                    Some("keep_for = \"30 days\"".into()),
+                    format!(
+                        "`keep_for` must be longer than 0 and at most {}",
+                        units::format_duration(caps.keep_for)
+                    ),
+                    Some("keep_for = \"30 days\"; the most is the operator's `max_keep_for` in tripline.toml".into()),
                 );
                 None
             }
@@ -199,5 +199,46 @@ impl Action for RememberAction {
             cx.check_inline_template(key, span, known);
         }
         self.fields.check(known, cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::actions::email::templates::Templates;
+    use crate::config::{Declared, RememberCaps};
+    use crate::rules::Caps;
+    use crate::rules::compile::compile;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// The problems of a `[remember]` rule keeping `keep_last` for `keep_for`, under `caps`.
+    fn problems(keep_last: i64, keep_for: &str, caps: RememberCaps) -> Vec<String> {
+        let source = format!(
+            "name = \"r\"\n[when]\nevent = \"x\"\n[remember]\nkeep_last = {keep_last}\nkeep_for = \"{keep_for}\"\n"
+        );
+        let (mut templates, _) = Templates::load(Path::new("no-templates"));
+        let declared = Declared {
+            remember: caps,
+            ..Declared::default()
+        };
+        match compile(Path::new("r.toml"), &source, &mut templates, &Caps::new(), &declared) {
+            Ok(_) => vec![],
+            Err(p) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn a_rule_keeps_no_more_than_the_operator_allows() {
+        let default = RememberCaps::default();
+        assert!(problems(50, "30 days", default).is_empty());
+        let small = RememberCaps {
+            keep_last: 10,
+            keep_for: Duration::from_secs(7 * 86_400),
+        };
+        let p = problems(50, "30 days", small);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("r.toml:5:13: `keep_last` must be from 1 to 10"), "{p:?}");
+        assert!(p[1].contains("`keep_for` must be longer than 0 and at most 7days"), "{p:?}");
+        assert!(problems(0, "1 day", default)[0].contains("`keep_last`"));
     }
 }
