@@ -163,6 +163,7 @@ impl RuleState for WriteTxn {
                     }
                     None => {
                         waits.remove(key).map_err(err)?;
+                        unlist(&self.txn, key)?;
                     }
                 }
             }
@@ -579,6 +580,7 @@ impl Batch for WriteTxn {
         *cursor = if looked < look_at { None } else { last };
         for key in &idle {
             table.remove(key.as_str()).map_err(err)?;
+            unlist(&self.txn, key)?;
         }
         Ok(idle.len())
     }
@@ -603,6 +605,7 @@ impl Batch for WriteTxn {
         for (key, deadline) in &dropped {
             waits.remove(key.as_str()).map_err(err)?;
             due.remove((*deadline, key.as_str())).map_err(err)?;
+            unlist(&self.txn, key)?;
         }
         let mut waiting = self.txn.open_table(WAITING).map_err(err)?;
         let left = waiting
@@ -655,6 +658,25 @@ pub(super) fn next_id(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
     Ok(meta.get(NEXT_ID).map_err(err)?.map_or(1, |v| v.value()))
 }
 
+/// The part of a stored delivery that says whose it is.
+#[derive(serde::Deserialize)]
+struct Person {
+    #[serde(default)]
+    person: Option<String>,
+}
+
+/// Takes `key` off the list of every person whose id is one of its values (it is gone: a wait
+/// ended, an idle key forgotten), so that the person's list does not keep what no longer is.
+fn unlist(txn: &redb::WriteTransaction, key: &str) -> Result<(), StoreError> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(key).unwrap_or_default();
+    let mut people = txn.open_table(USER_KEYS).map_err(err)?;
+    // A key is a JSON list: the rule, the kind, then the values.
+    for who in values.iter().skip(2).filter_map(serde_json::Value::as_str) {
+        people.remove((who, key)).map_err(err)?;
+    }
+    Ok(())
+}
+
 impl WriteTxn {
     /// Writes a finished delivery into its history, failed or delivered, keeping the newest of
     /// each (see [`KEEP_FINISHED`], [`KEEP_FAILED`]): the history is for looking at recent
@@ -667,8 +689,16 @@ impl WriteTxn {
         };
         self.put_record(table, id, record)?;
         let mut history = self.txn.open_table(table).map_err(err)?;
+        let mut people = self.txn.open_table(USER_DELIVERIES).map_err(err)?;
         let mut extra = history.len().map_err(err)?.saturating_sub(keep);
-        while extra > 0 && history.pop_first().map_err(err)?.is_some() {
+        while extra > 0 {
+            let Some((old, json)) = history.pop_first().map_err(err)? else {
+                break;
+            };
+            // Gone from the history, gone from its person's list.
+            if let Ok(Person { person: Some(who) }) = serde_json::from_str(json.value()) {
+                people.remove((who.as_str(), old.value())).map_err(err)?;
+            }
             extra -= 1;
         }
         Ok(())

@@ -1114,6 +1114,27 @@ mod tests {
     }
 
     #[test]
+    fn a_persons_list_forgets_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let key = StateKey::new("r", "count", &[&serde_json::json!("dana")]);
+        let mut state = State::default();
+        state.own(&key, "dana");
+        state.increment(&key);
+        let mut txn = db.begin().unwrap();
+        txn.save(state, 0).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(db.person("dana").unwrap().keys.len(), 1);
+        // Idle since day 0: forgotten, and off dana's list.
+        let mut txn = db.begin().unwrap();
+        assert_eq!(txn.forget_idle(10 * DAY, 100).unwrap(), 1);
+        txn.commit().unwrap();
+        let txn = db.read().unwrap();
+        let listed = txn.open_table(USER_KEYS).unwrap();
+        assert_eq!(listed.len().unwrap(), 0);
+    }
+
+    #[test]
     fn the_outbox_status_counts_every_pending_email_and_shows_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
