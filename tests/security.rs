@@ -793,3 +793,43 @@ fn a_rate_limit_too_small_to_compute_is_refused_not_a_crash() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("tripline.toml:2:14"), "{stderr}");
 }
+
+#[test]
+fn without_sources_the_admin_endpoints_answer_only_requests_to_an_address() {
+    // A page's own name pointed at 127.0.0.1 (DNS rebinding) must not read people's data.
+    let server = Server::start();
+    let port = server.address().rsplit(':').next().unwrap().to_string();
+    for (host, allowed) in [
+        (format!("127.0.0.1:{port}"), true),
+        (format!("localhost:{port}"), true),
+        ("[::1]".to_string(), true),
+        (format!("attacker.example:{port}"), false),
+        ("127.0.0.1.attacker.example".to_string(), false),
+    ] {
+        for path in ["/rules", "/outbox", "/users/dana", "/metrics"] {
+            let reply = common::client()
+                .get(format!("{}{path}", server.base))
+                .header("host", &host)
+                .send()
+                .unwrap();
+            let status = reply.status().as_u16();
+            assert_eq!(status == 200, allowed, "{host} {path}: {status}");
+            if !allowed {
+                assert_eq!(status, 403);
+                let body: serde_json::Value = reply.json().unwrap();
+                assert!(
+                    body["error"].as_str().unwrap().contains("not to a name"),
+                    "{body}"
+                );
+            }
+        }
+    }
+    // Events themselves are not concerned.
+    let reply = common::client()
+        .post(format!("{}/webhook", server.base))
+        .header("host", "attacker.example")
+        .body(r#"{"event":"x"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+}

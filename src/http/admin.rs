@@ -18,21 +18,43 @@ use crate::store::queue::{OutboxRecord, Retry};
 use crate::telemetry;
 use tracing::info;
 
-/// Lets a request to the read-only endpoints through when no source is configured (loopback
-/// only), or when it carries the admin token.
+/// Lets a request to the admin endpoints through when no source is configured (loopback
+/// only) and it names the server by an address, or when it carries the admin token.
 pub async fn admin_only(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
     if state.sources.is_empty() {
-        return Ok(next.run(request).await);
+        // Without a token, a web page could reach these through a name of its own that it
+        // points at 127.0.0.1 (DNS rebinding): only an address, or `localhost`, is let in.
+        let host = request.headers().get(header::HOST).map(|h| h.to_str());
+        return match host {
+            Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
+            Some(Err(_)) => Err(AppError::AdminByName),
+            _ => Ok(next.run(request).await),
+        };
     }
     match &state.admin {
         None => Err(AppError::AdminClosed),
         Some(admin) if admin.accepts_bearer(request.headers()) => Ok(next.run(request).await),
         Some(_) => Err(AppError::AdminDenied),
     }
+}
+
+/// Whether a `Host` header names the server by an IP address or as `localhost` (with or
+/// without a port), rather than by a name someone else may control.
+fn names_an_address(host: &str) -> bool {
+    if host.starts_with('[') {
+        // An IPv6 address, `[::1]:8080`.
+        return host
+            .split(']')
+            .next()
+            .and_then(|a| a.strip_prefix('['))
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// GET /readyz: 200 when events can be taken (a write to the store can commit, the committer

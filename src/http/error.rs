@@ -31,6 +31,12 @@ pub enum AppError {
     AdminClosed,
     #[error("unauthorized")]
     AdminDenied,
+    /// Without sources the admin endpoints need no token, so they answer only requests that
+    /// name the server by its address.
+    #[error(
+        "without a configured source, this endpoint answers only requests to an address (http://127.0.0.1:PORT) or localhost, not to a name: a web page could otherwise read it through a name it points at this machine. Configure a source and an admin token to use a name"
+    )]
+    AdminByName,
     #[error("too many requests from this source; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("the server is handling as many requests as it can; retry in a moment")]
@@ -73,6 +79,7 @@ impl AppError {
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::AdminClosed => (StatusCode::FORBIDDEN, "admin_closed"),
             AppError::AdminDenied => (StatusCode::UNAUTHORIZED, "admin_denied"),
+            AppError::AdminByName => (StatusCode::FORBIDDEN, "admin_by_name"),
             AppError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
@@ -94,7 +101,10 @@ impl IntoResponse for AppError {
             AppError::Commit(e) => debug!(%reason, "request not stored: {e}"),
             _ => debug!(%reason, "request refused"),
         }
-        if !matches!(self, AppError::AdminClosed | AppError::AdminDenied) {
+        if !matches!(
+            self,
+            AppError::AdminClosed | AppError::AdminDenied | AppError::AdminByName
+        ) {
             telemetry::rejected(reason);
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
