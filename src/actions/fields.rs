@@ -92,13 +92,6 @@ impl Fields {
         redact: Option<&Spanned<Vec<Spanned<String>>>>,
         cx: &mut Compile,
     ) -> Option<Fields> {
-        if fields.get_ref().is_empty() {
-            cx.problems.add(
-                fields.span(),
-                format!("{table} lists no fields, so every line would be empty"),
-                Some("add a line like distinctId = \"distinct_id\"".into()),
-            );
-        }
         let line_redact = redact.map(|r| redactor(r, cx));
         let mut compiled = Vec::new();
         let mut ok = true;

@@ -77,12 +77,11 @@ pub async fn user(
     let before = query.before.as_deref().map(cursor).transpose()?;
     let store = state.store.clone();
     let who = distinct_id.clone();
-    let (mut events, person) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::store::StoreError>((store.remembered(&who)?, store.person(&who)?))
-    })
-    .await
-    .map_err(|e| AppError::Internal(e.to_string()))?
-    .map_err(|e| AppError::Internal(e.to_string()))?;
+    let mut person = tokio::task::spawn_blocking(move || store.person(&who))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let mut events = std::mem::take(&mut person.remembered);
     let as_of = state.clock.now();
     let now_ms = as_of.timestamp_millis();
     events.retain(|e| {

@@ -539,12 +539,6 @@ mod tests {
         fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
             self.db.next_wait_due()
         }
-        fn remembered(
-            &self,
-            distinct_id: &str,
-        ) -> Result<Vec<crate::store::remembered::Stored>, StoreError> {
-            self.db.remembered(distinct_id)
-        }
         fn person(&self, distinct_id: &str) -> Result<crate::store::Person, StoreError> {
             self.db.person(distinct_id)
         }

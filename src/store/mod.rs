@@ -129,6 +129,9 @@ pub struct Person {
     pub waits: Vec<(StateKey, Pending)>,
     /// Its deliveries, pending or in the history: id and record.
     pub deliveries: Vec<(u64, OutboxRecord)>,
+    /// The events `[remember]` rules kept for it (every rule's, in no particular order: at
+    /// most the sum of the rules' `keep_last`).
+    pub remembered: Vec<Stored>,
 }
 
 /// What [`Batch::forget_person`] forgot, by kind.
@@ -189,11 +192,9 @@ pub trait Backend: Send + Sync {
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// The soonest deadline of a pending wait (milliseconds since 1970), if any.
     fn next_wait_due(&self) -> Result<Option<i64>, StoreError>;
-    /// Every event remembered for `distinct_id` (by every rule), in no particular order: at most
-    /// the sum of the rules' `keep_last`.
-    fn remembered(&self, distinct_id: &str) -> Result<Vec<Stored>, StoreError>;
-    /// What the store keeps about `distinct_id` besides remembered events: the rule state its
-    /// events made, its pending waits, and its deliveries still in the queue or the history.
+    /// What the store keeps about `distinct_id`, read at one moment: the rule state its events
+    /// made, its pending waits, its deliveries still in the queue or the history, and the events
+    /// remembered for it.
     fn person(&self, distinct_id: &str) -> Result<Person, StoreError>;
 }
 

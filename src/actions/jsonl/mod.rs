@@ -62,6 +62,13 @@ impl Kind for Jsonl {
                 None
             }
         };
+        if j.fields.get_ref().is_empty() {
+            cx.problems.add(
+                j.fields.span(),
+                "[jsonl.fields] lists no fields, so every line would be empty",
+                Some("add a line like distinctId = \"distinct_id\"".into()),
+            );
+        }
         let fields = Fields::compile("[jsonl.fields]", j.fields, j.redact.as_ref(), cx);
         Some(Box::new(JsonlAction {
             file: file?,

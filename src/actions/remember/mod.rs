@@ -241,4 +241,18 @@ mod tests {
         assert!(p[1].contains("`keep_for` must be longer than 0 and at most 7days"), "{p:?}");
         assert!(problems(0, "1 day", default)[0].contains("`keep_last`"));
     }
+
+    #[test]
+    fn a_label_alone_is_enough_to_remember() {
+        let source = "name = \"r\"\n[when]\nevent = \"x\"\n[remember]\nkeep_last = 5\nkeep_for = \"1 day\"\nlabel = \"Did {{event}}\"\n[remember.fields]\n";
+        let (mut templates, _) = Templates::load(Path::new("no-templates"));
+        let compiled = compile(
+            Path::new("r.toml"),
+            source,
+            &mut templates,
+            &Caps::new(),
+            &Declared::default(),
+        );
+        assert!(compiled.is_ok(), "{:?}", compiled.err());
+    }
 }

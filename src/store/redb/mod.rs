@@ -632,29 +632,6 @@ impl Backend for Db {
         Ok(due.first().map_err(err)?.map(|(k, _)| k.value().0))
     }
 
-    fn remembered(&self, distinct_id: &str) -> Result<Vec<Stored>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(REMEMBERED).map_err(err)?;
-        // Every rule's rows of this user: rule names are text, so "" to U+10FFFF spans them.
-        let range =
-            (distinct_id, "", i64::MIN, 0)..=(distinct_id, "\u{10ffff}", i64::MAX, u64::MAX);
-        table
-            .range(range)
-            .map_err(err)?
-            .map(|row| {
-                let (key, value) = row.map_err(err)?;
-                let (_, _, at_ms, seq) = key.value();
-                let (expires_ms, json) = value.value();
-                Ok(Stored {
-                    at_ms,
-                    seq,
-                    expires_ms,
-                    entry: serde_json::from_str(json).map_err(err)?,
-                })
-            })
-            .collect()
-    }
-
     fn person(&self, distinct_id: &str) -> Result<Person, StoreError> {
         let txn = self.read()?;
         let index = txn.open_table(USER_KEYS).map_err(err)?;
@@ -702,6 +679,7 @@ impl Backend for Db {
                 }
             }
         }
+        person.remembered = remembered(&txn, distinct_id)?;
         Ok(person)
     }
 
@@ -726,6 +704,28 @@ impl Backend for Db {
             failures: failed_rows,
         })
     }
+}
+
+/// Every event remembered for `distinct_id`, by every rule.
+fn remembered(txn: &redb::ReadTransaction, distinct_id: &str) -> Result<Vec<Stored>, StoreError> {
+    let table = txn.open_table(REMEMBERED).map_err(err)?;
+    // Every rule's rows of this user: rule names are text, so "" to U+10FFFF spans them.
+    let range = (distinct_id, "", i64::MIN, 0)..=(distinct_id, "\u{10ffff}", i64::MAX, u64::MAX);
+    table
+        .range(range)
+        .map_err(err)?
+        .map(|row| {
+            let (key, value) = row.map_err(err)?;
+            let (_, _, at_ms, seq) = key.value();
+            let (expires_ms, json) = value.value();
+            Ok(Stored {
+                at_ms,
+                seq,
+                expires_ms,
+                entry: serde_json::from_str(json).map_err(err)?,
+            })
+        })
+        .collect()
 }
 
 /// Every row of the `waiting` table.
@@ -1060,7 +1060,7 @@ mod tests {
         txn.remember(&remembered("sam", "a", 60)).unwrap();
         txn.commit().unwrap();
         let times = |who: &str| {
-            let mut t: Vec<i64> = (db.remembered(who).unwrap().iter())
+            let mut t: Vec<i64> = (db.person(who).unwrap().remembered.iter())
                 .map(|e| e.at_ms)
                 .collect();
             t.sort_unstable();
