@@ -458,9 +458,7 @@ impl Plan {
                     let keys = (m.count.as_ref().ok().and_then(Option::as_ref).into_iter())
                         .chain(limits.and_then(|l| l.once.as_ref()))
                         .chain(limits.and_then(|l| l.cap.as_ref()));
-                    // Only a key that is this person's: its values hold their id.
-                    keys.filter(|key| key.holds(who))
-                        .for_each(|key| state.own(key, who));
+                    keys.for_each(|key| state.own(key, who));
                 }
             }
             for m in matched {

@@ -324,11 +324,12 @@ impl State {
     }
 
     /// Records that an event of `who` (a distinct id) is about to make `key`, if the store does
-    /// not have it yet: the store then lists the key as that person's (`GET /users`, and what
-    /// `DELETE /users` forgets). The first such event of a batch names the owner.
+    /// not have it yet and the key is that person's (its values hold their id): the store then
+    /// lists the key as theirs (`GET /users`, and what `DELETE /users` forgets). Most keys an
+    /// event uses are stored already, and cost one lookup here.
     pub fn own(&mut self, key: &StateKey, who: &str) {
         let stored = self.keys.get(key).is_some_and(|slot| slot.day.is_some());
-        if !stored && !self.owners.contains_key(key) {
+        if !stored && !self.owners.contains_key(key) && key.holds(who) {
             self.owners.insert(key.clone(), who.to_string());
         }
     }
