@@ -16,7 +16,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tripline::actions::http::endpoint::{Endpoint, EndpointConfig, Endpoints};
 use tripline::actions::http::send::HttpSender;
 use tripline::actions::http::{Method, Request};
-use tripline::actions::{Delivery, Sender, Senders};
+use tripline::actions::{Sender, Senders};
 use tripline::clock::Clock;
 use tripline::pipeline::outbox;
 use tripline::store::Backend;
@@ -120,17 +120,11 @@ async fn tripline(url: &str, n: usize, concurrency: usize) -> anyhow::Result<f64
             body: BODY.into(),
             idempotency_key: format!("{i:032x}"),
         };
-        let Value::Object(payload) = serde_json::to_value(request)? else {
-            unreachable!("a request is an object")
-        };
-        let delivery = Delivery {
-            kind: "http",
-            to: "sink".into(),
-            lane: Some("sink".into()),
-            person: None,
-            payload,
-        };
-        txn.queue(&OutboxRecord::new("bench".into(), delivery, now))?;
+        txn.queue(&OutboxRecord::new(
+            "bench".into(),
+            request.into_delivery(),
+            now,
+        ))?;
     }
     txn.commit()?;
     let config: EndpointConfig =

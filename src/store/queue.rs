@@ -21,6 +21,35 @@ pub struct Delivery {
     pub payload: Map<String, Value>,
 }
 
+impl Delivery {
+    /// A delivery of `kind` to `to` (masked), in `lane`, whose payload is `payload` as JSON (a
+    /// struct: each of its fields is a key of the payload). Whose it is, the engine sets.
+    pub fn new(
+        kind: &'static str,
+        to: String,
+        lane: Option<String>,
+        payload: &impl Serialize,
+    ) -> Delivery {
+        let Ok(Value::Object(payload)) = serde_json::to_value(payload) else {
+            unreachable!("a delivery's payload is a struct of plain values: a JSON object")
+        };
+        Delivery {
+            kind,
+            to,
+            lane,
+            person: None,
+            payload,
+        }
+    }
+}
+
+/// A stored payload, read back as what its kind made (`Delivery::new`).
+pub fn read_payload<T: serde::de::DeserializeOwned>(
+    payload: &Map<String, Value>,
+) -> serde_json::Result<T> {
+    T::deserialize(&Value::Object(payload.clone()))
+}
+
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -24,6 +24,7 @@ use std::sync::{Arc, LazyLock};
 use toml::Spanned;
 
 use super::{Action, Compile, Delivery, Destinations, Input, Kind, Output, Sender};
+use crate::store::queue::read_payload;
 use crate::diag::did_you_mean;
 use template_check::{Known, Place};
 use templates::{ReferenceKind, Templates, template_diagnostic};
@@ -241,17 +242,7 @@ pub struct Queued {
 
 impl Queued {
     fn into_delivery(self) -> Delivery {
-        let to = self.to_masked.clone();
-        let Ok(Value::Object(payload)) = serde_json::to_value(self) else {
-            unreachable!("a struct of strings is a JSON object")
-        };
-        Delivery {
-            kind: KIND,
-            to,
-            lane: None,
-            person: None,
-            payload,
-        }
+        Delivery::new(KIND, self.to_masked.clone(), None, &self)
     }
 
     /// The email a delivery holds, if it is one.
@@ -266,7 +257,7 @@ impl Queued {
 
     /// The email a stored payload holds.
     fn from_payload(payload: &serde_json::Map<String, Value>) -> serde_json::Result<Queued> {
-        serde_json::from_value(Value::Object(payload.clone()))
+        read_payload(payload)
     }
 }
 

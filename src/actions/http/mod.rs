@@ -26,6 +26,7 @@ use toml::Spanned;
 use super::{Action, Compile, Delivery, Destinations, Input, Kind, Output, Sender};
 use crate::actions::email::template_check::Known;
 use crate::diag::did_you_mean;
+use crate::store::queue::read_payload;
 use body::{Part, Written};
 
 /// The kind's name, as its table is written.
@@ -288,19 +289,11 @@ impl Action for HttpAction {
 }
 
 impl Request {
-    fn into_delivery(self) -> Delivery {
-        let to = self.endpoint.clone();
-        let Ok(Value::Object(payload)) = serde_json::to_value(self) else {
-            unreachable!("a struct of strings is a JSON object")
-        };
-        // Each endpoint has its own bound on requests at once.
-        Delivery {
-            kind: KIND,
-            lane: Some(to.clone()),
-            person: None,
-            to,
-            payload,
-        }
+    /// A delivery in its endpoint's own lane: each endpoint has its own bound on requests at
+    /// once.
+    pub fn into_delivery(self) -> Delivery {
+        let endpoint = self.endpoint.clone();
+        Delivery::new(KIND, endpoint.clone(), Some(endpoint), &self)
     }
 
     /// The request a delivery holds, if it is one.
@@ -313,7 +306,7 @@ impl Request {
 
     /// The request a stored payload holds.
     pub fn from_payload(payload: &serde_json::Map<String, Value>) -> serde_json::Result<Request> {
-        serde_json::from_value(Value::Object(payload.clone()))
+        read_payload(payload)
     }
 }
 

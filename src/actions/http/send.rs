@@ -304,7 +304,6 @@ impl Sender for IntoFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::Delivery;
     use crate::actions::http::endpoint::EndpointConfig;
     use reqwest::header::HeaderValue;
 
@@ -340,16 +339,7 @@ mod tests {
             body: "{}".into(),
             idempotency_key: "k".into(),
         };
-        let serde_json::Value::Object(payload) = serde_json::to_value(request).unwrap() else {
-            unreachable!()
-        };
-        let delivery = Delivery {
-            kind: "http",
-            to: "e".into(),
-            lane: Some("e".into()),
-            person: None,
-            payload,
-        };
+        let delivery = request.into_delivery();
         let now = Clock::wall().unix();
         let record = OutboxRecord::new("r".into(), delivery, now - age.as_secs());
         (HttpSender::new(Arc::new(endpoints)).unwrap(), record)
