@@ -968,17 +968,22 @@ fn regex_reason(e: &regex::Error) -> String {
 mod tests {
     use super::*;
 
+    /// `source` compiled as `r.toml`, with no cap group and nothing declared.
+    fn compile_rule(source: &str, templates: &mut Templates) -> Result<Rule, Vec<Diagnostic>> {
+        compile(
+            Path::new("r.toml"),
+            source,
+            templates,
+            &Caps::new(),
+            &Declared::default(),
+        )
+    }
+
     fn problems(source: &str) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hello.text.hbs"), "Hi").unwrap();
         let (mut templates, _) = Templates::load(dir.path());
-        match compile(
-            Path::new("r.toml"),
-            source,
-            &mut templates,
-            &Caps::new(),
-            &Declared::default(),
-        ) {
+        match compile_rule(source, &mut templates) {
             Ok(_) => vec![],
             Err(p) => p.iter().map(|d| d.to_string()).collect(),
         }
@@ -993,14 +998,7 @@ mod tests {
         let (mut templates, template_problems) = Templates::load(dir.path());
         assert_eq!(template_problems.len(), 1);
         let source = "name = \"r\"\n[when]\nevent = \"x\"\n[email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"hello\"\n";
-        let problems = compile(
-            Path::new("r.toml"),
-            source,
-            &mut templates,
-            &Caps::new(),
-            &Declared::default(),
-        )
-        .unwrap_err();
+        let problems = compile_rule(source, &mut templates).unwrap_err();
         let message = problems[0].to_string();
         assert!(
             message.contains("the template \"hello\" cannot be used: hello.text.hbs has a problem"),
@@ -1024,13 +1022,7 @@ mod tests {
             let (mut templates, _) = Templates::load(dir.path());
             let source = "name = \"r\"\n[when]\nevent = \"x\"\n[digest]\nevery = \"1 day\"\nat = \"09:00\"\n\
                           [email]\nto = \"a@b.c\"\nsubject = \"s\"\ntemplate = \"d\"\n";
-            match compile(
-                Path::new("r.toml"),
-                source,
-                &mut templates,
-                &Caps::new(),
-                &Declared::default(),
-            ) {
+            match compile_rule(source, &mut templates) {
                 Ok(_) => vec![],
                 Err(p) => p.iter().map(|d| d.to_string()).collect(),
             }
