@@ -200,16 +200,14 @@ fn record_outcomes(db: &dyn Backend, ended: &[Ended], now: u64) -> Result<(), St
                 record.finished_unix = Some(now);
                 txn.finish(id, &record)?;
             }
-            Attempt::Temporary(reason) => {
-                record.next_attempt_unix = now + backoff_secs(record.attempts);
-                record.last_error = Some(reason.clone());
-                txn.update_pending(id, &record)?;
-            }
-            Attempt::RetryAfter(reason, after) => {
-                // `now` is whole seconds, up to one behind: one more keeps the wait at least
-                // what the destination asked. Never sooner than the backoff, though: a
-                // `Retry-After: 0` must not turn retries into a request a second.
-                let asked = after.as_secs_f64().ceil() as u64 + 1;
+            Attempt::Temporary(reason) | Attempt::RetryAfter(reason, _) => {
+                // What the destination asked (`Retry-After`), never sooner than the backoff: a
+                // `Retry-After: 0` must not turn retries into a request a second. `now` is
+                // whole seconds, up to one behind: one more keeps the wait what was asked.
+                let asked = match attempt {
+                    Attempt::RetryAfter(_, after) => after.as_secs_f64().ceil() as u64 + 1,
+                    _ => 0,
+                };
                 record.next_attempt_unix = now + asked.max(backoff_secs(record.attempts));
                 record.last_error = Some(reason.clone());
                 txn.update_pending(id, &record)?;
