@@ -339,16 +339,7 @@ impl Batch for WriteTxn {
         for (key, kind) in &listed {
             match *kind {
                 USER_WAIT => {
-                    let wait = (self.txn.open_table(WAITS).map_err(err)?)
-                        .remove(key.as_str())
-                        .map_err(err)?
-                        .map(|json| serde_json::from_str::<Pending>(json.value()))
-                        .transpose()
-                        .map_err(err)?;
-                    if let Some(wait) = wait {
-                        (self.txn.open_table(WAITS_DUE).map_err(err)?)
-                            .remove((wait.deadline_ms, key.as_str()))
-                            .map_err(err)?;
+                    if let Some(wait) = self.remove_wait(key)? {
                         let mut waiting = self.txn.open_table(WAITING).map_err(err)?;
                         let rule = wait.rule.as_str();
                         let left = (waiting.get(rule).map_err(err)?)
@@ -591,21 +582,19 @@ impl Batch for WriteTxn {
 
     fn drop_waits(&mut self, rule: &str, max: usize) -> Result<u64, StoreError> {
         let prefix = StateKey::prefix(rule, "wait");
-        let mut waits = self.txn.open_table(WAITS).map_err(err)?;
         let mut dropped = Vec::new();
-        for row in waits.range(prefix.as_str()..).map_err(err)?.take(max) {
-            let (k, v) = row.map_err(err)?;
-            if !k.value().starts_with(&prefix) {
-                break;
+        {
+            let waits = self.txn.open_table(WAITS).map_err(err)?;
+            for row in waits.range(prefix.as_str()..).map_err(err)?.take(max) {
+                let key = row.map_err(err)?.0.value().to_string();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                dropped.push(key);
             }
-            let wait: Pending = serde_json::from_str(v.value()).map_err(err)?;
-            dropped.push((k.value().to_string(), wait.deadline_ms));
         }
-        let mut due = self.txn.open_table(WAITS_DUE).map_err(err)?;
-        for (key, deadline) in &dropped {
-            waits.remove(key.as_str()).map_err(err)?;
-            due.remove((*deadline, key.as_str())).map_err(err)?;
-            unlist(&self.txn, key)?;
+        for key in &dropped {
+            self.remove_wait(key)?;
         }
         let mut waiting = self.txn.open_table(WAITING).map_err(err)?;
         let left = waiting
@@ -740,6 +729,24 @@ impl WriteTxn {
             .insert((record.lane().key().as_str(), at, id), ())
             .map_err(err)?;
         Ok(())
+    }
+
+    /// Removes the pending wait at `key` from the waits, their due index and its person's list;
+    /// the wait as it was, if there was one. The rule's count of waits is the caller's.
+    fn remove_wait(&mut self, key: &str) -> Result<Option<Pending>, StoreError> {
+        let wait = (self.txn.open_table(WAITS).map_err(err)?)
+            .remove(key)
+            .map_err(err)?
+            .map(|json| serde_json::from_str::<Pending>(json.value()))
+            .transpose()
+            .map_err(err)?;
+        if let Some(wait) = &wait {
+            (self.txn.open_table(WAITS_DUE).map_err(err)?)
+                .remove((wait.deadline_ms, key))
+                .map_err(err)?;
+            unlist(&self.txn, key)?;
+        }
+        Ok(wait)
     }
 
     fn is_queued(&self, id: u64) -> Result<bool, StoreError> {
