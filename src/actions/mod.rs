@@ -24,6 +24,7 @@ use crate::ingest::event::Event;
 use crate::ingest::path::FieldPath;
 pub use crate::store::queue::Delivery;
 use crate::store::queue::OutboxRecord;
+use crate::store::aggregates::Counted;
 use crate::store::remembered::Remembered;
 use email::template_check::Known;
 use email::templates::Templates;
@@ -76,6 +77,7 @@ macro_rules! kinds {
 pub mod fields;
 
 kinds! {
+    "aggregate" => aggregate::Aggregate,
     "email" => email::Email,
     "http" => http::Http,
     "jsonl" => jsonl::Jsonl,
@@ -130,6 +132,8 @@ pub struct Compile<'a, 'f> {
     pub templates: &'a mut Templates,
     /// What the operator declared: the HTTP endpoints, the key of `hash = true`.
     pub declared: &'a Declared,
+    /// The event names the rule's `[when]` selects; `None` for any name (`"*"`, an operator).
+    pub events: Option<&'a [String]>,
 }
 
 impl Compile<'_, '_> {
@@ -279,6 +283,8 @@ pub enum Output {
     Delivery(Delivery),
     /// An event to keep for its user (see `remember`), in the same commit.
     Remember(Box<Remembered>),
+    /// An event to count (see `aggregate`), in the same commit.
+    Aggregate(Box<Counted>),
 }
 
 /// How a delivery attempt ended.

@@ -26,6 +26,7 @@ use crate::engine::{self, Effect, Outcome, Report};
 use crate::ingest::event::{self, Event};
 use crate::rules::RuleSet;
 use crate::store::MemoryStore;
+use crate::store::aggregates::Counted;
 use crate::store::remembered::Remembered;
 use crate::units::{self, DURATION_EXAMPLES, DurationError, toml_to_json_value};
 use crate::user_file;
@@ -109,6 +110,8 @@ pub struct Expect {
     pub requests: Option<Vec<ExpectRequest>>,
     /// Every event kept by a `[remember]` rule, in order.
     pub remembered: Option<Vec<ExpectRemembered>>,
+    /// Every event counted by an `[aggregate]` rule, in order.
+    pub counted: Option<Vec<ExpectCounted>>,
     /// The rules whose action failed (an email that could not be filled in).
     pub failed: Option<Vec<String>>,
     /// The rules with a wait still pending at the end, one entry per wait, by name.
@@ -144,6 +147,7 @@ impl Expect {
             && self.lines.is_none()
             && self.requests.is_none()
             && self.remembered.is_none()
+            && self.counted.is_none()
     }
 }
 
@@ -194,6 +198,18 @@ pub struct ExpectRemembered {
     pub label: Option<String>,
     /// The fields: exactly these keys and values.
     pub fields: Option<toml::Value>,
+}
+
+/// One expected count of an `[aggregate]` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectCounted {
+    /// Whose it is.
+    pub distinct_id: Option<String>,
+    /// The group, from the event's `by` field.
+    pub group: Option<String>,
+    /// Whether it is the rule's conversion event.
+    pub conversion: Option<bool>,
 }
 
 /// A case ready to run.
@@ -572,6 +588,9 @@ pub fn run(case: &Case, rules: &RuleSet, default_from: &Mailbox) -> Vec<String> 
     if let Some(wanted) = &e.remembered {
         compare_remembered(wanted, &effects, &mut problems);
     }
+    if let Some(wanted) = &e.counted {
+        compare_counted(wanted, &effects, &mut problems);
+    }
     if !problems.is_empty() {
         let failures = report.failures(rules);
         if !failures.is_empty() {
@@ -785,6 +804,48 @@ fn compare_remembered(wanted: &[ExpectRemembered], effects: &[Effect], problems:
                     got.entry.fields
                 ));
             }
+        }
+    }
+}
+
+fn compare_counted(wanted: &[ExpectCounted], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<&Counted> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Output {
+                output: Output::Aggregate(c),
+                ..
+            } => Some(c.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if actual.len() != wanted.len() {
+        let counted: Vec<String> = actual.iter().map(|c| c.describe()).collect();
+        problems.push(count_differs("counted event(s)", wanted.len(), &counted, true));
+        return;
+    }
+    for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {
+        let n = n + 1;
+        if let Some(who) = &want.distinct_id
+            && who != &got.distinct_id
+        {
+            problems.push(format!(
+                "counted {n}: expected for {who:?}, but it is for {:?}",
+                got.distinct_id
+            ));
+        }
+        if want.group.is_some() && want.group != got.group {
+            problems.push(format!(
+                "counted {n}: expected in group {:?}, but it is {}",
+                want.group.as_deref().unwrap_or_default(),
+                got.describe()
+            ));
+        }
+        if let Some(conversion) = want.conversion
+            && conversion != got.conversion
+        {
+            let was = if got.conversion { "is" } else { "is not" };
+            problems.push(format!("counted {n}: it {was} a conversion"));
         }
     }
 }

@@ -551,6 +551,10 @@ impl Run<'_> {
                         clip(r.entry.label.as_deref().unwrap_or(&r.entry.event), 140)
                     ),
                 ),
+                Effect::Output {
+                    rule,
+                    output: Output::Aggregate(c),
+                } => (rule, c.describe()),
                 Effect::Failed { .. } => continue,
             };
             if self.stats[index].examples.len() < examples {

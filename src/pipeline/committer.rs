@@ -32,7 +32,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
-use crate::actions::remember;
+use crate::actions::{aggregate, remember};
 use crate::actions::{Env, Output};
 use crate::clock::Clock;
 use crate::config::{Durability, WaitSettings};
@@ -1150,7 +1150,11 @@ impl Worker {
             // Remembered events past their time go on the same pass, as many at most.
             let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
             let remembered = txn.expire_remembered(now_ms, EXPIRE_PER_COMMIT)?;
-            Some(ids.max(remembered))
+            // And the days of `[aggregate]` counts older than their rules keep them.
+            let date = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+            let today = crate::store::aggregates::day_number(date.date_naive());
+            let aggregates = txn.expire_aggregates(today, EXPIRE_PER_COMMIT)?;
+            Some(ids.max(remembered).max(aggregates))
         } else {
             None
         };
@@ -1305,6 +1309,15 @@ fn take_effects(
             } => {
                 txn.remember(&remembered)?;
                 count(&mut tally.done, remember::KIND, name(i));
+            }
+            Effect::Output {
+                rule: i,
+                output: Output::Aggregate(counted),
+            } => {
+                // Not counted when neither the event nor its person has a group: nothing failed.
+                if txn.aggregate(&counted)? {
+                    count(&mut tally.done, aggregate::KIND, name(i));
+                }
             }
             // Counted once delivered, by the sender.
             Effect::Output {

@@ -540,6 +540,14 @@ mod tests {
         fn person(&self, distinct_id: &str) -> Result<crate::store::Person, StoreError> {
             self.db.person(distinct_id)
         }
+        fn aggregates(
+            &self,
+            rule: &str,
+            from: i32,
+            to: i32,
+        ) -> Result<Vec<crate::store::aggregates::DayData>, StoreError> {
+            self.db.aggregates(rule, from, to)
+        }
     }
 
     /// Delivers everything at once, counting the attempts.

@@ -282,6 +282,7 @@ impl Compiler<'_> {
             problems: &mut self.p,
             templates,
             declared,
+            events: events.as_ref().and_then(|e| e.as_deref()),
         };
         for table in f.actions {
             actions.extend((table.compile)(&mut cx));

@@ -9,6 +9,7 @@
 //! Implementations: the embedded redb database (`store/redb/`), which the service uses, and
 //! [`MemoryStore`], rule state that lives as long as a command (`tripline test`, `replay`).
 
+pub mod aggregates;
 pub mod key;
 pub mod pending;
 pub mod queue;
@@ -19,6 +20,7 @@ pub mod state;
 pub use key::StateKey;
 pub use pending::{Held, Pending};
 use queue::{Due, OutboxRecord, OutboxStatus, Retry, Skip};
+use aggregates::{Counted, DayData, Membership};
 use remembered::{Remembered, Stored};
 pub use state::{Distinct, KeyRecord, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,12 +87,19 @@ pub trait Batch: RuleState + Send {
     /// with the same idempotency key), due now, its age counted from now.
     fn retry(&mut self, id: u64, now_unix: u64) -> Result<Retry, StoreError>;
     /// Forgets everything kept about `distinct_id`: the rule state its events made, its pending
-    /// waits, its deliveries (queued or finished) and its remembered events; says how many of
-    /// each.
+    /// waits, its deliveries (queued or finished), its remembered events and its groups in
+    /// `[aggregate]` rules; says how many of each.
     fn forget_person(&mut self, distinct_id: &str) -> Result<Erased, StoreError>;
     /// Keeps an event a `[remember]` rule remembers for its user, forgetting the oldest of that
     /// rule's for the user beyond `keep_last`.
     fn remember(&mut self, remembered: &Remembered) -> Result<(), StoreError>;
+    /// Counts an event of an `[aggregate]` rule in its day and group (the person's group when
+    /// the event has none); `false` if neither says a group, so it is not counted.
+    fn aggregate(&mut self, counted: &Counted) -> Result<bool, StoreError>;
+    /// Forgets at most `max` rows of `[aggregate]` counts (days, and people last counted) older
+    /// than their rule keeps them, `today` being a day number (`aggregates::day_number`);
+    /// returns how many.
+    fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError>;
     /// Forgets at most `max` remembered events whose time ran out before `now_ms`; returns how
     /// many.
     fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError>;
@@ -132,6 +141,8 @@ pub struct Person {
     /// The events `[remember]` rules kept for it (every rule's, in no particular order: at
     /// most the sum of the rules' `keep_last`).
     pub remembered: Vec<Stored>,
+    /// Its groups in `[aggregate]` rules.
+    pub groups: Vec<Membership>,
 }
 
 /// What [`Batch::forget_person`] forgot, by kind.
@@ -141,6 +152,8 @@ pub struct Erased {
     pub pending: u64,
     pub deliveries: u64,
     pub remembered: u64,
+    /// Rules of `[aggregate]` that had its group (the counts themselves hold no one's id).
+    pub groups: u64,
 }
 
 /// How far an output file is written: the file is `len` bytes long once the texts queued for it
@@ -196,6 +209,9 @@ pub trait Backend: Send + Sync {
     /// made, its pending waits, its deliveries still in the queue or the history, and the events
     /// remembered for it.
     fn person(&self, distinct_id: &str) -> Result<Person, StoreError>;
+    /// The `[aggregate]` counts of `rule` from day `from` to day `to` (day numbers), in day
+    /// order, with their users' hashes when the range can be counted exactly.
+    fn aggregates(&self, rule: &str, from: i32, to: i32) -> Result<Vec<DayData>, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

@@ -13,6 +13,8 @@ use super::{
     USER_RECORD, USER_WAIT, WAITING, WAITS, WAITS_DUE, err, record,
 };
 use crate::store::queue::{OutboxRecord, Retry, Status};
+use super::aggregates;
+use crate::store::aggregates::Counted;
 use crate::store::remembered::Remembered;
 use crate::store::{Batch, Erased, Pending, RuleState, State, StateKey, StoreError, Wants};
 use std::ops::Bound;
@@ -417,6 +419,7 @@ impl Batch for WriteTxn {
             counts.remove((who, rule.as_str())).map_err(err)?;
         }
         erased.remembered = remembered.len() as u64;
+        erased.groups = aggregates::forget_member(&self.txn, who)?;
         Ok(erased)
     }
 
@@ -458,6 +461,14 @@ impl Batch for WriteTxn {
         }
         counts.insert((user, rule), count).map_err(err)?;
         Ok(())
+    }
+
+    fn aggregate(&mut self, counted: &Counted) -> Result<bool, StoreError> {
+        aggregates::count(&self.txn, counted)
+    }
+
+    fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError> {
+        aggregates::expire(&self.txn, today, max)
     }
 
     fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError> {

@@ -21,6 +21,7 @@
 //! - `waits`: state key → a pending wait (JSON); `waits_due`: `(deadline, key)` of each, so that
 //!   the waits due are read from its start; `waiting`: rule → how many waits it has pending.
 
+mod aggregates;
 mod batch;
 mod record;
 
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
+use crate::store::aggregates::DayData;
 use crate::store::remembered::Stored;
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 use crate::store::{Person, StateKey};
@@ -375,6 +377,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(WAITS).map_err(err)?;
         txn.open_table(WAITS_DUE).map_err(err)?;
         txn.open_table(WAITING).map_err(err)?;
+        aggregates::create(&txn)?;
         migrate_once_marks(&txn)?;
         migrate_file_lengths(&txn)?;
         merge_state_tables(&txn, Clock::wall().unix() / DAY)?;
@@ -680,7 +683,12 @@ impl Backend for Db {
             }
         }
         person.remembered = remembered(&txn, distinct_id)?;
+        person.groups = aggregates::memberships(&txn, distinct_id)?;
         Ok(person)
+    }
+
+    fn aggregates(&self, rule: &str, from: i32, to: i32) -> Result<Vec<DayData>, StoreError> {
+        aggregates::range(&self.read()?, rule, from, to)
     }
 
     /// Only the rows shown are decoded.
