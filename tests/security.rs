@@ -251,7 +251,13 @@ fn without_a_source_only_loopback_unless_the_risk_is_accepted_by_name() {
 #[test]
 fn the_read_only_endpoints_need_the_admin_token_once_sources_exist() {
     let closed = Server::launch(&[], &[("TRIPLINE_TOKEN", TOKEN)], |_| {});
-    for path in ["/rules", "/outbox", "/metrics"] {
+    for path in [
+        "/rules",
+        "/outbox",
+        "/metrics",
+        "/users/dana",
+        "/aggregates/ab",
+    ] {
         let (status, body) = closed.get(path);
         assert_eq!(status, 403, "{path}: {body}");
         assert!(body.contains("TRIPLINE_ADMIN_TOKEN"), "{body}");
@@ -806,14 +812,21 @@ fn without_sources_the_admin_endpoints_answer_only_requests_to_an_address() {
         (format!("attacker.example:{port}"), false),
         ("127.0.0.1.attacker.example".to_string(), false),
     ] {
-        for path in ["/rules", "/outbox", "/users/dana", "/metrics"] {
+        // No rule counts anything here: answered, the aggregates are a 404.
+        for (path, answer) in [
+            ("/rules", 200),
+            ("/outbox", 200),
+            ("/users/dana", 200),
+            ("/metrics", 200),
+            ("/aggregates/ab", 404),
+        ] {
             let reply = common::client()
                 .get(format!("{}{path}", server.base))
                 .header("host", &host)
                 .send()
                 .unwrap();
             let status = reply.status().as_u16();
-            assert_eq!(status == 200, allowed, "{host} {path}: {status}");
+            assert_eq!(status == answer, allowed, "{host} {path}: {status}");
             if !allowed {
                 assert_eq!(status, 403);
                 let body: serde_json::Value = reply.json().unwrap();

@@ -821,7 +821,12 @@ fn compare_counted(wanted: &[ExpectCounted], effects: &[Effect], problems: &mut 
         .collect();
     if actual.len() != wanted.len() {
         let counted: Vec<String> = actual.iter().map(|c| c.describe()).collect();
-        problems.push(count_differs("counted event(s)", wanted.len(), &counted, true));
+        problems.push(count_differs(
+            "counted event(s)",
+            wanted.len(),
+            &counted,
+            true,
+        ));
         return;
     }
     for (n, (want, got)) in wanted.iter().zip(actual).enumerate() {

@@ -56,6 +56,9 @@ pub enum AppError {
     /// A query string this endpoint cannot use; the message says what to change.
     #[error("{0}")]
     BadQuery(String),
+    /// Nothing by that name: the message says what was looked for.
+    #[error("{0}")]
+    NotFound(String),
     /// An internal fault: logged once, when answered; the sender gets a generic message.
     #[error("an internal error stopped this request; try again")]
     Internal(String),
@@ -84,6 +87,7 @@ impl AppError {
             AppError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
             AppError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
+            AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::FromWebPage => (StatusCode::FORBIDDEN, "from_web_page"),
             AppError::Commit(_) | AppError::Internal(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")

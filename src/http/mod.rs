@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod aggregates;
 pub mod connections;
 pub mod error;
 pub mod users;
@@ -111,6 +112,7 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/outbox", get(admin::outbox))
         .route("/outbox/{id}/retry", post(admin::retry))
         .route("/metrics", get(admin::metrics))
+        .route("/aggregates/{rule}", get(aggregates::aggregates))
         .route(
             "/users/{distinct_id}",
             get(users::user).delete(users::forget),

@@ -1,7 +1,8 @@
 //! `GET /users/{distinct_id}`: what tripline keeps about one person, for a support chatbot's
 //! prompt or a person's recent activity: the events `[remember]` rules kept (newest first, a
 //! page at a time), the sessions they make up, the rule state their events made (counters,
-//! windows, when a rule last acted), what waits for them, and the deliveries made for them.
+//! windows, when a rule last acted), their groups in `[aggregate]` rules, what waits for them,
+//! and the deliveries made for them.
 //! `?format=text` gives the same as a short block of text, ready to paste into a prompt.
 //!
 //! `DELETE /users/{distinct_id}`: forgets all of it (a person's right to erasure), and says
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 use super::AppState;
 use super::error::AppError;
+use crate::store::aggregates::day_date;
 use crate::store::queue::OutboxRecord;
 use crate::store::remembered::Stored;
 use crate::store::{KeyRecord, Pending, StateKey};
@@ -107,9 +109,18 @@ pub async fn user(
     let mut deliveries = person.deliveries;
     deliveries.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
     let actions: Vec<Value> = deliveries.iter().map(|(id, r)| action(*id, r)).collect();
+    let groups: Vec<Value> = (person.groups.iter())
+        .map(|m| {
+            json!({
+                "rule": m.rule,
+                "group": m.group,
+                "converted": m.converted.map(|d| day_date(d).to_string()),
+            })
+        })
+        .collect();
     if text {
         let mut body = as_text(&distinct_id, as_of, page, &sessions, next.is_some());
-        others_as_text(&mut body, &counters, &pending, &actions);
+        others_as_text(&mut body, &counters, &groups, &pending, &actions);
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
     }
     let recent: Vec<Value> = page
@@ -132,6 +143,7 @@ pub async fn user(
         "next": next,
         "sessions": sessions.iter().map(Session::json).collect::<Vec<_>>(),
         "counters": counters,
+        "groups": groups,
         "pending": pending,
         "actions": actions,
     }))
@@ -238,7 +250,13 @@ fn action(id: u64, record: &OutboxRecord) -> Value {
 }
 
 /// The counters, pending waits and actions, as lines of text.
-fn others_as_text(out: &mut String, counters: &[Value], pending: &[Value], actions: &[Value]) {
+fn others_as_text(
+    out: &mut String,
+    counters: &[Value],
+    groups: &[Value],
+    pending: &[Value],
+    actions: &[Value],
+) {
     let text = |v: &Value| one_line(&v.as_str().map_or_else(|| v.to_string(), str::to_string));
     if !counters.is_empty() {
         out.push_str("Rule counters:\n");
@@ -249,6 +267,21 @@ fn others_as_text(out: &mut String, counters: &[Value], pending: &[Value], actio
                 text(&c["rule"]),
                 text(&c["kind"]),
                 c["count"]
+            );
+        }
+    }
+    if !groups.is_empty() {
+        out.push_str("Groups (experiments):\n");
+        for g in groups {
+            let converted = match g["converted"].as_str() {
+                Some(day) => format!(", converted on {day}"),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "- {}: {}{converted}",
+                text(&g["rule"]),
+                text(&g["group"])
             );
         }
     }

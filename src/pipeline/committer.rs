@@ -32,8 +32,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::actions::jsonl::{self, JsonlFiles, Unwritable};
-use crate::actions::{aggregate, remember};
 use crate::actions::{Env, Output};
+use crate::actions::{aggregate, remember};
 use crate::clock::Clock;
 use crate::config::{Durability, WaitSettings};
 use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};

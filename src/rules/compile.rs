@@ -745,20 +745,7 @@ impl Compiler<'_> {
 
     /// A time zone's IANA name, or a problem with the closest one.
     fn zone_name(&mut self, text: &Spanned<String>) -> Option<Tz> {
-        let name = text.get_ref().trim();
-        if let Ok(tz) = name.parse::<Tz>() {
-            return Some(tz);
-        }
-        let hint = match did_you_mean(name, zone_names()) {
-            Some(close) => format!("did you mean \"{close}\"?"),
-            None => "write an IANA time-zone name like \"Europe/Paris\", \"America/New_York\" or \"UTC\", or a field holding one like \"person.properties.$geoip_time_zone\"".into(),
-        };
-        self.problem(
-            text.span(),
-            format!("`{name}` is not a time zone tripline knows"),
-            Some(hint),
-        );
-        None
+        zone_name(text, &mut self.p, true)
     }
 
     /// A `timezone` given without the period it is for.
@@ -963,6 +950,26 @@ fn regex_reason(e: &regex::Error) -> String {
         regex::Error::CompiledTooBig(_) => "it is too large".into(),
         other => other.to_string(),
     }
+}
+
+/// The time zone `text` names, or a problem at it (with the closest name, if one is close).
+/// `or_field`: whether the key may also name a field, which the hint then says.
+pub(crate) fn zone_name(text: &Spanned<String>, p: &mut Problems, or_field: bool) -> Option<Tz> {
+    let name = text.get_ref().trim();
+    if let Ok(tz) = name.parse::<Tz>() {
+        return Some(tz);
+    }
+    let hint = match (did_you_mean(name, zone_names()), or_field) {
+        (Some(close), _) => format!("did you mean \"{close}\"?"),
+        (None, true) => "write an IANA time-zone name like \"Europe/Paris\", \"America/New_York\" or \"UTC\", or a field holding one like \"person.properties.$geoip_time_zone\"".into(),
+        (None, false) => "write an IANA time-zone name like \"Europe/Paris\", \"America/New_York\" or \"UTC\"".into(),
+    };
+    p.add(
+        text.span(),
+        format!("`{name}` is not a time zone tripline knows"),
+        Some(hint),
+    );
+    None
 }
 
 #[cfg(test)]

@@ -57,7 +57,11 @@ impl Counted {
             Some(g) => format!("in group {g:?}"),
             None => "in their group (the event has no `by` field)".into(),
         };
-        let conversion = if self.conversion { ", a conversion" } else { "" };
+        let conversion = if self.conversion {
+            ", a conversion"
+        } else {
+            ""
+        };
         let who: String = self.distinct_id.chars().take(60).collect();
         format!("counted for {who} {group}{conversion}")
     }
@@ -251,7 +255,9 @@ mod tests {
             conversions: users / 10,
             ..DayRow::default()
         };
-        let hashes: Vec<u64> = (from..from + users).map(|u| user_hash(&u.to_string())).collect();
+        let hashes: Vec<u64> = (from..from + users)
+            .map(|u| user_hash(&u.to_string()))
+            .collect();
         for h in &hashes {
             row.sketch.insert_hash(*h);
         }
@@ -332,6 +338,6 @@ mod tests {
     fn a_person_hashes_the_same_always() {
         // Stored: a change would count everyone twice.
         // The first 8 bytes of its SHA-256 (as Python's hashlib gives them), little-endian.
-    assert_eq!(user_hash("dana@example.com"), 0x0ea8_0e4b_39f1_e207);
+        assert_eq!(user_hash("dana@example.com"), 0x0ea8_0e4b_39f1_e207);
     }
 }

@@ -17,10 +17,10 @@ pub mod redb;
 pub mod remembered;
 pub mod state;
 
+use aggregates::{Counted, DayData, Membership};
 pub use key::StateKey;
 pub use pending::{Held, Pending};
 use queue::{Due, OutboxRecord, OutboxStatus, Retry, Skip};
-use aggregates::{Counted, DayData, Membership};
 use remembered::{Remembered, Stored};
 pub use state::{Distinct, KeyRecord, State, Wants, record_in_window};
 use std::collections::{BTreeMap, BTreeSet};

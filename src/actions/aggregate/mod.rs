@@ -13,6 +13,7 @@ use toml::Spanned;
 
 use super::{Action, Compile, Input, Kind, Output};
 use crate::ingest::path::FieldPath;
+use crate::rules::compile::zone_name;
 use crate::store::aggregates::{Counted, day_number, group_name};
 use crate::units::{self, DURATION_EXAMPLES};
 
@@ -69,17 +70,7 @@ impl Kind for Aggregate {
         let by = FieldPath::parse_reporting(&a.by, cx.problems);
         let zone = match &a.timezone {
             None => Some(chrono_tz::UTC),
-            Some(name) => match name.get_ref().parse::<Tz>() {
-                Ok(tz) => Some(tz),
-                Err(_) => {
-                    cx.problems.add(
-                        name.span(),
-                        format!("`{}` is not a time zone", name.get_ref()),
-                        Some("write a name from the time-zone database, such as timezone = \"Europe/Paris\" or \"America/New_York\"; the days of the counts are that zone's".into()),
-                    );
-                    None
-                }
-            },
+            Some(name) => zone_name(name, cx.problems, false),
         };
         let keep_for = match &a.keep_for {
             None => Some(DEFAULT_KEEP_FOR),

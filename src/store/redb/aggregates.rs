@@ -46,13 +46,10 @@ pub(super) fn create(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, StoreError> {
     let (who, rule) = (c.distinct_id.as_str(), c.rule.as_str());
     let mut members = txn.open_table(MEMBERS).map_err(err)?;
-    let member = members
-        .get((who, rule))
-        .map_err(err)?
-        .map(|m| {
-            let (group, converted, last) = m.value();
-            (group.to_string(), converted, last)
-        });
+    let member = members.get((who, rule)).map_err(err)?.map(|m| {
+        let (group, converted, last) = m.value();
+        (group.to_string(), converted, last)
+    });
     let Some(group) = c.group.clone().or(member.as_ref().map(|m| m.0.clone())) else {
         return Ok(false);
     };
@@ -87,8 +84,11 @@ pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, S
         } else {
             let mut theirs = read_row(&days, rule, c.day, &member_group)?;
             theirs.conversions += 1;
-            days.insert((rule, c.day, member_group.as_str()), theirs.encode().as_slice())
-                .map_err(err)?;
+            days.insert(
+                (rule, c.day, member_group.as_str()),
+                theirs.encode().as_slice(),
+            )
+            .map_err(err)?;
         }
     }
     days.insert((rule, c.day, group.as_str()), row.encode().as_slice())
@@ -118,7 +118,11 @@ fn bounded_group(
     day: i32,
     group: String,
 ) -> Result<String, StoreError> {
-    if days.get((rule, day, group.as_str())).map_err(err)?.is_some() {
+    if days
+        .get((rule, day, group.as_str()))
+        .map_err(err)?
+        .is_some()
+    {
         return Ok(group);
     }
     let groups = days
@@ -171,7 +175,8 @@ pub(super) fn range(
     if exact_fits(rows.iter().map(|d| &d.row)) {
         let users = txn.open_table(USERS).map_err(err)?;
         for d in &mut rows {
-            let range = (rule, d.day, d.group.as_str(), 0)..=(rule, d.day, d.group.as_str(), u64::MAX);
+            let range =
+                (rule, d.day, d.group.as_str(), 0)..=(rule, d.day, d.group.as_str(), u64::MAX);
             let hashes = users.range(range).map_err(err)?;
             d.users = Some(
                 hashes
@@ -236,7 +241,10 @@ pub(super) fn expire(
         rules
             .iter()
             .map_err(err)?
-            .map(|r| r.map(|(k, v)| (k.value().to_string(), v.value())).map_err(err))
+            .map(|r| {
+                r.map(|(k, v)| (k.value().to_string(), v.value()))
+                    .map_err(err)
+            })
             .collect::<Result<_, _>>()?
     };
     let mut days = txn.open_table(DAYS).map_err(err)?;
@@ -251,7 +259,10 @@ pub(super) fn expire(
             .range((rule, i32::MIN, "")..(rule, cutoff, ""))
             .map_err(err)?
             .take(max - gone)
-            .map(|r| r.map(|(k, _)| (k.value().1, k.value().2.to_string())).map_err(err))
+            .map(|r| {
+                r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
+                    .map_err(err)
+            })
             .collect::<Result<_, _>>()?;
         for (day, group) in &old {
             let group = group.as_str();
@@ -276,7 +287,10 @@ pub(super) fn expire(
             .range((rule, i32::MIN, "")..(rule, cutoff, ""))
             .map_err(err)?
             .take(max - gone)
-            .map(|r| r.map(|(k, _)| (k.value().1, k.value().2.to_string())).map_err(err))
+            .map(|r| {
+                r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
+                    .map_err(err)
+            })
             .collect::<Result<_, _>>()?;
         for (day, who) in &people {
             by_day.remove((rule, *day, who.as_str())).map_err(err)?;
@@ -292,11 +306,11 @@ pub(super) fn expire(
 
 #[cfg(test)]
 mod tests {
+    use crate::store::Backend;
     use crate::store::aggregates::{
         Counted, EXACT_PER_DAY, MAX_GROUPS_PER_DAY, OTHER_GROUP, summarize,
     };
     use crate::store::redb::Db;
-    use crate::store::Backend;
 
     fn event(who: &str, day: i32, group: Option<&str>, conversion: bool) -> Counted {
         Counted {

@@ -6,15 +6,15 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::aggregates;
 use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FAILED, KEEP_FINISHED, KEYS,
     LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, REMEMBERED,
     REMEMBERED_COUNT, REMEMBERED_EXPIRY, SEEN, SEEN_BY_TIME, USER_DELIVERIES, USER_KEYS,
     USER_RECORD, USER_WAIT, WAITING, WAITS, WAITS_DUE, err, record,
 };
-use crate::store::queue::{OutboxRecord, Retry, Status};
-use super::aggregates;
 use crate::store::aggregates::Counted;
+use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::remembered::Remembered;
 use crate::store::{Batch, Erased, Pending, RuleState, State, StateKey, StoreError, Wants};
 use std::ops::Bound;

@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
 use crate::store::aggregates::DayData;
+use crate::store::queue::{Due, Lane, OutboxRecord, OutboxStatus, Skip, take_room};
 use crate::store::remembered::Stored;
 use crate::store::{Backend, Batch, FileProgress, QueuedLines, StoreError};
 use crate::store::{Person, StateKey};
