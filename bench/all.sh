@@ -15,5 +15,6 @@ mkdir -p target
   echo; echo "## bench/peers.sh"; bench/peers.sh
   echo; echo "## bench/scale.sh"; bench/scale.sh
   echo; echo "## bench/deliveries.sh"; bench/deliveries.sh
+  echo; echo "## bench/aggregates.sh"; bench/aggregates.sh
 } 2>/dev/null | tee "$report"
 echo "written to $report" >&2
