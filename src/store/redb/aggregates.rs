@@ -13,6 +13,7 @@
 //!   are still forgotten in time.
 
 use redb::{ReadableTable, TableDefinition};
+use std::collections::HashMap;
 
 use super::err;
 use crate::store::StoreError;
@@ -42,8 +43,76 @@ pub(super) fn create(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Counts `c` (see `Batch::aggregate`).
-pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, StoreError> {
+/// The day rows a batch changed, written once when it commits: a busy row (today's, for a
+/// group) is decoded and encoded once a batch, not once an event (its sketch is up to 3 KB).
+#[derive(Default)]
+pub(super) struct Rows(HashMap<(String, i32, String), Cached>);
+
+struct Cached {
+    row: DayRow,
+    /// Whether the table had it when it was read (else it is a group new that day).
+    stored: bool,
+}
+
+impl Rows {
+    /// The row, read from the table the first time in the batch.
+    fn get(
+        &mut self,
+        days: &impl ReadableTable<(&'static str, i32, &'static str), &'static [u8]>,
+        rule: &str,
+        day: i32,
+        group: &str,
+    ) -> Result<&mut DayRow, StoreError> {
+        let key = (rule.to_string(), day, group.to_string());
+        if !self.0.contains_key(&key) {
+            let (row, stored) = match days.get((rule, day, group)).map_err(err)? {
+                Some(bytes) => (
+                    DayRow::decode(bytes.value()).map_err(StoreError::Unavailable)?,
+                    true,
+                ),
+                None => (DayRow::default(), false),
+            };
+            self.0.insert(key.clone(), Cached { row, stored });
+        }
+        Ok(&mut self.0.get_mut(&key).expect("inserted above").row)
+    }
+
+    /// Whether the batch has the row already.
+    fn has(&self, rule: &str, day: i32, group: &str) -> bool {
+        self.0
+            .contains_key(&(rule.to_string(), day, group.to_string()))
+    }
+
+    /// How many groups new that day the batch holds for `rule`.
+    fn new_groups(&self, rule: &str, day: i32) -> usize {
+        (self.0.iter())
+            .filter(|((r, d, _), c)| r == rule && *d == day && !c.stored)
+            .count()
+    }
+
+    /// Writes every row of the batch.
+    pub(super) fn flush(&mut self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut days = txn.open_table(DAYS).map_err(err)?;
+        for ((rule, day, group), cached) in self.0.drain() {
+            days.insert(
+                (rule.as_str(), day, group.as_str()),
+                cached.row.encode().as_slice(),
+            )
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts `c` (see `Batch::aggregate`); its day rows are written by [`Rows::flush`].
+pub(super) fn count(
+    txn: &redb::WriteTransaction,
+    rows: &mut Rows,
+    c: &Counted,
+) -> Result<bool, StoreError> {
     let (who, rule) = (c.distinct_id.as_str(), c.rule.as_str());
     let mut members = txn.open_table(MEMBERS).map_err(err)?;
     let member = members.get((who, rule)).map_err(err)?.map(|m| {
@@ -53,11 +122,11 @@ pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, S
     let Some(group) = c.group.clone().or(member.as_ref().map(|m| m.0.clone())) else {
         return Ok(false);
     };
-    let mut days = txn.open_table(DAYS).map_err(err)?;
-    let group = bounded_group(&days, rule, c.day, group)?;
+    let days = txn.open_table(DAYS).map_err(err)?;
+    let group = bounded_group(&days, rows, rule, c.day, group)?;
     let hash = user_hash(who);
 
-    let mut row = read_row(&days, rule, c.day, &group)?;
+    let row = rows.get(&days, rule, c.day, &group)?;
     row.events += 1;
     row.sketch.insert_hash(hash);
     if !row.overflowed {
@@ -79,20 +148,8 @@ pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, S
     let converts = c.conversion && converted.is_none();
     if converts {
         converted = Some(c.day);
-        if member_group == group {
-            row.conversions += 1;
-        } else {
-            let mut theirs = read_row(&days, rule, c.day, &member_group)?;
-            theirs.conversions += 1;
-            days.insert(
-                (rule, c.day, member_group.as_str()),
-                theirs.encode().as_slice(),
-            )
-            .map_err(err)?;
-        }
+        rows.get(&days, rule, c.day, &member_group)?.conversions += 1;
     }
-    days.insert((rule, c.day, group.as_str()), row.encode().as_slice())
-        .map_err(err)?;
 
     let seen_day = last_day.max(c.day);
     if new_member || converts || seen_day != last_day {
@@ -114,39 +171,31 @@ pub(super) fn count(txn: &redb::WriteTransaction, c: &Counted) -> Result<bool, S
 /// day (looked at only for a group new that day).
 fn bounded_group(
     days: &impl ReadableTable<(&'static str, i32, &'static str), &'static [u8]>,
+    rows: &Rows,
     rule: &str,
     day: i32,
     group: String,
 ) -> Result<String, StoreError> {
-    if days
-        .get((rule, day, group.as_str()))
-        .map_err(err)?
-        .is_some()
+    if rows.has(rule, day, &group)
+        || days
+            .get((rule, day, group.as_str()))
+            .map_err(err)?
+            .is_some()
     {
         return Ok(group);
     }
-    let groups = days
+    let stored = days
         .range((rule, day, "")..=(rule, day, "\u{10ffff}"))
         .map_err(err)?
         .take(MAX_GROUPS_PER_DAY)
         .count();
-    Ok(if groups >= MAX_GROUPS_PER_DAY {
-        OTHER_GROUP.to_string()
-    } else {
-        group
-    })
-}
-
-fn read_row(
-    days: &impl ReadableTable<(&'static str, i32, &'static str), &'static [u8]>,
-    rule: &str,
-    day: i32,
-    group: &str,
-) -> Result<DayRow, StoreError> {
-    match days.get((rule, day, group)).map_err(err)? {
-        Some(bytes) => DayRow::decode(bytes.value()).map_err(StoreError::Unavailable),
-        None => Ok(DayRow::default()),
-    }
+    Ok(
+        if stored + rows.new_groups(rule, day) >= MAX_GROUPS_PER_DAY {
+            OTHER_GROUP.to_string()
+        } else {
+            group
+        },
+    )
 }
 
 /// The rows of `rule` from day `from` to day `to`, in day order, with their users' hashes when
@@ -233,9 +282,12 @@ pub(super) fn forget_member(txn: &redb::WriteTransaction, who: &str) -> Result<u
 /// `today` less the days the rule keeps; returns how many rows went.
 pub(super) fn expire(
     txn: &redb::WriteTransaction,
+    rows: &mut Rows,
     today: i32,
     max: usize,
 ) -> Result<usize, StoreError> {
+    // A row the batch changed may be one that goes.
+    rows.flush(txn)?;
     let rules: Vec<(String, u32)> = {
         let rules = txn.open_table(RULES).map_err(err)?;
         rules

@@ -28,6 +28,8 @@ pub struct WriteTxn {
     pub(super) idle_cursor: Arc<std::sync::Mutex<Option<String>>>,
     /// The first delivery id not yet durable, raised by each durable commit.
     pub(super) durable_next_id: Arc<AtomicU64>,
+    /// The `[aggregate]` rows the batch changed, written when it commits.
+    pub(super) aggregate_rows: aggregates::Rows,
 }
 
 impl RuleState for WriteTxn {
@@ -464,11 +466,11 @@ impl Batch for WriteTxn {
     }
 
     fn aggregate(&mut self, counted: &Counted) -> Result<bool, StoreError> {
-        aggregates::count(&self.txn, counted)
+        aggregates::count(&self.txn, &mut self.aggregate_rows, counted)
     }
 
     fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError> {
-        aggregates::expire(&self.txn, today, max)
+        aggregates::expire(&self.txn, &mut self.aggregate_rows, today, max)
     }
 
     fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
@@ -712,6 +714,7 @@ impl WriteTxn {
     }
 
     fn commit_with(mut self, durability: redb::Durability) -> Result<(), StoreError> {
+        self.aggregate_rows.flush(&self.txn)?;
         self.txn.set_durability(durability).map_err(err)?;
         let failed = self.failed;
         self.txn.commit().map_err(|e| {

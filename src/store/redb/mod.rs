@@ -423,6 +423,7 @@ impl Db {
             failed: self.failed.clone(),
             idle_cursor: self.idle_cursor.clone(),
             durable_next_id: self.durable_next_id.clone(),
+            aggregate_rows: aggregates::Rows::default(),
         })
     }
 
