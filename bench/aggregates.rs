@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             random % users
         });
         for user in new.chain(returning) {
-            batch.push(counted("ab", user, FIRST_DAY + d, user % 31 == 0));
+            batch.push(counted("ab", user, FIRST_DAY + d, user.is_multiple_of(31)));
             if batch.len() == BATCH {
                 events += write(&db, &mut batch)?;
             }
@@ -156,7 +156,7 @@ fn counted(rule: &str, user: u64, day: i32, conversion: bool) -> Counted {
         rule: rule.into(),
         distinct_id: format!("user-{user}"),
         day,
-        group: Some(if user % 2 == 0 { "A" } else { "B" }.into()),
+        group: Some(if user.is_multiple_of(2) { "A" } else { "B" }.into()),
         conversion,
         keep_days: 400,
     }
