@@ -45,11 +45,16 @@ pub enum Outcome {
     Fired,
     /// `[count]` counted the event and is still below `at_least`.
     Counting { count: u64 },
-    /// `[limits]` held the rule back: it already acted for these values.
-    Suppressed,
+    /// `[limits]` held the rule back: it already acted for these values, at `last_ms`; it may
+    /// act again from `until_ms` (`None`: never, a once-ever limit).
+    Suppressed { last_ms: i64, until_ms: Option<i64> },
     /// `[limits] cap_group`: the group has had as many actions for this recipient this period
-    /// as it allows.
-    Capped { group: String },
+    /// as it allows (`at_most`); the next period starts at `until_ms`.
+    Capped {
+        group: String,
+        at_most: u64,
+        until_ms: i64,
+    },
     /// The event has no value for a field the rule counts or limits by (`per`, `once_per`).
     NoKey { field: String },
     /// The rule acted, but some of its actions could not be made from this event, for these
@@ -85,7 +90,7 @@ impl Outcome {
     /// counted per rule and reason, and shown in the reply and at `GET /rules`.
     pub fn suppressed(&self) -> Option<&'static str> {
         match self {
-            Outcome::Suppressed => Some("limits"),
+            Outcome::Suppressed { .. } => Some("limits"),
             Outcome::Capped { .. } => Some("cap"),
             _ => None,
         }
@@ -98,6 +103,9 @@ pub struct Report {
     /// For each event and each rule whose `[when]` held, in order: the rule's index in the
     /// rule set and what it did.
     pub outcomes: Vec<(usize, Outcome)>,
+    /// The uuid of the event each of `outcomes` is about (for a wait that ended, the event
+    /// that started it), for `GET /explain`.
+    pub about: Vec<Option<String>>,
     /// Events skipped because their `uuid` was handled before (a retried delivery).
     pub duplicates: usize,
     /// Pending waits ended unfired because their rule no longer waits (deleted, renamed, or
@@ -112,6 +120,7 @@ impl Report {
     /// Adds what `later` did, as if it had been part of this report.
     pub fn append(&mut self, later: Report) {
         self.outcomes.extend(later.outcomes);
+        self.about.extend(later.about);
         self.duplicates += later.duplicates;
         self.dropped.extend(later.dropped);
         self.suppressions.extend(later.suppressions);
@@ -122,7 +131,7 @@ impl Report {
     fn push(&mut self, rules: &RuleSet, index: usize, outcome: Outcome, event: &Event, t_ms: i64) {
         if let (Some(reason), true) = (outcome.suppressed(), rules.heeds_suppressions()) {
             let group = match &outcome {
-                Outcome::Capped { group } => Some(group.as_str()),
+                Outcome::Capped { group, .. } => Some(group.as_str()),
                 _ => None,
             };
             let rule = &rules.rules()[index].name;
@@ -130,6 +139,7 @@ impl Report {
                 .push(suppression_event(rule, reason, group, event, t_ms));
         }
         self.outcomes.push((index, outcome));
+        self.about.push(event.uuid().map(str::to_string));
     }
 
     /// The names of the rules that acted, once per event they acted on.
@@ -597,19 +607,25 @@ fn held_back(
     if let Some(key) = &keys.once {
         state.touch(key);
         if let Some(last) = state.last_acted(key) {
-            let held = match (&limits.period, limits.again_after) {
+            // Whether it is held back, and from when it may act again.
+            let (held, until_ms) = match (&limits.period, limits.again_after) {
                 (Some(cal), _) => {
                     let tz = cal.zone.of(event);
-                    cal.period_in(tz, t_ms) <= cal.period_in(tz, last)
+                    let held = cal.period_in(tz, t_ms) <= cal.period_in(tz, last);
+                    (held, Some(cal.next_start_in(tz, last)))
                 }
                 (None, Some(after)) => {
                     let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-                    t_ms.saturating_sub(last) < after_ms
+                    let held = t_ms.saturating_sub(last) < after_ms;
+                    (held, Some(last.saturating_add(after_ms)))
                 }
-                (None, None) => true,
+                (None, None) => (true, None),
             };
             if held {
-                return Some(Outcome::Suppressed);
+                return Some(Outcome::Suppressed {
+                    last_ms: last,
+                    until_ms,
+                });
             }
         }
     }
@@ -617,8 +633,11 @@ fn held_back(
         state.touch(key);
         let period = cap.period.period_of(t_ms, event);
         if state.period_count(key, period) >= cap.at_most {
+            let tz = cap.period.zone.of(event);
             return Some(Outcome::Capped {
                 group: cap.name.clone(),
+                at_most: cap.at_most,
+                until_ms: cap.period.next_start_in(tz, t_ms),
             });
         }
     }
@@ -1315,10 +1334,10 @@ fields = { who = "distinct_id" }
             "same uuid: no second count"
         );
         assert_eq!(r.used("3", Some("a@x.io")).fired(&r.set), ["fifth"]);
-        assert_eq!(
-            r.used("4", Some("a@x.io")).outcomes,
-            [(0, Outcome::Suppressed)]
-        );
+        assert!(matches!(
+            r.used("4", Some("a@x.io")).outcomes[..],
+            [(0, Outcome::Suppressed { until_ms: None, .. })]
+        ));
         let effects = &r.effects;
         assert_eq!(effects.len(), 2, "{effects:?}");
         // In the order the rule file lists its actions: [email], then [jsonl].
@@ -1382,9 +1401,11 @@ fields = { who = "distinct_id" }
             "{effects:?}"
         );
         let report = r.used("3", Some("a@x.io"));
-        assert_eq!(
-            report.outcomes,
-            [(0, Outcome::Suppressed)],
+        assert!(
+            matches!(
+                report.outcomes[..],
+                [(0, Outcome::Suppressed { until_ms: None, .. })]
+            ),
             "[limits] counts the line"
         );
     }
@@ -1403,10 +1424,10 @@ fields = { who = "distinct_id" }
         );
         assert!(matches!(report.outcomes[..], [(0, Outcome::Failed { .. })]));
         assert_eq!(r.used("3", Some("a@x.io")).fired(&r.set), ["fifth"]);
-        assert_eq!(
-            r.used("4", Some("a@x.io")).outcomes,
-            [(0, Outcome::Suppressed)]
-        );
+        assert!(matches!(
+            r.used("4", Some("a@x.io")).outcomes[..],
+            [(0, Outcome::Suppressed { until_ms: None, .. })]
+        ));
         assert_eq!(r.effects.len(), 2, "{:?}", r.effects);
         assert!(matches!(
             &r.effects[0],

@@ -283,7 +283,7 @@ fn a_persons_counters_waits_and_deliveries_are_shown_and_all_of_it_is_forgotten_
     assert_eq!(
         erased["erased"],
         // The discount's count and once-mark, the checkout's once-mark (used, not yet set).
-        json!({"rule_state": 3, "pending": 1, "deliveries": 1, "remembered": 1}),
+        json!({"rule_state": 3, "pending": 1, "deliveries": 1, "remembered": 1, "groups": 0}),
         "{erased}"
     );
     let (_, dana) = get(&server, "/users/dana");

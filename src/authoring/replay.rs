@@ -491,7 +491,7 @@ impl Run<'_> {
                     }
                 }
                 Outcome::Counting { .. } => s.counting += 1,
-                Outcome::Suppressed | Outcome::Capped { .. } => s.held_back += 1,
+                Outcome::Suppressed { .. } | Outcome::Capped { .. } => s.held_back += 1,
                 Outcome::NoKey { .. } => s.no_key += 1,
                 Outcome::Failed { reasons } => {
                     s.failed += 1;

@@ -85,6 +85,31 @@ impl Calendar {
         self.period_in(self.zone.of(event), t_ms)
     }
 
+    /// When the period after the one `t_ms` falls in starts, in `tz` (milliseconds since 1970):
+    /// the next local midnight, Monday or first of the month. A midnight that does not exist
+    /// (clocks going forward) is taken an hour later.
+    pub fn next_start_in(&self, tz: chrono_tz::Tz, t_ms: i64) -> i64 {
+        let utc = DateTime::<Utc>::from_timestamp_millis(t_ms).unwrap_or_default();
+        let date = utc.with_timezone(&tz).date_naive();
+        let next = match self.period {
+            Period::Day => date + TimeDelta::days(1),
+            Period::Week => date.week(Weekday::Mon).last_day() + TimeDelta::days(1),
+            Period::Month => {
+                let (y, m) = (date.year(), date.month());
+                let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                chrono::NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(date)
+            }
+        };
+        let midnight = next.and_time(NaiveTime::MIN);
+        tz.from_local_datetime(&midnight)
+            .earliest()
+            .or_else(|| {
+                tz.from_local_datetime(&(midnight + TimeDelta::hours(1)))
+                    .earliest()
+            })
+            .map_or(t_ms, |t| t.timestamp_millis())
+    }
+
     /// The period the instant `t_ms` falls in, in `tz` (see [`Calendar::period_of`]).
     pub fn period_in(&self, tz: chrono_tz::Tz, t_ms: i64) -> i64 {
         let utc = DateTime::<Utc>::from_timestamp_millis(t_ms).unwrap_or_default();
@@ -198,6 +223,21 @@ mod tests {
         let last = ny.period_of(ms("2026-11-02T04:59:00Z"), &e); // 23:59 (UTC-5)
         let next = ny.period_of(ms("2026-11-02T05:00:00Z"), &e);
         assert_eq!((last - first, next - last), (0, 1));
+    }
+
+    #[test]
+    fn the_next_period_starts_at_local_midnight() {
+        let paris = |p| fixed(p, "Europe/Paris");
+        let tz: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
+        // Wednesday 3 December 2026, 23:30 in Paris.
+        let t = ms("2026-12-03T22:30:00Z");
+        assert_eq!(paris(Period::Day).next_start_in(tz, t), ms("2026-12-03T23:00:00Z"));
+        assert_eq!(paris(Period::Week).next_start_in(tz, t), ms("2026-12-06T23:00:00Z"));
+        assert_eq!(paris(Period::Month).next_start_in(tz, t), ms("2026-12-31T23:00:00Z"));
+        // The night the clocks go forward (29 March 2026) is an hour shorter.
+        let t = ms("2026-03-28T12:00:00Z");
+        assert_eq!(paris(Period::Day).next_start_in(tz, t), ms("2026-03-28T23:00:00Z"));
+        assert_eq!(paris(Period::Day).next_start_in(tz, ms("2026-03-29T12:00:00Z")), ms("2026-03-29T22:00:00Z"));
     }
 
     #[test]
