@@ -321,6 +321,6 @@ fn a_persons_counters_waits_and_deliveries_are_shown_and_all_of_it_is_forgotten_
         .unwrap();
     assert_eq!(
         erased["erased"],
-        json!({"rule_state": 0, "pending": 0, "deliveries": 0, "remembered": 0})
+        json!({"rule_state": 0, "pending": 0, "deliveries": 0, "remembered": 0, "groups": 0})
     );
 }
