@@ -682,9 +682,11 @@ fn run_actions(index: usize, rule: &Rule, input: &Input, effects: &mut Vec<Effec
     for action in &rule.actions {
         match action.run(input) {
             Ok(mut output) => {
-                // Whom a delivery is about, for `GET /users` and `DELETE /users`.
+                // Whom a delivery is about, for `GET /users` and `DELETE /users`, and which
+                // event it comes from, for `GET /explain`.
                 if let Output::Delivery(delivery) = &mut output {
                     delivery.person = input.event.distinct_id.as_str().map(String::from);
+                    delivery.event = input.event.uuid().map(String::from);
                 }
                 effects.push(Effect::Output {
                     rule: index,

@@ -184,7 +184,7 @@ fn counts_survive_a_kill_and_outlive_their_rule() {
 }
 
 #[test]
-fn erasing_a_person_forgets_their_group_and_leaves_the_counts() {
+fn erasing_a_person_forgets_their_group_and_takes_them_out_of_the_users() {
     let server = start();
     send_the_test(&server);
     let reply = common::client()
@@ -196,13 +196,16 @@ fn erasing_a_person_forgets_their_group_and_leaves_the_counts() {
     assert_eq!(erased["erased"]["groups"], 1, "{erased}");
     let (_, dana) = get(&server, "/users/dana");
     assert_eq!(dana["groups"], json!([]));
-    // The counts hold no one's id: they stay as they were.
-    let (_, all) = get(&server, "/aggregates/checkout-experiment");
+    // She is no longer among the users of any day; her events and conversion stay as numbers.
+    let (_, all) = get(&server, "/aggregates/checkout-experiment?days=true");
     assert_eq!(
         (&all["totalEvents"], &all["uniqueUsers"]),
-        (&json!(6), &json!(4))
+        (&json!(6), &json!(3))
     );
-    // Seen again, she is counted afresh, in the group her event says.
+    assert_eq!(all["variants"]["test"]["users"], 1, "kim only");
+    assert_eq!(all["variants"]["test"]["conversions"], 1);
+    assert_eq!(all["days"][1]["variants"]["test"]["users"], 1);
+    // Seen again, she is someone new: her group is the one her event says.
     server.post_json(&event(
         "e9",
         "purchase",

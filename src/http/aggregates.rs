@@ -53,19 +53,26 @@ pub async fn aggregates(
     });
     let store = state.store.clone();
     let name = rule.clone();
+    let running = timezone.is_some();
     let (first, last) = (
         from.map_or(i32::MIN, day_number),
         to.map_or(i32::MAX, day_number),
     );
-    let rows = tokio::task::spawn_blocking(move || store.aggregates(&name, first, last))
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(|e| AppError::Internal(e.to_string()))?;
-    if rows.is_empty() && timezone.is_none() {
+    let rows = tokio::task::spawn_blocking(move || {
+        // A rule no longer running is known by its counts, kept until its `keep_for` ends.
+        if !running && !store.aggregate_rules()?.contains(&name) {
+            return Ok(None);
+        }
+        store.aggregates(&name, first, last).map(Some)
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e: crate::store::StoreError| AppError::Internal(e.to_string()))?;
+    let Some(rows) = rows else {
         return Err(AppError::NotFound(format!(
             "no rule named `{rule}` counts events: a rule needs an [aggregate] table (see docs/RULES.md)"
         )));
-    }
+    };
     let summary = summarize(&rows);
     let day = |d: Option<i32>| d.map(|d| day_date(d).to_string());
     let mut answer = json!({

@@ -358,6 +358,7 @@ mod tests {
             to: "d***@example.com".into(),
             lane: None,
             person: None,
+            event: None,
             payload: payload.as_object().unwrap().clone(),
         };
         let mut record = OutboxRecord::new("r".into(), delivery, due_unix);
@@ -547,6 +548,9 @@ mod tests {
             to: i32,
         ) -> Result<Vec<crate::store::aggregates::DayData>, StoreError> {
             self.db.aggregates(rule, from, to)
+        }
+        fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
+            self.db.aggregate_rules()
         }
     }
 

@@ -231,13 +231,28 @@ mod tests {
         let tz: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
         // Wednesday 3 December 2026, 23:30 in Paris.
         let t = ms("2026-12-03T22:30:00Z");
-        assert_eq!(paris(Period::Day).next_start_in(tz, t), ms("2026-12-03T23:00:00Z"));
-        assert_eq!(paris(Period::Week).next_start_in(tz, t), ms("2026-12-06T23:00:00Z"));
-        assert_eq!(paris(Period::Month).next_start_in(tz, t), ms("2026-12-31T23:00:00Z"));
+        assert_eq!(
+            paris(Period::Day).next_start_in(tz, t),
+            ms("2026-12-03T23:00:00Z")
+        );
+        assert_eq!(
+            paris(Period::Week).next_start_in(tz, t),
+            ms("2026-12-06T23:00:00Z")
+        );
+        assert_eq!(
+            paris(Period::Month).next_start_in(tz, t),
+            ms("2026-12-31T23:00:00Z")
+        );
         // The night the clocks go forward (29 March 2026) is an hour shorter.
         let t = ms("2026-03-28T12:00:00Z");
-        assert_eq!(paris(Period::Day).next_start_in(tz, t), ms("2026-03-28T23:00:00Z"));
-        assert_eq!(paris(Period::Day).next_start_in(tz, ms("2026-03-29T12:00:00Z")), ms("2026-03-29T22:00:00Z"));
+        assert_eq!(
+            paris(Period::Day).next_start_in(tz, t),
+            ms("2026-03-28T23:00:00Z")
+        );
+        assert_eq!(
+            paris(Period::Day).next_start_in(tz, ms("2026-03-29T12:00:00Z")),
+            ms("2026-03-29T22:00:00Z")
+        );
     }
 
     #[test]

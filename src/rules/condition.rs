@@ -68,7 +68,80 @@ impl Condition {
     }
 }
 
+impl Condition {
+    /// Why `event` does not satisfy this condition, in words, with the value it has: the first
+    /// part that fails (for `any`, every alternative); `None` if it holds.
+    pub fn why_not(&self, event: &Event) -> Option<String> {
+        match self {
+            Condition::All(list) => list.iter().find_map(|c| c.why_not(event)),
+            Condition::Any(list) => {
+                let reasons: Option<Vec<String>> = list.iter().map(|c| c.why_not(event)).collect();
+                reasons.map(|r| format!("none of its alternatives holds: {}", r.join("; or ")))
+            }
+            Condition::Not(inner) => inner.holds(event).then(|| {
+                format!(
+                    "it must not be that {}, and it is",
+                    inner
+                        .describe()
+                        .unwrap_or_else(|| "all of these hold".into())
+                )
+            }),
+            Condition::Field { path, test } => {
+                let value = path.lookup(event);
+                if test.holds(value) {
+                    return None;
+                }
+                Some(match value {
+                    Some(v) => format!("`{path}` is {}; the rule wants {}", shown(v), test.wants()),
+                    None => format!("the event has no `{path}`; the rule wants {}", test.wants()),
+                })
+            }
+        }
+    }
+
+    /// What a single test asks, in words (`None` for a group of tests).
+    fn describe(&self) -> Option<String> {
+        match self {
+            Condition::Field { path, test } => Some(format!("`{path}` is {}", test.wants())),
+            Condition::All(list) if list.len() == 1 => list[0].describe(),
+            _ => None,
+        }
+    }
+}
+
+/// A value as `why_not` shows it: JSON, cut at 100 characters.
+fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 impl Test {
+    /// What the test asks of a value, in words.
+    fn wants(&self) -> String {
+        let list = |l: &[Value]| l.iter().map(shown).collect::<Vec<_>>().join(", ");
+        match self {
+            Test::Equals(v) => shown(v),
+            Test::NotEquals(v) => format!("anything but {}", shown(v)),
+            Test::In(l) => format!("one of {}", list(l)),
+            Test::NotIn(l) => format!("none of {}", list(l)),
+            Test::Contains(v) => format!("something containing {}", shown(v)),
+            Test::StartsWith(w) => format!("text starting with {w:?}"),
+            Test::EndsWith(w) => format!("text ending with {w:?}"),
+            Test::Matches(re) => format!("text matching '{}'", re.as_str()),
+            Test::Gt(n) => format!("a number above {n}"),
+            Test::Gte(n) => format!("a number of at least {n}"),
+            Test::Lt(n) => format!("a number below {n}"),
+            Test::Lte(n) => format!("a number of at most {n}"),
+            Test::Before(t) => format!("a time before {}", t.to_rfc3339()),
+            Test::After(t) => format!("a time after {}", t.to_rfc3339()),
+            Test::Exists(true) => "it to be there".into(),
+            Test::Exists(false) => "it not to be there".into(),
+        }
+    }
+
     fn holds(&self, value: Option<&Value>) -> bool {
         let Some(value) = value else {
             return matches!(
@@ -185,6 +258,53 @@ mod tests {
             Some(json!("2025-06-14T09:21:33.412Z"))
         ));
         assert!(check(Test::Before(t), Some(json!(1_700_000_000.5))));
+    }
+
+    #[test]
+    fn why_not_names_the_first_failing_test_with_the_value() {
+        let body = json!({
+            "event": "feature_used", "distinct_id": "dana",
+            "properties": {"feature": "import", "seats": 3},
+        });
+        let limits = crate::ingest::event::BodyLimits::LOCAL_FILES;
+        let events = crate::ingest::event::decode(body.to_string().as_bytes(), Utc::now(), &limits);
+        let event = &events.unwrap()[0];
+        let field = |path: &str, test| Condition::Field {
+            path: FieldPath::parse(path).unwrap(),
+            test,
+        };
+        let all = Condition::All(vec![
+            field("properties.seats", Test::Gte(1.0)),
+            field("properties.feature", Test::Equals(json!("export"))),
+            field("properties.plan", Test::Equals(json!("pro"))),
+        ]);
+        assert_eq!(
+            all.why_not(event).unwrap(),
+            "`properties.feature` is \"import\"; the rule wants \"export\""
+        );
+        let missing = field(
+            "properties.plan",
+            Test::In(vec![json!("pro"), json!("team")]),
+        );
+        assert_eq!(
+            missing.why_not(event).unwrap(),
+            "the event has no `properties.plan`; the rule wants one of \"pro\", \"team\""
+        );
+        let not = Condition::Not(Box::new(field("properties.seats", Test::Lt(5.0))));
+        assert_eq!(
+            not.why_not(event).unwrap(),
+            "it must not be that `properties.seats` is a number below 5, and it is"
+        );
+        let any = Condition::Any(vec![missing, field("properties.seats", Test::Gt(10.0))]);
+        assert!(
+            any.why_not(event)
+                .unwrap()
+                .contains("; or `properties.seats` is 3")
+        );
+        assert_eq!(
+            field("properties.seats", Test::Gte(1.0)).why_not(event),
+            None
+        );
     }
 
     #[test]

@@ -212,6 +212,8 @@ pub trait Backend: Send + Sync {
     /// The `[aggregate]` counts of `rule` from day `from` to day `to` (day numbers), in day
     /// order, with their users' hashes when the range can be counted exactly.
     fn aggregates(&self, rule: &str, from: i32, to: i32) -> Result<Vec<DayData>, StoreError>;
+    /// Every rule whose `[aggregate]` counts are kept, running or not.
+    fn aggregate_rules(&self) -> Result<Vec<String>, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

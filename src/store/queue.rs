@@ -17,6 +17,9 @@ pub struct Delivery {
     pub lane: Option<String>,
     /// Whose event it comes from (a distinct id), set by the engine.
     pub person: Option<String>,
+    /// The uuid of the event it comes from (for a wait, the event that started it), set by
+    /// the engine, for `GET /explain`.
+    pub event: Option<String>,
     /// What the kind's sender needs, stored as it is.
     pub payload: Map<String, Value>,
 }
@@ -38,6 +41,7 @@ impl Delivery {
             to,
             lane,
             person: None,
+            event: None,
             payload,
         }
     }
@@ -76,6 +80,9 @@ pub struct OutboxRecord {
     /// See [`Delivery::person`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub person: Option<String>,
+    /// See [`Delivery::event`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
     /// What the kind's sender needs (for an email: `from`, `to`, `message`...), stored beside
     /// the fields above, as records from before kinds existed had them.
     #[serde(flatten)]
@@ -105,6 +112,7 @@ impl OutboxRecord {
             destination: delivery.to,
             lane: delivery.lane,
             person: delivery.person,
+            event: delivery.event,
             payload: delivery.payload,
             status: Status::Pending,
             created_unix: now_unix,
@@ -138,6 +146,7 @@ impl OutboxRecord {
             destination: String::new(),
             lane: None,
             person: None,
+            event: None,
             payload: Map::new(),
             status: Status::Failed,
             created_unix: now_unix,

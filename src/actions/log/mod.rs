@@ -61,6 +61,7 @@ impl Action for LogAction {
             to: "log.txt".into(),
             lane: None,
             person: None,
+            event: None,
             payload,
         }))
     }

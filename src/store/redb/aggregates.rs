@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use super::err;
 use crate::store::StoreError;
 use crate::store::aggregates::{
-    Counted, DayData, DayRow, EXACT_PER_DAY, MAX_GROUPS_PER_DAY, Membership, OTHER_GROUP,
+    Counted, DayData, DayRow, EXACT_PER_DAY, MAX_GROUPS_PER_DAY, Membership, OTHER_GROUP, Sketch,
     exact_fits, user_hash,
 };
 
@@ -126,21 +126,10 @@ pub(super) fn count(
     let group = bounded_group(&days, rows, rule, c.day, group)?;
     let hash = user_hash(who);
 
+    let mut users = txn.open_table(USERS).map_err(err)?;
     let row = rows.get(&days, rule, c.day, &group)?;
     row.events += 1;
-    row.sketch.insert_hash(hash);
-    if !row.overflowed {
-        let mut users = txn.open_table(USERS).map_err(err)?;
-        let key = (rule, c.day, group.as_str(), hash);
-        if users.get(key).map_err(err)?.is_none() {
-            if row.exact < EXACT_PER_DAY {
-                users.insert(key, ()).map_err(err)?;
-                row.exact += 1;
-            } else {
-                row.overflowed = true;
-            }
-        }
-    }
+    add_user(&mut users, row, (rule, c.day, &group), hash)?;
 
     // The person's group is the group of their first counted event.
     let new_member = member.is_none();
@@ -148,7 +137,12 @@ pub(super) fn count(
     let converts = c.conversion && converted.is_none();
     if converts {
         converted = Some(c.day);
-        rows.get(&days, rule, c.day, &member_group)?.conversions += 1;
+        // Counted in their group, where they are a user that day too (an event whose field
+        // says another group counts in that one): no group converts more people than it has.
+        let theirs = bounded_group(&days, rows, rule, c.day, member_group.clone())?;
+        let row = rows.get(&days, rule, c.day, &theirs)?;
+        row.conversions += 1;
+        add_user(&mut users, row, (rule, c.day, &theirs), hash)?;
     }
 
     let seen_day = last_day.max(c.day);
@@ -165,6 +159,27 @@ pub(super) fn count(
         rules.insert(rule, c.keep_days).map_err(err)?;
     }
     Ok(true)
+}
+
+/// Adds the person `hash` to the users of `row` (rule, day, group): its sketch, and its exact
+/// set while it has room.
+fn add_user(
+    users: &mut redb::Table<(&'static str, i32, &'static str, u64), ()>,
+    row: &mut DayRow,
+    (rule, day, group): (&str, i32, &str),
+    hash: u64,
+) -> Result<(), StoreError> {
+    row.sketch.insert_hash(hash);
+    if row.overflowed || users.get((rule, day, group, hash)).map_err(err)?.is_some() {
+        return Ok(());
+    }
+    if row.exact < EXACT_PER_DAY {
+        users.insert((rule, day, group, hash), ()).map_err(err)?;
+        row.exact += 1;
+    } else {
+        row.overflowed = true;
+    }
+    Ok(())
 }
 
 /// `group`, or [`OTHER_GROUP`] when the rule already counts [`MAX_GROUPS_PER_DAY`] groups that
@@ -258,9 +273,16 @@ pub(super) fn memberships(
         .collect()
 }
 
-/// Forgets which group `who` is in and whether they converted, for every rule; returns how many
-/// rules had them. What they added to the counts stays: the counts hold no one's id.
-pub(super) fn forget_member(txn: &redb::WriteTransaction, who: &str) -> Result<u64, StoreError> {
+/// Forgets which group `who` is in and whether they converted, for every rule, and takes them
+/// out of the exact users of every day they were counted on (a day that kept its users exactly
+/// has its sketch made again from those left, so that it holds nothing of them either); returns
+/// how many rules had them. Events and conversions stay, as numbers.
+pub(super) fn forget_member(
+    txn: &redb::WriteTransaction,
+    rows: &mut Rows,
+    who: &str,
+) -> Result<u64, StoreError> {
+    rows.flush(txn)?;
     let mut members = txn.open_table(MEMBERS).map_err(err)?;
     let mut by_day = txn.open_table(MEMBERS_BY_DAY).map_err(err)?;
     let theirs: Vec<(String, i32)> = members
@@ -275,7 +297,74 @@ pub(super) fn forget_member(txn: &redb::WriteTransaction, who: &str) -> Result<u
         members.remove((who, rule.as_str())).map_err(err)?;
         by_day.remove((rule.as_str(), *last, who)).map_err(err)?;
     }
+    let hash = user_hash(who);
+    let counted: Vec<String> = {
+        let rules = txn.open_table(RULES).map_err(err)?;
+        rules
+            .iter()
+            .map_err(err)?
+            .map(|r| r.map(|(k, _)| k.value().to_string()).map_err(err))
+            .collect::<Result<_, _>>()?
+    };
+    let mut days = txn.open_table(DAYS).map_err(err)?;
+    let mut users = txn.open_table(USERS).map_err(err)?;
+    for rule in &counted {
+        let rule = rule.as_str();
+        let keys: Vec<(i32, String)> = days
+            .range((rule, i32::MIN, "")..=(rule, i32::MAX, "\u{10ffff}"))
+            .map_err(err)?
+            .map(|r| {
+                r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
+                    .map_err(err)
+            })
+            .collect::<Result<_, _>>()?;
+        for (day, group) in &keys {
+            let group = group.as_str();
+            if users
+                .remove((rule, *day, group, hash))
+                .map_err(err)?
+                .is_none()
+            {
+                continue;
+            }
+            let mut row = read_row(&days, rule, *day, group)?;
+            row.exact = row.exact.saturating_sub(1);
+            if !row.overflowed {
+                row.sketch = Sketch::new();
+                for h in users
+                    .range((rule, *day, group, 0)..=(rule, *day, group, u64::MAX))
+                    .map_err(err)?
+                {
+                    row.sketch.insert_hash(h.map_err(err)?.0.value().3);
+                }
+            }
+            days.insert((rule, *day, group), row.encode().as_slice())
+                .map_err(err)?;
+        }
+    }
     Ok(theirs.len() as u64)
+}
+
+fn read_row(
+    days: &impl ReadableTable<(&'static str, i32, &'static str), &'static [u8]>,
+    rule: &str,
+    day: i32,
+    group: &str,
+) -> Result<DayRow, StoreError> {
+    match days.get((rule, day, group)).map_err(err)? {
+        Some(bytes) => DayRow::decode(bytes.value()).map_err(StoreError::Unavailable),
+        None => Ok(DayRow::default()),
+    }
+}
+
+/// Every rule with counts kept (some perhaps removed from the rule files since).
+pub(super) fn rules(txn: &redb::ReadTransaction) -> Result<Vec<String>, StoreError> {
+    let rules = txn.open_table(RULES).map_err(err)?;
+    rules
+        .iter()
+        .map_err(err)?
+        .map(|r| r.map(|(k, _)| k.value().to_string()).map_err(err))
+        .collect()
 }
 
 /// Forgets, for each rule, at most `max` days (with their users) and people last counted before
@@ -416,6 +505,9 @@ mod tests {
         assert_eq!(day_102.groups["A"].conversions, 1);
         assert_eq!(day_102.groups["A"].events, 1);
 
+        // Her conversion, told B by its event, counts in A, where she is a user that day too.
+        assert_eq!(day_102.groups["A"].users, 1);
+
         let dana = db.person("dana").unwrap().groups;
         assert_eq!((dana.len(), dana[0].group.as_str()), (1, "A"));
         assert_eq!(dana[0].converted, Some(102));
@@ -423,6 +515,18 @@ mod tests {
         assert_eq!(txn.forget_person("dana").unwrap().groups, 1);
         txn.commit().unwrap();
         assert!(db.person("dana").unwrap().groups.is_empty());
+        // Out of every day's users, exact sets and sketches alike; her events stay.
+        let rows = db.aggregates("ab", 0, 1000).unwrap();
+        let s = summarize(&rows);
+        assert_eq!((s.all.users, s.all.events, s.all.conversions), (1, 6, 1));
+        assert!(
+            rows.iter()
+                .all(|d| d.row.exact as usize == d.users.as_ref().unwrap().len())
+        );
+        assert!(
+            rows.iter()
+                .all(|d| d.row.sketch.estimate() == d.row.exact as usize)
+        );
         // Forgotten, she starts again: her next event's group is hers.
         count(&db, &[event("dana", 103, Some("B"), true)]);
         assert_eq!(db.person("dana").unwrap().groups[0].group, "B");

@@ -421,7 +421,7 @@ impl Batch for WriteTxn {
             counts.remove((who, rule.as_str())).map_err(err)?;
         }
         erased.remembered = remembered.len() as u64;
-        erased.groups = aggregates::forget_member(&self.txn, who)?;
+        erased.groups = aggregates::forget_member(&self.txn, &mut self.aggregate_rows, who)?;
         Ok(erased)
     }
 

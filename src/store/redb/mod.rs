@@ -692,6 +692,10 @@ impl Backend for Db {
         aggregates::range(&self.read()?, rule, from, to)
     }
 
+    fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
+        aggregates::rules(&self.read()?)
+    }
+
     /// Only the rows shown are decoded.
     fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
         let txn = self.read()?;
