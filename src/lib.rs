@@ -10,6 +10,8 @@
 //! - [`rules`]: rule files and templates → compiled, indexed [`rules::RuleSet`].
 //! - [`engine`]: decides what events do under a rule set: dedupe → match → count (or window) →
 //!   limits → effects. No I/O.
+//! - [`explain`]: why each rule did or did not act on an event, in words, kept for the newest
+//!   events (`GET /explain/{uuid}`, `tripline explain`).
 //! - [`pipeline`]: what runs in the background of the service: the committer (group commit: one
 //!   thread makes the effects of many requests durable at once), the outbox sender (deliveries of
 //!   every kind), the reload of the rules.
@@ -37,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod diag;
 pub mod engine;
+pub mod explain;
 pub mod http;
 pub mod ingest;
 pub mod pipeline;

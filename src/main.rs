@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-use tripline::authoring::{self, replay::ReplayArgs, test::TestArgs};
+use tripline::authoring::{self, explain::ExplainArgs, replay::ReplayArgs, test::TestArgs};
 use tripline::clock::Clock;
 use tripline::config::{FolderArgs, LogFormat, ServeArgs};
 
@@ -31,6 +31,8 @@ enum Command {
     Test(TestArgs),
     /// Replay a file of past events through the rules and show what would have happened.
     Replay(ReplayArgs),
+    /// Ask the running service why each rule did or did not act on one event (by its uuid).
+    Explain(ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +77,10 @@ fn main() -> ExitCode {
         Command::Replay(args) => {
             init_logs("error", LogFormat::Text);
             authoring::replay::run(&args)
+        }
+        Command::Explain(args) => {
+            init_logs("error", LogFormat::Text);
+            authoring::explain::run(&args)
         }
     }
 }

@@ -1,9 +1,10 @@
-//! The commands a rule author runs without starting the service: `check`, `test` and `replay`.
-//! Each prints for people on the terminal and returns the process's exit code.
+//! The commands a rule author runs without starting the service (`check`, `test`, `replay`), and
+//! `explain`, which asks the running service about one event. Each prints for people on the terminal and returns the process's exit code.
 
 pub mod cases;
 pub mod check;
 pub mod event_file;
+pub mod explain;
 pub mod replay;
 pub mod test;
 

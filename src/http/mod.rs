@@ -10,6 +10,7 @@ pub mod admission;
 pub mod aggregates;
 pub mod connections;
 pub mod error;
+pub mod explain;
 pub mod users;
 pub mod webhook;
 
@@ -113,6 +114,7 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/outbox/{id}/retry", post(admin::retry))
         .route("/metrics", get(admin::metrics))
         .route("/aggregates/{rule}", get(aggregates::aggregates))
+        .route("/explain/{uuid}", get(explain::explain))
         .route(
             "/users/{distinct_id}",
             get(users::user).delete(users::forget),

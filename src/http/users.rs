@@ -218,7 +218,7 @@ fn counted(kind: &str, record: &KeyRecord) -> Option<u64> {
 }
 
 /// A pending wait (or held action, or digest being collected), as `pending` shows it.
-fn waiting(wait: &Pending) -> Value {
+pub(super) fn waiting(wait: &Pending) -> Value {
     let kind = match (&wait.held, &wait.digest) {
         (Some(_), _) => "held",
         (_, Some(_)) => "digest",
@@ -234,7 +234,7 @@ fn waiting(wait: &Pending) -> Value {
 }
 
 /// A delivery, as `actions` shows it.
-fn action(id: u64, record: &OutboxRecord) -> Value {
+pub(super) fn action(id: u64, record: &OutboxRecord) -> Value {
     let at = |unix: u64| time(i64::try_from(unix).unwrap_or(i64::MAX).saturating_mul(1000));
     json!({
         "id": id,
@@ -407,7 +407,7 @@ fn time(ms: i64) -> String {
 /// The same, as a short block for a prompt.
 /// `text` on one line: a label or a page comes from what people sent, and a line break in it
 /// must not start a line of its own in a block meant for a prompt.
-fn one_line(text: &str) -> String {
+pub(super) fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

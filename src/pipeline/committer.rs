@@ -37,6 +37,7 @@ use crate::actions::{aggregate, remember};
 use crate::clock::Clock;
 use crate::config::{Durability, WaitSettings};
 use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};
+use crate::explain;
 use crate::ingest::event::Event;
 use crate::pipeline::appender::{Appender, Backlog, Waiting};
 use crate::pipeline::journal::{self, Journal};
@@ -775,6 +776,7 @@ impl Worker {
                 &env,
                 &mut effects,
             )?;
+            keep_explanations(txn.as_mut(), &job.rules, &job.events, &report, now_ms)?;
             reports.push(report);
             files_of.push(take_effects(
                 &mut effects,
@@ -800,6 +802,7 @@ impl Worker {
                     &env,
                     &mut effects,
                 )?;
+                keep_explanations(txn.as_mut(), rules, &[], &report, now_ms)?;
                 take_effects(
                     &mut effects,
                     rules,
@@ -1346,6 +1349,26 @@ fn take_effects(
         }
     }
     Ok(files)
+}
+
+/// Writes, in `txn`, why each rule did or did not act on `events` (see `explain.rs`), and what
+/// `report` adds to earlier events' records (waits they started that ended).
+fn keep_explanations(
+    txn: &mut dyn Batch,
+    rules: &RuleSet,
+    events: &[Event],
+    report: &Report,
+    now_ms: i64,
+) -> Result<(), CommitError> {
+    let records = explain::records(rules, events, report, now_ms);
+    for (uuid, record) in &records.new {
+        let who = record["distinct_id"].as_str().unwrap_or_default();
+        txn.explain(uuid, now_ms, who, record)?;
+    }
+    for (uuid, entry) in &records.more {
+        txn.explain_more(uuid, entry)?;
+    }
+    Ok(())
 }
 
 /// Adds one to the tally of (kind, rule), copying the rule's name only the first time.

@@ -552,6 +552,9 @@ mod tests {
         fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
             self.db.aggregate_rules()
         }
+        fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError> {
+            self.db.explanation(uuid)
+        }
     }
 
     /// Delivers everything at once, counting the attempts.

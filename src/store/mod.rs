@@ -100,6 +100,18 @@ pub trait Batch: RuleState + Send {
     /// than their rule keeps them, `today` being a day number (`aggregates::day_number`);
     /// returns how many.
     fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError>;
+    /// Keeps the record of why rules did or did not act on the event `uuid` of `who` (see
+    /// `explain.rs`), unless it has one; the oldest beyond `explain::KEEP` are forgotten.
+    fn explain(
+        &mut self,
+        uuid: &str,
+        received_ms: i64,
+        who: &str,
+        record: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// Adds `entry` to the record of the event `uuid`, if it is still kept (a wait it started
+    /// ended).
+    fn explain_more(&mut self, uuid: &str, entry: &serde_json::Value) -> Result<(), StoreError>;
     /// Forgets at most `max` remembered events whose time ran out before `now_ms`; returns how
     /// many.
     fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError>;
@@ -154,6 +166,8 @@ pub struct Erased {
     pub remembered: u64,
     /// Rules of `[aggregate]` that had its group (the counts themselves hold no one's id).
     pub groups: u64,
+    /// Records of why rules did or did not act on its events.
+    pub explanations: u64,
 }
 
 /// How far an output file is written: the file is `len` bytes long once the texts queued for it
@@ -214,6 +228,8 @@ pub trait Backend: Send + Sync {
     fn aggregates(&self, rule: &str, from: i32, to: i32) -> Result<Vec<DayData>, StoreError>;
     /// Every rule whose `[aggregate]` counts are kept, running or not.
     fn aggregate_rules(&self) -> Result<Vec<String>, StoreError>;
+    /// The record of why rules did or did not act on the event `uuid` (JSON), if it is kept.
+    fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

@@ -6,13 +6,13 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::aggregates;
 use super::{
     DAY, DELIVERY_IDS, DELIVERY_IDS_BY_TIME, FILES, Indexed, KEEP_FAILED, KEEP_FINISHED, KEYS,
     LINES, META, OUTBOX, OUTBOX_DONE, OUTBOX_DUE, OUTBOX_FAILED, OUTBOX_LANES, REMEMBERED,
     REMEMBERED_COUNT, REMEMBERED_EXPIRY, SEEN, SEEN_BY_TIME, USER_DELIVERIES, USER_KEYS,
     USER_RECORD, USER_WAIT, WAITING, WAITS, WAITS_DUE, err, record,
 };
+use super::{aggregates, explained};
 use crate::store::aggregates::Counted;
 use crate::store::queue::{OutboxRecord, Retry, Status};
 use crate::store::remembered::Remembered;
@@ -422,6 +422,7 @@ impl Batch for WriteTxn {
         }
         erased.remembered = remembered.len() as u64;
         erased.groups = aggregates::forget_member(&self.txn, &mut self.aggregate_rows, who)?;
+        erased.explanations = explained::forget(&self.txn, who)?;
         Ok(erased)
     }
 
@@ -467,6 +468,20 @@ impl Batch for WriteTxn {
 
     fn aggregate(&mut self, counted: &Counted) -> Result<bool, StoreError> {
         aggregates::count(&self.txn, &mut self.aggregate_rows, counted)
+    }
+
+    fn explain(
+        &mut self,
+        uuid: &str,
+        received_ms: i64,
+        who: &str,
+        record: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        explained::keep(&self.txn, uuid, received_ms, who, &record.to_string())
+    }
+
+    fn explain_more(&mut self, uuid: &str, entry: &serde_json::Value) -> Result<(), StoreError> {
+        explained::add(&self.txn, uuid, entry)
     }
 
     fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError> {

@@ -23,6 +23,7 @@
 
 mod aggregates;
 mod batch;
+mod explained;
 mod record;
 
 pub use batch::WriteTxn;
@@ -378,6 +379,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(WAITS_DUE).map_err(err)?;
         txn.open_table(WAITING).map_err(err)?;
         aggregates::create(&txn)?;
+        explained::create(&txn)?;
         migrate_once_marks(&txn)?;
         migrate_file_lengths(&txn)?;
         merge_state_tables(&txn, Clock::wall().unix() / DAY)?;
@@ -694,6 +696,10 @@ impl Backend for Db {
 
     fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
         aggregates::rules(&self.read()?)
+    }
+
+    fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError> {
+        explained::read(&self.read()?, uuid)
     }
 
     /// Only the rows shown are decoded.
