@@ -97,15 +97,22 @@ impl Outcome {
     }
 }
 
+/// The event an outcome is about: its uuid and whose it is.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct About {
+    pub uuid: Option<String>,
+    pub who: Option<String>,
+}
+
 /// What happened to a batch of events.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {
     /// For each event and each rule whose `[when]` held, in order: the rule's index in the
     /// rule set and what it did.
     pub outcomes: Vec<(usize, Outcome)>,
-    /// The uuid of the event each of `outcomes` is about (for a wait that ended, the event
-    /// that started it), for `GET /explain`.
-    pub about: Vec<Option<String>>,
+    /// The event each of `outcomes` is about (for a wait that ended, the event that started
+    /// it), for `GET /explain`.
+    pub about: Vec<About>,
     /// Events skipped because their `uuid` was handled before (a retried delivery).
     pub duplicates: usize,
     /// Pending waits ended unfired because their rule no longer waits (deleted, renamed, or
@@ -139,7 +146,10 @@ impl Report {
                 .push(suppression_event(rule, reason, group, event, t_ms));
         }
         self.outcomes.push((index, outcome));
-        self.about.push(event.uuid().map(str::to_string));
+        self.about.push(About {
+            uuid: event.uuid().map(str::to_string),
+            who: event.distinct_id.as_str().map(str::to_string),
+        });
     }
 
     /// The names of the rules that acted, once per event they acted on.

@@ -1,15 +1,20 @@
 //! Why a rule did or did not act on an event, in words someone who edits rules can read: "why
 //! didn't Dana get the discount?".
 //!
-//! The committer makes a record for each event with a uuid that some rule names or acted on,
-//! once its batch is decided ([`records`]), and writes it in the same transaction; the store
-//! keeps the newest [`KEEP`] (a retried delivery keeps the first). For each rule: what it did
-//! ([`Outcome`]) or the first condition of `[when]` that failed with the value the event had,
-//! each with a sentence (`says`). A wait that ends later adds to the record of the event that
-//! started it. `GET /explain/{uuid}` (`http/explain.rs`) adds what became of the deliveries.
+//! The committer makes a [`Record`] for each event with a uuid that some rule names or acted
+//! on, once its batch is decided ([`records`]), and writes it in the same transaction; the store
+//! keeps the newest [`KEEP`] (a retried delivery makes none: the first stands). For each rule:
+//! what it did ([`Outcome`]) and its figures, or the first condition of `[when]` that failed
+//! with the value the event had. A record holds facts only, kept small because every event some
+//! rule names writes one; the sentences are made when it is read ([`Entry::says`]), with the
+//! rule as it runs then. A wait that ends later adds a record for the event that started it,
+//! read with the first. `GET /explain/{uuid}` (`http/explain.rs`) adds what became of the
+//! deliveries.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 
 use crate::engine::{Outcome, Report};
 use crate::ingest::event::Event;
@@ -18,57 +23,93 @@ use crate::rules::{Rule, RuleSet};
 /// How many events' records the store keeps, the newest.
 pub const KEEP: u64 = 100_000;
 
-/// What [`records`] makes of a request's events.
-#[derive(Debug, Default)]
-pub struct Records {
-    /// A record for each of the request's events that has one, by uuid.
-    pub new: Vec<(String, Value)>,
-    /// Entries for the records of earlier events (a wait they started ended now), by uuid.
-    pub more: Vec<(String, Value)>,
+/// What is kept about one event: its name, whose it is, its time and when it was received, and
+/// what each rule did. A record written for a wait that ended has only `rules`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Record<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub who: Option<Cow<'a, str>>,
+    /// The event's time and when it was received (milliseconds since 1970).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_ms: Option<i64>,
+    pub rules: Vec<Entry<'a>>,
 }
 
-/// The records of `events`, decided as `report` says, received at `received_ms`; and the entries
-/// `report` adds to earlier events' records.
-pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: i64) -> Records {
-    let mut out = Records::default();
+/// What one rule did with the event, as facts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Entry<'a> {
+    pub rule: Cow<'a, str>,
+    /// `fired`, `counting`, `not_matched`... (see docs/API.md).
+    pub result: Cow<'a, str>,
+    /// `counting`: the count reached, and from which the rule acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<u64>,
+    /// `suppressed`: when the rule last acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ms: Option<i64>,
+    /// Until when it holds (a limit, a cap's period, a wait, a send window, a digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+    /// `capped`: the group and what it allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_most: Option<u64>,
+    /// Why, in words: the failed condition, the actions that could not be made...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// When a wait the event started ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<i64>,
+}
+
+/// A record to keep: the event's uuid, whose it is, and the record as JSON.
+pub type Kept = (String, String, String);
+
+/// The records of `events`, decided as `report` says, received at `received_ms`, and the
+/// records `report` adds for earlier events (waits they started, ended now). An event handled
+/// before (a retried delivery) has none: its first record stands.
+pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: i64) -> Vec<Kept> {
+    let mut out = Vec::new();
     let mut taken = vec![false; report.outcomes.len()];
-    for event in events {
+    let outcomes = || report.outcomes.iter().zip(&report.about).enumerate();
+    'events: for event in events {
         let Some(uuid) = event.uuid() else { continue };
         let mut entries = Vec::new();
         for (index, rule) in rules.candidates(event.name()) {
             let mut acted_on = false;
-            for (n, ((i, outcome), about)) in report.outcomes.iter().zip(&report.about).enumerate()
-            {
-                if *i == index && !taken[n] && about.as_deref() == Some(uuid) {
+            for (n, ((i, outcome), about)) in outcomes() {
+                if *i == index && !taken[n] && about.uuid.as_deref() == Some(uuid) {
                     taken[n] = true;
                     acted_on = true;
                     entries.push(entry(rule, outcome));
                 }
             }
             // A rule for every event (`event = "*"`) is only shown when it did something.
-            let named = rule
-                .events
-                .as_ref()
-                .is_some_and(|names| names.iter().any(|n| n == event.name()));
+            let named = (rule.events.iter().flatten()).any(|n| n == event.name());
             if acted_on || !named {
                 continue;
             }
-            entries.push(match rule.when.why_not(event) {
-                Some(why) => json!({
-                    "rule": rule.name,
-                    "result": "not_matched",
-                    "says": format!("Not for this rule: {why}."),
+            match rule.when.why_not(event) {
+                Some(why) => entries.push(Entry {
+                    rule: Cow::Borrowed(&rule.name),
+                    result: Cow::Borrowed("not_matched"),
+                    why: Some(why),
+                    ..Entry::default()
                 }),
-                None => json!({
-                    "rule": rule.name,
-                    "result": "handled_before",
-                    "says": "This event was received before (same uuid): a retried delivery changes nothing.",
-                }),
-            });
+                // It holds, and the rule did nothing: the event was handled before.
+                None => continue 'events,
+            }
         }
         // Rules watching for this event while they wait (`until`, `unless`).
-        for (n, ((i, outcome), about)) in report.outcomes.iter().zip(&report.about).enumerate() {
-            if !taken[n] && about.as_deref() == Some(uuid) {
+        for (n, ((i, outcome), about)) in outcomes() {
+            if !taken[n] && about.uuid.as_deref() == Some(uuid) {
                 taken[n] = true;
                 entries.push(entry(&rules.rules()[*i], outcome));
             }
@@ -76,122 +117,203 @@ pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: 
         if entries.is_empty() {
             continue;
         }
-        out.new.push((
-            uuid.to_string(),
-            json!({
-                "uuid": uuid,
-                "event": event.name(),
-                "distinct_id": event.distinct_id,
-                "timestamp": event.time.to_rfc3339_opts(SecondsFormat::Millis, true),
-                "received": time(received_ms),
-                "rules": entries,
-            }),
-        ));
+        let who = event.distinct_id.as_str().unwrap_or_default();
+        let record = Record {
+            event: Some(Cow::Borrowed(event.name())),
+            who: Some(Cow::Borrowed(who)),
+            at_ms: Some(event.time.timestamp_millis()),
+            received_ms: Some(received_ms),
+            rules: entries,
+        };
+        out.push((uuid.to_string(), who.to_string(), to_json(&record)));
     }
     // What is left is about earlier events: waits they started, ended now.
-    for (n, ((i, outcome), about)) in report.outcomes.iter().zip(&report.about).enumerate() {
-        if let (false, Some(uuid)) = (taken[n], about) {
+    for (n, ((i, outcome), about)) in outcomes() {
+        if let (false, Some(uuid)) = (taken[n], &about.uuid) {
             let mut e = entry(&rules.rules()[*i], outcome);
-            e["at"] = time(received_ms).into();
-            out.more.push((uuid.clone(), e));
+            e.ended_ms = Some(received_ms);
+            let record = Record {
+                rules: vec![e],
+                ..Record::default()
+            };
+            let who = about.who.clone().unwrap_or_default();
+            out.push((uuid.clone(), who, to_json(&record)));
         }
     }
     out
 }
 
-/// What `rule` did, in a record: the result, a sentence, and the figures behind it.
-fn entry(rule: &Rule, outcome: &Outcome) -> Value {
-    let (result, says) = match outcome {
-        Outcome::Fired => ("fired", format!("Acted: {}.", actions(rule))),
+fn to_json(record: &Record) -> String {
+    serde_json::to_string(record).expect("a record is plain data")
+}
+
+/// What `rule` did, as facts.
+fn entry<'a>(rule: &'a Rule, outcome: &Outcome) -> Entry<'a> {
+    let mut e = Entry {
+        rule: Cow::Borrowed(&rule.name),
+        ..Entry::default()
+    };
+    let result = match outcome {
+        Outcome::Fired => "fired",
         Outcome::Counting { count } => {
-            let at_least = rule.count.as_ref().map_or(0, |c| c.at_least);
-            let mut e = json!({
-                "rule": rule.name,
-                "result": "counting",
-                "says": format!(
-                    "Counted: this is number {count}, and the rule acts from number {at_least} on."
-                ),
-                "count": count,
-                "at_least": at_least,
-            });
-            if let Some(per) = rule.count.as_ref().map(|c| fields(&c.per)) {
-                e["per"] = per.into();
-            }
-            return e;
+            e.count = Some(*count);
+            e.at_least = rule.count.as_ref().map(|c| c.at_least);
+            "counting"
         }
         Outcome::Suppressed { last_ms, until_ms } => {
-            let per = rule
-                .limits
-                .as_ref()
-                .and_then(|l| l.once_per.as_ref())
-                .map_or_else(String::new, |p| format!(" for the same {}", fields(p)));
-            let again = match until_ms {
-                Some(until) => format!("it may act again from {}", words(*until)),
-                None => "it acts only once, so not again".to_string(),
-            };
-            (
-                "suppressed",
-                format!(
-                    "Held back by its [limits]: it already acted{per} on {}; {again}.",
-                    words(*last_ms)
-                ),
-            )
+            e.last_ms = Some(*last_ms);
+            e.until_ms = *until_ms;
+            "suppressed"
         }
         Outcome::Capped {
             group,
             at_most,
             until_ms,
-        } => (
-            "capped",
-            format!(
-                "Held back by the cap group \"{group}\": it allows {at_most} per period for this recipient, and they had them; the next period starts {}.",
-                words(*until_ms)
-            ),
-        ),
-        Outcome::NoKey { field } => (
-            "no_value",
-            format!("Not counted: the event has no `{field}`, which the rule counts or limits by."),
-        ),
-        Outcome::PartlyFailed { reasons } => (
-            "partly_failed",
-            format!(
-                "Acted, but not every action could be made: {}.",
-                reasons.join("; ")
-            ),
-        ),
-        Outcome::Failed { reasons } => ("failed", format!("Did not act: {}.", reasons.join("; "))),
-        Outcome::Waiting { until_ms } => (
-            "waiting",
-            format!("Started waiting ([wait]), until {}.", words(*until_ms)),
-        ),
-        Outcome::Cancelled => (
-            "cancelled",
-            "Cancelled the rule's wait ([wait] unless): it will not act for it.".to_string(),
-        ),
-        Outcome::Expired { why } => ("expired", format!("The wait ended without acting: {why}.")),
-        Outcome::WaitRefused { reason } => ("wait_refused", format!("Could not wait: {reason}.")),
-        Outcome::Held { until_ms } => (
-            "held",
-            format!(
-                "Acted outside its [send_window]: its actions are held until {}.",
-                words(*until_ms)
-            ),
-        ),
-        Outcome::Collected { until_ms } => (
-            "collected",
-            format!("Added to the digest sent {}.", words(*until_ms)),
-        ),
+        } => {
+            e.group = Some(Cow::Owned(group.clone()));
+            e.at_most = Some(*at_most);
+            e.until_ms = Some(*until_ms);
+            "capped"
+        }
+        Outcome::NoKey { field } => {
+            e.why = Some(field.clone());
+            "no_value"
+        }
+        Outcome::PartlyFailed { reasons } => {
+            e.why = Some(reasons.join("; "));
+            "partly_failed"
+        }
+        Outcome::Failed { reasons } => {
+            e.why = Some(reasons.join("; "));
+            "failed"
+        }
+        Outcome::Waiting { until_ms } => {
+            e.until_ms = Some(*until_ms);
+            "waiting"
+        }
+        Outcome::Cancelled => "cancelled",
+        Outcome::Expired { why } => {
+            e.why = Some(why.to_string());
+            "expired"
+        }
+        Outcome::WaitRefused { reason } => {
+            e.why = Some(reason.clone());
+            "wait_refused"
+        }
+        Outcome::Held { until_ms } => {
+            e.until_ms = Some(*until_ms);
+            "held"
+        }
+        Outcome::Collected { until_ms } => {
+            e.until_ms = Some(*until_ms);
+            "collected"
+        }
     };
-    let mut e = json!({"rule": rule.name, "result": result, "says": says});
-    match outcome {
-        Outcome::Suppressed { until_ms, .. } => e["until"] = until_ms.map(time).into(),
-        Outcome::Capped { until_ms, .. }
-        | Outcome::Waiting { until_ms }
-        | Outcome::Held { until_ms }
-        | Outcome::Collected { until_ms } => e["until"] = time(*until_ms).into(),
-        _ => {}
-    }
+    e.result = Cow::Borrowed(result);
     e
+}
+
+impl Record<'_> {
+    /// The record as `GET /explain` shows it, each rule's entry with its sentence, told with
+    /// the rules running now (`rules`).
+    pub fn shown(&self, uuid: &str, rules: Option<&RuleSet>) -> Value {
+        let rule = |name: &str| rules.and_then(|set| set.rules().iter().find(|r| r.name == name));
+        let entries: Vec<Value> = (self.rules.iter())
+            .map(|e| e.shown(rule(&e.rule)))
+            .collect();
+        json!({
+            "uuid": uuid,
+            "event": self.event,
+            "distinct_id": self.who,
+            "timestamp": self.at_ms.map(|t| time(t, SecondsFormat::Millis)),
+            "received": self.received_ms.map(|t| time(t, SecondsFormat::Secs)),
+            "rules": entries,
+        })
+    }
+}
+
+impl Entry<'_> {
+    /// The entry with its sentence and its times written out.
+    fn shown(&self, rule: Option<&Rule>) -> Value {
+        let mut e = json!({"rule": self.rule, "result": self.result, "says": self.says(rule)});
+        if let (Some(count), Some(at_least)) = (self.count, self.at_least) {
+            e["count"] = count.into();
+            e["at_least"] = at_least.into();
+        }
+        if let Some(per) = rule.and_then(|r| r.count.as_ref()).map(|c| fields(&c.per)) {
+            if self.result == "counting" {
+                e["per"] = per.into();
+            }
+        }
+        if matches!(
+            self.result.as_ref(),
+            "suppressed" | "capped" | "waiting" | "held" | "collected"
+        ) {
+            e["until"] = self.until_ms.map(|t| time(t, SecondsFormat::Secs)).into();
+        }
+        if let Some(at) = self.ended_ms {
+            e["at"] = time(at, SecondsFormat::Secs).into();
+        }
+        e
+    }
+
+    /// What happened, in a sentence; `rule` is the rule as it runs now, if it still does.
+    pub fn says(&self, rule: Option<&Rule>) -> String {
+        let why = self.why.as_deref().unwrap_or("no reason was kept");
+        let until = self.until_ms.map(words).unwrap_or_default();
+        let said = match self.result.as_ref() {
+            "not_matched" => format!("Not for this rule: {why}."),
+            "fired" => match rule {
+                Some(r) => format!("Acted: {}.", actions(r)),
+                None => "Acted.".into(),
+            },
+            "counting" => format!(
+                "Counted: this is number {}, and the rule acts from number {} on.",
+                self.count.unwrap_or_default(),
+                self.at_least.unwrap_or_default()
+            ),
+            "suppressed" => {
+                let per = (rule.and_then(|r| r.limits.as_ref()))
+                    .and_then(|l| l.once_per.as_ref())
+                    .map_or_else(String::new, |p| format!(" for the same {}", fields(p)));
+                let again = match self.until_ms {
+                    Some(_) => format!("it may act again from {until}"),
+                    None => "it acts only once, so not again".to_string(),
+                };
+                let last = self.last_ms.map(words).unwrap_or_default();
+                format!("Held back by its [limits]: it already acted{per} on {last}; {again}.")
+            }
+            "capped" => format!(
+                "Held back by the cap group \"{}\": it allows {} per period for this recipient, and they had them; the next period starts {until}.",
+                self.group.as_deref().unwrap_or_default(),
+                self.at_most.unwrap_or_default()
+            ),
+            "no_value" => {
+                format!(
+                    "Not counted: the event has no `{why}`, which the rule counts or limits by."
+                )
+            }
+            "partly_failed" => format!("Acted, but not every action could be made: {why}."),
+            "failed" => format!("Did not act: {why}."),
+            "waiting" => format!("Started waiting ([wait]), until {until}."),
+            "cancelled" => {
+                "Cancelled the rule's wait ([wait] unless): it will not act for it.".into()
+            }
+            "expired" => format!("The wait ended without acting: {why}."),
+            "wait_refused" => format!("Could not wait: {why}."),
+            "held" => {
+                format!("Acted outside its [send_window]: its actions are held until {until}.")
+            }
+            "collected" => format!("Added to the digest sent {until}."),
+            other => format!("{other}."),
+        };
+        match (self.ended_ms, self.result.as_ref()) {
+            (Some(at), "fired" | "partly_failed" | "failed") => {
+                format!("Its wait ended on {}: {said}", words(at))
+            }
+            _ => said,
+        }
+    }
 }
 
 /// What a rule does when it acts, in words: `it ran its [email] and [jsonl]`.
@@ -204,7 +326,7 @@ fn actions(rule: &Rule) -> String {
     format!("it ran its {}", kinds.join(" and "))
 }
 
-/// Field paths as a list in words: `distinct_id and properties.feature`.
+/// Field paths as a list in words: `` `distinct_id` and `properties.feature` ``.
 fn fields(paths: &[crate::ingest::path::FieldPath]) -> String {
     let names: Vec<String> = paths.iter().map(|p| format!("`{p}`")).collect();
     match names.len() {
@@ -214,10 +336,10 @@ fn fields(paths: &[crate::ingest::path::FieldPath]) -> String {
 }
 
 /// A time for a record (RFC 3339, UTC).
-fn time(ms: i64) -> String {
+fn time(ms: i64, precision: SecondsFormat) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Secs, true)
+        .to_rfc3339_opts(precision, true)
 }
 
 /// A time in a sentence: `2026-12-04 18:20 UTC`.

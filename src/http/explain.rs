@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::AppState;
 use super::error::AppError;
 use super::users::{action, one_line, waiting};
-use crate::explain::KEEP;
+use crate::explain::{KEEP, Record};
 
 /// The query string.
 #[derive(Debug, Deserialize)]
@@ -42,20 +42,22 @@ pub async fn explain(
         }
     };
     let store = state.store.clone();
+    let rules = state.rules.snapshot();
     let id = uuid.clone();
     let found = tokio::task::spawn_blocking(move || {
         let Some(json) = store.explanation(&id)? else {
             return Ok(None);
         };
-        let mut record: Value = serde_json::from_str(&json)
+        let kept: Record = serde_json::from_str(&json)
             .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
+        let mut record = kept.shown(&id, rules.as_deref());
         // What became of what each rule sent for this event, and of the waits it started.
-        let person = match record["distinct_id"].as_str() {
+        let person = match kept.who.as_deref() {
             Some(who) => store.person(who)?,
             None => crate::store::Person::default(),
         };
-        if let Some(rules) = record["rules"].as_array_mut() {
-            for entry in rules {
+        if let Some(entries) = record["rules"].as_array_mut() {
+            for entry in entries {
                 let rule = entry["rule"].as_str().unwrap_or_default().to_string();
                 let sent: Vec<Value> = (person.deliveries.iter())
                     .filter(|(_, r)| r.rule == rule && r.event.as_deref() == Some(id.as_str()))

@@ -1352,7 +1352,7 @@ fn take_effects(
 }
 
 /// Writes, in `txn`, why each rule did or did not act on `events` (see `explain.rs`), and what
-/// `report` adds to earlier events' records (waits they started that ended).
+/// `report` adds for earlier events (waits they started that ended).
 fn keep_explanations(
     txn: &mut dyn Batch,
     rules: &RuleSet,
@@ -1360,13 +1360,8 @@ fn keep_explanations(
     report: &Report,
     now_ms: i64,
 ) -> Result<(), CommitError> {
-    let records = explain::records(rules, events, report, now_ms);
-    for (uuid, record) in &records.new {
-        let who = record["distinct_id"].as_str().unwrap_or_default();
-        txn.explain(uuid, now_ms, who, record)?;
-    }
-    for (uuid, entry) in &records.more {
-        txn.explain_more(uuid, entry)?;
+    for (uuid, who, record) in explain::records(rules, events, report, now_ms) {
+        txn.explain(&uuid, &who, &record)?;
     }
     Ok(())
 }

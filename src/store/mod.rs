@@ -100,18 +100,10 @@ pub trait Batch: RuleState + Send {
     /// than their rule keeps them, `today` being a day number (`aggregates::day_number`);
     /// returns how many.
     fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError>;
-    /// Keeps the record of why rules did or did not act on the event `uuid` of `who` (see
-    /// `explain.rs`), unless it has one; the oldest beyond `explain::KEEP` are forgotten.
-    fn explain(
-        &mut self,
-        uuid: &str,
-        received_ms: i64,
-        who: &str,
-        record: &serde_json::Value,
-    ) -> Result<(), StoreError>;
-    /// Adds `entry` to the record of the event `uuid`, if it is still kept (a wait it started
-    /// ended).
-    fn explain_more(&mut self, uuid: &str, entry: &serde_json::Value) -> Result<(), StoreError>;
+    /// Keeps a record of why rules did or did not act on the event `uuid` of `who` (see
+    /// `explain.rs`); the oldest beyond `explain::KEEP` are forgotten. Records written later
+    /// for the same uuid (a wait it started, ended) add their rules to the first.
+    fn explain(&mut self, uuid: &str, who: &str, record: &str) -> Result<(), StoreError>;
     /// Forgets at most `max` remembered events whose time ran out before `now_ms`; returns how
     /// many.
     fn expire_remembered(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError>;

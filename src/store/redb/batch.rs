@@ -470,18 +470,8 @@ impl Batch for WriteTxn {
         aggregates::count(&self.txn, &mut self.aggregate_rows, counted)
     }
 
-    fn explain(
-        &mut self,
-        uuid: &str,
-        received_ms: i64,
-        who: &str,
-        record: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        explained::keep(&self.txn, uuid, received_ms, who, &record.to_string())
-    }
-
-    fn explain_more(&mut self, uuid: &str, entry: &serde_json::Value) -> Result<(), StoreError> {
-        explained::add(&self.txn, uuid, entry)
+    fn explain(&mut self, uuid: &str, who: &str, record: &str) -> Result<(), StoreError> {
+        explained::keep(&self.txn, uuid, who, record)
     }
 
     fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError> {
