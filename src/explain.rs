@@ -240,10 +240,10 @@ impl Entry<'_> {
             e["count"] = count.into();
             e["at_least"] = at_least.into();
         }
-        if let Some(per) = rule.and_then(|r| r.count.as_ref()).map(|c| fields(&c.per)) {
-            if self.result == "counting" {
-                e["per"] = per.into();
-            }
+        if let Some(count) = rule.and_then(|r| r.count.as_ref())
+            && self.result == "counting"
+        {
+            e["per"] = fields(&count.per).into();
         }
         if matches!(
             self.result.as_ref(),
