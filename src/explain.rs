@@ -349,3 +349,79 @@ fn words(ms: i64) -> String {
         .format("%Y-%m-%d %H:%M UTC")
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(result: &'static str) -> Entry<'static> {
+        Entry {
+            rule: Cow::Borrowed("r"),
+            result: Cow::Borrowed(result),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn each_result_reads_as_a_sentence_with_its_times() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis();
+        let again = Entry {
+            last_ms: Some(t("2026-12-01T10:00:00Z")),
+            until_ms: Some(t("2026-12-08T10:00:00Z")),
+            ..entry("suppressed")
+        };
+        assert_eq!(
+            again.says(None),
+            "Held back by its [limits]: it already acted on 2026-12-01 10:00 UTC; it may act again from 2026-12-08 10:00 UTC."
+        );
+        let capped = Entry {
+            group: Some(Cow::Borrowed("marketing")),
+            at_most: Some(2),
+            until_ms: Some(t("2026-12-07T23:00:00Z")),
+            ..entry("capped")
+        };
+        assert!(
+            capped
+                .says(None)
+                .starts_with("Held back by the cap group \"marketing\": it allows 2 per period")
+        );
+        assert!(capped.says(None).ends_with("starts 2026-12-07 23:00 UTC."));
+        let shown = capped.shown(None);
+        assert_eq!(shown["until"], "2026-12-07T23:00:00Z");
+        // A wait that ended later, for a rule no longer running.
+        let ended = Entry {
+            ended_ms: Some(t("2026-12-04T12:30:00Z")),
+            ..entry("fired")
+        };
+        assert_eq!(
+            ended.says(None),
+            "Its wait ended on 2026-12-04 12:30 UTC: Acted."
+        );
+        assert_eq!(ended.shown(None)["at"], "2026-12-04T12:30:00Z");
+    }
+
+    #[test]
+    fn a_record_keeps_facts_only() {
+        let record = Record {
+            event: Some(Cow::Borrowed("feature_used")),
+            who: Some(Cow::Borrowed("dana")),
+            at_ms: Some(1),
+            received_ms: Some(2),
+            rules: vec![Entry {
+                count: Some(4),
+                at_least: Some(5),
+                ..entry("counting")
+            }],
+        };
+        let json = to_json(&record);
+        assert_eq!(
+            json,
+            r#"{"event":"feature_used","who":"dana","at_ms":1,"received_ms":2,"rules":[{"rule":"r","result":"counting","count":4,"at_least":5}]}"#
+        );
+        let back: Record = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.shown("u1", None)["rules"][0]["says"],
+            "Counted: this is number 4, and the rule acts from number 5 on."
+        );
+    }
+}
