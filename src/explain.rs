@@ -15,6 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use crate::engine::{Outcome, Report};
 use crate::ingest::event::Event;
@@ -78,17 +79,24 @@ pub type Kept = (String, String, String);
 pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: i64) -> Vec<Kept> {
     let mut out = Vec::new();
     let mut taken = vec![false; report.outcomes.len()];
-    let outcomes = || report.outcomes.iter().zip(&report.about).enumerate();
+    // Each event's outcomes, found at once (a body may hold many events).
+    let mut of_event: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (n, about) in report.about.iter().enumerate() {
+        if let Some(uuid) = &about.uuid {
+            of_event.entry(uuid).or_default().push(n);
+        }
+    }
     'events: for event in events {
         let Some(uuid) = event.uuid() else { continue };
+        let theirs = of_event.get(uuid).map_or(&[][..], Vec::as_slice);
         let mut entries = Vec::new();
         for (index, rule) in rules.candidates(event.name()) {
             let mut acted_on = false;
-            for (n, ((i, outcome), about)) in outcomes() {
-                if *i == index && !taken[n] && about.uuid.as_deref() == Some(uuid) {
+            for &n in theirs {
+                if report.outcomes[n].0 == index && !taken[n] {
                     taken[n] = true;
                     acted_on = true;
-                    entries.push(entry(rule, outcome));
+                    entries.push(entry(rule, &report.outcomes[n].1));
                 }
             }
             // A rule for every event (`event = "*"`) is only shown when it did something.
@@ -108,9 +116,10 @@ pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: 
             }
         }
         // Rules watching for this event while they wait (`until`, `unless`).
-        for (n, ((i, outcome), about)) in outcomes() {
-            if !taken[n] && about.uuid.as_deref() == Some(uuid) {
+        for &n in theirs {
+            if !taken[n] {
                 taken[n] = true;
+                let (i, outcome) = &report.outcomes[n];
                 entries.push(entry(&rules.rules()[*i], outcome));
             }
         }
@@ -128,7 +137,8 @@ pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: 
         out.push((uuid.to_string(), who.to_string(), to_json(&record)));
     }
     // What is left is about earlier events: waits they started, ended now.
-    for (n, ((i, outcome), about)) in outcomes() {
+    let outcomes = report.outcomes.iter().zip(&report.about).enumerate();
+    for (n, ((i, outcome), about)) in outcomes {
         if let (false, Some(uuid)) = (taken[n], &about.uuid) {
             let mut e = entry(&rules.rules()[*i], outcome);
             e.ended_ms = Some(received_ms);

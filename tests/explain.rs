@@ -96,6 +96,8 @@ fn why_dana_did_or_did_not_get_the_discount_is_told_for_each_event() {
     // A retried delivery changes nothing, its record included.
     server.post_json(&used("use-4", Some("import"), 30));
     assert_eq!(explain(&server, "use-4").1, fourth);
+    server.post_json(&used("use-old", None, 7));
+    assert_eq!(explain(&server, "use-old").1, old, "told once");
 
     // As lines to read.
     let (status, text) = server.get("/explain/use-6?format=text");

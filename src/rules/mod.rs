@@ -409,7 +409,7 @@ impl RuleSet {
     /// it while waiting), or names it, so that why it did not act is kept (`explain.rs`). Only
     /// such events need the committer.
     pub fn involves(&self, event: &Event) -> bool {
-        self.by_event.contains_key(event.name())
+        (event.uuid().is_some() && self.by_event.contains_key(event.name()))
             || self.matching(event).next().is_some()
             || self.watching(event).next().is_some()
     }

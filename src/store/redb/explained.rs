@@ -4,8 +4,8 @@
 //! were written, so that keeping one costs an append at the end and forgetting the oldest
 //! beyond `explain::KEEP` a removal at the start: no random write per event, which would cost
 //! the busiest workloads a quarter of their throughput (measured: see PERFORMANCE.md). Finding
-//! one by uuid reads the keys (100,000 at most: milliseconds); a wait that ends later adds a
-//! record of its own under the same uuid, merged when it is read.
+//! one by uuid walks the table (100,000 rows at most: milliseconds, in one read transaction); a
+//! wait that ends later adds a record of its own under the same uuid, merged when it is read.
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
@@ -43,8 +43,10 @@ pub(super) fn keep(
     Ok(())
 }
 
-/// The record of `uuid`, if it is kept: the first one written, with the entries of those
-/// written for it later (waits it started, ended) added to its rules.
+/// The record of `uuid`, if it is kept: the event's own record, with the rules of the records
+/// written for it later (waits it started, ended) added. A retried delivery of an event no rule
+/// acted on is written again, and is left out here; so is what is left of an event whose own
+/// record was forgotten.
 pub(super) fn read(txn: &redb::ReadTransaction, uuid: &str) -> Result<Option<String>, StoreError> {
     let table = txn.open_table(EXPLAINED).map_err(err)?;
     let mut found: Option<Value> = None;
@@ -54,14 +56,16 @@ pub(super) fn read(txn: &redb::ReadTransaction, uuid: &str) -> Result<Option<Str
             continue;
         }
         let record: Value = serde_json::from_str(v.value().1).map_err(err)?;
+        let own = record.get("event").is_some();
         match &mut found {
-            None => found = Some(record),
-            Some(first) => {
+            None if own => found = Some(record),
+            Some(first) if !own => {
                 let more = record["rules"].as_array().cloned().unwrap_or_default();
                 if let Some(rules) = first["rules"].as_array_mut() {
                     rules.extend(more);
                 }
             }
+            _ => {}
         }
     }
     Ok(found.map(|r| r.to_string()))
