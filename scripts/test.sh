@@ -5,6 +5,9 @@
 #   of tripline's HTTP deliveries.
 # Both go into a virtual environment under target/, so nothing is installed into the system's
 # Python.
+# - chromium (Debian's package): the real headless browser the status page is tested in
+#   (installed with apt-get when missing, which needs root; elsewhere that test says it is
+#   skipped).
 # The durability tests also mount a small tmpfs to fill a disk; that needs root (CI is root;
 # elsewhere that one test says it is skipped).
 set -euo pipefail
@@ -16,4 +19,12 @@ if ! "$venv/bin/python" -c "import aiosmtpd, standardwebhooks" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check aiosmtpd standardwebhooks
 fi
 export TRIPLINE_TEST_PYTHON="$PWD/$venv/bin/python"
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing chromium (Debian), the headless browser the status page is tested in"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if command -v chromium >/dev/null; then
+  TRIPLINE_TEST_CHROMIUM="$(command -v chromium)"
+  export TRIPLINE_TEST_CHROMIUM
+fi
 exec cargo test "$@"

@@ -37,14 +37,20 @@ pub async fn admin_only(
     }
     match &state.admin {
         None => Err(AppError::AdminClosed),
-        Some(admin) if admin.accepts_bearer(request.headers()) => Ok(next.run(request).await),
+        // The token in a header (scripts), or the status page's login cookie (a browser).
+        Some(admin)
+            if admin.accepts_bearer(request.headers())
+                || admin.accepts_cookie(request.headers()) =>
+        {
+            Ok(next.run(request).await)
+        }
         Some(_) => Err(AppError::AdminDenied),
     }
 }
 
 /// Whether a `Host` header names the server by an IP address or as `localhost` (with or
 /// without a port), rather than by a name someone else may control.
-fn names_an_address(host: &str) -> bool {
+pub(super) fn names_an_address(host: &str) -> bool {
     if host.starts_with('[') {
         // An IPv6 address, `[::1]:8080`.
         return host
@@ -169,11 +175,11 @@ pub async fn retry(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
     headers: axum::http::HeaderMap,
-) -> Result<(StatusCode, Json<Value>), AppError> {
-    // A browser sends `Origin` with a form posted from another page; an operator's curl or
-    // script does not. Without sources this endpoint needs no token (loopback only), so a
-    // page the operator visits must not be able to use it.
-    if headers.contains_key(header::ORIGIN) {
+) -> Result<Response, AppError> {
+    // A browser sends `Origin` with a form posted from a page; an operator's curl or script
+    // does not. Without sources this endpoint needs no token (loopback only), so a page the
+    // operator visits must not be able to use it: only tripline's own status page may.
+    if headers.contains_key(header::ORIGIN) && !same_origin(&headers) {
         return Err(AppError::FromWebPage);
     }
     let store = state.store.clone();
@@ -215,12 +221,39 @@ pub async fn retry(
             "this delivery was never made (see its last_error): trying it again would fail the same way; fix the rule instead",
         ),
     };
+    // The status page's button: back to the page.
+    let form = headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+        t.as_bytes()
+            .starts_with(b"application/x-www-form-urlencoded")
+    });
+    if form && status == StatusCode::OK {
+        return Ok(axum::response::Redirect::to("/status").into_response());
+    }
     let key = if status == StatusCode::OK {
         "status"
     } else {
         "error"
     };
-    Ok((status, Json(json!({ "id": id, key: message }))))
+    Ok((status, Json(json!({ "id": id, key: message }))).into_response())
+}
+
+/// Whether the request's `Origin` is the server itself, as the `Host` header names it: a form
+/// of tripline's own status page.
+pub(super) fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(origin), Some(host)) = (value(header::ORIGIN), value(header::HOST)) else {
+        return false;
+    };
+    url::Url::parse(origin).is_ok_and(|u| {
+        let Some(name) = u.host_str() else {
+            return false;
+        };
+        let authority = match u.port() {
+            Some(port) => format!("{name}:{port}"),
+            None => name.to_string(),
+        };
+        authority.eq_ignore_ascii_case(host)
+    })
 }
 
 /// The running rules with their files, the running set's content hash and load time, and the

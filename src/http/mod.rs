@@ -11,6 +11,7 @@ pub mod aggregates;
 pub mod connections;
 pub mod error;
 pub mod explain;
+pub mod status;
 pub mod users;
 pub mod webhook;
 
@@ -127,6 +128,9 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/webhook", post(webhook::webhook).layer(webhook_limits))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(admin::readyz))
+        // The page signs its visitors in itself (a form, then a cookie).
+        .route("/status", get(status::status))
+        .route("/status/login", post(status::login))
         .merge(admin)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)

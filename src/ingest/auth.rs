@@ -126,6 +126,14 @@ pub const MIN_SIGNING_KEY_BYTES: usize = 24;
 /// How many `v1,` signatures of one header are tried (a sender signs with one or two keys).
 const MAX_SIGNATURES_TRIED: usize = 8;
 
+/// The name of the status page's login cookie.
+pub const COOKIE: &str = "tripline_admin";
+
+/// The login cookie's value for a token whose SHA-256 is `digest`: the digest in hex.
+pub fn cookie_value(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One sender, with its secrets loaded.
 pub struct Source {
     pub name: String,
@@ -212,6 +220,27 @@ impl Source {
     pub fn accepts_bearer(&self, headers: &HeaderMap) -> bool {
         bearer_token(headers)
             .is_some_and(|token| self.has_token_digest(&Sha256::digest(token).into()))
+    }
+
+    /// Whether `token` is one of this source's tokens (the status page's login form).
+    pub fn accepts_token(&self, token: &str) -> bool {
+        self.has_token_digest(&Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether the request carries the status page's login cookie for one of this source's
+    /// tokens: the token's SHA-256 in hex (see `http/status.rs`).
+    pub fn accepts_cookie(&self, headers: &HeaderMap) -> bool {
+        let cookies = headers.get_all(axum::http::header::COOKIE).into_iter();
+        let mut values = cookies
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'));
+        let Some(given) = values.find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        else {
+            return false;
+        };
+        self.tokens
+            .iter()
+            .any(|t| bool::from(cookie_value(t).as_bytes().ct_eq(given.as_bytes())))
     }
 
     fn has_token_digest(&self, digest: &[u8; 32]) -> bool {

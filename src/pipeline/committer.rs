@@ -39,6 +39,7 @@ use crate::config::{Durability, WaitSettings};
 use crate::engine::{self, DuePlan, Effect, Outcome, Plan, Report};
 use crate::explain;
 use crate::ingest::event::Event;
+use crate::pipeline::activity::{Activity, Firing, RuleActivity};
 use crate::pipeline::appender::{Appender, Backlog, Waiting};
 use crate::pipeline::journal::{self, Journal};
 use crate::rules::RuleSet;
@@ -160,8 +161,9 @@ pub struct Committer {
 }
 
 /// What the committer thread shows the rest of the service.
-#[derive(Default)]
 struct Shared {
+    /// What each rule did lately, for the status page.
+    activity: Activity,
     /// Why the last batch failed on an internal error (a panic), until a batch succeeds.
     panicked: Mutex<Option<String>>,
     /// Output files that cannot be opened, with why.
@@ -297,7 +299,13 @@ impl Committer {
             deliveries_queued,
             unwritable: Unwritable::new(),
             last_retry: clock.unix(),
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared {
+                activity: Activity::new(clock.now().timestamp_millis()),
+                panicked: Mutex::default(),
+                unwritable: Mutex::default(),
+                wait_lateness: Mutex::default(),
+                suppressed: Mutex::default(),
+            }),
             clock,
             waits,
             next_wait,
@@ -431,6 +439,13 @@ impl Committer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// What each rule did in the last hour and day, and the latest firings (for `GET /status`);
+    /// and since when it is counted.
+    pub fn activity(&self, now_ms: i64) -> (Vec<RuleActivity>, Vec<Firing>, i64) {
+        let (rules, recent) = self.shared.activity.snapshot(now_ms);
+        (rules, recent, self.shared.activity.started_ms())
     }
 
     /// For each rule, how late its last wait ended, in seconds (for `GET /rules`).
@@ -1074,9 +1089,12 @@ impl Worker {
     /// `[wait]` only acts when a wait ends.
     fn record_outcomes(&self, rules: &RuleSet, report: &Report, source: Source) {
         let mut held = None;
-        for (index, outcome) in &report.outcomes {
+        let now_ms = self.clock.now().timestamp_millis();
+        for ((index, outcome), about) in report.outcomes.iter().zip(&report.about) {
             let rule = &rules.rules()[*index];
             let name = || rule.name.clone();
+            let matched = source == Source::Events;
+            (self.shared.activity).record(now_ms, &rule.name, outcome, about, matched);
             if source == Source::Events {
                 metrics::counter!(telemetry::RULE_MATCHES.name, "rule" => name()).increment(1);
             }

@@ -4,6 +4,7 @@
 //! emails, the reload of the rules when files change, and the timer that ends pending
 //! waits when they are due.
 
+pub mod activity;
 pub mod appender;
 pub mod committer;
 pub mod journal;

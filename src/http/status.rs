@@ -1,0 +1,257 @@
+//! `GET /status`: a page a non-developer can read, on a phone too: the rules running (and the
+//! last change to their files, with its problems in words), what each rule did in the last hour
+//! and day, the latest actions (each with a link to why), what waits to be sent, and failed
+//! deliveries with a button to try them again. Rendered on the server (askama: the templates in
+//! `pages/` are checked when tripline is compiled); no script, a refresh every 15 seconds.
+//!
+//! Once sources are configured it needs the admin token: in an `Authorization` header, or
+//! through the sign-in form (`POST /status/login`), which sets a cookie the browser sends back
+//! (`HttpOnly`, `SameSite=Strict`); the token is never in a URL.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+use super::AppState;
+use super::admin::names_an_address;
+use super::error::AppError;
+use crate::ingest::auth::{COOKIE, cookie_value};
+use crate::pipeline::activity::Counts;
+use crate::store::queue::OutboxRecord;
+
+/// Deliveries listed, waiting and failed.
+const SHOWN: usize = 20;
+
+#[derive(Template)]
+#[template(path = "status.html")]
+struct StatusPage {
+    as_of: String,
+    started: String,
+    running: Option<Running>,
+    reload_ok: bool,
+    reload_at: String,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    rules: Vec<RuleRow>,
+    held_reasons: String,
+    recent: Vec<FiringRow>,
+    outbox_pending: u64,
+    failed_total: u64,
+    waiting: Vec<DeliveryRow>,
+    failures: Vec<DeliveryRow>,
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    failed: bool,
+}
+
+struct Running {
+    hash: String,
+    loaded_at: String,
+}
+
+struct RuleRow {
+    name: String,
+    description: String,
+    hour: Row,
+    day: Row,
+    /// Pending waits, held actions or digests: a number, or "-" for a rule that keeps none.
+    waiting: String,
+}
+
+/// A rule's counts as the page shows them ("held back" is limits and caps together).
+#[derive(Default)]
+struct Row {
+    matched: u64,
+    fired: u64,
+    counting: u64,
+    held: u64,
+    failed: u64,
+}
+
+impl From<Counts> for Row {
+    fn from(c: Counts) -> Row {
+        Row {
+            matched: c.matched,
+            fired: c.fired,
+            counting: c.counting,
+            held: c.limited + c.capped,
+            failed: c.failed,
+        }
+    }
+}
+
+struct FiringRow {
+    at: String,
+    rule: String,
+    uuid: Option<String>,
+}
+
+struct DeliveryRow {
+    id: u64,
+    kind: String,
+    rule: String,
+    to: String,
+    attempts: u32,
+    last_error: String,
+    /// Whether the operator may queue it again (a delivery that was never made may not).
+    can_retry: bool,
+}
+
+impl DeliveryRow {
+    fn of(id: u64, r: &OutboxRecord) -> DeliveryRow {
+        DeliveryRow {
+            id,
+            kind: r.kind.clone(),
+            rule: r.rule.clone(),
+            to: r.destination.clone(),
+            attempts: r.attempts,
+            last_error: r.last_error.clone().unwrap_or_default(),
+            can_retry: !r.payload.is_empty(),
+        }
+    }
+}
+
+/// Whether the request may see the page: `Ok(false)` for the sign-in form.
+fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<bool, AppError> {
+    if state.sources.is_empty() {
+        // As for the other admin endpoints: no token, so only requests to an address.
+        let host = headers.get(header::HOST).map(|h| h.to_str());
+        return match host {
+            Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
+            Some(Err(_)) => Err(AppError::AdminByName),
+            _ => Ok(true),
+        };
+    }
+    match &state.admin {
+        None => Err(AppError::AdminClosed),
+        Some(admin) => Ok(admin.accepts_bearer(headers) || admin.accepts_cookie(headers)),
+    }
+}
+
+pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match signed_in(&state, &headers) {
+        Err(e) => return e.into_response(),
+        Ok(false) => return login_page(false),
+        Ok(true) => {}
+    }
+    let now = state.clock.now();
+    let now_ms = now.timestamp_millis();
+    let set = state.rules.snapshot();
+    let reload = state.rules.status();
+    let (activity, recent, started_ms) = state.committer.activity(now_ms);
+    let store = state.store.clone();
+    let (waiting, outbox) = tokio::task::spawn_blocking(move || {
+        let waiting: std::collections::HashMap<String, u64> = store
+            .waiting()
+            .map(|w| w.into_iter().collect())
+            .unwrap_or_default();
+        (waiting, store.outbox_status(SHOWN).ok())
+    })
+    .await
+    .unwrap_or_default();
+    let rules: Vec<RuleRow> = (set.iter().flat_map(|s| s.rules()))
+        .map(|r| {
+            let a = activity.iter().find(|a| a.rule == r.name);
+            RuleRow {
+                name: r.name.clone(),
+                description: r.summary["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                hour: a.map(|a| a.hour.into()).unwrap_or_default(),
+                day: a.map(|a| a.day.into()).unwrap_or_default(),
+                waiting: match r.keeps_pending() {
+                    true => waiting.get(&r.name).copied().unwrap_or(0).to_string(),
+                    false => "-".into(),
+                },
+            }
+        })
+        .collect();
+    let (limited, capped) =
+        (activity.iter()).fold((0, 0), |(l, c), a| (l + a.day.limited, c + a.day.capped));
+    let page = StatusPage {
+        as_of: minute(now),
+        started: minute(DateTime::from_timestamp_millis(started_ms).unwrap_or_default()),
+        running: set.as_ref().map(|s| Running {
+            hash: s.hash.clone(),
+            loaded_at: minute(s.loaded_at),
+        }),
+        reload_ok: reload.ok,
+        reload_at: DateTime::parse_from_rfc3339(&reload.at)
+            .map_or(reload.at.clone(), |t| minute(t.with_timezone(&Utc))),
+        errors: reload.errors,
+        warnings: reload.warnings,
+        rules,
+        held_reasons: format!(
+            "in the last day, {limited} by limits (already acted for the same person or values) and {capped} by cap groups"
+        ),
+        recent: recent
+            .into_iter()
+            .map(|f| FiringRow {
+                at: minute(DateTime::from_timestamp_millis(f.at_ms).unwrap_or_default()),
+                rule: f.rule,
+                uuid: f.uuid,
+            })
+            .collect(),
+        outbox_pending: outbox.as_ref().map_or(0, |o| o.pending),
+        failed_total: outbox.as_ref().map_or(0, |o| o.failed),
+        waiting: (outbox.iter().flat_map(|o| &o.waiting))
+            .map(|(id, r)| DeliveryRow::of(*id, r))
+            .collect(),
+        failures: (outbox.iter().flat_map(|o| &o.failures))
+            .map(|(id, r)| DeliveryRow::of(*id, r))
+            .collect(),
+    };
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => AppError::Internal(format!("the status page: {e}")).into_response(),
+    }
+}
+
+/// The sign-in form's fields.
+#[derive(Deserialize)]
+pub struct Login {
+    token: String,
+}
+
+/// `POST /status/login`: with the admin token, sets the cookie and goes to the page.
+pub async fn login(State(state): State<Arc<AppState>>, Form(login): Form<Login>) -> Response {
+    match &state.admin {
+        Some(admin) if admin.accepts_token(&login.token) => {
+            let digest: [u8; 32] = Sha256::digest(login.token.as_bytes()).into();
+            let cookie = format!(
+                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                cookie_value(&digest)
+            );
+            let mut response = Redirect::to("/status").into_response();
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            response
+        }
+        // Without sources there is nothing to sign in to.
+        None if state.sources.is_empty() => Redirect::to("/status").into_response(),
+        _ => login_page(true),
+    }
+}
+
+fn login_page(failed: bool) -> Response {
+    match (LoginPage { failed }).render() {
+        Ok(html) => (StatusCode::UNAUTHORIZED, Html(html)).into_response(),
+        Err(e) => AppError::Internal(format!("the sign-in page: {e}")).into_response(),
+    }
+}
+
+/// A time on the page: `2026-12-04 18:20 UTC`.
+fn minute(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
