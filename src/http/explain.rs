@@ -6,7 +6,6 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
@@ -15,7 +14,7 @@ use std::sync::Arc;
 
 use super::AppState;
 use super::error::AppError;
-use super::users::{action, one_line, waiting};
+use super::users::{action, one_line, plain_text, waiting, wants_text};
 use crate::explain::{KEEP, Record};
 
 /// The query string.
@@ -32,15 +31,7 @@ pub async fn explain(
     query: Result<Query<ExplainQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
     let Query(query) = query.map_err(|e| AppError::BadQuery(e.body_text()))?;
-    let text = match query.format.as_deref() {
-        None | Some("json") => false,
-        Some("text") => true,
-        Some(other) => {
-            return Err(AppError::BadQuery(format!(
-                "`format` is `json` or `text`, not `{other}`"
-            )));
-        }
-    };
+    let text = wants_text(query.format.as_deref())?;
     let store = state.store.clone();
     let rules = state.rules.snapshot();
     let id = uuid.clone();
@@ -86,8 +77,7 @@ pub async fn explain(
         )));
     };
     if text {
-        let body = as_text(&record);
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+        return Ok(plain_text(as_text(&record)));
     }
     Ok(Json(record).into_response())
 }

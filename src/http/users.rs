@@ -61,15 +61,7 @@ pub async fn user(
             "`limit` must be from 1 to {MAX_LIMIT}"
         )));
     }
-    let text = match query.format.as_deref() {
-        None | Some("json") => false,
-        Some("text") => true,
-        Some(other) => {
-            return Err(AppError::BadQuery(format!(
-                "`format` is `json` or `text`, not `{other}`"
-            )));
-        }
-    };
+    let text = wants_text(query.format.as_deref())?;
     let start = query
         .start
         .as_deref()
@@ -121,7 +113,7 @@ pub async fn user(
     if text {
         let mut body = as_text(&distinct_id, as_of, page, &sessions, next.is_some());
         others_as_text(&mut body, &counters, &groups, &pending, &actions);
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+        return Ok(plain_text(body));
     }
     let recent: Vec<Value> = page
         .iter()
@@ -309,6 +301,22 @@ fn others_as_text(
             );
         }
     }
+}
+
+/// Whether `?format=` asks for text (`text`) rather than JSON (`json`, or nothing).
+pub(super) fn wants_text(format: Option<&str>) -> Result<bool, AppError> {
+    match format {
+        None | Some("json") => Ok(false),
+        Some("text") => Ok(true),
+        Some(other) => Err(AppError::BadQuery(format!(
+            "`format` is `json` or `text`, not `{other}`"
+        ))),
+    }
+}
+
+/// A `text/plain` answer.
+pub(super) fn plain_text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 /// A time as the query gives it, in milliseconds: RFC 3339, or a date (its start; with `end`,
