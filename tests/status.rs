@@ -170,6 +170,15 @@ fn with_sources_the_page_asks_for_the_admin_token_and_a_cookie_keeps_you_signed_
     };
     let (status, body) = page(None);
     assert_eq!(status, 401);
+    let framed = client
+        .get(format!("{}/status", server.base))
+        .send()
+        .unwrap();
+    assert_eq!(
+        framed.headers()["x-frame-options"],
+        "DENY",
+        "no other site may frame it"
+    );
     assert!(
         body.contains("Admin token") && body.contains("type=\"password\""),
         "{body}"
@@ -217,6 +226,22 @@ fn with_sources_the_page_asks_for_the_admin_token_and_a_cookie_keeps_you_signed_
         .unwrap();
     assert_eq!(rules.status(), 200);
     assert_eq!(page(Some("tripline_admin=00ff")).0, 401);
+    // Another cookie of that name, set first by a page of the same site, does not lock out.
+    assert_eq!(
+        page(Some(&format!("tripline_admin=1.00ff; {cookie}"))).0,
+        200
+    );
+    // One made more than 12 hours ago is refused.
+    let value = cookie.split('=').nth(1).unwrap();
+    let (issued, _) = value.split_once('.').unwrap();
+    let old_issued = issued.parse::<u64>().unwrap() - 13 * 3600;
+    let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        ADMIN,
+    ))
+    .into();
+    let old = tripline::ingest::auth::cookie_value(&digest, old_issued);
+    assert_eq!(page(Some(&format!("tripline_admin={old}"))).0, 401);
     // The bearer token works as well (scripts).
     let with_token = client
         .get(format!("{}/status", server.base))
@@ -244,8 +269,8 @@ fn the_retry_button_is_accepted_from_the_page_itself_only() {
             .status()
             .as_u16()
     };
-    // From tripline's own page: let through (there is no delivery 999: 404).
-    assert_eq!(retry(&server.base), 404);
+    // From tripline's own page: let through, and back to the page (there is no delivery 999).
+    assert_eq!(retry(&server.base), 303);
     // From another site's page: refused.
     assert_eq!(retry("http://attacker.example"), 403);
     let port = server.address().rsplit(':').next().unwrap().to_string();

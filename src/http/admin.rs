@@ -40,7 +40,7 @@ pub async fn admin_only(
         // The token in a header (scripts), or the status page's login cookie (a browser).
         Some(admin)
             if admin.accepts_bearer(request.headers())
-                || admin.accepts_cookie(request.headers()) =>
+                || admin.accepts_cookie(request.headers(), state.clock.unix()) =>
         {
             Ok(next.run(request).await)
         }
@@ -221,12 +221,12 @@ pub async fn retry(
             "this delivery was never made (see its last_error): trying it again would fail the same way; fix the rule instead",
         ),
     };
-    // The status page's button: back to the page.
+    // The status page's button: back to the page, which shows where the delivery stands.
     let form = headers.get(header::CONTENT_TYPE).is_some_and(|t| {
         t.as_bytes()
             .starts_with(b"application/x-www-form-urlencoded")
     });
-    if form && status == StatusCode::OK {
+    if form {
         return Ok(axum::response::Redirect::to("/status").into_response());
     }
     let key = if status == StatusCode::OK {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::AppState;
 use super::admin::names_an_address;
 use super::error::AppError;
-use crate::ingest::auth::{COOKIE, cookie_value};
+use crate::ingest::auth::{COOKIE, COOKIE_LIFETIME, cookie_value};
 use crate::pipeline::activity::Counts;
 use crate::store::queue::OutboxRecord;
 
@@ -31,6 +31,9 @@ const SHOWN: usize = 20;
 #[derive(Template)]
 #[template(path = "status.html")]
 struct StatusPage {
+    /// Why the store could not be read, if it could not: the counts of waits and deliveries
+    /// are then unknown, and the page says so.
+    store_error: Option<String>,
     as_of: String,
     started: String,
     running: Option<Running>,
@@ -133,7 +136,9 @@ fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<bool, AppError> {
     }
     match &state.admin {
         None => Err(AppError::AdminClosed),
-        Some(admin) => Ok(admin.accepts_bearer(headers) || admin.accepts_cookie(headers)),
+        Some(admin) => {
+            Ok(admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix()))
+        }
     }
 }
 
@@ -149,15 +154,19 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let reload = state.rules.status();
     let (activity, recent, started_ms) = state.committer.activity(now_ms);
     let store = state.store.clone();
-    let (waiting, outbox) = tokio::task::spawn_blocking(move || {
-        let waiting: std::collections::HashMap<String, u64> = store
-            .waiting()
-            .map(|w| w.into_iter().collect())
-            .unwrap_or_default();
-        (waiting, store.outbox_status(SHOWN).ok())
+    let read = tokio::task::spawn_blocking(move || {
+        let waiting: std::collections::HashMap<String, u64> =
+            store.waiting()?.into_iter().collect();
+        Ok::<_, crate::store::StoreError>((waiting, store.outbox_status(SHOWN)?))
     })
     .await
-    .unwrap_or_default();
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    // The page still shows what it can when the store cannot be read, and says so.
+    let (store_error, (waiting, outbox)) = match read {
+        Ok((w, o)) => (None, (w, Some(o))),
+        Err(e) => (Some(e), Default::default()),
+    };
     let rules: Vec<RuleRow> = (set.iter().flat_map(|s| s.rules()))
         .map(|r| {
             let a = activity.iter().find(|a| a.rule == r.name);
@@ -176,9 +185,12 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             }
         })
         .collect();
-    let (limited, capped) =
-        (activity.iter()).fold((0, 0), |(l, c), a| (l + a.day.limited, c + a.day.capped));
+    // Of the rules running: the table shows those only.
+    let running = |name: &str| set.iter().flat_map(|s| s.rules()).any(|r| r.name == name);
+    let (limited, capped) = (activity.iter().filter(|a| running(&a.rule)))
+        .fold((0, 0), |(l, c), a| (l + a.day.limited, c + a.day.capped));
     let page = StatusPage {
+        store_error,
         as_of: minute(now),
         started: minute(DateTime::from_timestamp_millis(started_ms).unwrap_or_default()),
         running: set.as_ref().map(|s| Running {
@@ -212,9 +224,21 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             .collect(),
     };
     match page.render() {
-        Ok(html) => Html(html).into_response(),
+        Ok(html) => not_framed(Html(html).into_response()),
         Err(e) => AppError::Internal(format!("the status page: {e}")).into_response(),
     }
+}
+
+/// `response`, which no other site may show in a frame: its buttons must not be clicked
+/// through someone else's page.
+fn not_framed(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    response
 }
 
 /// The sign-in form's fields.
@@ -229,8 +253,9 @@ pub async fn login(State(state): State<Arc<AppState>>, Form(login): Form<Login>)
         Some(admin) if admin.accepts_token(&login.token) => {
             let digest: [u8; 32] = Sha256::digest(login.token.as_bytes()).into();
             let cookie = format!(
-                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-                cookie_value(&digest)
+                "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
+                cookie_value(&digest, state.clock.unix()),
+                COOKIE_LIFETIME.as_secs()
             );
             let mut response = Redirect::to("/status").into_response();
             if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -246,7 +271,7 @@ pub async fn login(State(state): State<Arc<AppState>>, Form(login): Form<Login>)
 
 fn login_page(failed: bool) -> Response {
     match (LoginPage { failed }).render() {
-        Ok(html) => (StatusCode::UNAUTHORIZED, Html(html)).into_response(),
+        Ok(html) => not_framed((StatusCode::UNAUTHORIZED, Html(html)).into_response()),
         Err(e) => AppError::Internal(format!("the sign-in page: {e}")).into_response(),
     }
 }

@@ -129,9 +129,19 @@ const MAX_SIGNATURES_TRIED: usize = 8;
 /// The name of the status page's login cookie.
 pub const COOKIE: &str = "tripline_admin";
 
-/// The login cookie's value for a token whose SHA-256 is `digest`: the digest in hex.
-pub fn cookie_value(digest: &[u8; 32]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+/// How long the status page's sign-in lasts.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+/// The sign-in cookie's value for a token whose SHA-256 is `digest`, made at `issued_unix`: the
+/// time, and an HMAC-SHA256 of it keyed by the digest. It opens the admin endpoints until
+/// [`COOKIE_LIFETIME`] after it was made, and stops with the token.
+pub fn cookie_value(digest: &[u8; 32], issued_unix: u64) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(digest).expect("HMAC takes any key length");
+    mac.update(issued_unix.to_string().as_bytes());
+    let tag: String = (mac.finalize().into_bytes().iter())
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{issued_unix}.{tag}")
 }
 
 /// One sender, with its secrets loaded.
@@ -227,20 +237,26 @@ impl Source {
         self.has_token_digest(&Sha256::digest(token.as_bytes()).into())
     }
 
-    /// Whether the request carries the status page's login cookie for one of this source's
-    /// tokens: the token's SHA-256 in hex (see `http/status.rs`).
-    pub fn accepts_cookie(&self, headers: &HeaderMap) -> bool {
+    /// Whether the request carries a status page's sign-in cookie made for one of this
+    /// source's tokens less than [`COOKIE_LIFETIME`] before `now_unix` (see [`cookie_value`]).
+    /// Every cookie of that name is looked at: another page of the same site may have set one.
+    pub fn accepts_cookie(&self, headers: &HeaderMap, now_unix: u64) -> bool {
         let cookies = headers.get_all(axum::http::header::COOKIE).into_iter();
-        let mut values = cookies
+        let values = cookies
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'));
-        let Some(given) = values.find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-        else {
-            return false;
-        };
-        self.tokens
-            .iter()
-            .any(|t| bool::from(cookie_value(t).as_bytes().ct_eq(given.as_bytes())))
+        let given = values.filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
+        given.into_iter().any(|value| {
+            let Some(issued) = value.split('.').next().and_then(|t| t.parse::<u64>().ok()) else {
+                return false;
+            };
+            let fresh = issued <= now_unix && now_unix - issued < COOKIE_LIFETIME.as_secs();
+            fresh
+                && self
+                    .tokens
+                    .iter()
+                    .any(|t| bool::from(cookie_value(t, issued).as_bytes().ct_eq(value.as_bytes())))
+        })
     }
 
     fn has_token_digest(&self, digest: &[u8; 32]) -> bool {
