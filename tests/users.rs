@@ -282,8 +282,9 @@ fn a_persons_counters_waits_and_deliveries_are_shown_and_all_of_it_is_forgotten_
     assert_eq!(erased["distinct_id"], "dana");
     assert_eq!(
         erased["erased"],
-        // The discount's count and once-mark, the checkout's once-mark (used, not yet set).
-        json!({"rule_state": 3, "pending": 1, "deliveries": 1, "remembered": 1, "groups": 0}),
+        // The discount's count and once-mark, the checkout's once-mark (used, not yet set); why
+        // the rules did what they did with her 7 events.
+        json!({"rule_state": 3, "pending": 1, "deliveries": 1, "remembered": 1, "groups": 0, "explanations": 7}),
         "{erased}"
     );
     let (_, dana) = get(&server, "/users/dana");
@@ -321,6 +322,6 @@ fn a_persons_counters_waits_and_deliveries_are_shown_and_all_of_it_is_forgotten_
         .unwrap();
     assert_eq!(
         erased["erased"],
-        json!({"rule_state": 0, "pending": 0, "deliveries": 0, "remembered": 0, "groups": 0})
+        json!({"rule_state": 0, "pending": 0, "deliveries": 0, "remembered": 0, "groups": 0, "explanations": 0})
     );
 }
