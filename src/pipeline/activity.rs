@@ -116,11 +116,15 @@ impl Activity {
             counts.failed = 1;
         }
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let (minute, hour) = (now_ms.div_euclid(60_000), now_ms.div_euclid(3_600_000));
         if !inner.rules.contains_key(rule) {
+            // Rules renamed or removed a day ago and more are forgotten as others come.
+            inner
+                .rules
+                .retain(|_, slots| slots.hours.iter().any(|(at, _)| *at > hour - 24));
             inner.rules.insert(rule.to_string(), Slots::default());
         }
         let slots = inner.rules.get_mut(rule).expect("inserted above");
-        let (minute, hour) = (now_ms.div_euclid(60_000), now_ms.div_euclid(3_600_000));
         for (slot, at) in [
             (&mut slots.minutes[minute.rem_euclid(60) as usize], minute),
             (&mut slots.hours[hour.rem_euclid(24) as usize], hour),
@@ -211,5 +215,9 @@ mod tests {
         assert!(activity.snapshot(35 * h).0.is_empty());
         activity.record(34 * h, "r", &Outcome::Fired, &about, true);
         assert_eq!(activity.snapshot(34 * h).0[0].day.fired, 1);
+        // A rule idle for a day is forgotten when another one comes.
+        activity.record(60 * h, "s", &Outcome::Fired, &about, true);
+        let inner = activity.inner.lock().unwrap();
+        assert!(!inner.rules.contains_key("r") && inner.rules.contains_key("s"));
     }
 }
