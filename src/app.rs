@@ -116,6 +116,7 @@ pub async fn serve(
         data_dir: config.declared.folders.data.clone(),
         senders,
         deliveries_queued,
+        explained: Arc::default(),
     };
     let connection_limits = ConnectionLimits {
         max_connections: connections::connection_capacity(config.limits.max_connections),

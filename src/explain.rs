@@ -3,7 +3,10 @@
 //!
 //! The committer makes a [`Record`] for each event with a uuid that some rule names or acted
 //! on, once its batch is decided ([`records`]), and writes it in the same transaction; the store
-//! keeps the newest [`KEEP`] (a retried delivery makes none: the first stands). For each rule:
+//! keeps the newest [`KEEP`] (a retried delivery makes none: the first stands). A request whose
+//! events no rule acts on never reaches the committer (a commit would halve how many such
+//! requests are served: measured, PERFORMANCE.md); the records of its events that a rule names
+//! are kept in memory instead ([`Recent`], the newest [`KEEP_IN_MEMORY`]). For each rule:
 //! what it did ([`Outcome`]) and its figures, or the first condition of `[when]` that failed
 //! with the value the event had. A record holds facts only, kept small because every event some
 //! rule names writes one; the sentences are made when it is read ([`Entry::says`]), with the
@@ -23,6 +26,52 @@ use crate::rules::{Rule, RuleSet};
 
 /// How many events' records the store keeps, the newest.
 pub const KEEP: u64 = 100_000;
+
+/// How many records of events no rule acted on are kept in memory, the newest.
+pub const KEEP_IN_MEMORY: usize = 20_000;
+
+/// The records of events no rule acted on (see the module's comment): uuid, whose, record.
+#[derive(Default)]
+pub struct Recent(std::sync::Mutex<std::collections::VecDeque<Kept>>);
+
+impl Recent {
+    /// Keeps `records`, forgetting the oldest beyond [`KEEP_IN_MEMORY`].
+    pub fn keep(&self, records: Vec<Kept>) {
+        let mut recent = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for record in records {
+            if recent.len() == KEEP_IN_MEMORY {
+                recent.pop_front();
+            }
+            recent.push_back(record);
+        }
+    }
+
+    /// The first record of `uuid`, as JSON.
+    pub fn find(&self, uuid: &str) -> Option<String> {
+        let recent = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent
+            .iter()
+            .find(|(u, _, _)| u == uuid)
+            .map(|(_, _, json)| json.clone())
+    }
+
+    /// Forgets the records of `who`'s events; returns how many.
+    pub fn forget(&self, who: &str) -> u64 {
+        let mut recent = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = recent.len();
+        recent.retain(|(_, w, _)| w != who);
+        (before - recent.len()) as u64
+    }
+}
 
 /// What is kept about one event: its name, whose it is, its time and when it was received, and
 /// what each rule did. A record written for a wait that ended has only `rules`.

@@ -221,12 +221,16 @@ fn a_wait_tells_when_it_started_and_how_it_ended_on_the_event_that_started_it() 
 fn erasing_a_person_forgets_the_records_of_their_events() {
     let server = Server::start();
     server.post_json(&used("mine", Some("export"), 1));
+    // One no rule acted on: its record is kept in memory, and forgotten too.
+    server.post_json(&used("mine-old", None, 2));
+    assert_eq!(explain(&server, "mine-old").0, 200);
     let erased: Value = common::client()
         .delete(format!("{}/users/dana", server.base))
         .send()
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(erased["erased"]["explanations"], 1, "{erased}");
+    assert_eq!(erased["erased"]["explanations"], 2, "{erased}");
     assert_eq!(explain(&server, "mine").0, 404);
+    assert_eq!(explain(&server, "mine-old").0, 404);
 }

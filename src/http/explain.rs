@@ -34,9 +34,11 @@ pub async fn explain(
     let text = wants_text(query.format.as_deref())?;
     let store = state.store.clone();
     let rules = state.rules.snapshot();
+    let explained = state.explained.clone();
     let id = uuid.clone();
     let found = tokio::task::spawn_blocking(move || {
-        let Some(json) = store.explanation(&id)? else {
+        // Kept with the batch it was committed in, or in memory when no rule acted on it.
+        let Some(json) = store.explanation(&id)?.or_else(|| explained.find(&id)) else {
             return Ok(None);
         };
         let kept: Record = serde_json::from_str(&json)

@@ -72,6 +72,8 @@ pub struct AppState {
     pub senders: Senders,
     /// Wakes the outbox's sender when a delivery is queued again.
     pub deliveries_queued: Arc<tokio::sync::Notify>,
+    /// Why rules did not act on the events of requests no rule acted on (see `explain.rs`).
+    pub explained: Arc<crate::explain::Recent>,
 }
 
 impl AppState {

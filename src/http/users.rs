@@ -164,6 +164,8 @@ pub async fn forget(
     .await
     .map_err(|e| AppError::Internal(e.to_string()))?
     .map_err(|e| AppError::Internal(e.to_string()))?;
+    let mut erased = erased;
+    erased.explanations += state.explained.forget(&distinct_id);
     tracing::info!(?erased, "forgot a person at the operator's request");
     Ok(Json(json!({
         "distinct_id": distinct_id,

@@ -14,6 +14,7 @@ use super::AppState;
 use super::admission::Sender;
 use super::error::AppError;
 use crate::engine::{Outcome, Report};
+use crate::explain;
 use crate::ingest::event;
 use crate::pipeline::committer::Delivery;
 use crate::telemetry;
@@ -73,6 +74,13 @@ pub async fn webhook(
             .instrument(span)
             .await?
     } else {
+        // No commit, so no record in the store: why the rules that name these events did not
+        // act on them is kept in memory.
+        if events.iter().any(|e| rules.names(e)) {
+            let now_ms = state.clock.now().timestamp_millis();
+            let records = explain::records(&rules, &events, &Report::default(), now_ms);
+            state.explained.keep(records);
+        }
         Report::default()
     };
     record_received(&source, count, &report);

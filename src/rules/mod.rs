@@ -405,13 +405,15 @@ impl RuleSet {
             .filter(|(_, rule)| rule.wait.as_ref().is_some_and(|w| w.watches(event)))
     }
 
-    /// Whether some rule does something with `event` (starts a wait or acts on it, or cares for
-    /// it while waiting), or names it, so that why it did not act is kept (`explain.rs`). Only
-    /// such events need the committer.
+    /// Whether some rule does something with `event`: starts a wait or acts on it, or cares for
+    /// it while waiting. Only such events need the committer.
     pub fn involves(&self, event: &Event) -> bool {
-        (event.uuid().is_some() && self.by_event.contains_key(event.name()))
-            || self.matching(event).next().is_some()
-            || self.watching(event).next().is_some()
+        self.matching(event).next().is_some() || self.watching(event).next().is_some()
+    }
+
+    /// Whether some rule names `event`'s name in its `[when]` (not only `event = "*"`).
+    pub fn names(&self, event: &Event) -> bool {
+        self.by_event.contains_key(event.name())
     }
 
     /// Whether some rule is about [`SUPPRESSED_EVENT`]: only then does the engine make one
