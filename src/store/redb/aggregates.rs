@@ -298,17 +298,10 @@ pub(super) fn forget_member(
         by_day.remove((rule.as_str(), *last, who)).map_err(err)?;
     }
     let hash = user_hash(who);
-    let counted: Vec<String> = {
-        let rules = txn.open_table(RULES).map_err(err)?;
-        rules
-            .iter()
-            .map_err(err)?
-            .map(|r| r.map(|(k, _)| k.value().to_string()).map_err(err))
-            .collect::<Result<_, _>>()?
-    };
+    let counted = kept_rules(&txn.open_table(RULES).map_err(err)?)?;
     let mut days = txn.open_table(DAYS).map_err(err)?;
     let mut users = txn.open_table(USERS).map_err(err)?;
-    for rule in &counted {
+    for (rule, _) in &counted {
         let rule = rule.as_str();
         let keys: Vec<(i32, String)> = days
             .range((rule, i32::MIN, "")..=(rule, i32::MAX, "\u{10ffff}"))
@@ -359,12 +352,8 @@ fn read_row(
 
 /// Every rule with counts kept (some perhaps removed from the rule files since).
 pub(super) fn rules(txn: &redb::ReadTransaction) -> Result<Vec<String>, StoreError> {
-    let rules = txn.open_table(RULES).map_err(err)?;
-    rules
-        .iter()
-        .map_err(err)?
-        .map(|r| r.map(|(k, _)| k.value().to_string()).map_err(err))
-        .collect()
+    let rules = kept_rules(&txn.open_table(RULES).map_err(err)?)?;
+    Ok(rules.into_iter().map(|(rule, _)| rule).collect())
 }
 
 /// Forgets, for each rule, at most `max` days (with their users) and people last counted before
@@ -377,17 +366,7 @@ pub(super) fn expire(
 ) -> Result<usize, StoreError> {
     // A row the batch changed may be one that goes.
     rows.flush(txn)?;
-    let rules: Vec<(String, u32)> = {
-        let rules = txn.open_table(RULES).map_err(err)?;
-        rules
-            .iter()
-            .map_err(err)?
-            .map(|r| {
-                r.map(|(k, v)| (k.value().to_string(), v.value()))
-                    .map_err(err)
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let rules = kept_rules(&txn.open_table(RULES).map_err(err)?)?;
     let mut days = txn.open_table(DAYS).map_err(err)?;
     let mut users = txn.open_table(USERS).map_err(err)?;
     let mut members = txn.open_table(MEMBERS).map_err(err)?;
@@ -396,15 +375,7 @@ pub(super) fn expire(
     for (rule, keep_days) in &rules {
         let rule = rule.as_str();
         let cutoff = today.saturating_sub(i32::try_from(*keep_days).unwrap_or(i32::MAX));
-        let old: Vec<(i32, String)> = days
-            .range((rule, i32::MIN, "")..(rule, cutoff, ""))
-            .map_err(err)?
-            .take(max - gone)
-            .map(|r| {
-                r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
-                    .map_err(err)
-            })
-            .collect::<Result<_, _>>()?;
+        let old = before(&days, rule, cutoff, max - gone)?;
         for (day, group) in &old {
             let group = group.as_str();
             let hashes: Vec<u64> = users
@@ -424,15 +395,7 @@ pub(super) fn expire(
             days.remove((rule, *day, group)).map_err(err)?;
             gone += 1;
         }
-        let people: Vec<(i32, String)> = by_day
-            .range((rule, i32::MIN, "")..(rule, cutoff, ""))
-            .map_err(err)?
-            .take(max - gone)
-            .map(|r| {
-                r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
-                    .map_err(err)
-            })
-            .collect::<Result<_, _>>()?;
+        let people = before(&by_day, rule, cutoff, max - gone)?;
         for (day, who) in &people {
             by_day.remove((rule, *day, who.as_str())).map_err(err)?;
             members.remove((who.as_str(), rule)).map_err(err)?;
@@ -443,6 +406,39 @@ pub(super) fn expire(
         }
     }
     Ok(gone)
+}
+
+/// At most `take` keys (rule, day, text) of `table` for `rule` before day `cutoff`: the day and
+/// the text (a group, a person).
+fn before<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(&'static str, i32, &'static str), V>,
+    rule: &str,
+    cutoff: i32,
+    take: usize,
+) -> Result<Vec<(i32, String)>, StoreError> {
+    table
+        .range((rule, i32::MIN, "")..(rule, cutoff, ""))
+        .map_err(err)?
+        .take(take)
+        .map(|r| {
+            r.map(|(k, _)| (k.value().1, k.value().2.to_string()))
+                .map_err(err)
+        })
+        .collect()
+}
+
+/// Every rule with counts, and how many days it keeps them.
+fn kept_rules(
+    table: &impl ReadableTable<&'static str, u32>,
+) -> Result<Vec<(String, u32)>, StoreError> {
+    table
+        .iter()
+        .map_err(err)?
+        .map(|r| {
+            r.map(|(k, v)| (k.value().to_string(), v.value()))
+                .map_err(err)
+        })
+        .collect()
 }
 
 #[cfg(test)]
