@@ -97,11 +97,13 @@ impl Outcome {
     }
 }
 
-/// The event an outcome is about: its uuid and whose it is.
+/// The event an outcome is about: its uuid and whose it is; and, for an outcome that ended a
+/// pending wait (`until`, `unless`), the uuid of the event that started it.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct About {
     pub uuid: Option<String>,
     pub who: Option<String>,
+    pub ended: Option<String>,
 }
 
 /// What happened to a batch of events.
@@ -149,6 +151,7 @@ impl Report {
         self.about.push(About {
             uuid: event.uuid().map(str::to_string),
             who: event.distinct_id.as_str().map(str::to_string),
+            ended: None,
         });
     }
 
@@ -485,9 +488,14 @@ impl Plan {
                 let rule = &rules.rules()[m.rule];
                 let _rule_span = info_span!("rule", rule.id = %rule.name).entered();
                 let mut ended = None;
+                // The event that started a wait this one ended (`until`, `unless`).
+                let mut started_by = None;
                 let outcome = match m.role {
                     Role::Trigger => Some(apply(rules, m, event, state, env, effects, &mut ended)),
-                    Role::Watch => watch(rules, m, event, state, env, effects),
+                    Role::Watch => watch(rules, m, event, state, env, effects).map(|(o, by)| {
+                        started_by = by;
+                        o
+                    }),
                 };
                 if let Some((outcome, pending)) = ended {
                     let t_ms = pending.deadline_ms;
@@ -501,6 +509,9 @@ impl Plan {
                     _ => {}
                 }
                 report.push(rules, m.rule, outcome, event, event.time.timestamp_millis());
+                if let Some(about) = report.about.last_mut() {
+                    about.ended = started_by;
+                }
             }
         }
         report
@@ -855,7 +866,7 @@ fn watch(
     state: &mut State,
     env: &Env,
     effects: &mut Vec<Effect>,
-) -> Option<Outcome> {
+) -> Option<(Outcome, Option<String>)> {
     let rule = &rules.rules()[matched.rule];
     let wait = rule.wait.as_ref()?;
     let key = matched.wait.as_ref().ok()?.as_ref()?;
@@ -871,40 +882,19 @@ fn watch(
     }
     match &wait.ends {
         Ends::Unless(c) if c.holds(event) => {
-            state.end_wait(key);
-            Some(Outcome::Cancelled)
+            let pending = state.end_wait(key)?;
+            Some((
+                Outcome::Cancelled,
+                pending.trigger.uuid().map(str::to_string),
+            ))
         }
         Ends::Until(c) if c.holds(event) => {
             let pending = state.end_wait(key)?;
-            if wait.then.as_ref().is_some_and(|then| !then.holds(event)) {
-                return Some(Outcome::Expired { why: THEN_FAILED });
-            }
-            let keys = match limit_keys(rule, &pending.trigger) {
-                Ok(keys) => keys,
-                Err(no_key) => return Some(no_key),
-            };
-            if let Some(held) = held_back(rule, &keys, t_ms, &pending.trigger, state) {
-                return Some(held);
-            }
-            let waited = Waited {
-                until: Some(event),
-                after: (event.time - pending.trigger.time)
-                    .to_std()
-                    .unwrap_or_default(),
-            };
-            let trigger = &pending.trigger;
-            let count = pending.count;
-            Some(
-                hold(rule, trigger, count, Some(waited), &keys, t_ms, state, env).unwrap_or_else(
-                    || {
-                        let (index, waited) = (matched.rule, Some(waited));
-                        act(
-                            index, rule, rules, trigger, count, waited, &keys, t_ms, state, env,
-                            effects,
-                        )
-                    },
-                ),
-            )
+            let by = pending.trigger.uuid().map(str::to_string);
+            let outcome = until(
+                rules, matched, rule, wait, &pending, event, state, env, effects,
+            );
+            Some((outcome, by))
         }
         _ => {
             if wait.then.is_some() {
@@ -915,6 +905,47 @@ fn watch(
             None
         }
     }
+}
+
+/// A pending wait of `rule` ended by its `until` event `event`: acts on the event that started
+/// it (`pending.trigger`) unless `then` does not hold or its limits hold it back.
+#[allow(clippy::too_many_arguments)]
+fn until(
+    rules: &RuleSet,
+    matched: &Matched,
+    rule: &Rule,
+    wait: &Wait,
+    pending: &Pending,
+    event: &Event,
+    state: &mut State,
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> Outcome {
+    let t_ms = event.time.timestamp_millis();
+    if wait.then.as_ref().is_some_and(|then| !then.holds(event)) {
+        return Outcome::Expired { why: THEN_FAILED };
+    }
+    let keys = match limit_keys(rule, &pending.trigger) {
+        Ok(keys) => keys,
+        Err(no_key) => return no_key,
+    };
+    if let Some(held) = held_back(rule, &keys, t_ms, &pending.trigger, state) {
+        return held;
+    }
+    let waited = Waited {
+        until: Some(event),
+        after: (event.time - pending.trigger.time)
+            .to_std()
+            .unwrap_or_default(),
+    };
+    let trigger = &pending.trigger;
+    let count = pending.count;
+    hold(rule, trigger, count, Some(waited), &keys, t_ms, state, env).unwrap_or_else(|| {
+        let (index, waited) = (matched.rule, Some(waited));
+        act(
+            index, rule, rules, trigger, count, waited, &keys, t_ms, state, env, effects,
+        )
+    })
 }
 
 /// Why a wait ended without acting.

@@ -185,19 +185,23 @@ pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: 
         };
         out.push((uuid.to_string(), who.to_string(), to_json(&record)));
     }
-    // What is left is about earlier events: waits they started, ended now.
+    // Waits that earlier events started, ended now: at their deadline (the outcome is about
+    // the event that started it), or by one of these events (`until`, `unless`).
     let outcomes = report.outcomes.iter().zip(&report.about).enumerate();
     for (n, ((i, outcome), about)) in outcomes {
-        if let (false, Some(uuid)) = (taken[n], &about.uuid) {
-            let mut e = entry(&rules.rules()[*i], outcome);
-            e.ended_ms = Some(received_ms);
-            let record = Record {
-                rules: vec![e],
-                ..Record::default()
-            };
-            let who = about.who.clone().unwrap_or_default();
-            out.push((uuid.clone(), who, to_json(&record)));
-        }
+        let started_by = match (taken[n], &about.uuid, &about.ended) {
+            (false, Some(uuid), _) => uuid,
+            (true, _, Some(uuid)) => uuid,
+            _ => continue,
+        };
+        let mut e = entry(&rules.rules()[*i], outcome);
+        e.ended_ms = Some(received_ms);
+        let record = Record {
+            rules: vec![e],
+            ..Record::default()
+        };
+        let who = about.who.clone().unwrap_or_default();
+        out.push((started_by.clone(), who, to_json(&record)));
     }
     out
 }
@@ -370,6 +374,10 @@ impl Entry<'_> {
             (Some(at), "fired" | "partly_failed" | "failed") => {
                 format!("Its wait ended on {}: {said}", words(at))
             }
+            (Some(at), "cancelled") => format!(
+                "Its wait was cancelled on {} by a later event ([wait] unless): the rule does not act for it.",
+                words(at)
+            ),
             _ => said,
         }
     }

@@ -200,6 +200,21 @@ fn a_wait_tells_when_it_started_and_how_it_ended_on_the_event_that_started_it() 
     assert!(e["pending"]["until"].is_string(), "still waiting: {kim}");
     let (_, paid) = explain(&server, "paid-lee");
     assert_eq!(entry(&paid, "quick-abandoned")["result"], "cancelled");
+    // And the cart's own record says its wait was cancelled.
+    let (_, lee) = explain(&server, "cart-lee");
+    let ended = &lee["rules"][1];
+    assert_eq!(ended["result"], "cancelled", "{lee}");
+    assert!(
+        ended["says"]
+            .as_str()
+            .unwrap()
+            .starts_with("Its wait was cancelled on "),
+        "{lee}"
+    );
+    assert!(
+        lee["rules"][0].get("pending").is_none(),
+        "no longer waiting: {lee}"
+    );
 
     server.wait_for("kim's wait to end", |s| {
         explain(s, "cart-kim").1["rules"].as_array().unwrap().len() == 2

@@ -187,7 +187,7 @@ mod tests {
         let activity = Activity::new(0);
         let about = About {
             uuid: Some("e1".into()),
-            who: None,
+            ..About::default()
         };
         let h = 3_600_000;
         activity.record(10 * h, "r", &Outcome::Fired, &about, true);
