@@ -103,6 +103,13 @@ fn the_status_page_shows_what_the_rules_did_in_a_real_browser() {
         .map(|c| c.split('<').next().unwrap())
         .collect();
     assert_eq!(cells, ["11", "1", "8", "1", "1"], "{row}");
+    let day: Vec<&str> = row
+        .split("<td class=\"n day\">")
+        .skip(1)
+        .take(5)
+        .map(|c| c.split('<').next().unwrap())
+        .collect();
+    assert_eq!(day, cells, "the same in the last day: {row}");
     // The link explains in words.
     let (status, why) = server.get("/explain/dana-5?format=text");
     assert_eq!(status, 200);
