@@ -69,6 +69,9 @@ pub struct Declared {
     pub hash_key: Option<HashKey>,
     /// The most a `[remember]` rule may keep.
     pub remember: RememberCaps,
+    /// The names of the sources (`[sources.NAME]`, and `default`): a folder of the rules
+    /// folder named after one holds that source's rules.
+    pub sources: BTreeSet<String>,
 }
 
 impl Declared {
@@ -83,6 +86,7 @@ impl Declared {
             endpoints: BTreeSet::new(),
             hash_key: None,
             remember: RememberCaps::default(),
+            sources: BTreeSet::from(["default".to_string()]),
         }
     }
 }
@@ -546,6 +550,9 @@ impl FolderArgs {
                     None
                 }),
                 remember: loaded.map_or_else(RememberCaps::default, |l| remember_caps(l, problems)),
+                sources: (file.iter().flat_map(|f| f.sources.keys().cloned()))
+                    .chain(["default".to_string()])
+                    .collect(),
             },
             email_from,
         }

@@ -81,6 +81,9 @@ pub struct Record<'a> {
     pub event: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub who: Option<Cow<'a, str>>,
+    /// The source it came from (for a tenant's read token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Cow<'a, str>>,
     /// The event's time and when it was received (milliseconds since 1970).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_ms: Option<i64>,
@@ -179,6 +182,7 @@ pub fn records(rules: &RuleSet, events: &[Event], report: &Report, received_ms: 
         let record = Record {
             event: Some(Cow::Borrowed(event.name())),
             who: Some(Cow::Borrowed(who)),
+            source: event.source.as_str().map(Cow::Borrowed),
             at_ms: Some(event.time.timestamp_millis()),
             received_ms: Some(received_ms),
             rules: entries,
@@ -472,6 +476,7 @@ mod tests {
         let record = Record {
             event: Some(Cow::Borrowed("feature_used")),
             who: Some(Cow::Borrowed("dana")),
+            source: Some(Cow::Borrowed("posthog")),
             at_ms: Some(1),
             received_ms: Some(2),
             rules: vec![Entry {
@@ -483,7 +488,7 @@ mod tests {
         let json = to_json(&record);
         assert_eq!(
             json,
-            r#"{"event":"feature_used","who":"dana","at_ms":1,"received_ms":2,"rules":[{"rule":"r","result":"counting","count":4,"at_least":5}]}"#
+            r#"{"event":"feature_used","who":"dana","source":"posthog","at_ms":1,"received_ms":2,"rules":[{"rule":"r","result":"counting","count":4,"at_least":5}]}"#
         );
         let back: Record = serde_json::from_str(&json).unwrap();
         assert_eq!(

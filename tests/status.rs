@@ -206,7 +206,7 @@ fn with_sources_the_page_asks_for_the_admin_token_and_a_cookie_keeps_you_signed_
         wrong
             .text()
             .unwrap()
-            .contains("That is not the admin token.")
+            .contains("That is not the admin token, nor a read token.")
     );
     let right = login(ADMIN);
     assert_eq!(right.status(), 303);

@@ -13,16 +13,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::AppState;
 use super::error::AppError;
+use crate::rules::RuleSet;
 use crate::store::StoreError;
 use crate::store::queue::{OutboxRecord, Retry};
 use crate::telemetry;
 use tracing::info;
 
+/// Who a request to the admin endpoints is from: the operator (everything), or a source's read
+/// token (a tenant: its own rules' data, on the endpoints [`tenant_may`] lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    All,
+    Tenant(String),
+}
+
+impl Access {
+    /// Whether it may see what the rule named `rule` did: the operator always; a tenant only
+    /// for a rule of its own that runs now.
+    pub fn sees(&self, rules: Option<&RuleSet>, rule: &str) -> bool {
+        match self {
+            Access::All => true,
+            Access::Tenant(t) => rules.is_some_and(|set| {
+                (set.rules().iter()).any(|r| r.name == rule && r.tenant.as_deref() == Some(t))
+            }),
+        }
+    }
+}
+
+/// Whether a tenant's read token opens `path` for `method`.
+fn tenant_may(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::GET
+        && ["/users/", "/aggregates/", "/explain/"]
+            .iter()
+            .any(|p| path.starts_with(p))
+}
+
 /// Lets a request to the admin endpoints through when no source is configured (loopback
-/// only) and it names the server by an address, or when it carries the admin token.
+/// only) and it names the server by an address, or when it carries the admin token, or a
+/// source's read token for what a tenant may read; says which ([`Access`]).
 pub async fn admin_only(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
     if state.sources.is_empty() {
@@ -32,18 +63,31 @@ pub async fn admin_only(
         return match host {
             Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
             Some(Err(_)) => Err(AppError::AdminByName),
-            _ => Ok(next.run(request).await),
+            _ => {
+                request.extensions_mut().insert(Access::All);
+                Ok(next.run(request).await)
+            }
         };
+    }
+    let headers = request.headers();
+    let operator = state.admin.as_ref().is_some_and(|admin| {
+        // The token in a header (scripts), or the status page's login cookie (a browser).
+        admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix())
+    });
+    if operator {
+        request.extensions_mut().insert(Access::All);
+        return Ok(next.run(request).await);
+    }
+    if let Some(tenant) = state.sources.reader(headers, state.clock.unix()) {
+        if !tenant_may(request.method(), request.uri().path()) {
+            return Err(AppError::ReaderNotHere);
+        }
+        let tenant = Access::Tenant(tenant.to_string());
+        request.extensions_mut().insert(tenant);
+        return Ok(next.run(request).await);
     }
     match &state.admin {
         None => Err(AppError::AdminClosed),
-        // The token in a header (scripts), or the status page's login cookie (a browser).
-        Some(admin)
-            if admin.accepts_bearer(request.headers())
-                || admin.accepts_cookie(request.headers(), state.clock.unix()) =>
-        {
-            Ok(next.run(request).await)
-        }
         Some(_) => Err(AppError::AdminDenied),
     }
 }

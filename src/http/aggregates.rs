@@ -6,7 +6,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::AppState;
+use super::admin::Access;
 use super::error::AppError;
 use crate::actions::aggregate;
 use crate::store::aggregates::{Totals, day_date, day_number, summarize};
@@ -32,10 +33,20 @@ pub struct AggregateQuery {
 
 pub async fn aggregates(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     Path(rule): Path<String>,
     query: Result<Query<AggregateQuery>, QueryRejection>,
 ) -> Result<Json<Value>, AppError> {
     let Query(query) = query.map_err(|e| AppError::BadQuery(e.body_text()))?;
+    let not_found = || {
+        AppError::NotFound(format!(
+            "no rule named `{rule}` counts events: a rule needs an [aggregate] table (see docs/RULES.md)"
+        ))
+    };
+    // A tenant reads its own running rules' counts only.
+    if !access.sees(state.rules.snapshot().as_deref(), &rule) {
+        return Err(not_found());
+    }
     let from = query.from.as_deref().map(|d| date("from", d)).transpose()?;
     let to = query.to.as_deref().map(|d| date("to", d)).transpose()?;
     if let (Some(from), Some(to)) = (from, to)
@@ -69,9 +80,7 @@ pub async fn aggregates(
     .map_err(|e| AppError::Internal(e.to_string()))?
     .map_err(|e: crate::store::StoreError| AppError::Internal(e.to_string()))?;
     let Some(rows) = rows else {
-        return Err(AppError::NotFound(format!(
-            "no rule named `{rule}` counts events: a rule needs an [aggregate] table (see docs/RULES.md)"
-        )));
+        return Err(not_found());
     };
     let summary = summarize(&rows);
     let day = |d: Option<i32>| d.map(|d| day_date(d).to_string());

@@ -56,6 +56,11 @@ pub enum AppError {
     /// A query string this endpoint cannot use; the message says what to change.
     #[error("{0}")]
     BadQuery(String),
+    /// A source's read token, on an endpoint it does not open.
+    #[error(
+        "a source's read token opens only GET /users, /aggregates, /explain and /status, for that source's rules"
+    )]
+    ReaderNotHere,
     /// Nothing by that name: the message says what was looked for.
     #[error("{0}")]
     NotFound(String),
@@ -88,6 +93,7 @@ impl AppError {
             AppError::NoRules => (StatusCode::SERVICE_UNAVAILABLE, "no_rules"),
             AppError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AppError::ReaderNotHere => (StatusCode::FORBIDDEN, "reader_not_here"),
             AppError::FromWebPage => (StatusCode::FORBIDDEN, "from_web_page"),
             AppError::Commit(_) | AppError::Internal(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
@@ -107,7 +113,10 @@ impl IntoResponse for AppError {
         }
         if !matches!(
             self,
-            AppError::AdminClosed | AppError::AdminDenied | AppError::AdminByName
+            AppError::AdminClosed
+                | AppError::AdminDenied
+                | AppError::AdminByName
+                | AppError::ReaderNotHere
         ) {
             telemetry::rejected(reason);
         }

@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
@@ -13,6 +13,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use super::AppState;
+use super::admin::Access;
 use super::error::AppError;
 use super::users::{action, one_line, plain_text, waiting, wants_text};
 use crate::explain::{KEEP, Record};
@@ -27,6 +28,7 @@ pub struct ExplainQuery {
 
 pub async fn explain(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     Path(uuid): Path<String>,
     query: Result<Query<ExplainQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
@@ -41,8 +43,16 @@ pub async fn explain(
         let Some(json) = store.explanation(&id)?.or_else(|| explained.find(&id)) else {
             return Ok(None);
         };
-        let kept: Record = serde_json::from_str(&json)
+        let mut kept: Record = serde_json::from_str(&json)
             .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
+        // A tenant sees its own events, and what its own rules did with them.
+        if let Access::Tenant(t) = &access {
+            if kept.source.as_deref() != Some(t.as_str()) {
+                return Ok(None);
+            }
+            kept.rules
+                .retain(|e| access.sees(rules.as_deref(), &e.rule));
+        }
         let mut record = kept.shown(&id, rules.as_deref());
         // What became of what each rule sent for this event, and of the waits it started.
         let person = match kept.who.as_deref() {

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 use super::AppState;
-use super::admin::names_an_address;
+use super::admin::{Access, names_an_address};
 use super::error::AppError;
 use crate::ingest::auth::{COOKIE, COOKIE_LIFETIME, cookie_value};
 use crate::pipeline::activity::Counts;
@@ -110,7 +110,8 @@ struct DeliveryRow {
 }
 
 impl DeliveryRow {
-    fn of(id: u64, r: &OutboxRecord) -> DeliveryRow {
+    /// `r`, with its retry button for the operator.
+    fn of(id: u64, r: &OutboxRecord, operator: bool) -> DeliveryRow {
         DeliveryRow {
             id,
             kind: r.kind.clone(),
@@ -118,36 +119,43 @@ impl DeliveryRow {
             to: r.destination.clone(),
             attempts: r.attempts,
             last_error: r.last_error.clone().unwrap_or_default(),
-            can_retry: !r.payload.is_empty(),
+            can_retry: operator && !r.payload.is_empty(),
         }
     }
 }
 
-/// Whether the request may see the page: `Ok(false)` for the sign-in form.
-fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<bool, AppError> {
+/// Who may see the page (a tenant, its own rules only); `Ok(None)` for the sign-in form.
+fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<Access>, AppError> {
     if state.sources.is_empty() {
         // As for the other admin endpoints: no token, so only requests to an address.
         let host = headers.get(header::HOST).map(|h| h.to_str());
         return match host {
             Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
             Some(Err(_)) => Err(AppError::AdminByName),
-            _ => Ok(true),
+            _ => Ok(Some(Access::All)),
         };
+    }
+    let operator = state.admin.as_ref().is_some_and(|admin| {
+        admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix())
+    });
+    if operator {
+        return Ok(Some(Access::All));
+    }
+    if let Some(tenant) = state.sources.reader(headers, state.clock.unix()) {
+        return Ok(Some(Access::Tenant(tenant.to_string())));
     }
     match &state.admin {
         None => Err(AppError::AdminClosed),
-        Some(admin) => {
-            Ok(admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix()))
-        }
+        Some(_) => Ok(None),
     }
 }
 
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match signed_in(&state, &headers) {
+    let access = match signed_in(&state, &headers) {
         Err(e) => return e.into_response(),
-        Ok(false) => return login_page(false),
-        Ok(true) => {}
-    }
+        Ok(None) => return login_page(false),
+        Ok(Some(access)) => access,
+    };
     let now = state.clock.now();
     let now_ms = now.timestamp_millis();
     let set = state.rules.snapshot();
@@ -167,7 +175,27 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         Ok((w, o)) => (None, (w, Some(o))),
         Err(e) => (Some(e), Default::default()),
     };
+    // A tenant's page shows its own rules, what they did and sent, and its folder's problems.
+    let sees = |rule: &str| access.sees(set.as_deref(), rule);
+    let (activity, mut recent) = (activity, recent);
+    let activity: Vec<_> = activity.into_iter().filter(|a| sees(&a.rule)).collect();
+    recent.retain(|f| sees(&f.rule));
+    let (mut errors, mut warnings) = (reload.errors, reload.warnings);
+    let mut outbox = outbox;
+    if let Access::Tenant(t) = &access {
+        let folder = format!("/{t}/");
+        errors.retain(|e| e.contains(&folder));
+        warnings.retain(|w| w.contains(&folder));
+        if let Some(o) = &mut outbox {
+            o.waiting.retain(|(_, r)| sees(&r.rule));
+            o.failures.retain(|(_, r)| sees(&r.rule));
+            // Only what is shown is theirs to count; and the retry is the operator's.
+            (o.pending, o.failed) = (o.waiting.len() as u64, o.failures.len() as u64);
+        }
+    }
+    let operator = access == Access::All;
     let rules: Vec<RuleRow> = (set.iter().flat_map(|s| s.rules()))
+        .filter(|r| sees(&r.name))
         .map(|r| {
             let a = activity.iter().find(|a| a.rule == r.name);
             RuleRow {
@@ -200,8 +228,8 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         reload_ok: reload.ok,
         reload_at: DateTime::parse_from_rfc3339(&reload.at)
             .map_or(reload.at.clone(), |t| minute(t.with_timezone(&Utc))),
-        errors: reload.errors,
-        warnings: reload.warnings,
+        errors,
+        warnings,
         rules,
         held_reasons: format!(
             "in the last day, {limited} by limits (already acted for the same person or values) and {capped} by cap groups"
@@ -217,10 +245,10 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         outbox_pending: outbox.as_ref().map_or(0, |o| o.pending),
         failed_total: outbox.as_ref().map_or(0, |o| o.failed),
         waiting: (outbox.iter().flat_map(|o| &o.waiting))
-            .map(|(id, r)| DeliveryRow::of(*id, r))
+            .map(|(id, r)| DeliveryRow::of(*id, r, operator))
             .collect(),
         failures: (outbox.iter().flat_map(|o| &o.failures))
-            .map(|(id, r)| DeliveryRow::of(*id, r))
+            .map(|(id, r)| DeliveryRow::of(*id, r, operator))
             .collect(),
     };
     match page.render() {
@@ -247,26 +275,29 @@ pub struct Login {
     token: String,
 }
 
-/// `POST /status/login`: with the admin token, sets the cookie and goes to the page.
+/// `POST /status/login`: with the admin token, or a source's read token (its rules only),
+/// sets the cookie and goes to the page.
 pub async fn login(State(state): State<Arc<AppState>>, Form(login): Form<Login>) -> Response {
-    match &state.admin {
-        Some(admin) if admin.accepts_token(&login.token) => {
-            let digest: [u8; 32] = Sha256::digest(login.token.as_bytes()).into();
-            let cookie = format!(
-                "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
-                cookie_value(&digest, state.clock.unix()),
-                COOKIE_LIFETIME.as_secs()
-            );
-            let mut response = Redirect::to("/status").into_response();
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                response.headers_mut().insert(header::SET_COOKIE, value);
-            }
-            response
-        }
-        // Without sources there is nothing to sign in to.
-        None if state.sources.is_empty() => Redirect::to("/status").into_response(),
-        _ => login_page(true),
+    if state.sources.is_empty() {
+        // Nothing to sign in to.
+        return Redirect::to("/status").into_response();
     }
+    let admin = (state.admin.as_ref())
+        .filter(|admin| admin.accepts_token(&login.token))
+        .map(|_| Sha256::digest(login.token.as_bytes()).into());
+    let Some(digest) = admin.or_else(|| state.sources.read_token(&login.token)) else {
+        return login_page(true);
+    };
+    let cookie = format!(
+        "{COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
+        cookie_value(&digest, state.clock.unix()),
+        COOKIE_LIFETIME.as_secs()
+    );
+    let mut response = Redirect::to("/status").into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
 }
 
 fn login_page(failed: bool) -> Response {

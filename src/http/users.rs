@@ -10,7 +10,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
@@ -21,6 +21,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use super::AppState;
+use super::admin::Access;
 use super::error::AppError;
 use crate::store::aggregates::day_date;
 use crate::store::queue::OutboxRecord;
@@ -51,6 +52,7 @@ pub struct UserQuery {
 
 pub async fn user(
     State(state): State<Arc<AppState>>,
+    Extension(access): Extension<Access>,
     Path(distinct_id): Path<String>,
     query: Result<Query<UserQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
@@ -75,6 +77,17 @@ pub async fn user(
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(|e| AppError::Internal(e.to_string()))?;
+    // A tenant sees what its own rules keep about the person (the same id may be someone else
+    // at another source).
+    if access != Access::All {
+        let rules = state.rules.snapshot();
+        let sees = |rule: &str| access.sees(rules.as_deref(), rule);
+        person.remembered.retain(|e| sees(&e.entry.rule));
+        person.keys.retain(|(k, _)| sees(&key_parts(k).0));
+        person.waits.retain(|(_, w)| sees(&w.rule));
+        person.deliveries.retain(|(_, r)| sees(&r.rule));
+        person.groups.retain(|m| sees(&m.rule));
+    }
     let mut events = std::mem::take(&mut person.remembered);
     let as_of = state.clock.now();
     let now_ms = as_of.timestamp_millis();
@@ -178,16 +191,27 @@ pub async fn forget(
 /// A key of rule state, as `counters` shows it: the rule, the kind of state, the values it is
 /// kept for, and what it holds.
 fn counter(key: &StateKey, record: &KeyRecord) -> Value {
-    // A key is a JSON list: the rule, the kind, then the values.
-    let parts: Vec<Value> = serde_json::from_str(key.as_str()).unwrap_or_default();
-    let kind = parts.get(1).and_then(Value::as_str).unwrap_or_default();
+    let (rule, kind, values) = key_parts(key);
     json!({
-        "rule": parts.first(),
+        "rule": rule,
         "kind": kind,
-        "values": parts.get(2..).unwrap_or_default(),
-        "count": counted(kind, record),
+        "values": values,
+        "count": counted(&kind, record),
         "last_acted": record.acted.map(time),
     })
+}
+
+/// A key's rule, kind and values (a key is a JSON list: the rule, the kind, then the values).
+fn key_parts(key: &StateKey) -> (String, String, Vec<Value>) {
+    let mut parts: Vec<Value> = serde_json::from_str(key.as_str()).unwrap_or_default();
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    let (rule, kind) = (text(parts.first()), text(parts.get(1)));
+    let values = if parts.len() > 2 {
+        parts.split_off(2)
+    } else {
+        Vec::new()
+    };
+    (rule, kind, values)
 }
 
 /// What a key's count is, by its kind (see `store/state.rs` for how each keeps it); `None` for

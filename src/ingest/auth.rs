@@ -72,6 +72,13 @@ pub struct SourceConfig {
     /// Files holding Standard Webhooks secrets.
     #[serde(default)]
     pub signing_secret_file: Vec<PathBuf>,
+    /// Environment variables holding read tokens: they open `/users`, `/aggregates`,
+    /// `/explain` and `/status` for this source's rules only (a tenant).
+    #[serde(default)]
+    pub read_token_env: Vec<String>,
+    /// Files holding read tokens.
+    #[serde(default)]
+    pub read_token_file: Vec<PathBuf>,
 }
 
 impl SourceConfig {
@@ -81,6 +88,7 @@ impl SourceConfig {
             .bearer_token_file
             .iter_mut()
             .chain(self.signing_secret_file.iter_mut())
+            .chain(self.read_token_file.iter_mut())
         {
             *p = relative(p);
         }
@@ -89,6 +97,11 @@ impl SourceConfig {
     fn tokens(&self) -> impl Iterator<Item = SecretRef> + '_ {
         (self.bearer_token_env.iter().cloned().map(SecretRef::Env))
             .chain(self.bearer_token_file.iter().cloned().map(SecretRef::File))
+    }
+
+    fn read_tokens(&self) -> impl Iterator<Item = SecretRef> + '_ {
+        (self.read_token_env.iter().cloned().map(SecretRef::Env))
+            .chain(self.read_token_file.iter().cloned().map(SecretRef::File))
     }
 
     fn signing_secrets(&self) -> impl Iterator<Item = SecretRef> + '_ {
@@ -126,6 +139,38 @@ pub const MIN_SIGNING_KEY_BYTES: usize = 24;
 /// How many `v1,` signatures of one header are tried (a sender signs with one or two keys).
 const MAX_SIGNATURES_TRIED: usize = 8;
 
+/// Whether the request carries a sign-in cookie made, less than [`COOKIE_LIFETIME`] before
+/// `now_unix`, for a token whose digest is one of `digests`.
+fn signed_cookie(headers: &HeaderMap, digests: &[[u8; 32]], now_unix: u64) -> bool {
+    let cookies = headers.get_all(axum::http::header::COOKIE).into_iter();
+    let values = cookies
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'));
+    let mut given = values.filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
+    given.any(|value| {
+        let Some(issued) = value.split('.').next().and_then(|t| t.parse::<u64>().ok()) else {
+            return false;
+        };
+        let fresh = issued <= now_unix && now_unix - issued < COOKIE_LIFETIME.as_secs();
+        fresh
+            && digests
+                .iter()
+                .any(|t| bool::from(cookie_value(t, issued).as_bytes().ct_eq(value.as_bytes())))
+    })
+}
+
+/// A token long enough to be a secret, or why not.
+fn check_length(token: &str, from: &SecretRef) -> Result<(), String> {
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        return Err(format!(
+            "the token in {} is shorter than {MIN_TOKEN_CHARS} characters; \
+             make a long random one, for example with `openssl rand -hex 32`",
+            from.describe()
+        ));
+    }
+    Ok(())
+}
+
 /// The name of the status page's login cookie.
 pub const COOKIE: &str = "tripline_admin";
 
@@ -152,6 +197,8 @@ pub struct Source {
     tokens: Vec<[u8; 32]>,
     /// HMAC keys (the decoded `whsec_` secrets).
     signing_keys: Vec<Vec<u8>>,
+    /// SHA-256 digests of its read tokens (see [`SourceConfig::read_token_env`]).
+    read_tokens: Vec<[u8; 32]>,
 }
 
 impl fmt::Debug for Source {
@@ -177,13 +224,16 @@ impl Source {
                 "the source name `{name}` may only hold letters, digits, `_` and `-`"
             ));
         }
-        let mut source = Source {
-            name: name.to_string(),
-            tokens: Vec::new(),
-            signing_keys: Vec::new(),
-        };
+        let mut source = Source::named(name);
         for r in config.tokens() {
             source.add_token(&r.read()?, &r)?;
+        }
+        for r in config.read_tokens() {
+            let token = r.read()?;
+            check_length(&token, &r)?;
+            source
+                .read_tokens
+                .push(Sha256::digest(token.as_bytes()).into());
         }
         for r in config.signing_secrets() {
             source.add_signing_secret(&r.read()?, &r)?;
@@ -203,20 +253,25 @@ impl Source {
             name: name.to_string(),
             tokens: Vec::new(),
             signing_keys: Vec::new(),
+            read_tokens: Vec::new(),
         }
     }
 
     /// Adds a bearer token read from `from`.
     pub fn add_token(&mut self, token: &str, from: &SecretRef) -> Result<(), String> {
-        if token.chars().count() < MIN_TOKEN_CHARS {
-            return Err(format!(
-                "the bearer token in {} is shorter than {MIN_TOKEN_CHARS} characters; \
-                 make a long random one, for example with `openssl rand -hex 32`",
-                from.describe()
-            ));
-        }
+        check_length(token, from)?;
         self.tokens.push(Sha256::digest(token.as_bytes()).into());
         Ok(())
+    }
+
+    /// Whether the request's `Authorization: Bearer` token is one of this source's read tokens.
+    pub fn accepts_reader(&self, headers: &HeaderMap) -> bool {
+        bearer_token(headers).is_some_and(|token| {
+            let digest: [u8; 32] = Sha256::digest(token).into();
+            self.read_tokens
+                .iter()
+                .any(|t| bool::from(t.ct_eq(&digest)))
+        })
     }
 
     /// Adds a Standard Webhooks secret (`whsec_` + base64) read from `from`.
@@ -241,22 +296,20 @@ impl Source {
     /// source's tokens less than [`COOKIE_LIFETIME`] before `now_unix` (see [`cookie_value`]).
     /// Every cookie of that name is looked at: another page of the same site may have set one.
     pub fn accepts_cookie(&self, headers: &HeaderMap, now_unix: u64) -> bool {
-        let cookies = headers.get_all(axum::http::header::COOKIE).into_iter();
-        let values = cookies
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'));
-        let given = values.filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
-        given.into_iter().any(|value| {
-            let Some(issued) = value.split('.').next().and_then(|t| t.parse::<u64>().ok()) else {
-                return false;
-            };
-            let fresh = issued <= now_unix && now_unix - issued < COOKIE_LIFETIME.as_secs();
-            fresh
-                && self
-                    .tokens
-                    .iter()
-                    .any(|t| bool::from(cookie_value(t, issued).as_bytes().ct_eq(value.as_bytes())))
-        })
+        signed_cookie(headers, &self.tokens, now_unix)
+    }
+
+    /// The same, for a cookie made with one of its read tokens.
+    pub fn accepts_reader_cookie(&self, headers: &HeaderMap, now_unix: u64) -> bool {
+        signed_cookie(headers, &self.read_tokens, now_unix)
+    }
+
+    /// Whether `token` is one of its read tokens (the status page's sign-in form).
+    pub fn accepts_read_token(&self, token: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.read_tokens
+            .iter()
+            .any(|t| bool::from(t.ct_eq(&digest)))
     }
 
     fn has_token_digest(&self, digest: &[u8; 32]) -> bool {
@@ -310,6 +363,20 @@ impl Sources {
     /// from now.
     pub fn new(sources: Vec<Source>, tolerance: Duration) -> Sources {
         Sources { sources, tolerance }
+    }
+
+    /// The source whose read token the request's bearer token is, or whose status page
+    /// sign-in cookie it carries, if one.
+    pub fn reader(&self, headers: &HeaderMap, now_unix: u64) -> Option<&str> {
+        (self.sources.iter())
+            .find(|s| s.accepts_reader(headers) || s.accepts_reader_cookie(headers, now_unix))
+            .map(|s| s.name.as_str())
+    }
+
+    /// The digest of `token` when it is a source's read token (the sign-in form).
+    pub fn read_token(&self, token: &str) -> Option<[u8; 32]> {
+        (self.sources.iter().any(|s| s.accepts_read_token(token)))
+            .then(|| Sha256::digest(token.as_bytes()).into())
     }
 
     /// No source: requests are not authenticated (only allowed on loopback).

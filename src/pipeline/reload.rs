@@ -155,7 +155,8 @@ pub fn watch(live: Arc<LiveRules>) -> notify::Result<notify::RecommendedWatcher>
             Ok(_) => signal.notify_one(),
             Err(e) => warn!("file watcher: {e}"),
         })?;
-    watcher.watch(&live.declared.folders.rules, RecursiveMode::NonRecursive)?;
+    // Recursive: a source's rules are in a folder of their own (`rules/<source>/`).
+    watcher.watch(&live.declared.folders.rules, RecursiveMode::Recursive)?;
     if live.declared.folders.templates.is_dir() {
         watcher.watch(
             &live.declared.folders.templates,

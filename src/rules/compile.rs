@@ -379,6 +379,7 @@ impl Compiler<'_> {
             digest: digest.map_or(Some(None), |d| d.map(Some))?,
             actions,
             summary,
+            tenant: None,
         })
     }
 

@@ -62,9 +62,25 @@ pub struct Rule {
     pub actions: Vec<Box<dyn Action>>,
     /// What `GET /rules` shows for it.
     pub summary: Value,
+    /// The source whose rule it is, when its file is in `rules/<source>/`: it sees only that
+    /// source's events, and that source's read token may read what it did.
+    pub tenant: Option<String>,
 }
 
 impl Rule {
+    /// Makes it the rule of `tenant` (its file is in `rules/<tenant>/`): it sees only events
+    /// from that source.
+    fn belong_to(&mut self, tenant: String) {
+        let from_tenant = Condition::Field {
+            path: FieldPath::parse("source").expect("`source` is a field"),
+            test: condition::Test::Equals(Value::String(tenant.clone())),
+        };
+        let when = std::mem::replace(&mut self.when, Condition::All(Vec::new()));
+        self.when = Condition::All(vec![from_tenant, when]);
+        self.summary["source"] = Value::String(tenant.clone());
+        self.tenant = Some(tenant);
+    }
+
     /// Whether the rule is about [`SUPPRESSED_EVENT`], tripline's own event.
     pub fn is_about_suppressions(&self) -> bool {
         matches!(self.events.as_deref(), Some([name]) if name == SUPPRESSED_EVENT)
@@ -268,7 +284,11 @@ impl RuleSet {
         let files = match rule_files(rules_dir) {
             Ok(listing) => {
                 warnings.extend(listing.warnings);
-                listing.files
+                listing
+                    .files
+                    .into_iter()
+                    .map(|f| (f, None))
+                    .collect::<Vec<_>>()
             }
             Err(e) => {
                 problems.push(Diagnostic::whole_file(
@@ -278,6 +298,30 @@ impl RuleSet {
                 return (Err(problems), warnings);
             }
         };
+        let mut files = files;
+        for (folder, tenant) in tenant_folders(rules_dir) {
+            if !declared.sources.contains(&tenant) {
+                let known: Vec<&str> = declared.sources.iter().map(String::as_str).collect();
+                problems.push(Diagnostic::whole_file(
+                    &folder,
+                    format!(
+                        "the rules in a folder apply to the source it is named after, and there is no source `{tenant}` (sources: {}); add [sources.{tenant}] to tripline.toml or rename the folder",
+                        known.join(", ")
+                    ),
+                ));
+                continue;
+            }
+            match rule_files(&folder) {
+                Ok(listing) => {
+                    warnings.extend(listing.warnings);
+                    files.extend(listing.files.into_iter().map(|f| (f, Some(tenant.clone()))));
+                }
+                Err(e) => problems.push(Diagnostic::whole_file(
+                    &folder,
+                    format!("cannot read this folder: {e}"),
+                )),
+            }
+        }
         let mut rules: Vec<Rule> = Vec::new();
         let mut hasher = Sha256::new();
         let caps_file = rules_dir.join(CAPS_FILE);
@@ -299,7 +343,7 @@ impl RuleSet {
                 Caps::new()
             }
         };
-        for file in files {
+        for (file, tenant) in files {
             let source = match user_file::read_text(&file, user_file::RULE_FILE) {
                 Ok(s) => s,
                 Err(e) => {
@@ -312,7 +356,10 @@ impl RuleSet {
             };
             hash_file(&mut hasher, "rule", &file, &source);
             match compile::compile(&file, &source, &mut templates, &caps, declared) {
-                Ok(rule) => {
+                Ok(mut rule) => {
+                    if let Some(tenant) = tenant {
+                        rule.belong_to(tenant);
+                    }
                     if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                         problems.push(duplicate_name(&file, &source, &rule.name, &first.file));
                     } else {
@@ -512,9 +559,40 @@ fn rule_files(dir: &Path) -> std::io::Result<Listing> {
     })
 }
 
-/// The test files (`*.test.toml`) of a folder, sorted, skipping hidden files.
+/// The test files (`*.test.toml`) of a folder and of its folders one level down (a source's
+/// rules, `rules/<source>/`), sorted, skipping hidden files.
 pub fn test_files(dir: &Path) -> std::io::Result<Listing> {
-    user_file::list(dir, |name| name.ends_with(TEST_SUFFIX))
+    let mut listing = user_file::list(dir, |name| name.ends_with(TEST_SUFFIX))?;
+    for (folder, _) in tenant_folders(dir) {
+        let inner = user_file::list(&folder, |name| name.ends_with(TEST_SUFFIX))?;
+        listing.files.extend(inner.files);
+        listing.warnings.extend(inner.warnings);
+    }
+    Ok(listing)
+}
+
+/// The folders of the rules folder (not hidden) that hold `.toml` files, each with its name: a
+/// source's rules. Other folders (`rules/test-events/`, files of events for tests) are left
+/// alone.
+fn tenant_folders(dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let holds_toml = |folder: &Path| {
+        std::fs::read_dir(folder).is_ok_and(|mut files| {
+            files.any(|f| f.is_ok_and(|f| f.file_name().to_string_lossy().ends_with(".toml")))
+        })
+    };
+    let mut folders: Vec<(PathBuf, String)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir() && holds_toml(&e.path()))
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            (!name.starts_with('.')).then(|| (e.path(), name))
+        })
+        .collect();
+    folders.sort();
+    folders
 }
 
 fn duplicate_name(file: &Path, source: &str, name: &str, first: &Path) -> Diagnostic {
