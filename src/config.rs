@@ -763,6 +763,20 @@ impl ServeArgs {
         };
         let sources = check.sources(file, signature_tolerance);
         let admin = check.admin(file.admin.as_ref());
+        // One token, one use: a read token that is also a sending or admin token (or another
+        // source's) would open more than its source's data.
+        if let (Ok(sources), Ok(admin)) = (&sources, &admin) {
+            let mut seen = std::collections::HashSet::new();
+            let digests = (sources.all().flat_map(|s| s.token_digests()))
+                .chain(admin.iter().flat_map(|a| a.token_digests()));
+            for digest in digests {
+                if !seen.insert(*digest) {
+                    return Err(ConfigError::Other(
+                        "the same token is given twice (as a source's sending or read token, or the admin token): give each its own".into(),
+                    ));
+                }
+            }
+        }
         let endpoints = check.endpoints(file);
         let config = ServeConfig {
             listen,

@@ -236,3 +236,29 @@ fn a_folder_not_named_after_a_source_is_a_problem_at_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_token_given_twice_stops_the_start_in_words() {
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("tripline.toml");
+    std::fs::write(&file, CONFIG).unwrap();
+    // acme's read token is globex's sending token: it would read acme and send as globex.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data", config.path().join("data").to_str().unwrap()])
+        .env("ACME_TOKEN", ACME)
+        .env("ACME_READ", GLOBEX)
+        .env("GLOBEX_TOKEN", GLOBEX)
+        .env("GLOBEX_READ", GLOBEX_READ)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the same token is given twice"), "{stderr}");
+}

@@ -31,6 +31,9 @@ const SHOWN: usize = 20;
 #[derive(Template)]
 #[template(path = "status.html")]
 struct StatusPage {
+    /// Whether the operator is asking (a tenant sees neither the rule set's hash nor the
+    /// store's errors).
+    operator: bool,
     /// Why the store could not be read, if it could not: the counts of waits and deliveries
     /// are then unknown, and the page says so.
     store_error: Option<String>,
@@ -183,9 +186,14 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let (mut errors, mut warnings) = (reload.errors, reload.warnings);
     let mut outbox = outbox;
     if let Access::Tenant(t) = &access {
-        let folder = format!("/{t}/");
-        errors.retain(|e| e.contains(&folder));
-        warnings.retain(|w| w.contains(&folder));
+        // The problems of its own folder: each starts with its file's path.
+        let folder = state.rules.rules_dir().join(t).display().to_string();
+        let own = |text: &String| {
+            text.strip_prefix(&folder)
+                .is_some_and(|rest| rest.starts_with('/') || rest.starts_with(':'))
+        };
+        errors.retain(own);
+        warnings.retain(own);
         if let Some(o) = &mut outbox {
             o.waiting.retain(|(_, r)| sees(&r.rule));
             o.failures.retain(|(_, r)| sees(&r.rule));
@@ -218,6 +226,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let (limited, capped) = (activity.iter().filter(|a| running(&a.rule)))
         .fold((0, 0), |(l, c), a| (l + a.day.limited, c + a.day.capped));
     let page = StatusPage {
+        operator,
         store_error,
         as_of: minute(now),
         started: minute(DateTime::from_timestamp_millis(started_ms).unwrap_or_default()),
@@ -225,7 +234,12 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             hash: s.hash.clone(),
             loaded_at: minute(s.loaded_at),
         }),
-        reload_ok: reload.ok,
+        // A tenant is told of its own folder's problems only.
+        reload_ok: if operator {
+            reload.ok
+        } else {
+            errors.is_empty()
+        },
         reload_at: DateTime::parse_from_rfc3339(&reload.at)
             .map_or(reload.at.clone(), |t| minute(t.with_timezone(&Utc))),
         errors,

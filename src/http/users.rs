@@ -83,7 +83,11 @@ pub async fn user(
         let rules = state.rules.snapshot();
         let sees = |rule: &str| access.sees(rules.as_deref(), rule);
         person.remembered.retain(|e| sees(&e.entry.rule));
-        person.keys.retain(|(k, _)| sees(&key_parts(k).0));
+        // A cap group's counts are the operator's, whatever a rule is named.
+        person.keys.retain(|(k, _)| {
+            let (rule, kind, _) = key_parts(k);
+            sees(&rule) && !kind.starts_with("cap")
+        });
         person.waits.retain(|(_, w)| sees(&w.rule));
         person.deliveries.retain(|(_, r)| sees(&r.rule));
         person.groups.retain(|m| sees(&m.rule));

@@ -304,6 +304,11 @@ impl Source {
         signed_cookie(headers, &self.read_tokens, now_unix)
     }
 
+    /// The digests of every token it has, sending and reading.
+    pub fn token_digests(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.tokens.iter().chain(&self.read_tokens)
+    }
+
     /// Whether `token` is one of its read tokens (the status page's sign-in form).
     pub fn accepts_read_token(&self, token: &str) -> bool {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -363,6 +368,11 @@ impl Sources {
     /// from now.
     pub fn new(sources: Vec<Source>, tolerance: Duration) -> Sources {
         Sources { sources, tolerance }
+    }
+
+    /// Every source.
+    pub fn all(&self) -> impl Iterator<Item = &Source> {
+        self.sources.iter()
     }
 
     /// The source whose read token the request's bearer token is, or whose status page

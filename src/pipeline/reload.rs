@@ -71,6 +71,11 @@ impl LiveRules {
     }
 
     /// The rule set to use for one request, or `None` if no good set has loaded yet.
+    /// The rules folder.
+    pub fn rules_dir(&self) -> &std::path::Path {
+        &self.declared.folders.rules
+    }
+
     pub fn snapshot(&self) -> Option<Arc<RuleSet>> {
         self.current.load_full()
     }

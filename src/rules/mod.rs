@@ -475,9 +475,20 @@ impl RuleSet {
         &'s self,
         event: &'s Event,
     ) -> impl Iterator<Item = (usize, &'s Rule)> + 's {
+        // A source's rule hears of its own source's rules only: not of the operator's, nor of
+        // another source's, even when they were held back on its events.
+        let held = event.properties["rule"].as_str().unwrap_or_default();
+        let tenant_of_held = self
+            .rules
+            .iter()
+            .find(|r| r.name == held)
+            .and_then(|r| r.tenant.as_deref());
         self.on_suppressed
             .iter()
             .map(|&i| (i, &self.rules[i]))
+            .filter(move |(_, rule)| {
+                rule.tenant.is_none() || rule.tenant.as_deref() == tenant_of_held
+            })
             .filter(|(_, rule)| rule.when.holds(event))
     }
 
@@ -585,7 +596,8 @@ fn tenant_folders(dir: &Path) -> Vec<(PathBuf, String)> {
     };
     let mut folders: Vec<(PathBuf, String)> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir() && holds_toml(&e.path()))
+        // A link is not followed: `rules/acme -> ..` must not make the operator's rules acme's.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && holds_toml(&e.path()))
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
             (!name.starts_with('.')).then(|| (e.path(), name))
