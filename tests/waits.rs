@@ -485,6 +485,9 @@ fn a_digest_collected_before_a_sigkill_is_sent_once_after_restart_with_every_eve
         let rule = rules.iter().find(|r| r["name"] == "digest");
         rule.unwrap()["waits"]["pending"] == 0
     });
+    // The line is appended just after the commit that ended the digest: between the two, the
+    // store says nothing is pending and the appender does not know of the line yet.
+    s.wait_for("the digest's line", |s| !s.jsonl("digest.jsonl").is_empty());
     assert_eq!(
         s.jsonl("digest.jsonl"),
         [json!({"first": "a"})],
