@@ -626,17 +626,22 @@ fn compare_rule_names(
     }
 }
 
-fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<Queued> = effects
+/// What `pick` takes of the actions' outputs among `effects`, in order.
+fn outputs<'e, T>(effects: &'e [Effect], pick: impl Fn(&'e Output) -> Option<T>) -> Vec<T> {
+    effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Output {
-                output: Output::Delivery(d),
-                ..
-            } => Queued::of(d),
-            _ => None,
+            Effect::Output { output, .. } => pick(output),
+            Effect::Failed { .. } => None,
         })
-        .collect();
+        .collect()
+}
+
+fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec<String>) {
+    let actual: Vec<Queued> = outputs(effects, |output| match output {
+        Output::Delivery(d) => Queued::of(d),
+        _ => None,
+    });
     if actual.len() != wanted.len() {
         let got: Vec<String> = actual
             .iter()
@@ -675,16 +680,10 @@ fn compare_emails(wanted: &[ExpectEmail], effects: &[Effect], problems: &mut Vec
 }
 
 fn compare_requests(wanted: &[ExpectRequest], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<Request> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Output {
-                output: Output::Delivery(d),
-                ..
-            } => Request::of(d),
-            _ => None,
-        })
-        .collect();
+    let actual: Vec<Request> = outputs(effects, |output| match output {
+        Output::Delivery(d) => Request::of(d),
+        _ => None,
+    });
     if actual.len() != wanted.len() {
         let got: Vec<String> = actual
             .iter()
@@ -752,16 +751,10 @@ fn compare_requests(wanted: &[ExpectRequest], effects: &[Effect], problems: &mut
 }
 
 fn compare_remembered(wanted: &[ExpectRemembered], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<&Remembered> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Output {
-                output: Output::Remember(r),
-                ..
-            } => Some(r.as_ref()),
-            _ => None,
-        })
-        .collect();
+    let actual: Vec<&Remembered> = outputs(effects, |output| match output {
+        Output::Remember(r) => Some(r.as_ref()),
+        _ => None,
+    });
     if actual.len() != wanted.len() {
         let kept: Vec<String> = actual
             .iter()
@@ -809,16 +802,10 @@ fn compare_remembered(wanted: &[ExpectRemembered], effects: &[Effect], problems:
 }
 
 fn compare_counted(wanted: &[ExpectCounted], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<&Counted> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Output {
-                output: Output::Aggregate(c),
-                ..
-            } => Some(c.as_ref()),
-            _ => None,
-        })
-        .collect();
+    let actual: Vec<&Counted> = outputs(effects, |output| match output {
+        Output::Aggregate(c) => Some(c.as_ref()),
+        _ => None,
+    });
     if actual.len() != wanted.len() {
         let counted: Vec<String> = actual.iter().map(|c| c.describe()).collect();
         problems.push(count_differs(
@@ -856,16 +843,10 @@ fn compare_counted(wanted: &[ExpectCounted], effects: &[Effect], problems: &mut 
 }
 
 fn compare_lines(wanted: &[ExpectLine], effects: &[Effect], problems: &mut Vec<String>) {
-    let actual: Vec<(&PathBuf, &str)> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Output {
-                output: Output::Line { file, line },
-                ..
-            } => Some((file, line.trim_end_matches('\n'))),
-            _ => None,
-        })
-        .collect();
+    let actual: Vec<(&PathBuf, &str)> = outputs(effects, |output| match output {
+        Output::Line { file, line } => Some((file, line.trim_end_matches('\n'))),
+        _ => None,
+    });
     if actual.len() != wanted.len() {
         let got: Vec<String> = actual
             .iter()
