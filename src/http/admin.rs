@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
@@ -56,45 +56,50 @@ pub async fn admin_only(
     mut request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
+    let access = match who_asks(&state, request.headers())? {
+        Some(Access::Tenant(_)) if !tenant_may(request.method(), request.uri().path()) => {
+            return Err(AppError::ReaderNotHere);
+        }
+        Some(access) => access,
+        None if state.admin.is_none() => return Err(AppError::AdminClosed),
+        None => return Err(AppError::AdminDenied),
+    };
+    request.extensions_mut().insert(access);
+    Ok(next.run(request).await)
+}
+
+/// Who a request to the admin endpoints or the status page is from, by its headers; `None` when
+/// sources are configured and it carries neither the admin token (a header, or the status
+/// page's cookie) nor a source's read token. Without sources, the operator, when the request
+/// names the server by an address.
+pub(super) fn who_asks(state: &AppState, headers: &HeaderMap) -> Result<Option<Access>, AppError> {
     if state.sources.is_empty() {
         // Without a token, a web page could reach these through a name of its own that it
         // points at 127.0.0.1 (DNS rebinding): only an address, or `localhost`, is let in.
-        let host = request.headers().get(header::HOST).map(|h| h.to_str());
+        let host = headers.get(header::HOST).map(|h| h.to_str());
         return match host {
             Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
             Some(Err(_)) => Err(AppError::AdminByName),
-            _ => {
-                request.extensions_mut().insert(Access::All);
-                Ok(next.run(request).await)
-            }
+            _ => Ok(Some(Access::All)),
         };
     }
-    let headers = request.headers();
+    let now = state.clock.unix();
     let operator = state.admin.as_ref().is_some_and(|admin| {
         // The token in a header (scripts), or the status page's login cookie (a browser).
-        admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix())
+        admin.accepts_bearer(headers) || admin.accepts_cookie(headers, now)
     });
     if operator {
-        request.extensions_mut().insert(Access::All);
-        return Ok(next.run(request).await);
+        return Ok(Some(Access::All));
     }
-    if let Some(tenant) = state.sources.reader(headers, state.clock.unix()) {
-        if !tenant_may(request.method(), request.uri().path()) {
-            return Err(AppError::ReaderNotHere);
-        }
-        let tenant = Access::Tenant(tenant.to_string());
-        request.extensions_mut().insert(tenant);
-        return Ok(next.run(request).await);
-    }
-    match &state.admin {
-        None => Err(AppError::AdminClosed),
-        Some(_) => Err(AppError::AdminDenied),
-    }
+    Ok(state
+        .sources
+        .reader(headers, now)
+        .map(|tenant| Access::Tenant(tenant.to_string())))
 }
 
 /// Whether a `Host` header names the server by an IP address or as `localhost` (with or
 /// without a port), rather than by a name someone else may control.
-pub(super) fn names_an_address(host: &str) -> bool {
+fn names_an_address(host: &str) -> bool {
     if host.starts_with('[') {
         // An IPv6 address, `[::1]:8080`.
         return host

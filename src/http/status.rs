@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 use super::AppState;
-use super::admin::{Access, names_an_address};
+use super::admin::{Access, who_asks};
 use super::error::AppError;
 use crate::ingest::auth::{COOKIE, COOKIE_LIFETIME, cookie_value};
 use crate::pipeline::activity::Counts;
@@ -127,35 +127,11 @@ impl DeliveryRow {
     }
 }
 
-/// Who may see the page (a tenant, its own rules only); `Ok(None)` for the sign-in form.
-fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<Access>, AppError> {
-    if state.sources.is_empty() {
-        // As for the other admin endpoints: no token, so only requests to an address.
-        let host = headers.get(header::HOST).map(|h| h.to_str());
-        return match host {
-            Some(Ok(host)) if !names_an_address(host) => Err(AppError::AdminByName),
-            Some(Err(_)) => Err(AppError::AdminByName),
-            _ => Ok(Some(Access::All)),
-        };
-    }
-    let operator = state.admin.as_ref().is_some_and(|admin| {
-        admin.accepts_bearer(headers) || admin.accepts_cookie(headers, state.clock.unix())
-    });
-    if operator {
-        return Ok(Some(Access::All));
-    }
-    if let Some(tenant) = state.sources.reader(headers, state.clock.unix()) {
-        return Ok(Some(Access::Tenant(tenant.to_string())));
-    }
-    match &state.admin {
-        None => Err(AppError::AdminClosed),
-        Some(_) => Ok(None),
-    }
-}
-
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let access = match signed_in(&state, &headers) {
+    // As the admin endpoints, but a visitor without a token gets the sign-in form.
+    let access = match who_asks(&state, &headers) {
         Err(e) => return e.into_response(),
+        Ok(None) if state.admin.is_none() => return AppError::AdminClosed.into_response(),
         Ok(None) => return login_page(false),
         Ok(Some(access)) => access,
     };
