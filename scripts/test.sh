@@ -27,4 +27,6 @@ if command -v chromium >/dev/null; then
   TRIPLINE_TEST_CHROMIUM="$(command -v chromium)"
   export TRIPLINE_TEST_CHROMIUM
 fi
-exec cargo test "$@"
+# - postgresql (Debian's package): a throw-away server the PostgreSQL store is tested on.
+source scripts/postgres.sh
+cargo test "$@"

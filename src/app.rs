@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::actions::jsonl::JsonlFiles;
 use crate::actions::{self, Destinations};
 use crate::clock::Clock;
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, StoreChoice};
 use crate::http::connections::{self, ConnectionLimits};
 use crate::http::{self, AppState};
 use crate::ingest::event::BodyLimits;
@@ -20,6 +20,7 @@ use crate::pipeline::outbox;
 use crate::pipeline::reload::{self, LiveRules};
 use crate::pipeline::timers;
 use crate::store::Backend;
+use crate::store::postgres::Pg;
 use crate::store::redb::Db;
 use crate::telemetry;
 
@@ -46,13 +47,17 @@ pub async fn serve(
         )
     })?;
     let metrics = telemetry::recorder()?;
-    let store: Arc<dyn Backend> =
-        Arc::new(Db::open(&config.declared.folders.data).map_err(|e| {
+    let store: Arc<dyn Backend> = match &config.store {
+        StoreChoice::Redb => Arc::new(Db::open(&config.declared.folders.data).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the state database in {}: {e}",
                 config.declared.folders.data.display()
             )
-        })?);
+        })?),
+        StoreChoice::Postgres(url) => Arc::new(
+            Pg::open(url).map_err(|e| anyhow::anyhow!("cannot use the PostgreSQL store: {e}"))?,
+        ),
+    };
     let senders = actions::senders(&Destinations::Settings(&config))?;
     let deliveries_queued = Arc::new(Notify::new());
     let days = |n: u64| Duration::from_secs(n.saturating_mul(86_400));

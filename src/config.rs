@@ -208,6 +208,45 @@ pub struct ServeArgs {
     /// 10s) [default: 100ms].
     #[arg(long, env = "TRIPLINE_SYNC_INTERVAL", value_parser = parse_sync_interval)]
     pub sync_interval: Option<Duration>,
+    /// Where the state is kept: `redb` (a database file in the data folder, nothing to install)
+    /// or a PostgreSQL URL (`postgres://user@host/db`), which several instances can share
+    /// [default: redb].
+    #[arg(long, env = "TRIPLINE_STORE", value_parser = parse_store, hide_env_values = true)]
+    pub store: Option<StoreChoice>,
+}
+
+/// Where the state is kept (see `store/`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded database in the data folder.
+    Redb,
+    /// A PostgreSQL database, by URL (it may hold a password: never shown).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreChoice {
+    /// Without the URL, which may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreChoice::Redb => f.write_str("Redb"),
+            StoreChoice::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+/// `redb`, or a `postgres://` (or `postgresql://`) URL.
+fn parse_store(text: &str) -> Result<StoreChoice, String> {
+    let text = text.trim();
+    if text == "redb" {
+        return Ok(StoreChoice::Redb);
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Ok(StoreChoice::Postgres(text.to_string()));
+    }
+    Err(
+        "expected `redb` or a PostgreSQL URL such as postgres://tripline@db.internal/tripline"
+            .into(),
+    )
 }
 
 /// What a 2xx promises, as written.
@@ -266,6 +305,8 @@ pub struct ConfigFile {
     pub durability: Option<DurabilityMode>,
     /// With `durability = "interval"`, how often everything is synced.
     pub sync_interval: Option<Spanned<String>>,
+    /// Where the state is kept: `redb` or a PostgreSQL URL.
+    pub store: Option<Spanned<String>>,
     /// Folders, relative to the configuration file's folder.
     pub rules: Option<PathBuf>,
     pub templates: Option<PathBuf>,
@@ -443,6 +484,7 @@ pub struct ServeConfig {
     pub smtp_tls: SmtpTls,
     pub log_format: LogFormat,
     pub durability: Durability,
+    pub store: StoreChoice,
     /// The senders, with their secrets; empty when requests are not authenticated.
     pub sources: Arc<Sources>,
     /// The admin token (held as a source of its own), if any: it unlocks /rules, /outbox and
@@ -761,6 +803,22 @@ impl ServeArgs {
             Some(DurabilityMode::Interval) => Durability::Interval(sync_interval),
             Some(DurabilityMode::Sync) | None => Durability::Sync,
         };
+        let store = self.store.clone().unwrap_or_else(|| {
+            let Some(text) = file.store.as_ref() else {
+                return StoreChoice::Redb;
+            };
+            parse_store(text.get_ref()).unwrap_or_else(|e| {
+                check.report(text.span(), format!("`store`: {e}"));
+                StoreChoice::Redb
+            })
+        });
+        if let (StoreChoice::Postgres(_), Durability::Interval(_)) = (&store, durability) {
+            return Err(ConfigError::Other(
+                "--durability interval is for the embedded store (redb): with PostgreSQL every \
+                 commit is the server's own, so use PostgreSQL's synchronous_commit setting instead"
+                    .into(),
+            ));
+        }
         let sources = check.sources(file, signature_tolerance);
         let admin = check.admin(file.admin.as_ref());
         // One token, one use: a read token that is also a sending or admin token (or another
@@ -817,6 +875,7 @@ impl ServeArgs {
                 .or(file.log.format)
                 .unwrap_or(LogFormat::Text),
             durability,
+            store,
             sources: Arc::new(sources?),
             admin: admin?.map(Arc::new),
             endpoints: Arc::new(endpoints),

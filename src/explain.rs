@@ -125,6 +125,29 @@ pub struct Entry<'a> {
 /// A record to keep: the event's uuid, whose it is, and the record as JSON.
 pub type Kept = (String, String, String);
 
+/// The record of one event from the records a store kept under its uuid, oldest first: the
+/// event's own record, with the rules of the records written for it later (waits it started,
+/// ended) added. A retried delivery of an event no rule acted on is written again, and is left
+/// out; so is what is left of an event whose own record was forgotten.
+pub fn merge_records(records: &[String]) -> serde_json::Result<Option<String>> {
+    let mut found: Option<Value> = None;
+    for record in records {
+        let record: Value = serde_json::from_str(record)?;
+        let own = record.get("event").is_some();
+        match &mut found {
+            None if own => found = Some(record),
+            Some(first) if !own => {
+                let more = record["rules"].as_array().cloned().unwrap_or_default();
+                if let Some(rules) = first["rules"].as_array_mut() {
+                    rules.extend(more);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(found.map(|r| r.to_string()))
+}
+
 /// The records of `events`, decided as `report` says, received at `received_ms`, and the
 /// records `report` adds for earlier events (waits they started, ended now). An event handled
 /// before (a retried delivery) has none: its first record stands.

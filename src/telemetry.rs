@@ -123,6 +123,10 @@ pub const BATCHES_PANICKED: Metric = counter(
     "tripline_batches_panicked_total",
     "Batches stopped by an internal error: answered 503, nothing applied, the next batch goes on",
 );
+pub const BATCHES_CONFLICTED: Metric = counter(
+    "tripline_batches_conflicted_total",
+    "Batches run again because another instance changed the same state at once (PostgreSQL only)",
+);
 pub const OUTBOX_PENDING: Metric =
     gauge("tripline_outbox_pending", "Emails waiting to be delivered");
 pub const RULES_LOADED: Metric = gauge("tripline_rules_loaded", "Rules running now");
@@ -155,6 +159,7 @@ const ALL: &[&Metric] = &[
     &LINES_LAG,
     &LINES_WRITE_ERRORS,
     &BATCHES_PANICKED,
+    &BATCHES_CONFLICTED,
     &OUTBOX_PENDING,
     &RULES_LOADED,
     &RULES_RELOAD_SUCCESS,

@@ -79,13 +79,24 @@ pub enum CommitError {
     /// from the journal first.
     #[error("the state store lost batches committed without a sync; they are run again first")]
     Behind,
+    /// Another instance changed the same state at once (see [`StoreError::Conflict`]): the
+    /// batch is run again.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<StoreError> for CommitError {
     fn from(e: StoreError) -> Self {
-        CommitError::Store(e.to_string())
+        match e {
+            StoreError::Conflict(_) => CommitError::Conflict(e.to_string()),
+            e => CommitError::Store(e.to_string()),
+        }
     }
 }
+
+/// How many times a batch is run again after conflicts with other instances before its
+/// requests are answered with an error (and retried by their senders).
+const CONFLICT_RETRIES: u32 = 20;
 
 /// How long things are remembered.
 #[derive(Debug, Clone, Copy)]
@@ -553,15 +564,26 @@ impl Worker {
                 .as_ref()
                 .map(|e| self.newest_rules(&batch, &e.rules));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                match self.commit_batch(&batch, rules.as_ref(), &mut files_of) {
-                    Err(CommitError::Behind) => {
-                        // Under the rules of this batch, the newest.
-                        let newest = batch.first().map(|b| &b.rules).or(rules.as_ref());
-                        self.catch_up(newest.expect("a batch has requests or waits"))?;
-                        files_of.clear();
-                        self.commit_batch(&batch, rules.as_ref(), &mut files_of)
+                let mut conflicts = 0;
+                loop {
+                    files_of.clear();
+                    match self.commit_batch(&batch, rules.as_ref(), &mut files_of) {
+                        Err(CommitError::Behind) => {
+                            // Under the rules of this batch, the newest.
+                            let newest = batch.first().map(|b| &b.rules).or(rules.as_ref());
+                            self.catch_up(newest.expect("a batch has requests or waits"))?;
+                            files_of.clear();
+                            return self.commit_batch(&batch, rules.as_ref(), &mut files_of);
+                        }
+                        // The engine decides on what the batch loaded, so running it again
+                        // decides on what the other instance committed.
+                        Err(CommitError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
+                            conflicts += 1;
+                            metrics::counter!(telemetry::BATCHES_CONFLICTED.name).increment(1);
+                            debug!(conflicts, "batch run again after a conflict: {why}");
+                        }
+                        other => return other,
                     }
-                    other => other,
                 }
             }))
             .unwrap_or_else(|panic| {

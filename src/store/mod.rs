@@ -12,6 +12,7 @@
 pub mod aggregates;
 pub mod key;
 pub mod pending;
+pub mod postgres;
 pub mod queue;
 pub mod redb;
 pub mod remembered;
@@ -36,6 +37,10 @@ pub enum StoreError {
     /// request may succeed later.
     #[error("the state store failed: {0}")]
     Unavailable(String),
+    /// Another instance sharing the store changed the same state at the same time (a
+    /// serialization failure or a deadlock in PostgreSQL): the batch is run again from its load.
+    #[error("another instance changed the same state at the same time: {0}")]
+    Conflict(String),
 }
 
 /// Rule state, loaded and saved a batch at a time. Times in the state are milliseconds since 1970

@@ -7,12 +7,10 @@
 //! one by uuid walks the table (100,000 rows at most: milliseconds, in one read transaction); a
 //! wait that ends later adds a record of its own under the same uuid, merged when it is read.
 
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde_json::Value;
-
 use super::err;
 use crate::explain::KEEP;
 use crate::store::StoreError;
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 pub(super) const EXPLAINED: TableDefinition<(u64, &str), (&str, &str)> =
     TableDefinition::new("explained");
@@ -43,32 +41,17 @@ pub(super) fn keep(
     Ok(())
 }
 
-/// The record of `uuid`, if it is kept: the event's own record, with the rules of the records
-/// written for it later (waits it started, ended) added. A retried delivery of an event no rule
-/// acted on is written again, and is left out here; so is what is left of an event whose own
-/// record was forgotten.
+/// The record of `uuid`, if it is kept (see [`crate::explain::merge_records`]).
 pub(super) fn read(txn: &redb::ReadTransaction, uuid: &str) -> Result<Option<String>, StoreError> {
     let table = txn.open_table(EXPLAINED).map_err(err)?;
-    let mut found: Option<Value> = None;
+    let mut records = Vec::new();
     for row in table.iter().map_err(err)? {
         let (k, v) = row.map_err(err)?;
-        if k.value().1 != uuid {
-            continue;
-        }
-        let record: Value = serde_json::from_str(v.value().1).map_err(err)?;
-        let own = record.get("event").is_some();
-        match &mut found {
-            None if own => found = Some(record),
-            Some(first) if !own => {
-                let more = record["rules"].as_array().cloned().unwrap_or_default();
-                if let Some(rules) = first["rules"].as_array_mut() {
-                    rules.extend(more);
-                }
-            }
-            _ => {}
+        if k.value().1 == uuid {
+            records.push(v.value().1.to_string());
         }
     }
-    Ok(found.map(|r| r.to_string()))
+    crate::explain::merge_records(&records).map_err(err)
 }
 
 /// Forgets the records of `who`'s events; returns how many.

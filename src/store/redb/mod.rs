@@ -475,7 +475,7 @@ impl Db {
         drop(slot.take());
         let db = open_database(&self.path).map_err(|e| {
             let why = match e {
-                StoreError::Unavailable(why) => why,
+                StoreError::Unavailable(why) | StoreError::Conflict(why) => why,
                 StoreError::InUse => "a transaction still holds its file".into(),
             };
             StoreError::Unavailable(format!(

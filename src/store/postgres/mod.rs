@@ -1,0 +1,437 @@
+//! The state on PostgreSQL, which several instances share (`--store postgres://...`).
+//!
+//! The same [`Backend`] and [`Batch`] as the embedded store, so the engine, the committer and
+//! the HTTP edge are the same. What sharing asks of it (docs/ARCHITECTURE.md, "Several instances
+//! on PostgreSQL"):
+//! - One transaction per batch, in a bounded number of round trips: the batch's statements are
+//!   pipelined (`pipelined`), its state loaded at once and its writes sent at once with the
+//!   commit (`batch.rs`).
+//! - Two instances never decide on the same state at once: a batch takes a transaction-scoped
+//!   advisory lock on each key and event uuid it loads ([`lock_id`]), in order, before reading
+//!   them, so a retry on another instance waits for the first and then finds its uuid handled.
+//!   A deadlock between two batches (each loading more keys later) is PostgreSQL's to break: the
+//!   loser gets [`StoreError::Conflict`] and the committer runs its batch again.
+//! - Deliveries are claimed (`FOR UPDATE SKIP LOCKED`) by one instance at a time, under that
+//!   instance's lease: a heartbeat every few seconds keeps it ([`Heartbeat`]); once an instance
+//!   stops, its claims lapse and another takes its deliveries over (`claims.rs`).
+//! - The schema is versioned, brought up to date at start and refused when newer (`schema.rs`).
+//!
+//! The client is tokio-postgres, which is async; the traits are not (the committer is a thread
+//! of its own). The store runs its connections on a small runtime of its own and waits for each
+//! call: callers are the committer's thread and `spawn_blocking` tasks, never an async task.
+
+mod batch;
+mod claims;
+mod schema;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::BoxFuture;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::aggregates::DayData;
+use super::queue::{Due, OutboxRecord, OutboxStatus, Skip};
+use super::{Backend, Batch, FileProgress, Person, QueuedLines, StoreError};
+use batch::PgBatch;
+
+/// How many connections one instance opens at most: one for the committer, the others for the
+/// sender, the appender and the endpoints that read.
+const POOL_SIZE: usize = 12;
+
+/// How long a call waits for a connection, or for one to be made.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many delivery ids an instance takes at a time (one round trip per block).
+const ID_BLOCK: i64 = 1000;
+
+/// The store on PostgreSQL. Cheap to share: every call takes a connection from the pool.
+pub struct Pg {
+    shared: Arc<Shared>,
+    /// Keeps the instance's lease while the store is open.
+    _heartbeat: Heartbeat,
+}
+
+/// What the store and its batches share.
+struct Shared {
+    pool: Pool,
+    /// The runtime the connections run on; taken when the store is dropped (see `Drop`).
+    runtime: Option<tokio::runtime::Runtime>,
+    /// This instance's name in the `instances` table: it claims deliveries under it.
+    instance: String,
+    /// The delivery ids taken and not yet used: `(next, end)`.
+    ids: Mutex<(i64, i64)>,
+}
+
+impl Drop for Shared {
+    /// Dropped from an async task, a runtime cannot wait for its threads: they are let go.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the store's runtime and waits for it. Called from a task of the service's
+    /// runtime (a few calls at start-up), the task's thread is handed over for the wait first.
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        wait_on(
+            (self.runtime.as_ref()).expect("the runtime lives as long as the store"),
+            f,
+        )
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))
+    }
+}
+
+/// Runs `f` on `runtime` and waits for it (see [`Shared::block_on`]).
+fn wait_on<F: Future>(runtime: &tokio::runtime::Runtime, f: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| runtime.block_on(f))
+        }
+        _ => runtime.block_on(f),
+    }
+}
+
+/// A PostgreSQL error as the store says it: a conflict with another instance (to run the batch
+/// again), or the database being unavailable.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::UNIQUE_VIOLATION
+        {
+            return StoreError::Conflict(db.message().to_string());
+        }
+        return StoreError::Unavailable(format!("PostgreSQL: {}", db.message()));
+    }
+    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Unavailable(format!("an unreadable record in PostgreSQL: {e}"))
+}
+
+/// The advisory lock that stands for a key or an event uuid (`kind` tells which): the first
+/// 8 bytes of the SHA-256 of both, the same on every instance and version. Two names sharing
+/// one only make their batches wait for each other.
+pub(super) fn lock_id(kind: &str, name: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(kind.as_bytes());
+    hash.update([0]);
+    hash.update(name.as_bytes());
+    let digest = hash.finalize();
+    i64::from_le_bytes(digest[..8].try_into().expect("a digest is 32 bytes"))
+}
+
+/// A statement and its parameters, to send later.
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// Sends every request of `futures` (made on one connection) before awaiting any answer, in
+/// the order given: tokio-postgres sends a request when its future is first polled, so each is
+/// polled once in turn before any is polled again. All of them cost one round trip.
+async fn pipelined<T>(
+    futures: Vec<BoxFuture<'_, Result<T, tokio_postgres::Error>>>,
+) -> Result<Vec<T>, StoreError> {
+    let mut futures: Vec<Pin<Box<_>>> = futures;
+    let mut outputs: Vec<Option<Result<T, tokio_postgres::Error>>> =
+        futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none()
+                && let Poll::Ready(done) = future.as_mut().poll(cx)
+            {
+                *output = Some(done);
+            }
+        }
+        match outputs.iter().all(Option::is_some) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    })
+    .await;
+    // The first error (a later statement of a failed transaction fails too, for its sake).
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every output is set").map_err(pg))
+        .collect()
+}
+
+/// Keeps this instance's lease: every [`HEARTBEAT_EVERY`], its row in `instances` is made
+/// alive for [`LEASE`] more (by the database's clock, the same for every instance). Claims of
+/// an instance whose lease ran out are anyone's.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// How long an instance's claims outlive its last heartbeat.
+const LEASE: Duration = Duration::from_secs(10);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Pg {
+    /// Connects to `url`, brings the schema up to date (refusing a newer one) and starts this
+    /// instance's lease.
+    pub fn open(url: &str) -> Result<Pg, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            StoreError::Unavailable(format!("the PostgreSQL URL cannot be read: {e}"))
+        })?;
+        if config.get_application_name().is_none() {
+            config.application_name("tripline");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            let config = rustls::ClientConfig::with_platform_verifier().map_err(|e| {
+                StoreError::Unavailable(format!("cannot set up TLS for PostgreSQL: {e}"))
+            })?;
+            tokio_postgres_rustls::MakeRustlsConnect::new(config)
+        };
+        let manager = Manager::from_config(
+            config,
+            tls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot set up PostgreSQL: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tripline-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
+        let instance = wait_on(&runtime, async {
+            let mut client = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))?;
+            schema::migrate(&mut client).await?;
+            let row = (client
+                .query_one("SELECT gen_random_uuid()::text", &[])
+                .await)
+                .map_err(pg)?;
+            let instance: String = row.get(0);
+            claims::beat(&client, &instance).await?;
+            Ok::<_, StoreError>(instance)
+        })?;
+        let heartbeat = {
+            let (pool, instance) = (pool.clone(), instance.clone());
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let beat = async {
+                        let client = pool.get().await.map_err(|e| {
+                            StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}"))
+                        })?;
+                        claims::beat(&client, &instance).await
+                    };
+                    if let Err(e) = beat.await {
+                        tracing::warn!("cannot renew this instance's lease in PostgreSQL: {e}");
+                    }
+                }
+            })
+        };
+        tracing::info!(instance, "the state is kept in PostgreSQL");
+        Ok(Pg {
+            shared: Arc::new(Shared {
+                pool,
+                runtime: Some(runtime),
+                instance,
+                ids: Mutex::new((0, 0)),
+            }),
+            _heartbeat: Heartbeat(heartbeat),
+        })
+    }
+
+    /// Runs `f` with a connection, on the store's runtime.
+    fn with_client<T>(
+        &self,
+        f: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.shared.block_on(async {
+            let client = self.shared.client().await?;
+            f(&client).await
+        })
+    }
+}
+
+impl Backend for Pg {
+    fn begin(&self) -> Result<Box<dyn Batch>, StoreError> {
+        let client = self.shared.block_on(self.shared.client())?;
+        Ok(Box::new(PgBatch::new(self.shared.clone(), client)))
+    }
+
+    fn files(&self) -> Result<Vec<(String, FileProgress)>, StoreError> {
+        self.with_client(async |c| {
+            let rows = (c
+                .query("SELECT file, len, applied, next FROM jsonl_files", &[])
+                .await)
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let progress = FileProgress {
+                        len: r.get::<_, i64>(1) as u64,
+                        applied: r.get::<_, i64>(2) as u64,
+                        next: r.get::<_, i64>(3) as u64,
+                    };
+                    (r.get(0), progress)
+                })
+                .collect())
+        })
+    }
+
+    fn queued_lines(
+        &self,
+        file: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedLines>, StoreError> {
+        self.with_client(async |c| {
+            // Read a page at a time until the bytes are enough: most lines are short.
+            let sql = "SELECT seq, at_ms, text FROM jsonl_lines WHERE file = $1 AND seq > $2 \
+                       ORDER BY seq LIMIT 256";
+            let stmt = c.prepare_cached(sql).await.map_err(pg)?;
+            let (mut out, mut bytes, mut after) = (Vec::new(), 0, after as i64);
+            loop {
+                let rows = c.query(&stmt, &[&file, &after]).await.map_err(pg)?;
+                for row in &rows {
+                    let text: String = row.get(2);
+                    if !out.is_empty() && bytes + text.len() > max_bytes {
+                        return Ok(out);
+                    }
+                    bytes += text.len();
+                    after = row.get(0);
+                    out.push(QueuedLines {
+                        seq: after as u64,
+                        at_ms: row.get(1),
+                        text,
+                    });
+                }
+                if rows.len() < 256 {
+                    return Ok(out);
+                }
+            }
+        })
+    }
+
+    fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
+        self.with_client(async |c| claims::due(c, &self.shared.instance, now_unix, max, skip).await)
+    }
+
+    fn pending_count(&self) -> Result<u64, StoreError> {
+        self.with_client(async |c| {
+            let row = (c.query_one("SELECT count(*) FROM outbox", &[]).await).map_err(pg)?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn outbox_status(&self, shown: usize) -> Result<OutboxStatus, StoreError> {
+        self.with_client(async |c| claims::status(c, shown as i64).await)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.with_client(async |c| c.simple_query("SELECT 1").await.map(drop).map_err(pg))
+    }
+
+    /// Every commit is durable when it returns (the server's `synchronous_commit`).
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with_client(async |c| {
+            let rows = (c.query("SELECT rule, n FROM waiting WHERE n > 0 ORDER BY rule", &[]))
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                .collect())
+        })
+    }
+
+    fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
+        self.with_client(async |c| {
+            let row = (c.query_one("SELECT min(deadline_ms) FROM waits", &[]).await).map_err(pg)?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn person(&self, who: &str) -> Result<Person, StoreError> {
+        self.with_client(async |c| {
+            // One snapshot for every part.
+            c.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(pg)?;
+            let person = batch::person(c, who).await;
+            let _ = c.simple_query("COMMIT").await;
+            person
+        })
+    }
+
+    fn aggregates(&self, _rule: &str, _from: i32, _to: i32) -> Result<Vec<DayData>, StoreError> {
+        Err(not_yet("[aggregate] counts"))
+    }
+
+    fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError> {
+        self.with_client(async |c| {
+            let rows = (c.query(
+                "SELECT record FROM explained WHERE uuid = $1 ORDER BY seq",
+                &[&uuid],
+            ))
+            .await
+            .map_err(pg)?;
+            let records: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            crate::explain::merge_records(&records).map_err(json_err)
+        })
+    }
+}
+
+/// What the PostgreSQL store does not keep yet.
+fn not_yet(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("{what} are not kept in PostgreSQL yet"))
+}
+
+/// Reads the stored JSON of a pending wait or a delivery.
+fn decode<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(json_err)
+}
+
+/// A delivery record as stored.
+fn outbox_record(json: &str) -> Result<OutboxRecord, StoreError> {
+    decode(json)
+}
