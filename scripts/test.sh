@@ -27,6 +27,15 @@ if command -v chromium >/dev/null; then
   TRIPLINE_TEST_CHROMIUM="$(command -v chromium)"
   export TRIPLINE_TEST_CHROMIUM
 fi
-# - postgresql (Debian's package): a throw-away server the PostgreSQL store is tested on.
+# - postgresql (Debian's package): a throw-away server the PostgreSQL store is tested on, by
+#   tests/postgres.rs (several instances on one database) and by running the service's tests a
+#   second time with TRIPLINE_TEST_STORE=postgres (each server on a new database).
 source scripts/postgres.sh
 cargo test "$@"
+if [ -n "${TRIPLINE_TEST_POSTGRES:-}" ]; then
+  echo "== the service's tests again, on PostgreSQL"
+  TRIPLINE_TEST_STORE=postgres cargo test "$@" --test webhook --test waits --test users \
+    --test explain --test http_actions --test smtp --test reload --test tenants --test security \
+    --test hardening --test calendar --test user_files --test status --test aggregates \
+    --test durability
+fi

@@ -222,6 +222,9 @@ fn sigkill_during_load_loses_nothing_and_doubles_nothing() {
 
 #[test]
 fn in_interval_mode_sigkill_during_load_loses_nothing_acknowledged_and_doubles_nothing() {
+    if common::postgres::redb_only("--durability interval is the embedded store's") {
+        return;
+    }
     crash_rounds("interval");
 }
 
@@ -366,11 +369,17 @@ fn an_event_no_rule_wants_is_acknowledged_and_leaves_nothing_behind() {
 
 #[test]
 fn a_full_disk_under_the_database_heals_once_space_returns() {
+    if common::postgres::redb_only("the database's disk is the PostgreSQL server's") {
+        return;
+    }
     full_disk_under_the_database("sync");
 }
 
 #[test]
 fn in_interval_mode_a_full_disk_under_the_database_heals_once_space_returns() {
+    if common::postgres::redb_only("--durability interval is the embedded store's") {
+        return;
+    }
     full_disk_under_the_database("interval");
 }
 

@@ -18,6 +18,12 @@
 //!
 //! One case is not caught: a file cut shorter by someone else (a copy-and-truncate rotation)
 //! while lines are written and not yet recorded, then a crash, gets those lines again.
+//!
+//! With a store several instances share (PostgreSQL), one instance at a time writes each file:
+//! the one holding its lock (`Backend::writes_file`). Its appender looks at the store every
+//! [`LOOK_AGAIN`] for lines the other instances committed, writes them into the file in its own
+//! data folder, and records how far at once. The others write nothing, and count what waits for
+//! the file as done once the store says it is written.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -35,6 +41,8 @@ use crate::telemetry;
 const RETRY: Duration = Duration::from_secs(1);
 /// Most bytes appended to one file in one write.
 const MAX_WRITE: usize = 8 << 20;
+/// With a shared store, how often the store is looked at for lines other instances committed.
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// What the appender and the committer share.
 #[derive(Default)]
@@ -162,6 +170,7 @@ impl Appender {
         *lock(&shared.files) = read_waiting(store.as_ref(), &HashMap::new())?;
         let (wake, woken) = sync_channel(1);
         let mut thread = Thread {
+            shared_store: store.is_shared(),
             store,
             files,
             progress: HashMap::new(),
@@ -323,6 +332,8 @@ fn read_waiting(
 /// The appender's thread.
 struct Thread {
     store: Arc<dyn Backend>,
+    /// Whether other instances share the store (see the module's documentation).
+    shared_store: bool,
     files: JsonlFiles,
     /// How far each file is written, as this thread knows it (ahead of the store until the
     /// committer records it); a file not in it is brought to what was committed first.
@@ -337,6 +348,9 @@ impl Thread {
     fn run(&mut self, woken: Receiver<()>) {
         let mut retry = None;
         loop {
+            if self.shared_store {
+                retry = Some(retry.map_or(LOOK_AGAIN, |r: Duration| r.min(LOOK_AGAIN)));
+            }
             let stopping = match retry {
                 None => woken.recv().is_err(),
                 Some(after) => matches!(
@@ -344,6 +358,11 @@ impl Thread {
                     Err(RecvTimeoutError::Disconnected)
                 ),
             };
+            if self.shared_store
+                && let Err(e) = self.take_turns()
+            {
+                warn!("cannot read the output files' progress from the store: {e}");
+            }
             retry = self.round();
             if stopping {
                 break;
@@ -357,7 +376,7 @@ impl Thread {
     fn round(&mut self) -> Option<Duration> {
         loop {
             let now = Instant::now();
-            let files: Vec<String> = {
+            let mut files: Vec<String> = {
                 let files = lock(&self.shared.files);
                 files
                     .iter()
@@ -365,6 +384,10 @@ impl Thread {
                     .map(|(f, _)| f.clone())
                     .collect()
             };
+            // A file another instance writes is left to it.
+            if self.shared_store {
+                files.retain(|f| self.store.writes_file(f).unwrap_or(false));
+            }
             let mut wrote = false;
             for file in &files {
                 if self.failed.get(file).is_some_and(|at| *at > now) {
@@ -384,6 +407,38 @@ impl Thread {
                 return Some(soonest.saturating_duration_since(Instant::now()));
             }
         }
+    }
+
+    /// With a shared store: for each file, whether this instance writes it. A file another
+    /// instance writes is left to it (what waits here is done once the store says so, and a
+    /// turn of this instance later starts from the store's record); one this instance writes
+    /// has what the others committed for it read from the store.
+    fn take_turns(&mut self) -> Result<(), StoreError> {
+        for (file, recorded) in self.store.files()? {
+            let ours = self.store.writes_file(&file)?;
+            let mut files = lock(&self.shared.files);
+            let state = files.entry(file.clone()).or_default();
+            if !ours {
+                self.progress.remove(&file);
+                state.done_through(recorded.applied);
+                continue;
+            }
+            let from = state.applied.max(recorded.applied);
+            if recorded.next > from + 1
+                && state.waiting.back().is_none_or(|w| w.0 < recorded.next - 1)
+            {
+                drop(files);
+                let queued = self.store.queued_lines(&file, from, usize::MAX)?;
+                let mut files = lock(&self.shared.files);
+                let state = files.entry(file.clone()).or_default();
+                for q in queued {
+                    state.add(q.seq, q.text.len() as u64, q.at_ms);
+                }
+                // What another instance committed is durable (PostgreSQL's commit).
+                state.all_durable();
+            }
+        }
+        Ok(())
     }
 
     fn failed_to_write(&mut self, file: &str, e: String) {
@@ -444,9 +499,24 @@ impl Thread {
             ..progress
         };
         self.progress.insert(file.to_string(), done);
-        lock(&self.shared.written).insert(file.to_string(), (done.applied, done.len));
+        self.written(file, done)?;
         self.done(file, done.applied);
         Ok(())
+    }
+
+    /// `file` is written as far as `done` says: the committer records it with its next batch;
+    /// with a shared store, where this instance may see none for a while, it is recorded now.
+    fn written(&self, file: &str, done: FileProgress) -> Result<(), String> {
+        if !self.shared_store {
+            lock(&self.shared.written).insert(file.to_string(), (done.applied, done.len));
+            return Ok(());
+        }
+        let record = || {
+            let mut txn = self.store.begin()?;
+            txn.applied(file, done.applied, done.len)?;
+            txn.commit()
+        };
+        record().map_err(|e| format!("cannot record how far the file is written: {e}"))
     }
 
     /// Brings `file` to what was committed before it is first written (see [`recover`]).
@@ -465,7 +535,7 @@ impl Thread {
             .map_err(|e| e.to_string())?;
         let found = recover(&mut self.files, file, recorded, &queued).map_err(|e| e.to_string())?;
         if found != recorded {
-            lock(&self.shared.written).insert(file.to_string(), (found.applied, found.len));
+            self.written(file, found)?;
             self.done(file, found.applied);
         }
         self.progress.insert(file.to_string(), found);
@@ -561,7 +631,7 @@ fn cut_to(files: &mut JsonlFiles, file: &str, recorded: u64) -> std::io::Result<
     if actual < recorded {
         warn!(
             file,
-            "the file is shorter than tripline wrote it: was it truncated or replaced? continuing from its current end"
+            "the file is shorter than tripline wrote it (truncated or replaced, or written so far by another instance sharing the store, in its data folder): continuing from its current end"
         );
     }
     Ok(actual)

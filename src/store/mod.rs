@@ -227,6 +227,17 @@ pub trait Backend: Send + Sync {
     fn aggregate_rules(&self) -> Result<Vec<String>, StoreError>;
     /// The record of why rules did or did not act on the event `uuid` (JSON), if it is kept.
     fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError>;
+    /// Whether other instances share the store: they commit lines for the same output files,
+    /// and take over deliveries and waits.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Whether this instance writes the output file `file` now. A store of its own: always. A
+    /// shared store: only the instance holding the file's lock, which this takes when it is
+    /// free and keeps while the instance runs.
+    fn writes_file(&self, _file: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 }
 
 /// Rule state in memory, for running rules without side effects (`tripline test`, `replay`).

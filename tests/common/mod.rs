@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod in_process;
+pub mod postgres;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -113,6 +114,17 @@ impl Server {
         copy_dir(&root().join("templates"), &templates);
         setup(dir.path());
         let mut command = Command::new(env!("CARGO_BIN_EXE_tripline"));
+        // TRIPLINE_TEST_STORE=postgres runs the same test on PostgreSQL (a new database).
+        let mut store = Vec::new();
+        if std::env::var("TRIPLINE_TEST_STORE").as_deref() == Ok("postgres")
+            && !args.iter().any(|a| a.starts_with("--store"))
+            && !env.iter().any(|(k, _)| *k == "TRIPLINE_STORE")
+        {
+            let url = postgres::database().expect(
+                "TRIPLINE_TEST_STORE=postgres needs TRIPLINE_TEST_POSTGRES (scripts/postgres.sh)",
+            );
+            store = vec!["--store".to_string(), url];
+        }
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -123,6 +135,7 @@ impl Server {
             .arg("--data")
             .arg(&data)
             .args(args)
+            .args(&store)
             .env("TRIPLINE_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::aggregates::{self, Counting};
 use super::{Params, Shared, decode, json_err, lock_id, outbox_record, pg, pipelined};
 use crate::explain::KEEP;
 use crate::store::aggregates::Counted;
@@ -47,6 +48,8 @@ pub(super) struct PgBatch {
     explained: (Vec<String>, Vec<String>, Vec<String>),
     /// Whether finished deliveries were added, delivered or failed: the history is trimmed.
     finished: [bool; 2],
+    /// Events of `[aggregate]` rules, counted when the batch commits.
+    counting: Counting,
 }
 
 fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Box<dyn ToSql + Sync + Send> {
@@ -68,6 +71,7 @@ impl PgBatch {
             later: Vec::new(),
             explained: Default::default(),
             finished: [false; 2],
+            counting: Counting::default(),
         }
     }
 
@@ -99,6 +103,48 @@ impl PgBatch {
         let mut ids = self.shared.ids.lock().unwrap_or_else(|e| e.into_inner());
         *ids = (block * super::ID_BLOCK + 1, (block + 1) * super::ID_BLOCK);
         Ok((block * super::ID_BLOCK) as u64)
+    }
+
+    /// Forgets `who`'s group in every `[aggregate]` rule and takes them out of the users of
+    /// every day they were counted on (see [`aggregates::without_user`]), with those days
+    /// locked as counting locks them; returns how many rules had them.
+    fn forget_member(&mut self, who: &str) -> Result<u64, StoreError> {
+        let hash = crate::store::aggregates::user_hash(who) as i64;
+        let days = self.one(
+            "SELECT DISTINCT rule, day FROM aggregate_users WHERE hash = $1",
+            vec![boxed(hash)],
+        )?;
+        let mut locks: Vec<i64> = days
+            .iter()
+            .map(|r| {
+                let (rule, day): (String, i32) = (r.get(0), r.get(1));
+                lock_id("aggregate day", &format!("{rule}\u{1f}{day}"))
+            })
+            .collect();
+        locks.sort_unstable();
+        let rows = self.send(&[
+            (
+                "SELECT pg_advisory_xact_lock(id) FROM unnest($1::int8[]) AS id",
+                vec![boxed(locks)],
+            ),
+            (
+                "DELETE FROM aggregate_members WHERE who = $1 RETURNING 1",
+                vec![boxed(who.to_string())],
+            ),
+            (
+                "WITH gone AS (DELETE FROM aggregate_users WHERE hash = $1 \
+                 RETURNING rule, day, grp) \
+                 SELECT d.rule, d.day, d.grp, d.row_data, array(SELECT u.hash \
+                 FROM aggregate_users u WHERE u.rule = d.rule AND u.day = d.day \
+                 AND u.grp = d.grp AND u.hash <> $1) \
+                 FROM aggregate_days d JOIN gone g \
+                 ON d.rule = g.rule AND d.day = g.day AND d.grp = g.grp",
+                vec![boxed(hash)],
+            ),
+        ])?;
+        let rewrites = aggregates::without_user(&rows[2])?;
+        self.later.extend(rewrites);
+        Ok(rows[1].len() as u64)
     }
 
     fn put_finished(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
@@ -477,7 +523,8 @@ impl Batch for PgBatch {
             "INSERT INTO jsonl_files (file, len, applied, next) \
              VALUES ($1, $3::int8, $2::int8, $2::int8 + 1) \
              ON CONFLICT (file) DO UPDATE SET len = EXCLUDED.len, applied = EXCLUDED.applied, \
-             next = greatest(jsonl_files.next, EXCLUDED.next)",
+             next = greatest(jsonl_files.next, EXCLUDED.next) \
+             WHERE jsonl_files.applied <= EXCLUDED.applied",
             vec![
                 boxed(file.to_string()),
                 boxed(int(applied)),
@@ -630,7 +677,7 @@ impl Batch for PgBatch {
             pending: rows[2].len() as u64,
             deliveries: (rows[3].len() + rows[4].len()) as u64,
             remembered: rows[5].len() as u64,
-            groups: 0,
+            groups: self.forget_member(who)?,
             explanations: rows[6].len() as u64,
         })
     }
@@ -662,12 +709,51 @@ impl Batch for PgBatch {
         Ok(())
     }
 
-    fn aggregate(&mut self, _counted: &Counted) -> Result<bool, StoreError> {
-        Err(super::not_yet("[aggregate] counts"))
+    /// Counted when the batch commits; an event without a group is counted only if its person
+    /// has one (stored, or from an earlier event of the batch), which is looked up now.
+    fn aggregate(&mut self, counted: &Counted) -> Result<bool, StoreError> {
+        let (who, rule) = (&counted.distinct_id, &counted.rule);
+        if counted.group.is_none() && !self.counting.has_group(who, rule) {
+            let rows = self.one(
+                "SELECT 1 FROM aggregate_members WHERE who = $1 AND rule = $2",
+                vec![boxed(who.clone()), boxed(rule.clone())],
+            )?;
+            if rows.is_empty() {
+                return Ok(false);
+            }
+        }
+        self.counting.push(counted.clone());
+        Ok(true)
     }
 
-    fn expire_aggregates(&mut self, _today: i32, _max: usize) -> Result<usize, StoreError> {
-        Ok(0)
+    fn expire_aggregates(&mut self, today: i32, max: usize) -> Result<usize, StoreError> {
+        let limit = int(max as u64);
+        let params = || vec![boxed(today), boxed(limit)];
+        let rows = self.send(&[
+            (
+                "DELETE FROM aggregate_users WHERE ctid IN (SELECT u.ctid FROM aggregate_users u \
+                 JOIN aggregate_rules r ON u.rule = r.rule WHERE u.day < $1::int4 - r.keep_days \
+                 LIMIT $2 FOR UPDATE OF u SKIP LOCKED) RETURNING 1",
+                params(),
+            ),
+            // A day goes once its users are gone.
+            (
+                "DELETE FROM aggregate_days WHERE ctid IN (SELECT d.ctid FROM aggregate_days d \
+                 JOIN aggregate_rules r ON d.rule = r.rule WHERE d.day < $1::int4 - r.keep_days \
+                 AND NOT EXISTS (SELECT 1 FROM aggregate_users u \
+                 WHERE u.rule = d.rule AND u.day = d.day AND u.grp = d.grp) \
+                 LIMIT $2 FOR UPDATE OF d SKIP LOCKED) RETURNING 1",
+                params(),
+            ),
+            (
+                "DELETE FROM aggregate_members WHERE ctid IN (SELECT m.ctid \
+                 FROM aggregate_members m JOIN aggregate_rules r ON m.rule = r.rule \
+                 WHERE m.last_day < $1::int4 - r.keep_days \
+                 LIMIT $2 FOR UPDATE OF m SKIP LOCKED) RETURNING 1",
+                params(),
+            ),
+        ])?;
+        Ok(rows.iter().map(Vec::len).sum::<usize>().min(max))
     }
 
     fn explain(&mut self, uuid: &str, who: &str, record: &str) -> Result<(), StoreError> {
@@ -776,6 +862,14 @@ impl Batch for PgBatch {
     /// Sends every write kept, and the commit, at once.
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         let mut statements = std::mem::take(&mut self.files);
+        // The files' rows first, then the counts' locks: the order every batch takes them in.
+        if !self.counting.is_empty() {
+            let reads = self.counting.reads();
+            let first = statements.len();
+            statements.extend(reads);
+            let rows = self.send(&statements)?;
+            statements = self.counting.count(&rows[first..])?;
+        }
         statements.append(&mut self.later);
         let (uuids, who, records) = std::mem::take(&mut self.explained);
         if !uuids.is_empty() {
@@ -843,6 +937,10 @@ pub(super) async fn person(client: &Object, who: &str) -> Result<Person, StoreEr
                  ORDER BY rule, at_ms, seq",
                 p(),
             ),
+            (
+                "SELECT rule, grp, converted FROM aggregate_members WHERE who = $1 ORDER BY rule",
+                p(),
+            ),
         ],
         false,
     )
@@ -872,5 +970,6 @@ pub(super) async fn person(client: &Object, who: &str) -> Result<Person, StoreEr
             entry: decode(row.get(3))?,
         });
     }
+    person.groups = aggregates::memberships(&rows[4]);
     Ok(person)
 }

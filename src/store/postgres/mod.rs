@@ -20,6 +20,7 @@
 //! of its own). The store runs its connections on a small runtime of its own and waits for each
 //! call: callers are the committer's thread and `spawn_blocking` tasks, never an async task.
 
+mod aggregates;
 mod batch;
 mod claims;
 mod schema;
@@ -66,6 +67,20 @@ struct Shared {
     instance: String,
     /// The delivery ids taken and not yet used: `(next, end)`.
     ids: Mutex<(i64, i64)>,
+    /// How to open a connection of its own (for the output files' locks).
+    connect: (
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
+    /// The connection holding the locks of the output files this instance writes, and which.
+    file_locks: Mutex<Option<FileLocks>>,
+}
+
+/// A connection of its own (not the pool's: a session's advisory locks live as long as it), and
+/// the files whose locks it holds.
+struct FileLocks {
+    client: tokio_postgres::Client,
+    held: std::collections::HashSet<String>,
 }
 
 impl Drop for Shared {
@@ -207,6 +222,7 @@ impl Pg {
             })?;
             tokio_postgres_rustls::MakeRustlsConnect::new(config)
         };
+        let connect = (config.clone(), tls.clone());
         let manager = Manager::from_config(
             config,
             tls,
@@ -267,6 +283,8 @@ impl Pg {
                 runtime: Some(runtime),
                 instance,
                 ids: Mutex::new((0, 0)),
+                connect,
+                file_locks: Mutex::new(None),
             }),
             _heartbeat: Heartbeat(heartbeat),
         })
@@ -399,12 +417,79 @@ impl Backend for Pg {
         })
     }
 
-    fn aggregates(&self, _rule: &str, _from: i32, _to: i32) -> Result<Vec<DayData>, StoreError> {
-        Err(not_yet("[aggregate] counts"))
+    fn aggregates(&self, rule: &str, from: i32, to: i32) -> Result<Vec<DayData>, StoreError> {
+        self.with_client(async |c| {
+            let rows = (c.query(
+                "SELECT rule, day, grp, row_data FROM aggregate_days \
+                 WHERE rule = $1 AND day BETWEEN $2 AND $3 ORDER BY day, grp COLLATE \"C\"",
+                &[&rule, &from, &to],
+            ))
+            .await
+            .map_err(pg)?;
+            let mut days = aggregates::day_data(&rows)?;
+            if aggregates::wants_users(&days) {
+                let users = (c.query(
+                    "SELECT day, grp, hash FROM aggregate_users \
+                     WHERE rule = $1 AND day BETWEEN $2 AND $3",
+                    &[&rule, &from, &to],
+                ))
+                .await
+                .map_err(pg)?;
+                aggregates::add_users(&mut days, &users);
+            }
+            Ok(days)
+        })
     }
 
     fn aggregate_rules(&self) -> Result<Vec<String>, StoreError> {
-        Ok(Vec::new())
+        self.with_client(async |c| {
+            let rows = (c.query("SELECT rule FROM aggregate_rules ORDER BY rule", &[]))
+                .await
+                .map_err(pg)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    /// The file's lock is a session advisory lock on a connection of this instance's own: it
+    /// is held until the instance stops, or its connection is lost (then another instance may
+    /// take it, and this one writes no more until it takes it again).
+    fn writes_file(&self, file: &str) -> Result<bool, StoreError> {
+        let mut locks = (self.shared.file_locks.lock()).unwrap_or_else(|e| e.into_inner());
+        if locks.as_ref().is_some_and(|l| l.client.is_closed()) {
+            tracing::warn!(
+                "lost the connection holding the output files' locks: another instance may write them now"
+            );
+            *locks = None;
+        }
+        if locks.as_ref().is_some_and(|l| l.held.contains(file)) {
+            return Ok(true);
+        }
+        self.shared.block_on(async {
+            if locks.is_none() {
+                let (config, tls) = &self.shared.connect;
+                let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
+                tokio::spawn(connection);
+                *locks = Some(FileLocks {
+                    client,
+                    held: Default::default(),
+                });
+            }
+            let held = locks.as_mut().expect("connected above");
+            let row = (held.client)
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_id("file", file)])
+                .await
+                .map_err(pg)?;
+            let ours: bool = row.get(0);
+            if ours {
+                tracing::info!(file, "this instance writes the file, into its data folder");
+                held.held.insert(file.to_string());
+            }
+            Ok(ours)
+        })
     }
 
     fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError> {
@@ -419,11 +504,6 @@ impl Backend for Pg {
             crate::explain::merge_records(&records).map_err(json_err)
         })
     }
-}
-
-/// What the PostgreSQL store does not keep yet.
-fn not_yet(what: &str) -> StoreError {
-    StoreError::Unavailable(format!("{what} are not kept in PostgreSQL yet"))
 }
 
 /// Reads the stored JSON of a pending wait or a delivery.

@@ -9,7 +9,10 @@ use super::pg;
 use crate::store::StoreError;
 
 /// Every version, in order: its number and its SQL.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_tables.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_tables.sql")),
+    (2, include_str!("migrations/0002_aggregates.sql")),
+];
 
 /// The advisory lock instances take turns on while migrating.
 const MIGRATING: i64 = 0x7472_6970_6c69_6e65; // "tripline"
