@@ -100,6 +100,7 @@ pub async fn serve(
         live.clone(),
         clock.clone(),
         config.waits.grace,
+        store.is_shared(),
     ));
     let state = AppState {
         clock,

@@ -2,7 +2,8 @@
 //! period, then asks the committer to end the waits that are due. The soonest deadline comes
 //! from the store's due index and is lowered by each commit that sets an earlier one, so idle
 //! waiting costs nothing: no polling of the pending waits. After each reload it asks too, so
-//! that the waits of rules that are gone are dropped.
+//! that the waits of rules that are gone are dropped. With a store several instances share,
+//! any of them ends a due wait (see `store/postgres/`), and each looks every second.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +18,18 @@ use crate::pipeline::reload::LiveRules;
 const LOOK_AGAIN: Duration = Duration::from_secs(60);
 /// How long it waits before asking again after the committer failed.
 const AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// With a store other instances share, how often the timer asks anyway: their waits come due
+/// without this instance's commits telling it.
+const SHARED_LOOK_AGAIN_MS: i64 = 1000;
 
-/// Runs until the committer stops.
-pub async fn run(committer: Committer, live: Arc<LiveRules>, clock: Clock, grace: Duration) {
+/// Runs until the committer stops. With a `shared` store, it also asks every second.
+pub async fn run(
+    committer: Committer,
+    live: Arc<LiveRules>,
+    clock: Clock,
+    grace: Duration,
+    shared: bool,
+) {
     let mut next = committer.next_wait();
     let mut reloaded = live.reloaded();
     // A first round at start: waits due while the service was stopped end, and those of rules
@@ -27,9 +37,13 @@ pub async fn run(committer: Committer, live: Arc<LiveRules>, clock: Clock, grace
     reloaded.mark_changed();
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     loop {
-        let due = next
+        let mut due = next
             .borrow_and_update()
             .map(|at| at.saturating_add(grace_ms));
+        if shared {
+            let soon = clock.now().timestamp_millis() + SHARED_LOOK_AGAIN_MS;
+            due = Some(due.map_or(soon, |at| at.min(soon)));
+        }
         let woken = tokio::select! {
             () = sleep_until(&clock, due) => Wake::Time,
             changed = next.changed() => match changed {

@@ -60,6 +60,13 @@ impl InProcess {
             all.push(dir.path().join(folder).display().to_string());
         }
         all.extend(args.iter().map(|a| a.to_string()));
+        // TRIPLINE_TEST_STORE=postgres runs the same test on PostgreSQL (a new database).
+        if std::env::var("TRIPLINE_TEST_STORE").as_deref() == Ok("postgres")
+            && !args.iter().any(|a| a.starts_with("--store"))
+        {
+            all.push("--store".into());
+            all.push(super::postgres::database().expect("TRIPLINE_TEST_POSTGRES is set"));
+        }
         let mut server = InProcess {
             clock: Clock::manual(start),
             base: String::new(),

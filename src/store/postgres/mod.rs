@@ -243,7 +243,7 @@ impl Pg {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
-        let instance = wait_on(&runtime, async {
+        let started = wait_on(&runtime, async {
             let mut client = pool
                 .get()
                 .await
@@ -256,7 +256,15 @@ impl Pg {
             let instance: String = row.get(0);
             claims::beat(&client, &instance).await?;
             Ok::<_, StoreError>(instance)
-        })?;
+        });
+        let instance = match started {
+            Ok(instance) => instance,
+            Err(e) => {
+                // Returned to an async caller: the runtime cannot wait for its threads there.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         let heartbeat = {
             let (pool, instance) = (pool.clone(), instance.clone());
             runtime.spawn(async move {

@@ -37,15 +37,21 @@ pub async fn migrate(client: &mut Object) -> Result<(), StoreError> {
 }
 
 async fn apply(client: &mut Object) -> Result<(), StoreError> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS tripline_schema (
-                 version integer PRIMARY KEY,
-                 applied_at timestamptz NOT NULL DEFAULT now()
-             )",
-        )
+    let exists = client
+        .query_one("SELECT to_regclass('tripline_schema') IS NOT NULL", &[])
         .await
         .map_err(pg)?;
+    if !exists.get::<_, bool>(0) {
+        client
+            .batch_execute(
+                "CREATE TABLE tripline_schema (
+                     version integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(pg)?;
+    }
     let row = client
         .query_one("SELECT coalesce(max(version), 0) FROM tripline_schema", &[])
         .await
