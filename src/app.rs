@@ -55,7 +55,8 @@ pub async fn serve(
             )
         })?),
         StoreChoice::Postgres(url) => Arc::new(
-            Pg::open(url).map_err(|e| anyhow::anyhow!("cannot use the PostgreSQL store: {e}"))?,
+            Pg::open(url, &config.declared.folders.data)
+                .map_err(|e| anyhow::anyhow!("cannot use the PostgreSQL store: {e}"))?,
         ),
     };
     let senders = actions::senders(&Destinations::Settings(&config))?;

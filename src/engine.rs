@@ -1012,7 +1012,6 @@ impl DuePlan {
                 continue;
             };
             let rule_name = pending.rule.clone();
-            let pending = state.end_wait(key).expect("there is a wait");
             // A held action runs as decided while its rule keeps pending records at all (as the
             // reload's sweep keeps them); a wait or a digest needs its table.
             let goes_on = |r: &Rule| match (&pending.held, &pending.digest) {
@@ -1020,7 +1019,13 @@ impl DuePlan {
                 (None, Some(_)) => r.digest.is_some(),
                 (None, None) => r.wait.is_some(),
             };
-            let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| goes_on(r)) else {
+            let known = rules.named(&rule_name).filter(|(_, r)| goes_on(r));
+            if known.is_none() && !env.drop_unknown_waits {
+                // Left to an instance sharing the store that has the rule (a deploy under way).
+                continue;
+            }
+            let pending = state.end_wait(key).expect("there is a wait");
+            let Some((index, _)) = known else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
                 report.dropped.push(rule_name);
                 continue;

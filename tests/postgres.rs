@@ -447,4 +447,47 @@ fn two_instances_racing_for_one_file_one_writes_it_and_every_line_is_there_once(
     let both: Vec<&Server> = servers.iter().collect();
     assert_eq!(lines(&both, "training_data.jsonl").len(), 110);
     assert_eq!(servers[other].jsonl("training_data.jsonl").len(), 10);
+    // The first writer comes back and takes the file again when the second stops: its copy
+    // keeps its hundred lines (it is not cut to the length the other recorded) and goes on.
+    servers[stopped].relaunch();
+    assert_eq!(servers[other].terminate(), Some(0));
+    for _ in 0..5 {
+        let body = fresh(fixture_json("generation_failed.json"));
+        assert_eq!(servers[stopped].post_json(&body).0, 200);
+    }
+    eventually("five more lines", || {
+        servers[stopped].jsonl("training_data.jsonl").len() >= 105
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(servers[stopped].jsonl("training_data.jsonl").len(), 105);
+    assert_eq!(servers[other].jsonl("training_data.jsonl").len(), 10);
+}
+
+#[test]
+fn an_instance_without_a_rule_leaves_its_waits_to_the_instance_that_has_it() {
+    let Some(url) = database() else { return };
+    // A deploy under way: the first instance has a new rule with a wait, the second not yet.
+    let with = instances(
+        1,
+        &url,
+        &["--wait-grace", "100ms"],
+        &[("quick.toml", quick(2))],
+    );
+    let without = instances(1, &url, &["--wait-grace", "100ms"], &[]);
+    let carts: Vec<Value> = (0..50).map(|i| checkout(&format!("d{i}"))).collect();
+    let (status, reply) = without[0].post_json(&Value::Array(carts));
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["waiting"].as_array().unwrap().is_empty(),
+        "not its rule"
+    );
+    let carts: Vec<Value> = (50..100).map(|i| checkout(&format!("d{i}"))).collect();
+    assert_eq!(with[0].post_json(&Value::Array(carts)).0, 200);
+    // Both timers look every second; only the instance with the rule ends the waits.
+    let both = [&with[0], &without[0]];
+    eventually("fifty lines", || lines(&both, "quick.jsonl").len() >= 50);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(lines(&both, "quick.jsonl").len(), 50);
+    let dropped = "tripline_waits_dropped_total{reason=\"rule_gone\",rule=\"quick-abandoned\"}";
+    assert_eq!(without[0].metric(dropped), 0.0, "{}", without[0].log());
 }

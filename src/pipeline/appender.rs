@@ -527,6 +527,7 @@ impl Thread {
                 len: 0,
                 applied: 0,
                 next: 1,
+                ours: true,
             },
             |(_, p)| p,
         );
@@ -582,6 +583,20 @@ fn recover(
     let path = Path::new(file);
     files.open(path)?;
     let actual = files.len(path)?;
+    // Another instance wrote it last, in its own data folder: this copy goes on from its end.
+    if !recorded.ours {
+        info!(
+            file,
+            bytes = actual,
+            applied = recorded.applied,
+            "taking the file over from another instance: the lines after the last one it wrote go on in this data folder's copy"
+        );
+        return Ok(FileProgress {
+            len: actual,
+            ours: true,
+            ..recorded
+        });
+    }
     if actual <= recorded.len {
         return cut_to(files, file, recorded.len).map(|len| FileProgress { len, ..recorded });
     }
@@ -692,6 +707,7 @@ mod tests {
             len: 4,
             applied: 1,
             next: 4,
+            ours: true,
         };
         let b_and_c = [queued(2, "bb\n"), queued(3, "cc\n")];
         std::fs::write(dir.path().join("f"), "aaa\nbb\ncc").unwrap();
@@ -711,6 +727,26 @@ mod tests {
         std::fs::write(dir.path().join("f"), "").unwrap();
         let found = recover(&mut files, "f", recorded, &b_and_c).unwrap();
         assert_eq!((found.applied, found.len), (1, 0));
+        // Written last by another instance (a shared store): this copy is not cut to that
+        // instance's length, whatever it holds; it goes on from its end.
+        std::fs::write(
+            dir.path().join("f"),
+            "aaa
+zzzzzz
+yy
+",
+        )
+        .unwrap();
+        let theirs = FileProgress {
+            ours: false,
+            ..recorded
+        };
+        let found = recover(&mut files, "f", theirs, &b_and_c).unwrap();
+        assert_eq!((found.applied, found.len, found.ours), (1, 14, true));
+        assert_eq!(
+            std::fs::read(dir.path().join("f")).unwrap(),
+            b"aaa\nzzzzzz\nyy\n"
+        );
     }
 
     #[test]

@@ -60,6 +60,10 @@ const KEYS_LOOKED_AT_PER_BATCH: usize = 64;
 const KEYS_LOOKED_AT_PER_TICK: usize = 10_000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
+/// With a store several instances share, how long a rule set runs before the waits of rules it
+/// does not have are dropped as those of deleted rules (until then, another instance may have
+/// the rule: every instance should have the same rule files within this).
+const SHARED_RULES_SETTLE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 /// Most due waits ended in one transaction, and most waits of removed rules dropped: more are
 /// left to the next one, so that requests in between are never held up for long.
 const WAITS_PER_COMMIT: usize = 500;
@@ -735,13 +739,22 @@ impl Worker {
             }
             plans.push(Some(Plan::new(&job.rules, &job.events)));
         }
+        // With a store other instances share, a rule this instance does not have may be one
+        // they have (a deploy under way): its waits are theirs until these rules have been
+        // running for a while.
+        let drop_unknown_waits = end_waits.is_none_or(|rules| {
+            !self.store.is_shared() || self.clock.now() - rules.loaded_at >= SHARED_RULES_SETTLE
+        });
         let (due, dropped) = match end_waits {
             Some(rules) => (
                 Some(DuePlan::new(
                     rules,
                     txn.due_waits(due_by, WAITS_PER_COMMIT)?,
                 )),
-                drop_waits_of_gone_rules(txn.as_mut(), rules)?,
+                match drop_unknown_waits {
+                    true => drop_waits_of_gone_rules(txn.as_mut(), rules)?,
+                    false => Vec::new(),
+                },
             ),
             None => (None, Vec::new()),
         };
@@ -788,6 +801,7 @@ impl Worker {
             unwritable: &self.unwritable,
             max_pending_waits: self.waits.max_pending_per_rule,
             waits_due_by_ms: due_by,
+            drop_unknown_waits,
         };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();

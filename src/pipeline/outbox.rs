@@ -99,6 +99,8 @@ impl Deliveries {
                 }
             }
         }
+        // An attempt whose outcome is not written yet is over: it must not be claimed again.
+        skip.in_flight.extend(self.unrecorded.iter().map(|e| e.id));
         for (id, lane) in self.in_flight.values() {
             skip.in_flight.insert(*id);
             // Its attempt is running, so it takes its lane's room (a lane with none left

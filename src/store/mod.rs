@@ -174,6 +174,10 @@ pub struct FileProgress {
     pub len: u64,
     pub applied: u64,
     pub next: u64,
+    /// Whether `len` is the length of this instance's copy of the file: always with a store of
+    /// its own; with a shared store, not when another instance (another data folder) wrote the
+    /// file last, whose copy is elsewhere.
+    pub ours: bool,
 }
 
 /// Lines committed for a file and not yet appended to it.

@@ -4,14 +4,18 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Whether the tests run on PostgreSQL (TRIPLINE_TEST_STORE=postgres): a test of what only the
-/// embedded store has says it is skipped, and why.
+/// Whether the tests run on PostgreSQL (TRIPLINE_TEST_STORE=postgres).
+pub fn on_postgres() -> bool {
+    std::env::var("TRIPLINE_TEST_STORE").as_deref() == Ok("postgres")
+}
+
+/// Whether the tests run on PostgreSQL, where a test of what only the embedded store has says
+/// it is skipped, and why.
 pub fn redb_only(why: &str) -> bool {
-    let on_postgres = std::env::var("TRIPLINE_TEST_STORE").as_deref() == Ok("postgres");
-    if on_postgres {
+    if on_postgres() {
         eprintln!("skipped on PostgreSQL: {why}");
     }
-    on_postgres
+    on_postgres()
 }
 
 /// The URL of a new, empty database; `None` (with a line saying the test is skipped) when no

@@ -110,18 +110,28 @@ impl PgBatch {
     /// locked as counting locks them; returns how many rules had them.
     fn forget_member(&mut self, who: &str) -> Result<u64, StoreError> {
         let hash = crate::store::aggregates::user_hash(who) as i64;
-        let days = self.one(
-            "SELECT DISTINCT rule, day FROM aggregate_users WHERE hash = $1",
-            vec![boxed(hash)],
-        )?;
-        let mut locks: Vec<i64> = days
-            .iter()
-            .map(|r| {
-                let (rule, day): (String, i32) = (r.get(0), r.get(1));
-                lock_id("aggregate day", &format!("{rule}\u{1f}{day}"))
-            })
-            .collect();
+        let listed = self.send(&[
+            (
+                "SELECT DISTINCT rule, day FROM aggregate_users WHERE hash = $1",
+                vec![boxed(hash)],
+            ),
+            (
+                "SELECT rule FROM aggregate_members WHERE who = $1",
+                vec![boxed(who.to_string())],
+            ),
+        ])?;
+        // The locks counting takes: a batch counting them now commits first.
+        let days = listed[0].iter().map(|r| {
+            let (rule, day): (String, i32) = (r.get(0), r.get(1));
+            lock_id("aggregate day", &format!("{rule}\u{1f}{day}"))
+        });
+        let members = listed[1].iter().map(|r| {
+            let rule: String = r.get(0);
+            lock_id("aggregate member", &format!("{who}\u{1f}{rule}"))
+        });
+        let mut locks: Vec<i64> = days.chain(members).collect();
         locks.sort_unstable();
+        locks.dedup();
         let rows = self.send(&[
             (
                 "SELECT pg_advisory_xact_lock(id) FROM unnest($1::int8[]) AS id",
@@ -153,7 +163,8 @@ impl PgBatch {
         let json = serde_json::to_string(record).map_err(json_err)?;
         self.later.push((
             "INSERT INTO outbox_done (id, failed, person, record) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET failed = EXCLUDED.failed, record = EXCLUDED.record",
+             ON CONFLICT (id) DO UPDATE SET failed = EXCLUDED.failed, record = EXCLUDED.record, \
+             done_at = EXCLUDED.done_at",
             vec![
                 boxed(int(id)),
                 boxed(failed),
@@ -193,7 +204,10 @@ async fn send(
 ) -> Result<Vec<Vec<Row>>, StoreError> {
     let mut prepared = Vec::with_capacity(statements.len() + 2);
     if begin {
-        prepared.push(client.prepare_cached("BEGIN").await.map_err(pg)?);
+        // Each statement reads what was committed before it: a uuid read after its lock is
+        // seen handled by the instance that held the lock (whatever the server's default).
+        let begin = "BEGIN ISOLATION LEVEL READ COMMITTED";
+        prepared.push(client.prepare_cached(begin).await.map_err(pg)?);
     }
     for (sql, _) in statements {
         prepared.push(client.prepare_cached(sql).await.map_err(pg)?);
@@ -490,9 +504,13 @@ impl Batch for PgBatch {
 
     fn start_file(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
         self.files.push((
-            "INSERT INTO jsonl_files (file, len, applied, next) VALUES ($1, $2, 0, 1) \
+            "INSERT INTO jsonl_files (file, len, applied, next, writer) VALUES ($1, $2, 0, 1, $3) \
              ON CONFLICT DO NOTHING",
-            vec![boxed(file.to_string()), boxed(int(len))],
+            vec![
+                boxed(file.to_string()),
+                boxed(int(len)),
+                boxed(self.shared.folder.clone()),
+            ],
         ));
         Ok(())
     }
@@ -501,9 +519,9 @@ impl Batch for PgBatch {
     /// file number their lines in the order they commit.
     fn queue_lines(&mut self, file: &str, text: &str, at_ms: i64) -> Result<u64, StoreError> {
         let rows = self.one(
-            "INSERT INTO jsonl_files (file, len, applied, next) VALUES ($1, 0, 0, 2) \
+            "INSERT INTO jsonl_files (file, len, applied, next, writer) VALUES ($1, 0, 0, 2, $2) \
              ON CONFLICT (file) DO UPDATE SET next = jsonl_files.next + 1 RETURNING next - 1",
-            vec![boxed(file.to_string())],
+            vec![boxed(file.to_string()), boxed(self.shared.folder.clone())],
         )?;
         let seq: i64 = rows[0].get(0);
         self.later.push((
@@ -520,15 +538,16 @@ impl Batch for PgBatch {
 
     fn applied(&mut self, file: &str, applied: u64, len: u64) -> Result<(), StoreError> {
         self.files.push((
-            "INSERT INTO jsonl_files (file, len, applied, next) \
-             VALUES ($1, $3::int8, $2::int8, $2::int8 + 1) \
+            "INSERT INTO jsonl_files (file, len, applied, next, writer) \
+             VALUES ($1, $3::int8, $2::int8, $2::int8 + 1, $4) \
              ON CONFLICT (file) DO UPDATE SET len = EXCLUDED.len, applied = EXCLUDED.applied, \
-             next = greatest(jsonl_files.next, EXCLUDED.next) \
+             next = greatest(jsonl_files.next, EXCLUDED.next), writer = EXCLUDED.writer \
              WHERE jsonl_files.applied <= EXCLUDED.applied",
             vec![
                 boxed(file.to_string()),
                 boxed(int(applied)),
                 boxed(int(len)),
+                boxed(self.shared.folder.clone()),
             ],
         ));
         self.files.push((
@@ -550,17 +569,19 @@ impl Batch for PgBatch {
         Ok(id)
     }
 
-    /// Nothing when the delivery is no longer queued (finished by another instance that took it
-    /// over, or its person forgotten meanwhile).
+    /// Nothing when the delivery is no longer queued (finished by another instance, or its
+    /// person forgotten meanwhile), or another instance took it over (this one's lease ran out:
+    /// that one's outcome counts).
     fn update_pending(&mut self, id: u64, record: &OutboxRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).map_err(json_err)?;
         self.later.push((
             "UPDATE outbox SET next_attempt_unix = $2, record = $3, claimed_by = NULL \
-             WHERE id = $1",
+             WHERE id = $1 AND (claimed_by IS NULL OR claimed_by = $4)",
             vec![
                 boxed(int(id)),
                 boxed(int(record.next_attempt_unix)),
                 boxed(json),
+                boxed(self.shared.instance.clone()),
             ],
         ));
         Ok(())
@@ -572,10 +593,16 @@ impl Batch for PgBatch {
         self.finished[usize::from(failed)] = true;
         let json = serde_json::to_string(record).map_err(json_err)?;
         self.later.push((
-            "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING id, person) \
+            "WITH gone AS (DELETE FROM outbox WHERE id = $1 \
+             AND (claimed_by IS NULL OR claimed_by = $4) RETURNING id, person) \
              INSERT INTO outbox_done (id, failed, person, record) \
              SELECT id, $2, person, $3 FROM gone",
-            vec![boxed(int(id)), boxed(failed), boxed(json)],
+            vec![
+                boxed(int(id)),
+                boxed(failed),
+                boxed(json),
+                boxed(self.shared.instance.clone()),
+            ],
         ));
         Ok(())
     }
@@ -791,7 +818,8 @@ impl Batch for PgBatch {
                 vec![boxed(int(KEEP))],
             ),
         ])?;
-        Ok(rows[0].len() + rows[1].len())
+        // As redb: at most `max` in all, so that a full pass says more are left.
+        Ok((rows[0].len() + rows[1].len()).min(max as usize))
     }
 
     fn forget_idle(&mut self, cutoff_unix: u64, look_at: usize) -> Result<usize, StoreError> {
@@ -882,8 +910,8 @@ impl Batch for PgBatch {
         for (failed, keep) in [(false, KEEP_FINISHED), (true, KEEP_FAILED)] {
             if self.finished[usize::from(failed)] {
                 statements.push((
-                    "DELETE FROM outbox_done WHERE failed = $1 AND id <= (SELECT id FROM \
-                     outbox_done WHERE failed = $1 ORDER BY id DESC OFFSET $2 LIMIT 1)",
+                    "DELETE FROM outbox_done WHERE failed = $1 AND done_at <= (SELECT done_at \
+                     FROM outbox_done WHERE failed = $1 ORDER BY done_at DESC OFFSET $2 LIMIT 1)",
                     vec![boxed(failed), boxed(int(keep))],
                 ));
             }

@@ -26,18 +26,18 @@ const FREE: &str = "(claimed_by IS NULL OR claimed_by = $1 OR claimed_by NOT IN 
                     (SELECT id FROM instances WHERE alive_until > clock_timestamp()))";
 
 /// Renews `instance`'s lease, and forgets instances gone for a day.
-pub(super) async fn beat(client: &Object, instance: &str) -> Result<(), StoreError> {
+pub(super) async fn beat(
+    client: &tokio_postgres::Client,
+    instance: &str,
+) -> Result<(), StoreError> {
     let lease = LEASE.as_secs_f64();
-    let renew = client
-        .prepare_cached(
+    client
+        .execute(
             "INSERT INTO instances (id, alive_until) \
              VALUES ($1, clock_timestamp() + make_interval(secs => $2)) \
              ON CONFLICT (id) DO UPDATE SET alive_until = EXCLUDED.alive_until",
+            &[&instance, &lease],
         )
-        .await
-        .map_err(pg)?;
-    client
-        .execute(&renew, &[&instance, &lease])
         .await
         .map_err(pg)?;
     client
@@ -137,8 +137,8 @@ pub(super) async fn status(client: &Object, shown: i64) -> Result<OutboxStatus, 
         "SELECT count(*) FROM outbox",
         "SELECT count(*) FILTER (WHERE failed), count(*) FROM outbox_done",
         "SELECT id, record FROM outbox ORDER BY id LIMIT $1",
-        "SELECT id, record FROM outbox_done ORDER BY id DESC LIMIT $1",
-        "SELECT id, record FROM outbox_done WHERE failed ORDER BY id DESC LIMIT $1",
+        "SELECT id, record FROM outbox_done ORDER BY done_at DESC, id DESC LIMIT $1",
+        "SELECT id, record FROM outbox_done WHERE failed ORDER BY done_at DESC, id DESC LIMIT $1",
     ];
     let mut statements = Vec::new();
     for sql in sql {

@@ -28,6 +28,7 @@ mod schema;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::BoxFuture;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,14 @@ const POOL_SIZE: usize = 12;
 /// How long a call waits for a connection, or for one to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a batch waits for a lock another instance holds before it fails (and is retried
+/// by its sender).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The longest a transaction may stay open without a statement: a batch decides in
+/// milliseconds; one left open by a stalled instance is ended by the server after this.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(60);
+
 /// How many delivery ids an instance takes at a time (one round trip per block).
 const ID_BLOCK: i64 = 1000;
 
@@ -65,6 +74,9 @@ struct Shared {
     runtime: Option<tokio::runtime::Runtime>,
     /// This instance's name in the `instances` table: it claims deliveries under it.
     instance: String,
+    /// This instance's data folder's name among those sharing the store (see [`folder_id`]):
+    /// whose copy of an output file a recorded length is.
+    folder: String,
     /// The delivery ids taken and not yet used: `(next, end)`.
     ids: Mutex<(i64, i64)>,
     /// How to open a connection of its own (for the output files' locks).
@@ -108,6 +120,32 @@ impl Shared {
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))
     }
+}
+
+/// The file in a data folder holding its name among the instances sharing a store.
+const FOLDER_ID_FILE: &str = ".tripline-folder-id";
+
+/// The data folder's name among those sharing the store: read from [`FOLDER_ID_FILE`], or
+/// made (a random uuid, written atomically) the first time, so that it stays across restarts.
+async fn folder_id(data: &Path, client: &deadpool_postgres::Object) -> Result<String, StoreError> {
+    let path = data.join(FOLDER_ID_FILE);
+    let unusable =
+        |e: std::io::Error| StoreError::Unavailable(format!("cannot keep {}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(unusable(e)),
+    }
+    let row = (client
+        .query_one("SELECT gen_random_uuid()::text", &[])
+        .await)
+        .map_err(pg)?;
+    let id: String = row.get(0);
+    let temporary = data.join(format!("{FOLDER_ID_FILE}.tmp"));
+    std::fs::write(&temporary, format!("{id}\n")).map_err(unusable)?;
+    std::fs::rename(&temporary, &path).map_err(unusable)?;
+    Ok(id)
 }
 
 /// Runs `f` on `runtime` and waits for it (see [`Shared::block_on`]).
@@ -203,8 +241,8 @@ impl Drop for Heartbeat {
 
 impl Pg {
     /// Connects to `url`, brings the schema up to date (refusing a newer one) and starts this
-    /// instance's lease.
-    pub fn open(url: &str) -> Result<Pg, StoreError> {
+    /// instance's lease; `data` is the instance's data folder.
+    pub fn open(url: &str, data: &Path) -> Result<Pg, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
             StoreError::Unavailable(format!("the PostgreSQL URL cannot be read: {e}"))
         })?;
@@ -214,6 +252,24 @@ impl Pg {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // No instance holds up the others for long: a lock waited for longer than
+        // LOCK_TIMEOUT fails that batch (503, retried by its sender), a transaction left open
+        // by a stalled instance is ended by the server, and a connection to a machine that went
+        // away is found dead within seconds by both ends, not TCP's two hours (so its locks,
+        // an output file's among them, are freed).
+        let ours = format!(
+            "-c lock_timeout={}ms -c idle_in_transaction_session_timeout={}ms \
+             -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+            LOCK_TIMEOUT.as_millis(),
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(theirs) => format!("{ours} {theirs}"),
+            None => ours,
+        };
+        config.options(options);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.tcp_user_timeout(Duration::from_secs(20));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = {
             use rustls_platform_verifier::ConfigVerifierExt;
@@ -255,30 +311,44 @@ impl Pg {
                 .map_err(pg)?;
             let instance: String = row.get(0);
             claims::beat(&client, &instance).await?;
-            Ok::<_, StoreError>(instance)
+            let folder = folder_id(data, &client).await?;
+            Ok::<_, StoreError>((instance, folder))
         });
-        let instance = match started {
-            Ok(instance) => instance,
+        let (instance, folder) = match started {
+            Ok(started) => started,
             Err(e) => {
                 // Returned to an async caller: the runtime cannot wait for its threads there.
                 runtime.shutdown_background();
                 return Err(e);
             }
         };
+        // On a connection of its own: a pool busy with batches never delays it.
         let heartbeat = {
-            let (pool, instance) = (pool.clone(), instance.clone());
+            let (connect, instance) = (connect.clone(), instance.clone());
             runtime.spawn(async move {
                 let mut every = tokio::time::interval(HEARTBEAT_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut client: Option<tokio_postgres::Client> = None;
                 loop {
                     every.tick().await;
-                    let beat = async {
-                        let client = pool.get().await.map_err(|e| {
-                            StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}"))
-                        })?;
-                        claims::beat(&client, &instance).await
-                    };
-                    if let Err(e) = beat.await {
+                    if client
+                        .as_ref()
+                        .is_none_or(tokio_postgres::Client::is_closed)
+                    {
+                        client = match connect.0.connect(connect.1.clone()).await {
+                            Ok((client, connection)) => {
+                                tokio::spawn(connection);
+                                Some(client)
+                            }
+                            Err(e) => {
+                                tracing::warn!("cannot renew this instance's lease: {}", pg(e));
+                                continue;
+                            }
+                        };
+                    }
+                    if let Some(client) = &client
+                        && let Err(e) = claims::beat(client, &instance).await
+                    {
                         tracing::warn!("cannot renew this instance's lease in PostgreSQL: {e}");
                     }
                 }
@@ -290,6 +360,7 @@ impl Pg {
                 pool,
                 runtime: Some(runtime),
                 instance,
+                folder,
                 ids: Mutex::new((0, 0)),
                 connect,
                 file_locks: Mutex::new(None),
@@ -318,10 +389,12 @@ impl Backend for Pg {
 
     fn files(&self) -> Result<Vec<(String, FileProgress)>, StoreError> {
         self.with_client(async |c| {
-            let rows = (c
-                .query("SELECT file, len, applied, next FROM jsonl_files", &[])
-                .await)
-                .map_err(pg)?;
+            let rows = (c.query(
+                "SELECT file, len, applied, next, writer = $1 FROM jsonl_files",
+                &[&self.shared.folder],
+            ))
+            .await
+            .map_err(pg)?;
             Ok(rows
                 .iter()
                 .map(|r| {
@@ -329,6 +402,7 @@ impl Backend for Pg {
                         len: r.get::<_, i64>(1) as u64,
                         applied: r.get::<_, i64>(2) as u64,
                         next: r.get::<_, i64>(3) as u64,
+                        ours: r.get(4),
                     };
                     (r.get(0), progress)
                 })

@@ -504,7 +504,15 @@ impl Backend for Db {
         for row in table.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let (len, applied, next) = v.value();
-            out.push((k.value().to_string(), FileProgress { len, applied, next }));
+            out.push((
+                k.value().to_string(),
+                FileProgress {
+                    len,
+                    applied,
+                    next,
+                    ours: true,
+                },
+            ));
         }
         Ok(out)
     }

@@ -56,7 +56,9 @@ CREATE TABLE jsonl_files (
     file text PRIMARY KEY,
     len bigint NOT NULL,
     applied bigint NOT NULL,
-    next bigint NOT NULL
+    next bigint NOT NULL,
+    -- The data folder whose copy of the file `len` is the length of (the last to write it).
+    writer text NOT NULL
 );
 CREATE TABLE jsonl_lines (
     file text NOT NULL,
@@ -83,9 +85,12 @@ CREATE TABLE outbox_done (
     id bigint PRIMARY KEY,
     failed boolean NOT NULL,
     person text,
-    record text NOT NULL
+    record text NOT NULL,
+    -- Ids are taken in blocks per instance: the newest are the last finished, not the highest.
+    done_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE INDEX outbox_done_by_kind ON outbox_done (failed, id);
+CREATE INDEX outbox_done_by_kind ON outbox_done (failed, done_at);
+CREATE INDEX outbox_done_by_time ON outbox_done (done_at);
 CREATE INDEX outbox_done_by_person ON outbox_done (person) WHERE person IS NOT NULL;
 -- Delivery ids are taken by instances a block at a time: block n is n * 1000 to n * 1000 + 999.
 CREATE SEQUENCE delivery_id_blocks;
