@@ -256,10 +256,12 @@ impl Pg {
         // LOCK_TIMEOUT fails that batch (503, retried by its sender), a transaction left open
         // by a stalled instance is ended by the server, and a connection to a machine that went
         // away is found dead within seconds by both ends, not TCP's two hours (so its locks,
-        // an output file's among them, are freed).
+        // an output file's among them, are freed). Statements are planned at each execution:
+        // a plan cached while a table was small (a sequential scan) stays slow once it is not.
         let ours = format!(
             "-c lock_timeout={}ms -c idle_in_transaction_session_timeout={}ms \
-             -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+             -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+             -c plan_cache_mode=force_custom_plan",
             LOCK_TIMEOUT.as_millis(),
             IDLE_IN_TRANSACTION.as_millis()
         );
