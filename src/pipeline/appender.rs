@@ -22,7 +22,7 @@
 //! With a store several instances share (PostgreSQL), one instance at a time writes each file:
 //! the one holding its lock (`Backend::writes_file`). Its appender looks at the store every
 //! [`LOOK_AGAIN`] for lines the other instances committed, writes them into the file in its own
-//! data folder, and records how far at once. The others write nothing, and count what waits for
+//! data folder, and records how far itself when its committer has not within [`RECORD_AFTER`]. The others write nothing, and count what waits for
 //! the file as done once the store says it is written.
 
 use std::collections::{HashMap, VecDeque};
@@ -43,6 +43,9 @@ const RETRY: Duration = Duration::from_secs(1);
 const MAX_WRITE: usize = 8 << 20;
 /// With a shared store, how often the store is looked at for lines other instances committed.
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
+/// With a shared store, how long how far a file is written may wait for the committer to record
+/// it before the appender records it itself.
+const RECORD_AFTER: Duration = Duration::from_millis(500);
 
 /// What the appender and the committer share.
 #[derive(Default)]
@@ -171,6 +174,7 @@ impl Appender {
         let (wake, woken) = sync_channel(1);
         let mut thread = Thread {
             shared_store: store.is_shared(),
+            unrecorded_since: None,
             store,
             files,
             progress: HashMap::new(),
@@ -334,6 +338,8 @@ struct Thread {
     store: Arc<dyn Backend>,
     /// Whether other instances share the store (see the module's documentation).
     shared_store: bool,
+    /// Since when a file's progress waits to be recorded (with a shared store).
+    unrecorded_since: Option<Instant>,
     files: JsonlFiles,
     /// How far each file is written, as this thread knows it (ahead of the store until the
     /// committer records it); a file not in it is brought to what was committed first.
@@ -359,9 +365,9 @@ impl Thread {
                 ),
             };
             if self.shared_store
-                && let Err(e) = self.take_turns()
+                && let Err(e) = self.take_turns().and_then(|()| self.record_if_late())
             {
-                warn!("cannot read the output files' progress from the store: {e}");
+                warn!("cannot read or record the output files' progress in the store: {e}");
             }
             retry = self.round();
             if stopping {
@@ -499,24 +505,46 @@ impl Thread {
             ..progress
         };
         self.progress.insert(file.to_string(), done);
-        self.written(file, done)?;
+        self.written(file, done);
         self.done(file, done.applied);
         Ok(())
     }
 
-    /// `file` is written as far as `done` says: the committer records it with its next batch;
-    /// with a shared store, where this instance may see none for a while, it is recorded now.
-    fn written(&self, file: &str, done: FileProgress) -> Result<(), String> {
-        if !self.shared_store {
-            lock(&self.shared.written).insert(file.to_string(), (done.applied, done.len));
+    /// `file` is written as far as `done` says: the committer records it with its next batch
+    /// (with a shared store, this thread does if the committer has not within
+    /// [`RECORD_AFTER`]: see [`Thread::record_if_late`]).
+    fn written(&self, file: &str, done: FileProgress) {
+        lock(&self.shared.written).insert(file.to_string(), (done.applied, done.len));
+    }
+
+    /// With a shared store, records how far files are written when the committer has not done
+    /// it for [`RECORD_AFTER`]: this instance may receive no events while the others send it
+    /// lines to write, and the others count theirs as waiting until the record says otherwise.
+    fn record_if_late(&mut self) -> Result<(), StoreError> {
+        let done: Vec<(String, u64, u64)> = (lock(&self.shared.written).iter())
+            .map(|(f, &(s, l))| (f.clone(), s, l))
+            .collect();
+        if done.is_empty() {
+            self.unrecorded_since = None;
             return Ok(());
         }
-        let record = || {
-            let mut txn = self.store.begin()?;
-            txn.applied(file, done.applied, done.len)?;
-            txn.commit()
-        };
-        record().map_err(|e| format!("cannot record how far the file is written: {e}"))
+        let since = *self.unrecorded_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < RECORD_AFTER {
+            return Ok(());
+        }
+        let mut txn = self.store.begin()?;
+        for (file, applied, len) in &done {
+            txn.applied(file, *applied, *len)?;
+        }
+        txn.commit()?;
+        let mut written = lock(&self.shared.written);
+        for (file, seq, len) in &done {
+            if written.get(file) == Some(&(*seq, *len)) {
+                written.remove(file);
+            }
+        }
+        self.unrecorded_since = None;
+        Ok(())
     }
 
     /// Brings `file` to what was committed before it is first written (see [`recover`]).
@@ -536,7 +564,7 @@ impl Thread {
             .map_err(|e| e.to_string())?;
         let found = recover(&mut self.files, file, recorded, &queued).map_err(|e| e.to_string())?;
         if found != recorded {
-            self.written(file, found)?;
+            self.written(file, found);
             self.done(file, found.applied);
         }
         self.progress.insert(file.to_string(), found);
