@@ -10,7 +10,8 @@
 # pgbench-1    one client committing a one-row INSERT after another: the latency of a commit
 # pgbench      CONNECTIONS clients at once: the commits a second the server groups on this disk
 # redb-*       one instance, the embedded store; pg-* one instance on PostgreSQL
-# pg-sanitize-xN  N instances on one database, wrk on each with CONNECTIONS/N connections
+# pg-*-xN     N instances on one database (sanitize, threshold), wrk on each with
+#             CONNECTIONS/N connections
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -160,26 +161,41 @@ for store in redb postgres; do
   done
 done
 
-# 1, 2 and 3 instances on one database.
-for n in 1 2 3; do
-  name=pg-sanitize-x$n
-  echo "== $name" >&2
-  url=$(new_database "x$n")
-  for i in $(seq 1 "$n"); do start "$name-$i" "$url"; done
-  files=()
-  for d in "${DIRS[@]}"; do files+=("$d/data/training_data.jsonl"); done
-  load 2 generation_failed.json "$CONNS" >/dev/null
-  sleep 1
-  before=$(count_lines "${files[@]}")
-  res=$(load "$SECS" generation_failed.json "$CONNS" FIRED=training-data)
-  sleep 2
-  conflicts=0
-  for u in "${URLS[@]}"; do
-    c=$(curl -s "$u/metrics" | awk '$1 == "tripline_batches_conflicted_total" { print $2 }')
-    conflicts=$((conflicts + ${c:-0}))
+# 1, 2 and 3 instances on one database: sanitize (every batch writes one shared file) and
+# threshold (every batch counts per user).
+for w in sanitize threshold; do
+  for n in 1 2 3; do
+    name=pg-$w-x$n
+    echo "== $name" >&2
+    url=$(new_database "${w}_x$n")
+    for i in $(seq 1 "$n"); do start "$name-$i" "$url"; done
+    files=() outboxes=()
+    for d in "${DIRS[@]}"; do
+      files+=("$d/data/training_data.jsonl") outboxes+=("$d/data/outbox")
+    done
+    if [ "$w" = sanitize ]; then
+      load 2 generation_failed.json "$CONNS" >/dev/null
+      sleep 1
+      before=$(count_lines "${files[@]}")
+      res=$(load "$SECS" generation_failed.json "$CONNS" FIRED=training-data)
+      sleep 2
+      written=$(($(count_lines "${files[@]}") - before))
+    else
+      load 2 feature_used.json "$CONNS" >/dev/null
+      sleep 2
+      before=$(count_emails "${outboxes[@]}")
+      res=$(load "$SECS" feature_used.json "$CONNS" USERS=100000 FIRED=power-user-discount)
+      sleep 3
+      written=$(($(count_emails "${outboxes[@]}") - before))
+    fi
+    conflicts=0
+    for u in "${URLS[@]}"; do
+      c=$(curl -s "$u/metrics" | awk '$1 == "tripline_batches_conflicted_total" { print $2 }')
+      conflicts=$((conflicts + ${c:-0}))
+    done
+    row "$name" "$res" "$written" "$conflicts batches run again"
+    stop_all
   done
-  row "$name" "$res" $(($(count_lines "${files[@]}") - before)) "$conflicts batches run again"
-  stop_all
 done
 
 echo
