@@ -599,3 +599,118 @@ fn decode<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
 fn outbox_record(json: &str) -> Result<OutboxRecord, StoreError> {
     decode(json)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StateKey, Wants};
+
+    /// A new database on the tests' server (scripts/postgres.sh), or `None` without one.
+    fn database() -> Option<String> {
+        let server = std::env::var("TRIPLINE_TEST_POSTGRES").ok()?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("unit_{}_{n}", std::process::id());
+        let psql = std::env::var("TRIPLINE_TEST_PGBIN").map_or("psql".into(), |b| b + "/psql");
+        let made = std::process::Command::new(psql)
+            .args([
+                &server,
+                "-X",
+                "-q",
+                "-c",
+                &format!("CREATE DATABASE {name}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(made.success());
+        Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
+    }
+
+    #[test]
+    fn two_batches_taking_keys_in_opposite_orders_end_in_a_conflict_not_a_hang() {
+        let Some(url) = database() else {
+            eprintln!("skipped: no PostgreSQL for the tests (TRIPLINE_TEST_POSTGRES)");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            Pg::open(&url, dir.path()).unwrap(),
+            Pg::open(&url, dir.path()).unwrap(),
+        );
+        let (k1, k2) = (
+            StateKey::new("r", "count", &[]),
+            StateKey::new("s", "count", &[]),
+        );
+        let mut first = a.begin().unwrap();
+        let mut second = b.begin().unwrap();
+        first.load(&Wants::keys(std::slice::from_ref(&k1))).unwrap();
+        second
+            .load(&Wants::keys(std::slice::from_ref(&k2)))
+            .unwrap();
+        // Each now wants the other's key: PostgreSQL finds the deadlock and fails one of them,
+        // as a conflict the committer runs again; the other goes on and commits.
+        let k2_for_first = k2.clone();
+        let waiting = std::thread::spawn(move || {
+            let loaded = first.load(&Wants::keys(std::slice::from_ref(&k2_for_first)));
+            (loaded.map(drop), first)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let mine = second
+            .load(&Wants::keys(std::slice::from_ref(&k1)))
+            .map(drop);
+        let theirs = match mine {
+            // The other failed: this one holds both keys, and commits.
+            Ok(()) => {
+                second.commit().unwrap();
+                waiting.join().unwrap().0
+            }
+            Err(e) => {
+                drop(second);
+                let (loaded, first) = waiting.join().unwrap();
+                loaded.unwrap();
+                first.commit().unwrap();
+                Err(e)
+            }
+        };
+        assert!(
+            matches!(theirs, Err(StoreError::Conflict(_))),
+            "one of them conflicts: {theirs:?}"
+        );
+    }
+
+    #[test]
+    fn a_uuid_handled_by_one_instance_is_a_duplicate_for_another_that_waited_for_it() {
+        let Some(url) = database() else {
+            eprintln!("skipped: no PostgreSQL for the tests (TRIPLINE_TEST_POSTGRES)");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            Pg::open(&url, dir.path()).unwrap(),
+            Pg::open(&url, dir.path()).unwrap(),
+        );
+        let uuids = Wants {
+            uuids: vec!["0197a3f2-0000-7000-8000-000000000001"],
+            ..Wants::default()
+        };
+        let mut first = a.begin().unwrap();
+        let mut state = first.load(&uuids).unwrap();
+        assert!(state.first_delivery(uuids.uuids[0]));
+        // The same event at another instance now: its load waits for the first's commit...
+        let waiting = std::thread::spawn(move || {
+            let uuids = Wants {
+                uuids: vec!["0197a3f2-0000-7000-8000-000000000001"],
+                ..Wants::default()
+            };
+            let mut second = b.begin().unwrap();
+            let mut state = second.load(&uuids).unwrap();
+            state.first_delivery(uuids.uuids[0])
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "the second waits for the first");
+        first.save(state, 1).unwrap();
+        first.commit().unwrap();
+        // ... and then finds it handled.
+        assert!(!waiting.join().unwrap(), "a duplicate");
+    }
+}
