@@ -626,17 +626,22 @@ mod tests {
         Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
     }
 
-    #[test]
-    fn two_batches_taking_keys_in_opposite_orders_end_in_a_conflict_not_a_hang() {
+    /// Two stores on one new database, as two instances have them (and their data folder).
+    fn two_instances() -> Option<(Pg, Pg, tempfile::TempDir)> {
         let Some(url) = database() else {
             eprintln!("skipped: no PostgreSQL for the tests (TRIPLINE_TEST_POSTGRES)");
-            return;
+            return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (
-            Pg::open(&url, dir.path()).unwrap(),
-            Pg::open(&url, dir.path()).unwrap(),
-        );
+        let a = Pg::open(&url, dir.path()).unwrap();
+        Some((a, Pg::open(&url, dir.path()).unwrap(), dir))
+    }
+
+    #[test]
+    fn two_batches_taking_keys_in_opposite_orders_end_in_a_conflict_not_a_hang() {
+        let Some((a, b, _dir)) = two_instances() else {
+            return;
+        };
         let (k1, k2) = (
             StateKey::new("r", "count", &[]),
             StateKey::new("s", "count", &[]),
@@ -680,15 +685,9 @@ mod tests {
 
     #[test]
     fn a_uuid_handled_by_one_instance_is_a_duplicate_for_another_that_waited_for_it() {
-        let Some(url) = database() else {
-            eprintln!("skipped: no PostgreSQL for the tests (TRIPLINE_TEST_POSTGRES)");
+        let Some((a, b, _dir)) = two_instances() else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (
-            Pg::open(&url, dir.path()).unwrap(),
-            Pg::open(&url, dir.path()).unwrap(),
-        );
         let uuids = Wants {
             uuids: vec!["0197a3f2-0000-7000-8000-000000000001"],
             ..Wants::default()
