@@ -1020,10 +1020,6 @@ impl DuePlan {
                 (None, None) => r.wait.is_some(),
             };
             let known = rules.named(&rule_name).filter(|(_, r)| goes_on(r));
-            if known.is_none() && !env.drop_unknown_waits {
-                // Left to an instance sharing the store that has the rule (a deploy under way).
-                continue;
-            }
             let pending = state.end_wait(key).expect("there is a wait");
             let Some((index, _)) = known else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");

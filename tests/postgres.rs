@@ -282,7 +282,14 @@ fn an_instance_killed_under_load_leaves_its_deliveries_and_waits_to_the_others()
     }
     // Instance 0 holds deliveries in flight (the receiver answers after 1.5 s) and waits not
     // yet due: it is killed, and the rest of the load goes to the others.
-    eventually("requests in flight", || !receiver.by_key().is_empty());
+    let before = receiver.by_key().len();
+    for i in 90..95 {
+        let order = json!({"event": "order_completed", "uuid": new_uuid(), "distinct_id": format!("o-{i}")});
+        assert_eq!(servers[0].post_json(&order).0, 200);
+    }
+    eventually("its requests in flight", || {
+        receiver.by_key().len() >= before + 5
+    });
     servers[0].kill();
     alive[0] = false;
     for i in 60..90 {
@@ -297,7 +304,7 @@ fn an_instance_killed_under_load_leaves_its_deliveries_and_waits_to_the_others()
     let live: Vec<&Server> = servers[1..].iter().collect();
     // Every order is delivered (those the killed instance held, once its lease ran out), and
     // every wait ended once, by the instances left.
-    eventually("every order delivered", || receiver.by_key().len() == 90);
+    eventually("every order delivered", || receiver.by_key().len() == 95);
     eventually("every wait ended", || {
         lines(&live, "quick.jsonl").len() >= 90
     });
@@ -307,11 +314,13 @@ fn an_instance_killed_under_load_leaves_its_deliveries_and_waits_to_the_others()
     std::thread::sleep(Duration::from_millis(500));
     let by_key = receiver.by_key();
     let again: Vec<_> = by_key.iter().filter(|(_, n)| **n > 1).collect();
-    // Only what the killed instance had in flight is sent again, with the same key.
+    // What the killed instance had in flight is sent again by another, with the same key; and
+    // only that. (Of the five sent to it last, it claims those its endpoint's bound on requests
+    // at once leaves room for; the others may claim the rest first.)
     assert!(again.iter().all(|(_, n)| **n == 2), "{again:?}");
     assert!(
-        again.len() <= 64,
-        "at most the killed instance's attempts at once: {again:?}"
+        (1..=64).contains(&again.len()),
+        "some at least, at most its attempts at once: {again:?}"
     );
     let mut carts_ended: Vec<String> = lines(&live, "quick.jsonl")
         .into_iter()
@@ -323,7 +332,7 @@ fn an_instance_killed_under_load_leaves_its_deliveries_and_waits_to_the_others()
     assert_eq!((count, carts_ended.len()), (90, 90), "each wait ended once");
     assert_eq!(emails(&live).len(), 90, "each wait's email once");
     eprintln!(
-        "{} of 90 requests were sent again after the kill",
+        "{} of 95 requests were sent again after the kill",
         again.len()
     );
 }
@@ -490,4 +499,32 @@ fn an_instance_without_a_rule_leaves_its_waits_to_the_instance_that_has_it() {
     assert_eq!(lines(&both, "quick.jsonl").len(), 50);
     let dropped = "tripline_waits_dropped_total{reason=\"rule_gone\",rule=\"quick-abandoned\"}";
     assert_eq!(without[0].metric(dropped), 0.0, "{}", without[0].log());
+}
+
+#[test]
+fn a_second_process_with_the_same_data_folder_is_refused() {
+    let Some(url) = database() else { return };
+    let server = Server::launch(&["--store", &url], &[], |_| {});
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripline"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+            "--data",
+        ])
+        .arg(&server.data)
+        .arg("--rules")
+        .arg(&server.rules)
+        .arg("--templates")
+        .arg(&server.templates)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another tripline is already running with this data folder"),
+        "{stderr}"
+    );
 }

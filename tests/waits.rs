@@ -324,7 +324,6 @@ fn an_edited_rule_keeps_its_waits_and_a_deleted_one_drops_them() {
     assert_eq!(pending(&s, "abandoned"), 1);
     // Deleted: its wait is dropped (and shown as another rule's until then).
     edit(&s, "invited.toml", None);
-    settle_shared_rules(&s);
     s.wait_for("the deleted rule's wait to be dropped", |s| {
         s.get_json("/rules")["waits_of_other_rules"] == json!([])
     });
@@ -347,19 +346,9 @@ fn the_waits_of_a_rule_deleted_while_the_service_was_stopped_are_dropped_at_star
     s.stop();
     std::fs::remove_file(s.dir.path().join("rules/invited.toml")).unwrap();
     s.launch();
-    settle_shared_rules(&s);
     s.wait_for("the wait to be dropped", |s| {
         s.get_json("/rules")["waits_of_other_rules"] == json!([])
     });
-}
-
-/// With a store other instances may share (PostgreSQL), the waits of a rule an instance does
-/// not have are dropped only once its rules have run for 10 minutes (another instance may have
-/// the rule: docs/ARCHITECTURE.md): the clock is moved past that.
-fn settle_shared_rules(s: &InProcess) {
-    if common::postgres::on_postgres() {
-        s.clock.advance(minutes(11));
-    }
 }
 
 /// One `checkout_started` for each cart, all for one buyer, in one body.

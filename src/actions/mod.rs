@@ -256,9 +256,6 @@ pub struct Env<'a> {
     /// Pending waits whose deadline is at or before this (milliseconds since 1970) are due by
     /// the clock (less the grace period): a triggering event may end one (see `engine.rs`).
     pub waits_due_by_ms: i64,
-    /// Whether a due wait of a rule the rule set does not have is dropped (else left for an
-    /// instance sharing the store that has the rule: see `pipeline/committer.rs`).
-    pub drop_unknown_waits: bool,
 }
 
 impl<'a> Env<'a> {
@@ -273,7 +270,6 @@ impl<'a> Env<'a> {
             unwritable: &NONE_UNWRITABLE,
             max_pending_waits: u64::MAX,
             waits_due_by_ms: i64::MAX,
-            drop_unknown_waits: true,
         }
     }
 }

@@ -41,6 +41,9 @@ use crate::telemetry;
 const RETRY: Duration = Duration::from_secs(1);
 /// Most bytes appended to one file in one write.
 const MAX_WRITE: usize = 8 << 20;
+/// How far back from its end a file taken over from another instance is searched for its last
+/// whole line.
+const MAX_LINE_TAIL: u64 = 1 << 20;
 /// With a shared store, how often the store is looked at for lines other instances committed.
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
 /// With a shared store, how long how far a file is written may wait for the committer to record
@@ -611,16 +614,31 @@ fn recover(
     let path = Path::new(file);
     files.open(path)?;
     let actual = files.len(path)?;
-    // Another instance wrote it last, in its own data folder: this copy goes on from its end.
+    // Another instance wrote it last, in its own data folder: this copy goes on from its end,
+    // after its last whole line (part of a line left by a stop in the middle of a write goes).
     if !recorded.ours {
+        let tail = files.read_from(path, actual.saturating_sub(MAX_LINE_TAIL), MAX_LINE_TAIL)?;
+        let whole = match tail.iter().rposition(|b| *b == b'\n') {
+            Some(at) => actual - tail.len() as u64 + at as u64 + 1,
+            None if actual <= MAX_LINE_TAIL => 0,
+            None => actual,
+        };
+        if whole < actual {
+            warn!(
+                file,
+                bytes = actual - whole,
+                "removing part of a line at the end of the file"
+            );
+            files.truncate(path, whole)?;
+        }
         info!(
             file,
-            bytes = actual,
+            bytes = whole,
             applied = recorded.applied,
             "taking the file over from another instance: the lines after the last one it wrote go on in this data folder's copy"
         );
         return Ok(FileProgress {
-            len: actual,
+            len: whole,
             ours: true,
             ..recorded
         });
@@ -757,14 +775,7 @@ mod tests {
         assert_eq!((found.applied, found.len), (1, 0));
         // Written last by another instance (a shared store): this copy is not cut to that
         // instance's length, whatever it holds; it goes on from its end.
-        std::fs::write(
-            dir.path().join("f"),
-            "aaa
-zzzzzz
-yy
-",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("f"), "aaa\nzzzzzz\nyy\n").unwrap();
         let theirs = FileProgress {
             ours: false,
             ..recorded
@@ -774,6 +785,15 @@ yy
         assert_eq!(
             std::fs::read(dir.path().join("f")).unwrap(),
             b"aaa\nzzzzzz\nyy\n"
+        );
+        // ... after its last whole line: part of one, left by a stop in the middle of a write,
+        // goes.
+        std::fs::write(dir.path().join("f"), "aaa\nzzzzzz\nyy").unwrap();
+        let found = recover(&mut files, "f", theirs, &b_and_c).unwrap();
+        assert_eq!(found.len, 11);
+        assert_eq!(
+            std::fs::read(dir.path().join("f")).unwrap(),
+            b"aaa\nzzzzzz\n"
         );
     }
 

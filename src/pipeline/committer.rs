@@ -60,10 +60,6 @@ const KEYS_LOOKED_AT_PER_BATCH: usize = 64;
 const KEYS_LOOKED_AT_PER_TICK: usize = 10_000;
 /// How often an output file that could not be opened is tried again, in seconds.
 const RETRY_UNWRITABLE: u64 = 10;
-/// With a store several instances share, how long a rule set runs before the waits of rules it
-/// does not have are dropped as those of deleted rules (until then, another instance may have
-/// the rule: every instance should have the same rule files within this).
-const SHARED_RULES_SETTLE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 /// Most due waits ended in one transaction, and most waits of removed rules dropped: more are
 /// left to the next one, so that requests in between are never held up for long.
 const WAITS_PER_COMMIT: usize = 500;
@@ -200,6 +196,8 @@ struct Worker {
     registered: HashSet<PathBuf>,
     /// The last rule set whose files are all registered.
     checked: Option<Arc<RuleSet>>,
+    /// The generation of the last rule set the store was told this instance runs.
+    running: Option<u64>,
     default_from: Mailbox,
     retention: Retention,
     /// When ids were last looked for (unix seconds by the clock).
@@ -307,6 +305,7 @@ impl Committer {
             max_lines_waiting,
             registered: HashSet::new(),
             checked: None,
+            running: None,
             default_from,
             retention,
             last_expiry: None,
@@ -710,6 +709,7 @@ impl Worker {
             .chain(end_waits.filter(|_| due_now))
             .collect();
         self.register_new_files(&sets)?;
+        self.register_rules(batch.first().map(|job| &job.rules).or(end_waits))?;
         let now = self.clock.unix();
         let mut txn = self.store.begin()?;
         // Only commits without a sync, or a journal left from before, can leave the store
@@ -739,22 +739,13 @@ impl Worker {
             }
             plans.push(Some(Plan::new(&job.rules, &job.events)));
         }
-        // With a store other instances share, a rule this instance does not have may be one
-        // they have (a deploy under way): its waits are theirs until these rules have been
-        // running for a while.
-        let drop_unknown_waits = end_waits.is_none_or(|rules| {
-            !self.store.is_shared() || self.clock.now() - rules.loaded_at >= SHARED_RULES_SETTLE
-        });
         let (due, dropped) = match end_waits {
             Some(rules) => (
                 Some(DuePlan::new(
                     rules,
                     txn.due_waits(due_by, WAITS_PER_COMMIT)?,
                 )),
-                match drop_unknown_waits {
-                    true => drop_waits_of_gone_rules(txn.as_mut(), rules)?,
-                    false => Vec::new(),
-                },
+                drop_waits_of_gone_rules(txn.as_mut(), rules)?,
             ),
             None => (None, Vec::new()),
         };
@@ -801,7 +792,6 @@ impl Worker {
             unwritable: &self.unwritable,
             max_pending_waits: self.waits.max_pending_per_rule,
             waits_due_by_ms: due_by,
-            drop_unknown_waits,
         };
         let mut reports = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
@@ -868,6 +858,9 @@ impl Worker {
         };
         let (soonest, waiting) = state.wait_changes();
         txn.save(state, now)?;
+        // In the order of their names: a store several instances share locks each file as its
+        // lines are numbered, and two batches must never wait for each other's files both ways.
+        lines.sort_keys();
         let mut queued = Vec::with_capacity(lines.len());
         for (file, text) in &lines {
             let name = file.to_string_lossy();
@@ -1255,6 +1248,19 @@ impl Worker {
             self.appender.recorded(&written);
         }
         self.forgot(forgotten, now);
+        Ok(())
+    }
+
+    /// Tells the store the rules this instance runs, the first time a newer set is in use
+    /// (see `Backend::running`: with a shared store, other instances then leave the waits of
+    /// rules only this one runs to it).
+    fn register_rules(&mut self, set: Option<&Arc<RuleSet>>) -> Result<(), CommitError> {
+        let Some(set) = set.filter(|s| self.running.is_none_or(|g| s.generation > g)) else {
+            return Ok(());
+        };
+        let names: Vec<&str> = set.rules().iter().map(|r| r.name.as_str()).collect();
+        self.store.running(&names)?;
+        self.running = Some(set.generation);
         Ok(())
     }
 

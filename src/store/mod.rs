@@ -119,7 +119,8 @@ pub trait Batch: RuleState + Send {
     /// stopped, and from the start again after the end) and forgets those no event has used
     /// since before `cutoff_unix`; returns how many.
     fn forget_idle(&mut self, cutoff_unix: u64, look_at: usize) -> Result<usize, StoreError>;
-    /// Every rule with pending waits, and how many.
+    /// Every rule with pending waits this instance may end or drop (see [`Backend::running`]),
+    /// and how many.
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Ends at most `max` pending waits of `rule` (a rule that no longer waits); returns how
     /// many.
@@ -241,6 +242,13 @@ pub trait Backend: Send + Sync {
     /// free and keeps while the instance runs.
     fn writes_file(&self, _file: &str) -> Result<bool, StoreError> {
         Ok(true)
+    }
+    /// Records the rules this instance runs now. With a shared store, the waits of a rule this
+    /// instance does not run and another does (a deploy under way) are left to that one: not
+    /// listed by [`RuleState::due_waits`], [`Batch::waiting`] and [`Backend::next_wait_due`]
+    /// here, so neither ended nor dropped as a deleted rule's.
+    fn running(&self, _rules: &[&str]) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -1,9 +1,10 @@
 //! One PostgreSQL transaction as a [`Batch`]. Reads that decide something are sent at once
 //! (the batch's state in one round trip: locks, uuids, keys, waits, counts); writes are kept and
-//! sent with the commit, in one round trip, in an order every batch shares: output files first,
-//! then the rest. With the advisory locks taken before any of them, instances wait for each other
-//! in one order, and a deadlock can only come from a batch loading more keys after its first
-//! load (PostgreSQL breaks it; the batch is run again).
+//! sent with the commit, in one round trip. Locks are taken in one order by every batch: the
+//! advisory locks of keys and uuids (sorted, at each load), then the rows numbering output
+//! files' lines (files in name order), then `[aggregate]` locks, then the rows written at
+//! commit; so instances wait for each other without deadlocking, except when a batch loads more
+//! keys after another batch took them (PostgreSQL breaks it; the batch is run again).
 
 use deadpool_postgres::Object;
 use futures_util::FutureExt;
@@ -13,7 +14,9 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::aggregates::{self, Counting};
-use super::{Params, Shared, decode, json_err, lock_id, outbox_record, pg, pipelined};
+use super::{
+    Params, Shared, decode, json_err, leaving_theirs, lock_id, outbox_record, pg, pipelined,
+};
 use crate::explain::KEEP;
 use crate::store::aggregates::Counted;
 use crate::store::queue::{OutboxRecord, Retry, Status};
@@ -30,6 +33,16 @@ use crate::store::redb::{KEEP_FAILED, KEEP_FINISHED};
 const IDLE_KEYS_PER_TICK: usize = 1000;
 
 const DAY: u64 = 86_400;
+
+/// The due waits this instance may end, soonest first (see `Backend::running`).
+static DUE_WAITS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    leaving_theirs(
+        "SELECT key, wait FROM waits WHERE deadline_ms <= $1 AND THEIRS_LEFT \
+         ORDER BY deadline_ms LIMIT $2",
+        3,
+        4,
+    )
+});
 
 pub(super) struct PgBatch {
     shared: Arc<Shared>,
@@ -338,8 +351,13 @@ impl RuleState for PgBatch {
         max: usize,
     ) -> Result<Vec<(StateKey, Pending)>, StoreError> {
         let rows = self.one(
-            "SELECT key, wait FROM waits WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT $2",
-            vec![boxed(until_ms), boxed(int(max as u64))],
+            &DUE_WAITS,
+            vec![
+                boxed(until_ms),
+                boxed(int(max as u64)),
+                boxed(self.shared.instance.clone()),
+                boxed(self.shared.rules()),
+            ],
         )?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -504,24 +522,29 @@ impl Batch for PgBatch {
 
     fn start_file(&mut self, file: &str, len: u64) -> Result<(), StoreError> {
         self.files.push((
-            "INSERT INTO jsonl_files (file, len, applied, next, writer) VALUES ($1, $2, 0, 1, $3) \
+            "INSERT INTO jsonl_files (file, next) VALUES ($1, 1) ON CONFLICT DO NOTHING",
+            vec![boxed(file.to_string())],
+        ));
+        self.files.push((
+            "INSERT INTO jsonl_progress (file, len, applied, writer) VALUES ($1, $2, 0, $3) \
              ON CONFLICT DO NOTHING",
             vec![
                 boxed(file.to_string()),
                 boxed(int(len)),
-                boxed(self.shared.folder.clone()),
+                boxed(self.shared.instance.clone()),
             ],
         ));
         Ok(())
     }
 
     /// The file's row stays locked until the commit: batches of several instances writing one
-    /// file number their lines in the order they commit.
+    /// file number their lines in the order they commit (the committer gives a batch's files in
+    /// order, so two batches never wait for each other's files both ways).
     fn queue_lines(&mut self, file: &str, text: &str, at_ms: i64) -> Result<u64, StoreError> {
         let rows = self.one(
-            "INSERT INTO jsonl_files (file, len, applied, next, writer) VALUES ($1, 0, 0, 2, $2) \
+            "INSERT INTO jsonl_files (file, next) VALUES ($1, 2) \
              ON CONFLICT (file) DO UPDATE SET next = jsonl_files.next + 1 RETURNING next - 1",
-            vec![boxed(file.to_string()), boxed(self.shared.folder.clone())],
+            vec![boxed(file.to_string())],
         )?;
         let seq: i64 = rows[0].get(0);
         self.later.push((
@@ -536,18 +559,25 @@ impl Batch for PgBatch {
         Ok(seq as u64)
     }
 
+    /// Recorded only while this instance holds the file's lock: one that lost it (its
+    /// connection dropped, and another instance writes the file now) records nothing more.
     fn applied(&mut self, file: &str, applied: u64, len: u64) -> Result<(), StoreError> {
+        if !self.shared.holds_file(file) {
+            tracing::warn!(
+                file,
+                "not recording how far the file is written: another instance writes it now"
+            );
+            return Ok(());
+        }
         self.files.push((
-            "INSERT INTO jsonl_files (file, len, applied, next, writer) \
-             VALUES ($1, $3::int8, $2::int8, $2::int8 + 1, $4) \
+            "INSERT INTO jsonl_progress (file, len, applied, writer) VALUES ($1, $3, $2, $4) \
              ON CONFLICT (file) DO UPDATE SET len = EXCLUDED.len, applied = EXCLUDED.applied, \
-             next = greatest(jsonl_files.next, EXCLUDED.next), writer = EXCLUDED.writer \
-             WHERE jsonl_files.applied <= EXCLUDED.applied",
+             writer = EXCLUDED.writer WHERE jsonl_progress.applied <= EXCLUDED.applied",
             vec![
                 boxed(file.to_string()),
                 boxed(int(applied)),
                 boxed(int(len)),
-                boxed(self.shared.folder.clone()),
+                boxed(self.shared.instance.clone()),
             ],
         ));
         self.files.push((
@@ -834,13 +864,17 @@ impl Batch for PgBatch {
         Ok(rows.len())
     }
 
+    /// Not the rules whose waits this instance leaves to others (see `Backend::running`).
     fn waiting(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let client = self.client.as_ref().expect("a batch has its connection");
+        let sql = leaving_theirs(
+            "SELECT rule, n FROM waiting WHERE n > 0 AND THEIRS_LEFT",
+            1,
+            2,
+        );
+        let rules = self.shared.rules();
         self.shared.block_on(async {
-            let rows = (client
-                .query("SELECT rule, n FROM waiting WHERE n > 0", &[])
-                .await)
-                .map_err(pg)?;
+            let rows = (client.query(&sql, &[&self.shared.instance, &rules]).await).map_err(pg)?;
             Ok(rows
                 .iter()
                 .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))

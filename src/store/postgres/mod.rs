@@ -57,6 +57,9 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(15);
 /// milliseconds; one left open by a stalled instance is ended by the server after this.
 const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(60);
 
+/// How long a start waits for the data folder's previous process to let go of its lock.
+const SESSION_WAIT: Duration = Duration::from_secs(15);
+
 /// How many delivery ids an instance takes at a time (one round trip per block).
 const ID_BLOCK: i64 = 1000;
 
@@ -72,11 +75,10 @@ struct Shared {
     pool: Pool,
     /// The runtime the connections run on; taken when the store is dropped (see `Drop`).
     runtime: Option<tokio::runtime::Runtime>,
-    /// This instance's name in the `instances` table: it claims deliveries under it.
+    /// This instance's name among those sharing the store: its data folder's (see
+    /// [`folder_id`]), so that it stays across restarts. It claims deliveries under it, and a
+    /// recorded length of an output file says whose copy it is of.
     instance: String,
-    /// This instance's data folder's name among those sharing the store (see [`folder_id`]):
-    /// whose copy of an output file a recorded length is.
-    folder: String,
     /// The delivery ids taken and not yet used: `(next, end)`.
     ids: Mutex<(i64, i64)>,
     /// How to open a connection of its own (for the output files' locks).
@@ -84,15 +86,56 @@ struct Shared {
         tokio_postgres::Config,
         tokio_postgres_rustls::MakeRustlsConnect,
     ),
-    /// The connection holding the locks of the output files this instance writes, and which.
-    file_locks: Mutex<Option<FileLocks>>,
+    /// The connection holding this instance's own lock and those of the output files it
+    /// writes ([`session`]); `None` once lost, until made again.
+    session: Mutex<Option<Session>>,
+    /// The rules this instance runs (see [`Backend::running`]).
+    rules: Mutex<Vec<String>>,
+    /// When the lease was last renewed.
+    last_beat: Arc<Mutex<std::time::Instant>>,
 }
 
-/// A connection of its own (not the pool's: a session's advisory locks live as long as it), and
-/// the files whose locks it holds.
-struct FileLocks {
+/// A connection of the instance's own (not the pool's: a session's advisory locks live as long
+/// as it), holding the instance's lock (one process per data folder) and those of the files it
+/// writes, which are listed.
+struct Session {
     client: tokio_postgres::Client,
-    held: std::collections::HashSet<String>,
+    files: std::collections::HashSet<String>,
+}
+
+/// Opens the instance's session and takes its lock: refused while another process runs with
+/// the same data folder (or a copy of it) on this database.
+async fn session(
+    (config, tls): &(
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
+    instance: &str,
+) -> Result<Session, StoreError> {
+    let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
+    tokio::spawn(connection);
+    // The process before this one on the same folder (stopped, or killed) may still hold it
+    // for a moment: the server ends its session once it sees the connection closed.
+    let since = std::time::Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1)",
+                &[&lock_id("instance", instance)],
+            )
+            .await
+            .map_err(pg)?;
+        if row.get::<_, bool>(0) {
+            return Ok(Session {
+                client,
+                files: Default::default(),
+            });
+        }
+        if since.elapsed() > SESSION_WAIT {
+            return Err(StoreError::InUse);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 impl Drop for Shared {
@@ -120,6 +163,34 @@ impl Shared {
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))
     }
+
+    /// Whether this instance holds the lock of the output file `file` now.
+    fn holds_file(&self, file: &str) -> bool {
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        session
+            .as_ref()
+            .is_some_and(|s| !s.client.is_closed() && s.files.contains(file))
+    }
+
+    /// The rules this instance runs, as last told.
+    fn rules(&self) -> Vec<String> {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Keeps the waits of a rule this instance does not run and another instance alive in the last
+/// ten minutes does: theirs to end (a deploy under way). `$A` is this instance, `$R` its rules.
+const THEIRS_LEFT: &str = "(rule = ANY($R) OR rule NOT IN (SELECT r.rule FROM instance_rules r \
+     JOIN instances i ON i.id = r.instance WHERE r.instance <> $A \
+     AND i.alive_until > clock_timestamp() - interval '10 minutes'))";
+
+/// `sql` with [`THEIRS_LEFT`] in place of `THEIRS_LEFT`, its instance and rules as parameters
+/// `a` and `r`.
+fn leaving_theirs(sql: &str, a: usize, r: usize) -> String {
+    let clause = THEIRS_LEFT
+        .replace("$A", &format!("${a}"))
+        .replace("$R", &format!("${r}::text[]"));
+    sql.replace("THEIRS_LEFT", &clause)
 }
 
 /// The file in a data folder holding its name among the instances sharing a store.
@@ -232,6 +303,8 @@ struct Heartbeat(tokio::task::JoinHandle<()>);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long an instance's claims outlive its last heartbeat.
 const LEASE: Duration = Duration::from_secs(10);
+/// How long a heartbeat may take before its connection is given up for a new one.
+const BEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
@@ -307,16 +380,12 @@ impl Pg {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))?;
             schema::migrate(&mut client).await?;
-            let row = (client
-                .query_one("SELECT gen_random_uuid()::text", &[])
-                .await)
-                .map_err(pg)?;
-            let instance: String = row.get(0);
+            let instance = folder_id(data, &client).await?;
+            let session = session(&connect, &instance).await?;
             claims::beat(&client, &instance).await?;
-            let folder = folder_id(data, &client).await?;
-            Ok::<_, StoreError>((instance, folder))
+            Ok::<_, StoreError>((instance, session))
         });
-        let (instance, folder) = match started {
+        let (instance, session) = match started {
             Ok(started) => started,
             Err(e) => {
                 // Returned to an async caller: the runtime cannot wait for its threads there.
@@ -325,8 +394,10 @@ impl Pg {
             }
         };
         // On a connection of its own: a pool busy with batches never delays it.
+        let last_beat = Arc::new(Mutex::new(std::time::Instant::now()));
         let heartbeat = {
             let (connect, instance) = (connect.clone(), instance.clone());
+            let last_beat = last_beat.clone();
             runtime.spawn(async move {
                 let mut every = tokio::time::interval(HEARTBEAT_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -348,10 +419,19 @@ impl Pg {
                             }
                         };
                     }
-                    if let Some(client) = &client
-                        && let Err(e) = claims::beat(client, &instance).await
-                    {
-                        tracing::warn!("cannot renew this instance's lease in PostgreSQL: {e}");
+                    let Some(live) = &client else { continue };
+                    match tokio::time::timeout(BEAT_TIMEOUT, claims::beat(live, &instance)).await {
+                        Ok(Ok(())) => {
+                            *last_beat.lock().unwrap_or_else(|e| e.into_inner()) =
+                                std::time::Instant::now();
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("cannot renew this instance's lease in PostgreSQL: {e}")
+                        }
+                        Err(_) => {
+                            tracing::warn!("renewing this instance's lease took too long: trying a new connection");
+                            client = None;
+                        }
                     }
                 }
             })
@@ -362,10 +442,11 @@ impl Pg {
                 pool,
                 runtime: Some(runtime),
                 instance,
-                folder,
                 ids: Mutex::new((0, 0)),
                 connect,
-                file_locks: Mutex::new(None),
+                session: Mutex::new(Some(session)),
+                last_beat,
+                rules: Mutex::new(Vec::new()),
             }),
             _heartbeat: Heartbeat(heartbeat),
         })
@@ -392,8 +473,10 @@ impl Backend for Pg {
     fn files(&self) -> Result<Vec<(String, FileProgress)>, StoreError> {
         self.with_client(async |c| {
             let rows = (c.query(
-                "SELECT file, len, applied, next, writer = $1 FROM jsonl_files",
-                &[&self.shared.folder],
+                "SELECT f.file, coalesce(p.len, 0), coalesce(p.applied, 0), f.next, \
+                 coalesce(p.writer = $1, true) FROM jsonl_files f LEFT JOIN jsonl_progress p \
+                 ON p.file = f.file",
+                &[&self.shared.instance],
             ))
             .await
             .map_err(pg)?;
@@ -446,7 +529,20 @@ impl Backend for Pg {
         })
     }
 
+    /// Nothing while the lease has not been renewed for half its length: the others may take
+    /// over this instance's deliveries soon, so it starts no attempt they could repeat.
     fn due(&self, now_unix: u64, max: usize, skip: &Skip) -> Result<Due, StoreError> {
+        let last_beat = *self
+            .shared
+            .last_beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last_beat.elapsed() > LEASE / 2 {
+            return Ok(Due {
+                deliveries: Vec::new(),
+                next_due_unix: Some(now_unix + 1),
+            });
+        }
         self.with_client(async |c| claims::due(c, &self.shared.instance, now_unix, max, skip).await)
     }
 
@@ -482,9 +578,12 @@ impl Backend for Pg {
         })
     }
 
+    /// Of the waits this instance may end (not those it leaves to others).
     fn next_wait_due(&self) -> Result<Option<i64>, StoreError> {
+        let sql = leaving_theirs("SELECT min(deadline_ms) FROM waits WHERE THEIRS_LEFT", 1, 2);
+        let rules = self.shared.rules();
         self.with_client(async |c| {
-            let row = (c.query_one("SELECT min(deadline_ms) FROM waits", &[]).await).map_err(pg)?;
+            let row = (c.query_one(&sql, &[&self.shared.instance, &rules]).await).map_err(pg)?;
             Ok(row.get(0))
         })
     }
@@ -538,31 +637,25 @@ impl Backend for Pg {
         true
     }
 
-    /// The file's lock is a session advisory lock on a connection of this instance's own: it
-    /// is held until the instance stops, or its connection is lost (then another instance may
-    /// take it, and this one writes no more until it takes it again).
+    /// The file's lock is a session advisory lock on the instance's session: it is held until
+    /// the instance stops, or the session is lost (then another instance may take it, and this
+    /// one writes no more until it takes it again).
     fn writes_file(&self, file: &str) -> Result<bool, StoreError> {
-        let mut locks = (self.shared.file_locks.lock()).unwrap_or_else(|e| e.into_inner());
-        if locks.as_ref().is_some_and(|l| l.client.is_closed()) {
+        let mut session = (self.shared.session.lock()).unwrap_or_else(|e| e.into_inner());
+        if session.as_ref().is_some_and(|s| s.client.is_closed()) {
             tracing::warn!(
                 "lost the connection holding the output files' locks: another instance may write them now"
             );
-            *locks = None;
+            *session = None;
         }
-        if locks.as_ref().is_some_and(|l| l.held.contains(file)) {
+        if session.as_ref().is_some_and(|s| s.files.contains(file)) {
             return Ok(true);
         }
         self.shared.block_on(async {
-            if locks.is_none() {
-                let (config, tls) = &self.shared.connect;
-                let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
-                tokio::spawn(connection);
-                *locks = Some(FileLocks {
-                    client,
-                    held: Default::default(),
-                });
+            if session.is_none() {
+                *session = Some(self::session(&self.shared.connect, &self.shared.instance).await?);
             }
-            let held = locks.as_mut().expect("connected above");
+            let held = session.as_mut().expect("made above");
             let row = (held.client)
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_id("file", file)])
                 .await
@@ -570,10 +663,39 @@ impl Backend for Pg {
             let ours: bool = row.get(0);
             if ours {
                 tracing::info!(file, "this instance writes the file, into its data folder");
-                held.held.insert(file.to_string());
+                held.files.insert(file.to_string());
             }
             Ok(ours)
         })
+    }
+
+    fn running(&self, rules: &[&str]) -> Result<(), StoreError> {
+        let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+        self.with_client(async |c| {
+            c.simple_query("BEGIN").await.map_err(pg)?;
+            let recorded = async {
+                let instance = &self.shared.instance;
+                c.execute(
+                    "DELETE FROM instance_rules WHERE instance = $1",
+                    &[instance],
+                )
+                .await?;
+                c.execute(
+                    "INSERT INTO instance_rules (instance, rule) \
+                     SELECT $1, r FROM unnest($2::text[]) AS r ON CONFLICT DO NOTHING",
+                    &[instance, &rules],
+                )
+                .await?;
+                c.simple_query("COMMIT").await
+            };
+            if let Err(e) = recorded.await {
+                let _ = c.simple_query("ROLLBACK").await;
+                return Err(pg(e));
+            }
+            Ok(())
+        })?;
+        *self.shared.rules.lock().unwrap_or_else(|e| e.into_inner()) = rules;
+        Ok(())
     }
 
     fn explanation(&self, uuid: &str) -> Result<Option<String>, StoreError> {
@@ -626,20 +748,33 @@ mod tests {
         Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
     }
 
-    /// Two stores on one new database, as two instances have them (and their data folder).
-    fn two_instances() -> Option<(Pg, Pg, tempfile::TempDir)> {
+    /// Two stores on one new database, as two instances have them (each its data folder),
+    /// and the database's URL.
+    fn two_instances() -> Option<(Pg, Pg, String, [tempfile::TempDir; 2])> {
         let Some(url) = database() else {
             eprintln!("skipped: no PostgreSQL for the tests (TRIPLINE_TEST_POSTGRES)");
             return None;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let a = Pg::open(&url, dir.path()).unwrap();
-        Some((a, Pg::open(&url, dir.path()).unwrap(), dir))
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = Pg::open(&url, dirs[0].path()).unwrap();
+        let b = Pg::open(&url, dirs[1].path()).unwrap();
+        Some((a, b, url, dirs))
+    }
+
+    /// How many advisory locks sessions wait for on the database at `url`.
+    fn waiting_for_locks(url: &str) -> String {
+        let psql = std::env::var("TRIPLINE_TEST_PGBIN").map_or("psql".into(), |b| b + "/psql");
+        let sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        let out = std::process::Command::new(psql)
+            .args([url, "-X", "-A", "-t", "-c", sql])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     #[test]
     fn two_batches_taking_keys_in_opposite_orders_end_in_a_conflict_not_a_hang() {
-        let Some((a, b, _dir)) = two_instances() else {
+        let Some((a, b, url, _dirs)) = two_instances() else {
             return;
         };
         let (k1, k2) = (
@@ -659,7 +794,9 @@ mod tests {
             let loaded = first.load(&Wants::keys(std::slice::from_ref(&k2_for_first)));
             (loaded.map(drop), first)
         });
-        std::thread::sleep(Duration::from_millis(200));
+        while waiting_for_locks(&url) != "1" {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mine = second
             .load(&Wants::keys(std::slice::from_ref(&k1)))
             .map(drop);
@@ -685,7 +822,7 @@ mod tests {
 
     #[test]
     fn a_uuid_handled_by_one_instance_is_a_duplicate_for_another_that_waited_for_it() {
-        let Some((a, b, _dir)) = two_instances() else {
+        let Some((a, b, url, _dirs)) = two_instances() else {
             return;
         };
         let uuids = Wants {
@@ -705,8 +842,15 @@ mod tests {
             let mut state = second.load(&uuids).unwrap();
             state.first_delivery(uuids.uuids[0])
         });
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!waiting.is_finished(), "the second waits for the first");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while waiting_for_locks(&url) != "1" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second waits for the first"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!waiting.is_finished());
         first.save(state, 1).unwrap();
         first.commit().unwrap();
         // ... and then finds it handled.

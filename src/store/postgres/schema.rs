@@ -24,6 +24,11 @@ pub fn newest() -> i32 {
 
 /// Brings the database to the newest schema, or says why it cannot be used.
 pub async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    // Waiting for another instance's migration, however long it takes, is no failure.
+    client
+        .batch_execute("SET lock_timeout = 0")
+        .await
+        .map_err(pg)?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATING])
         .await
@@ -32,8 +37,10 @@ pub async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATING])
         .await;
+    let reset = client.batch_execute("RESET lock_timeout").await;
     migrated?;
-    unlocked.map(drop).map_err(pg)
+    unlocked.map(drop).map_err(pg)?;
+    reset.map_err(pg)
 }
 
 async fn apply(client: &mut Object) -> Result<(), StoreError> {

@@ -50,14 +50,19 @@ CREATE TABLE waiting (
     n bigint NOT NULL
 );
 
--- JSONL output files: how far each is written (its length once the lines up to `applied` are in
--- it) and the number the next lines get; and the lines committed and not yet in the file.
+-- JSONL output files: the number the next lines get (the row is locked from a batch's first
+-- line for the file to its commit, so lines are numbered in commit order); how far the file is
+-- written (its length once the lines up to `applied` are in it, in the copy of the data folder
+-- `writer`, the last to write it: a row of its own, so that recording it never waits for the
+-- batches numbering lines); and the lines committed and not yet in the file.
 CREATE TABLE jsonl_files (
+    file text PRIMARY KEY,
+    next bigint NOT NULL
+);
+CREATE TABLE jsonl_progress (
     file text PRIMARY KEY,
     len bigint NOT NULL,
     applied bigint NOT NULL,
-    next bigint NOT NULL,
-    -- The data folder whose copy of the file `len` is the length of (the last to write it).
     writer text NOT NULL
 );
 CREATE TABLE jsonl_lines (
@@ -117,10 +122,19 @@ CREATE TABLE explained (
 CREATE INDEX explained_by_uuid ON explained (uuid);
 CREATE INDEX explained_by_who ON explained (who);
 
--- The instances sharing the database: each renews its lease every few seconds (by the
--- database's clock); the deliveries an instance claimed are anyone's once its lease ran out.
+-- The instances sharing the database, by the name of their data folder: each renews its lease
+-- every few seconds (by the database's clock); the deliveries an instance claimed are anyone's
+-- once its lease ran out.
 CREATE TABLE instances (
     id text PRIMARY KEY,
     alive_until timestamptz NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now()
+);
+-- The rules each instance runs: the waits of a rule an instance lacks are left to the instances
+-- that run it (a deploy under way), and dropped only once no instance alive in the last ten
+-- minutes runs it.
+CREATE TABLE instance_rules (
+    instance text NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    rule text NOT NULL,
+    PRIMARY KEY (instance, rule)
 );
