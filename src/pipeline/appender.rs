@@ -178,6 +178,7 @@ impl Appender {
         let mut thread = Thread {
             shared_store: store.is_shared(),
             unrecorded_since: None,
+            store_error: None,
             store,
             files,
             progress: HashMap::new(),
@@ -343,6 +344,8 @@ struct Thread {
     shared_store: bool,
     /// Since when a file's progress waits to be recorded (with a shared store).
     unrecorded_since: Option<Instant>,
+    /// The last error reading or recording the files' progress (with a shared store).
+    store_error: Option<String>,
     files: JsonlFiles,
     /// How far each file is written, as this thread knows it (ahead of the store until the
     /// committer records it); a file not in it is brought to what was committed first.
@@ -367,10 +370,22 @@ impl Thread {
                     Err(RecvTimeoutError::Disconnected)
                 ),
             };
-            if self.shared_store
-                && let Err(e) = self.take_turns().and_then(|()| self.record_if_late())
-            {
-                warn!("cannot read or record the output files' progress in the store: {e}");
+            if self.shared_store {
+                // Said once, not every turn, while the store stays unreachable.
+                match (
+                    self.take_turns().and_then(|()| self.record_if_late()),
+                    &self.store_error,
+                ) {
+                    (Ok(()), Some(_)) => {
+                        info!("the output files' progress can be read from the store again");
+                        self.store_error = None;
+                    }
+                    (Err(e), last) if last.as_deref() != Some(&e.to_string()) => {
+                        warn!("cannot read or record the output files' progress in the store: {e}");
+                        self.store_error = Some(e.to_string());
+                    }
+                    _ => {}
+                }
             }
             retry = self.round();
             if stopping {

@@ -158,10 +158,7 @@ impl Shared {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))
+        self.pool.get().await.map_err(unreachable)
     }
 
     /// Whether this instance holds the lock of the output file `file` now.
@@ -242,7 +239,34 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         }
         return StoreError::Unavailable(format!("PostgreSQL: {}", db.message()));
     }
-    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+    StoreError::Unavailable(format!("PostgreSQL: {}", with_causes(&e)))
+}
+
+/// Why no connection could be had from the pool, with the server's reason (a database that
+/// does not exist, a password refused) or the network's (a connection refused).
+fn unreachable(e: deadpool_postgres::PoolError) -> StoreError {
+    let why = match &e {
+        deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => with_causes(e),
+        },
+        e => with_causes(e),
+    };
+    StoreError::Unavailable(format!("cannot reach PostgreSQL: {why}"))
+}
+
+/// `e` and what caused it, as one line ("error connecting to server: Connection refused").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
@@ -375,10 +399,7 @@ impl Pg {
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
         let started = wait_on(&runtime, async {
-            let mut client = pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")))?;
+            let mut client = pool.get().await.map_err(unreachable)?;
             schema::migrate(&mut client).await?;
             let instance = folder_id(data, &client).await?;
             let session = session(&connect, &instance).await?;
