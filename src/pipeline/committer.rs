@@ -1258,7 +1258,12 @@ impl Worker {
         let Some(set) = set.filter(|s| self.running.is_none_or(|g| s.generation > g)) else {
             return Ok(());
         };
-        let names: Vec<&str> = set.rules().iter().map(|r| r.name.as_str()).collect();
+        // Only rules that keep pending records: another instance running a rule of the same
+        // name without (a deploy adding a `[wait]`) must not be taken to end its waits.
+        let names: Vec<&str> = (set.rules().iter())
+            .filter(|r| r.keeps_pending())
+            .map(|r| r.name.as_str())
+            .collect();
         self.store.running(&names)?;
         self.running = Some(set.generation);
         Ok(())

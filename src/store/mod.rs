@@ -243,10 +243,11 @@ pub trait Backend: Send + Sync {
     fn writes_file(&self, _file: &str) -> Result<bool, StoreError> {
         Ok(true)
     }
-    /// Records the rules this instance runs now. With a shared store, the waits of a rule this
-    /// instance does not run and another does (a deploy under way) are left to that one: not
-    /// listed by [`RuleState::due_waits`], [`Batch::waiting`] and [`Backend::next_wait_due`]
-    /// here, so neither ended nor dropped as a deleted rule's.
+    /// Records the rules this instance runs now that keep pending records (waits, held
+    /// actions, digests). With a shared store, the waits of such a rule this instance does not
+    /// run and another does (a deploy under way) are left to that one: not listed by
+    /// [`RuleState::due_waits`], [`Batch::waiting`] and [`Backend::next_wait_due`] here, so
+    /// neither ended nor dropped as a deleted rule's.
     fn running(&self, _rules: &[&str]) -> Result<(), StoreError> {
         Ok(())
     }

@@ -57,8 +57,9 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(15);
 /// milliseconds; one left open by a stalled instance is ended by the server after this.
 const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(60);
 
-/// How long a start waits for the data folder's previous process to let go of its lock.
-const SESSION_WAIT: Duration = Duration::from_secs(15);
+/// How long a start waits for the data folder's previous process to let go of its lock: longer
+/// than the server takes to find a vanished client's connection dead (keepalives, ~25 s).
+const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 /// How many delivery ids an instance takes at a time (one round trip per block).
 const ID_BLOCK: i64 = 1000;
@@ -81,19 +82,24 @@ struct Shared {
     instance: String,
     /// The delivery ids taken and not yet used: `(next, end)`.
     ids: Mutex<(i64, i64)>,
-    /// How to open a connection of its own (for the output files' locks).
-    connect: (
-        tokio_postgres::Config,
-        tokio_postgres_rustls::MakeRustlsConnect,
-    ),
     /// The connection holding this instance's own lock and those of the output files it
-    /// writes ([`session`]); `None` once lost, until made again.
-    session: Mutex<Option<Session>>,
+    /// writes ([`session`]); `None` once lost, until the heartbeat makes it again.
+    session: Arc<Mutex<Option<Session>>>,
+    /// Set when the session was lost and another process has taken this data folder's lock
+    /// meanwhile: this one then commits and claims nothing (it would act under the other's
+    /// name), and says so at `/readyz`.
+    fenced: Arc<std::sync::atomic::AtomicBool>,
     /// The rules this instance runs (see [`Backend::running`]).
     rules: Mutex<Vec<String>>,
     /// When the lease was last renewed.
     last_beat: Arc<Mutex<std::time::Instant>>,
 }
+
+/// How to open a connection of the instance's own: the settings and the TLS connector.
+type Connect = (
+    tokio_postgres::Config,
+    tokio_postgres_rustls::MakeRustlsConnect,
+);
 
 /// A connection of the instance's own (not the pool's: a session's advisory locks live as long
 /// as it), holding the instance's lock (one process per data folder) and those of the files it
@@ -106,11 +112,9 @@ struct Session {
 /// Opens the instance's session and takes its lock: refused while another process runs with
 /// the same data folder (or a copy of it) on this database.
 async fn session(
-    (config, tls): &(
-        tokio_postgres::Config,
-        tokio_postgres_rustls::MakeRustlsConnect,
-    ),
+    (config, tls): &Connect,
     instance: &str,
+    wait: Duration,
 ) -> Result<Session, StoreError> {
     let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
     tokio::spawn(connection);
@@ -131,7 +135,7 @@ async fn session(
                 files: Default::default(),
             });
         }
-        if since.elapsed() > SESSION_WAIT {
+        if since.elapsed() >= wait {
             return Err(StoreError::InUse);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -159,6 +163,14 @@ impl Shared {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(unreachable)
+    }
+
+    /// An error while another process has this data folder's lock (see `keep_session`).
+    fn not_fenced(&self) -> Result<(), StoreError> {
+        match self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Err(StoreError::InUse),
+            false => Ok(()),
+        }
     }
 
     /// Whether this instance holds the lock of the output file `file` now.
@@ -319,6 +331,40 @@ async fn pipelined<T>(
         .collect()
 }
 
+/// Makes the instance's session again if it was lost (the server restarted, the network
+/// dropped): made outside the lock, so that no caller waits for the network. If another process
+/// has taken this data folder's lock meanwhile, the instance is fenced until it can take it back.
+async fn keep_session(
+    connect: &Connect,
+    instance: &str,
+    session: &Mutex<Option<Session>>,
+    fenced: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let lost = (session.lock().unwrap_or_else(|e| e.into_inner()).as_ref())
+        .is_none_or(|s| s.client.is_closed());
+    if !lost {
+        return;
+    }
+    match self::session(connect, instance, Duration::ZERO).await {
+        Ok(made) => {
+            *session.lock().unwrap_or_else(|e| e.into_inner()) = Some(made);
+            if fenced.swap(false, Ordering::Relaxed) {
+                tracing::info!("this data folder's lock is this instance's again");
+            }
+        }
+        Err(StoreError::InUse) => {
+            *session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if !fenced.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    "another process runs with this data folder (or a copy of it) now: this one takes no events and sends nothing until it stops"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot take this data folder's lock again yet: {e}"),
+    }
+}
+
 /// Keeps this instance's lease: every [`HEARTBEAT_EVERY`], its row in `instances` is made
 /// alive for [`LEASE`] more (by the database's clock, the same for every instance). Claims of
 /// an instance whose lease ran out are anyone's.
@@ -402,7 +448,7 @@ impl Pg {
             let mut client = pool.get().await.map_err(unreachable)?;
             schema::migrate(&mut client).await?;
             let instance = folder_id(data, &client).await?;
-            let session = session(&connect, &instance).await?;
+            let session = session(&connect, &instance, SESSION_WAIT).await?;
             claims::beat(&client, &instance).await?;
             Ok::<_, StoreError>((instance, session))
         });
@@ -416,15 +462,18 @@ impl Pg {
         };
         // On a connection of its own: a pool busy with batches never delays it.
         let last_beat = Arc::new(Mutex::new(std::time::Instant::now()));
+        let session = Arc::new(Mutex::new(Some(session)));
+        let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let heartbeat = {
             let (connect, instance) = (connect.clone(), instance.clone());
-            let last_beat = last_beat.clone();
+            let (last_beat, session, fenced) = (last_beat.clone(), session.clone(), fenced.clone());
             runtime.spawn(async move {
                 let mut every = tokio::time::interval(HEARTBEAT_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut client: Option<tokio_postgres::Client> = None;
                 loop {
                     every.tick().await;
+                    keep_session(&connect, &instance, &session, &fenced).await;
                     if client
                         .as_ref()
                         .is_none_or(tokio_postgres::Client::is_closed)
@@ -464,8 +513,8 @@ impl Pg {
                 runtime: Some(runtime),
                 instance,
                 ids: Mutex::new((0, 0)),
-                connect,
-                session: Mutex::new(Some(session)),
+                session,
+                fenced,
                 last_beat,
                 rules: Mutex::new(Vec::new()),
             }),
@@ -487,6 +536,7 @@ impl Pg {
 
 impl Backend for Pg {
     fn begin(&self) -> Result<Box<dyn Batch>, StoreError> {
+        self.shared.not_fenced()?;
         let client = self.shared.block_on(self.shared.client())?;
         Ok(Box::new(PgBatch::new(self.shared.clone(), client)))
     }
@@ -558,7 +608,7 @@ impl Backend for Pg {
             .last_beat
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if last_beat.elapsed() > LEASE / 2 {
+        if last_beat.elapsed() > LEASE / 2 || self.shared.not_fenced().is_err() {
             return Ok(Due {
                 deliveries: Vec::new(),
                 next_due_unix: Some(now_unix + 1),
@@ -579,6 +629,7 @@ impl Backend for Pg {
     }
 
     fn check(&self) -> Result<(), StoreError> {
+        self.shared.not_fenced()?;
         self.with_client(async |c| c.simple_query("SELECT 1").await.map(drop).map_err(pg))
     }
 
@@ -669,14 +720,14 @@ impl Backend for Pg {
             );
             *session = None;
         }
-        if session.as_ref().is_some_and(|s| s.files.contains(file)) {
+        // Made again by the heartbeat; until then, this instance writes nothing.
+        let Some(held) = session.as_mut() else {
+            return Ok(false);
+        };
+        if held.files.contains(file) {
             return Ok(true);
         }
         self.shared.block_on(async {
-            if session.is_none() {
-                *session = Some(self::session(&self.shared.connect, &self.shared.instance).await?);
-            }
-            let held = session.as_mut().expect("made above");
             let row = (held.client)
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_id("file", file)])
                 .await
