@@ -9,7 +9,7 @@ mod common;
 
 use axum::http::{HeaderMap, Uri};
 use common::postgres::{database, psql};
-use common::{Server, fixture_json, fresh, new_uuid, root};
+use common::{Server, fixture_json, fresh, new_uuid};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -88,28 +88,28 @@ fn the_schema_is_made_on_an_empty_database_and_a_newer_one_is_refused() {
 
     // A newer tripline migrated the database: this one refuses to start, and says why.
     psql(&url, "INSERT INTO tripline_schema (version) VALUES (99)");
+    refused(
+        &url,
+        &server,
+        "at version 99, made by a newer tripline (this one knows up to version 2)",
+    );
+}
+
+/// Starts another tripline on `url` with `server`'s folders, and checks that it refuses to
+/// start, saying `why`.
+fn refused(url: &str, server: &Server, why: &str) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripline"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &url,
-            "--data",
-        ])
-        .arg(server.dir.path().join("data"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", url, "--data"])
+        .arg(&server.data)
         .arg("--rules")
-        .arg(root().join("rules"))
+        .arg(&server.rules)
         .arg("--templates")
-        .arg(root().join("templates"))
+        .arg(&server.templates)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("at version 99, made by a newer tripline (this one knows up to version 2)"),
-        "{stderr}"
-    );
+    assert!(stderr.contains(why), "{stderr}");
 }
 
 #[test]
@@ -505,26 +505,9 @@ fn an_instance_without_a_rule_leaves_its_waits_to_the_instance_that_has_it() {
 fn a_second_process_with_the_same_data_folder_is_refused() {
     let Some(url) = database() else { return };
     let server = Server::launch(&["--store", &url], &[], |_| {});
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripline"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &url,
-            "--data",
-        ])
-        .arg(&server.data)
-        .arg("--rules")
-        .arg(&server.rules)
-        .arg("--templates")
-        .arg(&server.templates)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("another tripline is already running with this data folder"),
-        "{stderr}"
+    refused(
+        &url,
+        &server,
+        "another tripline is already running with this data folder",
     );
 }
