@@ -1012,6 +1012,7 @@ impl DuePlan {
                 continue;
             };
             let rule_name = pending.rule.clone();
+            let pending = state.end_wait(key).expect("there is a wait");
             // A held action runs as decided while its rule keeps pending records at all (as the
             // reload's sweep keeps them); a wait or a digest needs its table.
             let goes_on = |r: &Rule| match (&pending.held, &pending.digest) {
@@ -1019,9 +1020,7 @@ impl DuePlan {
                 (None, Some(_)) => r.digest.is_some(),
                 (None, None) => r.wait.is_some(),
             };
-            let known = rules.named(&rule_name).filter(|(_, r)| goes_on(r));
-            let pending = state.end_wait(key).expect("there is a wait");
-            let Some((index, _)) = known else {
+            let Some((index, _)) = rules.named(&rule_name).filter(|(_, r)| goes_on(r)) else {
                 info!(rule.id = %rule_name, "dropped a pending wait: its rule no longer waits");
                 report.dropped.push(rule_name);
                 continue;

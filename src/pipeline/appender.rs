@@ -60,6 +60,26 @@ struct Shared {
     stopped: Mutex<Option<String>>,
 }
 
+impl Shared {
+    /// How far files were written and not recorded yet: (file, last text, length).
+    fn written(&self) -> Vec<(String, u64, u64)> {
+        (lock(&self.written).iter())
+            .map(|(f, &(s, l))| (f.clone(), s, l))
+            .collect()
+    }
+
+    /// `done` (from [`Shared::written`]) is recorded: forgets it, unless the file was written
+    /// further since.
+    fn recorded(&self, done: &[(String, u64, u64)]) {
+        let mut written = lock(&self.written);
+        for (file, seq, len) in done {
+            if written.get(file) == Some(&(*seq, *len)) {
+                written.remove(file);
+            }
+        }
+    }
+}
+
 /// One file's lines between the committer and the appender.
 #[derive(Debug, Default)]
 struct FileState {
@@ -276,22 +296,13 @@ impl Appender {
 
     /// How far files were written since the committer last recorded it: (file, last text, length).
     pub fn written(&self) -> Vec<(String, u64, u64)> {
-        let written = lock(&self.shared.written);
-        written
-            .iter()
-            .map(|(f, &(s, l))| (f.clone(), s, l))
-            .collect()
+        self.shared.written()
     }
 
     /// The committer recorded `done` (from [`written`](Self::written)): forgets it, unless the
     /// file was written further since.
     pub fn recorded(&self, done: &[(String, u64, u64)]) {
-        let mut written = lock(&self.shared.written);
-        for (file, seq, len) in done {
-            if written.get(file) == Some(&(*seq, *len)) {
-                written.remove(file);
-            }
-        }
+        self.shared.recorded(done);
     }
 
     fn wake(&self) {
@@ -539,9 +550,7 @@ impl Thread {
     /// it for [`RECORD_AFTER`]: this instance may receive no events while the others send it
     /// lines to write, and the others count theirs as waiting until the record says otherwise.
     fn record_if_late(&mut self) -> Result<(), StoreError> {
-        let done: Vec<(String, u64, u64)> = (lock(&self.shared.written).iter())
-            .map(|(f, &(s, l))| (f.clone(), s, l))
-            .collect();
+        let done = self.shared.written();
         if done.is_empty() {
             self.unrecorded_since = None;
             return Ok(());
@@ -555,12 +564,7 @@ impl Thread {
             txn.applied(file, *applied, *len)?;
         }
         txn.commit()?;
-        let mut written = lock(&self.shared.written);
-        for (file, seq, len) in &done {
-            if written.get(file) == Some(&(*seq, *len)) {
-                written.remove(file);
-            }
-        }
+        self.shared.recorded(&done);
         self.unrecorded_since = None;
         Ok(())
     }

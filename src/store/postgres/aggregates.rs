@@ -10,18 +10,12 @@
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Row;
 
-use super::{Params, lock_id};
+use super::{Params, boxed, lock_id};
 use crate::store::StoreError;
 use crate::store::aggregates::{
     Counted, DayData, DayRow, EXACT_PER_DAY, MAX_GROUPS_PER_DAY, Membership, OTHER_GROUP,
     exact_fits, user_hash,
 };
-
-fn boxed<T: tokio_postgres::types::ToSql + Sync + Send + 'static>(
-    value: T,
-) -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
-    Box::new(value)
-}
 
 /// The events a batch counts, in order.
 #[derive(Default)]

@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use super::aggregates::{self, Counting};
 use super::{
-    Params, Shared, decode, json_err, leaving_theirs, lock_id, outbox_record, pg, pipelined,
+    Params, Shared, boxed, decode, json_err, leaving_theirs, lock_id, outbox_record, pg, pipelined,
 };
 use crate::explain::KEEP;
 use crate::store::aggregates::Counted;
@@ -63,10 +63,6 @@ pub(super) struct PgBatch {
     finished: [bool; 2],
     /// Events of `[aggregate]` rules, counted when the batch commits.
     counting: Counting,
-}
-
-fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Box<dyn ToSql + Sync + Send> {
-    Box::new(value)
 }
 
 fn int(n: u64) -> i64 {

@@ -301,6 +301,11 @@ pub(super) fn lock_id(kind: &str, name: &str) -> i64 {
 /// A statement and its parameters, to send later.
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
+/// One parameter of [`Params`].
+fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Box<dyn ToSql + Sync + Send> {
+    Box::new(value)
+}
+
 /// Sends every request of `futures` (made on one connection) before awaiting any answer, in
 /// the order given: tokio-postgres sends a request when its future is first polled, so each is
 /// polled once in turn before any is polled again. All of them cost one round trip.
